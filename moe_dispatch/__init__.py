@@ -1,0 +1,34 @@
+"""moe-dispatch: fast Mixture-of-Experts dispatch for PyTorch.
+
+route -> make_plan -> permute -> grouped_mm (-> act) -> grouped_mm -> unpermute, with
+Triton kernels for GPUs, Numba kernels for CPUs and PyTorch references. Every function
+takes backend="auto" | "torch" | "numba" | "triton".
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .backends import BackendUnavailable, available_backends, select_backend
+from .layers import MoE, MoEAux
+from .ops import grouped_mm, make_plan, moe_mlp, permute, route, unpermute
+from .plan import DispatchPlan
+
+try:
+    __version__ = version("moe-dispatch")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "route",
+    "make_plan",
+    "permute",
+    "grouped_mm",
+    "unpermute",
+    "moe_mlp",
+    "MoE",
+    "MoEAux",
+    "DispatchPlan",
+    "available_backends",
+    "select_backend",
+    "BackendUnavailable",
+    "__version__",
+]

@@ -1,0 +1,143 @@
+"""What a backend provides, and the MoE MLP composed from it.
+
+A backend implements five primitives (make_plan, permute, unpermute, grouped_mm,
+grouped_mm_wgrad). The MoE MLP forward and every backward are composed here from those
+primitives, so a new backend is correct as soon as its primitives are; a fast backend
+overrides the composites with fused kernels that compute the same thing.
+
+Shapes: T tokens, k choices, R = T*k rows, E experts, H hidden, I intermediate.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..activations import activate, activate_backward
+
+Tensor = torch.Tensor
+PlanTensors = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+class Backend:
+    name = "base"
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        """None when this backend can run on `device`, else why it cannot."""
+        return None
+
+    # ---- primitives ------------------------------------------------------------------
+    def make_plan(self, ids: Tensor, num_experts: int) -> PlanTensors:
+        """ids: [T, k] int -> (counts [E], offsets [E+1], token_of_row [R], row_of_slot [T, k]), int32."""
+        raise NotImplementedError
+
+    def permute(self, x: Tensor, token_of_row: Tensor) -> Tensor:
+        """x: [T, H] -> [R, H], row r = x[token_of_row[r]]."""
+        raise NotImplementedError
+
+    def unpermute(self, ys: Tensor, row_of_slot: Tensor, weights: Optional[Tensor]) -> Tensor:
+        """ys: [R, N] -> [T, N], y[t] = sum_j weights[t, j] * ys[row_of_slot[t, j]], float32 sums."""
+        raise NotImplementedError
+
+    def grouped_mm(self, a: Tensor, w: Tensor, offsets: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """a: [R, K], w: [E, K, N] (any strides), bias: [E, N] -> [R, N]; rows of expert e use w[e]."""
+        raise NotImplementedError
+
+    def grouped_mm_wgrad(self, a: Tensor, b: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
+        """a: [R, M], b: [R, N] -> [E, M, N], out[e] = a[rows of e].T @ b[rows of e] (0 if no rows)."""
+        raise NotImplementedError
+
+    # ---- composites ------------------------------------------------------------------
+    def unpermute_backward(
+        self, dy: Tensor, ys: Tensor, token_of_row: Tensor, row_of_slot: Tensor, weights: Optional[Tensor]
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """(d ys [R, N], d weights [T, k] float32 or None)."""
+        dys = self.permute(dy, token_of_row)
+        if weights is None:
+            return dys, None
+        w_row = row_weights(weights, row_of_slot)
+        dweights = (dys.float() * ys.float()).sum(-1)[row_of_slot.long()]
+        return (dys.float() * w_row[:, None]).to(dys.dtype), dweights
+
+    def moe_mlp(
+        self,
+        x: Tensor,
+        weights: Tensor,
+        plan: PlanTensors,
+        w_gate_up: Tensor,
+        w_down: Tensor,
+        b_gate_up: Optional[Tensor],
+        b_down: Optional[Tensor],
+        activation: str,
+        save_for_backward: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """The routed expert MLP: (out [T, H], h [R, 2I or I], or [0, ...] unless saved).
+
+        h is GEMM1's output before the activation, the one tensor the backward keeps.
+        """
+        _, offsets, token_of_row, row_of_slot = plan
+        xs = self.permute(x, token_of_row)
+        h = self.grouped_mm(xs, w_gate_up.transpose(1, 2), offsets, b_gate_up)
+        a = activate(h, activation).to(x.dtype)
+        o = self.grouped_mm(a, w_down.transpose(1, 2), offsets, b_down)
+        out = self.unpermute(o, row_of_slot, weights)
+        return out, (h if save_for_backward else h[:0])
+
+    def moe_mlp_backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        weights: Tensor,
+        plan: PlanTensors,
+        w_gate_up: Tensor,
+        w_down: Tensor,
+        b_gate_up: Optional[Tensor],
+        b_down: Optional[Tensor],
+        activation: str,
+        h: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        """(dx, d weights, d w_gate_up, d w_down, d b_gate_up, d b_down) for moe_mlp.
+
+        With o_r = a_r @ w_down[e].T + b_down[e] and g_r = dy[t] @ w_down[e], the routing
+        weight's gradient is g_r . a_r + dy[t] . b_down[e], so GEMM2 is never recomputed.
+        """
+        _, offsets, token_of_row, row_of_slot = plan
+        num_experts = w_gate_up.shape[0]
+        dyp = self.permute(dy, token_of_row)
+        g = self.grouped_mm(dyp, w_down, offsets).float()
+        a = activate(h, activation)
+        d_row = (g * a).sum(-1)
+        if b_down is not None:
+            d_row += (dyp.float() * b_down.float()[expert_of_row(offsets, dyp.shape[0])]).sum(-1)
+        dweights = d_row[row_of_slot.long()]
+
+        w_row = row_weights(weights, row_of_slot)[:, None]
+        do = (dyp.float() * w_row).to(x.dtype)
+        dw_down = self.grouped_mm_wgrad(do, a.to(x.dtype), offsets, num_experts)
+        db_down = expert_sums(do, offsets) if b_down is not None else None
+
+        dh = activate_backward(h, g * w_row, activation).to(x.dtype)
+        xs = self.permute(x, token_of_row)
+        dw_gate_up = self.grouped_mm_wgrad(dh, xs, offsets, num_experts)
+        db_gate_up = expert_sums(dh, offsets) if b_gate_up is not None else None
+        dx = self.unpermute(self.grouped_mm(dh, w_gate_up, offsets), row_of_slot, None)
+        return dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down
+
+
+def row_weights(weights: Tensor, row_of_slot: Tensor) -> Tensor:
+    """The routing weight of each row, float32 [R]: w_row[row_of_slot[t, j]] = weights[t, j]."""
+    w_row = weights.new_empty(row_of_slot.numel(), dtype=torch.float32)
+    w_row[row_of_slot.reshape(-1).long()] = weights.reshape(-1).float()
+    return w_row
+
+
+def expert_of_row(offsets: Tensor, num_rows: int) -> Tensor:
+    """int64 [R]: the expert that owns each row (no host sync)."""
+    rows = torch.arange(num_rows, device=offsets.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets[1:], rows, right=True)
+
+
+def expert_sums(rows: Tensor, offsets: Tensor) -> Tensor:
+    """float32 [E, N]: the sum of each expert's rows (bias gradients)."""
+    return torch.segment_reduce(rows.float(), "sum", offsets=offsets.long(), axis=0, initial=0.0)

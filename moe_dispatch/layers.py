@@ -1,0 +1,183 @@
+"""MoE: a drop-in Mixture-of-Experts feed-forward layer."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from . import validation as check
+from .activations import ACTIVATIONS, is_gated
+from .ops import make_plan, moe_mlp, route
+
+Tensor = torch.Tensor
+
+
+class MoEAux(NamedTuple):
+    """What a trainer needs besides the output.
+
+    load_balancing_loss: Switch Transformer's E * sum_e f_e * P_e (1.0 when perfectly balanced),
+        f_e the share of routed slots that went to expert e, P_e its mean router probability.
+    z_loss: mean over tokens of logsumexp(logits)^2 (ST-MoE), keeps router logits small.
+    counts: [E] int32 tokens routed to each expert in this batch.
+    """
+
+    load_balancing_loss: Tensor
+    z_loss: Tensor
+    counts: Tensor
+
+
+class SharedExperts(nn.Module):
+    """Always-on experts (DeepSeek): a dense SwiGLU MLP of width n_shared_experts * I."""
+
+    def __init__(self, hidden_size: int, width: int, *, device=None, dtype=None):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden_size, 2 * width, bias=False, device=device, dtype=dtype)
+        self.down = nn.Linear(width, hidden_size, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(nn.functional.silu(gate) * up)
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts feed-forward layer: route, dispatch, expert MLPs, combine.
+
+    Input [..., hidden_size] gives output of the same shape and dtype.
+
+    The router is an nn.Linear without bias whose logits are computed in float32. With
+    scoring="sigmoid" the buffer `expert_bias` shifts which experts are chosen (DeepSeek-V3's
+    aux-loss-free balancing) without changing the weights; move it toward balance with
+    `update_expert_bias(aux.counts)` after each optimizer step.
+
+    Expert weights use transformers 5's layout: w_gate_up [E, 2I, H] (gate rows first; [E, I, H]
+    for the non-gated activations) and w_down [E, H, I]; b_gate_up / b_down exist when bias=True.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        activation: str = "swiglu",
+        scoring: str = "softmax",
+        renormalize: bool = True,
+        n_groups: Optional[int] = None,
+        topk_groups: Optional[int] = None,
+        routed_scaling: float = 1.0,
+        n_shared_experts: int = 0,
+        bias: bool = False,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                            ("num_experts", num_experts), ("top_k", top_k)):
+            check.positive_int(name, value)
+        check.positive_int("n_shared_experts", n_shared_experts, minimum=0)
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}")
+        check.choice("activation", activation, ACTIVATIONS)
+        check.choice("scoring", scoring, ("softmax", "sigmoid"))
+        if n_groups is not None and num_experts % n_groups:
+            raise ValueError(f"n_groups={n_groups} must divide num_experts={num_experts}")
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_experts, self.top_k = num_experts, top_k
+        self.activation, self.scoring, self.renormalize = activation, scoring, renormalize
+        self.n_groups, self.topk_groups = n_groups, topk_groups
+        self.routed_scaling = routed_scaling
+        self.backend = backend
+
+        factory = dict(device=device, dtype=dtype)
+        width = (2 if is_gated(activation) else 1) * intermediate_size
+        self.router = nn.Linear(hidden_size, num_experts, bias=False, **factory)
+        self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, width, hidden_size, **factory))
+        self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
+        self.b_gate_up = nn.Parameter(torch.empty(num_experts, width, **factory)) if bias else None
+        self.b_down = nn.Parameter(torch.empty(num_experts, hidden_size, **factory)) if bias else None
+        self.shared_experts = (
+            SharedExperts(hidden_size, n_shared_experts * intermediate_size, **factory)
+            if n_shared_experts else None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert initialised like nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        bound_in = 1 / math.sqrt(self.hidden_size)
+        bound_out = 1 / math.sqrt(self.intermediate_size)
+        with torch.no_grad():
+            self.w_gate_up.uniform_(-bound_in, bound_in)
+            self.w_down.uniform_(-bound_out, bound_out)
+            if self.b_gate_up is not None:
+                self.b_gate_up.uniform_(-bound_in, bound_in)
+                self.b_down.uniform_(-bound_out, bound_out)
+            self.expert_bias.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
+            f"num_experts={self.num_experts}, top_k={self.top_k}, activation={self.activation!r}, "
+            f"scoring={self.scoring!r}, backend={self.backend!r}"
+        )
+
+    def router_logits(self, x: Tensor) -> Tensor:
+        """[T, H] -> [T, E] float32, whatever the layer's dtype."""
+        return nn.functional.linear(x.float(), self.router.weight.float())
+
+    def forward(self, x: Tensor, return_aux: bool = False):
+        check.floating("x", x)
+        if x.dim() == 0 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
+        flat = x.reshape(-1, self.hidden_size)
+        logits = self.router_logits(flat)
+        weights, ids = route(
+            logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
+            bias=self.expert_bias if self.scoring == "sigmoid" else None,
+            n_groups=self.n_groups, topk_groups=self.topk_groups, scale=self.routed_scaling,
+            backend=self.backend,
+        )
+        plan = make_plan(ids, self.num_experts, backend=self.backend)
+        out = moe_mlp(
+            flat, weights, ids, self.w_gate_up, self.w_down, activation=self.activation,
+            b_gate_up=self.b_gate_up, b_down=self.b_down, plan=plan, backend=self.backend,
+        )
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        out = out.view(x.shape)
+        if not return_aux:
+            return out
+        return out, self._aux(logits, plan.counts)
+
+    def _aux(self, logits: Tensor, counts: Tensor) -> MoEAux:
+        num_tokens = logits.shape[0]
+        if num_tokens == 0:
+            zero = logits.new_zeros(())
+            return MoEAux(zero, zero.clone(), counts)
+        if self.scoring == "softmax":
+            probs = logits.softmax(-1)
+        else:
+            scores = logits.sigmoid()
+            probs = scores / scores.sum(-1, keepdim=True)
+        share = counts.float() / (num_tokens * self.top_k)
+        load_balancing = self.num_experts * (share * probs.mean(0)).sum()
+        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        return MoEAux(load_balancing, z_loss, counts)
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts: Tensor, rate: float = 1e-3) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts,
+        lower it for over-loaded ones, by `rate` each call.
+
+        counts: [E] tokens per expert, e.g. aux.counts (summed over data-parallel ranks).
+        Only scoring="sigmoid" uses the bias for choice.
+        """
+        check.tensor("counts", counts, ndim=1)
+        check.shape("counts", counts, (self.num_experts,))
+        load = counts.to(self.expert_bias.device, torch.float32)
+        self.expert_bias += rate * torch.sign(load.mean() - load)

@@ -1,0 +1,413 @@
+"""The public functions: validate, pick the backend, call it. Autograd lives here.
+
+Each op is a torch custom op (torch.library) that takes the resolved backend's name, so
+autograd, torch.compile (through the fake implementations) and every backend share one
+definition. Backward formulas call custom ops too, so compiled backward graphs trace.
+"""
+
+from typing import Optional
+
+import torch
+
+from . import validation as check
+from .backends import get_backend, resolve_backend
+from .plan import DispatchPlan
+
+Tensor = torch.Tensor
+
+
+@torch.compiler.assume_constant_result
+def _backend_name(device: torch.device, backend: str) -> str:
+    return resolve_backend(device, backend)
+
+
+# ---- routing: the same vectorized torch code on every backend --------------------------
+
+
+def route(
+    logits: Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    bias: Optional[Tensor] = None,
+    n_groups: Optional[int] = None,
+    topk_groups: Optional[int] = None,
+    scale: float = 1.0,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Choose top_k experts per token.
+
+    logits: [T, E] float; bias: [E] float (shifts the choice, never the weights).
+    Returns weights [T, k] float32 (the chosen scores, renormalized to sum to one if asked,
+    times scale) and ids [T, k] int64. With n_groups, only the topk_groups best groups
+    (a group's score is the sum of its two best biased scores, as DeepSeek-V3) compete.
+    """
+    check.floating("logits", logits, ndim=2)
+    num_tokens, num_experts = logits.shape
+    check.positive_int("top_k", top_k)
+    if top_k > num_experts:
+        raise ValueError(f"top_k={top_k} exceeds the number of experts E={num_experts}")
+    check.choice("scoring", scoring, ("softmax", "sigmoid"))
+    if bias is not None:
+        check.floating("bias", bias, ndim=1)
+        check.shape("bias", bias, (num_experts,))
+        check.same_device("bias", bias, "logits", logits)
+    if (n_groups is None) != (topk_groups is None):
+        raise ValueError(f"n_groups and topk_groups go together; got n_groups={n_groups}, topk_groups={topk_groups}")
+    if n_groups is not None:
+        check.positive_int("n_groups", n_groups)
+        check.positive_int("topk_groups", topk_groups)
+        if num_experts % n_groups:
+            raise ValueError(f"n_groups={n_groups} must divide the number of experts E={num_experts}")
+        if topk_groups > n_groups:
+            raise ValueError(f"topk_groups={topk_groups} exceeds n_groups={n_groups}")
+        if top_k > topk_groups * (num_experts // n_groups):
+            raise ValueError(
+                f"top_k={top_k} exceeds the {topk_groups * (num_experts // n_groups)} experts "
+                f"in topk_groups={topk_groups} groups"
+            )
+    _backend_name(logits.device, backend)
+
+    scores = logits.float().softmax(-1) if scoring == "softmax" else logits.float().sigmoid()
+    choice = scores.detach() if bias is None else scores.detach() + bias.detach().float()
+    if n_groups is not None:
+        group_size = num_experts // n_groups
+        grouped = choice.view(num_tokens, n_groups, group_size)
+        group_score = grouped.topk(min(2, group_size), dim=-1).values.sum(-1)
+        kept = group_score.topk(topk_groups, dim=-1).indices
+        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, kept, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(group_size, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+    return weights * scale, ids
+
+
+# ---- make_plan ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moe_dispatch::make_plan", mutates_args=())
+def _make_plan(ids: Tensor, num_experts: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return get_backend(backend).make_plan(ids, num_experts)
+
+
+@_make_plan.register_fake
+def _(ids, num_experts, backend):
+    int32 = dict(dtype=torch.int32)
+    return (
+        ids.new_empty(num_experts, **int32),
+        ids.new_empty(num_experts + 1, **int32),
+        ids.new_empty(ids.numel(), **int32),
+        ids.new_empty(ids.shape, **int32),
+    )
+
+
+def make_plan(ids: Tensor, num_experts: int, *, backend: str = "auto") -> DispatchPlan:
+    """Group the (token, choice) slots of ids [T, k] by expert; see DispatchPlan."""
+    check.expert_ids(ids, num_experts)
+    return DispatchPlan(*_make_plan(ids, num_experts, _backend_name(ids.device, backend)))
+
+
+# ---- permute / unpermute ------------------------------------------------------------------
+
+
+@torch.library.custom_op("moe_dispatch::permute", mutates_args=())
+def _permute(x: Tensor, token_of_row: Tensor, row_of_slot: Tensor, backend: str) -> Tensor:
+    return get_backend(backend).permute(x, token_of_row)
+
+
+@_permute.register_fake
+def _(x, token_of_row, row_of_slot, backend):
+    return x.new_empty(token_of_row.shape[0], x.shape[1])
+
+
+def _permute_setup(ctx, inputs, output):
+    _, token_of_row, row_of_slot, ctx.backend = inputs
+    ctx.save_for_backward(token_of_row, row_of_slot)
+
+
+def _permute_backward(ctx, dxs):
+    token_of_row, row_of_slot = ctx.saved_tensors
+    return _unpermute(dxs, token_of_row, row_of_slot, None, ctx.backend), None, None, None
+
+
+_permute.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+@torch.library.custom_op("moe_dispatch::unpermute", mutates_args=())
+def _unpermute(
+    ys: Tensor, token_of_row: Tensor, row_of_slot: Tensor, weights: Optional[Tensor], backend: str
+) -> Tensor:
+    return get_backend(backend).unpermute(ys, row_of_slot, weights)
+
+
+@_unpermute.register_fake
+def _(ys, token_of_row, row_of_slot, weights, backend):
+    return ys.new_empty(row_of_slot.shape[0], ys.shape[1])
+
+
+@torch.library.custom_op("moe_dispatch::unpermute_backward", mutates_args=())
+def _unpermute_backward_op(
+    dy: Tensor, ys: Tensor, token_of_row: Tensor, row_of_slot: Tensor, weights: Optional[Tensor], backend: str
+) -> tuple[Tensor, Tensor]:
+    dys, dweights = get_backend(backend).unpermute_backward(dy, ys, token_of_row, row_of_slot, weights)
+    return dys, (dweights if dweights is not None else dy.new_empty(0, dtype=torch.float32))
+
+
+@_unpermute_backward_op.register_fake
+def _(dy, ys, token_of_row, row_of_slot, weights, backend):
+    dweights_shape = row_of_slot.shape if weights is not None else (0,)
+    return ys.new_empty(ys.shape), dy.new_empty(dweights_shape, dtype=torch.float32)
+
+
+def _unpermute_setup(ctx, inputs, output):
+    ys, token_of_row, row_of_slot, weights, ctx.backend = inputs
+    ctx.has_weights = weights is not None
+    ctx.save_for_backward(ys, token_of_row, row_of_slot, weights)
+
+
+def _unpermute_grad(ctx, dy):
+    ys, token_of_row, row_of_slot, weights = ctx.saved_tensors
+    dys, dweights = _unpermute_backward_op(dy, ys, token_of_row, row_of_slot, weights, ctx.backend)
+    dweights = dweights.to(weights.dtype) if ctx.has_weights else None
+    return dys, None, None, dweights, None
+
+
+_unpermute.register_autograd(_unpermute_grad, setup_context=_unpermute_setup)
+
+
+def permute(x: Tensor, plan: DispatchPlan, *, backend: str = "auto") -> Tensor:
+    """x: [T, H] -> xs: [T*k, H] in expert order, xs[r] = x[plan.token_of_row[r]]."""
+    check.floating("x", x, ndim=2)
+    check.plan(plan, "x", x)
+    if x.shape[0] != plan.num_tokens:
+        raise ValueError(f"x has {x.shape[0]} tokens but the plan was made for {plan.num_tokens}")
+    return _permute(x, plan.token_of_row, plan.row_of_slot, _backend_name(x.device, backend))
+
+
+def unpermute(ys: Tensor, plan: DispatchPlan, weights: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
+    """ys: [T*k, N] -> y: [T, N], y[t] = sum_j weights[t, j] * ys[plan.row_of_slot[t, j]].
+
+    Sums in float32; weights None means all ones. The result has ys's dtype.
+    """
+    check.floating("ys", ys, ndim=2)
+    check.plan(plan, "ys", ys)
+    if ys.shape[0] != plan.num_rows:
+        raise ValueError(f"ys has {ys.shape[0]} rows but the plan has {plan.num_rows} (T*k)")
+    if weights is not None:
+        check.floating("weights", weights, ndim=2)
+        check.shape("weights", weights, tuple(plan.row_of_slot.shape))
+        check.same_device("weights", weights, "ys", ys)
+    return _unpermute(ys, plan.token_of_row, plan.row_of_slot, weights, _backend_name(ys.device, backend))
+
+
+# ---- grouped_mm ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moe_dispatch::grouped_mm", mutates_args=())
+def _grouped_mm(a: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    return get_backend(backend).grouped_mm(a, w, offsets)
+
+
+@_grouped_mm.register_fake
+def _(a, w, offsets, backend):
+    return a.new_empty(a.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("moe_dispatch::grouped_mm_wgrad", mutates_args=())
+def _grouped_mm_wgrad(a: Tensor, b: Tensor, offsets: Tensor, num_experts: int, backend: str) -> Tensor:
+    return get_backend(backend).grouped_mm_wgrad(a, b, offsets, num_experts)
+
+
+@_grouped_mm_wgrad.register_fake
+def _(a, b, offsets, num_experts, backend):
+    return a.new_empty(num_experts, a.shape[1], b.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    a, w, offsets, ctx.backend = inputs
+    ctx.save_for_backward(a, w, offsets)
+
+
+def _grouped_mm_grad(ctx, dy):
+    a, w, offsets = ctx.saved_tensors
+    da = _grouped_mm(dy, w.transpose(1, 2), offsets, ctx.backend)
+    dw = _grouped_mm_wgrad(a, dy, offsets, w.shape[0], ctx.backend)
+    return da, dw, None, None
+
+
+_grouped_mm.register_autograd(_grouped_mm_grad, setup_context=_grouped_mm_setup)
+
+
+def grouped_mm(xs: Tensor, w: Tensor, offsets: Tensor, *, backend: str = "auto") -> Tensor:
+    """xs: [M, K], w: [E, K, N] (any strides), offsets: [E+1] int -> [M, N].
+
+    Rows offsets[e]:offsets[e+1] are multiplied by w[e] (torch._grouped_mm's semantics with
+    offs = offsets[1:]). Pass nn.Linear-layout weights [E, N, K] as w.transpose(1, 2).
+    """
+    check.floating("xs", xs, ndim=2)
+    check.floating("w", w, ndim=3)
+    check.same_dtype("w", w, "xs", xs)
+    check.same_device("w", w, "xs", xs)
+    if w.shape[1] != xs.shape[1]:
+        raise ValueError(f"w must be [E, K={xs.shape[1]}, N] to match xs [M, K]; got w of shape {tuple(w.shape)}")
+    check.offsets(offsets, xs.shape[0], w.shape[0], xs.device)
+    return _grouped_mm(xs, w, offsets, _backend_name(xs.device, backend))
+
+
+# ---- moe_mlp ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moe_dispatch::moe_mlp", mutates_args=())
+def _moe_mlp(
+    x: Tensor,
+    weights: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    token_of_row: Tensor,
+    row_of_slot: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    b_gate_up: Optional[Tensor],
+    b_down: Optional[Tensor],
+    activation: str,
+    save_for_backward: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    plan = (counts, offsets, token_of_row, row_of_slot)
+    return get_backend(backend).moe_mlp(
+        x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, activation, save_for_backward
+    )
+
+
+@_moe_mlp.register_fake
+def _(x, weights, counts, offsets, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
+      activation, save_for_backward, backend):
+    rows = token_of_row.shape[0] if save_for_backward else 0
+    return x.new_empty(x.shape), x.new_empty(rows, w_gate_up.shape[1])
+
+
+@torch.library.custom_op("moe_dispatch::moe_mlp_backward", mutates_args=())
+def _moe_mlp_backward(
+    dy: Tensor,
+    x: Tensor,
+    weights: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    token_of_row: Tensor,
+    row_of_slot: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    b_gate_up: Optional[Tensor],
+    b_down: Optional[Tensor],
+    activation: str,
+    h: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    plan = (counts, offsets, token_of_row, row_of_slot)
+    dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down = get_backend(backend).moe_mlp_backward(
+        dy, x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, activation, h
+    )
+    none = x.new_empty(0)
+    return (
+        dx,
+        dweights.to(weights.dtype),
+        dw_gate_up,
+        dw_down,
+        db_gate_up.to(b_gate_up.dtype) if b_gate_up is not None else none,
+        db_down.to(b_down.dtype) if b_down is not None else none.clone(),
+    )
+
+
+@_moe_mlp_backward.register_fake
+def _(dy, x, weights, counts, offsets, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
+      activation, h, backend):
+    def like(t):
+        return t.new_empty(t.shape) if t is not None else x.new_empty(0)
+
+    return like(x), like(weights), like(w_gate_up), like(w_down), like(b_gate_up), like(b_down)
+
+
+def _moe_mlp_setup(ctx, inputs, output):
+    (x, weights, counts, offsets, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
+     ctx.activation, _, ctx.backend) = inputs
+    ctx.has_bias = (b_gate_up is not None, b_down is not None)
+    ctx.save_for_backward(
+        x, weights, counts, offsets, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down, output[1]
+    )
+
+
+def _moe_mlp_grad(ctx, dy, _dh):
+    x, weights, counts, offsets, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down, h = (
+        ctx.saved_tensors
+    )
+    if h.shape[0] != token_of_row.shape[0]:
+        raise RuntimeError("moe_mlp ran without saving for backward; call it with autograd enabled")
+    dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down = _moe_mlp_backward(
+        dy.contiguous(), x, weights, counts, offsets, token_of_row, row_of_slot,
+        w_gate_up, w_down, b_gate_up, b_down, ctx.activation, h, ctx.backend,
+    )
+    return (
+        dx, dweights, None, None, None, None, dw_gate_up, dw_down,
+        db_gate_up if ctx.has_bias[0] else None,
+        db_down if ctx.has_bias[1] else None,
+        None, None, None,
+    )
+
+
+_moe_mlp.register_autograd(_moe_mlp_grad, setup_context=_moe_mlp_setup)
+
+
+def moe_mlp(
+    x: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    *,
+    activation: str = "swiglu",
+    b_gate_up: Optional[Tensor] = None,
+    b_down: Optional[Tensor] = None,
+    plan: Optional[DispatchPlan] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """The routed experts of an MoE layer: out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]).
+
+    x: [T, H]; weights: [T, k] float; ids: [T, k] int;
+    w_gate_up: [E, 2I, H] (gate rows first, then up rows; [E, I, H] for gelu/relu/silu);
+    w_down: [E, H, I]; b_gate_up: [E, 2I] or [E, I]; b_down: [E, H].
+    expert(v) = w_down[e] @ act(w_gate_up[e] @ v + b_gate_up[e]) + b_down[e].
+    plan: the DispatchPlan of ids, when the caller already made it.
+    Returns [T, H] in x's dtype.
+    """
+    check.floating("x", x, ndim=2)
+    check.floating("weights", weights, ndim=2)
+    check.integer("ids", ids, ndim=2)
+    check.same_device("weights", weights, "x", x)
+    check.same_device("ids", ids, "x", x)
+    if ids.shape[0] != x.shape[0]:
+        raise ValueError(f"ids has {ids.shape[0]} tokens but x has {x.shape[0]}")
+    check.shape("weights", weights, tuple(ids.shape))
+    check.expert_weights(x, w_gate_up, w_down, b_gate_up, b_down, activation)
+    name = _backend_name(x.device, backend)
+    if plan is None:
+        plan = make_plan(ids, w_gate_up.shape[0], backend=name)
+    else:
+        check.plan(plan, "x", x)
+        if tuple(plan.row_of_slot.shape) != tuple(ids.shape) or plan.num_experts != w_gate_up.shape[0]:
+            raise ValueError(
+                f"plan was made for ids {tuple(plan.row_of_slot.shape)} and {plan.num_experts} experts, "
+                f"not ids {tuple(ids.shape)} and {w_gate_up.shape[0]} experts"
+            )
+    floating_inputs = (x, weights, w_gate_up, w_down, b_gate_up, b_down)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in floating_inputs)
+    out, _ = _moe_mlp(
+        x, weights, plan.counts, plan.offsets, plan.token_of_row, plan.row_of_slot,
+        w_gate_up, w_down, b_gate_up, b_down, activation, save, name,
+    )
+    return out
+
+
+__all__ = ["route", "make_plan", "permute", "unpermute", "grouped_mm", "moe_mlp"]
