@@ -1,5 +1,7 @@
 """Expert activations and their derivatives, in float32: the definition kernels fuse.
 
+float64 inputs stay float64, so the reference passes torch.autograd.gradcheck.
+
 Gated activations read h = [gate | up] (gate columns first, as transformers 5 stores
 gate_up_proj) and return act(gate) * up; the others return act(h).
 """
@@ -13,6 +15,11 @@ import torch
 GATED = ("swiglu", "geglu")
 PLAIN = ("gelu", "relu", "silu")
 ACTIVATIONS = GATED + PLAIN
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """t in the precision sums are kept in: float32, or float64 for float64 inputs."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def is_gated(activation: str) -> bool:
@@ -44,8 +51,8 @@ def _act_grad(name: str, g: torch.Tensor) -> torch.Tensor:
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(h) in float32; [R, 2I] -> [R, I] when gated, [R, I] -> [R, I] otherwise."""
-    h = h.float()
+    """act(h) in float32 (see upcast); [R, 2I] -> [R, I] when gated, [R, I] -> [R, I] otherwise."""
+    h = upcast(h)
     name = _base(activation)
     if is_gated(activation):
         gate, up = h.chunk(2, dim=-1)
@@ -55,7 +62,7 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
 
 def activate_backward(h: torch.Tensor, grad: torch.Tensor, activation: str) -> torch.Tensor:
     """d loss / d h in float32, given grad = d loss / d activate(h)."""
-    h, grad = h.float(), grad.float()
+    h, grad = upcast(h), upcast(grad)
     name = _base(activation)
     if is_gated(activation):
         gate, up = h.chunk(2, dim=-1)

@@ -39,7 +39,7 @@ def route(
     """Choose top_k experts per token.
 
     logits: [T, E] float; bias: [E] float (shifts the choice, never the weights).
-    Returns weights [T, k] float32 (the chosen scores, renormalized to sum to one if asked,
+    Returns weights [T, k] float32 (float64 for float64 logits: the chosen scores, renormalized to sum to one if asked,
     times scale) and ids [T, k] int64. With n_groups, only the topk_groups best groups
     (a group's score is the sum of its two best biased scores, as DeepSeek-V3) compete.
     """
@@ -69,8 +69,10 @@ def route(
             )
     _backend_name(logits.device, backend)
 
-    scores = logits.float().softmax(-1) if scoring == "softmax" else logits.float().sigmoid()
-    choice = scores.detach() if bias is None else scores.detach() + bias.detach().float()
+    # At least float32 whatever the logits' dtype; float64 stays float64 (gradcheck).
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
+    choice = scores.detach() if bias is None else scores.detach() + bias.detach().to(scores.dtype)
     if n_groups is not None:
         group_size = num_experts // n_groups
         grouped = choice.view(num_tokens, n_groups, group_size)

@@ -68,3 +68,9 @@ def random_weights(num_tokens: int, top_k: int, generator: torch.Generator) -> t
 def gen(request) -> torch.Generator:
     """A generator seeded from the test's id: different inputs per case, reproducible."""
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def skip_if_unsupported(backend: str, dtype: torch.dtype) -> None:
+    """The Triton interpreter multiplies bf16 bit patterns in tl.dot: bf16 GEMMs are GPU-tested."""
+    if backend == "triton" and dtype == torch.bfloat16 and not HAS_CUDA:
+        pytest.skip("the Triton interpreter cannot do a bf16 tl.dot; tests marked gpu cover it")

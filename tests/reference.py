@@ -31,24 +31,27 @@ def naive_plan(ids: Tensor, num_experts: int):
     return counts, offsets, token_of_row, row_of_slot
 
 
-def _act(name: str, v: float) -> float:
+def _act(name: str, v: Tensor) -> Tensor:
     if name in ("silu", "swiglu"):
-        return v / (1 + math.exp(-v))
+        return v / (1 + torch.exp(-v))
     if name in ("gelu", "geglu"):
-        return 0.5 * v * (1 + math.erf(v / math.sqrt(2)))
-    return max(v, 0.0)
+        return 0.5 * v * (1 + torch.erf(v / math.sqrt(2)))
+    return torch.clamp(v, min=0.0)
 
 
 def naive_expert(x: Tensor, w_gate_up: Tensor, w_down: Tensor, b_gate_up, b_down, activation: str) -> Tensor:
-    """One token through one expert, float64: w_down @ act(w_gate_up @ x + b) + b_down."""
+    """One token through one expert, float64: w_down @ act(w_gate_up @ x + b) + b_down.
+
+    Differentiable, so autograd through this loop gives the reference gradients.
+    """
     h = w_gate_up.double() @ x.double()
     if b_gate_up is not None:
         h = h + b_gate_up.double()
     if activation in ("swiglu", "geglu"):
-        inter = h.shape[0] // 2
-        a = torch.tensor([_act(activation, float(h[i])) * float(h[inter + i]) for i in range(inter)], dtype=torch.float64)
+        gate, up = h[: h.shape[0] // 2], h[h.shape[0] // 2:]
+        a = _act(activation, gate) * up
     else:
-        a = torch.tensor([_act(activation, float(v)) for v in h], dtype=torch.float64)
+        a = _act(activation, h)
     out = w_down.double() @ a
     if b_down is not None:
         out = out + b_down.double()
@@ -56,28 +59,27 @@ def naive_expert(x: Tensor, w_gate_up: Tensor, w_down: Tensor, b_gate_up, b_down
 
 
 def naive_moe_mlp(x, weights, ids, w_gate_up, w_down, b_gate_up=None, b_down=None, activation="swiglu") -> Tensor:
-    """[T, H] float64: out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t])."""
+    """[T, H] float64: out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) (differentiable)."""
     num_tokens, top_k = ids.shape
-    out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float64)
+    rows = []
     for t in range(num_tokens):
+        acc = torch.zeros(x.shape[1], dtype=torch.float64)
         for j in range(top_k):
             e = int(ids[t, j])
-            out[t] += float(weights[t, j]) * naive_expert(
+            acc = acc + weights[t, j].double() * naive_expert(
                 x[t], w_gate_up[e], w_down[e],
                 None if b_gate_up is None else b_gate_up[e],
                 None if b_down is None else b_down[e], activation,
             )
-    return out
+        rows.append(acc)
+    return torch.stack(rows) if rows else torch.zeros(0, x.shape[1], dtype=torch.float64)
 
 
 def naive_grouped_mm(xs: Tensor, w: Tensor, offsets) -> Tensor:
-    """[M, N] float64: rows offsets[e]:offsets[e+1] times w[e], one row at a time."""
+    """[M, N] float64: rows offsets[e]:offsets[e+1] times w[e], one row at a time (differentiable)."""
     offsets = [int(o) for o in offsets]
-    out = torch.zeros(xs.shape[0], w.shape[2], dtype=torch.float64)
-    for e in range(w.shape[0]):
-        for r in range(offsets[e], offsets[e + 1]):
-            out[r] = xs[r].double() @ w[e].double()
-    return out
+    rows = [xs[r].double() @ w[e].double() for e in range(w.shape[0]) for r in range(offsets[e], offsets[e + 1])]
+    return torch.stack(rows) if rows else torch.zeros(0, w.shape[2], dtype=torch.float64)
 
 
 def naive_route(logits: Tensor, top_k: int, scoring="softmax", renormalize=True, bias=None,
@@ -106,3 +108,19 @@ def naive_route(logits: Tensor, top_k: int, scoring="softmax", renormalize=True,
         all_weights.append([v * scale for v in w])
         all_ids.append(chosen)
     return torch.tensor(all_weights, dtype=torch.float64).view(num_tokens, top_k), torch.tensor(all_ids).view(num_tokens, top_k)
+
+
+def naive_permute(x: Tensor, token_of_row) -> Tensor:
+    return torch.stack([x[int(t)] for t in token_of_row]) if len(token_of_row) else x[:0]
+
+
+def naive_unpermute(ys: Tensor, row_of_slot, weights=None) -> Tensor:
+    """[T, N] float64: y[t] = sum_j weights[t, j] * ys[row_of_slot[t][j]] (differentiable)."""
+    rows = []
+    for t, slots in enumerate(row_of_slot):
+        acc = torch.zeros(ys.shape[1], dtype=torch.float64)
+        for j, r in enumerate(slots):
+            w = weights[t, j].double() if weights is not None else 1.0
+            acc = acc + w * ys[int(r)].double()
+        rows.append(acc)
+    return torch.stack(rows) if rows else torch.zeros(0, ys.shape[1], dtype=torch.float64)

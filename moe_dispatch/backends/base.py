@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..activations import activate, activate_backward
+from ..activations import activate, activate_backward, upcast
 
 Tensor = torch.Tensor
 PlanTensors = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -57,8 +57,8 @@ class Backend:
         if weights is None:
             return dys, None
         w_row = row_weights(weights, row_of_slot)
-        dweights = (dys.float() * ys.float()).sum(-1)[row_of_slot.long()]
-        return (dys.float() * w_row[:, None]).to(dys.dtype), dweights
+        dweights = (upcast(dys) * upcast(ys)).sum(-1)[row_of_slot.long()]
+        return (upcast(dys) * w_row[:, None]).to(dys.dtype), dweights
 
     def moe_mlp(
         self,
@@ -105,15 +105,15 @@ class Backend:
         _, offsets, token_of_row, row_of_slot = plan
         num_experts = w_gate_up.shape[0]
         dyp = self.permute(dy, token_of_row)
-        g = self.grouped_mm(dyp, w_down, offsets).float()
+        g = upcast(self.grouped_mm(dyp, w_down, offsets))
         a = activate(h, activation)
         d_row = (g * a).sum(-1)
         if b_down is not None:
-            d_row += (dyp.float() * b_down.float()[expert_of_row(offsets, dyp.shape[0])]).sum(-1)
+            d_row += (upcast(dyp) * upcast(b_down)[expert_of_row(offsets, dyp.shape[0])]).sum(-1)
         dweights = d_row[row_of_slot.long()]
 
         w_row = row_weights(weights, row_of_slot)[:, None]
-        do = (dyp.float() * w_row).to(x.dtype)
+        do = (upcast(dyp) * w_row).to(x.dtype)
         dw_down = self.grouped_mm_wgrad(do, a.to(x.dtype), offsets, num_experts)
         db_down = expert_sums(do, offsets) if b_down is not None else None
 
@@ -127,8 +127,8 @@ class Backend:
 
 def row_weights(weights: Tensor, row_of_slot: Tensor) -> Tensor:
     """The routing weight of each row, float32 [R]: w_row[row_of_slot[t, j]] = weights[t, j]."""
-    w_row = weights.new_empty(row_of_slot.numel(), dtype=torch.float32)
-    w_row[row_of_slot.reshape(-1).long()] = weights.reshape(-1).float()
+    w_row = upcast(weights).new_empty(row_of_slot.numel())
+    w_row[row_of_slot.reshape(-1).long()] = upcast(weights).reshape(-1)
     return w_row
 
 
@@ -140,4 +140,4 @@ def expert_of_row(offsets: Tensor, num_rows: int) -> Tensor:
 
 def expert_sums(rows: Tensor, offsets: Tensor) -> Tensor:
     """float32 [E, N]: the sum of each expert's rows (bias gradients)."""
-    return torch.segment_reduce(rows.float(), "sum", offsets=offsets.long(), axis=0, initial=0.0)
+    return torch.segment_reduce(upcast(rows), "sum", offsets=offsets.long(), axis=0, initial=0.0)

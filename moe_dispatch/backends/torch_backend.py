@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..activations import upcast
 from .base import Backend, PlanTensors
 
 Tensor = torch.Tensor
@@ -43,10 +44,10 @@ class TorchBackend(Backend):
         return x.index_select(0, token_of_row)
 
     def unpermute(self, ys: Tensor, row_of_slot: Tensor, weights: Optional[Tensor]) -> Tensor:
-        gathered = ys.index_select(0, row_of_slot.reshape(-1)).float()
+        gathered = upcast(ys.index_select(0, row_of_slot.reshape(-1)))
         gathered = gathered.view(*row_of_slot.shape, ys.shape[1])
         if weights is not None:
-            gathered = gathered * weights.float()[..., None]
+            gathered = gathered * upcast(weights)[..., None]
         return gathered.sum(1).to(ys.dtype)
 
     def grouped_mm(self, a: Tensor, w: Tensor, offsets: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -57,7 +58,7 @@ class TorchBackend(Backend):
                 continue
             y = a[start:end] @ w[e]
             if bias is not None:
-                y = y.float() + bias[e].float()
+                y = upcast(y) + upcast(bias[e])
             out[start:end] = y
         return out
 
