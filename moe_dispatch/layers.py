@@ -11,6 +11,7 @@ from torch import nn
 from . import validation as check
 from .activations import ACTIVATIONS, is_gated
 from .ops import make_plan, moe_mlp, route
+from .plan import DispatchPlan
 
 Tensor = torch.Tensor
 
@@ -107,6 +108,20 @@ class MoE(nn.Module):
         )
         self.reset_parameters()
 
+    @classmethod
+    def from_transformers(cls, block: nn.Module, *, backend: str = "auto") -> "MoE":
+        """A new MoE computing what a Hugging Face transformers MoE block (router, experts,
+        shared experts) computes, with copies of its weights; see integrations/transformers.py."""
+        from .integrations.transformers import moe_from_block
+
+        return moe_from_block(block, backend=backend)
+
+    def to_transformers(self, block: nn.Module) -> nn.Module:
+        """Copy this layer's weights into a transformers MoE block of the same configuration."""
+        from .integrations.transformers import write_to_block
+
+        return write_to_block(self, block)
+
     def reset_parameters(self) -> None:
         """Each expert initialised like nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
         bound_in = 1 / math.sqrt(self.hidden_size)
@@ -143,16 +158,21 @@ class MoE(nn.Module):
             backend=self.backend,
         )
         plan = make_plan(ids, self.num_experts, backend=self.backend)
-        out = moe_mlp(
-            flat, weights, ids, self.w_gate_up, self.w_down, activation=self.activation,
-            b_gate_up=self.b_gate_up, b_down=self.b_down, plan=plan, backend=self.backend,
-        )
+        out = self._routed_experts(flat, weights, ids, plan)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         out = out.view(x.shape)
         if not return_aux:
             return out
         return out, self._aux(logits, plan.counts)
+
+    def _routed_experts(self, flat: Tensor, weights: Tensor, ids: Tensor, plan: DispatchPlan) -> Tensor:
+        """[T, H] -> [T, H]: the weighted sum of each token's routed experts (expert parallelism
+        overrides this step only)."""
+        return moe_mlp(
+            flat, weights, ids, self.w_gate_up, self.w_down, activation=self.activation,
+            b_gate_up=self.b_gate_up, b_down=self.b_down, plan=plan, backend=self.backend,
+        )
 
     def _aux(self, logits: Tensor, counts: Tensor) -> MoEAux:
         num_tokens = logits.shape[0]
