@@ -18,6 +18,8 @@ from .base import Backend
 # name -> "module:Class"; the order of preference for "auto" is in select_backend.
 _REGISTRY = {
     "torch": "moe_dispatch.backends.torch_backend:TorchBackend",
+    "triton": "moe_dispatch.backends.triton_backend:TritonBackend",
+    "numba": "moe_dispatch.backends.numba_backend:NumbaBackend",
 }
 BACKEND_NAMES = ("torch", "numba", "triton")
 ENV_VAR = "MOE_DISPATCH_BACKEND"

@@ -1,0 +1,211 @@
+"""The Triton backend: sync-free GPU kernels with the MoE fusions (see docs/gpu.md).
+
+Nothing here reads a tensor's values on the host: grids come from shapes, tiles find
+their expert on the device, so the whole layer (plan, forward, backward) runs without a
+host sync and can be captured in a CUDA graph. With TRITON_INTERPRET=1 (set before this
+module is imported) the same kernels run on CPU tensors, which is how CI tests them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from ..activations import is_gated
+from ..kernels.triton import grouped_gemm as gemm
+from ..kernels.triton import permute as move
+from ..kernels.triton import plan as plan_kernels
+from ..kernels.triton import wgrad
+from ..kernels.triton.configs import (
+    TUNER, act_backward_candidates, gemm_candidates, shape_bucket, wgrad_candidates,
+)
+from .base import Backend, PlanTensors
+
+Tensor = torch.Tensor
+_BAD_IDS = (
+    "moe_dispatch make_plan: an expert id outside [0, num_experts) reached the triton backend; "
+    "its slots were skipped. Run with MOE_DISPATCH_CHECKS=1 to raise a ValueError naming the id."
+)
+
+
+def _base_activation(activation: str) -> str:
+    return {"swiglu": "silu", "geglu": "gelu"}.get(activation, activation)
+
+
+def _kernels_interpreted() -> bool:
+    return isinstance(plan_kernels.plan_count_kernel, triton.runtime.interpreter.InterpretedFunction)
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if device.type == "cuda":
+            return None
+        if device.type != "cpu":
+            return f"triton runs on CUDA devices (or CPU under TRITON_INTERPRET=1), not {device.type}"
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing moe_dispatch"
+        if not _kernels_interpreted():
+            return "TRITON_INTERPRET=1 was set after the triton kernels were loaded; set it before importing"
+        return None
+
+    # ---- primitives ------------------------------------------------------------------
+    def make_plan(self, ids: Tensor, num_experts: int) -> PlanTensors:
+        counts, offsets, token_of_row, row_of_slot = plan_kernels.make_plan(ids, num_experts)
+        if ids.is_cuda and ids.numel():
+            # offsets[E] counts the slots placed; any shortfall is a bad id. Fails at the next sync.
+            torch._assert_async(offsets[-1] == ids.numel(), _BAD_IDS)
+        return counts, offsets, token_of_row, row_of_slot
+
+    def permute(self, x: Tensor, token_of_row: Tensor) -> Tensor:
+        return move.gather_rows(x, token_of_row)
+
+    def unpermute(self, ys: Tensor, row_of_slot: Tensor, weights: Optional[Tensor]) -> Tensor:
+        return move.combine(ys, row_of_slot, weights)
+
+    def grouped_mm(self, a: Tensor, w: Tensor, offsets: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        return _gemm("mm", a, w, offsets, bias=bias)[0]
+
+    def grouped_mm_wgrad(self, a: Tensor, b: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
+        return _wgrad(a, b, offsets, num_experts)
+
+    # ---- fused composites ------------------------------------------------------------
+    def unpermute_backward(self, dy, ys, token_of_row, row_of_slot, weights):
+        if weights is None:
+            return move.gather_rows(dy, token_of_row), None
+        return move.combine_backward(dy, ys, row_of_slot, weights)
+
+    def moe_mlp(self, x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, activation, save_for_backward):
+        """GEMM1 gathers x's rows and applies the activation; GEMM2 scales by the routing
+        weight and scatters to slot order; a fixed-order float32 sum over k combines."""
+        _, offsets, token_of_row, row_of_slot = plan
+        slot_of_row, weight_of_row = move.invert_rows(row_of_slot, weights)
+        act, h = _gemm(
+            "up", x, w_gate_up.transpose(1, 2), offsets, bias=b_gate_up, a_rows=token_of_row,
+            activation=_base_activation(activation), gated=is_gated(activation), store_h=save_for_backward,
+        )
+        slots, _ = _gemm(
+            "down", act, w_down.transpose(1, 2), offsets, bias=b_down, slot_of_row=slot_of_row,
+            weight_of_row=weight_of_row,
+        )
+        out = move.combine(slots, row_of_slot, None, slot_major=True)
+        return out, (h if save_for_backward else x.new_empty(0, w_gate_up.shape[1]))
+
+    def moe_mlp_backward(self, dy, x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, activation, h):
+        _, offsets, token_of_row, row_of_slot = plan
+        num_experts = w_gate_up.shape[0]
+        slot_of_row, weight_of_row = move.invert_rows(row_of_slot, weights)
+        gated = is_gated(activation)
+        key = _key("act_bwd", dy, num_experts, token_of_row.shape[0], w_down.shape[1], w_down.shape[2])
+        dh, act, dweights = TUNER.run(
+            key,
+            lambda: act_backward_candidates(token_of_row.shape[0], num_experts, dy.dtype, dy.device),
+            lambda config: gemm.grouped_gemm_act_backward(
+                dy, token_of_row, w_down, b_down, offsets, h, weight_of_row, row_of_slot,
+                _base_activation(activation), gated, config,
+            ),
+            dy.device,
+        )
+        # d w_down[e] = (weight * dy[token]).T @ act(h), over e's rows
+        dw_down = _wgrad(dy, act, offsets, num_experts, a_rows=token_of_row, a_scale=weight_of_row)
+        db_down = (
+            wgrad.expert_sums(dy, offsets, num_experts, rows=token_of_row, scale=weight_of_row)
+            if b_down is not None else None
+        )
+        dw_gate_up = _wgrad(dh, x, offsets, num_experts, b_rows=token_of_row)
+        db_gate_up = wgrad.expert_sums(dh, offsets, num_experts) if b_gate_up is not None else None
+        dx_slots, _ = _gemm("dx", dh, w_gate_up, offsets, slot_of_row=slot_of_row)
+        dx = move.combine(dx_slots, row_of_slot, None, slot_major=True)
+        return dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down
+
+
+# ---- tuned launches ----------------------------------------------------------------------
+
+
+_FUSION_CODES = {"gated": "g", "store_h": "h", "slot_of_row": "s", "bias": "b", "a_rows": "a"}
+
+
+def _key(kind: str, t: Tensor, num_experts: int, num_rows: int, k_dim: int, n_cols: int) -> str:
+    return f"{kind}|{str(t.dtype).split('.')[1]}|E{num_experts}|R{shape_bucket(num_rows)}|K{k_dim}|N{n_cols}"
+
+
+def _gemm(kind: str, a: Tensor, w: Tensor, offsets: Tensor, **fusions):
+    num_rows = fusions["a_rows"].shape[0] if fusions.get("a_rows") is not None else a.shape[0]
+    num_experts, k_dim, n_cols = w.shape
+    gated = fusions.get("gated", False)
+    used = {name for name, value in fusions.items() if value is not None and value is not False}
+    flags = "".join(code for name, code in _FUSION_CODES.items() if name in used)
+    key = _key(f"{kind}:{flags}", a, num_experts, num_rows, k_dim, n_cols)
+    n_out = n_cols // 2 if gated else n_cols
+    return TUNER.run(
+        key,
+        lambda: gemm_candidates(num_rows, num_experts, k_dim, n_out, gated, a.dtype, a.device),
+        lambda config: gemm.grouped_gemm(a, w, offsets, config, **fusions),
+        a.device,
+    )
+
+
+def _wgrad(a: Tensor, b: Tensor, offsets: Tensor, num_experts: int, **fusions) -> Tensor:
+    rows = fusions.get("a_rows")
+    num_rows = rows.shape[0] if rows is not None else a.shape[0]
+    key = _key("wgrad", a, num_experts, num_rows, a.shape[1], b.shape[1])
+    return TUNER.run(
+        key,
+        lambda: wgrad_candidates(a.dtype, a.device),
+        lambda config: wgrad.grouped_wgrad(a, b, offsets, num_experts, config, **fusions),
+        a.device,
+    )
+
+
+def tune(
+    num_tokens: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_experts: int,
+    top_k: int,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    activation: str = "swiglu",
+    backward: bool = True,
+    device: str = "cuda",
+):
+    """Autotune, ahead of time, every kernel an MoE layer of this shape runs; returns the cache file.
+
+    Runs the public ops on random inputs with autotuning on (whatever MOE_DISPATCH_AUTOTUNE
+    says), so the winners are persisted and later calls, timed or captured, only read them.
+    """
+    from .. import ops
+    from ..kernels.triton.configs import AUTOTUNE_ENV, cache_path
+
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    width = (2 if is_gated(activation) else 1) * intermediate_size
+    x = torch.randn(num_tokens, hidden_size, device=device, generator=gen).to(dtype)
+    logits = torch.randn(num_tokens, num_experts, device=device, generator=gen)
+    w_gate_up = torch.randn(num_experts, width, hidden_size, device=device, generator=gen)
+    w_gate_up = (w_gate_up * hidden_size**-0.5).to(dtype)
+    w_down = torch.randn(num_experts, hidden_size, intermediate_size, device=device, generator=gen)
+    w_down = (w_down * intermediate_size**-0.5).to(dtype)
+    previous = os.environ.get(AUTOTUNE_ENV)
+    os.environ[AUTOTUNE_ENV] = "1"
+    try:
+        weights, ids = ops.route(logits, top_k, backend="triton")
+        plan = ops.make_plan(ids, num_experts, backend="triton")
+        ops.grouped_mm(ops.permute(x, plan, backend="triton"), w_gate_up.transpose(1, 2), plan.offsets,
+                       backend="triton")
+        inputs = [t.requires_grad_(backward) for t in (x, weights, w_gate_up, w_down)]
+        out = ops.moe_mlp(inputs[0], inputs[1], ids, inputs[2], inputs[3], activation=activation, plan=plan,
+                          backend="triton")
+        if backward:
+            out.backward(torch.randn_like(out))
+        torch.cuda.synchronize(device)
+    finally:
+        if previous is None:
+            del os.environ[AUTOTUNE_ENV]
+        else:
+            os.environ[AUTOTUNE_ENV] = previous
+    return cache_path(device)

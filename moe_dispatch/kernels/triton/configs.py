@@ -1,0 +1,262 @@
+"""Tile configs for the Triton kernels, the on-disk autotune cache, and the compile fallback.
+
+- Defaults come from a heuristic on the shape and fit in ~96 KB of shared memory, which every
+  GPU since sm_80 has, consumer cards included (sm_86/89/120 have about 100 KB). On sm_90 and
+  sm_100 the candidates may use up to ~200 KB.
+- Autotuning (on by default on CUDA; MOE_DISPATCH_AUTOTUNE=0 pins the default config) times
+  the candidates once per shape bucket and stores the winner in
+  $MOE_DISPATCH_CACHE_DIR (default ~/.cache/moe_dispatch)/triton-<version>-<device>.json.
+  It never runs while a CUDA graph is being captured or while torch's sync debug mode is on
+  (timing needs host syncs): those calls use the cached or default config.
+- A candidate that fails to compile or launch (OutOfResources or anything else) is skipped
+  with a warning; the chosen config failing falls back to SAFE, once, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+import warnings
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+import torch
+import triton
+
+AUTOTUNE_ENV = "MOE_DISPATCH_AUTOTUNE"
+CACHE_DIR_ENV = "MOE_DISPATCH_CACHE_DIR"
+SMALL_SMEM = 96 * 1024
+LARGE_SMEM = 200 * 1024
+Result = TypeVar("Result")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+    split_k: int = 1
+
+
+def expert_block(num_experts: int) -> int:
+    """E_PAD: a power of two >= E, at least 16 so that small expert counts share one compile."""
+    return max(16, triton.next_power_of_2(num_experts))
+
+
+# Compiles everywhere Triton runs: small tiles, two stages, well under 48 KB of shared memory.
+SAFE = TileConfig(32, 32, 32, num_warps=4, num_stages=2)
+# Under TRITON_INTERPRET=1 the sizes only need to exercise every tail.
+INTERPRETER = TileConfig(16, 16, 16, num_warps=1, num_stages=1)
+
+
+def shared_memory_budget(device: torch.device) -> int:
+    major, _ = torch.cuda.get_device_capability(device)
+    return LARGE_SMEM if major in (9, 10) else SMALL_SMEM
+
+
+def _fit(tile: TileConfig, elem_bytes: int, operands_n: int, budget: int) -> Optional[TileConfig]:
+    """The tile with as many pipeline stages (2..4) as fit the budget, or None."""
+    per_stage = (tile.block_m * tile.block_k + operands_n * tile.block_k * tile.block_n) * elem_bytes
+    stages = min(4, budget // per_stage)
+    return replace(tile, num_stages=stages) if stages >= 2 else None
+
+
+def _candidates(tiles, elem_bytes: int, operands_n: int, budget: int) -> list[TileConfig]:
+    fitted = (_fit(TileConfig(*t), elem_bytes, operands_n, budget) for t in tiles)
+    return [c for c in fitted if c is not None] or [SAFE]
+
+
+def gemm_tiles(rows_per_expert: float, two: bool, elem_bytes: int, budget: int) -> list[TileConfig]:
+    """Tile candidates for grouped_gemm_kernel under a shared-memory budget, the default first.
+
+    The tile height follows the mean rows per expert. two: the gated GEMM's two accumulators.
+    """
+    big = budget > SMALL_SMEM
+    if rows_per_expert <= 16:
+        tiles = [(16, 64, 128, 4), (16, 128, 64, 4), (16, 32, 128, 4), (32, 64, 64, 4)]
+    elif rows_per_expert <= 64:
+        tiles = [(32, 64, 64, 4), (64, 64, 64, 4), (32, 128, 64, 4), (64, 128, 32, 4)]
+    else:
+        tiles = [(64, 128, 32, 4), (128, 64, 32, 4), (64, 64, 64, 4), (128, 128, 32, 8)]
+        if big:
+            tiles = [(128, 128, 64, 8), (128, 256, 64, 8), (64, 256, 64, 8)] + tiles
+    if two:
+        # Twice the warps keep two accumulators in registers (ptxas spills otherwise);
+        # 128x128 only where 16 warps still leave 128 registers a thread (sm_90, sm_100).
+        largest = 128 * 128 if big else 128 * 64
+        tiles = [(m, n, k, min(16, 2 * w)) for m, n, k, w in tiles if n <= 128 and m * n <= largest]
+    return _candidates(tiles, elem_bytes, 2 if two else 1, budget)
+
+
+def act_backward_tiles(rows_per_expert: float, elem_bytes: int, budget: int) -> list[TileConfig]:
+    """Tile candidates for grouped_gemm_act_backward_kernel, the default first: its epilogue
+    holds g, both halves of h and dh at once, so its tiles are smaller than the forward's."""
+    if rows_per_expert <= 16:
+        tiles = [(16, 64, 128, 4), (16, 32, 128, 4), (32, 64, 64, 4)]
+    else:
+        tiles = [(64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8)]
+        if budget > SMALL_SMEM:
+            tiles = [(64, 128, 64, 8), (128, 64, 64, 8)] + tiles
+    return _candidates(tiles, elem_bytes, 1, budget)
+
+
+def wgrad_tiles(elem_bytes: int, budget: int) -> list[TileConfig]:
+    """Tile candidates for grouped_wgrad_kernel (K = rows of one expert), the default first."""
+    tiles = [(64, 64, 32, 4), (64, 128, 32, 4), (128, 64, 32, 8), (128, 128, 32, 8)]
+    if budget > SMALL_SMEM:
+        tiles = [(128, 128, 64, 8), (128, 256, 64, 8)] + tiles
+    return _candidates(tiles, elem_bytes, 1, budget)
+
+
+def gemm_candidates(num_rows: int, num_experts: int, k_dim: int, n_cols: int, two: bool,
+                    dtype: torch.dtype, device: torch.device) -> list[TileConfig]:
+    """gemm_tiles for this device, each with the K-split that fills it (the decode variant)."""
+    tiles = gemm_tiles(num_rows / max(num_experts, 1), two, _bytes(dtype), shared_memory_budget(device))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return [replace(c, split_k=_split_k(c, num_rows, num_experts, k_dim, n_cols, sms)) for c in tiles]
+
+
+def _split_k(config: TileConfig, num_rows: int, num_experts: int, k_dim: int, n_cols: int, sms: int) -> int:
+    """Enough K-splits for ~2 programs per SM when the row tiles alone are too few."""
+    # at least one tile per busy expert, at least R / BLOCK_M in all
+    m_tiles = max(triton.cdiv(num_rows, config.block_m), min(num_rows, num_experts))
+    tiles = max(1, m_tiles * triton.cdiv(n_cols, config.block_n))
+    wanted = triton.cdiv(2 * sms, tiles)
+    return max(1, min(8, wanted, k_dim // (4 * config.block_k)))
+
+
+def act_backward_candidates(num_rows: int, num_experts: int, dtype: torch.dtype,
+                            device: torch.device) -> list[TileConfig]:
+    return act_backward_tiles(num_rows / max(num_experts, 1), _bytes(dtype), shared_memory_budget(device))
+
+
+def wgrad_candidates(dtype: torch.dtype, device: torch.device) -> list[TileConfig]:
+    return wgrad_tiles(_bytes(dtype), shared_memory_budget(device))
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+# ---- the autotune cache --------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _device_slug(device: torch.device) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-")
+
+
+def cache_path(device: torch.device) -> Path:
+    root = Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "moe_dispatch")
+    return root / f"triton-{triton.__version__}-{_device_slug(device)}.json"
+
+
+def shape_bucket(num_rows: int) -> int:
+    """Rows rounded up to a power of two: nearby batch sizes share one tuning result."""
+    return triton.next_power_of_2(max(num_rows, 1))
+
+
+def _do_bench(fn: Callable[[], object]) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20)
+
+
+class Tuner:
+    """Picks a config per key: the cached result, else (when allowed) the fastest candidate.
+
+    bench(fn) -> milliseconds times one candidate; run() is the entry point the launchers use.
+    """
+
+    def __init__(self, bench: Callable[[Callable[[], object]], float] = _do_bench):
+        self.bench = bench
+        self._lock = threading.Lock()
+        self._tables: dict[Path, dict] = {}
+        self._failed: set[tuple[str, TileConfig]] = set()
+
+    def run(self, key: str, candidates: Callable[[], list[TileConfig]], launch: Callable[[TileConfig], Result],
+            device: torch.device) -> Result:
+        """launch(config) with the config for key, tuning first when allowed and not cached.
+
+        candidates() lists the configs to try, the default first; CPU tensors (the
+        interpreter) always use INTERPRETER.
+        """
+        if device.type != "cuda":
+            return launch(INTERPRETER)
+        config = self.select(key, candidates, launch, cache_path(device), may_tune=_may_tune())
+        return self.launch(key, config, launch)
+
+    def select(self, key: str, candidates: Callable[[], list[TileConfig]], launch: Callable[[TileConfig], object],
+               path: Path, may_tune: bool) -> TileConfig:
+        """The cached config for key in the table at path, else the fastest candidate (persisted),
+        else the default candidates()[0] (autotuning off, or tuning not allowed now)."""
+        if os.environ.get(AUTOTUNE_ENV, "1") == "0":
+            return candidates()[0]
+        with self._lock:
+            table = self._table(path)
+            if key in table:
+                try:
+                    return TileConfig(**table[key])
+                except TypeError:  # an entry written by another version of this file: tune again
+                    del table[key]
+            if not may_tune:
+                return candidates()[0]
+            config = self._tune(key, candidates(), launch)
+            table[key] = asdict(config)
+            self._persist(path, table)
+            return config
+
+    def launch(self, key: str, config: TileConfig, launch: Callable[[TileConfig], Result]) -> Result:
+        """launch(config); if it fails (compile error, out of resources), warn and use SAFE from then on."""
+        if (key, config) in self._failed:
+            config = SAFE
+        try:
+            return launch(config)
+        except Exception as exc:
+            if config == SAFE:
+                raise
+            self._failed.add((key, config))
+            warnings.warn(
+                f"moe_dispatch: tile config {config} failed for {key} ({exc!r}); using the safe config {SAFE}",
+                stacklevel=3,
+            )
+            return launch(SAFE)
+
+    def _tune(self, key: str, options: list[TileConfig], launch: Callable) -> TileConfig:
+        timings = []
+        for config in options:
+            try:
+                timings.append((self.bench(lambda: launch(config)), config))
+            except Exception as exc:  # a candidate that cannot compile here is simply not a winner
+                warnings.warn(f"moe_dispatch: tile config {config} failed for {key}: {exc!r}", stacklevel=4)
+        return min(timings, key=lambda t: t[0])[1] if timings else SAFE
+
+    def _table(self, path: Path) -> dict:
+        if path not in self._tables:
+            try:
+                self._tables[path] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self._tables[path] = {}
+        return self._tables[path]
+
+    @staticmethod
+    def _persist(path: Path, table: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+        os.replace(f.name, path)
+
+
+def _may_tune() -> bool:
+    """Timing syncs with the host: never inside a CUDA graph capture or under sync debug mode."""
+    return not torch.cuda.is_current_stream_capturing() and torch.cuda.get_sync_debug_mode() == 0
+
+
+TUNER = Tuner()

@@ -1,0 +1,487 @@
+"""Grouped GEMM over expert-sorted rows, with the MoE fusions in its prologue and epilogue.
+
+out[r] = epilogue(A[row(r)] @ W[e(r)] + bias[e(r)]) for the rows r of each expert e.
+
+- Prologue: A's rows may be gathered through an index (token_of_row), so the permuted
+  copy of x is never written (a fused permute).
+- Epilogue: an activation (gated: columns [0, N) of W are the gate, [N, 2N) the up
+  projection, and the program holds both accumulators), the pre-activation h stored for
+  the backward, a per-row scale (the routing weight), and a scatter of each row to its
+  (token, choice) slot, which a fixed-order sum over k then combines: no atomics.
+- Tiles find their expert on the device: the grid is sized from static bounds
+  (cdiv(R, BLOCK_M) + E M-tiles, the most any split of R rows over E experts needs), and
+  each program reads the offsets to learn which expert and rows it owns, or exits.
+- Split-K (the decode variant): with few rows there are too few tiles to fill the GPU,
+  so K is split over SPLIT_K programs that write float32 partials, and a second kernel
+  sums them in a fixed order and applies the same epilogue.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import TileConfig, expert_block
+
+# Activation codes shared by the kernels (constexpr), by name.
+ACT_CODES = {"none": 0, "silu": 1, "gelu": 2, "relu": 3}
+
+
+@triton.jit
+def activate(x, ACT: tl.constexpr):
+    """x float32 -> act(x); gelu is the exact (erf) one, as torch's default."""
+    if ACT == 1:
+        y = x * tl.sigmoid(x)
+    elif ACT == 2:
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == 3:
+        y = tl.maximum(x, 0.0)
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def activate_grad(x, ACT: tl.constexpr):
+    """d act(x) / dx, float32."""
+    if ACT == 1:
+        s = tl.sigmoid(x)
+        y = s * (1.0 + x * (1.0 - s))
+    elif ACT == 2:
+        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+        y = cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+    elif ACT == 3:
+        y = tl.where(x > 0, 1.0, 0.0)
+    else:
+        y = tl.full(x.shape, 1.0, tl.float32)
+    return y
+
+
+@triton.jit
+def locate_tile(offsets_ptr, tile, num_rows, num_experts, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    """(expert, first row, end row) of M-tile `tile`; expert >= num_experts past the last tile.
+
+    Expert e owns cdiv(count_e, BLOCK_M) consecutive tiles; empty experts own none.
+    The offsets are clamped to [0, R] and made non-decreasing, so even inconsistent
+    offsets never lead a tile outside the rows.
+    """
+    experts = tl.arange(0, E_PAD)
+    emask = experts < num_experts
+    lo = tl.load(offsets_ptr + experts, mask=emask, other=0).to(tl.int32)
+    hi = tl.load(offsets_ptr + experts + 1, mask=emask, other=0).to(tl.int32)
+    lo = tl.minimum(tl.maximum(lo, 0), num_rows)
+    hi = tl.minimum(tl.maximum(hi, lo), num_rows)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(tiles, axis=0)
+    expert = tl.sum((ends <= tile).to(tl.int32), axis=0)
+    mine = experts == expert
+    first_tile = tl.sum(tl.where(mine, ends - tiles, 0), axis=0)
+    start = tl.sum(tl.where(mine, lo, 0), axis=0) + (tile - first_tile) * BLOCK_M
+    end = tl.sum(tl.where(mine, hi, 0), axis=0)
+    return expert, start, end
+
+
+@triton.jit
+def mainloop(
+    a_ptr, a_off, a_ok,  # A rows: int64 offsets [BM], validity [BM]; columns contiguous
+    w_ptr, cols, col_ok, second_shift,  # W of one expert; columns [BN]; TWO also reads cols + second_shift
+    stride_wk, stride_wn, k_lo, k_hi,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TWO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """float32 acc [BM, BN] = A[:, k_lo:k_hi] @ W[k_lo:k_hi, cols] (and acc2 for cols + shift).
+
+    UPCAST multiplies in float32: the interpreter's tl.dot cannot multiply bf16.
+    EVEN_K: every K-block is full, so loads need no K mask (which would keep them from
+    vectorizing along a contiguous K).
+    """
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_off[:, None] + (k_lo + ks)[None, :]
+    # int64: k * stride and n * stride can pass 2^31 for large experts
+    w_ptrs = w_ptr + (k_lo + ks).to(tl.int64)[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wn
+    if TWO:
+        # (cols + shift) as a tensor: a scalar argument equal to 1 is a constexpr, without .to()
+        w2_cols = (cols + second_shift).to(tl.int64)
+        w2_ptrs = w_ptr + (k_lo + ks).to(tl.int64)[:, None] * stride_wk + w2_cols[None, :] * stride_wn
+    else:
+        w2_ptrs = w_ptrs
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            k_ok = tl.full((BLOCK_K,), True, tl.int1)
+        else:
+            k_ok = (k0 + ks) < k_hi
+        a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if TWO:
+            w2 = tl.load(w2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                w2 = w2.to(tl.float32)
+            acc2 = tl.dot(a, w2, acc2, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+        w2_ptrs += BLOCK_K * stride_wk
+    return acc, acc2
+
+
+@triton.jit
+def epilogue(
+    acc, acc2, rows, row_ok, cols, col_ok, n_cols,
+    out_ptr, stride_om, h_ptr, stride_hm, slot_of_row_ptr, weight_of_row_ptr, num_out_rows,
+    ACT: tl.constexpr, GATED: tl.constexpr, STORE_H: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr,
+):
+    """Store h (pre-activation), then act(acc) [* acc2] [* row weight] to out[row or slot]."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    if STORE_H:
+        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
+        tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask)
+        if GATED:
+            tl.store(h_ptrs + n_cols, acc2.to(h_ptr.dtype.element_ty), mask=mask)
+    y = activate(acc, ACT)
+    if GATED:
+        y = y * acc2
+    if SCALE:
+        y = y * tl.load(weight_of_row_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    if SCATTER:
+        dest = tl.load(slot_of_row_ptr + rows, mask=row_ok, other=-1)
+        dest_ok = row_ok & (dest >= 0) & (dest < num_out_rows)
+    else:
+        dest = rows
+        dest_ok = row_ok
+    tl.store(out_ptr + dest.to(tl.int64)[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=dest_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    # pointers
+    a_ptr,  # [S, K]            rows gathered through a_rows_ptr when GATHER, else [R, K]
+    a_rows_ptr,  # [R] int32    source row of each expert-sorted row (GATHER)
+    w_ptr,  # [E, K, NW]        any strides; NW = 2N when GATED else N
+    bias_ptr,  # [E, NW]        (HAS_BIAS)
+    offsets_ptr,  # [E+1] int   expert e owns rows offsets[e]:offsets[e+1]
+    out_ptr,  # [R, N] or [T*k, N] (SCATTER)
+    h_ptr,  # [R, NW]           pre-activation (STORE_H)
+    slot_of_row_ptr,  # [R] int32 (SCATTER)
+    weight_of_row_ptr,  # [R] float32 (SCALE)
+    ws_ptr,  # [SPLIT_K, R, NW] float32 partials (SPLIT_K > 1)
+    # sizes
+    num_rows, num_a_rows, num_out_rows, K, N, num_experts,
+    # strides
+    stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om, stride_hm,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
+    SPLIT_K: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    GATED: tl.constexpr, STORE_H: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """Grid: (cdiv(R, BLOCK_M) + E, cdiv(N, BLOCK_N), SPLIT_K)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    expert, start, end = locate_tile(offsets_ptr, pid_m, num_rows, num_experts, BLOCK_M, E_PAD)
+    if expert >= num_experts:
+        return
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+
+    # ---- prologue: which rows of A (the fused permute)
+    if GATHER:
+        src = tl.load(a_rows_ptr + rows, mask=row_ok, other=-1)
+        a_ok = row_ok & (src >= 0) & (src < num_a_rows)
+    else:
+        src = rows
+        a_ok = row_ok
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    acc, acc2 = mainloop(
+        a_ptr, src.to(tl.int64) * stride_am, a_ok, w_ptr + expert.to(tl.int64) * stride_we, cols, col_ok, N,
+        stride_wk, stride_wn, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, GATED, PRECISION, UPCAST, EVEN_K,
+    )
+    if HAS_BIAS:
+        if pid_k == 0:
+            b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + cols
+            acc += tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                acc2 += tl.load(b_ptrs + N, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+    # ---- epilogue, or float32 partials for the split-K reduction
+    if SPLIT_K == 1:
+        epilogue(acc, acc2, rows, row_ok, cols, col_ok, N, out_ptr, stride_om, h_ptr, stride_hm,
+                 slot_of_row_ptr, weight_of_row_ptr, num_out_rows, ACT, GATED, STORE_H, SCATTER, SCALE)
+    else:
+        width = 2 * N if GATED else N
+        ws_ptrs = ws_ptr + (pid_k * num_rows + rows).to(tl.int64)[:, None] * width + cols[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        tl.store(ws_ptrs, acc, mask=mask)
+        if GATED:
+            tl.store(ws_ptrs + N, acc2, mask=mask)
+
+
+@triton.jit
+def splitk_reduce_kernel(
+    ws_ptr,  # [SPLIT_K, R, NW] float32
+    offsets_ptr,  # [E+1] int
+    out_ptr, h_ptr, slot_of_row_ptr, weight_of_row_ptr,  # as grouped_gemm_kernel
+    num_rows, num_out_rows, N, num_experts, stride_om, stride_hm,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, STORE_H: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr,
+):
+    """Grid: (cdiv(R, BLOCK_M), cdiv(N, BLOCK_N)). Sums the partials in split order."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # only rows some tile wrote: those from offsets[0] to offsets[E]
+    lo = tl.minimum(tl.maximum(tl.load(offsets_ptr).to(tl.int32), 0), num_rows)
+    hi = tl.minimum(tl.maximum(tl.load(offsets_ptr + num_experts).to(tl.int32), lo), num_rows)
+    row_ok = (rows >= lo) & (rows < hi)
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    width = 2 * N if GATED else N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        ws_ptrs = ws_ptr + (s * num_rows + rows).to(tl.int64)[:, None] * width + cols[None, :]
+        acc += tl.load(ws_ptrs, mask=mask, other=0.0)
+        if GATED:
+            acc2 += tl.load(ws_ptrs + N, mask=mask, other=0.0)
+    epilogue(acc, acc2, rows, row_ok, cols, col_ok, N, out_ptr, stride_om, h_ptr, stride_hm,
+             slot_of_row_ptr, weight_of_row_ptr, num_out_rows, ACT, GATED, STORE_H, SCATTER, SCALE)
+
+
+@triton.jit
+def grouped_gemm_act_backward_kernel(
+    dy_ptr,  # [T, K]           rows gathered through token_of_row (K = H)
+    token_of_row_ptr,  # [R] int32
+    w_ptr,  # [E, K, N]         w_down [E, H, I] read as K=H, N=I
+    bias_ptr,  # [E, K]         b_down (HAS_BIAS): its term of d(routing weight)
+    offsets_ptr,  # [E+1] int
+    h_ptr,  # [R, NW]           the forward's pre-activation, NW = 2N when GATED
+    weight_of_row_ptr,  # [R] float32
+    dh_ptr,  # [R, NW] out      d loss / d h
+    act_ptr,  # [R, N] out      act(h), the input of the down projection
+    drow_ptr,  # [cdiv(N, BLOCK_N), R] float32 out: per-tile parts of d loss / d routing weight
+    num_rows, num_tokens, K, N, num_experts,
+    stride_dym, stride_we, stride_wk, stride_wn, stride_be, stride_hm, stride_dhm, stride_actm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """Grid: (cdiv(R, BLOCK_M) + E, cdiv(N, BLOCK_N)).
+
+    g = dy[token] @ w_down[e] (the gradient of act(h)), then in the epilogue:
+    d_row = g . act(h) (+ dy[token] . b_down[e]), dh = act'(h) * g * routing weight.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert, start, end = locate_tile(offsets_ptr, pid_m, num_rows, num_experts, BLOCK_M, E_PAD)
+    if expert >= num_experts:
+        return
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    src = tl.load(token_of_row_ptr + rows, mask=row_ok, other=-1)
+    src_ok = row_ok & (src >= 0) & (src < num_tokens)
+    dy_off = src.to(tl.int64) * stride_dym
+    g, _ = mainloop(dy_ptr, dy_off, src_ok, w_ptr + expert.to(tl.int64) * stride_we, cols, col_ok, N,
+                    stride_wk, stride_wn, 0, K, BLOCK_M, BLOCK_N, BLOCK_K, False, PRECISION, UPCAST, EVEN_K)
+
+    # ---- the activation and its gradient, from the saved h (stores early: fewer live registers)
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
+    gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+    act_gate = activate(gate, ACT)
+    weighted = g * tl.load(weight_of_row_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    dh_ptrs = dh_ptr + rows64[:, None] * stride_dhm + cols[None, :]
+    if GATED:
+        up = tl.load(h_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+        act = act_gate * up
+        tl.store(dh_ptrs, (weighted * up * activate_grad(gate, ACT)).to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_ptrs + N, (weighted * act_gate).to(dh_ptr.dtype.element_ty), mask=mask)
+    else:
+        act = act_gate
+        tl.store(dh_ptrs, (weighted * activate_grad(gate, ACT)).to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(act_ptr + rows64[:, None] * stride_actm + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
+
+    # ---- this tile's part of d(routing weight); the bias term once per row, in the first N-tile
+    d_row = tl.sum(tl.where(mask, g * act, 0.0), axis=1)
+    if HAS_BIAS:
+        if pid_n == 0:
+            b_ptr = bias_ptr + expert.to(tl.int64) * stride_be
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < K
+                d = tl.load(dy_ptr + dy_off[:, None] + ks[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptr + ks, mask=k_ok, other=0.0)
+                d_row += tl.sum(d.to(tl.float32) * b.to(tl.float32)[None, :], axis=1)
+    tl.store(drow_ptr + pid_n * num_rows + rows, d_row, mask=row_ok)
+
+
+@triton.jit
+def row_parts_to_slots_kernel(
+    parts_ptr,  # [P, R] float32
+    row_of_slot_ptr,  # [T*k] int32
+    out_ptr,  # [T*k] float32 out: sum_p parts[p, row_of_slot[s]]
+    num_parts, num_rows, num_slots,
+    BLOCK: tl.constexpr,
+):
+    """Grid: (cdiv(T*k, BLOCK),). Sums the parts in order: deterministic."""
+    slots = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    slot_ok = slots < num_slots
+    rows = tl.load(row_of_slot_ptr + slots, mask=slot_ok, other=-1)
+    ok = slot_ok & (rows >= 0) & (rows < num_rows)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for p in range(0, num_parts):
+        total += tl.load(parts_ptr + p * num_rows + rows, mask=ok, other=0.0)
+    tl.store(out_ptr + slots, total, mask=slot_ok)
+
+
+# ---- launchers -------------------------------------------------------------------------------
+
+
+def _tf32_allowed() -> bool:
+    """torch's matmul TF32 setting. Reading the legacy allow_tf32 raises once the newer
+    fp32_precision API was used, so that one is asked first ("none": never set)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision != "none":
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """tf32 only for float32 on a GPU whose torch setting allows it."""
+    if dtype == torch.float32 and device.type == "cuda" and _tf32_allowed():
+        return "tf32"
+    return "ieee"
+
+
+def dot_upcast(dtype: torch.dtype, device: torch.device) -> bool:
+    """The interpreter (CPU tensors) multiplies bf16 bit patterns in tl.dot: go through float32."""
+    return dtype == torch.bfloat16 and device.type != "cuda"
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def grouped_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    offsets: torch.Tensor,
+    config: TileConfig,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    a_rows: Optional[torch.Tensor] = None,
+    activation: str = "none",
+    gated: bool = False,
+    store_h: bool = False,
+    slot_of_row: Optional[torch.Tensor] = None,
+    weight_of_row: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(out, h) for the rows of each expert times its weight, with the fused prologue/epilogue.
+
+    a: [R, K], or [S, K] gathered through a_rows: [R] int32
+    w: [E, K, NW] any strides; gated: NW = 2N (gate columns, then up columns)
+    offsets: [E+1] int32/int64; bias: [E, NW]
+    slot_of_row: [R] int32: out is [R, N] in slot order (row r stored at slot_of_row[r])
+    weight_of_row: [R] float32: each row's result scaled by it
+    out: [R, N] a's dtype, preallocated (rows may have any stride)
+    Returns out: [R, N] a's dtype; h: [R, NW] a's dtype (store_h) or None.
+    """
+    a = _row_major(a)
+    num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
+    num_experts, k_dim, w_cols = w.shape
+    n_cols = w_cols // 2 if gated else w_cols
+    out = a.new_empty(num_rows, n_cols) if out is None else out
+    h = a.new_empty(num_rows, w_cols) if store_h else None
+    if num_rows == 0 or n_cols == 0:
+        return out, h
+    bm, bn, split = config.block_m, config.block_n, config.split_k
+    ws = torch.empty(split, num_rows, w_cols, dtype=torch.float32, device=a.device) if split > 1 else out
+    e_pad = expert_block(num_experts)
+    dummy = offsets
+    grid = (triton.cdiv(num_rows, bm) + num_experts, triton.cdiv(n_cols, bn), split)
+    grouped_gemm_kernel[grid](
+        a, a_rows if a_rows is not None else dummy, w, bias if bias is not None else dummy, offsets, out,
+        h if h is not None else dummy, slot_of_row if slot_of_row is not None else dummy,
+        weight_of_row if weight_of_row is not None else dummy, ws,
+        num_rows, a.shape[0], num_rows, k_dim, n_cols, num_experts,
+        a.stride(0), w.stride(0), w.stride(1), w.stride(2), bias.stride(0) if bias is not None else 0,
+        out.stride(0), h.stride(0) if h is not None else 0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config.block_k, E_PAD=e_pad, SPLIT_K=split,
+        GATHER=a_rows is not None, HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], GATED=gated,
+        STORE_H=store_h, SCATTER=slot_of_row is not None, SCALE=weight_of_row is not None,
+        PRECISION=dot_precision(a.dtype, a.device), UPCAST=dot_upcast(a.dtype, a.device),
+        EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if split > 1:
+        splitk_reduce_kernel[(triton.cdiv(num_rows, bm), triton.cdiv(n_cols, bn))](
+            ws, offsets, out, h if h is not None else dummy, slot_of_row if slot_of_row is not None else dummy,
+            weight_of_row if weight_of_row is not None else dummy,
+            num_rows, num_rows, n_cols, num_experts, out.stride(0), h.stride(0) if h is not None else 0,
+            SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, ACT=ACT_CODES[activation], GATED=gated, STORE_H=store_h,
+            SCATTER=slot_of_row is not None, SCALE=weight_of_row is not None, num_warps=4,
+        )
+    return out, h
+
+
+def grouped_gemm_act_backward(
+    dy: torch.Tensor,
+    token_of_row: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    offsets: torch.Tensor,
+    h: torch.Tensor,
+    weight_of_row: torch.Tensor,
+    row_of_slot: torch.Tensor,
+    activation: str,
+    gated: bool,
+    config: TileConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward through the down projection and the activation.
+
+    dy: [T, H]; token_of_row: [R] int32; w_down: [E, H, I] any strides; b_down: [E, H] or None;
+    h: [R, 2I or I] saved pre-activation; weight_of_row: [R] float32; row_of_slot: [T, k] int32.
+    Returns dh: [R, 2I or I] dy's dtype, act: [R, I] dy's dtype (act(h)),
+    dweights: [T, k] float32 (g . act(h) + dy[t] . b_down[e]).
+    """
+    dy, h = _row_major(dy), _row_major(h)
+    num_rows = token_of_row.shape[0]
+    num_experts, k_dim, n_cols = w_down.shape
+    dh = dy.new_empty(h.shape)
+    act = dy.new_empty(num_rows, n_cols)
+    dweights = torch.zeros(row_of_slot.shape, dtype=torch.float32, device=dy.device)
+    if num_rows == 0:
+        return dh, act, dweights
+    bm, bn = config.block_m, config.block_n
+    n_tiles = triton.cdiv(n_cols, bn)
+    parts = torch.empty(n_tiles, num_rows, dtype=torch.float32, device=dy.device)
+    grouped_gemm_act_backward_kernel[(triton.cdiv(num_rows, bm) + num_experts, n_tiles)](
+        dy, token_of_row, w_down, b_down if b_down is not None else offsets, offsets, h, weight_of_row,
+        dh, act, parts, num_rows, dy.shape[0], k_dim, n_cols, num_experts,
+        dy.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2),
+        b_down.stride(0) if b_down is not None else 0, h.stride(0), dh.stride(0), act.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config.block_k, E_PAD=expert_block(num_experts),
+        HAS_BIAS=b_down is not None, ACT=ACT_CODES[activation], GATED=gated,
+        PRECISION=dot_precision(dy.dtype, dy.device), UPCAST=dot_upcast(dy.dtype, dy.device),
+        EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    block = 256
+    row_parts_to_slots_kernel[(triton.cdiv(row_of_slot.numel(), block),)](
+        parts, row_of_slot, dweights, n_tiles, num_rows, row_of_slot.numel(), BLOCK=block
+    )
+    return dh, act, dweights

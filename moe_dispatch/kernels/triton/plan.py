@@ -1,0 +1,154 @@
+"""make_plan on the device: a histogram, a scan and a stable scatter, no atomics, no host sync.
+
+The T*k slots are cut into C chunks. Each chunk counts its slots per expert (histogram),
+one program turns the counts into each chunk's first row per expert (scan), and each chunk
+then writes its rows in slot order (scatter), so every expert's rows come out in ascending
+token order, exactly the plan of the reference backend.
+
+An expert id outside [0, E) is counted nowhere and written nowhere: its slot gets row -1,
+and offsets[E] (the rows placed) falls short of T*k, which the launcher turns into a
+device-side assert (see docs/gpu.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import expert_block
+
+MAX_CHUNKS = 512  # the scan loops over chunks; bounded so it stays short at any T
+ONE_HOT_ELEMENTS = 8192  # SUB * E_PAD: the one-hot tile each step builds
+
+
+@triton.jit
+def plan_count_kernel(
+    ids_ptr,  # [R] int     expert of each slot
+    chunk_counts_ptr,  # [C, E] int32 out: slots per expert in each chunk
+    num_slots,
+    num_experts,
+    chunk,  # slots per chunk, a multiple of SUB
+    SUB: tl.constexpr,
+    E_PAD: tl.constexpr,
+):
+    """Grid: (C,)."""
+    c = tl.program_id(0)
+    experts = tl.arange(0, E_PAD)
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    begin = c * chunk
+    for start in range(begin, begin + chunk, SUB):
+        slots = start + tl.arange(0, SUB)
+        ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1)
+        # an id outside [0, E) never matches an expert column that is stored
+        onehot = ((ids[:, None] == experts[None, :]) & (ids[:, None] >= 0)).to(tl.int32)
+        counts += tl.sum(onehot, axis=0)
+    tl.store(chunk_counts_ptr + c * num_experts + experts, counts, mask=experts < num_experts)
+
+
+@triton.jit
+def plan_scan_kernel(
+    chunk_counts_ptr,  # [C, E] int32
+    chunk_base_ptr,  # [C, E] int32 out: first row of expert e's slots of chunk c
+    counts_ptr,  # [E] int32 out
+    offsets_ptr,  # [E+1] int32 out
+    num_chunks,
+    num_experts,
+    CB: tl.constexpr,  # chunks per step
+    E_PAD: tl.constexpr,
+):
+    """Grid: (1,). Two passes over the [C, E] counts, CB chunks at a time."""
+    experts = tl.arange(0, E_PAD)
+    emask = experts < num_experts
+    # ---- totals per expert, and where each expert starts
+    totals = tl.zeros([E_PAD], dtype=tl.int32)
+    for c0 in range(0, num_chunks, CB):
+        chunks = c0 + tl.arange(0, CB)
+        index = chunks[:, None] * num_experts + experts[None, :]
+        tile = tl.load(chunk_counts_ptr + index, mask=(chunks[:, None] < num_chunks) & emask[None, :], other=0)
+        totals += tl.sum(tile, axis=0)
+    starts = tl.cumsum(totals, axis=0) - totals
+    tl.store(counts_ptr + experts, totals, mask=emask)
+    tl.store(offsets_ptr + experts, starts, mask=emask)
+    tl.store(offsets_ptr + num_experts, tl.sum(totals, axis=0))
+    # ---- each chunk starts after the earlier chunks' rows of the same expert
+    running = starts
+    for c0 in range(0, num_chunks, CB):
+        chunks = c0 + tl.arange(0, CB)
+        index = chunks[:, None] * num_experts + experts[None, :]
+        mask = (chunks[:, None] < num_chunks) & emask[None, :]
+        tile = tl.load(chunk_counts_ptr + index, mask=mask, other=0)
+        tl.store(chunk_base_ptr + index, running[None, :] + tl.cumsum(tile, axis=0) - tile, mask=mask)
+        running += tl.sum(tile, axis=0)
+
+
+@triton.jit
+def plan_scatter_kernel(
+    ids_ptr,  # [R] int
+    chunk_base_ptr,  # [C, E] int32
+    token_of_row_ptr,  # [R] int32 out
+    row_of_slot_ptr,  # [R] int32 out (-1 for an id outside [0, E))
+    num_slots,
+    num_experts,
+    top_k,
+    chunk,
+    SUB: tl.constexpr,
+    E_PAD: tl.constexpr,
+):
+    """Grid: (C,). Walks its chunk in slot order, so rows of one expert keep token order."""
+    c = tl.program_id(0)
+    experts = tl.arange(0, E_PAD)
+    running = tl.load(chunk_base_ptr + c * num_experts + experts, mask=experts < num_experts, other=0)
+    begin = c * chunk
+    for start in range(begin, begin + chunk, SUB):
+        slots = start + tl.arange(0, SUB)
+        in_range = slots < num_slots
+        ids = tl.load(ids_ptr + slots, mask=in_range, other=-1)
+        valid = in_range & (ids >= 0) & (ids < num_experts)
+        onehot = ((ids[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32)
+        # rank among the earlier slots of this step with the same expert
+        earlier = tl.cumsum(onehot, axis=0) - onehot
+        rows = tl.sum(onehot * (running[None, :] + earlier), axis=1)
+        tl.store(token_of_row_ptr + rows, (slots // top_k).to(tl.int32), mask=valid)
+        tl.store(row_of_slot_ptr + slots, tl.where(valid, rows, -1), mask=in_range)
+        running += tl.sum(onehot, axis=0)
+
+
+def make_plan(ids: torch.Tensor, num_experts: int):
+    """Build the dispatch plan on ids' device.
+
+    ids: [T, k] int (int32 or int64)
+    Returns counts: [E] int32, offsets: [E+1] int32, token_of_row: [T*k] int32,
+    row_of_slot: [T, k] int32 (-1 where the id was outside [0, E)).
+    """
+    num_tokens, top_k = ids.shape
+    num_slots = num_tokens * top_k
+    device = ids.device
+    int32 = dict(dtype=torch.int32, device=device)
+    counts = torch.zeros(num_experts, **int32)
+    offsets = torch.zeros(num_experts + 1, **int32)
+    # zeros, not empty: rows left unplaced by bad ids still name a real token
+    token_of_row = torch.zeros(num_slots, **int32)
+    row_of_slot = torch.empty(num_tokens, top_k, **int32)
+    if num_slots == 0:
+        return counts, offsets, token_of_row, row_of_slot
+    flat = ids.reshape(-1)
+    if flat.dtype not in (torch.int32, torch.int64):
+        flat = flat.to(torch.int32)
+    flat = flat.contiguous()
+
+    e_pad = expert_block(num_experts)
+    sub = max(1, min(128, ONE_HOT_ELEMENTS // e_pad))
+    steps = triton.cdiv(num_slots, sub)
+    chunk = sub * triton.cdiv(steps, MAX_CHUNKS)
+    num_chunks = triton.cdiv(num_slots, chunk)
+    chunk_counts = torch.empty(num_chunks, num_experts, **int32)
+    chunk_base = torch.empty(num_chunks, num_experts, **int32)
+    cb = max(1, min(64, ONE_HOT_ELEMENTS // e_pad))
+
+    plan_count_kernel[(num_chunks,)](flat, chunk_counts, num_slots, num_experts, chunk, SUB=sub, E_PAD=e_pad)
+    plan_scan_kernel[(1,)](chunk_counts, chunk_base, counts, offsets, num_chunks, num_experts, CB=cb, E_PAD=e_pad)
+    plan_scatter_kernel[(num_chunks,)](
+        flat, chunk_base, token_of_row, row_of_slot, num_slots, num_experts, top_k, chunk, SUB=sub, E_PAD=e_pad
+    )
+    return counts, offsets, token_of_row, row_of_slot

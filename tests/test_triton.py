@@ -1,0 +1,596 @@
+"""Triton-specific tests: what the backend-generic suite cannot see.
+
+On CPU these run the kernels under TRITON_INTERPRET=1 (conftest sets it): the plan kernels
+at sizes that need several chunks and steps, the split-K decode variant, every fused
+epilogue against its unfused definition, memory safety around out-of-range indices, bf16
+through the interpreter's float32 path, and the autotune cache. Tests marked gpu repeat the
+cases on CUDA with bf16 and check what only a GPU shows: no host sync, CUDA graph capture,
+the device-side report of bad expert ids, bitwise determinism, persisted autotuning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import moe_dispatch as md
+from cases import CASES
+from conftest import HAS_CUDA, assert_close, random_ids, random_weights
+from moe_dispatch.backends import unavailable_reason
+from reference import naive_grouped_mm, naive_moe_mlp, naive_plan
+
+_UNAVAILABLE = unavailable_reason("triton", torch.device("cuda" if HAS_CUDA else "cpu"))
+if _UNAVAILABLE is not None:
+    pytest.skip(f"the triton backend cannot run here: {_UNAVAILABLE}", allow_module_level=True)
+
+from moe_dispatch.backends.torch_backend import TorchBackend  # noqa: E402
+from moe_dispatch.kernels.triton import configs  # noqa: E402
+from moe_dispatch.kernels.triton import grouped_gemm as kgemm  # noqa: E402
+from moe_dispatch.kernels.triton import permute as kmove  # noqa: E402
+from moe_dispatch.kernels.triton import plan as kplan  # noqa: E402
+from moe_dispatch.kernels.triton.configs import TileConfig  # noqa: E402
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+FLOAT_DTYPES = [pytest.param(d, id=str(d).split(".")[1]) for d in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+def _randn(*shape, gen, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
+
+
+def _expert_weights(experts, hidden, inter, gen, dtype, activation="swiglu"):
+    width = (2 if activation in ("swiglu", "geglu") else 1) * inter
+    return (_randn(experts, width, hidden, gen=gen, dtype=dtype, scale=hidden**-0.5),
+            _randn(experts, hidden, inter, gen=gen, dtype=dtype, scale=inter**-0.5))
+
+
+def _bias(*shape, gen, dtype):
+    return _randn(*shape, gen=gen, dtype=dtype, scale=0.5)
+
+
+def _subprocess_env(drop: str) -> dict:
+    """This process's environment without `drop`, with the repository importable."""
+    env = {k: v for k, v in os.environ.items() if k != drop}
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([repository, env.get("PYTHONPATH", "")])
+    return env
+
+
+# ---- the plan kernels ------------------------------------------------------------------------
+
+PLAN_SHAPES = [
+    # several chunks of one step each (E small: 128 slots a step)
+    pytest.param(150, 3, 7, 512, id="chunks"),
+    # E wider than a step's one-hot (16 slots a step) and more steps than chunks: 8 steps a chunk
+    pytest.param(150, 3, 300, 4, id="wide-E-multistep"),
+    # one expert, every slot on it
+    pytest.param(33, 1, 1, 512, id="E=1"),
+]
+
+
+@pytest.mark.parametrize("tokens,top_k,experts,max_chunks", PLAN_SHAPES)
+def test_plan_kernels_match_the_naive_plan(tokens, top_k, experts, max_chunks, gen, monkeypatch):
+    monkeypatch.setattr(kplan, "MAX_CHUNKS", max_chunks)
+    ids = random_ids(tokens, top_k, experts, gen).to(DEVICE)
+    counts, offsets, token_of_row, row_of_slot = kplan.make_plan(ids, experts)
+    ref = naive_plan(ids.cpu(), experts)
+    assert counts.tolist() == ref[0] and offsets.tolist() == ref[1]
+    assert token_of_row.tolist() == ref[2] and row_of_slot.tolist() == ref[3]
+    assert {t.dtype for t in (counts, offsets, token_of_row, row_of_slot)} == {torch.int32}
+
+
+def test_plan_accepts_int32_ids(gen):
+    ids = random_ids(25, 3, 6, gen)
+    got = kplan.make_plan(ids.to(torch.int32).to(DEVICE), 6)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, TorchBackend().make_plan(ids, 6)))
+
+
+def test_plan_kernels_skip_out_of_range_ids():
+    # What CUDA relies on (CPU callers get a ValueError before any kernel): bad slots are
+    # placed nowhere, get row -1, and offsets[E] counts only the good ones.
+    ids = torch.tensor([[0, 5], [2, -1], [1, 2], [7, 0]], device=DEVICE)
+    counts, offsets, token_of_row, row_of_slot = kplan.make_plan(ids, 3)
+    assert counts.tolist() == [2, 1, 2]
+    assert offsets.tolist() == [0, 2, 3, 5]
+    assert row_of_slot.tolist() == [[0, -1], [3, -1], [2, 4], [-1, 1]]
+    assert token_of_row.tolist() == [0, 3, 2, 1, 2, 0, 0, 0]  # unplaced rows still name a real token
+
+
+def test_bad_ids_raise_before_any_kernel_on_cpu():
+    if HAS_CUDA:
+        pytest.skip("CPU tensors only")
+    with pytest.raises(ValueError, match="expert id 4"):
+        md.make_plan(torch.tensor([[0, 4]]), 4, backend="triton")
+
+
+# ---- the grouped GEMM's fusions and its decode (split-K) variant -----------------------------
+
+GEMM_CONFIGS = [
+    pytest.param(TileConfig(16, 16, 16), id="16x16x16"),
+    # the decode variant: K split over 3 programs, partials summed by a second kernel
+    pytest.param(TileConfig(16, 16, 16, split_k=3), id="split-k=3"),
+    # taller tiles than any expert's rows, wider than N
+    pytest.param(TileConfig(32, 32, 32, split_k=2), id="32x32x32-split-k=2"),
+]
+
+
+def _fused_reference(x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, activation):
+    """The unfused composition on the torch backend: (h, act, per-slot outputs)."""
+    ref = TorchBackend()
+    xs = ref.permute(x.cpu(), plan.token_of_row.cpu())
+    h = ref.grouped_mm(xs, w_gate_up.cpu().transpose(1, 2), plan.offsets.cpu(), b_gate_up.cpu())
+    act = md.activations.activate(h, activation).to(x.dtype)
+    o = ref.grouped_mm(act, w_down.cpu().transpose(1, 2), plan.offsets.cpu(), b_down.cpu())
+    slots = o.float()[plan.row_of_slot.cpu().reshape(-1).long()] * weights.cpu().reshape(-1, 1)
+    return h, act, slots
+
+
+def _check_epilogues(config, activation, dtype, gen):
+    # GEMM1: gathered rows, bias, activation, h stored; GEMM2: bias, routing weight, scatter to slots
+    tokens, top_k, experts, hidden, inter = 13, 3, 5, 37, 19
+    gated = activation == "swiglu"
+    ids = random_ids(tokens, top_k, experts, gen).to(DEVICE)
+    plan = md.make_plan(ids, experts, backend="triton")
+    x = _randn(tokens, hidden, gen=gen, dtype=dtype)
+    weights = random_weights(tokens, top_k, gen).to(DEVICE)
+    w_gate_up, w_down = _expert_weights(experts, hidden, inter, gen, dtype, activation)
+    b_gate_up = _bias(experts, w_gate_up.shape[1], gen=gen, dtype=dtype)
+    b_down = _bias(experts, hidden, gen=gen, dtype=dtype)
+    slot_of_row, weight_of_row = kmove.invert_rows(plan.row_of_slot, weights)
+
+    act, h = kgemm.grouped_gemm(x, w_gate_up.transpose(1, 2), plan.offsets, config, bias=b_gate_up,
+                                a_rows=plan.token_of_row, activation="silu" if gated else "relu", gated=gated,
+                                store_h=True)
+    slots, _ = kgemm.grouped_gemm(act, w_down.transpose(1, 2), plan.offsets, config, bias=b_down,
+                                  slot_of_row=slot_of_row, weight_of_row=weight_of_row)
+    ref_h, ref_act, ref_slots = _fused_reference(x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, activation)
+    assert_close(h, ref_h)
+    assert_close(act, ref_act)
+    assert_close(slots, ref_slots, dtype=dtype)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+@pytest.mark.parametrize("config", GEMM_CONFIGS)
+def test_gemm_epilogues_match_the_unfused_composition(config, activation, gen):
+    _check_epilogues(config, activation, torch.float32, gen)
+
+
+# K = 45 masks the last K-block; K = 48 is whole blocks, loaded without a K mask
+@pytest.mark.parametrize("k_dim", [45, 48])
+@pytest.mark.parametrize("config", GEMM_CONFIGS)
+def test_split_k_grouped_mm_with_empty_experts(config, k_dim, gen):
+    # strided (transposed) weights, experts 0, 2 and 4 without rows, int64 offsets
+    offsets = torch.tensor([0, 0, 7, 7, 18, 18], dtype=torch.int64, device=DEVICE)
+    a = _randn(18, k_dim, gen=gen)
+    w = _randn(5, 21, k_dim, gen=gen, scale=0.2).transpose(1, 2)
+    out, _ = kgemm.grouped_gemm(a, w, offsets, config)
+    assert_close(out, naive_grouped_mm(a.cpu(), w.cpu(), offsets.tolist()))
+
+
+def test_gemm_never_writes_outside_its_output_even_with_inconsistent_offsets(gen):
+    # Offsets are not checked on CUDA (it would sync): decreasing ones, and ones past the
+    # rows, must still keep every store inside the output, here a slice of a guarded buffer.
+    a = _randn(10, 20, gen=gen)
+    w = _randn(3, 20, 24, gen=gen)
+    for offsets in ([0, 50, 3, 1000], [7, 2, 2, 10], [-5, 4, 4, 9]):
+        for config in (TileConfig(16, 16, 16), TileConfig(16, 16, 16, split_k=2)):
+            guard = torch.full((30, 24), 7.0, device=DEVICE)
+            kgemm.grouped_gemm(a, w, torch.tensor(offsets, device=DEVICE), config, out=guard[10:20])
+            assert (guard[:10] == 7).all() and (guard[20:] == 7).all(), (offsets, config)
+
+
+# ---- data movement around out-of-range rows ---------------------------------------------------
+
+
+def test_combine_and_its_backward_skip_unplaced_slots(gen):
+    # row -1 (a bad id on CUDA) contributes nothing and is written nowhere
+    row_of_slot = torch.tensor([[0, -1], [2, 1], [-1, 3]], dtype=torch.int32, device=DEVICE)
+    ys = _randn(4, 5, gen=gen)
+    weights = random_weights(3, 2, gen).to(DEVICE)
+    y = kmove.combine(ys, row_of_slot, weights)
+    expected = torch.stack([weights[0, 0] * ys[0], weights[1, 0] * ys[2] + weights[1, 1] * ys[1],
+                            weights[2, 1] * ys[3]])
+    assert_close(y, expected.double())
+    dy = _randn(3, 5, gen=gen)
+    dys, dweights = kmove.combine_backward(dy, ys, row_of_slot, weights)
+    assert dweights[0, 1] == 0 and dweights[2, 0] == 0
+    assert_close(dweights[1, 1], (dy[1] * ys[1]).sum().double())
+    assert_close(dys[3], (weights[2, 1] * dy[2]).double())
+
+
+# ---- bf16 under the interpreter, fp16 gradients ---------------------------------------------
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("odd-sizes", "empty-experts", "T=1")])
+def test_bf16_moe_mlp_forward(case, gen):
+    # On CPU the kernels multiply bf16 through float32 (the interpreter cannot do a bf16 tl.dot)
+    ids = case.ids(gen).to(DEVICE)
+    x = _randn(case.tokens, case.hidden, gen=gen, dtype=torch.bfloat16)
+    weights = random_weights(case.tokens, case.top_k, gen).to(DEVICE)
+    w_gate_up, w_down = _expert_weights(case.experts, case.hidden, case.inter, gen, torch.bfloat16)
+    out = md.moe_mlp(x, weights, ids, w_gate_up, w_down, backend="triton")
+    assert out.dtype == torch.bfloat16
+    assert_close(out, naive_moe_mlp(*(t.cpu() for t in (x, weights, ids, w_gate_up, w_down))))
+
+
+def _moe_mlp_grads(dtype, activation, bias, gen, tokens=19, top_k=2, experts=5, hidden=29, inter=17):
+    """(ours, reference) outputs and gradients of x, weights, both weight tensors and biases."""
+    ids = random_ids(tokens, top_k, experts, gen).to(DEVICE)
+    w_gate_up, w_down = _expert_weights(experts, hidden, inter, gen, dtype, activation)
+    tensors = [_randn(tokens, hidden, gen=gen, dtype=dtype), random_weights(tokens, top_k, gen).to(DEVICE),
+               w_gate_up, w_down]
+    if bias:
+        tensors += [_bias(experts, w_gate_up.shape[1], gen=gen, dtype=dtype),
+                    _bias(experts, hidden, gen=gen, dtype=dtype)]
+    dy = _randn(tokens, hidden, gen=gen, dtype=dtype)
+
+    def run(fn, device):
+        leaves = [t.detach().to(device).requires_grad_() for t in tensors]
+        out = fn(leaves, ids.to(device))
+        out.backward(dy.to(device, out.dtype))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    def ours(leaves, ids):
+        b = leaves[4:] + [None, None]
+        return md.moe_mlp(leaves[0], leaves[1], ids, leaves[2], leaves[3], activation=activation,
+                          b_gate_up=b[0], b_down=b[1], backend="triton")
+
+    def naive(leaves, ids):
+        b = leaves[4:] + [None, None]
+        return naive_moe_mlp(leaves[0], leaves[1], ids, leaves[2], leaves[3], b[0], b[1], activation)
+
+    return run(ours, DEVICE), run(naive, "cpu")
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_fp16_training_step(activation, gen):
+    ours, ref = _moe_mlp_grads(torch.float16, activation, True, gen)
+    for name, got, expected in zip(("out", "x", "weights", "w_gate_up", "w_down", "b_gate_up", "b_down"), ours, ref):
+        assert_close(got, expected, dtype=torch.float16)
+
+
+# ---- availability and the autotune cache -----------------------------------------------------
+
+
+def test_cpu_needs_the_interpreter(monkeypatch):
+    backend = md.backends.get_backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in backend.unavailable_reason(torch.device("cpu"))
+    assert "CUDA" in backend.unavailable_reason(torch.device("meta"))
+
+
+def _fake_bench(times):
+    """A bench that reports the given time per config (by block_n) and records the calls."""
+    calls = []
+
+    def bench(fn):
+        config = fn()
+        calls.append(config)
+        return times[config.block_n]
+
+    return bench, calls
+
+
+def test_tuner_persists_the_fastest_config_and_reuses_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")
+    options = [TileConfig(16, 16, 16), TileConfig(16, 32, 16), TileConfig(16, 64, 16)]
+    bench, calls = _fake_bench({16: 3.0, 32: 1.0, 64: 2.0})
+    path = tmp_path / "cache.json"
+    tuner = configs.Tuner(bench)
+    assert tuner.select("k1", lambda: options, lambda c: c, path, may_tune=True) == options[1]
+    assert calls == options
+    assert json.loads(path.read_text()) == {"k1": configs.asdict(options[1])}
+    # a new process (a new tuner) reads the file and times nothing
+    fresh, fresh_calls = _fake_bench({16: 0.0, 32: 9.0, 64: 9.0})
+    assert configs.Tuner(fresh).select("k1", lambda: options, lambda c: c, path, may_tune=True) == options[1]
+    assert fresh_calls == []
+    # an unreadable entry is tuned again, not trusted
+    path.write_text(json.dumps({"k1": {"block_m": 16, "tile_shape": [1, 2]}}))
+    assert configs.Tuner(bench).select("k1", lambda: options, lambda c: c, path, may_tune=True) == options[1]
+
+
+def test_tuner_never_times_when_pinned_or_not_allowed(tmp_path, monkeypatch):
+    options = [TileConfig(16, 16, 16), TileConfig(16, 32, 16)]
+    bench, calls = _fake_bench({16: 5.0, 32: 1.0})
+    tuner = configs.Tuner(bench)
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")
+    assert tuner.select("k", lambda: options, lambda c: c, tmp_path / "a.json", may_tune=True) == options[0]
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")  # inside a graph capture or sync debug mode
+    assert tuner.select("k", lambda: options, lambda c: c, tmp_path / "a.json", may_tune=False) == options[0]
+    assert calls == [] and not (tmp_path / "a.json").exists()
+
+
+def test_tuner_falls_back_to_the_safe_config_with_a_warning():
+    def launch(config):
+        if config != configs.SAFE:
+            raise RuntimeError("out of resources: shared memory")
+        return "ran safe"
+
+    tuner = configs.Tuner()
+    big = TileConfig(128, 256, 64, num_warps=8, num_stages=4)
+    with pytest.warns(UserWarning, match="safe config"):
+        assert tuner.launch("k", big, launch) == "ran safe"
+    assert tuner.launch("k", big, launch) == "ran safe"  # remembered: no second failure
+
+
+def test_tuner_skips_candidates_that_fail_to_compile(tmp_path, monkeypatch):
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")
+    options = [TileConfig(16, 16, 16), TileConfig(16, 32, 16)]
+
+    def bench(fn):
+        config = fn()
+        if config.block_n == 16:
+            raise RuntimeError("compile error")
+        return 1.0
+
+    with pytest.warns(UserWarning, match="failed"):
+        assert configs.Tuner(bench).select("k", lambda: options, lambda c: c, tmp_path / "c.json", True) == options[1]
+
+
+def test_tile_candidates_fit_their_shared_memory_budget():
+    for budget in (configs.SMALL_SMEM, configs.LARGE_SMEM):
+        for elem in (2, 4):
+            lists = [(configs.wgrad_tiles(elem, budget), 1)]
+            for rows_per_expert in (1, 32, 1024):
+                lists += [(configs.gemm_tiles(rows_per_expert, True, elem, budget), 2),
+                          (configs.gemm_tiles(rows_per_expert, False, elem, budget), 1),
+                          (configs.act_backward_tiles(rows_per_expert, elem, budget), 1)]
+            for tiles, operands in lists:
+                assert tiles
+                for c in tiles:
+                    per_stage = (c.block_m * c.block_k + operands * c.block_k * c.block_n) * elem
+                    assert 2 <= c.num_stages <= 4 and c.num_stages * per_stage <= budget, (c, budget)
+
+
+# ---- on a GPU ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def pinned_configs(monkeypatch):
+    """Default tile configs, no timing: keeps the GPU tests to one compile per kernel variant."""
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")
+    monkeypatch.delenv("MOE_DISPATCH_CHECKS", raising=False)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.usefixtures("pinned_configs")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_ops_match_the_reference(case, dtype, gen):
+    ids = case.ids(gen)
+    plan = md.make_plan(ids.cuda(), case.experts, backend="triton")
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(
+        (plan.counts, plan.offsets, plan.token_of_row, plan.row_of_slot), TorchBackend().make_plan(ids, case.experts)))
+    x = _randn(case.tokens, case.hidden, gen=gen, dtype=dtype)
+    weights = random_weights(case.tokens, case.top_k, gen).cuda()
+    xs = md.permute(x, plan, backend="triton")
+    assert torch.equal(xs.cpu(), x.cpu()[plan.token_of_row.cpu().long()])
+    assert_close(md.unpermute(xs, plan, weights, backend="triton"),
+                 (x.double() * weights.double().sum(1, keepdim=True)))
+    w = _randn(case.experts, case.inter, case.hidden, gen=gen, dtype=dtype, scale=case.hidden ** -0.5)
+    ys = md.grouped_mm(xs, w.transpose(1, 2), plan.offsets, backend="triton")
+    assert_close(ys, naive_grouped_mm(xs.cpu(), w.cpu().transpose(1, 2), plan.offsets.tolist()))
+    w_gate_up, w_down = _expert_weights(case.experts, case.hidden, case.inter, gen, dtype)
+    out = md.moe_mlp(x, weights, ids.cuda(), w_gate_up, w_down, backend="triton")
+    assert out.dtype == dtype
+    assert_close(out, naive_moe_mlp(*(t.cpu() for t in (x, weights, ids, w_gate_up, w_down))))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("activation,bias", [("swiglu", True), ("gelu", False)])
+@pytest.mark.usefixtures("pinned_configs")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_training_step(dtype, activation, bias, gen):
+    ours, ref = _moe_mlp_grads(dtype, activation, bias, gen)
+    for got, expected in zip(ours, ref):
+        assert got.dtype == dtype or got.dtype == torch.float32
+        assert_close(got, expected, dtype=dtype)
+
+
+@pytest.mark.parametrize("config", GEMM_CONFIGS)
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_bf16_epilogues_and_split_k(config, gen):
+    _check_epilogues(config, "swiglu", torch.bfloat16, gen)
+
+
+@pytest.mark.usefixtures("pinned_configs")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_decode_picks_split_k_and_matches(gen):
+    # one token, K = 1024: the default config splits K so the few row tiles fill the GPU
+    tokens, top_k, experts, hidden, inter = 1, 2, 8, 1024, 256
+    assert configs.gemm_candidates(2, experts, hidden, inter, True, torch.bfloat16, DEVICE)[0].split_k > 1
+    ids = random_ids(tokens, top_k, experts, gen).cuda()
+    x = _randn(tokens, hidden, gen=gen, dtype=torch.bfloat16)
+    weights = random_weights(tokens, top_k, gen).cuda()
+    w_gate_up, w_down = _expert_weights(experts, hidden, inter, gen, torch.bfloat16)
+    out = md.moe_mlp(x, weights, ids, w_gate_up, w_down, backend="triton")
+    assert_close(out, naive_moe_mlp(*(t.cpu() for t in (x, weights, ids, w_gate_up, w_down))))
+
+
+def _layer_and_input(gen, tokens=300):
+    torch.manual_seed(0)
+    layer = md.MoE(256, 128, 16, 4, bias=True, backend="triton", device="cuda", dtype=torch.bfloat16)
+    x = _randn(tokens, 256, gen=gen, dtype=torch.bfloat16)
+    return layer, x
+
+
+@pytest.mark.usefixtures("pinned_configs")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_layer_never_syncs_with_the_host(gen):
+    layer, x = _layer_and_input(gen)
+    x.requires_grad_()
+    layer(x).float().square().sum().backward()  # compile outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.usefixtures("pinned_configs")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_layer_forward_captures_in_a_cuda_graph(gen):
+    layer, x = _layer_and_input(gen)
+    static_x = x.clone()
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(static_x)  # compile before capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = layer(static_x)
+        fresh = _randn(*x.shape, gen=gen, dtype=x.dtype)
+        static_x.copy_(fresh)
+        graph.replay()
+        torch.testing.assert_close(static_out, layer(fresh), rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("pinned_configs")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_forward_and_backward_are_bitwise_deterministic(gen):
+    layer, x = _layer_and_input(gen, tokens=1000)
+
+    def step():
+        layer.zero_grad()
+        leaf = x.detach().requires_grad_()
+        out = layer(leaf)
+        out.float().square().sum().backward()
+        return [out, leaf.grad] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+
+    first, second = step(), step()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_bad_expert_id_surfaces_at_the_next_sync():
+    # A device-side assert poisons the CUDA context, so it runs in its own process.
+    script = textwrap.dedent("""
+        import torch, moe_dispatch as md
+        plan = md.make_plan(torch.tensor([[0, 4], [1, 2]], device="cuda"), 4, backend="triton")
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError as exc:
+            print("SURFACED", exc)
+        else:
+            print("SILENT")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env=_subprocess_env(drop="MOE_DISPATCH_CHECKS"))
+    assert "SURFACED" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_bad_expert_id_raises_eagerly_with_checks(monkeypatch):
+    monkeypatch.setenv("MOE_DISPATCH_CHECKS", "1")
+    with pytest.raises(ValueError, match="expert id -1"):
+        md.make_plan(torch.tensor([[0, -1]], device="cuda"), 4, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_tune_persists_the_layer_configs(tmp_path, monkeypatch):
+    from moe_dispatch.backends import triton_backend
+
+    monkeypatch.setenv(configs.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")  # tune() times the candidates regardless
+    path = triton_backend.tune(64, 128, 64, 8, 2, backward=False)
+    table = json.loads(path.read_text())
+    assert path.parent == tmp_path
+    assert {key.split(":")[0] for key in table} >= {"mm", "up", "down"}
+    assert all(set(entry) == set(configs.asdict(configs.SAFE)) for entry in table.values())
+
+
+def test_float32_uses_tf32_only_when_torch_allows_it():
+    cuda, matmul = torch.device("cuda"), torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        assert kgemm.dot_precision(torch.float32, cuda) == ("tf32" if before == "tf32" else "ieee")
+        matmul.fp32_precision = "tf32"
+        assert kgemm.dot_precision(torch.float32, cuda) == "tf32"
+        assert kgemm.dot_precision(torch.float32, torch.device("cpu")) == "ieee"
+        matmul.fp32_precision = "ieee"
+        assert kgemm.dot_precision(torch.float32, cuda) == "ieee"
+    finally:
+        matmul.fp32_precision = before
+
+
+# ---- compiled for real GPUs, without one ---------------------------------------------------
+
+COMPILE_SCRIPT = textwrap.dedent("""
+    import json
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from moe_dispatch.kernels.triton import configs, grouped_gemm, wgrad
+
+    def shared_bytes(fn, arch, pointers, constants, config):
+        # ints divisible by 16 and K-contiguous weights, as Triton specializes real launches
+        signature, constexprs = {}, {}
+        for i, p in enumerate(fn.params):
+            if p.is_constexpr or p.name in ("stride_wk", "stride_ak"):
+                signature[p.name] = "constexpr"
+                constexprs[(i,)] = constants.get(p.name, 1)
+            else:
+                signature[p.name] = pointers.get(p.name, "i32")
+        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if signature[p.name] != "constexpr"}
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).metadata.shared
+
+    bf16 = {p: "*bf16" for p in ("a_ptr", "w_ptr", "bias_ptr", "out_ptr", "h_ptr", "dy_ptr", "dh_ptr", "act_ptr",
+                                 "b_ptr")}
+    pointers = dict(bf16, a_rows_ptr="*i32", offsets_ptr="*i32", slot_of_row_ptr="*i32", token_of_row_ptr="*i32",
+                    b_rows_ptr="*i32", weight_of_row_ptr="*fp32", ws_ptr="*fp32", drow_ptr="*fp32",
+                    a_scale_ptr="*fp32")
+    common = dict(E_PAD=64, PRECISION="ieee", UPCAST=False, EVEN_K=True, HAS_BIAS=True, ACT=1)
+    report = []
+    for arch, budget in ((86, configs.SMALL_SMEM), (90, configs.LARGE_SMEM)):
+        def check(fn, config, **flags):
+            tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+            report.append((arch, budget, str(config), shared_bytes(fn, arch, pointers, {**common, **tile, **flags},
+                                                                   config)))
+
+        for rows_per_expert in (1, 32, 1024):  # the defaults of each regime
+            up = configs.gemm_tiles(rows_per_expert, True, 2, budget)[0]
+            check(grouped_gemm.grouped_gemm_kernel, up, SPLIT_K=2, GATHER=True, GATED=True, STORE_H=True,
+                  SCATTER=False, SCALE=False)
+            down = configs.gemm_tiles(rows_per_expert, False, 2, budget)[0]
+            check(grouped_gemm.grouped_gemm_kernel, down, SPLIT_K=1, GATHER=False, GATED=False, STORE_H=False,
+                  SCATTER=True, SCALE=True)
+        for rows_per_expert in (1, 1024):
+            config = configs.act_backward_tiles(rows_per_expert, 2, budget)[0]
+            check(grouped_gemm.grouped_gemm_act_backward_kernel, config, GATED=True)
+        check(wgrad.grouped_wgrad_kernel, configs.wgrad_tiles(2, budget)[0], GATHER_A=True, SCALE_A=True,
+              GATHER_B=True)
+    print(json.dumps(report))
+""")
+
+
+def test_default_configs_compile_for_consumer_gpus_and_hopper():
+    # ptxas ships with Triton: compile for sm_86 (about 100 KB of shared memory) and sm_90
+    # without a GPU, outside the interpreter, and check the shared memory each config needs.
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
+                            env=_subprocess_env(drop="TRITON_INTERPRET"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(report) == 18
+    for arch, budget, config, shared in report:
+        assert 0 < shared <= budget, (arch, config, shared)
