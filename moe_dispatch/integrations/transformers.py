@@ -1,0 +1,348 @@
+"""moe-dispatch inside Hugging Face transformers (>= 5.0).
+
+transformers 5 runs the experts of every MoE model through its ExpertsInterface: the
+experts module (a class decorated with @use_experts_implementation) calls the function
+registered under config._experts_implementation as
+fn(experts, hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H].
+register() adds ours under the name "moe_dispatch":
+
+    from moe_dispatch.integrations.transformers import register
+    register()
+    model = AutoModelForCausalLM.from_pretrained(name, experts_implementation="moe_dispatch")
+
+The experts module's flags choose the path. Gated experts with transformers' default gate
+(act(gate) * up over concatenated [gate | up] columns) and SiLU or GELU, and ungated
+experts with SiLU, GELU or ReLU, run through the fused moe_mlp, with or without biases, in
+either weight layout (is_transposed), without copying a weight. Anything else - a model's
+own _apply_gate (gpt-oss's clamped SwiGLU over interleaved columns), another activation, a
+norm after each expert - runs through the same steps composed from the public ops
+(make_plan, permute, grouped_mm, unpermute) around the module's own gate, activation and
+norm: slower, and exactly the model's computation.
+
+moe_from_block / write_to_block (MoE.from_transformers / MoE.to_transformers) move a whole
+MoE block - router, experts and shared experts - into our MoE layer and back.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from ..backends import BACKEND_NAMES
+from ..backends.base import expert_of_row
+from ..layers import MoE
+from ..ops import grouped_mm, make_plan, moe_mlp, permute, unpermute
+
+Tensor = torch.Tensor
+REQUIREMENT = "transformers>=5.0"
+DEFAULT_NAME = "moe_dispatch"
+
+
+class _Transformers(NamedTuple):
+    """What the forward needs from transformers, looked up once (plain attribute reads
+    afterwards, which torch.compile traces without a graph break)."""
+
+    experts_interface: type
+    default_gate: Optional[Callable]  # the gate @use_experts_implementation gives a class without one
+    silu_types: tuple
+    gelu_types: tuple
+
+
+_LOADED: Optional[_Transformers] = None
+
+
+def _transformers() -> _Transformers:
+    """transformers' pieces, or an ImportError that says what to install."""
+    global _LOADED
+    if _LOADED is not None:
+        return _LOADED
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(
+            f"moe_dispatch.integrations.transformers needs {REQUIREMENT}, which is not installed; "
+            f"run: pip install '{REQUIREMENT}'"
+        ) from exc
+    found = transformers.__version__
+    if int(found.split(".")[0]) < 5:
+        raise ImportError(
+            f"moe_dispatch.integrations.transformers needs {REQUIREMENT} (the release that added the "
+            f"ExpertsInterface); found transformers {found}; run: pip install -U '{REQUIREMENT}'"
+        )
+    from transformers import activations
+    from transformers.integrations import moe
+
+    silu = getattr(activations, "SiLUActivation", None)
+    _LOADED = _Transformers(
+        experts_interface=moe.ExpertsInterface,
+        default_gate=getattr(moe, "_default_apply_gate", None),
+        silu_types=(nn.SiLU,) if silu is None else (nn.SiLU, silu),
+        # GELUActivation is the exact erf GELU, in torch or in Python
+        gelu_types=(activations.GELUActivation,),
+    )
+    return _LOADED
+
+
+def register(name: str = DEFAULT_NAME, *, backend: str = "auto") -> str:
+    """Register moe-dispatch in transformers' ExpertsInterface under `name`; returns `name`.
+
+    Then `from_pretrained(..., experts_implementation=name)` or
+    `model.set_experts_implementation(name)` runs every experts module on moe-dispatch.
+    backend: "auto" (the fastest backend for each call's device) or one backend by name;
+    register several names to compare backends.
+    """
+    experts_interface = _transformers().experts_interface
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    if backend != "auto" and backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {', '.join(('auto',) + BACKEND_NAMES)}; got {backend!r}")
+
+    def moe_dispatch_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
+        return experts_forward(experts, hidden_states, top_k_index, top_k_weights, backend=backend)
+
+    experts_interface.register(name, moe_dispatch_experts_forward)
+    return name
+
+
+# ---- the experts forward -------------------------------------------------------------------
+
+
+def experts_forward(
+    experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, *, backend: str = "auto"
+) -> Tensor:
+    """What `experts` (a transformers experts module) computes, on moe-dispatch.
+
+    hidden_states: [T, H]; top_k_index: [T, k] int; top_k_weights: [T, k] float.
+    Returns [T, H] in hidden_states' dtype.
+    """
+    w1, w2, b1, b2 = expert_weights(experts)
+    ids, weights = top_k_index, top_k_weights
+    if getattr(experts, "_is_expert_parallel", False):
+        # Expert parallelism marks the slots of other ranks' experts with id num_experts and
+        # weight 0. Sent to expert 0 with weight 0, they add nothing to the output or to any
+        # gradient (for the cost of their rows).
+        foreign = ids >= w1.shape[0]
+        ids = ids.masked_fill(foreign, 0)
+        weights = weights.masked_fill(foreign, 0.0)
+    x = hidden_states.to(w1.dtype)  # under autocast the input may differ from the weights
+    activation = fused_activation(experts)
+    if activation is not None:
+        out = moe_mlp(x, weights, ids, w1, w2, activation=activation, b_gate_up=b1, b_down=b2, backend=backend)
+    else:
+        out = _composed_forward(experts, x, weights, ids, (w1, w2, b1, b2), backend)
+    return out.to(hidden_states.dtype)
+
+
+# @use_experts_implementation's flags and their values in the releases before each existed.
+_FLAG_DEFAULTS = dict(has_gate=True, has_bias=False, is_transposed=False, is_concatenated=True, has_post_expert_norm=False)
+
+
+def flag(experts: nn.Module, name: str) -> bool:
+    """One of the experts module's flags; an older transformers may not set every one."""
+    return getattr(experts, name, _FLAG_DEFAULTS[name])
+
+
+def expert_weights(experts: nn.Module) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The experts' weights in moe_mlp's layout, as views (no copies).
+
+    (w1 [E, N, H], w2 [E, H, I], b1 [E, N] or None, b2 [E, H] or None); N is 2I for
+    gated experts (their gate_up_proj) and I for ungated ones (their up_proj).
+    """
+    has_gate = flag(experts, "has_gate")
+    w1 = experts.gate_up_proj if has_gate else experts.up_proj
+    w2 = experts.down_proj
+    if flag(experts, "is_transposed"):  # stored [E, in, out]
+        w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
+    if not flag(experts, "has_bias"):
+        return w1, w2, None, None
+    b1 = experts.gate_up_proj_bias if has_gate else experts.up_proj_bias
+    return w1, w2, b1, experts.down_proj_bias
+
+
+def fused_activation(experts: nn.Module) -> Optional[str]:
+    """The moe_mlp activation that computes exactly what `experts` computes, or None."""
+    if flag(experts, "has_post_expert_norm"):
+        return None
+    act = _activation_name(getattr(experts, "act_fn", None))
+    if not flag(experts, "has_gate"):
+        return act
+    gate = getattr(experts._apply_gate, "__func__", None)
+    if gate is None or gate is not _transformers().default_gate or not flag(experts, "is_concatenated"):
+        return None
+    return {"silu": "swiglu", "gelu": "geglu"}.get(act)
+
+
+def _activation_name(act) -> Optional[str]:
+    """The name ("silu", "gelu", "relu") of what `act` computes, or None. Exact types only:
+    a subclass may compute something else."""
+    known = _transformers()
+    kind = type(act)
+    if kind in known.silu_types:
+        return "silu"
+    if kind in known.gelu_types or (kind is nn.GELU and act.approximate == "none"):
+        return "gelu"
+    if kind is nn.ReLU:
+        return "relu"
+    return None
+
+
+def _composed_forward(experts, x, weights, ids, expert_tensors, backend) -> Tensor:
+    """The experts through the public ops, around the module's own gate, activation and norm."""
+    w1, w2, b1, b2 = expert_tensors
+    plan = make_plan(ids, w1.shape[0], backend=backend)
+    rows = permute(x, plan, backend=backend)
+    owner = expert_of_row(plan.offsets, rows.shape[0]) if b1 is not None else None
+    h = _grouped_linear(rows, w1, b1, owner, plan, backend)
+    a = experts._apply_gate(h) if flag(experts, "has_gate") else experts.act_fn(h)
+    o = _grouped_linear(a.to(x.dtype), w2, b2, owner, plan, backend)
+    if flag(experts, "has_post_expert_norm"):
+        o = experts.post_expert_norm(o)
+    return unpermute(o.to(x.dtype), plan, weights, backend=backend)
+
+
+def _grouped_linear(rows, w, b, owner, plan, backend) -> Tensor:
+    """rows [R, in] @ w[e].T (+ b[e]) for the expert e that owns each row; w: [E, out, in]."""
+    y = grouped_mm(rows, w.transpose(1, 2), plan.offsets, backend=backend)
+    return y if b is None else y + b[owner]
+
+
+# ---- MoE <-> transformers MoE blocks -------------------------------------------------------
+
+# The blocks whose routing MoE reproduces, by class name: (the router's attribute, its rule).
+# "softmax": softmax over every expert, top-k, renormalized when router.norm_topk_prob.
+# "softmax_renormalized": the same, always renormalized (a softmax over the top-k logits
+#     is the same thing).
+# "grouped_sigmoid": DeepSeek-V3's sigmoid scores, correction bias, group-limited top-k,
+#     routed_scaling_factor.
+_BLOCKS = {
+    "MixtralSparseMoeBlock": ("gate", "softmax_renormalized"),
+    "Qwen3MoeSparseMoeBlock": ("gate", "softmax"),
+    "OlmoeSparseMoeBlock": ("gate", "softmax"),
+    "DeepseekV3MoE": ("gate", "grouped_sigmoid"),
+    "Glm4MoeMoE": ("gate", "grouped_sigmoid"),
+    "AriaTextMoELayer": ("router", "softmax_renormalized"),
+}
+
+
+def _block_config(block: nn.Module) -> dict:
+    """MoE's constructor arguments that reproduce `block`, or a ValueError saying why not."""
+    kind = type(block).__name__
+    if kind not in _BLOCKS:
+        raise ValueError(
+            f"block must be one of {', '.join(sorted(_BLOCKS))} (blocks whose routing MoE reproduces); "
+            f"got {kind}. Its experts still run on moe-dispatch through register()."
+        )
+    try:
+        return _read_block_config(block, kind)
+    except AttributeError as exc:  # another transformers release may build the block otherwise
+        raise ValueError(
+            f"this {kind} (transformers {_transformers_version()}) is not built as the one MoE knows: {exc}"
+        ) from exc
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _read_block_config(block: nn.Module, kind: str) -> dict:
+    if getattr(block, "jitter_noise", 0):
+        raise ValueError(f"block.jitter_noise={block.jitter_noise}: MoE has no router jitter; set it to 0 first")
+    router_name, rule = _BLOCKS[kind]
+    router, experts = getattr(block, router_name), block.experts
+    activation = fused_activation(experts)
+    if activation is None:
+        raise ValueError(f"{type(experts).__name__}'s expert function (gate, activation or norm) is not one MoE has")
+    w1, w2, b1, _ = expert_weights(experts)
+    num_experts, hidden = router.weight.shape
+    config = dict(
+        hidden_size=hidden, intermediate_size=w2.shape[2], num_experts=num_experts, top_k=router.top_k,
+        activation=activation, bias=b1 is not None, n_shared_experts=0,
+        scoring="softmax", renormalize=True, n_groups=None, topk_groups=None, routed_scaling=1.0,
+    )
+    if rule == "softmax":
+        config["renormalize"] = bool(router.norm_topk_prob)
+    elif rule == "grouped_sigmoid":
+        config.update(
+            scoring="sigmoid", renormalize=bool(router.norm_topk_prob), n_groups=router.num_group,
+            topk_groups=router.topk_group, routed_scaling=float(router.routed_scaling_factor),
+        )
+    shared = getattr(block, "shared_experts", None)
+    if shared is not None:
+        config["n_shared_experts"] = _shared_expert_count(shared, config["intermediate_size"])
+    return config
+
+
+def _shared_expert_count(shared: nn.Module, intermediate: int) -> int:
+    """How many experts' width the shared SwiGLU MLP has (MoE's n_shared_experts)."""
+    linears = [getattr(shared, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(m, nn.Linear) and m.bias is None for m in linears) or _activation_name(shared.act_fn) != "silu":
+        raise ValueError(f"the shared experts {type(shared).__name__} are not a bias-free SwiGLU MLP, as MoE's are")
+    width = shared.gate_proj.out_features
+    if width % intermediate:
+        raise ValueError(f"the shared experts' width {width} is not a multiple of the experts' {intermediate}")
+    return width // intermediate
+
+
+def _layer_config(layer: MoE) -> dict:
+    shared = layer.shared_experts
+    return dict(
+        hidden_size=layer.hidden_size, intermediate_size=layer.intermediate_size, num_experts=layer.num_experts,
+        top_k=layer.top_k, activation=layer.activation, bias=layer.b_gate_up is not None,
+        n_shared_experts=0 if shared is None else shared.down.in_features // layer.intermediate_size,
+        scoring=layer.scoring, renormalize=layer.renormalize, n_groups=layer.n_groups,
+        topk_groups=layer.topk_groups, routed_scaling=layer.routed_scaling,
+    )
+
+
+def _tensor_pairs(layer: MoE, block: nn.Module, config: dict) -> list[tuple[Tensor, Tensor]]:
+    """(the layer's tensor, the block's tensor as a view in the layer's layout) for every weight."""
+    router = getattr(block, _BLOCKS[type(block).__name__][0])
+    w1, w2, b1, b2 = expert_weights(block.experts)
+    pairs = [(layer.router.weight, router.weight), (layer.w_gate_up, w1), (layer.w_down, w2)]
+    if b1 is not None:
+        pairs += [(layer.b_gate_up, b1), (layer.b_down, b2)]
+    if config["scoring"] == "sigmoid":
+        pairs.append((layer.expert_bias, router.e_score_correction_bias))
+    if config["n_shared_experts"]:
+        shared, width = block.shared_experts, block.shared_experts.gate_proj.out_features
+        gate_up = layer.shared_experts.gate_up.weight
+        pairs += [
+            (gate_up[:width], shared.gate_proj.weight),
+            (gate_up[width:], shared.up_proj.weight),
+            (layer.shared_experts.down.weight, shared.down_proj.weight),
+        ]
+    return pairs
+
+
+def moe_from_block(block: nn.Module, *, backend: str = "auto") -> MoE:
+    """A new MoE computing what a transformers MoE block computes, with copies of its weights.
+
+    The layer takes the dtype and device of the block's expert weights.
+    """
+    config = _block_config(block)
+    weight = block.experts.down_proj
+    layer = MoE(**config, backend=backend, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        for ours, theirs in _tensor_pairs(layer, block, config):
+            ours.copy_(theirs)
+    return layer
+
+
+def write_to_block(layer: MoE, block: nn.Module) -> nn.Module:
+    """Copy `layer`'s weights into a transformers MoE block of the same configuration; returns block."""
+    config = _block_config(block)
+    mine = _layer_config(layer)
+    differing = [f"{key}: layer {mine[key]!r}, block {value!r}" for key, value in config.items() if mine[key] != value]
+    if differing:
+        raise ValueError(f"the layer and the {type(block).__name__} differ in " + "; ".join(differing))
+    with torch.no_grad():
+        for ours, theirs in _tensor_pairs(layer, block, config):
+            theirs.copy_(ours)
+    return block
+
+
+__all__ = ["register", "experts_forward", "expert_weights", "fused_activation", "moe_from_block", "write_to_block"]
