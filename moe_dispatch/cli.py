@@ -1,13 +1,37 @@
-"""The `moe-dispatch` command."""
+"""The `moe-dispatch` command: info | bench | profile | tune."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
+import os
 import platform
+import signal
 import sys
+import threading
+import time
+from typing import Optional
 
 import torch
+
+from .benchmarking.presets import DEFAULT_PRESET, DEFAULT_SCALE, DEFAULT_TOKENS
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with every error on one line (no usage block), exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _version(module: str) -> str:
@@ -17,15 +41,28 @@ def _version(module: str) -> str:
         return "not installed"
 
 
+def _devices() -> list:
+    return [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+
+
+def _roofline_line(roofline) -> str:
+    peaks = ", ".join(f"{name} {tflops:.3g}" for name, tflops in roofline.peak_tflops.items())
+    return (f"read {roofline.read_gbps:.0f} GB/s, copy {roofline.copy_gbps:.0f} GB/s, "
+            f"matmul TFLOP/s: {peaks}")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from . import __version__, available_backends
     from .backends import BACKEND_NAMES, unavailable_reason
+    from .benchmarking.roofline import cache_path, get_roofline
 
+    set_threads(args.threads)
+    measured = [parse_device(args.device)] if args.device else _devices()
     print(f"moe-dispatch {__version__}")
     print(f"python {platform.python_version()} on {platform.machine()} ({platform.system()})")
     for module in ("torch", "triton", "numba", "numpy"):
         print(f"{module:8s} {_version(module)}")
-    devices = [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    devices = _devices()
     print(f"cpu      {torch.get_num_threads()} threads")
     for d in devices[1:]:
         print(f"{str(d):8s} {torch.cuda.get_device_name(d)}")
@@ -34,20 +71,414 @@ def cmd_info(args: argparse.Namespace) -> int:
         for d in devices[:2]:
             reason = unavailable_reason(name, d)
             print(f"  {name:7s} on {d.type:4s}: {'ok' if reason is None else reason}")
+    print(f"roofline (cached in {cache_path()}; --remeasure to measure again):")
+    for d in measured:
+        roofline = get_roofline(d, remeasure=args.remeasure)
+        print(f"  {roofline.device}: {_roofline_line(roofline)}")
     return 0
 
 
+# ---- argument parsing helpers: each raises UsageError with the valid choices --------------
+
+
+def set_threads(threads: Optional[int]) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def parse_device(text: Optional[str]) -> torch.device:
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    valid = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if text not in valid:
+        raise UsageError(f"device {text!r} is not available here; choose from {', '.join(valid)}")
+    return torch.device(text)
+
+
+def parse_tokens(text: Optional[str], device: torch.device) -> list:
+    if text is None:
+        return list(DEFAULT_TOKENS[device.type])
+    try:
+        tokens = [int(part) for part in text.split(",")]
+    except ValueError:
+        tokens = []
+    if not tokens or any(t < 1 for t in tokens):
+        raise UsageError(f"malformed --tokens {text!r}: expected positive integers separated by commas, "
+                         f"e.g. 1,16,128")
+    return sorted(set(tokens))
+
+
+def parse_presets(names: Optional[list], scale: Optional[float], device: torch.device) -> list:
+    from .benchmarking.presets import PRESETS, scaled
+
+    if scale is not None and not scale > 0:
+        raise UsageError(f"--scale must be positive, got {scale}")
+    scale = DEFAULT_SCALE[device.type] if scale is None else scale
+    wanted = [n for name in (names or [DEFAULT_PRESET]) for n in name.split(",") if n]
+    if "all" in wanted:
+        wanted = list(PRESETS)
+    unknown = [n for n in wanted if n not in PRESETS]
+    if unknown or not wanted:
+        raise UsageError(f"unknown preset {', '.join(map(repr, unknown)) or '(none)'}; "
+                         f"choose from {', '.join(PRESETS)}, all")
+    return [scaled(PRESETS[n], scale) for n in dict.fromkeys(wanted)]
+
+
+def parse_backends(text: str, device: torch.device) -> list:
+    from .backends import BACKEND_NAMES, resolve_backend, unavailable_reason
+
+    here = [n for n in BACKEND_NAMES if unavailable_reason(n, device) is None]
+    if device.type == "cpu" and "triton" in here:
+        here.remove("triton")  # the interpreter runs Triton on the CPU for tests, not for speed
+    if text == "all":
+        return here
+    names = [n for n in text.split(",") if n]
+    valid = ("auto",) + BACKEND_NAMES + ("all",)
+    for name in names:
+        if name not in valid:
+            raise UsageError(f"unknown backend {name!r}; choose from {', '.join(valid)}")
+        if name != "auto" and unavailable_reason(name, device) is not None:
+            raise UsageError(f"backend {name!r} is not available on {device.type}: "
+                             f"{unavailable_reason(name, device)}; available here: {', '.join(here)}, auto, all")
+    if not names:
+        raise UsageError(f"no backend given; choose from {', '.join(valid)}")
+    return list(dict.fromkeys(resolve_backend(device, n) for n in names))
+
+
+def parse_peers(text: Optional[str], op: str) -> list:
+    from .benchmarking.peers import OP_PEERS
+
+    valid = OP_PEERS[op]
+    if text is None:
+        return list(valid)
+    if text == "none":
+        return []
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        raise UsageError(f"unknown peer {', '.join(map(repr, unknown)) or '(none)'} for --op {op}; "
+                         f"choose from {', '.join(valid)}, none")
+    return list(dict.fromkeys(names))
+
+
+def _console():
+    """(stdout, stderr) consoles; tables keep their width when the output is not a terminal."""
+    from rich.console import Console
+
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=200)
+    return out, Console(stderr=True)
+
+
+def _progress(err_console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description:<36}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True)
+
+
+def _roofline(device: torch.device, err):
+    from .benchmarking.roofline import cached_roofline, get_roofline
+
+    if cached_roofline(device) is None:
+        err.print(f"measuring the roofline of {device.type} once (cached for later runs)...")
+    return get_roofline(device)
+
+
+def _machine_line(device: torch.device) -> str:
+    from .benchmarking.roofline import device_key
+
+    return f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {device_key(device)}"
+
+
+# ---- bench ---------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmarking.bench import BenchSpec, run_bench
+    from .benchmarking.report import print_tables
+    from .benchmarking.roofline import DTYPES as DTYPE_OF
+
+    device = parse_device(args.device)
+    set_threads(args.threads)
+    if args.backward and args.op != "moe_mlp":
+        raise UsageError(f"--backward times moe_mlp only, not --op {args.op}")
+    spec = BenchSpec(
+        presets=parse_presets(args.preset, args.scale, device), tokens=parse_tokens(args.tokens, device),
+        dtype=DTYPE_OF[args.dtype], backends=parse_backends(args.backend, device),
+        peers=parse_peers(args.compare, args.op), device=device, routing=args.routing, backward=args.backward,
+        op=args.op, budget_s=args.budget,
+    )
+    out, err = _console()
+    records, interrupted = [], False
+    start = time.perf_counter()
+    try:
+        roofline = _roofline(device, err)
+        out.print(f"moe-dispatch bench: {_machine_line(device)}")
+        out.print(f"roofline: {_roofline_line(roofline)}")
+        for preset in spec.presets:
+            out.print(f"preset {preset.describe()}")
+        out.print(f"{spec.op}, {args.dtype}, {spec.routing} routing, tokens {','.join(map(str, spec.tokens))}, "
+                  f"backends {', '.join(spec.backends)}, peers {', '.join(spec.peers) or 'none'}")
+        with _progress(err) as progress:
+            task = progress.add_task("starting", total=spec.steps())
+
+            def advance(label: str) -> None:  # called as each measurement starts
+                progress.update(task, description=label, advance=1)
+
+            for record in run_bench(spec, roofline, advance=advance, warn=lambda m: err.print(m, style="yellow")):
+                records.append(record)
+    except KeyboardInterrupt:
+        interrupted = True
+    print_tables(records, out)
+    out.print(f"{len(records)} results in {time.perf_counter() - start:.0f} s")
+    if interrupted:
+        err.print(f"interrupted: showing the {len(records)} results so far")
+    _write_outputs(args, records, out)
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+def _write_outputs(args, records: list, out) -> None:
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+        out.print(f"wrote {len(records)} records to {args.json}")
+    if args.plot and records:
+        from .benchmarking.report import plot
+
+        plot(records, args.plot)
+        out.print(f"wrote the plot to {args.plot}")
+
+
+# ---- profile -------------------------------------------------------------------------------
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .benchmarking.profile import build_stages, fused_ms, stage_rows, time_stages, trace
+    from .benchmarking.roofline import DTYPES as DTYPE_OF
+
+    device = parse_device(args.device)
+    set_threads(args.threads)
+    presets = parse_presets(args.preset, args.scale, device)
+    tokens = parse_tokens(args.tokens, device)
+    backend = parse_backends(args.backend, device)
+    if len(backend) != 1:
+        raise UsageError(f"profile takes one backend, got {', '.join(backend)}")
+    backend, dtype = backend[0], DTYPE_OF[args.dtype]
+    out, err = _console()
+    roofline = _roofline(device, err)
+    out.print(f"moe-dispatch profile: {_machine_line(device)}")
+    out.print(f"roofline: {_roofline_line(roofline)}")
+    report, interrupted = [], False
+    try:
+        for preset in presets:
+            for t in tokens:
+                stages, experts, batch, plan = build_stages(preset, t, dtype, device, backend, args.routing,
+                                                            args.backward)
+                rows = stage_rows(time_stages(stages, device, args.backward, args.budget), roofline, dtype)
+                fused = fused_ms(experts, batch, plan, backend, device, args.backward, args.budget)
+                report.append({"preset": preset.name, "scale": preset.scale, "tokens": t, "backend": backend,
+                               "dtype": args.dtype, "routing": args.routing, "stages": rows, "fused_moe_mlp_ms": fused})
+                _print_stages(out, Table, preset, t, backend, args, rows, fused)
+                if args.trace:
+                    path = _trace_path(args.trace, preset, t, len(presets) * len(tokens) > 1)
+                    trace(stages, path, device, args.backward)
+                    out.print(f"wrote a Chrome trace to {path} (open it in chrome://tracing or ui.perfetto.dev)")
+                del stages, experts, batch, plan
+    except KeyboardInterrupt:
+        interrupted = True
+        err.print(f"interrupted: showing the {len(report)} profiles so far")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        out.print(f"wrote {len(report)} profiles to {args.json}")
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+def _trace_path(path: str, preset, tokens: int, several: bool) -> str:
+    if not several:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.{preset.name}.T{tokens}{ext or '.json'}"
+
+
+def _print_stages(out, Table, preset, tokens, backend, args, rows, fused) -> None:
+    out.print(f"\n{preset.describe()}")
+    table = Table(title=f"T={tokens}, {backend}, {args.dtype}, {args.routing} routing", title_justify="left")
+    columns = ["stage", "fwd ms", "share", "GB/s", "TFLOP/s", "roofline"]
+    if args.backward:
+        columns += ["bwd ms", "bwd share"]
+    for c in columns:
+        table.add_column(c, justify="left" if c == "stage" else "right")
+    for r in rows:
+        cells = [r["stage"], f"{r['forward_ms']:.3f}", f"{100 * r['share']:.0f}%", f"{r['gbps']:.3g}",
+                 f"{r['tflops']:.3g}", f"{100 * r['roofline']:.0f}% {r['bound'][:3]}"]
+        if args.backward:
+            bwd = r["backward_ms"]
+            cells += ["-" if bwd is None else f"{bwd:.3f}",
+                      "-" if r["backward_share"] is None else f"{100 * r['backward_share']:.0f}%"]
+        table.add_row(*cells)
+    routed = [r for r in rows if r["stage"] not in ("route", "shared experts")]
+    total = sum(r["forward_ms"] for r in routed) + (sum(r["backward_ms"] or 0 for r in routed) if args.backward else 0)
+    out.print(table)
+    what = "forward+backward" if args.backward else "forward"
+    out.print(f"plan..combine stages sum to {total:.3f} ms; the fused moe_mlp {what} with the same plan takes "
+              f"{fused:.3f} ms")
+
+
+# ---- tune ----------------------------------------------------------------------------------
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .backends import unavailable_reason
+    from .benchmarking.roofline import DTYPES as DTYPE_OF
+    from .benchmarking.tune import DEFAULT_BUCKETS, tune_preset
+
+    if not torch.cuda.is_available():
+        print("nothing to tune: this machine has no CUDA GPU. Only the triton backend autotunes, on a GPU; "
+              "the CPU backends (numba, torch) have no tuning step.")
+        return 0
+    device = parse_device(args.device or "cuda")
+    if device.type != "cuda":
+        print("nothing to tune on the CPU: only the triton backend autotunes, on a GPU.")
+        return 0
+    reason = unavailable_reason("triton", device)
+    if reason is not None:
+        raise UsageError(f"the triton backend cannot run on {device}: {reason}")
+    presets = parse_presets(args.preset or ["all"], args.scale or 1.0, device)
+    tokens = parse_tokens(args.tokens, device) if args.tokens else list(DEFAULT_BUCKETS)
+    out, err = _console()
+    out.print(f"moe-dispatch tune: {_machine_line(device)}; {len(presets)} presets x {len(tokens)} token buckets, "
+              f"{args.dtype}{', forward and backward' if args.backward else ''}")
+    results = []
+    total = len(presets) * len(tokens)
+    try:
+        with _progress(err) as progress:
+            task = progress.add_task("starting", total=total)
+            for preset in presets:
+                tune_preset(preset, tokens, DTYPE_OF[args.dtype], device, args.backward,
+                            step=lambda label: progress.update(task, description=label),
+                            done=lambda r: (results.append(r), progress.advance(task)))
+    except KeyboardInterrupt:
+        err.print(f"interrupted after {len(results)} of {total} shapes; what was tuned so far is saved")
+    for r in results:
+        out.print(f"  {r.preset:28s} T={r.tokens:<6d} {r.seconds:6.1f} s  {r.status}")
+    out.print(f"tuned configs are saved in {_tuning_location(device)}; the triton backend reads them from there")
+    return EXIT_INTERRUPTED if len(results) < total else 0
+
+
+def _tuning_location(device: torch.device) -> str:
+    from .kernels.triton.configs import cache_path
+
+    return str(cache_path(device))
+
+
+# ---- the parser ----------------------------------------------------------------------------
+
+
+def _add_shape_args(p: argparse.ArgumentParser, tokens_help: str) -> None:
+    p.add_argument("--preset", nargs="+", metavar="NAME",
+                   help=f"model presets (space or comma separated, or all); default {DEFAULT_PRESET}")
+    p.add_argument("--tokens", metavar="T,T,...", help=tokens_help)
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="default bfloat16")
+    p.add_argument("--scale", type=float, metavar="F",
+                   help="multiply H and I by F (rounded to multiples of 16); default 1 on a GPU, "
+                        f"{DEFAULT_SCALE['cpu']} on the CPU")
+    p.add_argument("--device", metavar="cpu|cuda", help="default cuda when there is a GPU, else cpu")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and numba (default: torch's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-dispatch", description="Fast Mixture-of-Experts dispatch.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="versions, devices and the backends available here")
+    from .benchmarking.bench import OPS
+    from .benchmarking.cases import ROUTINGS
+    from .benchmarking.peers import OP_PEERS
+
+    parser = Parser(prog="moe-dispatch", description="Fast Mixture-of-Experts dispatch.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    info = sub.add_parser("info", help="versions, devices, backends and this machine's roofline")
+    info.add_argument("--remeasure", action="store_true", help="measure the roofline again")
+    info.add_argument("--threads", type=int, metavar="N", help="CPU threads to measure the CPU roofline with")
+    info.add_argument("--device", metavar="cpu|cuda", help="the roofline of this device only (default: every device)")
     info.set_defaults(func=cmd_info)
+
+    cpu_tokens = ",".join(map(str, DEFAULT_TOKENS["cpu"]))
+    gpu_tokens = ",".join(map(str, DEFAULT_TOKENS["cuda"]))
+    bench = sub.add_parser("bench", help="time the MoE layer's experts on each backend against its peers")
+    _add_shape_args(bench, f"token counts; default {gpu_tokens} on a GPU, {cpu_tokens} on the CPU")
+    bench.add_argument("--backend", default="auto", metavar="auto|torch|numba|triton|all",
+                       help="default auto: the best backend here")
+    bench.add_argument("--compare", metavar="PEER,...",
+                       help=f"peers (default all): {', '.join(OP_PEERS['moe_mlp'])}; none for no peers")
+    bench.add_argument("--routing", choices=ROUTINGS, default="uniform",
+                       help="uniform; skewed: half the tokens on one expert; zipf: popular experts")
+    bench.add_argument("--backward", action="store_true", help="time forward and backward")
+    bench.add_argument("--op", choices=OPS, default="moe_mlp",
+                       help="the fused experts, moe_mlp (default), or one op; op peers: "
+                            + "; ".join(f"{op}: {', '.join(p)}" for op, p in OP_PEERS.items() if op != "moe_mlp"))
+    bench.add_argument("--budget", type=float, default=0.3, metavar="S", help="timed seconds per point (default 0.3)")
+    bench.add_argument("--json", metavar="PATH", help="write one record per result")
+    bench.add_argument("--plot", metavar="PATH.png", help="plot time against tokens, log-log")
+    bench.set_defaults(func=cmd_bench)
+
+    profile = sub.add_parser("profile", help="break one forward (and backward) into stages")
+    _add_shape_args(profile, "token counts; default as bench")
+    profile.add_argument("--backend", default="auto", metavar="auto|torch|numba|triton")
+    profile.add_argument("--routing", choices=ROUTINGS, default="uniform")
+    profile.add_argument("--backward", action="store_true", help="time each stage's backward too")
+    profile.add_argument("--budget", type=float, default=0.3, metavar="S", help="timed seconds per stage")
+    profile.add_argument("--trace", metavar="OUT.json", help="save a torch.profiler Chrome trace")
+    profile.add_argument("--json", metavar="PATH", help="write the stage table")
+    profile.set_defaults(func=cmd_profile)
+
+    tune = sub.add_parser("tune", help="run the triton backend's autotuning ahead of time (GPU)")
+    _add_shape_args(tune, "token buckets; default " + ",".join(map(str, (1, 16, 64, 256, 1024, 4096, 8192))))
+    tune.add_argument("--backward", action="store_true", help="tune the backward kernels too")
+    tune.set_defaults(func=cmd_tune)
     return parser
 
 
+@contextlib.contextmanager
+def _interrupt_on_signals():
+    """Ctrl-C and SIGTERM (a job's time limit, `timeout`) both stop a run the same way, with
+    the results so far printed, even when the process was started with SIGINT ignored (a
+    background job of a non-interactive shell). The previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error already printed (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        with _interrupt_on_signals():
+            return args.func(args)
+    except UsageError as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # before any result (setting up, measuring the roofline)
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

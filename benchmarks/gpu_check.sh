@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The check to run on a lent GPU, in under 8 minutes, from the repository root or anywhere:
+#
+#   bash benchmarks/gpu_check.sh            # the real thing: CUDA, full-size shapes, triton backend
+#   bash benchmarks/gpu_check.sh --device cpu --scale 0.02 --tokens 1,16 --backend torch --skip-tests
+#                                           # a dry run of every step on the CPU at a tiny scale
+#
+# 1. the GPU tests (pytest -m gpu), 2. the roofline (copy/read bandwidth, matmul peak per dtype),
+# 3. the fused experts of Mixtral-8x7B, DeepSeek-V3, Qwen3-30B-A3B and OLMoE-1B-7B in bf16 against
+# the torch._grouped_mm pipeline, transformers' experts (eager loop and grouped_mm) and a dense MLP
+# of the same active FLOPs, 4. the grouped GEMM against torch._grouped_mm (T >= 1024) and permute /
+# unpermute against the copy bandwidth, 5. a compact table checked against the targets, printed last.
+#
+# Works without installing the package (PYTHONPATH is the repository). Every step has a time cap;
+# a step that reaches it is interrupted (SIGINT) and keeps the results it has, so the table at the
+# end always comes. Results land in $OUT (or a temporary folder) as JSON.
+set -u -o pipefail
+
+DEVICE=cuda SCALE=1 TOKENS=1,16,128,1024,8192 BACKEND=triton SKIP_TESTS=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE=$2; shift 2 ;;
+    --scale) SCALE=$2; shift 2 ;;
+    --tokens) TOKENS=$2; shift 2 ;;
+    --backend) BACKEND=$2; shift 2 ;;
+    --skip-tests) SKIP_TESTS=1; shift ;;
+    *) echo "gpu_check.sh: unknown option $1 (options: --device, --scale, --tokens, --backend, --skip-tests)"; exit 2 ;;
+  esac
+done
+
+cd "$(dirname "$0")/.." || exit 1
+# $PYTHON, else the repository's .venv when there is one, else the python3 on PATH
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY=$(command -v python3 || command -v python); fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+RESULTS=${OUT:-$(mktemp -d)}
+mkdir -p "$RESULTS"
+export MOE_DISPATCH_CACHE_DIR="$RESULTS/cache"   # roofline measured on this machine, in this run
+export PYTHONUNBUFFERED=1
+START=$SECONDS
+BIG_TOKENS=$("$PY" -c "import sys; t=[int(x) for x in sys.argv[1].split(',')]; print(','.join(str(x) for x in t if x >= 1024) or str(max(t)))" "$TOKENS")
+
+step() { echo; echo "=== [$((SECONDS - START)) s] $*"; }
+# capped SECONDS COMMAND...: SIGINT at the cap (the command keeps what it has), SIGKILL 10 s later.
+# The caps add up to 435 s, so the whole check ends within 8 minutes.
+capped() { local cap=$1; shift; timeout -k 10 -s INT "$cap" "$@"; local rc=$?; [ $rc -eq 0 ] || echo "(exit $rc)"; }
+MOE="$PY -m moe_dispatch.cli"
+
+step "environment"
+"$PY" - <<'PY'
+import platform, torch
+print(f"python {platform.python_version()}, torch {torch.__version__}, cuda {torch.version.cuda}")
+for m in ("triton", "transformers", "numba"):
+    try:
+        print(f"{m} {__import__(m).__version__}")
+    except ImportError:
+        print(f"{m} not installed (its peers are skipped)")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"{p.name}: {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs")
+PY
+
+if [ "$SKIP_TESTS" = 0 ]; then
+  step "GPU tests: pytest -m gpu -q tests"
+  capped 110 "$PY" -m pytest -m gpu -q tests -p no:cacheprovider
+fi
+
+step "roofline"
+capped 40 $MOE info --device "$DEVICE"
+
+step "fused experts (moe_mlp), bf16, $BACKEND vs peers"
+capped 190 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" \
+  --preset mixtral-8x7b deepseek-v3 qwen3-30b-a3b olmoe-1b-7b --tokens "$TOKENS" \
+  --compare torch-grouped-mm,hf-eager,hf-grouped-mm,dense,bound --budget 0.1 --json "$RESULTS/moe_mlp.json"
+
+step "grouped GEMM (GEMM1 shape) vs torch._grouped_mm, T in $BIG_TOKENS"
+capped 45 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" --op grouped_mm \
+  --preset mixtral-8x7b deepseek-v3 qwen3-30b-a3b olmoe-1b-7b --tokens "$BIG_TOKENS" --budget 0.1 \
+  --json "$RESULTS/grouped_mm.json"
+
+for op in permute unpermute; do
+  step "$op vs the copy bandwidth"
+  capped 25 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" --op $op \
+    --preset deepseek-v3 olmoe-1b-7b --tokens "$BIG_TOKENS" --budget 0.1 --json "$RESULTS/$op.json"
+done
+
+step "summary ($((SECONDS - START)) s in all; JSON in $RESULTS)"
+"$PY" -m moe_dispatch.benchmarking.summary "$RESULTS"/moe_mlp.json "$RESULTS"/grouped_mm.json \
+  "$RESULTS"/permute.json "$RESULTS"/unpermute.json

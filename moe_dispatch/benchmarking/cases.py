@@ -1,0 +1,123 @@
+"""Setup factories shared by the `moe-dispatch` command and benchmarks/: expert weights and
+routed inputs for a preset, built the same way wherever they are timed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..activations import is_gated
+from .presets import Preset
+
+Tensor = torch.Tensor
+ROUTINGS = ("uniform", "skewed", "zipf")
+ZIPF_EXPONENT = 1.2
+
+
+@dataclass
+class Experts:
+    """The routed experts of one layer, in transformers 5's layout."""
+
+    preset: Preset
+    w_gate_up: Tensor  # [E, 2I, H] (gated) or [E, I, H]
+    w_down: Tensor  # [E, H, I]
+    b_gate_up: Optional[Tensor]  # [E, 2I] or None
+    b_down: Optional[Tensor]  # [E, H] or None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w_gate_up.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.w_gate_up.device
+
+    def tensors(self) -> tuple[Optional[Tensor], ...]:
+        return self.w_gate_up, self.w_down, self.b_gate_up, self.b_down
+
+
+@dataclass
+class Inputs:
+    """One batch routed to the experts: what moe_mlp takes besides the weights."""
+
+    x: Tensor  # [T, H]
+    weights: Tensor  # [T, k] float32
+    ids: Tensor  # [T, k] int64
+    routing: str
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.shape[0]
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def make_experts(preset: Preset, dtype: torch.dtype, device, seed: int = 0, requires_grad: bool = False) -> Experts:
+    """Weights drawn like nn.Linear's init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), on the device;
+    requires_grad for timing backward passes."""
+    device = torch.device(device)
+    gen = _generator(device, seed)
+    e, h, i = preset.num_experts, preset.hidden_size, preset.intermediate_size
+    width = (2 if is_gated(preset.activation) else 1) * i
+
+    def uniform(shape, fan_in):
+        bound = 1 / math.sqrt(fan_in)
+        t = torch.empty(shape, device=device, dtype=dtype)
+        return t.uniform_(-bound, bound, generator=gen).requires_grad_(requires_grad)
+
+    w_gate_up, w_down = uniform((e, width, h), h), uniform((e, h, i), i)
+    b_gate_up = uniform((e, width), h) if preset.bias else None
+    b_down = uniform((e, h), i) if preset.bias else None
+    return Experts(preset, w_gate_up, w_down, b_gate_up, b_down)
+
+
+def expert_popularity(num_experts: int, routing: str, gen: torch.Generator) -> Tensor:
+    """Log-probability [E] of each expert under the routing: uniform, or Zipf over a random
+    ranking of the experts."""
+    if routing == "zipf":
+        rank = torch.randperm(num_experts, generator=gen, device=gen.device).float() + 1
+        return -ZIPF_EXPONENT * rank.log()
+    return torch.zeros(num_experts, device=gen.device)
+
+
+def make_ids(num_tokens: int, preset: Preset, routing: str, device, seed: int = 0) -> Tensor:
+    """[T, k] int64, k distinct experts per token.
+
+    uniform: every expert equally likely; skewed: half the tokens send one of their k
+    choices to expert 0, the rest are uniform; zipf: expert e drawn with probability
+    proportional to 1 / rank(e)^1.2. Sampling without replacement is top-k of Gumbel noise
+    added to the log-probabilities.
+    """
+    if routing not in ROUTINGS:
+        raise ValueError(f"unknown routing {routing!r}; choose from {', '.join(ROUTINGS)}")
+    device = torch.device(device)
+    gen = _generator(device, seed + 1)
+    e = preset.num_experts
+    u = torch.rand(num_tokens, e, generator=gen, device=device).clamp_(1e-9, 1 - 1e-9)
+    scores = expert_popularity(e, routing, gen) - (-u.log()).log()
+    if routing == "skewed":
+        scores[: (num_tokens + 1) // 2, 0] = torch.inf  # token order carries no meaning here
+    return scores.topk(preset.top_k, dim=-1).indices
+
+
+def make_inputs(preset: Preset, num_tokens: int, dtype: torch.dtype, device, routing: str = "uniform",
+                seed: int = 0) -> Inputs:
+    """Activations of order one, routed ids and routing weights (times the preset's scaling)."""
+    device = torch.device(device)
+    gen = _generator(device, seed + 2)
+    x = torch.randn(num_tokens, preset.hidden_size, generator=gen, device=device).to(dtype)
+    ids = make_ids(num_tokens, preset, routing, device, seed)
+    logits = torch.randn(num_tokens, preset.top_k, generator=gen, device=device)
+    weights = logits.softmax(-1) * preset.routed_scaling
+    return Inputs(x, weights, ids, routing)
+
+
+def distinct_experts(ids: Tensor) -> int:
+    """How many experts a batch touches (a host sync: call it outside timed regions)."""
+    return int(torch.unique(ids).numel())

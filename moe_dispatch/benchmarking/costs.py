@@ -1,0 +1,77 @@
+"""The work an op must do at least: FLOPs and the bytes it cannot avoid moving.
+
+Bytes count each distinct expert's weights once (a decode step is bound by them), the
+activations read and written once, and nothing for intermediates a fused kernel keeps on
+chip. A backward pass reads the weights again and writes their gradients, and does twice
+the forward's FLOPs (input and weight gradients).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..activations import is_gated
+from .presets import Preset
+
+
+@dataclass(frozen=True)
+class Work:
+    flops: float
+    bytes: float
+    # which bandwidth bounds the bytes: "read" (weights streamed in) or "copy" (data moved)
+    traffic: str = "read"
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(self.flops + other.flops, self.bytes + other.bytes, self.traffic)
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def gate_up_width(preset: Preset) -> int:
+    return (2 if is_gated(preset.activation) else 1) * preset.intermediate_size
+
+
+def expert_bytes(preset: Preset, dtype: torch.dtype) -> int:
+    """Bytes of one expert's weights and biases."""
+    h, i, w1 = preset.hidden_size, preset.intermediate_size, gate_up_width(preset)
+    params = w1 * h + h * i + ((w1 + h) if preset.bias else 0)
+    return params * element_size(dtype)
+
+
+def moe_mlp_work(preset: Preset, num_tokens: int, touched: int, dtype: torch.dtype,
+                 backward: bool = False) -> Work:
+    """The routed experts of one layer for T tokens that touch `touched` distinct experts."""
+    h, i, w1 = preset.hidden_size, preset.intermediate_size, gate_up_width(preset)
+    rows = num_tokens * preset.top_k
+    flops = 2.0 * rows * h * (w1 + i)
+    activations = 2 * num_tokens * h * element_size(dtype) + rows * (4 + 8)  # x, out, weights, ids
+    weights = touched * expert_bytes(preset, dtype)
+    if backward:
+        return Work(3 * flops, 3 * weights + 3 * activations)
+    return Work(flops, weights + activations)
+
+
+def dense_flops(preset: Preset, num_tokens: int) -> float:
+    """FLOPs of the dense MLP with the same active FLOPs (width k * I)."""
+    return moe_mlp_work(preset, num_tokens, 0, torch.float32).flops
+
+
+def grouped_mm_work(rows: int, k_dim: int, n_dim: int, touched: int, dtype: torch.dtype) -> Work:
+    """[rows, K] @ w[e] [K, N] over `touched` experts."""
+    size = element_size(dtype)
+    return Work(2.0 * rows * k_dim * n_dim, (rows * (k_dim + n_dim) + touched * k_dim * n_dim) * size)
+
+
+def permute_work(rows: int, hidden: int, dtype: torch.dtype) -> Work:
+    """Gather rows: each row read once and written once."""
+    return Work(0.0, 2.0 * rows * hidden * element_size(dtype), "copy")
+
+
+def unpermute_work(num_tokens: int, rows: int, hidden: int, dtype: torch.dtype) -> Work:
+    """Weighted sum of k rows per token: rows and weights read, tokens written."""
+    size = element_size(dtype)
+    return Work(2.0 * rows * hidden, (rows + num_tokens) * hidden * size + rows * 8, "copy")

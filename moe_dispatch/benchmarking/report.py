@@ -1,0 +1,102 @@
+"""Tables and plots of benchmark records."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _num(value: Optional[float], digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if value == 0:
+        return "0"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def _speedup(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _groups(records: list) -> dict:
+    groups: dict = {}
+    for r in records:
+        key = (r["op"], r["preset"], r["scale"], r["dtype"], r["routing"], r["backward"])
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def bench_tables(records: list) -> list:
+    """One rich Table per (op, preset, dtype, routing, backward)."""
+    tables = []
+    for (op, preset, scale, dtype, routing, backward), rows in _groups(records).items():
+        first = rows[0]
+        shape = (f"E={first['num_experts']} k={first['top_k']} H={first['hidden_size']} "
+                 f"I={first['intermediate_size']}")
+        what = f"{op} {'forward+backward' if backward else 'forward'}"
+        label = preset if scale == 1.0 else f"{preset} at scale {scale:g}"
+        table = Table(title=f"{label} ({shape}), {what}, {dtype}, {routing} routing", title_justify="left")
+        for column in ("backend", "tokens", "median ms", "tokens/s", "TFLOP/s", "GB/s", "roofline"):
+            table.add_column(column, justify="left" if column == "backend" else "right")
+        peers = list(dict.fromkeys(name for r in rows for name in r["peers"]))
+        for name in peers:
+            table.add_column(f"vs {name}", justify="right")
+        for r in sorted(rows, key=lambda r: (r["tokens"], r["backend"])):
+            cells = [r["backend"], str(r["tokens"]), _num(r["ms"]), _num(r["tokens_per_s"]), _num(r["tflops"]),
+                     _num(r["gbps"]), f"{100 * r['roofline']:.0f}% {r['bound'][:3]}"]
+            cells += [_speedup(r["speedup"].get(name)) for name in peers]
+            table.add_row(*cells)
+        tables.append(table)
+    return tables
+
+
+PEER_NOTE = ("vs X: X's median time / this backend's (above 1 = faster than X); vs bound: the time the "
+             "distinct experts' bytes take at the measured bandwidth. roofline: the least time this work "
+             "can take here (max of bytes / bandwidth and FLOPs / matmul peak) over the measured time, "
+             "mem(ory) or com(pute) bound.")
+
+
+def print_tables(records: list, console: Optional[Console] = None) -> None:
+    console = console or Console()
+    for table in bench_tables(records):
+        console.print(table)
+    if records:
+        console.print(PEER_NOTE, style="dim")
+
+
+def plot(records: Iterable[dict], path: str) -> None:
+    """Time against tokens, log-log, one panel per preset, one line per backend and peer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(list(records))
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.5 * max(1, len(groups)), 4.2), squeeze=False)
+    for ax, ((op, preset, scale, dtype, routing, backward), rows) in zip(axes[0], groups.items()):
+        lines: dict = {}
+        for r in rows:
+            lines.setdefault(r["backend"], {})[r["tokens"]] = r["ms"]
+            for name, ms in r["peers"].items():
+                if ms is not None:
+                    lines.setdefault(name, {})[r["tokens"]] = ms
+        for name, points in lines.items():
+            xs = sorted(points)
+            style = "--" if name == "bound" else "-"
+            ax.plot(xs, [points[x] for x in xs], style, marker="o", markersize=3, label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("median ms")
+        label = preset if scale == 1.0 else f"{preset} x{scale:g}"
+        ax.set_title(f"{label} {op}{' fwd+bwd' if backward else ''}\n{dtype}, {routing}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

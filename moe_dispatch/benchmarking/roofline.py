@@ -1,0 +1,146 @@
+"""This machine's roofline: read and copy bandwidth, and matmul peak per dtype.
+
+Each figure is the best of repeated runs: the roofline is what the machine can reach, and
+the best run is the one least disturbed by other work on it.
+
+Measured once per device (and torch version) and cached in
+$MOE_DISPATCH_CACHE_DIR (default ~/.cache/moe_dispatch)/roofline.json, next to the triton
+backend's autotune results. Every benchmark result is placed against it: the fastest an op could run
+is max(bytes / bandwidth, FLOPs / peak).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .costs import Work
+from .timing import measure, synchronize
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Roofline:
+    device: str  # the cache key: what was measured
+    read_gbps: float  # streaming a large tensor once (a reduction)
+    copy_gbps: float  # bytes read plus bytes written by a large copy
+    peak_tflops: dict  # dtype name -> dense matmul TFLOP/s
+    torch: str
+    measured_at: str
+
+    def bandwidth(self, traffic: str) -> float:
+        return self.copy_gbps if traffic == "copy" else self.read_gbps
+
+    def memory_ms(self, work: Work) -> float:
+        return work.bytes / (self.bandwidth(work.traffic) * 1e9) * 1e3
+
+    def compute_ms(self, work: Work, dtype: torch.dtype) -> float:
+        peak = self.peak_tflops.get(str(dtype).removeprefix("torch."))
+        return work.flops / (peak * 1e12) * 1e3 if peak and work.flops else 0.0
+
+    def bound(self, work: Work, dtype: torch.dtype) -> tuple[float, str]:
+        """(the least time in ms this work can take here, "memory" or "compute")."""
+        memory, compute = self.memory_ms(work), self.compute_ms(work, dtype)
+        return (memory, "memory") if memory >= compute else (compute, "compute")
+
+
+def cache_path() -> Path:
+    root = os.environ.get("MOE_DISPATCH_CACHE_DIR") or Path.home() / ".cache" / "moe_dispatch"
+    return Path(root) / "roofline.json"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_key(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        threads = torch.get_num_threads()
+        name = f"{_cpu_name()}, {threads} thread{'s' if threads > 1 else ''}"
+    return f"{device.type}: {name} (torch {torch.__version__})"
+
+
+def _bandwidth(device: torch.device, nbytes: int) -> tuple[float, float]:
+    x = torch.ones(nbytes // 4, device=device)
+    y = torch.empty_like(x)
+    read = min(measure(lambda: x.sum(), device, warmup=1, budget_s=0.2))
+    copy = min(measure(lambda: y.copy_(x), device, warmup=1, budget_s=0.2))
+    return nbytes / read / 1e6, 2 * nbytes / copy / 1e6
+
+
+def _matmul_peak(device: torch.device, dtype: torch.dtype, max_n: int) -> float:
+    """TFLOP/s of the largest square matmul up to max_n that takes well under a second
+    (fp16 on some CPUs runs at a few GFLOP/s, so the size grows from small)."""
+    n, best = 256, 0.0
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        first = time.perf_counter() - t0
+        ms = min(measure(lambda: a @ b, device, warmup=1, budget_s=0.2, max_repeats=50))
+        best = max(best, 2 * n**3 / ms / 1e9)
+        if n >= max_n or first > 0.05 and ms > 20:
+            return best
+        n *= 2
+
+
+def measure_roofline(device) -> Roofline:
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    read, copy = _bandwidth(device, (2 << 30) if gpu else (256 << 20))
+    peaks = {name: _matmul_peak(device, dtype, 8192 if gpu else 2048) for name, dtype in DTYPES.items()}
+    return Roofline(device_key(device), read, copy, peaks, torch.__version__,
+                    time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+
+
+def load_cache() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_roofline(device) -> Optional[Roofline]:
+    entry = load_cache().get(device_key(torch.device(device)))
+    try:
+        return Roofline(**entry) if entry else None
+    except TypeError:  # written by another version: measure again
+        return None
+
+
+def get_roofline(device, remeasure: bool = False) -> Roofline:
+    """The cached roofline of this device, measured (a few seconds) when missing."""
+    device = torch.device(device)
+    found = None if remeasure else cached_roofline(device)
+    if found is not None:
+        return found
+    roofline = measure_roofline(device)
+    cache = load_cache()
+    cache[roofline.device] = asdict(roofline)
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=2))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home still gets the figures, just not cached
+    return roofline

@@ -1,0 +1,83 @@
+"""A compact table of saved bench records, checked against the GPU targets of the triton backend.
+
+    python -m moe_dispatch.benchmarking.summary RESULTS.json [MORE.json ...]
+
+Targets (docs/benchmarks.md): the fused experts at least 1.3x faster than the torch._grouped_mm
+pipeline at every T; decode (T <= 16) within 1.5x of the bandwidth bound; the grouped GEMM at
+least 0.9x torch._grouped_mm's TFLOP/s for T >= 1024; permute and unpermute at least 70% of the
+measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+MOE_SPEEDUP = 1.3
+DECODE_TOKENS, DECODE_SLACK = 16, 1.5
+GEMM_RATIO, GEMM_TOKENS = 0.9, 1024
+COPY_FRACTION = 0.7
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def targets(record: dict) -> list:
+    """[(what the target is, whether this record meets it)] for the targets that apply to it."""
+    op, tokens, peers, speedup = record["op"], record["tokens"], record["peers"], record["speedup"]
+    found = []
+    if op == "moe_mlp" and tokens <= DECODE_TOKENS and peers.get("bound"):
+        found.append((f"<= {DECODE_SLACK}x bound", record["ms"] <= DECODE_SLACK * peers["bound"]))
+    if op == "moe_mlp" and speedup.get("torch-grouped-mm") is not None:
+        found.append((f">= {MOE_SPEEDUP}x t-gmm", speedup["torch-grouped-mm"] >= MOE_SPEEDUP))
+    if op == "grouped_mm" and tokens >= GEMM_TOKENS and speedup.get("torch-grouped-mm") is not None:
+        found.append((f">= {GEMM_RATIO}x t-gmm", speedup["torch-grouped-mm"] >= GEMM_RATIO))
+    if op in ("permute", "unpermute"):
+        found.append((f">= {COPY_FRACTION:.0%} copy bw", record["roofline"] >= COPY_FRACTION))
+    return found
+
+
+def summary_table(records: list) -> Table:
+    table = Table(title="summary (targets: see docs/benchmarks.md)", title_justify="left", padding=(0, 1))
+    for column in ("op", "preset", "backend", "T", "ms", "TFLOP/s", "GB/s", "roofline", "vs t-gmm", "vs hf-eager",
+                   "vs dense", "/ bound", "target", "ok"):
+        table.add_column(column, justify="left" if column in ("op", "preset", "backend", "target") else "right")
+    for r in records:
+        found = targets(r)
+        target = ", ".join(what for what, _ in found)
+        ok = all(met for _, met in found) if found else None
+        bound = r["peers"].get("bound")
+        table.add_row(
+            r["op"], r["preset"] if r["scale"] == 1.0 else f"{r['preset']}@{r['scale']:g}", r["backend"],
+            str(r["tokens"]), _fmt(r["ms"], ".3f"), _fmt(r["tflops"], ".3g"), _fmt(r["gbps"], ".0f"),
+            f"{100 * r['roofline']:.0f}%", _fmt(r["speedup"].get("torch-grouped-mm"), ".2f"),
+            _fmt(r["speedup"].get("hf-eager"), ".2f"), _fmt(r["speedup"].get("dense"), ".2f"),
+            _fmt(r["ms"] / bound if bound else None, ".2f"), target, {True: "yes", False: "NO", None: ""}[ok],
+        )
+    return table
+
+
+def main(paths: list) -> int:
+    records = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                records.extend(json.load(f))
+        except (OSError, ValueError) as exc:
+            print(f"skipped {path}: {exc}")
+    console = Console(width=200)
+    console.print(summary_table(records))
+    results = [met for r in records for _, met in targets(r)]
+    met, checked = sum(results), len(results)
+    console.print(f"{met} of {checked} targets met; vs X = X's time / ours; / bound = our time over the "
+                  "bandwidth bound (distinct experts' bytes / measured read bandwidth)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,82 @@
+"""Wall-clock timing with warm-up outside the timed region; callers report the median."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call; on CUDA timed with events, the call's kernels finished."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure(fn: Callable[[], object], device, *, warmup: int = 2, budget_s: float = 0.3,
+            min_repeats: int = 3, max_repeats: int = 200) -> list[float]:
+    """Milliseconds of each timed call of fn, after `warmup` untimed calls (JIT compiles,
+    autotuning and allocator growth happen there); about budget_s of timed calls, at least
+    min_repeats."""
+    return measure_many({"fn": fn}, device, warmup=warmup, budget_s=budget_s, min_repeats=min_repeats,
+                        max_repeats=max_repeats)["fn"]
+
+
+def measure_many(calls: dict, device, *, warmup: int = 2, budget_s: float = 0.3, min_repeats: int = 3,
+                 max_repeats: int = 200, times: Optional[dict] = None, failed: Optional[dict] = None,
+                 on_start: Callable[[str], None] = lambda name: None) -> dict:
+    """{name: [ms, ...]} for several callables timed in turns, one call each per round, so a
+    change in the machine's load during the run hits all of them alike.
+
+    Each is warmed up first (on_start(name) is called as its warm-up begins), then timed until
+    it has about budget_s of calls and at least min_repeats. Pass `times` to keep the samples
+    taken so far when the run is interrupted. With `failed`, a callable whose warm-up raises
+    (out of memory, an unsupported case) is left out and failed[name] says why; without it,
+    the error propagates.
+    """
+    device = torch.device(device)
+    times = {} if times is None else times
+    for name, fn in calls.items():
+        on_start(name)
+        try:
+            for _ in range(warmup):
+                fn()
+            synchronize(device)
+        except Exception as exc:
+            if failed is None:
+                raise
+            failed[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        times[name] = []
+    spent = dict.fromkeys(times, 0.0)
+    active = list(times)
+    while active:
+        for name in list(active):
+            ms = time_once(calls[name], device)
+            times[name].append(ms)
+            spent[name] += ms / 1e3
+            n = len(times[name])
+            if n >= max_repeats or (n >= min_repeats and spent[name] >= budget_s):
+                active.remove(name)
+    return times
+
+
+def median(times: list[float]) -> float:
+    return statistics.median(times)

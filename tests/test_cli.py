@@ -1,0 +1,329 @@
+"""The `moe-dispatch` command and the benchmarking package behind it, at tiny shapes.
+
+Bad input exits 2 with one line naming the valid choices; --json records carry the keys the
+docs promise; the peers compute what moe_mlp computes on the same weights and routing;
+Ctrl-C keeps the results so far. Timings here only need to exist, never to be fast.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moe_dispatch.benchmarking.bench as bench_module
+from moe_dispatch import backends, moe_mlp
+from moe_dispatch.benchmarking.cases import ROUTINGS, make_experts, make_ids, make_inputs
+from moe_dispatch.benchmarking.costs import Work
+from moe_dispatch.benchmarking.peers import moe_peer, peer_call
+from moe_dispatch.benchmarking.presets import DEFAULT_PRESET, DEFAULT_SCALE, DEFAULT_TOKENS, PRESETS, get_preset, scaled
+from moe_dispatch.benchmarking.roofline import Roofline, cache_path, device_key
+from moe_dispatch.benchmarking.timing import measure_many
+from moe_dispatch.benchmarking.tune import tune_preset
+from moe_dispatch.cli import main, parse_presets, parse_tokens
+
+CPU = torch.device("cpu")
+# A tiny olmoe: E=64 k=8 H=48 I=16; every bench below runs it at T in {1, 4}.
+TINY = ["--preset", "olmoe-1b-7b", "--scale", "0.02", "--tokens", "1,4", "--device", "cpu", "--budget", "0.005"]
+RECORD_KEYS = {"preset", "backend", "dtype", "tokens", "ms", "tflops", "gbps", "roofline", "peers", "speedup",
+               "routing", "device", "bound"}
+STAGES = ["route", "plan", "permute", "gemm1+act", "gemm2", "combine"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests time nothing that matters; one thread keeps them quick on a busy machine,
+    where parallel regions of many processes fight for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def roofline_cache(one_thread, tmp_path, monkeypatch):
+    """A private cache holding a roofline for this CPU, so commands do not measure one."""
+    monkeypatch.setenv("MOE_DISPATCH_CACHE_DIR", str(tmp_path / "cache"))
+    roofline = Roofline(device_key(CPU), 20.0, 15.0, {"bfloat16": 0.5, "float16": 0.01, "float32": 0.2},
+                        torch.__version__, "test")
+    path = cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({roofline.device: roofline.__dict__}))
+    return path
+
+
+def one_line_error(capsys, argv, *expected):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+# ---- presets and defaults --------------------------------------------------------------------
+
+
+def test_presets_match_the_public_configs():
+    v3 = PRESETS["deepseek-v3"]
+    assert (v3.num_experts, v3.top_k, v3.hidden_size, v3.intermediate_size) == (256, 8, 7168, 2048)
+    assert (v3.n_groups, v3.topk_groups, v3.scoring, v3.routed_scaling, v3.n_shared_experts) == (8, 4, "sigmoid", 2.5, 1)
+    assert PRESETS["deepseek-v2-lite"].n_shared_experts == 2
+    assert PRESETS["gpt-oss-20b"].bias and not PRESETS["mixtral-8x7b"].bias
+    assert {p.name for p in PRESETS.values()} == {"mixtral-8x7b", "deepseek-v3", "deepseek-v2-lite", "qwen3-30b-a3b",
+                                                 "olmoe-1b-7b", "gpt-oss-20b"}
+
+
+@pytest.mark.parametrize("factor", [0.25, 0.1, 0.013, 1 / 3])
+def test_scale_rounds_h_and_i_to_multiples_of_16(factor):
+    for preset in PRESETS.values():
+        small = scaled(preset, factor)
+        assert small.hidden_size % 16 == 0 and small.intermediate_size % 16 == 0
+        assert abs(small.hidden_size - preset.hidden_size * factor) <= 8 or small.hidden_size == 16
+        assert (small.num_experts, small.top_k) == (preset.num_experts, preset.top_k)
+
+
+def test_defaults_without_arguments():
+    (preset,) = parse_presets(None, None, CPU)
+    assert preset.name == DEFAULT_PRESET and preset.scale == DEFAULT_SCALE["cpu"]
+    assert parse_tokens(None, CPU) == list(DEFAULT_TOKENS["cpu"])
+    assert parse_tokens("16,1,16", CPU) == [1, 16]
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def test_the_command_exits_2_on_bad_input():
+    """Through the interpreter as the console script runs it: sys.exit(main())."""
+    done = subprocess.run([sys.executable, "-m", "moe_dispatch.cli", "bench", "--preset", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "mixtral-8x7b" in done.stderr
+
+
+def test_unknown_preset_lists_the_presets(capsys):
+    one_line_error(capsys, ["bench", "--preset", "llama-moe", "--device", "cpu"], "llama-moe", *PRESETS)
+
+
+@pytest.mark.parametrize("tokens", ["1,x", "0", "", "1,,4", "-3", "1.5"])
+def test_malformed_tokens(capsys, tokens):
+    one_line_error(capsys, ["bench", "--tokens", tokens, "--device", "cpu"], "--tokens", "e.g. 1,16,128")
+
+
+def test_unknown_backend_lists_the_choices(capsys):
+    one_line_error(capsys, ["bench", "--backend", "cuda-fast", "--device", "cpu"], "auto", "torch", "numba", "triton",
+                   "all")
+
+
+def test_unavailable_backend_names_the_available_ones(capsys, monkeypatch):
+    real = backends.unavailable_reason
+    monkeypatch.setattr(backends, "unavailable_reason",
+                        lambda name, device: "switched off for this test" if name == "numba" else real(name, device))
+    err = one_line_error(capsys, ["bench", "--backend", "numba", "--device", "cpu"], "switched off", "torch")
+    assert "available here" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["bench", "--dtype", "int8"], ("bfloat16", "float16", "float32")),
+    (["bench", "--routing", "random"], ("uniform", "skewed", "zipf")),
+    (["bench", "--compare", "vllm", "--device", "cpu"], ("hf-eager", "hf-grouped-mm", "torch-grouped-mm", "dense")),
+    (["bench", "--scale", "0", "--device", "cpu"], ("--scale",)),
+    (["bench", "--threads", "0", "--device", "cpu"], ("--threads",)),
+    (["bench", "--device", "tpu"], ("cpu",)),
+    (["bench", "--op", "permute", "--backward", "--device", "cpu"], ("--backward",)),
+    (["frobnicate"], ("info", "bench", "profile", "tune")),
+])
+def test_other_bad_arguments(capsys, argv, expected):
+    one_line_error(capsys, argv, *expected)
+
+
+# ---- bench ---------------------------------------------------------------------------------------
+
+
+def test_bench_json_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    assert main(["bench", *TINY, "--backend", "torch", "--json", str(out_json), "--plot", str(out_png)]) == 0
+    text = capsys.readouterr().out
+    for column in ("median ms", "tokens/s", "TFLOP/s", "GB/s", "roofline", "vs hf-eager", "vs dense", "vs bound"):
+        assert column in text
+    records = json.loads(out_json.read_text())
+    assert [(r["backend"], r["tokens"]) for r in records] == [("torch", 1), ("torch", 4)]
+    for r in records:
+        assert RECORD_KEYS <= r.keys()
+        assert (r["preset"], r["dtype"], r["routing"]) == ("olmoe-1b-7b", "bfloat16", "uniform")
+        assert r["ms"] > 0 and r["tflops"] > 0 and r["gbps"] > 0 and r["roofline"] > 0
+        assert set(r["peers"]) == {"hf-eager", "hf-grouped-mm", "torch-grouped-mm", "dense", "bound"}
+        for name, ms in r["peers"].items():
+            assert ms > 0 and r["speedup"][name] == pytest.approx(ms / r["ms"])
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_backward_ops_and_routings(tmp_path):
+    out_json = tmp_path / "r.json"
+    argv = ["bench", *TINY, "--backend", "torch", "--compare", "torch-grouped-mm,bound", "--backward",
+            "--routing", "skewed", "--preset", "gpt-oss-20b", "--json", str(out_json)]
+    assert main(argv) == 0
+    records = json.loads(out_json.read_text())
+    assert all(r["backward"] and r["routing"] == "skewed" and r["preset"] == "gpt-oss-20b" for r in records)
+    for op in ("grouped_mm", "permute", "unpermute"):
+        assert main(["bench", *TINY, "--backend", "torch", "--op", op, "--json", str(out_json)]) == 0
+        records = json.loads(out_json.read_text())
+        assert [r["op"] for r in records] == [op, op] and all(r["peers"] for r in records)
+
+
+def test_ctrl_c_prints_the_results_so_far(tmp_path, capsys, monkeypatch):
+    real_measure, batches = bench_module.measure_many, []
+
+    def measure_then_interrupt(calls, device, **kwargs):
+        batches.append(1)
+        if len(batches) == 2:  # T=1 is done; Ctrl-C before T=4 has any sample
+            raise KeyboardInterrupt
+        return real_measure(calls, device, **kwargs)
+
+    monkeypatch.setattr(bench_module, "measure_many", measure_then_interrupt)
+    out_json = tmp_path / "r.json"
+    argv = ["bench", *TINY, "--backend", "torch", "--compare", "dense", "--json", str(out_json)]
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert main(argv) == 130
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
+    captured = capsys.readouterr()
+    assert "interrupted" in captured.err and "1 results so far" in captured.err
+    assert "median ms" in captured.out
+    assert [r["tokens"] for r in json.loads(out_json.read_text())] == [1]
+
+
+def test_a_failing_implementation_is_left_out_with_the_reason():
+    def broken():
+        raise RuntimeError("CUDA out of memory\nmore detail")
+
+    failed: dict = {}
+    times = measure_many({"ok": lambda: None, "broken": broken}, CPU, failed=failed, budget_s=0.0)
+    assert list(times) == ["ok"] and len(times["ok"]) == 3
+    assert failed == {"broken": "RuntimeError: CUDA out of memory"}
+    with pytest.raises(RuntimeError):
+        measure_many({"broken": broken}, CPU)
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
+    """A job's time limit (SIGTERM), even with SIGINT ignored as in a background job, keeps
+    the results so far."""
+    argv = [sys.executable, "-m", "moe_dispatch.cli", "bench", *TINY, "--tokens", ",".join(map(str, range(1, 400))),
+            "--threads", "1",
+            "--backend", "torch", "--compare", "none", "--budget", "0.05", "--json", str(tmp_path / "r.json")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,  # the cache fixture's env
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.stdout.readline().startswith("moe-dispatch bench:")  # the run has started
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "results so far" in err
+    assert isinstance(json.loads((tmp_path / "r.json").read_text()), list)
+
+
+def test_interrupted_timing_keeps_the_samples_so_far():
+    calls = {"a": lambda: None, "b": lambda: None}
+    rounds = []
+
+    def b():
+        rounds.append(1)
+        if len(rounds) == 4:  # two warm-up calls, then the second timed round
+            raise KeyboardInterrupt
+
+    calls["b"] = b
+    times: dict = {}
+    with pytest.raises(KeyboardInterrupt):
+        measure_many(calls, CPU, times=times, budget_s=1.0)
+    assert len(times["a"]) == 2 and len(times["b"]) == 1
+
+
+# ---- the peers compute what moe_mlp computes -------------------------------------------------------
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("peer", ["hf-eager", "hf-grouped-mm", "torch-grouped-mm"])
+def test_peers_match_moe_mlp(peer, routing):
+    preset = get_preset("qwen3-30b-a3b", 1 / 32)
+    experts = make_experts(preset, torch.float32, CPU, seed=3)
+    batch = make_inputs(preset, 23, torch.float32, CPU, routing, seed=3)
+    expected = moe_mlp(batch.x, batch.weights, batch.ids, experts.w_gate_up, experts.w_down, backend="torch")
+    torch.testing.assert_close(peer_call(moe_peer(peer, experts), batch, backward=False)(), expected,
+                               rtol=2e-4, atol=2e-4)
+
+
+def test_torch_grouped_mm_peer_with_biases_matches_moe_mlp():
+    preset = get_preset("gpt-oss-20b", 1 / 32)
+    experts = make_experts(preset, torch.float32, CPU, seed=4)
+    batch = make_inputs(preset, 9, torch.float32, CPU, "zipf", seed=4)
+    expected = moe_mlp(batch.x, batch.weights, batch.ids, *experts.tensors()[:2], b_gate_up=experts.b_gate_up,
+                       b_down=experts.b_down, backend="torch")
+    got = peer_call(moe_peer("torch-grouped-mm", experts), batch, backward=False)()
+    torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4)
+
+
+def test_routings():
+    preset = get_preset("olmoe-1b-7b")
+    for routing in ROUTINGS:
+        ids = make_ids(1000, preset, routing, CPU)
+        assert ids.shape == (1000, 8) and int(ids.sort(-1).values.diff(dim=-1).min()) > 0  # k distinct
+    skewed = make_ids(1000, preset, "skewed", CPU)
+    assert int((skewed == 0).any(-1).sum()) >= 500
+    counts = torch.bincount(make_ids(1000, preset, "zipf", CPU).flatten(), minlength=64).sort(descending=True).values
+    assert counts[0] > 4 * counts[32]  # a few experts take most of the load
+
+
+def test_roofline_bound_is_the_slower_of_memory_and_compute():
+    roofline = Roofline("x", read_gbps=10.0, copy_gbps=5.0, peak_tflops={"bfloat16": 1.0}, torch="", measured_at="")
+    assert roofline.bound(Work(0.0, 1e7), torch.bfloat16) == (pytest.approx(1.0), "memory")
+    assert roofline.bound(Work(1e10, 1e7), torch.bfloat16) == (pytest.approx(10.0), "compute")
+    assert roofline.bound(Work(0.0, 1e7, "copy"), torch.bfloat16) == (pytest.approx(2.0), "memory")
+
+
+# ---- info, profile, tune -------------------------------------------------------------------------
+
+
+def test_info_measures_the_roofline_once_and_caches_it(capsys, roofline_cache, monkeypatch):
+    roofline_cache.unlink()
+    assert main(["info"]) == 0
+    assert "roofline" in capsys.readouterr().out
+    cached = json.loads(roofline_cache.read_text())[device_key(CPU)]
+    assert cached["read_gbps"] > 0 and set(cached["peak_tflops"]) == {"bfloat16", "float16", "float32"}
+    import moe_dispatch.benchmarking.roofline as roofline_module
+
+    monkeypatch.setattr(roofline_module, "measure_roofline", lambda device: pytest.fail("measured twice"))
+    assert main(["info"]) == 0
+
+
+def test_profile_stages_backward_and_trace(tmp_path, capsys):
+    trace, out_json = tmp_path / "trace.json", tmp_path / "p.json"
+    argv = ["profile", "--preset", "deepseek-v3", "--scale", "0.01", "--tokens", "4", "--device", "cpu",
+            "--backend", "torch", "--backward", "--budget", "0.005", "--trace", str(trace), "--json", str(out_json)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    for column in ("fwd ms", "share", "GB/s", "TFLOP/s", "bwd ms"):
+        assert column in text
+    (profile,) = json.loads(out_json.read_text())
+    assert [s["stage"] for s in profile["stages"]] == STAGES + ["shared experts"]
+    stages = {s["stage"]: s for s in profile["stages"]}
+    assert all(s["forward_ms"] > 0 and s["bytes"] > 0 for s in stages.values())
+    assert stages["gemm2"]["flops"] > 0 and stages["plan"]["backward_ms"] is None
+    assert stages["gemm1+act"]["backward_ms"] > 0 and profile["fused_moe_mlp_ms"] > 0
+    names = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
+    assert {f"moe_dispatch.{s}" for s in STAGES} <= names
+
+
+def test_tune_runs_every_op_of_the_backend():
+    """The tuning pass (forward and backward) on the CPU: the triton kernels under the
+    interpreter when they can run here."""
+    backend = "triton" if backends.unavailable_reason("triton", CPU) is None else "torch"
+    steps, results = [], []
+    tune_preset(get_preset("gpt-oss-20b", 0.01), [1, 5], torch.float32, CPU, True, steps.append, results.append,
+                backend=backend)
+    assert len(steps) == 2 and [(r.tokens, r.status) for r in results] == [(1, "tuned"), (5, "tuned")]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU has something to tune")
+def test_tune_without_a_gpu_says_there_is_nothing_to_tune(capsys):
+    assert main(["tune"]) == 0
+    assert "nothing to tune" in capsys.readouterr().out
