@@ -1,0 +1,343 @@
+"""The numba backend: the fast CPU path.
+
+Launchers here check the index arrays, allocate, pick a path and call the kernels in
+moe_dispatch/kernels/numba/. Tensors reach the kernels as zero-copy NumPy views; 16-bit
+floats as their bit patterns (bfloat16 as uint16, float16 as int16), widened to float32
+in registers.
+
+Two paths, chosen per call from the rows each active expert receives:
+  decode  (few rows per expert): Numba kernels that read each active expert's weights
+          once, parallel over (expert, block of output columns); the MLP is fused (gather
+          in GEMM1's loads, activation in its epilogue, routing weight and combine in GEMM2's).
+  blocked (many rows): one expert at a time through reused buffers: its rows gathered from
+          x, BLAS (torch.mm) for both GEMMs, the Numba activation between them, the weighted
+          rows added into a float32 output. grouped_mm likewise sends large groups to BLAS.
+Numba's threads follow torch.get_num_threads() unless NUMBA_NUM_THREADS is set. The
+threading layer is Numba's choice (NUMBA_THREADING_LAYER); docs/cpu.md measures the
+layers beside torch's OpenMP pool and says when to pick workqueue.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from typing import Optional
+
+import numba
+import numpy as np
+import torch
+
+from ..activations import is_gated
+from ..kernels.numba import grouped_mm as gmm
+from ..kernels.numba import mlp
+from ..kernels.numba import permute as perm
+from ..kernels.numba import plan as plan_kernels
+from ..kernels.numba.scalars import ACTIVATION_CODES
+from .base import Backend, PlanTensors
+
+Tensor = torch.Tensor
+
+# Rows per expert up to which reading the weights once in a Numba kernel beats a BLAS
+# call per expert (measured, docs/cpu.md). BLAS wins sooner in 16-bit, where oneDNN has
+# bfloat16 dot-product instructions. grouped_mm sends each expert its own way; moe_mlp
+# takes the fused decode path while the active experts average at most this many rows.
+SMALL_GROUP_ROWS = {torch.float32: 8, torch.float64: 8, torch.bfloat16: 4, torch.float16: 4}
+# Output columns per task (even: the kernels take columns in pairs): enough tasks to
+# balance threads, enough work to amortize one.
+BLOCK_NK = 16
+
+
+# Numba's workqueue layer runs one parallel region at a time and aborts the process on a
+# second: launches from several Python threads take turns.
+_LAUNCH_LOCK = threading.RLock()
+
+
+def sync_threads() -> None:
+    """Give Numba torch's thread count, unless the user pinned NUMBA_NUM_THREADS."""
+    if "NUMBA_NUM_THREADS" in os.environ:
+        return
+    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)
+
+
+def launcher(method):
+    """Run a backend method with Numba's thread count synced, torch's kept, and the launch
+    lock held."""
+
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        with _LAUNCH_LOCK:
+            torch_threads = torch.get_num_threads()
+            sync_threads()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                # Numba's OpenMP layer, started by the first launch, resets the OpenMP thread
+                # count torch reads (the two runtimes share it): put torch's back.
+                if torch.get_num_threads() != torch_threads:
+                    torch.set_num_threads(torch_threads)
+
+    return wrapped
+
+
+def as_array(t: Tensor) -> np.ndarray:
+    """A zero-copy NumPy view of a CPU tensor; bfloat16 as uint16 bits, float16 as int16 bits."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float16:
+        return t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+def as_bits(t: Tensor) -> np.ndarray:
+    """A zero-copy view of t's bits as same-width integers: for kernels that only move data."""
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.detach().view(bits).numpy()
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums and per-row scalars (routing weights, biases) are float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scalars_array(t: Optional[Tensor], dtype: torch.dtype) -> np.ndarray:
+    """2-D t (biases, routing weights) as a contiguous array of dtype's accumulator type;
+    a [1, 1] stand-in when t is None (the kernel is told not to read it)."""
+    if t is None:
+        return np.zeros((1, 1), dtype=np.float64 if dtype == torch.float64 else np.float32)
+    return t.detach().to(acc_dtype(dtype)).contiguous().numpy()
+
+
+def int32_array(t: Tensor) -> np.ndarray:
+    return t.detach().to(torch.int32).contiguous().numpy()
+
+
+def check_offsets(offsets: np.ndarray, num_rows: int) -> None:
+    if not perm.offsets_valid(offsets, num_rows):
+        raise ValueError(f"offsets must rise from 0 to the number of rows ({num_rows}); got {offsets.tolist()}")
+
+
+def check_indices(name: str, indices: np.ndarray, limit: int) -> None:
+    if indices.size and not perm.indices_in_range(indices, limit):
+        raise ValueError(f"{name} must lie in [0, {limit}); got values from {indices.min()} to {indices.max()}")
+
+
+def experts_by_size(offsets: np.ndarray, max_small: int) -> tuple[np.ndarray, list[int]]:
+    """(experts with 1..max_small rows as int32, experts with more rows)."""
+    counts = np.diff(offsets)
+    small = np.flatnonzero((counts > 0) & (counts <= max_small)).astype(np.int32)
+    large = np.flatnonzero(counts > max_small).tolist()
+    return small, large
+
+
+def rows_of_k_view(w: Tensor) -> Optional[Tensor]:
+    """w [E, K, N] as the contiguous [E, N, K] the Numba kernel reads (nn.Linear storage passed
+    as w.transpose(1, 2)), or None for any other strides, which BLAS reads without a copy."""
+    view = w.transpose(1, 2)
+    return view if view.is_contiguous() else None
+
+
+def linear_into(out: Tensor, a: Tensor, w: Tensor, bias: Optional[Tensor], expert: int) -> None:
+    """out = a @ w.T (+ bias[expert]) by BLAS, for one expert's rows; w any strides."""
+    if bias is None:
+        torch.mm(a, w.t(), out=out)
+    else:
+        torch.addmm(bias[expert].to(a.dtype), a, w.t(), out=out)
+
+
+class NumbaBackend(Backend):
+    name = "numba"
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if device.type != "cpu":
+            return f"numba runs on the CPU; got {device}"
+        return None
+
+    # ---- primitives ------------------------------------------------------------------
+    @launcher
+    def make_plan(self, ids: Tensor, num_experts: int) -> PlanTensors:
+        num_tokens, top_k = ids.shape
+        counts = torch.empty(num_experts, dtype=torch.int32)
+        offsets = torch.empty(num_experts + 1, dtype=torch.int32)
+        token_of_row = torch.empty(num_tokens * top_k, dtype=torch.int32)
+        row_of_slot = torch.empty(num_tokens, top_k, dtype=torch.int32)
+        num_chunks = max(1, min(numba.get_num_threads(), ids.numel() // plan_kernels.MIN_SLOTS_PER_CHUNK))
+        kernel = plan_kernels.make_plan_parallel if num_chunks > 1 else plan_kernels.make_plan_serial
+        num_bad = kernel(
+            ids.detach().contiguous().numpy(), num_experts, num_chunks,
+            counts.numpy(), offsets.numpy(), token_of_row.numpy(), row_of_slot.numpy(),
+        )
+        if num_bad:
+            raise ValueError(f"ids must lie in [0, {num_experts}): {num_bad} expert ids fall outside")
+        return counts, offsets, token_of_row, row_of_slot
+
+    @launcher
+    def permute(self, x: Tensor, token_of_row: Tensor) -> Tensor:
+        rows = int32_array(token_of_row)
+        check_indices("token_of_row", rows, x.shape[0])
+        out = x.new_empty(rows.shape[0], x.shape[1])
+        perm.gather_rows(as_bits(x.contiguous()), rows, as_bits(out))
+        return out
+
+    @launcher
+    def unpermute(self, ys: Tensor, row_of_slot: Tensor, weights: Optional[Tensor]) -> Tensor:
+        slots = int32_array(row_of_slot)
+        check_indices("row_of_slot", slots, ys.shape[0])
+        if weights is None:
+            weights = torch.ones(slots.shape, dtype=acc_dtype(ys.dtype))
+        out = ys.new_empty(slots.shape[0], ys.shape[1])
+        perm.combine(as_array(ys.contiguous()), slots, scalars_array(weights, ys.dtype), as_array(out))
+        return out
+
+    @launcher
+    def grouped_mm(self, a: Tensor, w: Tensor, offsets: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        a = a.contiguous()
+        bounds = int32_array(offsets)
+        check_offsets(bounds, a.shape[0])
+        out = a.new_empty(a.shape[0], w.shape[2])
+        w_rows = rows_of_k_view(w)
+        small, large = experts_by_size(bounds, SMALL_GROUP_ROWS[a.dtype] if w_rows is not None else 0)
+        for e in large:
+            start, end = int(bounds[e]), int(bounds[e + 1])
+            if bias is None:
+                torch.mm(a[start:end], w[e], out=out[start:end])
+            else:
+                torch.addmm(bias[e].to(a.dtype), a[start:end], w[e], out=out[start:end])
+        if small.size:
+            gmm.grouped_mm_nk(as_array(a), as_array(w_rows), scalars_array(bias, a.dtype), bias is not None,
+                              bounds, small, BLOCK_NK, as_array(out))
+        return out
+
+    @launcher
+    def grouped_mm_wgrad(self, a: Tensor, b: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
+        # One BLAS call per expert: the [M, N] output is what costs, and BLAS writes it fastest.
+        bounds = int32_array(offsets)
+        check_offsets(bounds, a.shape[0])
+        out = a.new_empty(num_experts, a.shape[1], b.shape[1])
+        for e in range(num_experts):
+            start, end = int(bounds[e]), int(bounds[e + 1])
+            if start == end:
+                out[e].zero_()
+            else:
+                torch.mm(a[start:end].T, b[start:end], out=out[e])
+        return out
+
+    # ---- composites ------------------------------------------------------------------
+    @launcher
+    def unpermute_backward(
+        self, dy: Tensor, ys: Tensor, token_of_row: Tensor, row_of_slot: Tensor, weights: Optional[Tensor]
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        if weights is None:
+            return self.permute(dy, token_of_row), None
+        slots = int32_array(row_of_slot)
+        if not perm.is_permutation(slots, ys.shape[0]):
+            raise ValueError(f"row_of_slot must hold each row in [0, {ys.shape[0]}) exactly once")
+        dys = ys.new_empty(ys.shape)
+        dweights = torch.empty(slots.shape, dtype=acc_dtype(ys.dtype))
+        perm.combine_backward(
+            as_array(dy.contiguous()), as_array(ys.contiguous()), slots,
+            scalars_array(weights, ys.dtype), as_array(dys), dweights.numpy(),
+        )
+        return dys, dweights
+
+    @launcher
+    def moe_mlp(
+        self,
+        x: Tensor,
+        weights: Tensor,
+        plan: PlanTensors,
+        w_gate_up: Tensor,
+        w_down: Tensor,
+        b_gate_up: Optional[Tensor],
+        b_down: Optional[Tensor],
+        activation: str,
+        save_for_backward: bool,
+    ) -> tuple[Tensor, Tensor]:
+        _, offsets, token_of_row, row_of_slot = plan
+        bounds = int32_array(offsets)
+        check_offsets(bounds, token_of_row.shape[0])
+        active = int(np.count_nonzero(np.diff(bounds)))
+        decode = active and token_of_row.shape[0] <= SMALL_GROUP_ROWS[x.dtype] * active
+        # The fused kernels read K-contiguous weights; other layouts take the blocked path,
+        # whose BLAS calls read any strides without a copy.
+        if decode and w_gate_up.is_contiguous() and w_down.is_contiguous():
+            return self._moe_mlp_decode(
+                x, weights, bounds, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
+                activation, save_for_backward,
+            )
+        return self._moe_mlp_blocked(
+            x, weights, bounds, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
+            activation, save_for_backward,
+        )
+
+    def _moe_mlp_blocked(
+        self, x, weights, bounds, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
+        activation, save_for_backward,
+    ) -> tuple[Tensor, Tensor]:
+        """One expert at a time, BLAS for both GEMMs, through buffers sized for the largest
+        expert and reused: T*k-row intermediates would be fresh memory on every call, and
+        their page faults cost as much as the eager loop's whole lead (64 MB: 24 ms)."""
+        num_rows, hidden = token_of_row.shape[0], x.shape[1]
+        inter, width = w_down.shape[2], w_gate_up.shape[1]
+        rows = int32_array(token_of_row)
+        check_indices("token_of_row", rows, x.shape[0])
+        counts = np.diff(bounds)
+        most = int(counts.max()) if counts.size else 0
+        h_all = x.new_empty(num_rows if save_for_backward else 0, width)
+        x_e, h_e, a_e, o_e = (x.new_empty(most, n) for n in (hidden, width, inter, hidden))
+        weighted = torch.empty(most, hidden, dtype=acc_dtype(x.dtype))
+        row_weight = self._row_weights(weights, row_of_slot, num_rows, x.dtype)
+        out = torch.zeros(x.shape[0], hidden, dtype=acc_dtype(x.dtype))
+        token = torch.from_numpy(rows).long()
+        for e in np.flatnonzero(counts).tolist():
+            start, end = int(bounds[e]), int(bounds[e + 1])
+            n = end - start
+            tokens = token[start:end]
+            torch.index_select(x, 0, tokens, out=x_e[:n])
+            h = h_all[start:end] if save_for_backward else h_e[:n]
+            linear_into(h, x_e[:n], w_gate_up[e], b_gate_up, e)
+            mlp.activate_rows(as_array(h), inter, is_gated(activation), ACTIVATION_CODES[activation],
+                              as_array(a_e[:n]))
+            linear_into(o_e[:n], a_e[:n], w_down[e], b_down, e)
+            torch.mul(o_e[:n], row_weight[start:end, None], out=weighted[:n])
+            out.index_add_(0, tokens, weighted[:n])
+        return out.to(x.dtype), h_all
+
+    @staticmethod
+    def _row_weights(weights, row_of_slot, num_rows, dtype) -> Tensor:
+        """The routing weight of each row [R], in dtype's accumulator type."""
+        slots = int32_array(row_of_slot)
+        check_indices("row_of_slot", slots, num_rows)
+        row_weight = torch.empty(num_rows, dtype=acc_dtype(dtype))
+        row_weight[torch.from_numpy(slots).reshape(-1).long()] = weights.detach().reshape(-1).to(row_weight.dtype)
+        return row_weight
+
+    def _moe_mlp_decode(
+        self, x, weights, bounds, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
+        activation, save_for_backward,
+    ) -> tuple[Tensor, Tensor]:
+        num_tokens = x.shape[0]
+        num_rows = token_of_row.shape[0]
+        rows = int32_array(token_of_row)
+        check_indices("token_of_row", rows, num_tokens)
+        row_weight = self._row_weights(weights, row_of_slot, num_rows, x.dtype)
+        experts = np.flatnonzero(np.diff(bounds)).astype(np.int32)
+        inter = w_down.shape[2]
+        h = x.new_empty(num_rows if save_for_backward else 0, w_gate_up.shape[1])
+        a = torch.empty(num_rows, inter, dtype=acc_dtype(x.dtype))
+        # x widened once (a few rows): GEMM1 then widens only the weights, gathering x's rows itself.
+        x_wide = x.detach().to(acc_dtype(x.dtype)).contiguous().numpy()
+        mlp.gate_up_act(
+            x_wide, rows, as_array(w_gate_up), scalars_array(b_gate_up, x.dtype),
+            b_gate_up is not None, bounds, experts, inter, is_gated(activation), ACTIVATION_CODES[activation],
+            BLOCK_NK, save_for_backward, as_array(h), a.numpy(),
+        )
+        out = x.new_empty(num_tokens, x.shape[1])
+        mlp.down_combine(
+            a.numpy(), as_array(w_down), scalars_array(b_down, x.dtype), b_down is not None,
+            bounds, experts, rows, row_weight.numpy(), BLOCK_NK, as_array(out),
+        )
+        return out, h

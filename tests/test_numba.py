@@ -1,0 +1,472 @@
+"""What only the numba backend has: its two moe_mlp paths, its grouped_mm weight layouts and
+group sizes, the 16-bit conversions, its kernels under bounds checking, its thread settings.
+
+The backend-generic suite covers the public contract on default settings; here each path
+is forced and compared with tests/reference.py. Tests marked `nojit` are the small subset
+CI also runs with NUMBA_DISABLE_JIT=1, so coverage sees the kernels' Python source:
+    NUMBA_DISABLE_JIT=1 python -m pytest tests/test_numba.py -m nojit -q
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cases import CASES
+from conftest import CPU, assert_close, random_ids, random_weights
+from moe_dispatch import grouped_mm, make_plan, moe_mlp
+from moe_dispatch.backends import get_backend, unavailable_reason
+from reference import naive_grouped_mm, naive_moe_mlp
+
+if unavailable_reason("numba", CPU) is not None:
+    pytest.skip(f"numba backend unavailable: {unavailable_reason('numba', CPU)}", allow_module_level=True)
+
+import numba  # noqa: E402
+
+import moe_dispatch.backends.numba_backend as nb  # noqa: E402
+from moe_dispatch.kernels.numba.scalars import narrow, widen  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+JIT = not numba.config.DISABLE_JIT
+nojit = pytest.mark.nojit
+
+
+def small_groups_everywhere(monkeypatch):
+    """Every expert counts as small: Numba kernels for all groups, decode for moe_mlp."""
+    monkeypatch.setattr(nb, "SMALL_GROUP_ROWS", {dt: 10**9 for dt in nb.SMALL_GROUP_ROWS})
+
+
+def large_groups_everywhere(monkeypatch):
+    """Every expert with rows counts as large: BLAS for all groups, the blocked moe_mlp."""
+    monkeypatch.setattr(nb, "SMALL_GROUP_ROWS", {dt: 0 for dt in nb.SMALL_GROUP_ROWS})
+
+
+def count_calls(monkeypatch, module, name) -> list:
+    """Record each call of module.name (still calling it) so a test can see which path ran."""
+    calls, original = [], getattr(module, name)
+
+    def spy(*args):
+        calls.append(name)
+        return original(*args)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def expert_weights(E, H, I, gated, dtype, gen, layout="contiguous", bias=False):
+    """(w_gate_up [E, W, H], w_down [E, H, I], b_gate_up, b_down); "transposed" gives views of
+    [E, H, W] / [E, I, H] storage, as a model storing in_features first would pass them."""
+    width = 2 * I if gated else I
+    w_gate_up = torch.randn(E, width, H, generator=gen) / H**0.5
+    w_down = torch.randn(E, H, I, generator=gen) / I**0.5
+    if layout == "transposed":
+        w_gate_up = w_gate_up.transpose(1, 2).contiguous().transpose(1, 2)
+        w_down = w_down.transpose(1, 2).contiguous().transpose(1, 2)
+    biases = (torch.randn(E, width, generator=gen), torch.randn(E, H, generator=gen)) if bias else (None, None)
+    return w_gate_up.to(dtype), w_down.to(dtype), *biases
+
+
+# ---- moe_mlp: each path against the reference --------------------------------------------
+
+PATHS = ["decode", "blas", "strided"]
+
+
+def force_path(path, monkeypatch):
+    """decode: the fused kernels; blas: BLAS per expert; strided: transposed weight views,
+    which the Numba kernels do not read: the blocked path, BLAS reading the views in place."""
+    if path == "blas":
+        large_groups_everywhere(monkeypatch)
+    else:
+        small_groups_everywhere(monkeypatch)
+    return "transposed" if path == "strided" else "contiguous"
+
+
+def check_moe_mlp(case, dtype, path, activation, bias, gen, monkeypatch):
+    layout = force_path(path, monkeypatch)
+    decode_calls = count_calls(monkeypatch, nb.mlp, "gate_up_act")
+    x = torch.randn(case.tokens, case.hidden, generator=gen).to(dtype)
+    ids = case.ids(gen)
+    weights = random_weights(case.tokens, case.top_k, gen)
+    w_gate_up, w_down, b_gate_up, b_down = expert_weights(
+        case.experts, case.hidden, case.inter, activation in ("swiglu", "geglu"), dtype, gen, layout, bias
+    )
+    out = moe_mlp(x, weights, ids, w_gate_up, w_down, activation=activation,
+                  b_gate_up=b_gate_up, b_down=b_down, backend="numba")
+    expected = naive_moe_mlp(x, weights, ids, w_gate_up, w_down, b_gate_up, b_down, activation)
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype)
+    assert bool(decode_calls) == (path == "decode" and case.tokens > 0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_moe_mlp_paths_match_reference(case, dtype, path, gen, monkeypatch):
+    check_moe_mlp(case, dtype, path, "swiglu", False, gen, monkeypatch)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu", "silu"])
+def test_moe_mlp_paths_activations_and_biases(activation, bias, path, gen, monkeypatch):
+    case = CASES[1].values[0]  # odd sizes
+    check_moe_mlp(case, torch.float32, path, activation, bias, gen, monkeypatch)
+
+
+@nojit
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nojit_moe_mlp_paths(dtype, path, gen, monkeypatch):
+    # Tiny: under NUMBA_DISABLE_JIT the kernels run as Python.
+    case = CASES[0].values[0]  # T < block
+    check_moe_mlp(case, dtype, path, "swiglu", True, gen, monkeypatch)
+
+
+def test_decode_is_chosen_by_rows_per_expert(gen, monkeypatch):
+    """Default thresholds: a decode step is fused, a long prefill goes blocked."""
+    decode_calls = count_calls(monkeypatch, nb.mlp, "gate_up_act")
+    E, H, I = 8, 16, 8
+    w_gate_up, w_down, _, _ = expert_weights(E, H, I, True, torch.float32, gen)
+    for tokens, fused in ((1, True), (400, False)):
+        decode_calls.clear()
+        ids = random_ids(tokens, 2, E, gen)
+        moe_mlp(torch.randn(tokens, H, generator=gen), random_weights(tokens, 2, gen), ids, w_gate_up, w_down,
+                backend="numba")
+        assert bool(decode_calls) == fused
+
+
+@pytest.mark.parametrize("path", ["decode", "blas"])
+def test_gradients_after_each_forward_path(path, gen, monkeypatch):
+    """The h the decode kernel saves serves the backward as the blocked path's does."""
+    force_path(path, monkeypatch)
+    case = CASES[1].values[0]
+    ids = case.ids(gen)
+    inputs = [
+        torch.randn(case.tokens, case.hidden, generator=gen),
+        random_weights(case.tokens, case.top_k, gen),
+        *expert_weights(case.experts, case.hidden, case.inter, True, torch.float32, gen, bias=True),
+    ]
+    grads = {}
+    for backend in ("numba", "torch"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        x, weights, w_gate_up, w_down, b_gate_up, b_down = leaves
+        out = moe_mlp(x, weights, ids, w_gate_up, w_down, b_gate_up=b_gate_up, b_down=b_down, backend=backend)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        grads[backend] = [t.grad for t in leaves]
+    for got, want in zip(grads["numba"], grads["torch"]):
+        assert_close(got, want, torch.float32)
+
+
+# ---- grouped_mm: weight layouts and group sizes ------------------------------------------
+
+LAYOUTS = {
+    # nn.Linear storage [E, N, K] passed as w.transpose(1, 2): what the Numba kernel reads
+    "nk": lambda E, K, N, g: torch.randn(E, N, K, generator=g).transpose(1, 2),
+    # [E, K, N] storage: BLAS, whatever the group size
+    "kn": lambda E, K, N, g: torch.randn(E, K, N, generator=g),
+    # neither K nor N contiguous: BLAS reads the view in place
+    "strided": lambda E, K, N, g: torch.randn(E, K, N, 2, generator=g)[..., 0],
+}
+
+
+def offsets_of(ids, E):
+    return make_plan(ids, E, backend="torch").offsets
+
+
+@pytest.mark.parametrize("groups", ["small", "large"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_mm_layouts_and_group_sizes(dtype, layout, groups, gen, monkeypatch):
+    (small_groups_everywhere if groups == "small" else large_groups_everywhere)(monkeypatch)
+    E, K, N, rows = 5, 37, 19, 41
+    offsets = offsets_of(random_ids(rows, 1, E, gen), E)
+    xs = torch.randn(rows, K, generator=gen).to(dtype)
+    w = (LAYOUTS[layout](E, K, N, gen) / K**0.5).to(dtype)
+    out = grouped_mm(xs, w, offsets, backend="numba")
+    assert_close(out, naive_grouped_mm(xs, w, offsets), dtype)
+
+
+@nojit
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_nojit_grouped_mm_bias_and_wgrad(layout, gen, monkeypatch):
+    small_groups_everywhere(monkeypatch)
+    backend = get_backend("numba")
+    E, K, N, rows = 4, 6, 5, 9
+    offsets = offsets_of(random_ids(rows, 1, E - 1, gen), E)  # expert E-1 gets no rows
+    xs, dy = torch.randn(rows, K, generator=gen), torch.randn(rows, N, generator=gen)
+    w, bias = LAYOUTS[layout](E, K, N, gen), torch.randn(E, N, generator=gen)
+    expert_of_row = torch.searchsorted(offsets[1:], torch.arange(rows, dtype=offsets.dtype), right=True)
+    expected = naive_grouped_mm(xs, w, offsets) + bias.double()[expert_of_row]
+    assert_close(backend.grouped_mm(xs, w, offsets, bias), expected)
+    wgrad = backend.grouped_mm_wgrad(xs, dy, offsets, E)
+    bounds = offsets.tolist()
+    for e in range(E):
+        part = slice(bounds[e], bounds[e + 1])
+        assert_close(wgrad[e], xs[part].double().T @ dy[part].double())
+
+
+@pytest.mark.parametrize("groups", ["small", "large"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_mm_wgrad_group_sizes(dtype, groups, gen, monkeypatch):
+    (small_groups_everywhere if groups == "small" else large_groups_everywhere)(monkeypatch)
+    E, M, N, rows = 6, 21, 13, 50
+    offsets = offsets_of(random_ids(rows, 1, E - 2, gen), E)  # the last two experts are empty
+    a = torch.randn(rows, M, generator=gen).to(dtype)
+    b = torch.randn(rows, N, generator=gen).to(dtype)
+    out = get_backend("numba").grouped_mm_wgrad(a, b, offsets, E)
+    bounds = offsets.tolist()
+    for e in range(E):
+        part = slice(bounds[e], bounds[e + 1])
+        assert_close(out[e], a[part].double().T @ b[part].double(), dtype)
+
+
+# ---- plan and data movement without the validating front end -----------------------------
+
+
+@nojit
+def test_nojit_plan_permute_combine(gen):
+    backend = get_backend("numba")
+    ids = random_ids(7, 3, 5, gen)
+    counts, offsets, token_of_row, row_of_slot = backend.make_plan(ids, 5)
+    want = get_backend("torch").make_plan(ids, 5)
+    for got, expected in zip((counts, offsets, token_of_row, row_of_slot), want):
+        assert got.dtype == torch.int32 and torch.equal(got, expected)
+    x = torch.randn(7, 4, generator=gen).to(torch.bfloat16)
+    xs = backend.permute(x, token_of_row)
+    assert torch.equal(xs, x[token_of_row.long()])
+    weights = random_weights(7, 3, gen)
+    y = backend.unpermute(xs, row_of_slot, weights)
+    assert_close(y, x.double() * weights.double().sum(1, keepdim=True), torch.bfloat16)
+    dy = torch.randn(7, 4, generator=gen).to(torch.bfloat16)
+    dxs, dweights = backend.unpermute_backward(dy, xs, token_of_row, row_of_slot, weights)
+    assert_close(dxs, dy.double()[token_of_row.long()] * weights.double().view(-1)[slot_of_row(row_of_slot)][:, None],
+                 torch.bfloat16)
+    assert_close(dweights, (dy.double()[:, None, :] * xs.double()[row_of_slot.long()]).sum(-1), torch.bfloat16)
+
+
+def slot_of_row(row_of_slot):
+    """The inverse of row_of_slot, as flat slot indices [R]."""
+    inverse = torch.empty(row_of_slot.numel(), dtype=torch.long)
+    inverse[row_of_slot.reshape(-1).long()] = torch.arange(row_of_slot.numel())
+    return inverse
+
+
+def test_parallel_plan_matches_torch(gen, monkeypatch):
+    """Enough slots for several chunks: the parallel histogram and scatter stay stable."""
+    from moe_dispatch.kernels.numba import plan as plan_kernels
+
+    monkeypatch.setattr(plan_kernels, "MIN_SLOTS_PER_CHUNK", 64)
+    ids = random_ids(300, 4, 7, gen)
+    ids[:150, 0] = 2  # one expert's rows span every chunk
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = get_backend("numba").make_plan(ids, 7)
+    finally:
+        torch.set_num_threads(before)
+    for actual, expected in zip(got, get_backend("torch").make_plan(ids, 7)):
+        assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("bad", [-1, 5], ids=["negative", "E"])
+def test_kernel_refuses_out_of_range_ids(bad, gen):
+    """The front end validates ids; the kernel must still never index with a bad one."""
+    ids = random_ids(6, 2, 5, gen)
+    ids[3, 1] = bad
+    before = ids.clone()
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 5\)"):
+        get_backend("numba").make_plan(ids, 5)
+    assert torch.equal(ids, before)
+
+
+def test_kernels_refuse_bad_plans(gen):
+    backend = get_backend("numba")
+    x = torch.randn(4, 3, generator=gen)
+    with pytest.raises(ValueError, match="token_of_row"):
+        backend.permute(x, torch.tensor([0, 4, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="row_of_slot"):
+        backend.unpermute(x, torch.tensor([[0, -1]], dtype=torch.int32), None)
+    with pytest.raises(ValueError, match="exactly once"):
+        backend.unpermute_backward(x, x, torch.zeros(4, dtype=torch.int32),
+                                   torch.tensor([[0, 0], [1, 2]], dtype=torch.int32), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="offsets"):
+        backend.grouped_mm(x, torch.randn(2, 3, 5), torch.tensor([0, 3, 2], dtype=torch.int32))
+
+
+# ---- 16-bit conversions ------------------------------------------------------------------
+
+
+def bits_view(t):
+    return nb.as_array(t)
+
+
+def conversion_inputs(count):
+    """float32 values that stress rounding: every 16-bit pattern's neighbours, ties, specials."""
+    patterns = torch.arange(0, 65536, max(1, 65536 // count), dtype=torch.int32)
+    as_bf16 = (patterns << 16).view(torch.float32)
+    ties = ((patterns << 16) | 0x8000).view(torch.float32)  # exactly halfway for bfloat16
+    near = as_bf16 * (1 + 2.0**-12)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 65504.0, 65520.0, 6e-8, 1e-40])
+    return torch.cat([as_bf16, ties, near, specials])
+
+
+@numba.njit
+def _round_trip(values, out16, back32):
+    for i in range(values.shape[0]):
+        out16[i] = narrow(values[i], out16.dtype)
+        back32[i] = widen(out16[i])
+
+
+def check_conversions(dtype, count):
+    values = conversion_inputs(count)
+    expected = values.to(dtype)
+    out16 = torch.empty_like(expected)
+    back = torch.empty_like(values)
+    _round_trip(values.numpy(), bits_view(out16), back.numpy())
+    nan = expected.isnan()
+    assert torch.equal(out16.isnan(), nan)
+    assert torch.equal(out16.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+    assert torch.equal(back.isnan(), nan)
+    assert torch.equal(back[~nan], expected.float()[~nan])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_conversions_match_torch_bit_for_bit(dtype):
+    check_conversions(dtype, 65536)
+
+
+@nojit
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_nojit_16_bit_conversions(dtype):
+    check_conversions(dtype, 512)
+
+
+# ---- threads -----------------------------------------------------------------------------
+
+
+def tiny_call(gen):
+    E = 4
+    ids = random_ids(3, 2, E, gen)
+    w_gate_up, w_down, _, _ = expert_weights(E, 8, 4, True, torch.float32, gen)
+    moe_mlp(torch.randn(3, 8, generator=gen), random_weights(3, 2, gen), ids, w_gate_up, w_down, backend="numba")
+
+
+@pytest.mark.skipif(not JIT or numba.config.NUMBA_NUM_THREADS < 2, reason="needs two Numba threads")
+def test_threads_follow_torch(gen, monkeypatch):
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        for wanted in (1, 2):
+            torch.set_num_threads(wanted)
+            tiny_call(gen)
+            assert numba.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not JIT or numba.config.NUMBA_NUM_THREADS < 2, reason="needs two Numba threads")
+def test_numba_num_threads_env_wins(gen, monkeypatch):
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
+    before = (torch.get_num_threads(), numba.get_num_threads())
+    try:
+        numba.set_num_threads(1)
+        torch.set_num_threads(2)
+        tiny_call(gen)
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])
+
+
+def run_python(code: str, **env) -> str:
+    """Run code in a fresh interpreter from the tests folder, with env added; return its stdout."""
+    env = {**os.environ, **env}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600,
+        cwd=os.path.dirname(__file__), env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.skipif(not JIT, reason="threading layers exist only under the JIT")
+@pytest.mark.parametrize("layer", ["workqueue", "omp"])
+def test_threading_layer_kept_and_concurrent_callers(layer):
+    """The user's threading layer stands, the first launch leaves torch's thread count alone
+    (Numba's OpenMP layer resets it), and calls from several Python threads work: on
+    workqueue they take turns (it aborts the process on a concurrent launch)."""
+    if layer == "omp" and importlib.util.find_spec("numba.np.ufunc.omppool") is None:
+        pytest.skip("this Numba build has no OpenMP layer")
+    code = """
+        import threading, numba, torch
+        from moe_dispatch import moe_mlp
+        E = 4
+        w_gate_up, w_down = torch.randn(E, 8, 16), torch.randn(E, 16, 4)
+        torch.set_num_threads(1)
+        x = torch.randn(64, 16)
+        moe_mlp(x, torch.rand(64, 2), torch.rand(64, E).topk(2, -1).indices, w_gate_up, w_down, backend="numba")
+        print(torch.get_num_threads())
+        def work():
+            for _ in range(20):
+                x = torch.randn(64, 16)
+                ids = torch.rand(64, E).topk(2, -1).indices
+                moe_mlp(x, torch.rand(64, 2), ids, w_gate_up, w_down, backend="numba")
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print(numba.threading_layer())
+    """
+    assert run_python(code, NUMBA_THREADING_LAYER=layer).split() == ["1", layer]
+
+
+# ---- bounds checking ---------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not JIT, reason="bounds checking is a JIT option")
+def test_kernels_under_boundscheck(tmp_path):
+    """Every kernel, both moe_mlp paths and the backward, compiled with NUMBA_BOUNDSCHECK=1
+    (a fresh cache, so nothing compiled without it is reused): an out-of-bounds access raises
+    IndexError there instead of reading past an array."""
+    code = """
+        import torch
+        import moe_dispatch.backends.numba_backend as nb
+        from conftest import assert_close
+        from moe_dispatch import grouped_mm, make_plan, moe_mlp, permute, unpermute
+        g = torch.Generator().manual_seed(0)
+        E, T, k, H, I = 5, 13, 3, 12, 7
+        ids = torch.rand(T, E, generator=g).topk(k, -1).indices
+
+        def run(backend, x, weights, wgu, wd, bgu, bd):
+            leaves = [t.detach().requires_grad_() for t in (x, weights, wgu, wd, bgu, bd)]
+            x, weights, wgu, wd, bgu, bd = leaves
+            out = moe_mlp(x, weights, ids, wgu, wd, b_gate_up=bgu, b_down=bd, backend=backend)
+            grads = torch.autograd.grad(out.sum(), leaves)
+            plan = make_plan(ids, E, backend=backend)
+            xs = permute(x, plan, backend=backend)
+            h = grouped_mm(xs, wgu.transpose(1, 2), plan.offsets, backend=backend)
+            o = grouped_mm(h[:, :I].contiguous(), wd.transpose(1, 2).contiguous(), plan.offsets, backend=backend)
+            return (out, unpermute(o, plan, weights, backend=backend), *grads)
+
+        for small in (10**9, 0):
+            nb.SMALL_GROUP_ROWS = {dt: small for dt in nb.SMALL_GROUP_ROWS}
+            for dtype in (torch.float32, torch.bfloat16):
+                inputs = (torch.randn(T, H, generator=g), torch.rand(T, k, generator=g).softmax(-1),
+                          torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5,
+                          torch.randn(E, 2 * I, generator=g), torch.randn(E, H, generator=g))
+                inputs = [t.to(dtype) if i in (0, 2, 3) else t for i, t in enumerate(inputs)]
+                got = run("numba", *inputs)
+                want = run("torch", *[t.double() for t in inputs])
+                # bfloat16 gradients round too many intermediates for the table's tolerance
+                # (the torch backend's too): there the backward only has to run.
+                checked = len(got) if dtype == torch.float32 else 2
+                for a, b in zip(got[:checked], want[:checked]):
+                    assert_close(a, b, dtype)
+        print("ok")
+    """
+    assert run_python(code, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path)).split() == ["ok"]
