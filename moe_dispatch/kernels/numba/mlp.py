@@ -1,4 +1,4 @@
-"""The fused expert MLP for small batches (decode), and the activation for large ones.
+"""The fused expert MLP for small batches (decode).
 
 Decode runs in two parallel passes, each reading every active expert's weights once:
   gate_up_act:  GEMM1 loading its rows straight from x (no permuted copy), with the
@@ -13,7 +13,7 @@ from __future__ import annotations
 from numba import njit, prange
 
 from .grouped_mm import FASTMATH, dot_rows_pair
-from .scalars import acc_zeros, act_value, narrow, widen
+from .scalars import acc_zeros, act_value, narrow
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -65,15 +65,20 @@ def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weigh
     num_tokens = out.shape[0]
     hidden = w.shape[1]
     num_blocks = (hidden + block - 1) // block
+    most_rows = 0
+    for ei in range(experts.shape[0]):
+        most_rows = max(most_rows, offsets[experts[ei] + 1] - offsets[experts[ei]])
     for task in prange(num_blocks):
         c0 = task * block
         width = min(block, hidden - c0)
         acc = acc_zeros((num_tokens, width), a.dtype)
+        # Allocated once per task, not per expert: thousands of small allocations per call
+        # cost as much as the dot products at T=16.
+        dots_a = acc_zeros(most_rows, a.dtype)
+        dots_b = acc_zeros(most_rows, a.dtype)
         for ei in range(experts.shape[0]):
             e = experts[ei]
             start, end = offsets[e], offsets[e + 1]
-            dots_a = acc_zeros(end - start, a.dtype)
-            dots_b = acc_zeros(end - start, a.dtype)
             for c in range(0, width, 2):
                 d = min(c + 1, width - 1)  # the last column of an odd width pairs with itself
                 dot_rows_pair(a, token_of_row, False, start, end, w[e, c0 + c], w[e, c0 + d], dots_a, dots_b)
@@ -87,17 +92,3 @@ def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weigh
         for t in range(num_tokens):
             for c in range(width):
                 out[t, c0 + c] = narrow(acc[t, c], out.dtype)
-
-
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
-def activate_rows(h, inter, gated, code, out):
-    """out[r, i] = act(h[r, i]) * h[r, I + i] when gated, else act(h[r, i]); float32 math.
-
-    h: [R, W]; out: [R, I] (h's type). Grid: one task per row.
-    """
-    for r in prange(h.shape[0]):
-        for i in range(inter):
-            v = act_value(widen(h[r, i]), code)
-            if gated:
-                v = v * widen(h[r, inter + i])
-            out[r, i] = narrow(v, out.dtype)
