@@ -16,14 +16,9 @@ from .plan import DispatchPlan
 Tensor = torch.Tensor
 
 
+@torch.compiler.assume_constant_result
 def _backend_name(device: torch.device, backend: str) -> str:
     return resolve_backend(device, backend)
-
-
-# torch.compile treats the name as a constant of the graph, as torch.compiler.assume_constant_result
-# would mark it; setting the mark directly spares every import of this package a second of
-# importing torch._dynamo. tests/test_compile.py fails if the mark stops working.
-_backend_name._dynamo_marked_constant = True
 
 
 # ---- routing: the same vectorized torch code on every backend --------------------------
