@@ -89,7 +89,7 @@ def force_path(path, monkeypatch):
 
 def check_moe_mlp(case, dtype, path, activation, bias, gen, monkeypatch):
     layout = force_path(path, monkeypatch)
-    decode_calls = count_calls(monkeypatch, nb.mlp, "gate_up_act")
+    decode_calls = count_calls(monkeypatch, nb.mlp, "moe_mlp_decode")
     x = torch.randn(case.tokens, case.hidden, generator=gen).to(dtype)
     ids = case.ids(gen)
     weights = random_weights(case.tokens, case.top_k, gen)
@@ -130,7 +130,7 @@ def test_nojit_moe_mlp_paths(dtype, path, gen, monkeypatch):
 
 def test_decode_is_chosen_by_rows_per_expert(gen, monkeypatch):
     """Default thresholds: a decode step is fused, a long prefill goes blocked."""
-    decode_calls = count_calls(monkeypatch, nb.mlp, "gate_up_act")
+    decode_calls = count_calls(monkeypatch, nb.mlp, "moe_mlp_decode")
     E, H, I = 8, 16, 8
     w_gate_up, w_down, _, _ = expert_weights(E, H, I, True, torch.float32, gen)
     for tokens, fused in ((1, True), (400, False)):
@@ -298,6 +298,14 @@ def test_kernels_refuse_bad_plans(gen):
                                    torch.tensor([[0, 0], [1, 2]], dtype=torch.int32), torch.ones(2, 2))
     with pytest.raises(ValueError, match="offsets"):
         backend.grouped_mm(x, torch.randn(2, 3, 5), torch.tensor([0, 3, 2], dtype=torch.int32))
+    # The fused decode step checks both index arrays before its kernels read through them.
+    plan = backend.make_plan(torch.tensor([[0], [1]], dtype=torch.int32), 2)
+    for name, index, bad in (("token_of_row", 2, [0, 5]), ("row_of_slot", 3, [[0], [-1]])):
+        bad_plan = list(plan)
+        bad_plan[index] = torch.tensor(bad, dtype=torch.int32)
+        with pytest.raises(ValueError, match=name):
+            backend.moe_mlp(x[:2], torch.ones(2, 1), tuple(bad_plan), torch.randn(2, 4, 3), torch.randn(2, 3, 2),
+                            None, None, "swiglu", False)
 
 
 # ---- 16-bit conversions ------------------------------------------------------------------

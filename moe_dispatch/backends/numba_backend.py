@@ -95,13 +95,25 @@ def as_array(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def weights_array(w: Tensor) -> np.ndarray:
-    """as_array for the weights the kernels read: contiguous bfloat16 with an even K as uint32
-    words, two elements each (the kernels split them with a shift and a mask, which vectorizes
+def is_packed(w: Tensor) -> bool:
+    """Whether the kernels read w as uint32 words, two bfloat16 elements each: contiguous
+    bfloat16 with an even K (they split a word with a shift and a mask, which vectorizes
     where 16-bit loads did not)."""
-    if w.dtype == torch.bfloat16 and w.is_contiguous() and w.shape[-1] % 2 == 0 and w.storage_offset() % 2 == 0:
+    return w.dtype == torch.bfloat16 and w.is_contiguous() and w.shape[-1] % 2 == 0 and w.storage_offset() % 2 == 0
+
+
+def weights_array(w: Tensor) -> np.ndarray:
+    """as_array for the weights the kernels read, packed when is_packed(w)."""
+    if is_packed(w):
         return w.detach().view(torch.int32).numpy().view(np.uint32)
     return as_array(w)
+
+
+def split_array(t: Tensor) -> np.ndarray:
+    """[R, K] activations as float32 in the split layout that kernels on packed weights read:
+    each row's even elements, then its odd ones."""
+    t = t.detach()
+    return torch.cat((t[:, 0::2], t[:, 1::2]), dim=1).to(torch.float32).numpy()
 
 
 def as_bits(t: Tensor) -> np.ndarray:
@@ -152,12 +164,12 @@ def rows_of_k_view(w: Tensor) -> Optional[Tensor]:
     return view if view.is_contiguous() else None
 
 
-def linear_into(out: Tensor, a: Tensor, w: Tensor, bias: Optional[Tensor], expert: int) -> None:
-    """out = a @ w.T (+ bias[expert]) by BLAS, for one expert's rows; w any strides."""
+def matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor]) -> None:
+    """out = a @ b (+ bias, broadcast) by BLAS; any strides."""
     if bias is None:
-        torch.mm(a, w.t(), out=out)
+        torch.mm(a, b, out=out)
     else:
-        torch.addmm(bias[expert].to(a.dtype), a, w.t(), out=out)
+        torch.addmm(bias.to(a.dtype), a, b, out=out)
 
 
 # In-place activations on a float32 (float64) buffer: torch's vectorized exp and erf, several
@@ -168,13 +180,13 @@ _ACTIVATE_INPLACE = {
 }
 
 
-def activate_into(out: Tensor, h: Tensor, activation: str, gate: Tensor) -> None:
-    """out = act(h[:, :I]) * h[:, I:] when gated, else act(h); float32 math (float64 for
-    float64) in gate, a buffer of out's shape, rounded once into out."""
-    gate.copy_(h[:, : out.shape[1]])
+def activate_into(out: Tensor, h_gate: Tensor, h_up: Optional[Tensor], activation: str, gate: Tensor) -> None:
+    """out = act(h_gate) * h_up (gated), or act(h_gate); float32 math (float64 for float64)
+    in gate, a buffer of out's shape, rounded once into out."""
+    gate.copy_(h_gate)
     _ACTIVATE_INPLACE[activation](gate)
-    if is_gated(activation):
-        torch.mul(gate, h[:, out.shape[1]:], out=out)
+    if h_up is not None:
+        torch.mul(gate, h_up, out=out)
     else:
         out.copy_(gate)
 
@@ -233,12 +245,10 @@ class NumbaBackend(Backend):
         small, large = experts_by_size(bounds, SMALL_GROUP_ROWS[a.dtype] if w_rows is not None else 0)
         for e in large:
             start, end = int(bounds[e]), int(bounds[e + 1])
-            if bias is None:
-                torch.mm(a[start:end], w[e], out=out[start:end])
-            else:
-                torch.addmm(bias[e].to(a.dtype), a[start:end], w[e], out=out[start:end])
+            matmul_into(out[start:end], a[start:end], w[e], None if bias is None else bias[e])
         if small.size:
-            gmm.grouped_mm_nk(as_array(a), weights_array(w_rows), scalars_array(bias, a.dtype), bias is not None,
+            src = split_array(a) if is_packed(w_rows) else as_array(a)
+            gmm.grouped_mm_nk(src, weights_array(w_rows), scalars_array(bias, a.dtype), bias is not None,
                               bounds, small, BLOCK_NK, as_array(out))
         return out
 
@@ -313,6 +323,7 @@ class NumbaBackend(Backend):
         their page faults cost as much as the eager loop's whole lead (64 MB: 24 ms)."""
         num_rows, hidden = token_of_row.shape[0], x.shape[1]
         inter, width = w_down.shape[2], w_gate_up.shape[1]
+        gated = is_gated(activation)
         rows = int32_array(token_of_row)
         check_indices("token_of_row", rows, x.shape[0])
         counts = np.diff(bounds)
@@ -330,9 +341,9 @@ class NumbaBackend(Backend):
             tokens = token[start:end]
             torch.index_select(x, 0, tokens, out=x_e[:n])
             h = h_all[start:end] if save_for_backward else h_e[:n]
-            linear_into(h, x_e[:n], w_gate_up[e], b_gate_up, e)
-            activate_into(a_e[:n], h, activation, gate[:n])
-            linear_into(o_e[:n], a_e[:n], w_down[e], b_down, e)
+            matmul_into(h, x_e[:n], w_gate_up[e].t(), None if b_gate_up is None else b_gate_up[e])
+            activate_into(a_e[:n], h[:, :inter], h[:, inter:] if gated else None, activation, gate[:n])
+            matmul_into(o_e[:n], a_e[:n], w_down[e].t(), None if b_down is None else b_down[e])
             torch.mul(o_e[:n], row_weight[start:end, None], out=weighted[:n])
             out.index_add_(0, tokens, weighted[:n])
         return out.to(x.dtype), h_all
@@ -350,25 +361,19 @@ class NumbaBackend(Backend):
         self, x, weights, bounds, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
         activation, save_for_backward,
     ) -> tuple[Tensor, Tensor]:
-        num_tokens = x.shape[0]
-        num_rows = token_of_row.shape[0]
-        rows = int32_array(token_of_row)
-        check_indices("token_of_row", rows, num_tokens)
-        row_weight = self._row_weights(weights, row_of_slot, num_rows, x.dtype)
-        experts = np.flatnonzero(np.diff(bounds)).astype(np.int32)
-        inter = w_down.shape[2]
-        h = x.new_empty(num_rows if save_for_backward else 0, w_gate_up.shape[1])
-        a = torch.empty(num_rows, inter, dtype=acc_dtype(x.dtype))
-        # x widened once (a few rows): GEMM1 then widens only the weights, gathering x's rows itself.
-        x_wide = x.detach().to(acc_dtype(x.dtype)).contiguous().numpy()
-        mlp.gate_up_act(
-            x_wide, rows, weights_array(w_gate_up), scalars_array(b_gate_up, x.dtype),
-            b_gate_up is not None, bounds, experts, inter, is_gated(activation), ACTIVATION_CODES[activation],
-            BLOCK_NK, save_for_backward, as_array(h), a.numpy(),
+        # One call into Numba for the whole step: every torch operation here costs tens of
+        # microseconds when a decode step starts with cold caches.
+        h = x.new_empty(token_of_row.shape[0] if save_for_backward else 0, w_gate_up.shape[1])
+        out = x.new_empty(x.shape)
+        rows, slots = int32_array(token_of_row), int32_array(row_of_slot)
+        status = mlp.moe_mlp_decode(
+            as_array(x.contiguous()), scalars_array(weights, x.dtype), bounds, rows, slots,
+            weights_array(w_gate_up), scalars_array(b_gate_up, x.dtype),
+            b_gate_up is not None, weights_array(w_down), scalars_array(b_down, x.dtype), b_down is not None,
+            is_gated(activation), ACTIVATION_CODES[activation], is_packed(w_gate_up), is_packed(w_down),
+            BLOCK_NK, BLOCK_DOWN, save_for_backward, as_array(h), as_array(out),
         )
-        out = x.new_empty(num_tokens, x.shape[1])
-        mlp.down_combine(
-            a.numpy(), weights_array(w_down), scalars_array(b_down, x.dtype), b_down is not None,
-            bounds, experts, rows, row_weight.numpy(), BLOCK_DOWN, as_array(out),
-        )
+        if status != mlp.DECODE_OK:  # the kernel refused an index array before reading through it
+            check_indices("token_of_row", rows, x.shape[0])
+            check_indices("row_of_slot", slots, rows.shape[0])
         return out, h

@@ -6,6 +6,12 @@ is not contiguous, go to BLAS instead (see moe_dispatch/backends/numba_backend.p
 Weights are read as w[e] = [N, K] with K contiguous (nn.Linear layout, and what
 transformers 5 stores): dot products over K. Sums are float32 (float64 for float64
 inputs); 16-bit inputs are widened in registers.
+
+Contiguous bfloat16 weights with an even K arrive packed, two elements per uint32 word
+(`scalars.bf16_pair` splits a word with a shift and a mask). Their activations then come
+in the split layout: each float32 row holds its even elements, then its odd ones
+(`split_col`), so the word k of a weight row meets src[r, k] and src[r, K/2 + k], two
+contiguous loads, where interleaved loads cost shuffles in the innermost loop.
 """
 
 from __future__ import annotations
@@ -20,88 +26,154 @@ from .scalars import acc_zero, acc_zeros, bf16_pair, narrow, widen
 # BLAS); no nnan/ninf, so NaN and inf still propagate.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
+@njit(cache=True, inline="always")
+def split_col(col, depth, split):
+    """Where column col of a depth-wide row lies in the split layout (when split)."""
+    return col // 2 + (col % 2) * (depth // 2) if split else col
 
-def dot_rows_pair(src, index, gather, start, end, w_a, w_b, out_a, out_b):
-    """out_a[i] = src[row] . w_a and out_b[i] = src[row] . w_b for i < end - start, where
+
+def dot_rows_pair(src, index, gather, start, end, w_a, w_b, out):
+    """out[0, i] = src[row] . w_a and out[1, i] = src[row] . w_b for i < end - start, where
     row = index[start + i] when gather, else start + i. Float32 sums (float64 for float64 src).
 
-    w_a, w_b: weight rows of src's depth K, or bfloat16 rows packed in uint32 (K / 2 words).
-    Two weight rows stream through one loop: twice the loads in flight, which a
-    bandwidth-bound decode step needs (measured: 33 GB/s on one core against 24-32 GB/s
-    for one row at a time; four rows per loop fell to 18). Pass the same row twice for a
-    single dot product.
+    w_a, w_b: weight rows of src's depth K; or bfloat16 rows packed as uint32 words (K / 2 of
+    them), and then src is float32 in the split layout. Two weight rows stream through one
+    loop: twice the loads in flight, which a bandwidth-bound decode step needs (33 GB/s on
+    one core against 24-32 GB/s one row at a time). Pass a row twice for one dot product.
     """
     if w_a.dtype == np.uint32:
-        _dot_rows_pair_packed(src, index, gather, start, end, w_a, w_b, out_a, out_b)
+        _dot_rows_pair_packed(src, index, gather, start, end, w_a, w_b, out)
     else:
-        _dot_rows_pair_plain(src, index, gather, start, end, w_a, w_b, out_a, out_b)
+        _dot_rows_pair_plain(src, index, gather, start, end, w_a, w_b, out)
+
+
+def dot_rows_quad(src, index, gather, start, end, w0, w1, w2, w3, out):
+    """dot_rows_pair over four weight rows: out[j, i] = src[row] . w_j for j < 4.
+
+    Packed rows of 1 KiB, as in w_down at I=512, read 1.4x faster four at a time than two
+    (39 against 27 GB/s, cold, on 2 cores; torch.sum 50); 2 KiB rows (w_gate_up at H=1024)
+    read 2x slower four at a time, hence both. Plain rows go as two pairs.
+    """
+    if w0.dtype == np.uint32:
+        _dot_rows_quad_packed(src, index, gather, start, end, w0, w1, w2, w3, out)
+    else:
+        _dot_rows_pair_plain(src, index, gather, start, end, w0, w1, out[:2])
+        _dot_rows_pair_plain(src, index, gather, start, end, w2, w3, out[2:])
 
 
 @overload(dot_rows_pair, inline="always")
-def _dot_rows_pair(src, index, gather, start, end, w_a, w_b, out_a, out_b):
+def _dot_rows_pair(src, index, gather, start, end, w_a, w_b, out):
     kernel = _dot_rows_pair_packed if w_a.dtype == types.uint32 else _dot_rows_pair_plain
-    return lambda src, index, gather, start, end, w_a, w_b, out_a, out_b: kernel(
-        src, index, gather, start, end, w_a, w_b, out_a, out_b
-    )
+    return lambda src, index, gather, start, end, w_a, w_b, out: kernel(src, index, gather, start, end, w_a, w_b, out)
+
+
+@overload(dot_rows_quad, inline="always")
+def _dot_rows_quad(src, index, gather, start, end, w0, w1, w2, w3, out):
+    if w0.dtype == types.uint32:
+        return lambda src, index, gather, start, end, w0, w1, w2, w3, out: _dot_rows_quad_packed(
+            src, index, gather, start, end, w0, w1, w2, w3, out
+        )
+
+    def plain(src, index, gather, start, end, w0, w1, w2, w3, out):
+        _dot_rows_pair_plain(src, index, gather, start, end, w0, w1, out[:2])
+        _dot_rows_pair_plain(src, index, gather, start, end, w2, w3, out[2:])
+
+    return plain
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
-def _dot_rows_pair_plain(src, index, gather, start, end, w_a, w_b, out_a, out_b):
-    depth = w_a.shape[0]
+def _dot_rows_pair_plain(src, index, gather, start, end, w_a, w_b, out):
     for i in range(end - start):
         r = index[start + i] if gather else start + i
         dot_a = acc_zero(src.dtype)
         dot_b = acc_zero(src.dtype)
-        for k in range(depth):
+        for k in range(w_a.shape[0]):
             xv = widen(src[r, k])
             dot_a += xv * widen(w_a[k])
             dot_b += xv * widen(w_b[k])
-        out_a[i], out_b[i] = dot_a, dot_b
+        out[0, i], out[1, i] = dot_a, dot_b
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
-def _dot_rows_pair_packed(src, index, gather, start, end, w_a, w_b, out_a, out_b):
-    # bfloat16 weights as uint32 words: loading 16-bit elements one by one kept LLVM from
-    # vectorizing the widening, and the loop streamed at half of torch.sum's bandwidth.
+def _dot_rows_pair_packed(src, index, gather, start, end, w_a, w_b, out):
     # Rows go two at a time, so each widened weight word feeds four sums.
+    half = w_a.shape[0]
     num = end - start
     for i in range(0, num - 1, 2):
         r = index[start + i] if gather else start + i
         s = index[start + i + 1] if gather else start + i + 1
-        ra = acc_zero(src.dtype)
-        rb = acc_zero(src.dtype)
-        sa = acc_zero(src.dtype)
-        sb = acc_zero(src.dtype)
-        for k in range(w_a.shape[0]):
-            a_lo, a_hi = bf16_pair(w_a[k])
-            b_lo, b_hi = bf16_pair(w_b[k])
-            r_lo, r_hi = widen(src[r, 2 * k]), widen(src[r, 2 * k + 1])
-            s_lo, s_hi = widen(src[s, 2 * k]), widen(src[s, 2 * k + 1])
-            ra += r_lo * a_lo + r_hi * a_hi
-            rb += r_lo * b_lo + r_hi * b_hi
-            sa += s_lo * a_lo + s_hi * a_hi
-            sb += s_lo * b_lo + s_hi * b_hi
-        out_a[i], out_b[i], out_a[i + 1], out_b[i + 1] = ra, rb, sa, sb
+        ra = rb = sa = sb = np.float32(0.0)
+        for k in range(half):
+            r_lo, r_hi, s_lo, s_hi = src[r, k], src[r, half + k], src[s, k], src[s, half + k]
+            lo, hi = bf16_pair(w_a[k])
+            ra += r_lo * lo + r_hi * hi
+            sa += s_lo * lo + s_hi * hi
+            lo, hi = bf16_pair(w_b[k])
+            rb += r_lo * lo + r_hi * hi
+            sb += s_lo * lo + s_hi * hi
+        out[0, i], out[1, i], out[0, i + 1], out[1, i + 1] = ra, rb, sa, sb
     if num % 2:
         i = num - 1
         r = index[start + i] if gather else start + i
-        dot_a = acc_zero(src.dtype)
-        dot_b = acc_zero(src.dtype)
-        for k in range(w_a.shape[0]):
-            x_lo, x_hi = widen(src[r, 2 * k]), widen(src[r, 2 * k + 1])
-            a_lo, a_hi = bf16_pair(w_a[k])
-            b_lo, b_hi = bf16_pair(w_b[k])
-            dot_a += x_lo * a_lo + x_hi * a_hi
-            dot_b += x_lo * b_lo + x_hi * b_hi
-        out_a[i], out_b[i] = dot_a, dot_b
+        ra = rb = np.float32(0.0)
+        for k in range(half):
+            r_lo, r_hi = src[r, k], src[r, half + k]
+            lo, hi = bf16_pair(w_a[k])
+            ra += r_lo * lo + r_hi * hi
+            lo, hi = bf16_pair(w_b[k])
+            rb += r_lo * lo + r_hi * hi
+        out[0, i], out[1, i] = ra, rb
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _dot_rows_quad_packed(src, index, gather, start, end, w0, w1, w2, w3, out):
+    # Rows go two at a time, so each widened weight word feeds four sums.
+    half = w0.shape[0]
+    num = end - start
+    for i in range(0, num - 1, 2):
+        r = index[start + i] if gather else start + i
+        s = index[start + i + 1] if gather else start + i + 1
+        r0 = r1 = r2 = r3 = s0 = s1 = s2 = s3 = np.float32(0.0)
+        for k in range(half):
+            r_lo, r_hi, s_lo, s_hi = src[r, k], src[r, half + k], src[s, k], src[s, half + k]
+            lo, hi = bf16_pair(w0[k])
+            r0 += r_lo * lo + r_hi * hi
+            s0 += s_lo * lo + s_hi * hi
+            lo, hi = bf16_pair(w1[k])
+            r1 += r_lo * lo + r_hi * hi
+            s1 += s_lo * lo + s_hi * hi
+            lo, hi = bf16_pair(w2[k])
+            r2 += r_lo * lo + r_hi * hi
+            s2 += s_lo * lo + s_hi * hi
+            lo, hi = bf16_pair(w3[k])
+            r3 += r_lo * lo + r_hi * hi
+            s3 += s_lo * lo + s_hi * hi
+        out[0, i], out[1, i], out[2, i], out[3, i] = r0, r1, r2, r3
+        out[0, i + 1], out[1, i + 1], out[2, i + 1], out[3, i + 1] = s0, s1, s2, s3
+    if num % 2:
+        i = num - 1
+        r = index[start + i] if gather else start + i
+        r0 = r1 = r2 = r3 = np.float32(0.0)
+        for k in range(half):
+            r_lo, r_hi = src[r, k], src[r, half + k]
+            lo, hi = bf16_pair(w0[k])
+            r0 += r_lo * lo + r_hi * hi
+            lo, hi = bf16_pair(w1[k])
+            r1 += r_lo * lo + r_hi * hi
+            lo, hi = bf16_pair(w2[k])
+            r2 += r_lo * lo + r_hi * hi
+            lo, hi = bf16_pair(w3[k])
+            r3 += r_lo * lo + r_hi * hi
+        out[0, i], out[1, i], out[2, i], out[3, i] = r0, r1, r2, r3
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def grouped_mm_nk(a, w, bias, has_bias, offsets, experts, block, out):
     """out[r] = a[r] @ w[e].T (+ bias[e]) for the rows r of every expert e in experts.
 
-    a: [R, K]; w: [E, N, K]; bias: [E, N] float32 (read when has_bias); offsets: [E+1] int32;
-    experts: [A] int32, the experts to compute; block: even; out: [R, N] (a's type).
+    a: [R, K], float32 in the split layout when w is packed; w: [E, N, K] (or packed
+    [E, N, K/2]); bias: [E, N] float32 (read when has_bias); offsets: [E+1] int32;
+    experts: [A] int32, the experts to compute; block: even; out: [R, N].
     Grid: A * ceil(N / block) tasks, one per (expert, block of output columns).
     """
     num_cols = w.shape[1]
@@ -110,13 +182,12 @@ def grouped_mm_nk(a, w, bias, has_bias, offsets, experts, block, out):
         e = experts[task // num_blocks]
         n0 = (task % num_blocks) * block
         start, end = offsets[e], offsets[e + 1]
-        acc_a = acc_zeros(end - start, a.dtype)
-        acc_b = acc_zeros(end - start, a.dtype)
+        dots = acc_zeros((2, end - start), a.dtype)
         for n in range(n0, min(n0 + block, num_cols), 2):
             m = min(n + 1, num_cols - 1)  # the last column of an odd count pairs with itself
-            dot_rows_pair(a, offsets, False, start, end, w[e, n], w[e, m], acc_a, acc_b)
+            dot_rows_pair(a, offsets, False, start, end, w[e, n], w[e, m], dots)
             for i in range(end - start):
-                va = acc_a[i] + bias[e, n] if has_bias else acc_a[i]
-                vb = acc_b[i] + bias[e, m] if has_bias else acc_b[i]
+                va = dots[0, i] + bias[e, n] if has_bias else dots[0, i]
+                vb = dots[1, i] + bias[e, m] if has_bias else dots[1, i]
                 out[start + i, n] = narrow(va, out.dtype)
                 out[start + i, m] = narrow(vb, out.dtype)
