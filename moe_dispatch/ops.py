@@ -121,10 +121,17 @@ def _(ids, num_experts, backend):
 def make_plan(ids: Tensor, num_experts: int, *, backend: str = "auto") -> DispatchPlan:
     """Group the (token, choice) slots of ids [T, k] by expert; see DispatchPlan."""
     check.expert_ids(ids, num_experts)
-    name = _backend_name(ids.device, backend)
+    return _plan(ids, num_experts, _backend_name(ids.device, backend))
+
+
+def _plan(ids: Tensor, num_experts: int, backend_name: str) -> DispatchPlan:
+    """make_plan for ids of a checked type and shape, on a resolved backend."""
+    backend = get_backend(backend_name)
+    if not backend.refuses_bad_ids:
+        check.expert_id_values(ids, num_experts)
     if _direct(ids):
-        return DispatchPlan(*get_backend(name).make_plan(ids, num_experts))
-    return DispatchPlan(*_make_plan(ids, num_experts, name))
+        return DispatchPlan(*backend.make_plan(ids, num_experts))
+    return DispatchPlan(*_make_plan(ids, num_experts, backend_name))
 
 
 # ---- permute / unpermute ------------------------------------------------------------------
@@ -410,7 +417,8 @@ def moe_mlp(
     check.expert_weights(x, w_gate_up, w_down, b_gate_up, b_down, activation)
     name = _backend_name(x.device, backend)
     if plan is None:
-        plan = make_plan(ids, w_gate_up.shape[0], backend=name)
+        check.expert_ids(ids, w_gate_up.shape[0])
+        plan = _plan(ids, w_gate_up.shape[0], name)
     else:
         check.plan(plan, "x", x)
         if tuple(plan.row_of_slot.shape) != tuple(ids.shape) or plan.num_experts != w_gate_up.shape[0]:

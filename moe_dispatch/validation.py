@@ -78,8 +78,12 @@ def choice(name: str, value, options) -> None:
 def expert_ids(ids: Tensor, num_experts: int) -> None:
     integer("ids", ids, ndim=2)
     positive_int("num_experts", num_experts)
+
+
+def expert_id_values(ids: Tensor, num_experts: int) -> None:
+    """Every id in [0, num_experts) (a scan of the data: CPU, or MOE_DISPATCH_CHECKS=1)."""
     if ids.numel() and value_checks_enabled(ids):
-        low, high = int(ids.min()), int(ids.max())
+        low, high = (int(v) for v in torch.aminmax(ids))
         if low < 0 or high >= num_experts:
             bad = low if low < 0 else high
             raise ValueError(f"ids must lie in [0, {num_experts}): found expert id {bad}")

@@ -22,6 +22,9 @@ PlanTensors = tuple[Tensor, Tensor, Tensor, Tensor]
 
 class Backend:
     name = "base"
+    # True when make_plan itself raises ValueError for an id outside [0, E), before any
+    # kernel indexes with it: the ops then skip their own scan of the ids.
+    refuses_bad_ids = False
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """None when this backend can run on `device`, else why it cannot."""

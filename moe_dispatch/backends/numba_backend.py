@@ -28,6 +28,7 @@ import numba
 import numpy as np
 import torch
 
+from .. import validation as check
 from ..activations import is_gated
 from ..kernels.numba import grouped_mm as gmm
 from ..kernels.numba import mlp
@@ -46,9 +47,15 @@ SMALL_GROUP_ROWS = {torch.float32: 8, torch.float64: 8, torch.bfloat16: 4, torch
 # Output columns per task (even: the kernels take columns in pairs): enough tasks to
 # balance threads, enough work to amortize one.
 BLOCK_NK = 16
-# The decode GEMM2 walks every active expert in each task: wider blocks read each expert's
-# weights in longer contiguous runs (64 columns: 1.10-1.15x faster than 16 at T=16).
-BLOCK_DOWN = 64
+
+
+def down_block(hidden: int) -> int:
+    """Output columns per task of the decode GEMM2 (down_combine): two tasks per thread, at
+    least 64 columns. Each task walks every active expert, reading its block of w_down in
+    four sequential streams, and longer streams read faster: at H=1024 on 2 threads,
+    256-column blocks make T=16 1.15x faster than 64-column ones."""
+    per_task = -(-hidden // (2 * torch.get_num_threads()))  # Numba's count follows torch's
+    return max(64, -(-per_task // 4) * 4)
 
 
 # Numba's workqueue layer runs one parallel region at a time and aborts the process on a
@@ -56,13 +63,23 @@ BLOCK_DOWN = 64
 _LAUNCH_LOCK = threading.RLock()
 
 
+# The torch thread count each Python thread last synced Numba's to (Numba's count is per
+# Python thread too).
+_SYNCED = threading.local()
+
+
 def sync_threads() -> None:
-    """Give Numba torch's thread count, unless the user pinned NUMBA_NUM_THREADS."""
-    if "NUMBA_NUM_THREADS" in os.environ:
+    """Give Numba torch's thread count, unless the user pinned NUMBA_NUM_THREADS; checked
+    again only when torch's count changes: the checks cost 30 us on a cold cache, a tenth
+    of a small decode step's kernels."""
+    torch_threads = torch.get_num_threads()
+    if getattr(_SYNCED, "torch_threads", None) == torch_threads:
         return
-    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != wanted:
-        numba.set_num_threads(wanted)
+    if "NUMBA_NUM_THREADS" not in os.environ:
+        wanted = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+        if numba.get_num_threads() != wanted:
+            numba.set_num_threads(wanted)
+    _SYNCED.torch_threads = torch_threads
 
 
 def launcher(method):
@@ -131,11 +148,16 @@ def scalars_array(t: Optional[Tensor], dtype: torch.dtype) -> np.ndarray:
     """2-D t (biases, routing weights) as a contiguous array of dtype's accumulator type;
     a [1, 1] stand-in when t is None (the kernel is told not to read it)."""
     if t is None:
-        return np.zeros((1, 1), dtype=np.float64 if dtype == torch.float64 else np.float32)
+        return _NO_SCALARS[dtype == torch.float64]
     return t.detach().to(acc_dtype(dtype)).contiguous().numpy()
 
 
+_NO_SCALARS = {False: np.zeros((1, 1), dtype=np.float32), True: np.zeros((1, 1), dtype=np.float64)}
+
+
 def int32_array(t: Tensor) -> np.ndarray:
+    if t.dtype == torch.int32 and t.is_contiguous():  # a plan's arrays: no conversion to pay for
+        return t.numpy()
     return t.detach().to(torch.int32).contiguous().numpy()
 
 
@@ -193,6 +215,7 @@ def activate_into(out: Tensor, h_gate: Tensor, h_up: Optional[Tensor], activatio
 
 class NumbaBackend(Backend):
     name = "numba"
+    refuses_bad_ids = True  # the counting sort counts them, and make_plan raises
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if device.type != "cpu":
@@ -214,6 +237,7 @@ class NumbaBackend(Backend):
             counts.numpy(), offsets.numpy(), token_of_row.numpy(), row_of_slot.numpy(),
         )
         if num_bad:
+            check.expert_id_values(ids, num_experts)  # names a bad id
             raise ValueError(f"ids must lie in [0, {num_experts}): {num_bad} expert ids fall outside")
         return counts, offsets, token_of_row, row_of_slot
 
@@ -371,7 +395,7 @@ class NumbaBackend(Backend):
             weights_array(w_gate_up), scalars_array(b_gate_up, x.dtype),
             b_gate_up is not None, weights_array(w_down), scalars_array(b_down, x.dtype), b_down is not None,
             is_gated(activation), ACTIVATION_CODES[activation], is_packed(w_gate_up), is_packed(w_down),
-            BLOCK_NK, BLOCK_DOWN, save_for_backward, as_array(h), as_array(out),
+            BLOCK_NK, down_block(x.shape[1]), save_for_backward, as_array(h), as_array(out),
         )
         if status != mlp.DECODE_OK:  # the kernel refused an index array before reading through it
             check_indices("token_of_row", rows, x.shape[0])
