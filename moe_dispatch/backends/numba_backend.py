@@ -39,11 +39,19 @@ from .base import Backend, PlanTensors
 
 Tensor = torch.Tensor
 
-# Rows per expert up to which reading the weights once in a Numba kernel beats a BLAS
-# call per expert (measured, docs/cpu.md). BLAS wins sooner in 16-bit, where oneDNN has
-# bfloat16 dot-product instructions. grouped_mm sends each expert its own way; moe_mlp
-# takes the fused decode path while the active experts average at most this many rows.
-SMALL_GROUP_ROWS = {torch.float32: 8, torch.float64: 8, torch.bfloat16: 4, torch.float16: 4}
+# Rows per expert up to which the Numba kernels (each expert's weights read once, its rows
+# streamed against them) beat a BLAS call per expert, measured at E=64 top-8 H=1024 I=512
+# on 2 threads (docs/cpu.md). float32: the kernels win up to about 256 rows (1.5x at 64).
+# bfloat16: oneDNN's AVX-512 bf16 dot products win from 16 rows. float16: torch's CPU
+# matmul runs at 3 GFLOP/s here, so never BLAS.
+# grouped_mm sends each expert its own way; moe_mlp takes the fused decode path while the
+# active experts average at most this many rows.
+SMALL_GROUP_ROWS = {torch.float32: 192, torch.float64: 192, torch.bfloat16: 16, torch.float16: 2**31}
+# Rows per active expert from which the decode GEMM1 on packed bfloat16 weights reads four
+# weight rows per pass rather than two (gate_up_act's quad): 1.2x faster at 8-16 rows,
+# where the step turns compute-bound, 1.1x slower at 4 and below, where streaming the
+# weights bounds it. (float32 gains nothing: its rows already go two at a time.)
+QUAD_ROWS = 8
 # Output columns per task (even: the kernels take columns in pairs): enough tasks to
 # balance threads, enough work to amortize one.
 BLOCK_NK = 16
@@ -395,7 +403,8 @@ class NumbaBackend(Backend):
             weights_array(w_gate_up), scalars_array(b_gate_up, x.dtype),
             b_gate_up is not None, weights_array(w_down), scalars_array(b_down, x.dtype), b_down is not None,
             is_gated(activation), ACTIVATION_CODES[activation], is_packed(w_gate_up), is_packed(w_down),
-            BLOCK_NK, down_block(x.shape[1]), save_for_backward, as_array(h), as_array(out),
+            BLOCK_NK, is_packed(w_gate_up) and token_of_row.shape[0] >= QUAD_ROWS * np.count_nonzero(np.diff(bounds)),
+            down_block(x.shape[1]), save_for_backward, as_array(h), as_array(out),
         )
         if status != mlp.DECODE_OK:  # the kernel refused an index array before reading through it
             check_indices("token_of_row", rows, x.shape[0])

@@ -83,7 +83,26 @@ def _dot_rows_quad(src, index, gather, start, end, w0, w1, w2, w3, out):
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
 def _dot_rows_pair_plain(src, index, gather, start, end, w_a, w_b, out):
-    for i in range(end - start):
+    # Rows go two at a time: four sums per pass, one load per multiply-add where one row at
+    # a time needed 1.5 (float32 at 64 rows per expert: the loads bound the loop).
+    num = end - start
+    for i in range(0, num - 1, 2):
+        r = index[start + i] if gather else start + i
+        s = index[start + i + 1] if gather else start + i + 1
+        ra = acc_zero(src.dtype)
+        rb = acc_zero(src.dtype)
+        sa = acc_zero(src.dtype)
+        sb = acc_zero(src.dtype)
+        for k in range(w_a.shape[0]):
+            wa, wb = widen(w_a[k]), widen(w_b[k])
+            xr, xs = widen(src[r, k]), widen(src[s, k])
+            ra += xr * wa
+            rb += xr * wb
+            sa += xs * wa
+            sb += xs * wb
+        out[0, i], out[1, i], out[0, i + 1], out[1, i + 1] = ra, rb, sa, sb
+    if num % 2:
+        i = num - 1
         r = index[start + i] if gather else start + i
         dot_a = acc_zero(src.dtype)
         dot_b = acc_zero(src.dtype)

@@ -18,17 +18,34 @@ from .grouped_mm import FASTMATH, dot_rows_pair, dot_rows_quad, split_col
 from .scalars import acc_zeros, act_value, narrow, widen
 
 
+@njit(cache=True, inline="always")
+def _gate_up_epilogue(dots, p, q, r, e, i, j, bias, has_bias, save_h, h, gated, code, inter, split_a, a):
+    """Row r's outputs from sums dots[p, q] and dots[p + 1, q]: gated, the gate and up of
+    column i (j = I + i); plain, columns i and j."""
+    g = dots[p, q] + bias[e, i] if has_bias else dots[p, q]
+    u = dots[p + 1, q] + bias[e, j] if has_bias else dots[p + 1, q]
+    if save_h:
+        h[r, i] = narrow(g, h.dtype)
+        h[r, j] = narrow(u, h.dtype)
+    if gated:
+        a[r, split_col(i, inter, split_a)] = act_value(g, code) * u
+    else:
+        a[r, split_col(i, inter, split_a)] = act_value(g, code)
+        a[r, split_col(j, inter, split_a)] = act_value(u, code)
+
+
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, gated, code, block, save_h, h,
+def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, gated, code, block, quad, save_h, h,
                 split_a, a):
     """h[r] = x[token_of_row[r]] @ w[e].T + bias[e] and a[r] = act(h[r]) for the rows of each e.
 
     x: [T, H], float32 (float64), split when w is packed; token_of_row: [R] int32;
     w: [E, W, H] (or packed); bias: [E, W] float32 (read when has_bias); offsets: [E+1] int32;
     experts: [A] int32, the experts with rows; inter: I; gated: W = 2I and
-    a = act(gate) * up; code: the activation (scalars.py); block: even;
-    h: [R, W] out (the weights' type, written when save_h); a: [R, I] out, float32
-    (float64 for float64 x), in the split layout when split_a.
+    a = act(gate) * up; code: the activation (scalars.py); block: even; quad: gated
+    columns go two at a time (four weight rows per pass; see below); h: [R, W] out (the
+    weights' type, written when save_h); a: [R, I] out, float32 (float64 for float64 x), in
+    the split layout when split_a.
     Grid: A * ceil(I / block) tasks, one per (expert, block of intermediate columns); a
     gated task reads the gate row and the up row of each column together.
     """
@@ -36,24 +53,32 @@ def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, gat
     for task in prange(experts.shape[0] * num_blocks):
         e = experts[task // num_blocks]
         i0 = (task % num_blocks) * block
+        width = min(block, inter - i0)
         start, end = offsets[e], offsets[e + 1]
-        dots = acc_zeros((2, end - start), x.dtype)
-        # Gated: column i's gate row with its up row. Plain: columns i and i + 1.
-        step = 1 if gated else 2
-        for i in range(i0, min(i0 + block, inter), step):
-            j = inter + i if gated else min(i + 1, inter - 1)
-            dot_rows_pair(x, token_of_row, True, start, end, w[e, i], w[e, j], dots)
-            for q in range(end - start):
-                g = dots[0, q] + bias[e, i] if has_bias else dots[0, q]
-                u = dots[1, q] + bias[e, j] if has_bias else dots[1, q]
-                if save_h:
-                    h[start + q, i] = narrow(g, h.dtype)
-                    h[start + q, j] = narrow(u, h.dtype)
-                if gated:
-                    a[start + q, split_col(i, inter, split_a)] = act_value(g, code) * u
-                else:
-                    a[start + q, split_col(i, inter, split_a)] = act_value(g, code)
-                    a[start + q, split_col(j, inter, split_a)] = act_value(u, code)
+        dots = acc_zeros((4, end - start), x.dtype)
+        if gated and quad:
+            # Columns s and s + half of the block together: four weight rows in four
+            # sequential streams, 1.2x faster where many rows make the step compute-bound,
+            # 1.1-1.2x slower than two rows when reading the weights bounds it.
+            half = (width + 1) // 2
+            for s in range(half):
+                i = i0 + s
+                j = i + half if s + half < width else i
+                dot_rows_quad(x, token_of_row, True, start, end, w[e, i], w[e, inter + i], w[e, j], w[e, inter + j],
+                              dots)
+                for q in range(end - start):
+                    _gate_up_epilogue(dots, 0, q, start + q, e, i, inter + i, bias, has_bias, save_h, h, True, code,
+                                      inter, split_a, a)
+                    _gate_up_epilogue(dots, 2, q, start + q, e, j, inter + j, bias, has_bias, save_h, h, True, code,
+                                      inter, split_a, a)
+        else:
+            # Gated: column i's gate row with its up row. Plain: columns i and i + 1.
+            for i in range(i0, i0 + width, 1 if gated else 2):
+                j = inter + i if gated else min(i + 1, inter - 1)
+                dot_rows_pair(x, token_of_row, True, start, end, w[e, i], w[e, j], dots)
+                for q in range(end - start):
+                    _gate_up_epilogue(dots, 0, q, start + q, e, i, j, bias, has_bias, save_h, h, gated, code, inter,
+                                      split_a, a)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -109,7 +134,7 @@ DECODE_OK, BAD_INDEX = 0, 1
 
 @njit(cache=True)
 def moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_gate_up, has_b_gate_up, w_down,
-                   b_down, has_b_down, gated, code, split_x, split_a, block_gate_up, block_down, save_h, h, out):
+                   b_down, has_b_down, gated, code, split_x, split_a, block_gate_up, quad, block_down, save_h, h, out):
     """The whole decode step in one call from Python: check the plan's index arrays, widen x
     (split when split_x), scatter the routing weights to rows, then gate_up_act and
     down_combine. Each operation Python runs costs tens of microseconds when a step
@@ -150,6 +175,6 @@ def moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_
     inter = w_down.shape[2] * 2 if split_a else w_down.shape[2]
     a = acc_zeros((num_rows, inter), weights.dtype)
     gate_up_act(x_wide, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, offsets, experts, inter, gated, code,
-                block_gate_up, save_h, h, split_a, a)
+                block_gate_up, quad, save_h, h, split_a, a)
     down_combine(a, w_down, b_down, has_b_down, offsets, experts, token_of_row, row_weight, block_down, out)
     return DECODE_OK
