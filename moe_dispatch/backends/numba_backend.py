@@ -362,10 +362,10 @@ class NumbaBackend(Backend):
         most = int(counts.max()) if counts.size else 0
         h_all = x.new_empty(num_rows if save_for_backward else 0, width)
         x_e, h_e, a_e, o_e = (x.new_empty(most, n) for n in (hidden, width, inter, hidden))
-        weighted = torch.empty(most, hidden, dtype=acc_dtype(x.dtype))
         gate = torch.empty(most, inter, dtype=acc_dtype(x.dtype))
-        row_weight = self._row_weights(weights, row_of_slot, num_rows, x.dtype)
+        row_weight_array = self._row_weights(weights, row_of_slot, num_rows, x.dtype).numpy()
         out = torch.zeros(x.shape[0], hidden, dtype=acc_dtype(x.dtype))
+        out_array = out.numpy()
         token = torch.from_numpy(rows).long()
         for e in np.flatnonzero(counts).tolist():
             start, end = int(bounds[e]), int(bounds[e + 1])
@@ -376,8 +376,7 @@ class NumbaBackend(Backend):
             matmul_into(h, x_e[:n], w_gate_up[e].t(), None if b_gate_up is None else b_gate_up[e])
             activate_into(a_e[:n], h[:, :inter], h[:, inter:] if gated else None, activation, gate[:n])
             matmul_into(o_e[:n], a_e[:n], w_down[e].t(), None if b_down is None else b_down[e])
-            torch.mul(o_e[:n], row_weight[start:end, None], out=weighted[:n])
-            out.index_add_(0, tokens, weighted[:n])
+            perm.add_weighted_rows(as_array(o_e[:n]), rows[start:end], row_weight_array[start:end], out_array)
         return out.to(x.dtype), h_all
 
     @staticmethod

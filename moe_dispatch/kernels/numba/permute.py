@@ -96,3 +96,18 @@ def combine_backward(dy, ys, row_of_slot, weights, dys, dweights):
                 dot += g * widen(ys[r, n])
                 dys[r, n] = narrow(w * g, dys.dtype)
             dweights[t, j] = dot
+
+
+@njit(cache=True, parallel=True)
+def add_weighted_rows(rows, token_of_row, row_weight, out):
+    """out[token_of_row[i]] += row_weight[i] * rows[i], in out's float32 (float64).
+
+    rows: [n, N] (16-bit as bits); token_of_row: [n] int32, distinct tokens (one expert's
+    rows: a token picks an expert once); row_weight: [n] float32; out: [T, N].
+    Grid: one task per row; distinct tokens mean no two tasks add into the same row.
+    """
+    for i in prange(rows.shape[0]):
+        t = token_of_row[i]
+        w = row_weight[i]
+        for n in range(rows.shape[1]):
+            out[t, n] += w * widen(rows[i, n])
