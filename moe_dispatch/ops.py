@@ -126,11 +126,12 @@ def make_plan(ids: Tensor, num_experts: int, *, backend: str = "auto") -> Dispat
 
 def _plan(ids: Tensor, num_experts: int, backend_name: str) -> DispatchPlan:
     """make_plan for ids of a checked type and shape, on a resolved backend."""
-    backend = get_backend(backend_name)
-    if not backend.refuses_bad_ids:
-        check.expert_id_values(ids, num_experts)
     if _direct(ids):
+        backend = get_backend(backend_name)
+        if not backend.refuses_bad_ids:
+            check.expert_id_values(ids, num_experts)
         return DispatchPlan(*backend.make_plan(ids, num_experts))
+    check.expert_id_values(ids, num_experts)  # skipped while compiling
     return DispatchPlan(*_make_plan(ids, num_experts, backend_name))
 
 
@@ -416,8 +417,16 @@ def moe_mlp(
     check.shape("weights", weights, tuple(ids.shape))
     check.expert_weights(x, w_gate_up, w_down, b_gate_up, b_down, activation)
     name = _backend_name(x.device, backend)
+    floating_inputs = (x, weights, w_gate_up, w_down, b_gate_up, b_down)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in floating_inputs)
     if plan is None:
         check.expert_ids(ids, w_gate_up.shape[0])
+        if not save and _direct(*floating_inputs, ids):
+            out = get_backend(name).moe_mlp_from_ids(
+                x, weights, ids, w_gate_up.shape[0], w_gate_up, w_down, b_gate_up, b_down, activation
+            )
+            if out is not None:
+                return out
         plan = _plan(ids, w_gate_up.shape[0], name)
     else:
         check.plan(plan, "x", x)
@@ -426,8 +435,6 @@ def moe_mlp(
                 f"plan was made for ids {tuple(plan.row_of_slot.shape)} and {plan.num_experts} experts, "
                 f"not ids {tuple(ids.shape)} and {w_gate_up.shape[0]} experts"
             )
-    floating_inputs = (x, weights, w_gate_up, w_down, b_gate_up, b_down)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in floating_inputs)
     plan_tensors = (plan.counts, plan.offsets, plan.token_of_row, plan.row_of_slot)
     if not save and _direct(*floating_inputs, *plan_tensors):
         out, _ = get_backend(name).moe_mlp(x, weights, plan_tensors, w_gate_up, w_down, b_gate_up, b_down, activation, False)

@@ -47,16 +47,26 @@ def large_groups_everywhere(monkeypatch):
     monkeypatch.setattr(nb, "SMALL_GROUP_ROWS", {dt: 0 for dt in nb.SMALL_GROUP_ROWS})
 
 
-def count_calls(monkeypatch, module, name) -> list:
-    """Record each call of module.name (still calling it) so a test can see which path ran."""
-    calls, original = [], getattr(module, name)
+def count_calls(monkeypatch, module, *names) -> list:
+    """Record each call of module.name for each of names (still calling it) so a test can see
+    which path ran."""
+    calls = []
 
-    def spy(*args):
-        calls.append(name)
-        return original(*args)
+    def spy(name, original):
+        def call(*args):
+            calls.append(name)
+            return original(*args)
 
-    monkeypatch.setattr(module, name, spy)
+        return call
+
+    for name in names:
+        monkeypatch.setattr(module, name, spy(name, getattr(module, name)))
     return calls
+
+
+def count_decode_calls(monkeypatch) -> list:
+    """The calls of the fused decode step, from a plan or from the ids."""
+    return count_calls(monkeypatch, nb.mlp, "moe_mlp_decode", "moe_mlp_decode_ids")
 
 
 def expert_weights(E, H, I, gated, dtype, gen, layout="contiguous", bias=False):
@@ -93,7 +103,7 @@ def force_path(path, monkeypatch):
 
 def check_moe_mlp(case, dtype, path, activation, bias, gen, monkeypatch):
     layout = force_path(path, monkeypatch)
-    decode_calls = count_calls(monkeypatch, nb.mlp, "moe_mlp_decode")
+    decode_calls = count_decode_calls(monkeypatch)
     x = torch.randn(case.tokens, case.hidden, generator=gen).to(dtype)
     ids = case.ids(gen)
     weights = random_weights(case.tokens, case.top_k, gen)
@@ -134,7 +144,7 @@ def test_nojit_moe_mlp_paths(dtype, path, gen, monkeypatch):
 
 def test_decode_is_chosen_by_rows_per_expert(gen, monkeypatch):
     """Default thresholds: a decode step is fused, a long prefill goes blocked."""
-    decode_calls = count_calls(monkeypatch, nb.mlp, "moe_mlp_decode")
+    decode_calls = count_decode_calls(monkeypatch)
     E, H, I = 8, 16, 8
     w_gate_up, w_down, _, _ = expert_weights(E, H, I, True, torch.float32, gen)
     for tokens, fused in ((1, True), (2000, False)):
@@ -143,6 +153,25 @@ def test_decode_is_chosen_by_rows_per_expert(gen, monkeypatch):
         moe_mlp(torch.randn(tokens, H, generator=gen), random_weights(tokens, 2, gen), ids, w_gate_up, w_down,
                 backend="numba")
         assert bool(decode_calls) == fused
+
+
+def test_small_batch_plans_inside_the_decode_step(gen, monkeypatch):
+    """Without autograd a small batch runs plan and experts in one Numba call; a call that
+    needs gradients, or brings its own plan, takes the plan's arrays."""
+    calls = count_decode_calls(monkeypatch)
+    E, H, I, T = 8, 16, 8, 3
+    w_gate_up, w_down, _, _ = expert_weights(E, H, I, True, torch.float32, gen)
+    x, weights, ids = torch.randn(T, H, generator=gen), random_weights(T, 2, gen), random_ids(T, 2, E, gen)
+    expected = naive_moe_mlp(x, weights, ids, w_gate_up, w_down, None, None, "swiglu")
+    for inputs, plan, entry in (
+        ((x, weights), None, "moe_mlp_decode_ids"),
+        ((x, weights), make_plan(ids, E, backend="numba"), "moe_mlp_decode"),
+        ((x.clone().requires_grad_(), weights), None, "moe_mlp_decode"),
+    ):
+        calls.clear()
+        out = moe_mlp(*inputs, ids, w_gate_up, w_down, plan=plan, backend="numba")
+        assert calls == [entry]
+        assert_close(out, expected, torch.float32)
 
 
 @pytest.mark.parametrize("path", ["decode", "blas"])

@@ -51,6 +51,24 @@ class Backend:
         """a: [R, M], b: [R, N] -> [E, M, N], out[e] = a[rows of e].T @ b[rows of e] (0 if no rows)."""
         raise NotImplementedError
 
+    def moe_mlp_from_ids(
+        self,
+        x: Tensor,
+        weights: Tensor,
+        ids: Tensor,
+        num_experts: int,
+        w_gate_up: Tensor,
+        w_down: Tensor,
+        b_gate_up: Optional[Tensor],
+        b_down: Optional[Tensor],
+        activation: str,
+    ) -> Optional[Tensor]:
+        """moe_mlp's output from the ids, plan included, for a call that needs neither the plan
+        nor autograd; None when this backend has no such one-step path for the call, and the
+        caller then makes the plan and calls moe_mlp. A small batch's fixed costs are what
+        one step saves. Ids outside [0, E) raise ValueError, as in make_plan."""
+        return None
+
     # ---- composites ------------------------------------------------------------------
     def unpermute_backward(
         self, dy: Tensor, ys: Tensor, token_of_row: Tensor, row_of_slot: Tensor, weights: Optional[Tensor]

@@ -221,6 +221,16 @@ def activate_into(out: Tensor, h_gate: Tensor, h_up: Optional[Tensor], activatio
         out.copy_(gate)
 
 
+def decode_weights(x, w_gate_up, w_down, b_gate_up, b_down, activation) -> tuple:
+    """The arguments of the Numba decode step that describe the experts, in its order."""
+    return (
+        weights_array(w_gate_up), scalars_array(b_gate_up, x.dtype), b_gate_up is not None,
+        weights_array(w_down), scalars_array(b_down, x.dtype), b_down is not None,
+        is_gated(activation), ACTIVATION_CODES[activation], is_packed(w_gate_up), is_packed(w_down),
+        BLOCK_NK, QUAD_ROWS, down_block(x.shape[1]),
+    )
+
+
 class NumbaBackend(Backend):
     name = "numba"
     refuses_bad_ids = True  # the counting sort counts them, and make_plan raises
@@ -399,13 +409,27 @@ class NumbaBackend(Backend):
         rows, slots = int32_array(token_of_row), int32_array(row_of_slot)
         status = mlp.moe_mlp_decode(
             as_array(x.contiguous()), scalars_array(weights, x.dtype), bounds, rows, slots,
-            weights_array(w_gate_up), scalars_array(b_gate_up, x.dtype),
-            b_gate_up is not None, weights_array(w_down), scalars_array(b_down, x.dtype), b_down is not None,
-            is_gated(activation), ACTIVATION_CODES[activation], is_packed(w_gate_up), is_packed(w_down),
-            BLOCK_NK, is_packed(w_gate_up) and token_of_row.shape[0] >= QUAD_ROWS * np.count_nonzero(np.diff(bounds)),
-            down_block(x.shape[1]), save_for_backward, as_array(h), as_array(out),
+            *decode_weights(x, w_gate_up, w_down, b_gate_up, b_down, activation), save_for_backward, as_array(h),
+            as_array(out),
         )
         if status != mlp.DECODE_OK:  # the kernel refused an index array before reading through it
             check_indices("token_of_row", rows, x.shape[0])
             check_indices("row_of_slot", slots, rows.shape[0])
         return out, h
+
+    @launcher
+    def moe_mlp_from_ids(self, x, weights, ids, num_experts, w_gate_up, w_down, b_gate_up, b_down, activation):
+        # A token's k ids name k experts, so at most T rows reach each active expert: up to
+        # SMALL_GROUP_ROWS tokens, a step is decode whatever the routing.
+        if not 0 < x.shape[0] <= SMALL_GROUP_ROWS[x.dtype] or not (w_gate_up.is_contiguous() and w_down.is_contiguous()):
+            return None
+        out = x.new_empty(x.shape)
+        num_bad = mlp.moe_mlp_decode_ids(
+            as_array(x.contiguous()), scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(), num_experts,
+            *decode_weights(x, w_gate_up, w_down, b_gate_up, b_down, activation), as_array(out),
+        )
+        if num_bad:
+            check.expert_id_values(ids, num_experts)  # names a bad id
+            raise ValueError(f"ids must lie in [0, {num_experts}): {num_bad} expert ids fall outside")
+        return out
+

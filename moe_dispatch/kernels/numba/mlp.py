@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from .grouped_mm import FASTMATH, dot_rows_pair, dot_rows_quad, split_col
+from .plan import make_plan_serial
 from .scalars import acc_zeros, act_value, narrow, widen
 
 
@@ -134,7 +135,18 @@ DECODE_OK, BAD_INDEX = 0, 1
 
 @njit(cache=True)
 def moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_gate_up, has_b_gate_up, w_down,
-                   b_down, has_b_down, gated, code, split_x, split_a, block_gate_up, quad, block_down, save_h, h, out):
+                   b_down, has_b_down, gated, code, split_x, split_a, block_gate_up, quad_rows, block_down, save_h, h,
+                   out):
+    """The decode step on a plan; see _decode_step."""
+    return _decode_step(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_gate_up, has_b_gate_up, w_down,
+                        b_down, has_b_down, gated, code, split_x, split_a, block_gate_up, quad_rows, block_down,
+                        save_h, h, out)
+
+
+@njit(cache=True)
+def _decode_step(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_gate_up, has_b_gate_up, w_down,
+                 b_down, has_b_down, gated, code, split_x, split_a, block_gate_up, quad_rows, block_down, save_h, h,
+                 out):
     """The whole decode step in one call from Python: check the plan's index arrays, widen x
     (split when split_x), scatter the routing weights to rows, then gate_up_act and
     down_combine. Each operation Python runs costs tens of microseconds when a step
@@ -142,8 +154,10 @@ def moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_
     a loop each.
 
     x: [T, H] (16-bit as bits); weights: [T, k] float32 (float64); offsets: [E+1] int32,
-    already checked; token_of_row: [R] int32; row_of_slot: [T, k] int32; the weights and
-    biases, h and out as for gate_up_act and down_combine. Returns DECODE_OK, or BAD_INDEX
+    already checked; token_of_row: [R] int32; row_of_slot: [T, k] int32; quad_rows: the
+    rows per active expert from which GEMM1 on packed weights takes gated columns in pairs
+    (gate_up_act's quad); the weights and biases, h and out as for gate_up_act and
+    down_combine. Returns DECODE_OK, or BAD_INDEX
     when an index falls outside its range (and then computes nothing).
     """
     num_tokens, hidden = x.shape
@@ -173,8 +187,32 @@ def moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_
             experts[num_active] = e
             num_active += 1
     inter = w_down.shape[2] * 2 if split_a else w_down.shape[2]
+    quad = split_x and num_rows >= quad_rows * num_active
     a = acc_zeros((num_rows, inter), weights.dtype)
     gate_up_act(x_wide, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, offsets, experts, inter, gated, code,
                 block_gate_up, quad, save_h, h, split_a, a)
     down_combine(a, w_down, b_down, has_b_down, offsets, experts, token_of_row, row_weight, block_down, out)
     return DECODE_OK
+
+
+@njit(cache=True)
+def moe_mlp_decode_ids(x, weights, ids, num_experts, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_down, has_b_down,
+                       gated, code, split_x, split_a, block_gate_up, quad_rows, block_down, out):
+    """The decode step from the expert ids, the plan built in the same call (a serial counting
+    sort: a decode step has few slots), for a call that needs neither the plan nor h.
+
+    ids: [T, k] int; num_experts: E; the rest as for _decode_step. Returns the number of
+    ids outside [0, E) (and then computes nothing), else 0.
+    """
+    num_tokens, top_k = ids.shape
+    offsets = np.empty(num_experts + 1, dtype=np.int32)
+    token_of_row = np.empty(num_tokens * top_k, dtype=np.int32)
+    row_of_slot = np.empty((num_tokens, top_k), dtype=np.int32)
+    num_bad = make_plan_serial(ids, num_experts, 1, np.empty(num_experts, dtype=np.int32), offsets, token_of_row,
+                               row_of_slot)
+    if num_bad:
+        return num_bad
+    _decode_step(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_down,
+                 has_b_down, gated, code, split_x, split_a, block_gate_up, quad_rows, block_down, False,
+                 np.empty((0, w_gate_up.shape[1]), dtype=out.dtype), out)
+    return 0
