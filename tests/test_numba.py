@@ -39,12 +39,12 @@ nojit = pytest.mark.nojit
 
 def small_groups_everywhere(monkeypatch):
     """Every expert counts as small: Numba kernels for all groups, decode for moe_mlp."""
-    monkeypatch.setattr(nb, "SMALL_GROUP_ROWS", {dt: 10**9 for dt in nb.SMALL_GROUP_ROWS})
+    monkeypatch.setattr(nb, "fused_rows_limit", lambda dtype, flops_per_row: 10**9)
 
 
 def large_groups_everywhere(monkeypatch):
     """Every expert with rows counts as large: BLAS for all groups, the blocked moe_mlp."""
-    monkeypatch.setattr(nb, "SMALL_GROUP_ROWS", {dt: 0 for dt in nb.SMALL_GROUP_ROWS})
+    monkeypatch.setattr(nb, "fused_rows_limit", lambda dtype, flops_per_row: 0)
 
 
 def count_calls(monkeypatch, module, *names) -> list:
@@ -153,6 +153,16 @@ def test_decode_is_chosen_by_rows_per_expert(gen, monkeypatch):
         moe_mlp(torch.randn(tokens, H, generator=gen), random_weights(tokens, 2, gen), ids, w_gate_up, w_down,
                 backend="numba")
         assert bool(decode_calls) == fused
+
+
+def test_fused_rows_limit_grows_for_small_experts():
+    """Small experts feel the blocked path's fixed cost per expert: the fused kernels keep
+    them longer, never fewer rows than SMALL_GROUP_ROWS."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        small = nb.fused_rows_limit(dtype, 2 * 512 * (384 + 192))
+        large = nb.fused_rows_limit(dtype, 2 * 4096 * (2 * 14336 + 14336))
+        assert small >= large >= nb.SMALL_GROUP_ROWS[dtype]
+    assert nb.fused_rows_limit(torch.bfloat16, 2 * 512 * (384 + 192)) > nb.SMALL_GROUP_ROWS[torch.bfloat16]
 
 
 def test_small_batch_plans_inside_the_decode_step(gen, monkeypatch):
@@ -496,7 +506,7 @@ def test_kernels_under_boundscheck(tmp_path):
             return (out, unpermute(o, plan, weights, backend=backend), *grads)
 
         for small in (10**9, 0):
-            nb.SMALL_GROUP_ROWS = {dt: small for dt in nb.SMALL_GROUP_ROWS}
+            nb.fused_rows_limit = lambda dtype, flops_per_row, small=small: small
             for dtype in (torch.float32, torch.bfloat16):
                 inputs = (torch.randn(T, H, generator=g), torch.rand(T, k, generator=g).softmax(-1),
                           torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5,

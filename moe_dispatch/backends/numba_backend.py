@@ -39,14 +39,31 @@ from .base import Backend, PlanTensors
 
 Tensor = torch.Tensor
 
-# Rows per expert up to which the Numba kernels (each expert's weights read once, its rows
-# streamed against them) beat a BLAS call per expert, measured at E=64 top-8 H=1024 I=512
-# on 2 threads (docs/cpu.md). float32: the kernels win up to about 256 rows (1.5x at 64).
-# bfloat16: oneDNN's AVX-512 bf16 dot products win from 16 rows. float16: torch's CPU
-# matmul runs at 3 GFLOP/s here, so never BLAS.
+# When the Numba kernels (each expert's weights read once, its rows streamed against them)
+# beat a BLAS call per expert, measured on 2 threads of a Zen 5 (docs/cpu.md):
+# - SMALL_GROUP_ROWS: up to this many rows per expert whatever its size. float32: the
+#   kernels win up to about 200 rows (1.5x at 64). bfloat16: oneDNN's AVX-512 bf16 dot
+#   products win from 8-16 rows on large experts. float16: torch's CPU matmul runs at
+#   3 GFLOP/s here, so never BLAS.
+# - BLOCKED_EXPERT_FLOPS: beyond that, while the expert's rows need fewer multiply-adds than
+#   this. A blocked expert pays a fixed cost (gather, two GEMM calls, activation, combine:
+#   about 0.1 ms), which small experts feel: bfloat16 at H=512 I=192 wins up to about
+#   48 rows (32 rows: 13 ms against 19 for the whole step).
 # grouped_mm sends each expert its own way; moe_mlp takes the fused decode path while the
-# active experts average at most this many rows.
-SMALL_GROUP_ROWS = {torch.float32: 192, torch.float64: 192, torch.bfloat16: 16, torch.float16: 2**31}
+# active experts average at most the limit.
+SMALL_GROUP_ROWS = {torch.float32: 192, torch.float64: 192, torch.bfloat16: 8, torch.float16: 2**31}
+BLOCKED_EXPERT_FLOPS = {torch.float32: 0, torch.float64: 0, torch.bfloat16: 30e6, torch.float16: 0}
+
+
+def fused_rows_limit(dtype: torch.dtype, flops_per_row: int) -> float:
+    """Rows per expert up to which the Numba kernels serve an expert whose every row costs
+    flops_per_row."""
+    return max(SMALL_GROUP_ROWS[dtype], BLOCKED_EXPERT_FLOPS[dtype] / max(flops_per_row, 1))
+
+
+def mlp_flops_per_row(w_gate_up: Tensor, w_down: Tensor) -> int:
+    """2 * H * (W + I): GEMM1 and GEMM2 of one row."""
+    return 2 * w_gate_up.shape[2] * (w_gate_up.shape[1] + w_down.shape[2])
 # Rows per active expert from which the decode GEMM1 on packed bfloat16 weights reads four
 # weight rows per pass rather than two (gate_up_act's quad): 1.2x faster at 8-16 rows,
 # where the step turns compute-bound, 1.1x slower at 4 and below, where streaming the
@@ -284,7 +301,8 @@ class NumbaBackend(Backend):
         check_offsets(bounds, a.shape[0])
         out = a.new_empty(a.shape[0], w.shape[2])
         w_rows = rows_of_k_view(w)
-        small, large = experts_by_size(bounds, SMALL_GROUP_ROWS[a.dtype] if w_rows is not None else 0)
+        limit = fused_rows_limit(a.dtype, 2 * w.shape[1] * w.shape[2]) if w_rows is not None else 0
+        small, large = experts_by_size(bounds, limit)
         for e in large:
             start, end = int(bounds[e]), int(bounds[e + 1])
             matmul_into(out[start:end], a[start:end], w[e], None if bias is None else bias[e])
@@ -343,7 +361,7 @@ class NumbaBackend(Backend):
         bounds = int32_array(offsets)
         check_offsets(bounds, token_of_row.shape[0])
         active = int(np.count_nonzero(np.diff(bounds)))
-        decode = active and token_of_row.shape[0] <= SMALL_GROUP_ROWS[x.dtype] * active
+        decode = active and token_of_row.shape[0] <= fused_rows_limit(x.dtype, mlp_flops_per_row(w_gate_up, w_down)) * active
         # The fused kernels read K-contiguous weights; other layouts take the blocked path,
         # whose BLAS calls read any strides without a copy.
         if decode and w_gate_up.is_contiguous() and w_down.is_contiguous():
@@ -420,8 +438,9 @@ class NumbaBackend(Backend):
     @launcher
     def moe_mlp_from_ids(self, x, weights, ids, num_experts, w_gate_up, w_down, b_gate_up, b_down, activation):
         # A token's k ids name k experts, so at most T rows reach each active expert: up to
-        # SMALL_GROUP_ROWS tokens, a step is decode whatever the routing.
-        if not 0 < x.shape[0] <= SMALL_GROUP_ROWS[x.dtype] or not (w_gate_up.is_contiguous() and w_down.is_contiguous()):
+        # the fused rows limit in tokens, a step is decode whatever the routing.
+        limit = fused_rows_limit(x.dtype, mlp_flops_per_row(w_gate_up, w_down))
+        if not 0 < x.shape[0] <= limit or not (w_gate_up.is_contiguous() and w_down.is_contiguous()):
             return None
         out = x.new_empty(x.shape)
         num_bad = mlp.moe_mlp_decode_ids(
