@@ -47,26 +47,24 @@ def large_groups_everywhere(monkeypatch):
     monkeypatch.setattr(nb, "fused_rows_limit", lambda dtype, flops_per_row: 0)
 
 
-def count_calls(monkeypatch, module, *names) -> list:
-    """Record each call of module.name for each of names (still calling it) so a test can see
-    which path ran."""
+def count_decode_calls(monkeypatch) -> list:
+    """Record each fused decode step that ran, from a plan or from the ids (still calling the
+    kernels), so a test can see which path ran; a step from the ids that declined (too many
+    rows per expert) does not count."""
     calls = []
 
     def spy(name, original):
         def call(*args):
-            calls.append(name)
-            return original(*args)
+            status = original(*args)
+            if status != nb.mlp.NOT_DECODE:
+                calls.append(name)
+            return status
 
         return call
 
-    for name in names:
-        monkeypatch.setattr(module, name, spy(name, getattr(module, name)))
+    for name in ("moe_mlp_decode", "moe_mlp_decode_ids"):
+        monkeypatch.setattr(nb.mlp, name, spy(name, getattr(nb.mlp, name)))
     return calls
-
-
-def count_decode_calls(monkeypatch) -> list:
-    """The calls of the fused decode step, from a plan or from the ids."""
-    return count_calls(monkeypatch, nb.mlp, "moe_mlp_decode", "moe_mlp_decode_ids")
 
 
 def expert_weights(E, H, I, gated, dtype, gen, layout="contiguous", bias=False):

@@ -437,18 +437,22 @@ class NumbaBackend(Backend):
 
     @launcher
     def moe_mlp_from_ids(self, x, weights, ids, num_experts, w_gate_up, w_down, b_gate_up, b_down, activation):
-        # A token's k ids name k experts, so at most T rows reach each active expert: up to
-        # the fused rows limit in tokens, a step is decode whatever the routing.
-        limit = fused_rows_limit(x.dtype, mlp_flops_per_row(w_gate_up, w_down))
-        if not 0 < x.shape[0] <= limit or not (w_gate_up.is_contiguous() and w_down.is_contiguous()):
+        # Tried on as many slots as the serial plan serves; the kernel builds the plan, then
+        # declines when the experts receive more rows than the fused kernels take.
+        if not 0 < ids.numel() <= plan_kernels.MIN_SLOTS_PER_CHUNK or not (
+            w_gate_up.is_contiguous() and w_down.is_contiguous()
+        ):
             return None
         out = x.new_empty(x.shape)
-        num_bad = mlp.moe_mlp_decode_ids(
+        status = mlp.moe_mlp_decode_ids(
             as_array(x.contiguous()), scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(), num_experts,
+            fused_rows_limit(x.dtype, mlp_flops_per_row(w_gate_up, w_down)),
             *decode_weights(x, w_gate_up, w_down, b_gate_up, b_down, activation), as_array(out),
         )
-        if num_bad:
+        if status == mlp.NOT_DECODE:
+            return None
+        if status:
             check.expert_id_values(ids, num_experts)  # names a bad id
-            raise ValueError(f"ids must lie in [0, {num_experts}): {num_bad} expert ids fall outside")
+            raise ValueError(f"ids must lie in [0, {num_experts}): {status} expert ids fall outside")
         return out
 

@@ -131,6 +131,8 @@ def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weigh
 
 # What moe_mlp_decode returns: whether it ran, or refused an index array before reading through it.
 DECODE_OK, BAD_INDEX = 0, 1
+# What moe_mlp_decode_ids returns when the step is not one for the fused kernels.
+NOT_DECODE = -1
 
 
 @njit(cache=True)
@@ -196,13 +198,15 @@ def _decode_step(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_ga
 
 
 @njit(cache=True)
-def moe_mlp_decode_ids(x, weights, ids, num_experts, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_down, has_b_down,
-                       gated, code, split_x, split_a, block_gate_up, quad_rows, block_down, out):
+def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_down,
+                       has_b_down, gated, code, split_x, split_a, block_gate_up, quad_rows, block_down, out):
     """The decode step from the expert ids, the plan built in the same call (a serial counting
     sort: a decode step has few slots), for a call that needs neither the plan nor h.
 
-    ids: [T, k] int; num_experts: E; the rest as for _decode_step. Returns the number of
-    ids outside [0, E) (and then computes nothing), else 0.
+    ids: [T, k] int; num_experts: E; rows_limit: the most rows per active expert, on
+    average, the fused kernels take; the rest as for _decode_step. Returns the number of ids
+    outside [0, E) (and then computes nothing), NOT_DECODE when the experts receive more
+    rows than rows_limit (nothing computed either), else 0.
     """
     num_tokens, top_k = ids.shape
     offsets = np.empty(num_experts + 1, dtype=np.int32)
@@ -212,6 +216,11 @@ def moe_mlp_decode_ids(x, weights, ids, num_experts, w_gate_up, b_gate_up, has_b
                                row_of_slot)
     if num_bad:
         return num_bad
+    num_active = 0
+    for e in range(num_experts):
+        num_active += offsets[e + 1] > offsets[e]
+    if token_of_row.shape[0] > rows_limit * num_active:
+        return NOT_DECODE
     _decode_step(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_down,
                  has_b_down, gated, code, split_x, split_a, block_gate_up, quad_rows, block_down, False,
                  np.empty((0, w_gate_up.shape[1]), dtype=out.dtype), out)
