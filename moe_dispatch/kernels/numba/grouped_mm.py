@@ -50,9 +50,9 @@ def dot_rows_pair(src, index, gather, start, end, w_a, w_b, out):
 def dot_rows_quad(src, index, gather, start, end, w0, w1, w2, w3, out):
     """dot_rows_pair over four weight rows: out[j, i] = src[row] . w_j for j < 4.
 
-    Packed rows of 1 KiB, as in w_down at I=512, read 1.4x faster four at a time than two
-    (39 against 27 GB/s, cold, on 2 cores; torch.sum 50); 2 KiB rows (w_gate_up at H=1024)
-    read 2x slower four at a time, hence both. Plain rows go as two pairs.
+    More multiply-adds per load, for steps that many rows per expert make compute-bound
+    (gate_up_act's quad); where streaming the weights bounds a step, two rows stream faster.
+    Plain rows go as two pairs.
     """
     if w0.dtype == np.uint32:
         _dot_rows_quad_packed(src, index, gather, start, end, w0, w1, w2, w3, out)

@@ -88,7 +88,7 @@ def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weigh
 
     a: [R, I] float32 (float64), split when w is packed; w: [E, H, I] (or packed);
     bias: [E, H] float32 (read when has_bias); offsets: [E+1] int32; experts: [A] int32;
-    token_of_row: [R] int32; row_weight: [R] float32; block: a multiple of 4 (columns go four at a time);
+    token_of_row: [R] int32; row_weight: [R] float32; block: columns per task;
     out: [T, H] (the weights' type). Grid: ceil(H / block) tasks, each owning a block of
     output columns for every token, so no two tasks add into the same element.
     """
@@ -104,26 +104,25 @@ def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weigh
         acc = acc_zeros((num_tokens, width), a.dtype)
         # Allocated once per task, not per expert: thousands of small allocations per call
         # cost as much as the dot products at T=16.
-        dots = acc_zeros((4, most_rows), a.dtype)
-        # Four streams, each reading a quarter of the block's rows in order: sequential
-        # streams keep the hardware prefetcher ahead, where four neighbouring rows at a
-        # time (streams that jump 3 KiB at every step) read 1.2x slower.
-        quarter = (width + 3) // 4
+        dots = acc_zeros((2, most_rows), a.dtype)
+        # Two streams, each reading half of the block's rows in order: sequential streams
+        # keep the hardware prefetcher ahead, where neighbouring rows at a time (streams that
+        # jump at every step) read 1.2x slower, and four streams 1.05-1.1x slower than two.
+        half = (width + 1) // 2
         for ei in range(experts.shape[0]):
             e = experts[ei]
             start, end = offsets[e], offsets[e + 1]
-            for s in range(quarter):
-                # Columns past the block's end repeat its first; only the real ones are added.
-                cols = (c0 + s, c0 + s + quarter, c0 + s + 2 * quarter, c0 + s + 3 * quarter)
-                real = (width - s + quarter - 1) // quarter
-                cols = (cols[0], cols[1] if real > 1 else c0, cols[2] if real > 2 else c0, cols[3] if real > 3 else c0)
-                dot_rows_quad(a, token_of_row, False, start, end, w[e, cols[0]], w[e, cols[1]], w[e, cols[2]],
-                              w[e, cols[3]], dots)
+            for s in range(half):
+                c = c0 + s
+                d = c + half if s + half < width else c  # an odd width's last row pairs with itself
+                dot_rows_pair(a, token_of_row, False, start, end, w[e, c], w[e, d], dots)
                 for q in range(end - start):
                     t = token_of_row[start + q]
-                    for p in range(real):
-                        v = dots[p, q] + bias[e, cols[p]] if has_bias else dots[p, q]
-                        acc[t, cols[p] - c0] += row_weight[start + q] * v
+                    v = dots[0, q] + bias[e, c] if has_bias else dots[0, q]
+                    acc[t, c - c0] += row_weight[start + q] * v
+                    if d != c:
+                        v = dots[1, q] + bias[e, d] if has_bias else dots[1, q]
+                        acc[t, d - c0] += row_weight[start + q] * v
         for t in range(num_tokens):
             for c in range(width):
                 out[t, c0 + c] = narrow(acc[t, c], out.dtype)
