@@ -220,7 +220,10 @@ def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, w_gate_up, b_ga
         num_active += offsets[e + 1] > offsets[e]
     if token_of_row.shape[0] > rows_limit * num_active:
         return NOT_DECODE
+    # save_h as a runtime bool (always false here), not a constant: _decode_step and the
+    # kernels then compile once for both entry points, not once each (5-8 s a dtype).
+    save_h = num_active < 0
     _decode_step(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_down,
-                 has_b_down, gated, code, split_x, split_a, block_gate_up, quad_rows, block_down, False,
+                 has_b_down, gated, code, split_x, split_a, block_gate_up, quad_rows, block_down, save_h,
                  np.empty((0, w_gate_up.shape[1]), dtype=out.dtype), out)
     return 0
