@@ -3,6 +3,8 @@
 Each op is a torch custom op (torch.library) that takes the resolved backend's name, so
 autograd, torch.compile (through the fake implementations) and every backend share one
 definition. Backward formulas call custom ops too, so compiled backward graphs trace.
+make_plan and moe_mlp call the backend directly when nothing needs the custom op (eager
+mode, plain tensors, no autograd; see _direct): its dispatch costs more than a small step.
 """
 
 from typing import Optional
