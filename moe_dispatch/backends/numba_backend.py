@@ -64,6 +64,8 @@ def fused_rows_limit(dtype: torch.dtype, flops_per_row: int) -> float:
 def mlp_flops_per_row(w_gate_up: Tensor, w_down: Tensor) -> int:
     """2 * H * (W + I): GEMM1 and GEMM2 of one row."""
     return 2 * w_gate_up.shape[2] * (w_gate_up.shape[1] + w_down.shape[2])
+
+
 # Rows per active expert from which the decode GEMM1 on packed bfloat16 weights reads four
 # weight rows per pass rather than two (gate_up_act's quad): 1.2x faster at 8-16 rows,
 # where the step turns compute-bound, 1.1x slower at 4 and below, where streaming the
@@ -181,6 +183,12 @@ def scalars_array(t: Optional[Tensor], dtype: torch.dtype) -> np.ndarray:
 _NO_SCALARS = {False: np.zeros((1, 1), dtype=np.float32), True: np.zeros((1, 1), dtype=np.float64)}
 
 
+def refuse_bad_ids(ids: Tensor, num_experts: int, num_bad: int) -> None:
+    """Raise for the num_bad ids a plan kernel counted outside [0, num_experts)."""
+    check.expert_id_values(ids, num_experts)  # names a bad id
+    raise ValueError(f"ids must lie in [0, {num_experts}): {num_bad} expert ids fall outside")
+
+
 def int32_array(t: Tensor) -> np.ndarray:
     if t.dtype == torch.int32 and t.is_contiguous():  # a plan's arrays: no conversion to pay for
         return t.numpy()
@@ -273,8 +281,7 @@ class NumbaBackend(Backend):
             counts.numpy(), offsets.numpy(), token_of_row.numpy(), row_of_slot.numpy(),
         )
         if num_bad:
-            check.expert_id_values(ids, num_experts)  # names a bad id
-            raise ValueError(f"ids must lie in [0, {num_experts}): {num_bad} expert ids fall outside")
+            refuse_bad_ids(ids, num_experts, num_bad)
         return counts, offsets, token_of_row, row_of_slot
 
     @launcher
@@ -453,7 +460,6 @@ class NumbaBackend(Backend):
         if status == mlp.NOT_DECODE:
             return None
         if status:
-            check.expert_id_values(ids, num_experts)  # names a bad id
-            raise ValueError(f"ids must lie in [0, {num_experts}): {status} expert ids fall outside")
+            refuse_bad_ids(ids, num_experts, status)
         return out
 
