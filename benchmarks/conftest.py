@@ -22,7 +22,7 @@ def device() -> torch.device:
 
 @pytest.fixture(scope="session")
 def roofline():
-    return get_roofline(DEVICE)
+    return get_roofline(DEVICE, fresh_bandwidth=True)
 
 
 @pytest.fixture

@@ -186,7 +186,7 @@ def _roofline(device: torch.device, err):
 
     if cached_roofline(device) is None:
         err.print(f"measuring the roofline of {device.type} once (cached for later runs)...")
-    return get_roofline(device)
+    return get_roofline(device, fresh_bandwidth=True)
 
 
 def _machine_line(device: torch.device) -> str:

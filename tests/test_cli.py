@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import moe_dispatch.benchmarking.bench as bench_module
+import moe_dispatch.benchmarking.roofline as roofline_module
 from moe_dispatch import backends, moe_mlp
 from moe_dispatch.benchmarking.cases import ROUTINGS, make_experts, make_ids, make_inputs
 from moe_dispatch.benchmarking.costs import Work
@@ -46,8 +47,10 @@ def one_thread():
 
 @pytest.fixture(autouse=True)
 def roofline_cache(one_thread, tmp_path, monkeypatch):
-    """A private cache holding a roofline for this CPU, so commands do not measure one."""
+    """A private cache holding a roofline for this CPU, and bandwidths that read the same
+    figures back, so commands do not measure one."""
     monkeypatch.setenv("MOE_DISPATCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(roofline_module, "measure_bandwidth", lambda device: (20.0, 15.0))
     roofline = Roofline(device_key(CPU), 20.0, 15.0, {"bfloat16": 0.5, "float16": 0.01, "float32": 0.2},
                         torch.__version__, "test")
     path = cache_path()
@@ -289,10 +292,17 @@ def test_info_measures_the_roofline_once_and_caches_it(capsys, roofline_cache, m
     assert "roofline" in capsys.readouterr().out
     cached = json.loads(roofline_cache.read_text())[device_key(CPU)]
     assert cached["read_gbps"] > 0 and set(cached["peak_tflops"]) == {"bfloat16", "float16", "float32"}
-    import moe_dispatch.benchmarking.roofline as roofline_module
-
     monkeypatch.setattr(roofline_module, "measure_roofline", lambda device: pytest.fail("measured twice"))
     assert main(["info"]) == 0
+
+
+def test_bench_measures_the_bandwidth_again_and_keeps_the_cached_peaks(capsys, roofline_cache, monkeypatch):
+    monkeypatch.setattr(roofline_module, "measure_bandwidth", lambda device: (33.0, 22.0))
+    monkeypatch.setattr(roofline_module, "measure_roofline", lambda device: pytest.fail("peaks measured again"))
+    assert main(["bench", *TINY, "--backend", "torch", "--compare", "bound"]) == 0
+    assert "read 33 GB/s, copy 22 GB/s" in capsys.readouterr().out
+    cached = json.loads(roofline_cache.read_text())[device_key(CPU)]
+    assert (cached["read_gbps"], cached["copy_gbps"], cached["peak_tflops"]["bfloat16"]) == (33.0, 22.0, 0.5)
 
 
 def test_profile_stages_backward_and_trace(tmp_path, capsys):

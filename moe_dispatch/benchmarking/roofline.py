@@ -5,7 +5,10 @@ the best run is the one least disturbed by other work on it.
 
 Measured once per device (and torch version) and cached in
 $MOE_DISPATCH_CACHE_DIR (default ~/.cache/moe_dispatch)/roofline.json, next to the triton
-backend's autotune results. Every benchmark result is placed against it: the fastest an op could run
+backend's autotune results. The bandwidth of a shared machine drifts (a cloud VM's read
+bandwidth has moved between 45 and 88 GB/s within 20 minutes), so `moe-dispatch bench` and
+`profile` measure it again at the start of each run (half a second) and take the matmul
+peaks, which take seconds, from the cache. Every benchmark result is placed against it: the fastest an op could run
 is max(bytes / bandwidth, FLOPs / peak).
 """
 
@@ -15,7 +18,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -84,6 +87,12 @@ def _bandwidth(device: torch.device, nbytes: int) -> tuple[float, float]:
     return nbytes / read / 1e6, 2 * nbytes / copy / 1e6
 
 
+def measure_bandwidth(device) -> tuple[float, float]:
+    """(read, copy) GB/s, each the best of repeated runs over a buffer well beyond the caches."""
+    device = torch.device(device)
+    return _bandwidth(device, (2 << 30) if device.type == "cuda" else (256 << 20))
+
+
 def _matmul_peak(device: torch.device, dtype: torch.dtype, max_n: int) -> float:
     """TFLOP/s of the largest square matmul up to max_n that takes well under a second
     (fp16 on some CPUs runs at a few GFLOP/s, so the size grows from small)."""
@@ -104,11 +113,14 @@ def _matmul_peak(device: torch.device, dtype: torch.dtype, max_n: int) -> float:
 
 def measure_roofline(device) -> Roofline:
     device = torch.device(device)
-    gpu = device.type == "cuda"
-    read, copy = _bandwidth(device, (2 << 30) if gpu else (256 << 20))
-    peaks = {name: _matmul_peak(device, dtype, 8192 if gpu else 2048) for name, dtype in DTYPES.items()}
-    return Roofline(device_key(device), read, copy, peaks, torch.__version__,
-                    time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    read, copy = measure_bandwidth(device)
+    max_n = 8192 if device.type == "cuda" else 2048
+    peaks = {name: _matmul_peak(device, dtype, max_n) for name, dtype in DTYPES.items()}
+    return Roofline(device_key(device), read, copy, peaks, torch.__version__, _now())
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def load_cache() -> dict:
@@ -126,13 +138,18 @@ def cached_roofline(device) -> Optional[Roofline]:
         return None
 
 
-def get_roofline(device, remeasure: bool = False) -> Roofline:
-    """The cached roofline of this device, measured (a few seconds) when missing."""
+def get_roofline(device, remeasure: bool = False, fresh_bandwidth: bool = False) -> Roofline:
+    """The cached roofline of this device, measured (a few seconds) when missing; with
+    fresh_bandwidth, its bandwidth measured now (half a second) and cached in its place."""
     device = torch.device(device)
     found = None if remeasure else cached_roofline(device)
-    if found is not None:
+    if found is None:
+        roofline = measure_roofline(device)
+    elif fresh_bandwidth:
+        read, copy = measure_bandwidth(device)
+        roofline = replace(found, read_gbps=read, copy_gbps=copy, measured_at=_now())
+    else:
         return found
-    roofline = measure_roofline(device)
     cache = load_cache()
     cache[roofline.device] = asdict(roofline)
     path = cache_path()
