@@ -21,7 +21,9 @@ import torch
 from cases import CASES
 from conftest import CPU, assert_close, random_ids, random_weights
 from moe_dispatch import grouped_mm, make_plan, moe_mlp
+from moe_dispatch.activations import ACTIVATIONS, is_gated
 from moe_dispatch.backends import get_backend, unavailable_reason
+from moe_dispatch.backends.base import Backend
 from reference import naive_grouped_mm, naive_moe_mlp
 
 if unavailable_reason("numba", CPU) is not None:
@@ -202,6 +204,31 @@ def test_gradients_after_each_forward_path(path, gen, monkeypatch):
         grads[backend] = [t.grad for t in leaves]
     for got, want in zip(grads["numba"], grads["torch"]):
         assert_close(got, want, torch.float32)
+
+
+@nojit
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
+def test_backward_rows_match_the_composition_in_float64(dtype, activation, gen):
+    """The one-pass kernel between the backward's GEMMs against the base backend's torch
+    composition of the same, in float64."""
+    R, H, I = 37, 19, 11
+    h = (3 * torch.randn(R, 2 * I if is_gated(activation) else I, generator=gen)).to(dtype)
+    g, dyp = torch.randn(R, I, generator=gen).to(dtype), torch.randn(R, H, generator=gen).to(dtype)
+    w_row = torch.rand(R, generator=gen).to(nb.acc_dtype(dtype))
+    got = get_backend("numba").moe_mlp_backward_rows(h, g, dyp, w_row, activation)
+    want = Backend().moe_mlp_backward_rows(h.double(), g.double(), dyp.double(), w_row.double(), activation)
+    for name, out, ref in zip(("a", "d_row", "dh", "do"), got, want):
+        assert out.dtype == (w_row.dtype if name == "d_row" else dtype), name
+        assert_close(out, ref, dtype)
+
+
+def test_backward_rows_refuse_disagreeing_shapes(gen):
+    h, g, dyp, w_row = torch.randn(6, 8), torch.randn(6, 4), torch.randn(6, 5), torch.rand(6)
+    backend = get_backend("numba")
+    for args in ((h[:5], g, dyp, w_row), (h, g, dyp[:5], w_row), (h, g, dyp, w_row[:5]), (h[:, :6], g, dyp, w_row)):
+        with pytest.raises(ValueError, match="must agree"):
+            backend.moe_mlp_backward_rows(*args, "swiglu")
 
 
 # ---- grouped_mm: weight layouts and group sizes ------------------------------------------

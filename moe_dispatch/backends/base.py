@@ -126,24 +126,35 @@ class Backend:
         _, offsets, token_of_row, row_of_slot = plan
         num_experts = w_gate_up.shape[0]
         dyp = self.permute(dy, token_of_row)
-        g = upcast(self.grouped_mm(dyp, w_down, offsets))
-        a = activate(h, activation)
-        d_row = (g * a).sum(-1)
+        g = self.grouped_mm(dyp, w_down, offsets)
+        a, d_row, dh, do = self.moe_mlp_backward_rows(h, g, dyp, row_weights(weights, row_of_slot), activation)
         if b_down is not None:
             d_row += (upcast(dyp) * upcast(b_down)[expert_of_row(offsets, dyp.shape[0])]).sum(-1)
         dweights = d_row[row_of_slot.long()]
 
-        w_row = row_weights(weights, row_of_slot)[:, None]
-        do = (upcast(dyp) * w_row).to(x.dtype)
-        dw_down = self.grouped_mm_wgrad(do, a.to(x.dtype), offsets, num_experts)
+        dw_down = self.grouped_mm_wgrad(do, a, offsets, num_experts)
         db_down = expert_sums(do, offsets) if b_down is not None else None
 
-        dh = activate_backward(h, g * w_row, activation).to(x.dtype)
         xs = self.permute(x, token_of_row)
         dw_gate_up = self.grouped_mm_wgrad(dh, xs, offsets, num_experts)
         db_gate_up = expert_sums(dh, offsets) if b_gate_up is not None else None
         dx = self.unpermute(self.grouped_mm(dh, w_gate_up, offsets), row_of_slot, None)
         return dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down
+
+    def moe_mlp_backward_rows(
+        self, h: Tensor, g: Tensor, dyp: Tensor, w_row: Tensor, activation: str
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The row-wise middle of moe_mlp's backward, for h [R, 2I or I] (GEMM1's output),
+        g [R, I] = dy @ w_down[e] per row, dyp [R, H] (dy in expert order) and the routing
+        weights w_row [R] (float32):
+        (a = act(h), d_row = g . act(h) (float32), dh = d act(h) against g * w_row, do = dyp * w_row),
+        a, dh and do in dyp's dtype, everything computed in float32."""
+        g, w_row = upcast(g), w_row[:, None]
+        a = activate(h, activation)
+        d_row = (g * a).sum(-1)
+        dh = activate_backward(h, g * w_row, activation).to(dyp.dtype)
+        do = (upcast(dyp) * w_row).to(dyp.dtype)
+        return a.to(dyp.dtype), d_row, dh, do
 
 
 def row_weights(weights: Tensor, row_of_slot: Tensor) -> Tensor:

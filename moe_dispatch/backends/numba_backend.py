@@ -31,7 +31,7 @@ import torch
 from .. import validation as check
 from ..activations import is_gated
 from ..kernels.numba import grouped_mm as gmm
-from ..kernels.numba import mlp
+from ..kernels.numba import mlp, mlp_backward
 from ..kernels.numba import permute as perm
 from ..kernels.numba import plan as plan_kernels
 from ..kernels.numba.scalars import ACTIVATION_CODES
@@ -414,6 +414,22 @@ class NumbaBackend(Backend):
             matmul_into(o_e[:n], a_e[:n], w_down[e].t(), None if b_down is None else b_down[e])
             perm.add_weighted_rows(as_array(o_e[:n]), rows[start:end], row_weight_array[start:end], out_array)
         return out.to(x.dtype), h_all
+
+    @launcher
+    def moe_mlp_backward_rows(self, h, g, dyp, w_row, activation):
+        num_rows, inter = g.shape
+        gated = is_gated(activation)
+        if h.shape != (num_rows, 2 * inter if gated else inter) or dyp.shape[0] != num_rows or w_row.shape != (num_rows,):
+            raise ValueError(f"h {tuple(h.shape)}, g {tuple(g.shape)}, dyp {tuple(dyp.shape)} and w_row "
+                             f"{tuple(w_row.shape)} must agree on the rows (and h on I for {activation})")
+        a, dh, do = dyp.new_empty(num_rows, inter), dyp.new_empty(h.shape), dyp.new_empty(dyp.shape)
+        d_row = torch.empty(num_rows, dtype=acc_dtype(dyp.dtype))
+        mlp_backward.backward_rows(
+            as_array(h.contiguous()), as_array(g.contiguous()), as_array(dyp.contiguous()),
+            scalars_array(w_row, dyp.dtype), gated, ACTIVATION_CODES[activation],
+            as_array(a), as_array(dh), as_array(do), d_row.numpy(),
+        )
+        return a, d_row, dh, do
 
     @staticmethod
     def _row_weights(weights, row_of_slot, num_rows, dtype) -> Tensor:

@@ -23,6 +23,7 @@ from numba.extending import intrinsic, overload
 SILU, GELU, RELU = 0, 1, 2
 ACTIVATION_CODES = {"swiglu": SILU, "silu": SILU, "geglu": GELU, "gelu": GELU, "relu": RELU}
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 # ---- bit casts (jit only) ----------------------------------------------------------------
@@ -196,5 +197,34 @@ def _act_value(g, code):
         if code == GELU:
             return half * g * (one + math.erf(g * inv_sqrt2))
         return g if g > 0 else g * 0
+
+    return impl
+
+
+def act_and_grad(g, code):
+    """(act(g), d act(g) / dg) for code SILU, GELU or RELU, sharing one exp."""
+    if code == SILU:
+        s = 1.0 / (1.0 + math.exp(-g))
+        return g * s, s * (1.0 + g * (1.0 - s))
+    if code == GELU:
+        cdf = 0.5 * (1.0 + math.erf(g * _INV_SQRT2))
+        return g * cdf, cdf + g * math.exp(-0.5 * g * g) * _INV_SQRT_2PI
+    return (g, 1.0) if g > 0.0 else (0.0 * g, 0.0)
+
+
+@overload(act_and_grad)
+def _act_and_grad(g, code):
+    kind = np.float32 if g == types.float32 else np.float64
+    zero, one, half = kind(0.0), kind(1.0), kind(0.5)
+    inv_sqrt2, inv_sqrt_2pi = kind(_INV_SQRT2), kind(_INV_SQRT_2PI)
+
+    def impl(g, code):
+        if code == SILU:
+            s = one / (one + math.exp(-g))
+            return g * s, s * (one + g * (one - s))
+        if code == GELU:
+            cdf = half * (one + math.erf(g * inv_sqrt2))
+            return g * cdf, cdf + g * math.exp(-half * g * g) * inv_sqrt_2pi
+        return (g, one) if g > 0 else (g * 0, zero)
 
     return impl
