@@ -43,15 +43,15 @@ Tensor = torch.Tensor
 # beat a BLAS call per expert, measured on 2 threads of a Zen 5 (docs/cpu.md):
 # - SMALL_GROUP_ROWS: up to this many rows per expert whatever its size. float32: the
 #   kernels win up to about 200 rows (1.5x at 64). bfloat16: oneDNN's AVX-512 bf16 dot
-#   products win from 8-16 rows on large experts. float16: torch's CPU matmul runs at
-#   3 GFLOP/s here, so never BLAS.
+#   products win from 8-16 rows on large experts. float16 (BLAS in float32, see
+#   matmul_into): even at 128 rows, 1.2x faster for the kernels at 96 rows, 1.2x slower at 256.
 # - BLOCKED_EXPERT_FLOPS: beyond that, while the expert's rows need fewer multiply-adds than
 #   this. A blocked expert pays a fixed cost (gather, two GEMM calls, activation, combine:
 #   about 0.1 ms), which small experts feel: bfloat16 at H=512 I=192 wins up to about
 #   48 rows (32 rows: 13 ms against 19 for the whole step).
 # grouped_mm sends each expert its own way; moe_mlp takes the fused decode path while the
 # active experts average at most the limit.
-SMALL_GROUP_ROWS = {torch.float32: 192, torch.float64: 192, torch.bfloat16: 8, torch.float16: 2**31}
+SMALL_GROUP_ROWS = {torch.float32: 192, torch.float64: 192, torch.bfloat16: 8, torch.float16: 128}
 BLOCKED_EXPERT_FLOPS = {torch.float32: 0, torch.float64: 0, torch.bfloat16: 30e6, torch.float16: 0}
 
 
@@ -221,8 +221,13 @@ def rows_of_k_view(w: Tensor) -> Optional[Tensor]:
 
 
 def matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor]) -> None:
-    """out = a @ b (+ bias, broadcast) by BLAS; any strides."""
-    if bias is None:
+    """out = a @ b (+ bias, broadcast) by BLAS; any strides. float16 is computed in float32:
+    torch's CPU float16 matmul runs at 1 to 60 GFLOP/s on 2 Zen 5 threads depending on the
+    operands' layout (1 for the row-major w[e] of a backward), float32 at 120-150 with the
+    conversions counted."""
+    if out.dtype == torch.float16:
+        out.copy_(torch.mm(a.float(), b.float()) if bias is None else torch.addmm(bias.float(), a.float(), b.float()))
+    elif bias is None:
         torch.mm(a, b, out=out)
     else:
         torch.addmm(bias.to(a.dtype), a, b, out=out)
@@ -331,7 +336,7 @@ class NumbaBackend(Backend):
             if start == end:
                 out[e].zero_()
             else:
-                torch.mm(a[start:end].T, b[start:end], out=out[e])
+                matmul_into(out[e], a[start:end].T, b[start:end], None)
         return out
 
     # ---- composites ------------------------------------------------------------------
