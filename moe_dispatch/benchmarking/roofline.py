@@ -8,8 +8,8 @@ $MOE_DISPATCH_CACHE_DIR (default ~/.cache/moe_dispatch)/roofline.json, next to t
 backend's autotune results. The bandwidth of a shared machine drifts (a cloud VM's read
 bandwidth has moved between 45 and 88 GB/s within 20 minutes), so `moe-dispatch bench` and
 `profile` measure it again at the start of each run (half a second) and take the matmul
-peaks, which take seconds, from the cache. Every benchmark result is placed against it: the fastest an op could run
-is max(bytes / bandwidth, FLOPs / peak).
+peaks, which take seconds, from the cache. Every benchmark result is placed against it: the
+fastest an op could run is max(bytes / bandwidth, FLOPs / peak).
 """
 
 from __future__ import annotations
