@@ -235,12 +235,20 @@ def test_backward_rows_refuse_disagreeing_shapes(gen):
 
 LAYOUTS = {
     # nn.Linear storage [E, N, K] passed as w.transpose(1, 2): what the Numba kernel reads
-    "nk": lambda E, K, N, g: torch.randn(E, N, K, generator=g).transpose(1, 2),
+    "nk": lambda w: w.transpose(1, 2).contiguous().transpose(1, 2),
     # [E, K, N] storage: BLAS, whatever the group size
-    "kn": lambda E, K, N, g: torch.randn(E, K, N, generator=g),
+    "kn": lambda w: w,
     # neither K nor N contiguous: BLAS reads the view in place
-    "strided": lambda E, K, N, g: torch.randn(E, K, N, 2, generator=g)[..., 0],
+    "strided": lambda w: torch.stack((w, w), -1)[..., 0],
 }
+
+
+def weights_in(layout, E, K, N, dtype, gen):
+    """Random [E, K, N] weights of dtype, scaled for unit outputs, as a view of LAYOUTS[layout]
+    (made last: arithmetic on a strided view returns a contiguous tensor)."""
+    w = LAYOUTS[layout]((torch.randn(E, K, N, generator=gen) / K**0.5).to(dtype))
+    assert w.stride()[-1] == (2 if layout == "strided" else 1 if layout == "kn" else K)
+    return w
 
 
 def offsets_of(ids, E):
@@ -256,7 +264,7 @@ def test_grouped_mm_layouts_and_group_sizes(K, dtype, layout, groups, gen, monke
     E, N, rows = 5, 19, 41
     offsets = offsets_of(random_ids(rows, 1, E, gen), E)
     xs = torch.randn(rows, K, generator=gen).to(dtype)
-    w = (LAYOUTS[layout](E, K, N, gen) / K**0.5).to(dtype)
+    w = weights_in(layout, E, K, N, dtype, gen)
     out = grouped_mm(xs, w, offsets, backend="numba")
     assert_close(out, naive_grouped_mm(xs, w, offsets), dtype)
 
@@ -269,7 +277,7 @@ def test_nojit_grouped_mm_bias_and_wgrad(layout, gen, monkeypatch):
     E, K, N, rows = 4, 6, 5, 9
     offsets = offsets_of(random_ids(rows, 1, E - 1, gen), E)  # expert E-1 gets no rows
     xs, dy = torch.randn(rows, K, generator=gen), torch.randn(rows, N, generator=gen)
-    w, bias = LAYOUTS[layout](E, K, N, gen), torch.randn(E, N, generator=gen)
+    w, bias = weights_in(layout, E, K, N, torch.float32, gen), torch.randn(E, N, generator=gen)
     expert_of_row = torch.searchsorted(offsets[1:], torch.arange(rows, dtype=offsets.dtype), right=True)
     expected = naive_grouped_mm(xs, w, offsets) + bias.double()[expert_of_row]
     assert_close(backend.grouped_mm(xs, w, offsets, bias), expected)
@@ -280,11 +288,35 @@ def test_nojit_grouped_mm_bias_and_wgrad(layout, gen, monkeypatch):
         assert_close(wgrad[e], xs[part].double().T @ dy[part].double())
 
 
+def spy_torch_grouped_mm(monkeypatch) -> list:
+    """Record each torch._grouped_mm call."""
+    calls, real = [], torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_groups_of_aligned_operands_take_torch_grouped_mm(dtype, layout, gen, monkeypatch):
+    """One torch._grouped_mm call instead of a loop over experts, where this torch has a CPU
+    one and the operands suit it (float32 or bfloat16, 16-byte strides); the loop otherwise."""
+    large_groups_everywhere(monkeypatch)
+    grouped = nb._grouped_mm_on_cpu() and dtype != torch.float16  # probed before the spy counts
+    calls = spy_torch_grouped_mm(monkeypatch)
+    E, K, N, rows = 6, 32, 16, 40
+    offsets = offsets_of(random_ids(rows, 1, E - 1, gen), E)  # the last expert is empty
+    xs = torch.randn(rows, K, generator=gen).to(dtype)
+    w = weights_in(layout, E, K, N, dtype, gen)
+    assert_close(grouped_mm(xs, w, offsets, backend="numba"), naive_grouped_mm(xs, w, offsets), dtype)
+    assert calls == ([1] if grouped and layout != "strided" else [])  # strided: 8-byte steps
+
+
+@pytest.mark.parametrize("shape", [(21, 13), (32, 16)], ids=["odd", "aligned"])  # aligned: torch._grouped_mm
 @pytest.mark.parametrize("groups", ["small", "large"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_grouped_mm_wgrad_group_sizes(dtype, groups, gen, monkeypatch):
+def test_grouped_mm_wgrad_group_sizes(dtype, groups, shape, gen, monkeypatch):
     (small_groups_everywhere if groups == "small" else large_groups_everywhere)(monkeypatch)
-    E, M, N, rows = 6, 21, 13, 50
+    (M, N), E, rows = shape, 6, 50
     offsets = offsets_of(random_ids(rows, 1, E - 2, gen), E)  # the last two experts are empty
     a = torch.randn(rows, M, generator=gen).to(dtype)
     b = torch.randn(rows, N, generator=gen).to(dtype)
