@@ -52,7 +52,7 @@ def roofline_cache(one_thread, tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_DISPATCH_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(roofline_module, "measure_bandwidth", lambda device: (20.0, 15.0))
     roofline = Roofline(device_key(CPU), 20.0, 15.0, {"bfloat16": 0.5, "float16": 0.01, "float32": 0.2},
-                        torch.__version__, "test")
+                        torch.__version__, "test", roofline_module.METHOD)
     path = cache_path()
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({roofline.device: roofline.__dict__}))
@@ -303,6 +303,16 @@ def test_bench_measures_the_bandwidth_again_and_keeps_the_cached_peaks(capsys, r
     assert "read 33 GB/s, copy 22 GB/s" in capsys.readouterr().out
     cached = json.loads(roofline_cache.read_text())[device_key(CPU)]
     assert (cached["read_gbps"], cached["copy_gbps"], cached["peak_tflops"]["bfloat16"]) == (33.0, 22.0, 0.5)
+
+
+def test_peaks_measured_another_way_are_measured_again(roofline_cache, monkeypatch):
+    stale = json.loads(roofline_cache.read_text())
+    stale[device_key(CPU)]["method"] = roofline_module.METHOD - 1
+    roofline_cache.write_text(json.dumps(stale))
+    fresh = Roofline(device_key(CPU), 1.0, 1.0, {"float32": 1.0}, torch.__version__, "now", roofline_module.METHOD)
+    monkeypatch.setattr(roofline_module, "measure_roofline", lambda device: fresh)
+    assert roofline_module.get_roofline(CPU) == fresh
+    assert json.loads(roofline_cache.read_text())[device_key(CPU)]["method"] == roofline_module.METHOD
 
 
 def test_profile_stages_backward_and_trace(tmp_path, capsys):

@@ -31,6 +31,7 @@ if unavailable_reason("numba", CPU) is not None:
 
 import numba  # noqa: E402
 
+import moe_dispatch.backends.cpu_matmul as cm  # noqa: E402
 import moe_dispatch.backends.numba_backend as nb  # noqa: E402
 from moe_dispatch.kernels.numba.scalars import narrow, widen  # noqa: E402
 
@@ -47,6 +48,15 @@ def small_groups_everywhere(monkeypatch):
 def large_groups_everywhere(monkeypatch):
     """Every expert with rows counts as large: BLAS for all groups, the blocked moe_mlp."""
     monkeypatch.setattr(nb, "fused_rows_limit", lambda dtype, flops_per_row: 0)
+
+
+@pytest.fixture(params=["onednn", "blas"])
+def matmul_library(request, monkeypatch):
+    """The library of the large groups' float32 and float16 products (cpu_matmul)."""
+    if request.param == "onednn" and not cm.onednn_available():
+        pytest.skip("this torch has no oneDNN linear op")
+    monkeypatch.setenv("MOE_DISPATCH_CPU_MATMUL", request.param)
+    return request.param
 
 
 def count_decode_calls(monkeypatch) -> list:
@@ -145,9 +155,10 @@ def test_nojit_moe_mlp_paths(dtype, path, gen, monkeypatch):
 def test_decode_is_chosen_by_rows_per_expert(gen, monkeypatch):
     """Default thresholds: a decode step is fused, a long prefill goes blocked."""
     decode_calls = count_decode_calls(monkeypatch)
-    E, H, I = 8, 16, 8
+    E, H, I = 4, 256, 128
     w_gate_up, w_down, _, _ = expert_weights(E, H, I, True, torch.float32, gen)
-    for tokens, fused in ((1, True), (2000, False)):
+    limit = nb.fused_rows_limit(torch.float32, nb.mlp_flops_per_row(w_gate_up, w_down))
+    for tokens, fused in ((1, True), (int(2 * limit * E), False)):  # 4x the limit's rows per expert
         decode_calls.clear()
         ids = random_ids(tokens, 2, E, gen)
         moe_mlp(torch.randn(tokens, H, generator=gen), random_weights(tokens, 2, gen), ids, w_gate_up, w_down,
@@ -155,14 +166,21 @@ def test_decode_is_chosen_by_rows_per_expert(gen, monkeypatch):
         assert bool(decode_calls) == fused
 
 
-def test_fused_rows_limit_grows_for_small_experts():
+def test_fused_rows_limit_grows_for_small_experts(matmul_library):
     """Small experts feel the blocked path's fixed cost per expert: the fused kernels keep
     them longer, never fewer rows than SMALL_GROUP_ROWS."""
+    limits = nb.FUSED_LIMITS[matmul_library]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         small = nb.fused_rows_limit(dtype, 2 * 512 * (384 + 192))
         large = nb.fused_rows_limit(dtype, 2 * 4096 * (2 * 14336 + 14336))
-        assert small >= large >= nb.SMALL_GROUP_ROWS[dtype]
-    assert nb.fused_rows_limit(torch.bfloat16, 2 * 512 * (384 + 192)) > nb.SMALL_GROUP_ROWS[torch.bfloat16]
+        assert small >= large >= limits[dtype][0]
+        if limits[dtype][1]:
+            assert small > limits[dtype][0]
+
+
+def test_onednn_serves_float32_from_fewer_rows_than_blas():
+    for dtype in (torch.float32, torch.float16):
+        assert nb.FUSED_LIMITS["onednn"][dtype][0] < nb.FUSED_LIMITS["blas"][dtype][0]
 
 
 def test_small_batch_plans_inside_the_decode_step(gen, monkeypatch):
@@ -185,7 +203,7 @@ def test_small_batch_plans_inside_the_decode_step(gen, monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["decode", "blas"])
-def test_gradients_after_each_forward_path(path, gen, monkeypatch):
+def test_gradients_after_each_forward_path(path, matmul_library, gen, monkeypatch):
     """The h the decode kernel saves serves the backward as the blocked path's does."""
     force_path(path, monkeypatch)
     case = CASES[1].values[0]
@@ -259,7 +277,7 @@ def offsets_of(ids, E):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("K", [37, 38], ids=["odd-K", "even-K"])  # even: bfloat16 read as uint32 pairs
-def test_grouped_mm_layouts_and_group_sizes(K, dtype, layout, groups, gen, monkeypatch):
+def test_grouped_mm_layouts_and_group_sizes(K, dtype, layout, groups, matmul_library, gen, monkeypatch):
     (small_groups_everywhere if groups == "small" else large_groups_everywhere)(monkeypatch)
     E, N, rows = 5, 19, 41
     offsets = offsets_of(random_ids(rows, 1, E, gen), E)
@@ -297,11 +315,13 @@ def spy_torch_grouped_mm(monkeypatch) -> list:
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_large_groups_of_aligned_operands_take_torch_grouped_mm(dtype, layout, gen, monkeypatch):
+def test_large_groups_of_aligned_operands_take_torch_grouped_mm(dtype, layout, matmul_library, gen, monkeypatch):
     """One torch._grouped_mm call instead of a loop over experts, where this torch has a CPU
-    one and the operands suit it (float32 or bfloat16, 16-byte strides); the loop otherwise."""
+    one and the operands suit it (bfloat16, or float32 where BLAS computes it; 16-byte
+    strides); the loop otherwise."""
     large_groups_everywhere(monkeypatch)
-    grouped = nb._grouped_mm_on_cpu() and dtype != torch.float16  # probed before the spy counts
+    # probed before the spy counts
+    grouped = cm._grouped_mm_on_cpu() and (dtype == torch.bfloat16 or dtype == torch.float32 and matmul_library == "blas")
     calls = spy_torch_grouped_mm(monkeypatch)
     E, K, N, rows = 6, 32, 16, 40
     offsets = offsets_of(random_ids(rows, 1, E - 1, gen), E)  # the last expert is empty
@@ -314,7 +334,7 @@ def test_large_groups_of_aligned_operands_take_torch_grouped_mm(dtype, layout, g
 @pytest.mark.parametrize("shape", [(21, 13), (32, 16)], ids=["odd", "aligned"])  # aligned: torch._grouped_mm
 @pytest.mark.parametrize("groups", ["small", "large"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_grouped_mm_wgrad_group_sizes(dtype, groups, shape, gen, monkeypatch):
+def test_grouped_mm_wgrad_group_sizes(dtype, groups, shape, matmul_library, gen, monkeypatch):
     (small_groups_everywhere if groups == "small" else large_groups_everywhere)(monkeypatch)
     (M, N), E, rows = shape, 6, 50
     offsets = offsets_of(random_ids(rows, 1, E - 2, gen), E)  # the last two experts are empty
@@ -325,6 +345,45 @@ def test_grouped_mm_wgrad_group_sizes(dtype, groups, shape, gen, monkeypatch):
     for e in range(E):
         part = slice(bounds[e], bounds[e + 1])
         assert_close(out[e], a[part].double().T @ b[part].double(), dtype)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
+def test_matmul_into_any_strides(dtype, bias, matmul_library, gen):
+    """Both libraries, operands as the blocked path and the backward pass them: a row block,
+    a transposed view (w[e] of nn.Linear storage, a.T of a weight gradient), a strided one."""
+    M, K, N = 11, 37, 19
+    a = torch.randn(M, K, generator=gen).to(dtype)
+    b_bias = torch.randn(N, generator=gen).to(dtype) if bias else None
+    operands = {
+        "row-major": (a, torch.randn(K, N, generator=gen).to(dtype)),
+        "transposed": (torch.randn(K, M, generator=gen).to(dtype).T, torch.randn(N, K, generator=gen).to(dtype).T),
+        "strided": (a, torch.randn(K, 2 * N, generator=gen).to(dtype)[:, ::2]),
+    }
+    for x, w in operands.values():
+        inputs = [t.clone() for t in (x, w, b_bias) if t is not None]
+        out = torch.full((M, N), float("nan"), dtype=dtype)
+        cm.matmul_into(out, x, w, b_bias)
+        expected = x.double() @ w.double() + (0 if b_bias is None else b_bias.double())
+        assert_close(out, expected, dtype)
+        assert all(torch.equal(t, u) for t, u in zip(inputs, (x, w, b_bias)))
+
+
+def test_matmul_into_with_nothing_to_sum(matmul_library):
+    out = torch.full((3, 4), float("nan"))
+    cm.matmul_into(out, torch.empty(3, 0), torch.empty(0, 4), torch.ones(4))
+    assert torch.equal(out, torch.ones(3, 4))
+
+
+def test_matmul_library_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("MOE_DISPATCH_CPU_MATMUL", "mkl")
+    with pytest.raises(ValueError, match="MOE_DISPATCH_CPU_MATMUL must be one of auto, onednn, blas; got 'mkl'"):
+        cm.onednn_float32()
+    monkeypatch.setenv("MOE_DISPATCH_CPU_MATMUL", "onednn")
+    monkeypatch.setattr(cm, "onednn_available", lambda: False)
+    cm._onednn_float32.cache_clear()  # an answer from before the patch; errors are never cached
+    with pytest.raises(ValueError, match="MOE_DISPATCH_CPU_MATMUL=onednn, but this torch has no oneDNN"):
+        cm.onednn_float32()
 
 
 # ---- plan and data movement without the validating front end -----------------------------

@@ -36,29 +36,34 @@ from ..kernels.numba import permute as perm
 from ..kernels.numba import plan as plan_kernels
 from ..kernels.numba.scalars import ACTIVATION_CODES
 from .base import Backend, PlanTensors
+from .cpu_matmul import matmul_into, onednn_float32, takes_grouped_mm
 
 Tensor = torch.Tensor
 
 # When the Numba kernels (each expert's weights read once, its rows streamed against them)
-# beat a BLAS call per expert, measured on 2 threads of a Zen 5 (docs/cpu.md):
-# - SMALL_GROUP_ROWS: up to this many rows per expert whatever its size. float32: the
-#   kernels win up to about 200 rows (1.5x at 64). bfloat16: oneDNN's AVX-512 bf16 dot
-#   products win from 8-16 rows on large experts. float16 (BLAS in float32, see
-#   matmul_into): even at 128 rows, 1.2x faster for the kernels at 96 rows, 1.2x slower at 256.
+# beat a BLAS call per expert, measured on 2 threads of a Zen 5 (docs/cpu.md), as
+# (SMALL_GROUP_ROWS, BLOCKED_EXPERT_FLOPS) by the library that computes float32:
+# - SMALL_GROUP_ROWS: up to this many rows per expert whatever its size. bfloat16: oneDNN's
+#   AVX-512 bf16 dot products win from 8-16 rows on large experts. float32 and float16 (in
+#   float32, see matmul_into): oneDNN wins from 16-20 rows (1.5x at 64); MKL, whose sgemm
+#   is 2.2x slower on this processor, only from about 200 (float16: 128).
 # - BLOCKED_EXPERT_FLOPS: beyond that, while the expert's rows need fewer multiply-adds than
 #   this. A blocked expert pays a fixed cost (gather, two GEMM calls, activation, combine:
-#   about 0.1 ms), which small experts feel: bfloat16 at H=512 I=192 wins up to about
-#   48 rows (32 rows: 13 ms against 19 for the whole step).
+#   about 0.1 ms), which small experts feel: at H=512 I=192 the kernels win up to about 48
+#   rows (bfloat16 at 32 rows: 13 ms against 19 for the whole step).
 # grouped_mm sends each expert its own way; moe_mlp takes the fused decode path while the
 # active experts average at most the limit.
-SMALL_GROUP_ROWS = {torch.float32: 192, torch.float64: 192, torch.bfloat16: 8, torch.float16: 128}
-BLOCKED_EXPERT_FLOPS = {torch.float32: 0, torch.float64: 0, torch.bfloat16: 30e6, torch.float16: 0}
+FUSED_LIMITS = {
+    "onednn": {torch.float32: (16, 27e6), torch.float64: (192, 0), torch.bfloat16: (8, 30e6), torch.float16: (16, 27e6)},
+    "blas": {torch.float32: (192, 0), torch.float64: (192, 0), torch.bfloat16: (8, 30e6), torch.float16: (128, 0)},
+}
 
 
 def fused_rows_limit(dtype: torch.dtype, flops_per_row: int) -> float:
     """Rows per expert up to which the Numba kernels serve an expert whose every row costs
     flops_per_row."""
-    return max(SMALL_GROUP_ROWS[dtype], BLOCKED_EXPERT_FLOPS[dtype] / max(flops_per_row, 1))
+    small_group_rows, blocked_expert_flops = FUSED_LIMITS["onednn" if onednn_float32() else "blas"][dtype]
+    return max(small_group_rows, blocked_expert_flops / max(flops_per_row, 1))
 
 
 def mlp_flops_per_row(w_gate_up: Tensor, w_down: Tensor) -> int:
@@ -220,47 +225,12 @@ def rows_of_k_view(w: Tensor) -> Optional[Tensor]:
     return view if view.is_contiguous() else None
 
 
-def matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor]) -> None:
-    """out = a @ b (+ bias, broadcast) by BLAS; any strides. float16 is computed in float32:
-    torch's CPU float16 matmul runs at 1 to 60 GFLOP/s on 2 Zen 5 threads depending on the
-    operands' layout (1 for the row-major w[e] of a backward), float32 at 120-150 with the
-    conversions counted."""
-    if out.dtype == torch.float16:
-        out.copy_(torch.mm(a.float(), b.float()) if bias is None else torch.addmm(bias.float(), a.float(), b.float()))
-    elif bias is None:
-        torch.mm(a, b, out=out)
-    else:
-        torch.addmm(bias.to(a.dtype), a, b, out=out)
-
-
 # In-place activations on a float32 (float64) buffer: torch's vectorized exp and erf, several
 # times faster than a scalar loop over the [rows, I] block.
 _ACTIVATE_INPLACE = {
     "swiglu": torch.ops.aten.silu_, "silu": torch.ops.aten.silu_,
     "geglu": torch.ops.aten.gelu_, "gelu": torch.ops.aten.gelu_, "relu": torch.ops.aten.relu_,
 }
-
-
-@functools.cache
-def _grouped_mm_on_cpu() -> bool:
-    """Whether this torch has a CPU torch._grouped_mm (one C++ loop of BLAS calls)."""
-    try:
-        torch._grouped_mm(torch.ones(4, 4), torch.ones(1, 4, 4), offs=torch.tensor([4], dtype=torch.int32))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
-def takes_grouped_mm(*operands: Tensor) -> bool:
-    """Whether torch._grouped_mm serves these operands: one call in place of a Python loop
-    whose few microseconds per expert are a fifth of a small layer's backward (H=64, E=16).
-    Its CPU version takes float32 and bfloat16 (float16 goes through float32 here, see
-    matmul_into) with every stride and the data 16-byte aligned."""
-    return all(
-        t.dtype in (torch.float32, torch.bfloat16) and t.data_ptr() % 16 == 0
-        and all(s == 1 or s * t.element_size() % 16 == 0 for s in t.stride())
-        for t in operands
-    ) and _grouped_mm_on_cpu()
 
 
 def activate_into(out: Tensor, h_gate: Tensor, h_up: Optional[Tensor], activation: str, gate: Tensor) -> None:

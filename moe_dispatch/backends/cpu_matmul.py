@@ -1,0 +1,91 @@
+"""The CPU matrix products of the numba backend's large groups, and the library that runs them.
+
+torch's CPU float32 matmul calls MKL, whose sgemm takes a slow code path on x86 processors
+that are not Intel's: on 2 Zen 5 threads it runs at 0.16-0.21 TFLOP/s where oneDNN, the
+library torch already uses for bfloat16, reaches 0.35-0.49 on the same products (2.2x at
+every row count from 4 to 1024, docs/cpu.md). oneDNN's float32 inner product is reached
+through mkldnn::_linear_pointwise, the op torch.compile's CPU freezing path emits; it reads
+any strides. MOE_DISPATCH_CPU_MATMUL picks the library: "auto" (oneDNN on x86-64 when
+torch has it), "onednn" or "blas".
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+LIBRARIES = ("auto", "onednn", "blas")
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def _onednn_float32(choice: str) -> bool:
+    if choice not in LIBRARIES:
+        raise ValueError(f"MOE_DISPATCH_CPU_MATMUL must be one of {', '.join(LIBRARIES)}; got {choice!r}")
+    if choice == "blas":
+        return False
+    if choice == "onednn" and not onednn_available():
+        raise ValueError("MOE_DISPATCH_CPU_MATMUL=onednn, but this torch has no oneDNN linear op")
+    return choice == "onednn" or onednn_available() and platform.machine().lower() in ("x86_64", "amd64")
+
+
+def onednn_float32() -> bool:
+    """Whether float32 products (and float16 ones, computed in float32) go to oneDNN."""
+    return _onednn_float32(os.environ.get("MOE_DISPATCH_CPU_MATMUL", "auto"))
+
+
+def onednn_linear(a: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """a @ w.T (+ bias) by oneDNN's inner product, as nn.Linear computes it; any strides."""
+    return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
+
+
+def matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor]) -> None:
+    """out = a @ b (+ bias, broadcast); any strides. float16 is computed in float32: torch's
+    CPU float16 matmul runs at 1 to 60 GFLOP/s on 2 Zen 5 threads depending on the operands'
+    layout (1 for the row-major w[e] of a backward), float32 at 120-150 with the conversions
+    counted, and oneDNN has no float16 inner product on processors without AVX512-FP16."""
+    if out.dtype in (torch.float32, torch.float16) and onednn_float32() and min(a.shape + b.shape) > 0:
+        a32, w32 = a.float(), b.float().T
+        if not (w32.is_contiguous() or w32.T.is_contiguous()):
+            w32 = w32.contiguous()  # oneDNN's reference kernel, 1000x slower, takes other strides
+        bias32 = None if bias is None else bias.float().expand(b.shape[1]).contiguous()
+        out.copy_(onednn_linear(a32, w32, bias32))
+    elif out.dtype == torch.float16:
+        out.copy_(torch.mm(a.float(), b.float()) if bias is None else torch.addmm(bias.float(), a.float(), b.float()))
+    elif bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias.to(a.dtype), a, b, out=out)
+
+
+@functools.cache
+def _grouped_mm_on_cpu() -> bool:
+    """Whether this torch has a CPU torch._grouped_mm (one C++ loop of BLAS calls)."""
+    try:
+        torch._grouped_mm(torch.ones(4, 4), torch.ones(1, 4, 4), offs=torch.tensor([4], dtype=torch.int32))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def takes_grouped_mm(*operands: Tensor) -> bool:
+    """Whether torch._grouped_mm serves these operands: one call in place of a Python loop
+    whose few microseconds per expert are a fifth of a small layer's backward (H=64, E=16).
+    Its CPU version takes float32 and bfloat16 (float16 goes through float32 here, see
+    matmul_into) with every stride and the data 16-byte aligned; float32 only where BLAS
+    computes it anyway (torch._grouped_mm calls BLAS, not oneDNN)."""
+    dtypes = (torch.bfloat16,) if onednn_float32() else (torch.float32, torch.bfloat16)
+    return all(
+        t.dtype in dtypes and t.data_ptr() % 16 == 0
+        and all(s == 1 or s * t.element_size() % 16 == 0 for s in t.stride())
+        for t in operands
+    ) and _grouped_mm_on_cpu()
