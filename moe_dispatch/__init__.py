@@ -8,6 +8,7 @@ takes backend="auto" | "torch" | "numba" | "triton".
 from importlib.metadata import PackageNotFoundError, version
 
 from .backends import BackendUnavailable, available_backends, select_backend
+from .backends.cpu_packing import clear_packed_weights
 from .layers import MoE, MoEAux
 from .ops import grouped_mm, make_plan, moe_mlp, permute, route, unpermute
 from .plan import DispatchPlan
@@ -30,5 +31,6 @@ __all__ = [
     "available_backends",
     "select_backend",
     "BackendUnavailable",
+    "clear_packed_weights",
     "__version__",
 ]

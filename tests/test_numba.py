@@ -32,6 +32,7 @@ if unavailable_reason("numba", CPU) is not None:
 import numba  # noqa: E402
 
 import moe_dispatch.backends.cpu_matmul as cm  # noqa: E402
+import moe_dispatch.backends.cpu_packing as packing  # noqa: E402
 import moe_dispatch.backends.numba_backend as nb  # noqa: E402
 from moe_dispatch.kernels.numba.scalars import narrow, widen  # noqa: E402
 
@@ -384,6 +385,85 @@ def test_matmul_library_setting_is_checked(monkeypatch):
     cm._onednn_float32.cache_clear()  # an answer from before the patch; errors are never cached
     with pytest.raises(ValueError, match="MOE_DISPATCH_CPU_MATMUL=onednn, but this torch has no oneDNN"):
         cm.onednn_float32()
+
+
+# ---- weights packed for oneDNN (MOE_DISPATCH_PACK_WEIGHTS=1) ----------------------------
+
+
+@pytest.fixture
+def packing_on(monkeypatch):
+    if not cm.onednn_available():
+        pytest.skip("this torch has no oneDNN linear op")
+    monkeypatch.setenv("MOE_DISPATCH_PACK_WEIGHTS", "1")
+    large_groups_everywhere(monkeypatch)
+    packing.clear_packed_weights()
+    reorders, real = [], torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(packing.torch.ops.mkldnn, "_reorder_linear_weight",
+                        lambda w: reorders.append(1) or real(w), raising=False)
+    yield reorders
+    packing.clear_packed_weights()
+
+
+def moe_mlp_case(gen, dtype, bias=True):
+    case = CASES[1].values[0]  # odd sizes
+    ids = case.ids(gen)
+    x, weights = torch.randn(case.tokens, case.hidden, generator=gen).to(dtype), random_weights(case.tokens, case.top_k, gen)
+    return x, weights, ids, *expert_weights(case.experts, case.hidden, case.inter, True, dtype, gen, bias=bias)
+
+
+def check_against_reference(x, weights, ids, w_gate_up, w_down, b_gate_up, b_down):
+    out = moe_mlp(x, weights, ids, w_gate_up, w_down, b_gate_up=b_gate_up, b_down=b_down, backend="numba")
+    assert_close(out, naive_moe_mlp(x, weights, ids, w_gate_up, w_down, b_gate_up, b_down, "swiglu"), x.dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_weights_match_reference_and_follow_changes(dtype, packing_on, monkeypatch, gen):
+    monkeypatch.setenv("MOE_DISPATCH_CPU_MATMUL", "onednn")
+    x, weights, ids, w_gate_up, w_down, b_gate_up, b_down = moe_mlp_case(gen, dtype)
+    active = len(ids.unique())
+    check_against_reference(x, weights, ids, w_gate_up, w_down, b_gate_up, b_down)
+    assert len(packing_on) == 2 * active  # each active expert's two weights, once
+    check_against_reference(x, weights, ids, w_gate_up, w_down, b_gate_up, b_down)
+    assert len(packing_on) == 2 * active  # reused
+    w_gate_up.mul_(-1)  # in place: the version counter moves
+    check_against_reference(x, weights, ids, w_gate_up, w_down, b_gate_up, b_down)
+    w_down.data = w_down.flip(2).contiguous()  # new storage
+    check_against_reference(x, weights, ids, w_gate_up, w_down, b_gate_up, b_down)
+    assert len(packing_on) == 4 * active
+
+
+def test_views_made_per_call_share_their_parameter_s_packed_copies(packing_on, gen):
+    """A model storing [E, H, W] passes a fresh transposed view on every call."""
+    x, weights, ids, w_gate_up, w_down, _, _ = moe_mlp_case(gen, torch.bfloat16, bias=False)
+    stored = torch.nn.Parameter(w_gate_up.transpose(1, 2).contiguous(), requires_grad=False)
+    with torch.no_grad():
+        for _ in range(3):
+            check_against_reference(x, weights, ids, stored.transpose(1, 2), w_down, None, None)
+    assert len(packing_on) == 2 * len(ids.unique())
+    del stored
+    assert len(packing._CACHE) == 1  # w_down's; the parameter's went with it
+
+
+def test_no_packing_for_weights_being_trained(packing_on, gen):
+    x, weights, ids, w_gate_up, w_down, b_gate_up, b_down = moe_mlp_case(gen, torch.bfloat16)
+    w_gate_up.requires_grad_()
+    x.requires_grad_()
+    check_against_reference(x, weights, ids, w_gate_up, w_down, b_gate_up, b_down).float().sum().backward()
+    assert len(packing_on) == len(ids.unique())  # w_down only: frozen
+    assert w_gate_up.grad is not None and x.grad is not None
+    with torch.no_grad():
+        check_against_reference(x, weights, ids, w_gate_up, w_down, b_gate_up, b_down)
+    assert len(packing_on) == 2 * len(ids.unique())  # inference packs both
+
+
+def test_packing_is_off_by_default_and_its_setting_is_checked(packing_on, monkeypatch, gen):
+    monkeypatch.delenv("MOE_DISPATCH_PACK_WEIGHTS")
+    check_against_reference(*moe_mlp_case(gen, torch.bfloat16))
+    assert packing_on == []
+    monkeypatch.setenv("MOE_DISPATCH_PACK_WEIGHTS", "yes")
+    with pytest.raises(ValueError, match="MOE_DISPATCH_PACK_WEIGHTS must be 0 or 1; got 'yes'"):
+        moe_mlp(*moe_mlp_case(gen, torch.bfloat16)[:5], backend="numba")
 
 
 # ---- plan and data movement without the validating front end -----------------------------

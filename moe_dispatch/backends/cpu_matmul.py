@@ -5,7 +5,8 @@ that are not Intel's: on 2 Zen 5 threads it runs at 0.16-0.21 TFLOP/s where oneD
 library torch already uses for bfloat16, reaches 0.35-0.49 on the same products (2.2x at
 every row count from 4 to 1024, docs/cpu.md). oneDNN's float32 inner product is reached
 through mkldnn::_linear_pointwise, the op torch.compile's CPU freezing path emits; it reads
-any strides. MOE_DISPATCH_CPU_MATMUL picks the library: "auto" (oneDNN on x86-64 when
+any strides of the activations, and of the weights contiguous or transposed ones (other
+weights are copied). MOE_DISPATCH_CPU_MATMUL picks the library: "auto" (oneDNN on x86-64 when
 torch has it), "onednn" or "blas".
 """
 
@@ -48,12 +49,15 @@ def onednn_linear(a: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor
     return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
 
 
-def matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor]) -> None:
-    """out = a @ b (+ bias, broadcast); any strides. float16 is computed in float32: torch's
-    CPU float16 matmul runs at 1 to 60 GFLOP/s on 2 Zen 5 threads depending on the operands'
-    layout (1 for the row-major w[e] of a backward), float32 at 120-150 with the conversions
-    counted, and oneDNN has no float16 inner product on processors without AVX512-FP16."""
-    if out.dtype in (torch.float32, torch.float16) and onednn_float32() and min(a.shape + b.shape) > 0:
+def matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], packed: Optional[Tensor] = None) -> None:
+    """out = a @ b (+ bias, broadcast); any strides; packed: b.T in oneDNN's blocked layout
+    (cpu_packing), read in b's place. float16 is computed in float32: torch's CPU float16
+    matmul runs at 1 to 60 GFLOP/s on 2 Zen 5 threads depending on the operands' layout (1
+    for the row-major w[e] of a backward), float32 at 120-150 with the conversions counted,
+    and oneDNN has no float16 inner product on processors without AVX512-FP16."""
+    if packed is not None:
+        out.copy_(onednn_linear(a, packed, None if bias is None else bias.to(a.dtype).expand(b.shape[1]).contiguous()))
+    elif out.dtype in (torch.float32, torch.float16) and onednn_float32() and min(a.shape + b.shape) > 0:
         a32, w32 = a.float(), b.float().T
         if not (w32.is_contiguous() or w32.T.is_contiguous()):
             w32 = w32.contiguous()  # oneDNN's reference kernel, 1000x slower, takes other strides

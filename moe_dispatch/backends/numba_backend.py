@@ -37,6 +37,7 @@ from ..kernels.numba import plan as plan_kernels
 from ..kernels.numba.scalars import ACTIVATION_CODES
 from .base import Backend, PlanTensors
 from .cpu_matmul import matmul_into, onednn_float32, takes_grouped_mm
+from .cpu_packing import packed_experts
 
 Tensor = torch.Tensor
 
@@ -405,6 +406,7 @@ class NumbaBackend(Backend):
         out_array, o_array = out.numpy(), as_array(o_e)
         token = torch.from_numpy(rows).long()
         w1, w2 = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
+        pack1, pack2 = (packed_experts(w, save_for_backward) for w in (w_gate_up, w_down))
         # A few microseconds of views per expert add up over 64 experts: each is taken once.
         for e in np.flatnonzero(counts).tolist():
             start, end = int(bounds[e]), int(bounds[e + 1])
@@ -412,9 +414,10 @@ class NumbaBackend(Backend):
             x_n, a_n, o_n = x_e[:n], a_e[:n], o_e[:n]
             torch.index_select(x, 0, token[start:end], out=x_n)
             h = h_all[start:end] if save_for_backward else h_e[:n]
-            matmul_into(h, x_n, w1[e], None if b_gate_up is None else b_gate_up[e])
+            matmul_into(h, x_n, w1[e], None if b_gate_up is None else b_gate_up[e],
+                        pack1 and pack1.expert(w_gate_up, e))
             activate_into(a_n, h[:, :inter], h[:, inter:] if gated else None, activation, gate[:n])
-            matmul_into(o_n, a_n, w2[e], None if b_down is None else b_down[e])
+            matmul_into(o_n, a_n, w2[e], None if b_down is None else b_down[e], pack2 and pack2.expert(w_down, e))
             perm.add_weighted_rows(o_array[:n], rows[start:end], row_weight_array[start:end], out_array)
         return out.to(x.dtype), h_all
 
