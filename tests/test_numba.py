@@ -457,6 +457,17 @@ def test_no_packing_for_weights_being_trained(packing_on, gen):
     assert len(packing_on) == 2 * len(ids.unique())  # inference packs both
 
 
+def test_weights_made_in_inference_mode_are_not_packed(packing_on, gen):
+    """They carry no version counter that could tell a packed copy it is stale."""
+    x, weights, ids, w_gate_up, w_down, _, _ = moe_mlp_case(gen, torch.bfloat16, bias=False)
+    with torch.inference_mode():
+        w_gate_up, w_down = w_gate_up.clone(), w_down.clone()
+        check_against_reference(x, weights, ids, w_gate_up, w_down, None, None)
+        w_gate_up.mul_(-1)
+        check_against_reference(x, weights, ids, w_gate_up, w_down, None, None)
+    assert packing_on == []
+
+
 def test_packing_is_off_by_default_and_its_setting_is_checked(packing_on, monkeypatch, gen):
     monkeypatch.delenv("MOE_DISPATCH_PACK_WEIGHTS")
     check_against_reference(*moe_mlp_case(gen, torch.bfloat16))

@@ -68,7 +68,9 @@ def packed_experts(w: Tensor, saving_for_backward: bool) -> Optional[PackedExper
     oneDNN computes it); None otherwise."""
     if not packing_enabled() or saving_for_backward and w.requires_grad or not onednn_available():
         return None
-    if not (w.dtype == torch.bfloat16 or w.dtype == torch.float32 and onednn_float32()):
+    if not (w.dtype == torch.bfloat16 or w.dtype == torch.float32 and onednn_float32()) or not w.numel():
+        return None
+    if w.is_inference():  # made under torch.inference_mode: no version counter to watch
         return None
     owner = w._base if w._base is not None else w
     key = (id(owner), w.storage_offset(), tuple(w.shape), w.stride(), w.dtype)

@@ -10,8 +10,9 @@ Two paths, chosen per call from the rows each active expert receives:
           once, parallel over (expert, block of output columns); the MLP is fused (gather
           in GEMM1's loads, activation in its epilogue, routing weight and combine in GEMM2's).
   blocked (many rows): one expert at a time through reused buffers: its rows gathered from
-          x, BLAS (torch.mm) for both GEMMs, the Numba activation between them, the weighted
-          rows added into a float32 output. grouped_mm likewise sends large groups to BLAS.
+          x, a library product for both GEMMs (cpu_matmul: oneDNN, or BLAS; with packed
+          weights, cpu_packing), the activation between them, the weighted rows added into
+          a float32 output. grouped_mm likewise sends large groups to those products.
 Numba's threads follow torch.get_num_threads() unless NUMBA_NUM_THREADS is set. The
 threading layer is Numba's choice (NUMBA_THREADING_LAYER); docs/cpu.md measures the
 layers beside torch's OpenMP pool and says when to pick workqueue.
@@ -221,7 +222,7 @@ def experts_by_size(offsets: np.ndarray, max_small: int) -> tuple[np.ndarray, li
 
 def rows_of_k_view(w: Tensor) -> Optional[Tensor]:
     """w [E, K, N] as the contiguous [E, N, K] the Numba kernel reads (nn.Linear storage passed
-    as w.transpose(1, 2)), or None for any other strides, which BLAS reads without a copy."""
+    as w.transpose(1, 2)), or None for any other strides, which matmul_into reads."""
     view = w.transpose(1, 2)
     return view if view.is_contiguous() else None
 
@@ -322,7 +323,7 @@ class NumbaBackend(Backend):
 
     @launcher
     def grouped_mm_wgrad(self, a: Tensor, b: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
-        # One BLAS call per expert: the [M, N] output is what costs, and BLAS writes it fastest.
+        # One library product per expert: the [M, N] output is what costs, and it writes it fastest.
         bounds = int32_array(offsets)
         check_offsets(bounds, a.shape[0])
         if takes_grouped_mm(a.T, b):  # zeros for experts without rows, as below
@@ -373,7 +374,7 @@ class NumbaBackend(Backend):
         active = int(np.count_nonzero(np.diff(bounds)))
         decode = active and token_of_row.shape[0] <= fused_rows_limit(x.dtype, mlp_flops_per_row(w_gate_up, w_down)) * active
         # The fused kernels read K-contiguous weights; other layouts take the blocked path,
-        # whose BLAS calls read any strides without a copy.
+        # whose library products read any strides.
         if decode and w_gate_up.is_contiguous() and w_down.is_contiguous():
             return self._moe_mlp_decode(
                 x, weights, bounds, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
@@ -388,7 +389,7 @@ class NumbaBackend(Backend):
         self, x, weights, bounds, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
         activation, save_for_backward,
     ) -> tuple[Tensor, Tensor]:
-        """One expert at a time, BLAS for both GEMMs, through buffers sized for the largest
+        """One expert at a time, library products for both GEMMs, through buffers sized for the largest
         expert and reused: T*k-row intermediates would be fresh memory on every call, and
         their page faults cost as much as the eager loop's whole lead (64 MB: 24 ms)."""
         num_rows, hidden = token_of_row.shape[0], x.shape[1]
