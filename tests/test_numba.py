@@ -53,10 +53,12 @@ def large_groups_everywhere(monkeypatch):
 
 @pytest.fixture(params=["onednn", "blas"])
 def matmul_library(request, monkeypatch):
-    """The library of the large groups' float32 and float16 products (cpu_matmul)."""
+    """The library of the large groups' float32 and float16 products (cpu_matmul), for
+    products of any size (the tests' are far below ONEDNN_MIN_FLOPS)."""
     if request.param == "onednn" and not cm.onednn_available():
         pytest.skip("this torch has no oneDNN linear op")
     monkeypatch.setenv("MOE_DISPATCH_CPU_MATMUL", request.param)
+    monkeypatch.setattr(cm, "ONEDNN_MIN_FLOPS", 0)
     return request.param
 
 
@@ -368,6 +370,21 @@ def test_matmul_into_any_strides(dtype, bias, matmul_library, gen):
         expected = x.double() @ w.double() + (0 if b_bias is None else b_bias.double())
         assert_close(out, expected, dtype)
         assert all(torch.equal(t, u) for t, u in zip(inputs, (x, w, b_bias)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_only_products_worth_its_call_go_to_onednn(dtype, monkeypatch, gen):
+    if not cm.onednn_available():
+        pytest.skip("this torch has no oneDNN linear op")
+    monkeypatch.setenv("MOE_DISPATCH_CPU_MATMUL", "onednn")
+    calls, real = [], cm.onednn_linear
+    monkeypatch.setattr(cm, "onednn_linear", lambda *args: calls.append(1) or real(*args))
+    for m, k, n in ((8, 32, 32), (64, 256, 256)):  # 16 KFLOP, 8.4 MFLOP
+        a, b = torch.randn(m, k, generator=gen).to(dtype), torch.randn(k, n, generator=gen).to(dtype)
+        out = torch.empty(m, n, dtype=dtype)
+        cm.matmul_into(out, a, b, None)
+        assert_close(out, a.double() @ b.double(), dtype)
+    assert calls == [1]
 
 
 def test_matmul_into_with_nothing_to_sum(matmul_library):

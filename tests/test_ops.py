@@ -1,5 +1,7 @@
 """permute, unpermute, grouped_mm and moe_mlp against the naive float64 loop, forward and backward."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -141,11 +143,31 @@ def test_moe_mlp_gradients(backend, case, gen):
     _check_moe_mlp_grads(backend, case, "swiglu", False, gen)
 
 
+class _PassThrough(torch.overrides.TorchFunctionMode):
+    """An active torch function mode: moe_mlp then goes through its custom op, as under
+    torch.compile, instead of the eager autograd.Function."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_moe_mlp_autograd_skips_the_custom_op_only_in_plain_eager_mode(gen):
+    case = CASES[1].values[0]
+    x = _randn(case.tokens, case.hidden, gen=gen).requires_grad_()
+    w_gate_up, w_down, _, _ = _expert_weights(case, gen, torch.float32, "swiglu", False)
+    args = (x, random_weights(case.tokens, case.top_k, gen), case.ids(gen), w_gate_up, w_down)
+    assert type(md.moe_mlp(*args).grad_fn).__name__ == "_EagerMoEMLPBackward"
+    with _PassThrough():
+        assert "moe_dispatch_moe_mlp" in type(md.moe_mlp(*args).grad_fn).__name__
+
+
+@pytest.mark.parametrize("route", ["eager", "custom-op"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_moe_mlp_activations_and_biases(backend, activation, bias, gen):
+def test_moe_mlp_activations_and_biases(backend, activation, bias, route, gen):
     case = CASES[1].values[0]  # odd sizes
-    _check_moe_mlp_grads(backend, case, activation, bias, gen)
+    with _PassThrough() if route == "custom-op" else contextlib.nullcontext():
+        _check_moe_mlp_grads(backend, case, activation, bias, gen)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -44,6 +44,17 @@ def onednn_float32() -> bool:
     return _onednn_float32(os.environ.get("MOE_DISPATCH_CPU_MATMUL", "auto"))
 
 
+# Below this many FLOPs a product gains less from oneDNN's faster loops than its call costs over
+# BLAS's (about 10 us more, through the op and the copy out): on a Zen 5, 1 MFLOP products took
+# 20-25 us against 10, 12.6 MFLOP ones 57-65 against 65-78, 67 MFLOP ones 180 against 350.
+ONEDNN_MIN_FLOPS = 8e6
+
+
+def onednn_serves(flops: float) -> bool:
+    """Whether a float32 product of this many FLOPs goes to oneDNN."""
+    return flops > 0 and flops >= ONEDNN_MIN_FLOPS and onednn_float32()
+
+
 def onednn_linear(a: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """a @ w.T (+ bias) by oneDNN's inner product, as nn.Linear computes it; any strides."""
     return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
@@ -57,7 +68,7 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], packe
     and oneDNN has no float16 inner product on processors without AVX512-FP16."""
     if packed is not None:
         out.copy_(onednn_linear(a, packed, None if bias is None else bias.to(a.dtype).expand(b.shape[1]).contiguous()))
-    elif out.dtype in (torch.float32, torch.float16) and onednn_float32() and min(a.shape + b.shape) > 0:
+    elif out.dtype in (torch.float32, torch.float16) and onednn_serves(2 * a.shape[0] * a.shape[1] * b.shape[1]):
         a32, w32 = a.float(), b.float().T
         if not (w32.is_contiguous() or w32.T.is_contiguous()):
             w32 = w32.contiguous()  # oneDNN's reference kernel, 1000x slower, takes other strides
@@ -81,13 +92,13 @@ def _grouped_mm_on_cpu() -> bool:
     return True
 
 
-def takes_grouped_mm(*operands: Tensor) -> bool:
-    """Whether torch._grouped_mm serves these operands: one call in place of a Python loop
-    whose few microseconds per expert are a fifth of a small layer's backward (H=64, E=16).
-    Its CPU version takes float32 and bfloat16 (float16 goes through float32 here, see
-    matmul_into) with every stride and the data 16-byte aligned; float32 only where BLAS
-    computes it anyway (torch._grouped_mm calls BLAS, not oneDNN)."""
-    dtypes = (torch.bfloat16,) if onednn_float32() else (torch.float32, torch.bfloat16)
+def takes_grouped_mm(group_flops: float, *operands: Tensor) -> bool:
+    """Whether torch._grouped_mm serves these operands, whose groups average group_flops: one
+    call in place of a Python loop whose few microseconds per expert are a fifth of a small
+    layer's backward (H=64, E=16). Its CPU version takes float32 and bfloat16 (float16 goes
+    through float32 here, see matmul_into) with every stride and the data 16-byte aligned;
+    float32 only where BLAS would compute it anyway (torch._grouped_mm calls BLAS, not oneDNN)."""
+    dtypes = (torch.bfloat16,) if onednn_serves(group_flops) else (torch.float32, torch.bfloat16)
     return all(
         t.dtype in dtypes and t.data_ptr() % 16 == 0
         and all(s == 1 or s * t.element_size() % 16 == 0 for s in t.stride())

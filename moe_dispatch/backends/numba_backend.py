@@ -309,7 +309,8 @@ class NumbaBackend(Backend):
         w_rows = rows_of_k_view(w)
         limit = fused_rows_limit(a.dtype, 2 * w.shape[1] * w.shape[2]) if w_rows is not None else 0
         small, large = experts_by_size(bounds, limit)
-        if large and not small.size and bias is None and takes_grouped_mm(a, w):
+        group_flops = 2 * a.shape[0] * w.shape[1] * w.shape[2] / max(len(large), 1)
+        if large and not small.size and bias is None and takes_grouped_mm(group_flops, a, w):
             return torch._grouped_mm(a, w, offs=torch.from_numpy(bounds[1:]))
         out = a.new_empty(a.shape[0], w.shape[2])
         for e in large:
@@ -326,7 +327,8 @@ class NumbaBackend(Backend):
         # One library product per expert: the [M, N] output is what costs, and it writes it fastest.
         bounds = int32_array(offsets)
         check_offsets(bounds, a.shape[0])
-        if takes_grouped_mm(a.T, b):  # zeros for experts without rows, as below
+        group_flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] / max(np.count_nonzero(np.diff(bounds)), 1)
+        if takes_grouped_mm(group_flops, a.T, b):  # zeros for experts without rows, as below
             return torch._grouped_mm(a.T, b, offs=torch.from_numpy(bounds[1:]))
         out = a.new_empty(num_experts, a.shape[1], b.shape[1])
         for e in range(num_experts):
