@@ -393,6 +393,25 @@ def test_matmul_into_with_nothing_to_sum(matmul_library):
     assert torch.equal(out, torch.ones(3, 4))
 
 
+def test_a_torch_whose_onednn_ops_fail_multiplies_with_blas(monkeypatch, gen):
+    def broken(*args):
+        raise RuntimeError("no such op")
+
+    monkeypatch.delenv("MOE_DISPATCH_CPU_MATMUL", raising=False)
+    monkeypatch.setattr(cm, "onednn_linear", broken)
+    cm.onednn_available.cache_clear()
+    cm._onednn_float32.cache_clear()
+    try:
+        assert not cm.onednn_available() and not cm.onednn_float32()
+        a, b = torch.randn(64, 256, generator=gen), torch.randn(256, 256, generator=gen)
+        out = torch.empty(64, 256)
+        cm.matmul_into(out, a, b, None)
+        assert_close(out, a.double() @ b.double())
+    finally:  # answers made with the broken op
+        cm.onednn_available.cache_clear()
+        cm._onednn_float32.cache_clear()
+
+
 def test_matmul_library_setting_is_checked(monkeypatch):
     monkeypatch.setenv("MOE_DISPATCH_CPU_MATMUL", "mkl")
     with pytest.raises(ValueError, match="MOE_DISPATCH_CPU_MATMUL must be one of auto, onednn, blas; got 'mkl'"):

@@ -24,8 +24,19 @@ Tensor = torch.Tensor
 LIBRARIES = ("auto", "onednn", "blas")
 
 
+@functools.cache
 def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this torch runs oneDNN's inner product, plain and on packed weights (the ops
+    are internal: tried once rather than trusted by name)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        one = torch.ones(1, 1)
+        onednn_linear(one, one)
+        onednn_linear(one, torch.ops.mkldnn._reorder_linear_weight(one))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+    return True
 
 
 @functools.cache
