@@ -10,7 +10,6 @@ CI also runs with NUMBA_DISABLE_JIT=1, so coverage sees the kernels' Python sour
 from __future__ import annotations
 
 import importlib.util
-import mmap
 import os
 import subprocess
 import sys
@@ -33,7 +32,6 @@ if unavailable_reason("numba", CPU) is not None:
 import numba  # noqa: E402
 
 import moe_dispatch.backends.cpu_matmul as cm  # noqa: E402
-import moe_dispatch.backends.cpu_memory as cpu_memory  # noqa: E402
 import moe_dispatch.backends.cpu_packing as packing  # noqa: E402
 import moe_dispatch.backends.numba_backend as nb  # noqa: E402
 from moe_dispatch.kernels.numba.scalars import narrow, widen  # noqa: E402
@@ -423,33 +421,6 @@ def test_matmul_library_setting_is_checked(monkeypatch):
     cm._onednn_float32.cache_clear()  # an answer from before the patch; errors are never cached
     with pytest.raises(ValueError, match="MOE_DISPATCH_CPU_MATMUL=onednn, but this torch has no oneDNN"):
         cm.onednn_float32()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_weight_gradients_too_large_for_small_pages(dtype, gen):
-    """Outputs of cpu_memory.MIN_BYTES and more come from the huge-page buffer, not from
-    torch._grouped_mm: the same values, zeros for experts without rows."""
-    E, M, N, rows = 8, 1024, 1024, 24
-    assert cpu_memory.in_huge_pages(E * M * N * dtype.itemsize) == hasattr(mmap, "MADV_HUGEPAGE")
-    offsets = offsets_of(random_ids(rows, 1, E - 3, gen), E)  # the last three experts are empty
-    a = torch.randn(rows, M, generator=gen).to(dtype)
-    b = torch.randn(rows, N, generator=gen).to(dtype)
-    out = get_backend("numba").grouped_mm_wgrad(a, b, offsets, E)
-    bounds = offsets.tolist()
-    for e in range(E):
-        part = slice(bounds[e], bounds[e + 1])
-        assert_close(out[e], a[part].double().T @ b[part].double(), dtype)
-
-
-def test_huge_page_buffers_behave_as_tensors():
-    big = cpu_memory.empty((cpu_memory.MIN_BYTES // 4 // 64, 64), torch.float32)
-    assert big.shape == (cpu_memory.MIN_BYTES // 256, 64) and big.dtype == torch.float32 and big.is_contiguous()
-    view = big[1:3]
-    del big  # the view keeps the mapping alive
-    view.fill_(2.0)
-    assert view.sum().item() == 2.0 * view.numel()
-    small = cpu_memory.empty((4, 4), torch.bfloat16)
-    assert small.shape == (4, 4) and small.dtype == torch.bfloat16
 
 
 # ---- weights packed for oneDNN (MOE_DISPATCH_PACK_WEIGHTS=1) ----------------------------

@@ -21,7 +21,6 @@ layers beside torch's OpenMP pool and says when to pick workqueue.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import threading
 from typing import Optional
@@ -37,7 +36,6 @@ from ..kernels.numba import mlp, mlp_backward
 from ..kernels.numba import permute as perm
 from ..kernels.numba import plan as plan_kernels
 from ..kernels.numba.scalars import ACTIVATION_CODES
-from . import cpu_memory
 from .base import Backend, PlanTensors
 from .cpu_matmul import matmul_into, onednn_float32, takes_grouped_mm
 from .cpu_packing import packed_experts
@@ -329,14 +327,10 @@ class NumbaBackend(Backend):
         # One library product per expert: the [M, N] output is what costs, and it writes it fastest.
         bounds = int32_array(offsets)
         check_offsets(bounds, a.shape[0])
-        shape = (num_experts, a.shape[1], b.shape[1])
         group_flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] / max(np.count_nonzero(np.diff(bounds)), 1)
-        # torch._grouped_mm's output is fresh 4 KB pages: a large one faults for longer than
-        # the loop over experts costs (bfloat16 T=16 step on E=64 H=1024 I=512: 79 against 35 ms).
-        in_huge_pages = cpu_memory.in_huge_pages(math.prod(shape) * a.element_size())
-        if not in_huge_pages and takes_grouped_mm(group_flops, a.T, b):  # zeros for experts without rows, as below
+        if takes_grouped_mm(group_flops, a.T, b):  # zeros for experts without rows, as below
             return torch._grouped_mm(a.T, b, offs=torch.from_numpy(bounds[1:]))
-        out = cpu_memory.empty(shape, a.dtype)
+        out = a.new_empty(num_experts, a.shape[1], b.shape[1])
         for e in range(num_experts):
             start, end = int(bounds[e]), int(bounds[e + 1])
             if start == end:
