@@ -26,11 +26,11 @@ def _backend_name(device: torch.device, backend: str) -> str:
 
 
 def _direct(*tensors: Optional[Tensor]) -> bool:
-    """Whether a call that needs no autograd may skip its custom op and call the backend:
-    in eager mode, on plain tensors, with no torch function or dispatch mode active. The
-    custom op's dispatch costs about 0.1 ms a call when caches are cold (a decode step
-    between other layers), more than the kernels of a small step; tracing, fake and meta
-    tensors, modes and subclasses still go through it."""
+    """Whether a call may skip its custom op and call the backend (moe_mlp with autograd
+    through _EagerMoEMLP): in eager mode, on plain tensors or parameters, with no torch
+    function or dispatch mode active. The custom op's dispatch costs about 0.1 ms a call when
+    caches are cold (a decode step between other layers), more than the kernels of a small
+    step; tracing, fake and meta tensors, modes and other subclasses still go through it."""
     if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or torch._C._is_torch_function_mode_enabled():
         return False
     return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
@@ -412,10 +412,9 @@ class _EagerMoEMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weights, w_gate_up, w_down, b_gate_up, b_down, h = ctx.saved_tensors
-        grads = _backend_mlp_backward(
+        dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down = _backend_mlp_backward(
             ctx.backend, dy.contiguous(), x, weights, ctx.plan, w_gate_up, w_down, b_gate_up, b_down, ctx.activation, h
         )
-        dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down = grads
         return dx, dweights, None, dw_gate_up, dw_down, db_gate_up, db_down, None, None
 
 
