@@ -18,6 +18,8 @@ import textwrap
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import moe_dispatch as md
 from cases import CASES
@@ -171,6 +173,27 @@ def test_split_k_grouped_mm_with_empty_experts(config, k_dim, gen):
     w = _randn(5, 21, k_dim, gen=gen, scale=0.2).transpose(1, 2)
     out, _ = kgemm.grouped_gemm(a, w, offsets, config)
     assert_close(out, naive_grouped_mm(a.cpu(), w.cpu(), offsets.tolist()))
+
+
+@triton.jit
+def _tile_coords_kernel(out_ptr, num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
+    pid_m, pid_n = kgemm.tile_coords(tl.program_id(0), num_m_tiles, num_n_tiles, GROUP_M)
+    tl.store(out_ptr + 2 * tl.program_id(0), pid_m)
+    tl.store(out_ptr + 2 * tl.program_id(0) + 1, pid_n)
+
+
+# a last group shorter than GROUP_M, fewer M-tiles than one group, one N-tile
+@pytest.mark.parametrize("m_tiles,n_tiles,group_m", [(19, 5, 8), (3, 7, 8), (16, 1, 8), (5, 4, 1)])
+def test_tile_order_takes_every_tile_once_a_group_of_m_tiles_at_a_time(m_tiles, n_tiles, group_m):
+    coords = torch.full((m_tiles * n_tiles, 2), -1, dtype=torch.int32, device=DEVICE)
+    _tile_coords_kernel[(m_tiles * n_tiles,)](coords, m_tiles, n_tiles, GROUP_M=group_m)
+    coords = [tuple(c) for c in coords.tolist()]
+    assert sorted(coords) == [(m, n) for m in range(m_tiles) for n in range(n_tiles)]
+    # program order: the M-tiles of a group sweep every N-tile before the next group starts
+    groups = [m // group_m for m, _ in coords]
+    assert groups == sorted(groups)
+    first_group = [c for c in coords if c[0] < group_m]
+    assert [n for _, n in first_group] == sorted(n for _, n in first_group)
 
 
 def test_gemm_never_writes_outside_its_output_even_with_inconsistent_offsets(gen):
@@ -535,13 +558,25 @@ def test_float32_uses_tf32_only_when_torch_allows_it():
 # ---- compiled for real GPUs, without one ---------------------------------------------------
 
 COMPILE_SCRIPT = textwrap.dedent("""
-    import json
+    import json, os, re, subprocess, tempfile
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from moe_dispatch.kernels.triton import configs, grouped_gemm, wgrad
 
-    def shared_bytes(fn, arch, pointers, constants, config):
+    CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+    def machine_code(cubin):
+        # (stack frame bytes, the matrix instruction used) from the cubin's resource usage and SASS
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True)
+            sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True)
+        mma = next((op for op in ("HGMMA", "HMMA") if re.search(rf"\\b{op}\\.", sass.stdout)), "none")
+        return int(re.search(r"STACK:(\\d+)", usage.stdout).group(1)), mma
+
+    def compiled(fn, arch, pointers, constants, config):
         # ints divisible by 16 and K-contiguous weights, as Triton specializes real launches
         signature, constexprs = {}, {}
         for i, p in enumerate(fn.params):
@@ -553,20 +588,22 @@ COMPILE_SCRIPT = textwrap.dedent("""
         attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if signature[p.name] != "constexpr"}
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).metadata.shared
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+        return (kernel.metadata.shared, *machine_code(kernel.asm["cubin"]))
 
     bf16 = {p: "*bf16" for p in ("a_ptr", "w_ptr", "bias_ptr", "out_ptr", "h_ptr", "dy_ptr", "dh_ptr", "act_ptr",
                                  "b_ptr")}
     pointers = dict(bf16, a_rows_ptr="*i32", offsets_ptr="*i32", slot_of_row_ptr="*i32", token_of_row_ptr="*i32",
                     b_rows_ptr="*i32", weight_of_row_ptr="*fp32", ws_ptr="*fp32", drow_ptr="*fp32",
                     a_scale_ptr="*fp32")
-    common = dict(E_PAD=64, PRECISION="ieee", UPCAST=False, EVEN_K=True, HAS_BIAS=True, ACT=1)
+    common = dict(E_PAD=64, GROUP_M=grouped_gemm.GROUP_M, PRECISION="ieee", UPCAST=False, EVEN_K=True,
+                  HAS_BIAS=True, ACT=1)
     report = []
     for arch, budget in ((86, configs.SMALL_SMEM), (90, configs.LARGE_SMEM)):
         def check(fn, config, **flags):
             tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
-            report.append((arch, budget, str(config), shared_bytes(fn, arch, pointers, {**common, **tile, **flags},
-                                                                   config)))
+            report.append((arch, budget, config.block_m, str(config),
+                           *compiled(fn, arch, pointers, {**common, **tile, **flags}, config)))
 
         for rows_per_expert in (1, 32, 1024):  # the defaults of each regime
             up = configs.gemm_tiles(rows_per_expert, True, 2, budget)[0]
@@ -585,12 +622,16 @@ COMPILE_SCRIPT = textwrap.dedent("""
 
 
 def test_default_configs_compile_for_consumer_gpus_and_hopper():
-    # ptxas ships with Triton: compile for sm_86 (about 100 KB of shared memory) and sm_90
-    # without a GPU, outside the interpreter, and check the shared memory each config needs.
+    # ptxas and cuobjdump ship with Triton: compile for sm_86 (about 100 KB of shared memory)
+    # and sm_90 without a GPU, outside the interpreter, and check each default config's machine
+    # code: the shared memory it needs, no registers spilled to local memory, and on sm_90 the
+    # warpgroup MMA (HGMMA) for tiles of 64 rows and more, the older HMMA only below.
     result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
                             env=_subprocess_env(drop="TRITON_INTERPRET"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(report) == 18
-    for arch, budget, config, shared in report:
+    for arch, budget, block_m, config, shared, stack, mma in report:
         assert 0 < shared <= budget, (arch, config, shared)
+        assert stack == 0, (arch, config, stack)
+        assert mma == ("HGMMA" if arch == 90 and block_m >= 64 else "HMMA"), (arch, config, mma)

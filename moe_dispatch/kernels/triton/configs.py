@@ -101,9 +101,10 @@ def act_backward_tiles(rows_per_expert: float, elem_bytes: int, budget: int) -> 
     if rows_per_expert <= 16:
         tiles = [(16, 64, 128, 4), (16, 32, 128, 4), (32, 64, 64, 4)]
     else:
-        tiles = [(64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8)]
+        # 8 warps for 64x64: with 4, the gated epilogue needs all 255 registers and spills
+        tiles = [(64, 64, 64, 8), (64, 64, 32, 8), (64, 128, 32, 8), (128, 64, 32, 8)]
         if budget > SMALL_SMEM:
-            tiles = [(64, 128, 64, 8), (128, 64, 64, 8)] + tiles
+            tiles[1:1] = [(64, 128, 64, 8), (128, 64, 64, 8)]
     return _candidates(tiles, elem_bytes, 1, budget)
 
 
