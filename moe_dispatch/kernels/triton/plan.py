@@ -125,13 +125,13 @@ def make_plan(ids: torch.Tensor, num_experts: int):
     num_slots = num_tokens * top_k
     device = ids.device
     int32 = dict(dtype=torch.int32, device=device)
-    counts = torch.zeros(num_experts, **int32)
-    offsets = torch.zeros(num_experts + 1, **int32)
     # zeros, not empty: rows left unplaced by bad ids still name a real token
     token_of_row = torch.zeros(num_slots, **int32)
     row_of_slot = torch.empty(num_tokens, top_k, **int32)
     if num_slots == 0:
-        return counts, offsets, token_of_row, row_of_slot
+        return torch.zeros(num_experts, **int32), torch.zeros(num_experts + 1, **int32), token_of_row, row_of_slot
+    counts = torch.empty(num_experts, **int32)  # the scan writes both in full
+    offsets = torch.empty(num_experts + 1, **int32)
     flat = ids.reshape(-1)
     if flat.dtype not in (torch.int32, torch.int64):
         flat = flat.to(torch.int32)
