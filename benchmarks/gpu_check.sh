@@ -9,7 +9,8 @@
 # 3. the fused experts of Mixtral-8x7B, DeepSeek-V3, Qwen3-30B-A3B and OLMoE-1B-7B in bf16 against
 # the torch._grouped_mm pipeline, transformers' experts (eager loop and grouped_mm) and a dense MLP
 # of the same active FLOPs, 4. the grouped GEMM against torch._grouped_mm (T >= 1024) and permute /
-# unpermute against the copy bandwidth, 5. a compact table checked against the targets, printed last.
+# unpermute against the copy bandwidth, 5. decode (T <= 16) again as CUDA graph replays, the way servers
+# run it, against the peers that can be captured, 6. a compact table checked against the targets, printed last.
 #
 # Works without installing the package (PYTHONPATH is the repository). Every step has a time cap;
 # a step that reaches it is interrupted (SIGINT) and keeps the results it has, so the table at the
@@ -39,11 +40,13 @@ mkdir -p "$RESULTS"
 export MOE_DISPATCH_CACHE_DIR="$RESULTS/cache"   # roofline measured on this machine, in this run
 export PYTHONUNBUFFERED=1
 START=$SECONDS
-BIG_TOKENS=$("$PY" -c "import sys; t=[int(x) for x in sys.argv[1].split(',')]; print(','.join(str(x) for x in t if x >= 1024) or str(max(t)))" "$TOKENS")
+pick() { "$PY" -c "import sys; t=[int(x) for x in sys.argv[1].split(',')]; print(','.join(str(x) for x in t if $2) or str($3(t)))" "$1"; }
+BIG_TOKENS=$(pick "$TOKENS" "x >= 1024" max)
+DECODE_TOKENS=$(pick "$TOKENS" "x <= 16" min)
 
 step() { echo; echo "=== [$((SECONDS - START)) s] $*"; }
 # capped SECONDS COMMAND...: SIGINT at the cap (the command keeps what it has), SIGKILL 10 s later.
-# The caps add up to 435 s, so the whole check ends within 8 minutes.
+# The caps add up to 455 s, so the whole check ends within 8 minutes.
 capped() { local cap=$1; shift; timeout -k 10 -s INT "$cap" "$@"; local rc=$?; [ $rc -eq 0 ] || echo "(exit $rc)"; }
 MOE="$PY -m moe_dispatch.cli"
 
@@ -63,14 +66,14 @@ PY
 
 if [ "$SKIP_TESTS" = 0 ]; then
   step "GPU tests: pytest -m gpu -q tests"
-  capped 110 "$PY" -m pytest -m gpu -q tests -p no:cacheprovider
+  capped 100 "$PY" -m pytest -m gpu -q tests -p no:cacheprovider
 fi
 
 step "roofline"
-capped 40 $MOE info --device "$DEVICE"
+capped 30 $MOE info --device "$DEVICE"
 
 step "fused experts (moe_mlp), bf16, $BACKEND vs peers"
-capped 190 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" \
+capped 180 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" \
   --preset mixtral-8x7b deepseek-v3 qwen3-30b-a3b olmoe-1b-7b --tokens "$TOKENS" \
   --compare torch-grouped-mm,hf-eager,hf-grouped-mm,dense,bound --budget 0.1 --json "$RESULTS/moe_mlp.json"
 
@@ -81,10 +84,19 @@ capped 45 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --back
 
 for op in permute unpermute; do
   step "$op vs the copy bandwidth"
-  capped 25 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" --op $op \
+  capped 20 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" --op $op \
     --preset deepseek-v3 olmoe-1b-7b --tokens "$BIG_TOKENS" --budget 0.1 --json "$RESULTS/$op.json"
 done
 
+step "decode (T in $DECODE_TOKENS) as CUDA graph replays, $BACKEND vs the peers that can be captured"
+if [ "$DEVICE" = cuda ]; then
+  capped 60 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" --cuda-graph \
+    --preset mixtral-8x7b deepseek-v3 qwen3-30b-a3b olmoe-1b-7b --tokens "$DECODE_TOKENS" \
+    --compare torch-grouped-mm,hf-grouped-mm,dense,bound --budget 0.1 --json "$RESULTS/decode_graph.json"
+else
+  echo "skipped: CUDA graphs need --device cuda"
+fi
+
 step "summary ($((SECONDS - START)) s in all; JSON in $RESULTS)"
 "$PY" -m moe_dispatch.benchmarking.summary "$RESULTS"/moe_mlp.json "$RESULTS"/grouped_mm.json \
-  "$RESULTS"/permute.json "$RESULTS"/unpermute.json
+  "$RESULTS"/permute.json "$RESULTS"/unpermute.json "$RESULTS"/decode_graph.json

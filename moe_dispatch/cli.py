@@ -207,11 +207,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     if args.backward and args.op != "moe_mlp":
         raise UsageError(f"--backward times moe_mlp only, not --op {args.op}")
+    if args.cuda_graph and (device.type != "cuda" or args.backward):
+        raise UsageError("--cuda-graph times forward calls on a CUDA device: "
+                         + ("drop --backward" if device.type == "cuda" else f"not on {device.type}"))
     spec = BenchSpec(
         presets=parse_presets(args.preset, args.scale, device), tokens=parse_tokens(args.tokens, device),
         dtype=DTYPE_OF[args.dtype], backends=parse_backends(args.backend, device),
         peers=parse_peers(args.compare, args.op), device=device, routing=args.routing, backward=args.backward,
-        op=args.op, budget_s=args.budget,
+        op=args.op, budget_s=args.budget, cuda_graph=args.cuda_graph,
     )
     out, err = _console()
     records, interrupted = [], False
@@ -422,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--op", choices=OPS, default="moe_mlp",
                        help="the fused experts, moe_mlp (default), or one op; op peers: "
                             + "; ".join(f"{op}: {', '.join(p)}" for op, p in OP_PEERS.items() if op != "moe_mlp"))
+    bench.add_argument("--cuda-graph", action="store_true",
+                       help="time replays of a CUDA graph of each call, as servers run decode (CUDA, forward); "
+                            "a peer that syncs with the host is left out")
     bench.add_argument("--budget", type=float, default=0.3, metavar="S", help="timed seconds per point (default 0.3)")
     bench.add_argument("--json", metavar="PATH", help="write one record per result")
     bench.add_argument("--plot", metavar="PATH.png", help="plot time against tokens, log-log")

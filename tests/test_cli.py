@@ -23,9 +23,10 @@ from moe_dispatch.benchmarking.costs import Work
 from moe_dispatch.benchmarking.peers import moe_peer, peer_call
 from moe_dispatch.benchmarking.presets import DEFAULT_PRESET, DEFAULT_SCALE, DEFAULT_TOKENS, PRESETS, get_preset, scaled
 from moe_dispatch.benchmarking.roofline import Roofline, cache_path, device_key
-from moe_dispatch.benchmarking.timing import measure_many
+from moe_dispatch.benchmarking.timing import capture_cuda_graphs, measure_many
 from moe_dispatch.benchmarking.tune import tune_preset
 from moe_dispatch.cli import main, parse_presets, parse_tokens
+from conftest import HAS_CUDA
 
 CPU = torch.device("cpu")
 # A tiny olmoe: E=64 k=8 H=48 I=16; every bench below runs it at T in {1, 4}.
@@ -137,6 +138,7 @@ def test_unavailable_backend_names_the_available_ones(capsys, monkeypatch):
     (["bench", "--threads", "0", "--device", "cpu"], ("--threads",)),
     (["bench", "--device", "tpu"], ("cpu",)),
     (["bench", "--op", "permute", "--backward", "--device", "cpu"], ("--backward",)),
+    (["bench", "--cuda-graph", "--device", "cpu"], ("--cuda-graph", "cpu")),
     (["frobnicate"], ("info", "bench", "profile", "tune")),
 ])
 def test_other_bad_arguments(capsys, argv, expected):
@@ -208,6 +210,31 @@ def test_a_failing_implementation_is_left_out_with_the_reason():
     assert failed == {"broken": "RuntimeError: CUDA out of memory"}
     with pytest.raises(RuntimeError):
         measure_many({"broken": broken}, CPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_cuda_graph_replays_leave_out_what_syncs():
+    x = torch.ones(1000, device="cuda")
+    failed: dict = {}
+    replays = capture_cuda_graphs({"graphable": lambda: x * 2, "syncs": lambda: x[x > 0].sum()}, "cuda",
+                                  failed=failed)
+    assert list(replays) == ["graphable"] and "syncs with the host" in failed["syncs"]
+    x.fill_(3.0)  # a replay reads the captured input's memory and writes the captured output
+    assert torch.equal(replays["graphable"](), torch.full_like(x, 6.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_bench_cuda_graph_times_triton_and_the_peers_that_can_be_captured(tmp_path):
+    out_json = tmp_path / "r.json"
+    argv = ["bench", "--preset", "olmoe-1b-7b", "--scale", "0.05", "--tokens", "1,16", "--device", "cuda",
+            "--budget", "0.01", "--backend", "triton", "--cuda-graph", "--compare", "torch-grouped-mm,dense,bound",
+            "--json", str(out_json)]
+    assert main(argv) == 0
+    records = json.loads(out_json.read_text())
+    assert [(r["backend"], r["tokens"], r["cuda_graph"]) for r in records] == [("triton", 1, True), ("triton", 16, True)]
+    assert all(r["peers"]["dense"] is not None for r in records)
 
 
 def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):

@@ -21,7 +21,7 @@ from .peers import (
 )
 from .presets import Preset
 from .roofline import Roofline
-from .timing import measure_many, median
+from .timing import capture_cuda_graphs, measure_many, median
 
 OPS = tuple(OP_PEERS)
 
@@ -39,6 +39,7 @@ class BenchSpec:
     op: str = "moe_mlp"
     budget_s: float = 0.3  # timed seconds per measurement (at least 3 calls)
     seed: int = 0
+    cuda_graph: bool = False  # time replays of a CUDA graph of each call (forward, CUDA only)
 
     def steps(self) -> int:
         """Measurements the run will make (for progress bars)."""
@@ -155,6 +156,7 @@ def make_record(spec: BenchSpec, batch: Batch, work: Work, roofline: Roofline, b
         "top_k": preset.top_k, "hidden_size": preset.hidden_size, "intermediate_size": preset.intermediate_size,
         "backend": backend, "device": roofline.device, "dtype": str(spec.dtype).removeprefix("torch."),
         "tokens": batch.inputs.num_tokens, "routing": spec.routing, "backward": spec.backward,
+        "cuda_graph": spec.cuda_graph,
         "ms": ms, "repeats": len(times), "tokens_per_s": _rate(batch.inputs.num_tokens, ms, 1.0),
         "tflops": _rate(work.flops, ms, 1e12), "gbps": _rate(work.bytes, ms, 1e9),
         "flops": work.flops, "bytes": work.bytes, "experts_touched": batch.touched,
@@ -184,6 +186,8 @@ def run_bench(spec: BenchSpec, roofline: Roofline, advance: Callable[[str], None
                     calls[name] = op_peer_call(spec, batch, name, peers[name])
             times, failed = {}, {}
             try:
+                if spec.cuda_graph:
+                    calls = capture_cuda_graphs(calls, spec.device, failed=failed)
                 measure_many(calls, spec.device, budget_s=spec.budget_s, times=times, failed=failed,
                              on_start=lambda name: advance(f"{preset.label} T={num_tokens} {name}"))
                 for name, why in failed.items():

@@ -26,19 +26,19 @@ def _speedup(value: Optional[float]) -> str:
 def _groups(records: list) -> dict:
     groups: dict = {}
     for r in records:
-        key = (r["op"], r["preset"], r["scale"], r["dtype"], r["routing"], r["backward"])
+        key = (r["op"], r["preset"], r["scale"], r["dtype"], r["routing"], r["backward"], r.get("cuda_graph", False))
         groups.setdefault(key, []).append(r)
     return groups
 
 
 def bench_tables(records: list) -> list:
-    """One rich Table per (op, preset, dtype, routing, backward)."""
+    """One rich Table per (op, preset, dtype, routing, backward, CUDA graph or not)."""
     tables = []
-    for (op, preset, scale, dtype, routing, backward), rows in _groups(records).items():
+    for (op, preset, scale, dtype, routing, backward, cuda_graph), rows in _groups(records).items():
         first = rows[0]
         shape = (f"E={first['num_experts']} k={first['top_k']} H={first['hidden_size']} "
                  f"I={first['intermediate_size']}")
-        what = f"{op} {'forward+backward' if backward else 'forward'}"
+        what = f"{op} {'forward+backward' if backward else 'forward'}{' (CUDA graph replays)' if cuda_graph else ''}"
         label = preset if scale == 1.0 else f"{preset} at scale {scale:g}"
         table = Table(title=f"{label} ({shape}), {what}, {dtype}, {routing} routing", title_justify="left")
         for column in ("backend", "tokens", "median ms", "tokens/s", "TFLOP/s", "GB/s", "roofline"):
@@ -78,7 +78,7 @@ def plot(records: Iterable[dict], path: str) -> None:
 
     groups = _groups(list(records))
     fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.5 * max(1, len(groups)), 4.2), squeeze=False)
-    for ax, ((op, preset, scale, dtype, routing, backward), rows) in zip(axes[0], groups.items()):
+    for ax, ((op, preset, scale, dtype, routing, backward, cuda_graph), rows) in zip(axes[0], groups.items()):
         lines: dict = {}
         for r in rows:
             lines.setdefault(r["backend"], {})[r["tokens"]] = r["ms"]
@@ -94,7 +94,8 @@ def plot(records: Iterable[dict], path: str) -> None:
         ax.set_xlabel("tokens")
         ax.set_ylabel("median ms")
         label = preset if scale == 1.0 else f"{preset} x{scale:g}"
-        ax.set_title(f"{label} {op}{' fwd+bwd' if backward else ''}\n{dtype}, {routing}", fontsize=9)
+        graphs = ", CUDA graphs" if cuda_graph else ""
+        ax.set_title(f"{label} {op}{' fwd+bwd' if backward else ''}\n{dtype}, {routing}{graphs}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

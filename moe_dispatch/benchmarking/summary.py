@@ -53,7 +53,8 @@ def summary_table(records: list) -> Table:
         ok = all(met for _, met in found) if found else None
         bound = r["peers"].get("bound")
         table.add_row(
-            r["op"], r["preset"] if r["scale"] == 1.0 else f"{r['preset']}@{r['scale']:g}", r["backend"],
+            r["op"], r["preset"] if r["scale"] == 1.0 else f"{r['preset']}@{r['scale']:g}",
+            r["backend"] + (" graph" if r.get("cuda_graph") else ""),
             str(r["tokens"]), _fmt(r["ms"], ".3f"), _fmt(r["tflops"], ".3g"), _fmt(r["gbps"], ".0f"),
             f"{100 * r['roofline']:.0f}%", _fmt(r["speedup"].get("torch-grouped-mm"), ".2f"),
             _fmt(r["speedup"].get("hf-eager"), ".2f"), _fmt(r["speedup"].get("dense"), ".2f"),

@@ -78,5 +78,40 @@ def measure_many(calls: dict, device, *, warmup: int = 2, budget_s: float = 0.3,
     return times
 
 
+def capture_cuda_graphs(calls: dict, device, *, warmup: int = 2, failed: Optional[dict] = None) -> dict:
+    """{name: replay} for the callables that can be captured in a CUDA graph, each replaying
+    one call: how servers run decode, with no launch overhead on the host.
+
+    Each is warmed up eagerly first (compiles and autotuning happen there), then run once under
+    torch's sync debug mode: one that syncs with the host cannot be captured, and is left out
+    with the reason in failed[name] (like one whose capture fails) rather than attempted.
+    """
+    device = torch.device(device)
+    failed = {} if failed is None else failed
+    replays = {}
+    for name, fn in calls.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            torch.cuda.synchronize(device)
+            before = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                fn()
+            except RuntimeError as exc:
+                failed[name] = f"syncs with the host, so no CUDA graph: {str(exc).strip().splitlines()[0]}"
+                continue
+            finally:
+                torch.cuda.set_sync_debug_mode(before)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = fn()  # kept alive by the closure: the replays write into it
+            replays[name] = lambda graph=graph, output=output: (graph.replay(), output)[1]
+        except Exception as exc:
+            failed[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            torch.cuda.synchronize(device)
+    return replays
+
+
 def median(times: list[float]) -> float:
     return statistics.median(times)
