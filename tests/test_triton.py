@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 import subprocess
 import sys
 import textwrap
@@ -133,9 +134,9 @@ def _fused_reference(x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, act
     return h, act, slots
 
 
-def _check_epilogues(config, activation, dtype, gen):
+def _check_epilogues(config, activation, dtype, gen, sizes=(13, 3, 5, 37, 19)):
     # GEMM1: gathered rows, bias, activation, h stored; GEMM2: bias, routing weight, scatter to slots
-    tokens, top_k, experts, hidden, inter = 13, 3, 5, 37, 19
+    tokens, top_k, experts, hidden, inter = sizes
     gated = activation == "swiglu"
     ids = random_ids(tokens, top_k, experts, gen).to(DEVICE)
     plan = md.make_plan(ids, experts, backend="triton")
@@ -437,6 +438,24 @@ def test_gpu_decode_picks_split_k_and_matches(gen):
     w_gate_up, w_down = _expert_weights(experts, hidden, inter, gen, torch.bfloat16)
     out = md.moe_mlp(x, weights, ids, w_gate_up, w_down, backend="triton")
     assert_close(out, naive_moe_mlp(*(t.cpu() for t in (x, weights, ids, w_gate_up, w_down))))
+
+
+@pytest.mark.usefixtures("pinned_configs")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_every_tuning_candidate_matches(gen):
+    # Autotuning keeps the fastest candidate unchecked, so every one must compute the same: the
+    # decode tiles (with split-K) and the large ones (up to 128x256 and 16 warps on sm_90), over
+    # several M-tiles per expert and a partial last N-tile.
+    budget = configs.shared_memory_budget(DEVICE)
+    candidates = [c for rows_per_expert in (1, 1024) for gated in (True, False)
+                  for c in configs.gemm_tiles(rows_per_expert, gated, 2, budget)]
+    candidates += [replace(c, split_k=3) for c in configs.gemm_tiles(1, True, 2, budget)]
+    for config in dict.fromkeys(candidates):
+        try:
+            _check_epilogues(config, "swiglu", torch.bfloat16, gen, sizes=(300, 2, 3, 256, 200))
+        except AssertionError as exc:
+            raise AssertionError(f"{config}: {exc}") from exc
 
 
 def _layer_and_input(gen, tokens=300):
