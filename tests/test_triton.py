@@ -69,17 +69,22 @@ def _subprocess_env(drop: str) -> dict:
 
 PLAN_SHAPES = [
     # several chunks of one step each (E small: 128 slots a step)
-    pytest.param(150, 3, 7, 512, id="chunks"),
+    pytest.param(150, 3, 7, 512, 0, id="chunks"),
     # E wider than a step's one-hot (16 slots a step) and more steps than chunks: 8 steps a chunk
-    pytest.param(150, 3, 300, 4, id="wide-E-multistep"),
+    pytest.param(150, 3, 300, 4, 0, id="wide-E-multistep"),
+    # one launch (decode): 4 steps of 128 slots, the last one partial
+    pytest.param(150, 3, 7, 512, 4, id="one-launch"),
+    # one launch with E wider than a step's one-hot: 4 steps of 16 slots
+    pytest.param(20, 3, 300, 512, 4, id="one-launch-wide-E"),
     # one expert, every slot on it
-    pytest.param(33, 1, 1, 512, id="E=1"),
+    pytest.param(33, 1, 1, 512, 4, id="E=1"),
 ]
 
 
-@pytest.mark.parametrize("tokens,top_k,experts,max_chunks", PLAN_SHAPES)
-def test_plan_kernels_match_the_naive_plan(tokens, top_k, experts, max_chunks, gen, monkeypatch):
+@pytest.mark.parametrize("tokens,top_k,experts,max_chunks,one_launch_steps", PLAN_SHAPES)
+def test_plan_kernels_match_the_naive_plan(tokens, top_k, experts, max_chunks, one_launch_steps, gen, monkeypatch):
     monkeypatch.setattr(kplan, "MAX_CHUNKS", max_chunks)
+    monkeypatch.setattr(kplan, "ONE_LAUNCH_STEPS", one_launch_steps)
     ids = random_ids(tokens, top_k, experts, gen).to(DEVICE)
     counts, offsets, token_of_row, row_of_slot = kplan.make_plan(ids, experts)
     ref = naive_plan(ids.cpu(), experts)
@@ -94,9 +99,11 @@ def test_plan_accepts_int32_ids(gen):
     assert all(torch.equal(a.cpu(), b) for a, b in zip(got, TorchBackend().make_plan(ids, 6)))
 
 
-def test_plan_kernels_skip_out_of_range_ids():
+@pytest.mark.parametrize("one_launch_steps", [0, 4], ids=["three-launches", "one-launch"])
+def test_plan_kernels_skip_out_of_range_ids(one_launch_steps, monkeypatch):
     # What CUDA relies on (CPU callers get a ValueError before any kernel): bad slots are
     # placed nowhere, get row -1, and offsets[E] counts only the good ones.
+    monkeypatch.setattr(kplan, "ONE_LAUNCH_STEPS", one_launch_steps)
     ids = torch.tensor([[0, 5], [2, -1], [1, 2], [7, 0]], device=DEVICE)
     counts, offsets, token_of_row, row_of_slot = kplan.make_plan(ids, 3)
     assert counts.tolist() == [2, 1, 2]

@@ -3,7 +3,8 @@
 The T*k slots are cut into C chunks. Each chunk counts its slots per expert (histogram),
 one program turns the counts into each chunk's first row per expert (scan), and each chunk
 then writes its rows in slot order (scatter), so every expert's rows come out in ascending
-token order, exactly the plan of the reference backend.
+token order, exactly the plan of the reference backend. For a few slots (decode), one
+program does all three in a single launch.
 
 An expert id outside [0, E) is counted nowhere and written nowhere: its slot gets row -1,
 and offsets[E] (the rows placed) falls short of T*k, which the launcher turns into a
@@ -19,7 +20,44 @@ import triton.language as tl
 from .configs import expert_block
 
 MAX_CHUNKS = 512  # the scan loops over chunks; bounded so it stays short at any T
+# Up to this many one-hot steps, one program plans in one launch instead of three: slots up
+# to 4 * 8192 / E_PAD (decode: 128 at E = 256, 512 at E = 64).
+ONE_LAUNCH_STEPS = 4
 ONE_HOT_ELEMENTS = 8192  # SUB * E_PAD: the one-hot tile each step builds
+
+
+@triton.jit
+def count_chunk(ids_ptr, begin, chunk, num_slots, SUB: tl.constexpr, E_PAD: tl.constexpr):
+    """[E_PAD] int32: the slots of [begin, begin + chunk) per expert."""
+    experts = tl.arange(0, E_PAD)
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for start in range(begin, begin + chunk, SUB):
+        slots = start + tl.arange(0, SUB)
+        ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1)
+        # an id outside [0, E) never matches an expert column that is stored
+        onehot = ((ids[:, None] == experts[None, :]) & (ids[:, None] >= 0)).to(tl.int32)
+        counts += tl.sum(onehot, axis=0)
+    return counts
+
+
+@triton.jit
+def scatter_chunk(ids_ptr, running, begin, chunk, token_of_row_ptr, row_of_slot_ptr, num_slots, num_experts, top_k,
+                  SUB: tl.constexpr, E_PAD: tl.constexpr):
+    """Write the rows of the slots of [begin, begin + chunk) in slot order; running: [E_PAD]
+    the next row of each expert."""
+    experts = tl.arange(0, E_PAD)
+    for start in range(begin, begin + chunk, SUB):
+        slots = start + tl.arange(0, SUB)
+        in_range = slots < num_slots
+        ids = tl.load(ids_ptr + slots, mask=in_range, other=-1)
+        valid = in_range & (ids >= 0) & (ids < num_experts)
+        onehot = ((ids[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32)
+        # rank among the earlier slots of this step with the same expert
+        earlier = tl.cumsum(onehot, axis=0) - onehot
+        rows = tl.sum(onehot * (running[None, :] + earlier), axis=1)
+        tl.store(token_of_row_ptr + rows, (slots // top_k).to(tl.int32), mask=valid)
+        tl.store(row_of_slot_ptr + slots, tl.where(valid, rows, -1), mask=in_range)
+        running += tl.sum(onehot, axis=0)
 
 
 @triton.jit
@@ -35,14 +73,7 @@ def plan_count_kernel(
     """Grid: (C,)."""
     c = tl.program_id(0)
     experts = tl.arange(0, E_PAD)
-    counts = tl.zeros([E_PAD], dtype=tl.int32)
-    begin = c * chunk
-    for start in range(begin, begin + chunk, SUB):
-        slots = start + tl.arange(0, SUB)
-        ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1)
-        # an id outside [0, E) never matches an expert column that is stored
-        onehot = ((ids[:, None] == experts[None, :]) & (ids[:, None] >= 0)).to(tl.int32)
-        counts += tl.sum(onehot, axis=0)
+    counts = count_chunk(ids_ptr, c * chunk, chunk, num_slots, SUB, E_PAD)
     tl.store(chunk_counts_ptr + c * num_experts + experts, counts, mask=experts < num_experts)
 
 
@@ -99,19 +130,35 @@ def plan_scatter_kernel(
     c = tl.program_id(0)
     experts = tl.arange(0, E_PAD)
     running = tl.load(chunk_base_ptr + c * num_experts + experts, mask=experts < num_experts, other=0)
-    begin = c * chunk
-    for start in range(begin, begin + chunk, SUB):
-        slots = start + tl.arange(0, SUB)
-        in_range = slots < num_slots
-        ids = tl.load(ids_ptr + slots, mask=in_range, other=-1)
-        valid = in_range & (ids >= 0) & (ids < num_experts)
-        onehot = ((ids[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32)
-        # rank among the earlier slots of this step with the same expert
-        earlier = tl.cumsum(onehot, axis=0) - onehot
-        rows = tl.sum(onehot * (running[None, :] + earlier), axis=1)
-        tl.store(token_of_row_ptr + rows, (slots // top_k).to(tl.int32), mask=valid)
-        tl.store(row_of_slot_ptr + slots, tl.where(valid, rows, -1), mask=in_range)
-        running += tl.sum(onehot, axis=0)
+    scatter_chunk(ids_ptr, running, c * chunk, chunk, token_of_row_ptr, row_of_slot_ptr, num_slots, num_experts,
+                  top_k, SUB, E_PAD)
+
+
+@triton.jit
+def plan_one_launch_kernel(
+    ids_ptr,  # [R] int
+    counts_ptr,  # [E] int32 out
+    offsets_ptr,  # [E+1] int32 out
+    token_of_row_ptr,  # [R] int32 out
+    row_of_slot_ptr,  # [R] int32 out (-1 for an id outside [0, E))
+    num_slots,
+    num_experts,
+    top_k,
+    chunk,  # >= R, a multiple of SUB
+    SUB: tl.constexpr,
+    E_PAD: tl.constexpr,
+):
+    """Grid: (1,). Count, scan and scatter in one launch, all slots as one chunk (decode)."""
+    experts = tl.arange(0, E_PAD)
+    emask = experts < num_experts
+    # lanes past E count ids >= E, which are placed nowhere
+    counts = tl.where(emask, count_chunk(ids_ptr, 0, chunk, num_slots, SUB, E_PAD), 0)
+    starts = tl.cumsum(counts, axis=0) - counts
+    tl.store(counts_ptr + experts, counts, mask=emask)
+    tl.store(offsets_ptr + experts, starts, mask=emask)
+    tl.store(offsets_ptr + num_experts, tl.sum(counts, axis=0))
+    scatter_chunk(ids_ptr, starts, 0, chunk, token_of_row_ptr, row_of_slot_ptr, num_slots, num_experts, top_k,
+                  SUB, E_PAD)
 
 
 def make_plan(ids: torch.Tensor, num_experts: int):
@@ -130,7 +177,7 @@ def make_plan(ids: torch.Tensor, num_experts: int):
     row_of_slot = torch.empty(num_tokens, top_k, **int32)
     if num_slots == 0:
         return torch.zeros(num_experts, **int32), torch.zeros(num_experts + 1, **int32), token_of_row, row_of_slot
-    counts = torch.empty(num_experts, **int32)  # the scan writes both in full
+    counts = torch.empty(num_experts, **int32)  # the kernels write both in full
     offsets = torch.empty(num_experts + 1, **int32)
     flat = ids.reshape(-1)
     if flat.dtype not in (torch.int32, torch.int64):
@@ -140,6 +187,10 @@ def make_plan(ids: torch.Tensor, num_experts: int):
     e_pad = expert_block(num_experts)
     sub = max(1, min(128, ONE_HOT_ELEMENTS // e_pad))
     steps = triton.cdiv(num_slots, sub)
+    if steps <= ONE_LAUNCH_STEPS:
+        plan_one_launch_kernel[(1,)](flat, counts, offsets, token_of_row, row_of_slot, num_slots, num_experts, top_k,
+                                    steps * sub, SUB=sub, E_PAD=e_pad)
+        return counts, offsets, token_of_row, row_of_slot
     chunk = sub * triton.cdiv(steps, MAX_CHUNKS)
     num_chunks = triton.cdiv(num_slots, chunk)
     chunk_counts = torch.empty(num_chunks, num_experts, **int32)
