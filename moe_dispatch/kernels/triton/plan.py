@@ -61,6 +61,15 @@ def scatter_chunk(ids_ptr, running, begin, chunk, token_of_row_ptr, row_of_slot_
 
 
 @triton.jit
+def zero_unplaced_rows(token_of_row_ptr, placed, num_slots, BLOCK: tl.constexpr):
+    """token_of_row[placed:R] = 0. Valid slots fill rows [0, placed); the rest (bad ids) are
+    never scattered to, and would otherwise hold whatever the allocator left there."""
+    for start in range(placed, num_slots, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        tl.store(token_of_row_ptr + rows, tl.zeros([BLOCK], dtype=tl.int32), mask=rows < num_slots)
+
+
+@triton.jit
 def plan_count_kernel(
     ids_ptr,  # [R] int     expert of each slot
     chunk_counts_ptr,  # [C, E] int32 out: slots per expert in each chunk
@@ -83,8 +92,10 @@ def plan_scan_kernel(
     chunk_base_ptr,  # [C, E] int32 out: first row of expert e's slots of chunk c
     counts_ptr,  # [E] int32 out
     offsets_ptr,  # [E+1] int32 out
+    token_of_row_ptr,  # [R] int32 out: zeros in the rows no slot is placed in
     num_chunks,
     num_experts,
+    num_slots,
     CB: tl.constexpr,  # chunks per step
     E_PAD: tl.constexpr,
 ):
@@ -102,6 +113,7 @@ def plan_scan_kernel(
     tl.store(counts_ptr + experts, totals, mask=emask)
     tl.store(offsets_ptr + experts, starts, mask=emask)
     tl.store(offsets_ptr + num_experts, tl.sum(totals, axis=0))
+    zero_unplaced_rows(token_of_row_ptr, tl.sum(totals, axis=0), num_slots, CB * E_PAD)
     # ---- each chunk starts after the earlier chunks' rows of the same expert
     running = starts
     for c0 in range(0, num_chunks, CB):
@@ -157,6 +169,7 @@ def plan_one_launch_kernel(
     tl.store(counts_ptr + experts, counts, mask=emask)
     tl.store(offsets_ptr + experts, starts, mask=emask)
     tl.store(offsets_ptr + num_experts, tl.sum(counts, axis=0))
+    zero_unplaced_rows(token_of_row_ptr, tl.sum(counts, axis=0), num_slots, SUB)
     scatter_chunk(ids_ptr, starts, 0, chunk, token_of_row_ptr, row_of_slot_ptr, num_slots, num_experts, top_k,
                   SUB, E_PAD)
 
@@ -172,12 +185,12 @@ def make_plan(ids: torch.Tensor, num_experts: int):
     num_slots = num_tokens * top_k
     device = ids.device
     int32 = dict(dtype=torch.int32, device=device)
-    # zeros, not empty: rows left unplaced by bad ids still name a real token
-    token_of_row = torch.zeros(num_slots, **int32)
+    # The kernels write all of these in full; rows left unplaced by bad ids get token 0.
+    token_of_row = torch.empty(num_slots, **int32)
     row_of_slot = torch.empty(num_tokens, top_k, **int32)
     if num_slots == 0:
         return torch.zeros(num_experts, **int32), torch.zeros(num_experts + 1, **int32), token_of_row, row_of_slot
-    counts = torch.empty(num_experts, **int32)  # the kernels write both in full
+    counts = torch.empty(num_experts, **int32)
     offsets = torch.empty(num_experts + 1, **int32)
     flat = ids.reshape(-1)
     if flat.dtype not in (torch.int32, torch.int64):
@@ -198,7 +211,8 @@ def make_plan(ids: torch.Tensor, num_experts: int):
     cb = max(1, min(64, ONE_HOT_ELEMENTS // e_pad))
 
     plan_count_kernel[(num_chunks,)](flat, chunk_counts, num_slots, num_experts, chunk, SUB=sub, E_PAD=e_pad)
-    plan_scan_kernel[(1,)](chunk_counts, chunk_base, counts, offsets, num_chunks, num_experts, CB=cb, E_PAD=e_pad)
+    plan_scan_kernel[(1,)](chunk_counts, chunk_base, counts, offsets, token_of_row, num_chunks, num_experts, num_slots,
+                           CB=cb, E_PAD=e_pad)
     plan_scatter_kernel[(num_chunks,)](
         flat, chunk_base, token_of_row, row_of_slot, num_slots, num_experts, top_k, chunk, SUB=sub, E_PAD=e_pad
     )
