@@ -180,6 +180,24 @@ def test_gemm_epilogues_match_the_unfused_composition(config, activation, gen):
     _check_epilogues(config, activation, torch.float32, gen)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("config", [TileConfig(16, 16, 16, tma=True), TileConfig(16, 16, 16, split_k=3, tma=True)],
+                         ids=["tma", "tma-split-k=3"])
+def test_tma_weight_tiles_match_the_unfused_composition(config, dtype, gen):
+    # H = 40 and I = 24 make 16-byte weight rows, so both GEMMs load W through a TMA descriptor;
+    # N = 24 leaves a partial last N-tile whose rows run into the next expert's (gated: the up half)
+    for shape in ((5, 48, 40), (5, 40, 24)):  # w_gate_up and w_down as the GEMMs see them
+        assert kgemm.weight_descriptor(torch.empty(shape, dtype=dtype).transpose(1, 2), config) is not None
+    _check_epilogues(config, "swiglu", dtype, gen, sizes=(13, 3, 5, 40, 24))
+
+
+def test_weights_tma_cannot_read_go_through_pointers():
+    config = TileConfig(16, 16, 16, tma=True)
+    assert kgemm.weight_descriptor(torch.empty(5, 48, 37).transpose(1, 2), config) is None  # rows of 148 bytes
+    assert kgemm.weight_descriptor(torch.empty(5, 40, 48), config) is None  # N contiguous, not K
+    assert kgemm.weight_descriptor(torch.empty(5, 48, 40).transpose(1, 2), TileConfig(16, 16, 16)) is None
+
+
 # K = 45 masks the last K-block; K = 48 is whole blocks, loaded without a K mask
 @pytest.mark.parametrize("k_dim", [45, 48])
 @pytest.mark.parametrize("config", GEMM_CONFIGS)
@@ -602,22 +620,27 @@ COMPILE_HELPERS = textwrap.dedent("""
     CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
     def machine_code(cubin):
-        # (stack frame bytes, the matrix instruction used) from the cubin's resource usage and SASS
+        # (stack frame bytes, the matrix instruction used, whether TMA loads are used) from the
+        # cubin's resource usage and SASS
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
             usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True)
             sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True)
         mma = next((op for op in ("HGMMA", "HMMA") if re.search(rf"\\b{op}\\.", sass.stdout)), "none")
-        return int(re.search(r"STACK:(\\d+)", usage.stdout).group(1)), mma
+        tma = re.search(r"\\bUTMALDG\\b", sass.stdout) is not None
+        return int(re.search(r"STACK:(\\d+)", usage.stdout).group(1)), mma, tma
+
+    # arguments real launches pass as constants: K-contiguous weights, no TMA descriptor
+    FIXED = {"stride_wk": 1, "stride_ak": 1, "w_desc": None}
 
     def compiled(fn, arch, pointers, constants, config):
-        # ints divisible by 16 and K-contiguous weights, as Triton specializes real launches
+        # ints divisible by 16, as Triton specializes real launches
         signature, constexprs = {}, {}
         for i, p in enumerate(fn.params):
-            if p.is_constexpr or p.name in ("stride_wk", "stride_ak"):
+            if p.is_constexpr or (p.name in FIXED and p.name not in pointers):
                 signature[p.name] = "constexpr"
-                constexprs[(i,)] = constants.get(p.name, 1)
+                constexprs[(i,)] = constants[p.name] if p.name in constants else FIXED.get(p.name, 1)
             else:
                 signature[p.name] = pointers.get(p.name, "i32")
         attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if signature[p.name] != "constexpr"}
@@ -635,21 +658,24 @@ COMPILE_HELPERS = textwrap.dedent("""
 
 COMPILE_GEMMS = COMPILE_HELPERS + textwrap.dedent("""
     common = dict(E_PAD=64, GROUP_M=grouped_gemm.GROUP_M, PRECISION="ieee", UPCAST=False, EVEN_K=True,
-                  HAS_BIAS=True, ACT=1)
+                  HAS_BIAS=True, ACT=1, W_TMA=False)
     report = []
     for arch, budget in ((86, configs.SMALL_SMEM), (90, configs.LARGE_SMEM)):
         def check(fn, config, **flags):
-            tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
-            report.append((arch, budget, config.block_m, str(config),
-                           *compiled(fn, arch, pointers, {**common, **tile, **flags}, config)))
+            tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, W_TMA=config.tma)
+            descriptor = {"w_desc": f"tensordesc<bf16[{config.block_n},{config.block_k}]>"} if config.tma else {}
+            report.append((arch, budget, config.block_m, config.tma, str(config),
+                           *compiled(fn, arch, {**pointers, **descriptor}, {**common, **tile, **flags}, config)))
 
-        for rows_per_expert in (1, 32, 1024):  # the defaults of each regime
-            up = configs.gemm_tiles(rows_per_expert, True, 2, budget)[0]
-            check(grouped_gemm.grouped_gemm_kernel, up, SPLIT_K=2, GATHER=True, GATED=True, STORE_H=True,
-                  SCATTER=False, SCALE=False)
-            down = configs.gemm_tiles(rows_per_expert, False, 2, budget)[0]
-            check(grouped_gemm.grouped_gemm_kernel, down, SPLIT_K=1, GATHER=False, GATED=False, STORE_H=False,
-                  SCATTER=True, SCALE=True)
+        # the defaults of each regime, and on sm_90 the first TMA candidate of the largest
+        for rows_per_expert in (1, 32, 1024):
+            ups, downs = (configs.gemm_tiles(rows_per_expert, gated, 2, budget) for gated in (True, False))
+            for up in [ups[0]] + [c for c in ups if c.tma][:1]:
+                check(grouped_gemm.grouped_gemm_kernel, up, SPLIT_K=2, GATHER=True, GATED=True, STORE_H=True,
+                      SCATTER=False, SCALE=False)
+            for down in [downs[0]] + [c for c in downs if c.tma][:1]:
+                check(grouped_gemm.grouped_gemm_kernel, down, SPLIT_K=1, GATHER=False, GATED=False,
+                      STORE_H=False, SCATTER=True, SCALE=True)
         for rows_per_expert in (1, 1024):
             config = configs.act_backward_tiles(rows_per_expert, 2, budget)[0]
             check(grouped_gemm.grouped_gemm_act_backward_kernel, config, GATED=True)
@@ -697,13 +723,16 @@ def test_default_configs_compile_for_consumer_gpus_and_hopper():
     # ptxas and cuobjdump ship with Triton: compile for sm_86 (about 100 KB of shared memory)
     # and sm_90 without a GPU, outside the interpreter, and check each default config's machine
     # code: the shared memory it needs, no registers spilled to local memory, and on sm_90 the
-    # warpgroup MMA (HGMMA) for tiles of 64 rows and more, the older HMMA only below.
+    # warpgroup MMA (HGMMA) for tiles of 64 rows and more, the older HMMA only below; the TMA
+    # candidates load their weight tiles with the TMA (UTMALDG).
     report = _compile_report(COMPILE_GEMMS)
-    assert len(report) == 18
-    for arch, budget, block_m, config, shared, stack, mma in report:
+    assert len(report) == 20
+    for arch, budget, block_m, tma, config, shared, stack, mma, tma_loads in report:
         assert 0 < shared <= budget, (arch, config, shared)
         assert stack == 0, (arch, config, stack)
         assert mma == ("HGMMA" if arch == 90 and block_m >= 64 else "HMMA"), (arch, config, mma)
+        assert tma_loads == tma, (arch, config)
+    assert sum(tma for _, _, _, tma, *_ in report) == 2
 
 
 def test_every_other_kernel_compiles_for_consumer_gpus_and_hopper():
@@ -711,5 +740,5 @@ def test_every_other_kernel_compiles_for_consumer_gpus_and_hopper():
     # reduction kernels compile for sm_86 and sm_90 too, without spilling
     report = _compile_report(COMPILE_OTHERS)
     assert len(report) == 22
-    for name, arch, shared, stack, mma in report:
+    for name, arch, shared, stack, mma, tma_loads in report:
         assert shared <= configs.SMALL_SMEM and stack == 0 and mma == "none", (name, arch, shared, stack, mma)

@@ -43,6 +43,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 2
     split_k: int = 1
+    tma: bool = False  # weight tiles through the tensor memory accelerator (sm_90+; grouped GEMM only)
 
 
 def expert_block(num_experts: int) -> int:
@@ -92,7 +93,11 @@ def gemm_tiles(rows_per_expert: float, two: bool, elem_bytes: int, budget: int) 
         # 128x128 only where 16 warps still leave 128 registers a thread (sm_90, sm_100).
         largest = 128 * 128 if big else 128 * 64
         tiles = [(m, n, k, min(16, 2 * w)) for m, n, k, w in tiles if n <= 128 and m * n <= largest]
-    return _candidates(tiles, elem_bytes, 2 if two else 1, budget)
+    candidates = _candidates(tiles, elem_bytes, 2 if two else 1, budget)
+    if big and rows_per_expert > 64:
+        # Hopper and later: the two leading tiles again with TMA weight loads, for the tuner to weigh
+        candidates += [replace(c, tma=True) for c in candidates[:2]]
+    return candidates
 
 
 def act_backward_tiles(rows_per_expert: float, elem_bytes: int, budget: int) -> list[TileConfig]:

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .configs import TileConfig, expert_block
 
@@ -105,14 +106,17 @@ def mainloop(
     a_ptr, a_off, a_ok,  # A rows: int64 offsets [BM], validity [BM]; columns contiguous
     w_ptr, cols, col_ok, second_shift,  # W of one expert; columns [BN]; TWO also reads cols + second_shift
     stride_wk, stride_wn, k_lo, k_hi,
+    w_desc, w_row,  # W_TMA: W as [E * NW, K] rows; this tile's first row
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    TWO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    TWO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
 ):
     """float32 acc [BM, BN] = A[:, k_lo:k_hi] @ W[k_lo:k_hi, cols] (and acc2 for cols + shift).
 
     UPCAST multiplies in float32: the interpreter's tl.dot cannot multiply bf16.
     EVEN_K: every K-block is full, so loads need no K mask (which would keep them from
     vectorizing along a contiguous K).
+    W_TMA: weight tiles come through the TMA, which fills rows and columns past the tensor with
+    zeros; rows past this expert's columns belong to the next one, and the epilogue masks them.
     """
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_off[:, None] + (k_lo + ks)[None, :]
@@ -132,13 +136,19 @@ def mainloop(
         else:
             k_ok = (k0 + ks) < k_hi
         a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if W_TMA:
+            w = tl.trans(w_desc.load([w_row, k0]))
+        else:
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
         if TWO:
-            w2 = tl.load(w2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if W_TMA:
+                w2 = tl.trans(w_desc.load([w_row + second_shift, k0]))
+            else:
+                w2 = tl.load(w2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             if UPCAST:
                 w2 = w2.to(tl.float32)
             acc2 = tl.dot(a, w2, acc2, input_precision=PRECISION)
@@ -182,6 +192,7 @@ def grouped_gemm_kernel(
     a_ptr,  # [S, K]            rows gathered through a_rows_ptr when GATHER, else [R, K]
     a_rows_ptr,  # [R] int32    source row of each expert-sorted row (GATHER)
     w_ptr,  # [E, K, NW]        any strides; NW = 2N when GATED else N
+    w_desc,  # W_TMA: a TMA descriptor of W as [E * NW, K] (K contiguous), blocks [BLOCK_N, BLOCK_K]
     bias_ptr,  # [E, NW]        (HAS_BIAS)
     offsets_ptr,  # [E+1] int   expert e owns rows offsets[e]:offsets[e+1]
     out_ptr,  # [R, N] or [T*k, N] (SCATTER)
@@ -197,7 +208,7 @@ def grouped_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, STORE_H: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
 ):
     """Grid: (num_m_tiles * cdiv(N, BLOCK_N), SPLIT_K), num_m_tiles = m_tile_bound(R, E, BLOCK_M)."""
     pid_m, pid_n = tile_coords(tl.program_id(0), num_m_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -222,7 +233,8 @@ def grouped_gemm_kernel(
     k_hi = tl.minimum(K, k_lo + k_per_split)
     acc, acc2 = mainloop(
         a_ptr, src.to(tl.int64) * stride_am, a_ok, w_ptr + expert.to(tl.int64) * stride_we, cols, col_ok, N,
-        stride_wk, stride_wn, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, GATED, PRECISION, UPCAST, EVEN_K,
+        stride_wk, stride_wn, k_lo, k_hi, w_desc, expert * (2 * N if GATED else N) + pid_n * BLOCK_N,
+        BLOCK_M, BLOCK_N, BLOCK_K, GATED, PRECISION, UPCAST, EVEN_K, W_TMA,
     )
     if HAS_BIAS:
         if pid_k == 0:
@@ -309,7 +321,8 @@ def grouped_gemm_act_backward_kernel(
     src_ok = row_ok & (src >= 0) & (src < num_tokens)
     dy_off = src.to(tl.int64) * stride_dym
     g, _ = mainloop(dy_ptr, dy_off, src_ok, w_ptr + expert.to(tl.int64) * stride_we, cols, col_ok, N,
-                    stride_wk, stride_wn, 0, K, BLOCK_M, BLOCK_N, BLOCK_K, False, PRECISION, UPCAST, EVEN_K)
+                    stride_wk, stride_wn, 0, K, None, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, PRECISION, UPCAST, EVEN_K,
+                    False)
 
     # ---- the activation and its gradient, from the saved h (stores early: fewer live registers)
     mask = row_ok[:, None] & col_ok[None, :]
@@ -391,6 +404,19 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def weight_descriptor(w: torch.Tensor, config: TileConfig) -> Optional[TensorDescriptor]:
+    """A TMA descriptor of w: [E, K, NW] as [E * NW, K] rows, when config asks for TMA and w
+    allows it (K contiguous, each expert's columns one after another, 16-byte aligned rows),
+    else None (the kernel then loads W through pointers)."""
+    num_experts, k_dim, w_cols = w.shape
+    rows = w.transpose(1, 2)
+    if not (config.tma and rows.is_contiguous() and (k_dim * w.element_size()) % 16 == 0
+            and w.data_ptr() % 16 == 0):
+        return None
+    return TensorDescriptor(rows.view(num_experts * w_cols, k_dim), shape=[num_experts * w_cols, k_dim],
+                            strides=[k_dim, 1], block_shape=[config.block_n, config.block_k])
+
+
 def m_tile_bound(num_rows: int, num_experts: int, block_m: int) -> int:
     """The most M-tiles R rows over E experts can need: each of the at most min(E, R)
     experts with rows adds at most one partial tile to cdiv(R, BLOCK_M)."""
@@ -435,8 +461,9 @@ def grouped_gemm(
     e_pad = expert_block(num_experts)
     dummy = offsets
     m_tiles = m_tile_bound(num_rows, num_experts, bm)
+    w_desc = weight_descriptor(w, config)
     grouped_gemm_kernel[(m_tiles * triton.cdiv(n_cols, bn), split)](
-        a, a_rows if a_rows is not None else dummy, w, bias if bias is not None else dummy, offsets, out,
+        a, a_rows if a_rows is not None else dummy, w, w_desc, bias if bias is not None else dummy, offsets, out,
         h if h is not None else dummy, slot_of_row if slot_of_row is not None else dummy,
         weight_of_row if weight_of_row is not None else dummy, ws,
         num_rows, a.shape[0], num_rows, k_dim, n_cols, num_experts, m_tiles,
@@ -446,7 +473,8 @@ def grouped_gemm(
         GATHER=a_rows is not None, HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], GATED=gated,
         STORE_H=store_h, SCATTER=slot_of_row is not None, SCALE=weight_of_row is not None,
         PRECISION=dot_precision(a.dtype, a.device), UPCAST=dot_upcast(a.dtype, a.device),
-        EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
+        EVEN_K=k_dim % config.block_k == 0, W_TMA=w_desc is not None, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     if split > 1:
         splitk_reduce_kernel[(triton.cdiv(num_rows, bm), triton.cdiv(n_cols, bn))](
