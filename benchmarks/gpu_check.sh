@@ -46,7 +46,7 @@ DECODE_TOKENS=$(pick "$TOKENS" "x <= 16" min)
 
 step() { echo; echo "=== [$((SECONDS - START)) s] $*"; }
 # capped SECONDS COMMAND...: SIGINT at the cap (the command keeps what it has), SIGKILL 10 s later.
-# The caps add up to 455 s, so the whole check ends within 8 minutes.
+# The caps add up to 465 s, so the whole check ends within 8 minutes.
 capped() { local cap=$1; shift; timeout -k 10 -s INT "$cap" "$@"; local rc=$?; [ $rc -eq 0 ] || echo "(exit $rc)"; }
 MOE="$PY -m moe_dispatch.cli"
 
@@ -66,19 +66,19 @@ PY
 
 if [ "$SKIP_TESTS" = 0 ]; then
   step "GPU tests: pytest -m gpu -q tests"
-  capped 100 "$PY" -m pytest -m gpu -q tests -p no:cacheprovider
+  capped 120 "$PY" -m pytest -m gpu -q tests -p no:cacheprovider
 fi
 
 step "roofline"
 capped 30 $MOE info --device "$DEVICE"
 
 step "fused experts (moe_mlp), bf16, $BACKEND vs peers"
-capped 180 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" \
+capped 170 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" \
   --preset mixtral-8x7b deepseek-v3 qwen3-30b-a3b olmoe-1b-7b --tokens "$TOKENS" \
   --compare torch-grouped-mm,hf-eager,hf-grouped-mm,dense,bound --budget 0.1 --json "$RESULTS/moe_mlp.json"
 
 step "grouped GEMM (GEMM1 shape) vs torch._grouped_mm, T in $BIG_TOKENS"
-capped 45 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" --op grouped_mm \
+capped 60 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" --op grouped_mm \
   --preset mixtral-8x7b deepseek-v3 qwen3-30b-a3b olmoe-1b-7b --tokens "$BIG_TOKENS" --budget 0.1 \
   --json "$RESULTS/grouped_mm.json"
 
@@ -90,7 +90,7 @@ done
 
 step "decode (T in $DECODE_TOKENS) as CUDA graph replays, $BACKEND vs the peers that can be captured"
 if [ "$DEVICE" = cuda ]; then
-  capped 60 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" --cuda-graph \
+  capped 45 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" --cuda-graph \
     --preset mixtral-8x7b deepseek-v3 qwen3-30b-a3b olmoe-1b-7b --tokens "$DECODE_TOKENS" \
     --compare torch-grouped-mm,hf-grouped-mm,dense,bound --budget 0.1 --json "$RESULTS/decode_graph.json"
 else

@@ -226,7 +226,10 @@ def test_gpu_cuda_graph_replays_leave_out_what_syncs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_gpu_bench_cuda_graph_times_triton_and_the_peers_that_can_be_captured(tmp_path):
+def test_gpu_bench_cuda_graph_times_triton_and_the_peers_that_can_be_captured(tmp_path, roofline_cache):
+    cuda = Roofline(device_key(torch.device("cuda")), 4000.0, 3000.0, {"bfloat16": 700.0}, torch.__version__,
+                    "test", roofline_module.METHOD)
+    roofline_cache.write_text(json.dumps({**json.loads(roofline_cache.read_text()), cuda.device: cuda.__dict__}))
     out_json = tmp_path / "r.json"
     argv = ["bench", "--preset", "olmoe-1b-7b", "--scale", "0.05", "--tokens", "1,16", "--device", "cuda",
             "--budget", "0.01", "--backend", "triton", "--cuda-graph", "--compare", "torch-grouped-mm,dense,bound",
