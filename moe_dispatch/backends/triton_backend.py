@@ -141,12 +141,12 @@ def _gemm(kind: str, a: Tensor, w: Tensor, offsets: Tensor, **fusions):
     flags = "".join(code for name, code in _FUSION_CODES.items() if name in used)
     key = _key(f"{kind}:{flags}", a, num_experts, num_rows, k_dim, n_cols)
     n_out = n_cols // 2 if gated else n_cols
-    return TUNER.run(
-        key,
-        lambda: gemm_candidates(num_rows, num_experts, k_dim, n_out, gated, a.dtype, a.device),
-        lambda config: gemm.grouped_gemm(a, w, offsets, config, **fusions),
-        a.device,
-    )
+
+    def candidates():  # TMA candidates only for weights the TMA can read (else they repeat another)
+        found = gemm_candidates(num_rows, num_experts, k_dim, n_out, gated, a.dtype, a.device)
+        return [c for c in found if not c.tma or gemm.weight_descriptor(w, c) is not None]
+
+    return TUNER.run(key, candidates, lambda config: gemm.grouped_gemm(a, w, offsets, config, **fusions), a.device)
 
 
 def _wgrad(a: Tensor, b: Tensor, offsets: Tensor, num_experts: int, **fusions) -> Tensor:

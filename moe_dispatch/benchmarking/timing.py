@@ -60,7 +60,7 @@ def measure_many(calls: dict, device, *, warmup: int = 2, budget_s: float = 0.3,
         except Exception as exc:
             if failed is None:
                 raise
-            failed[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            failed[name] = _reason(exc)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
@@ -99,7 +99,7 @@ def capture_cuda_graphs(calls: dict, device, *, warmup: int = 2, failed: Optiona
             try:
                 fn()
             except RuntimeError as exc:
-                failed[name] = f"syncs with the host, so no CUDA graph: {str(exc).strip().splitlines()[0]}"
+                failed[name] = f"syncs with the host, so no CUDA graph: {_reason(exc)}"
                 continue
             finally:
                 torch.cuda.set_sync_debug_mode(before)
@@ -108,9 +108,15 @@ def capture_cuda_graphs(calls: dict, device, *, warmup: int = 2, failed: Optiona
                 output = fn()  # kept alive by the closure: the replays write into it
             replays[name] = lambda graph=graph, output=output: (graph.replay(), output)[1]
         except Exception as exc:
-            failed[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            failed[name] = _reason(exc)
             torch.cuda.synchronize(device)
     return replays
+
+
+def _reason(exc: Exception) -> str:
+    """The exception's type and the first line of its message."""
+    message = str(exc).strip()
+    return f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
 
 
 def median(times: list[float]) -> float:
