@@ -180,7 +180,7 @@ def test_gemm_epilogues_match_the_unfused_composition(config, activation, gen):
     _check_epilogues(config, activation, torch.float32, gen)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)  # bf16 through the interpreter's float32 path
 @pytest.mark.parametrize("config", [TileConfig(16, 16, 16, tma=True), TileConfig(16, 16, 16, split_k=3, tma=True)],
                          ids=["tma", "tma-split-k=3"])
 def test_tma_weight_tiles_match_the_unfused_composition(config, dtype, gen):
