@@ -94,8 +94,9 @@ def test_plan_kernels_match_the_naive_plan(tokens, top_k, experts, max_chunks, o
     monkeypatch.setattr(kplan, "MAX_CHUNKS", max_chunks)
     monkeypatch.setattr(kplan, "ONE_LAUNCH_STEPS", one_launch_steps)
     ids = random_ids(tokens, top_k, experts, gen).to(DEVICE)
-    counts, offsets, token_of_row, row_of_slot = kplan.make_plan(ids, experts)
+    counts, offsets, token_of_row, row_of_slot, all_placed = kplan.make_plan(ids, experts)
     ref = naive_plan(ids.cpu(), experts)
+    assert all_placed.tolist() == [True]
     assert counts.tolist() == ref[0] and offsets.tolist() == ref[1]
     assert token_of_row.tolist() == ref[2] and row_of_slot.tolist() == ref[3]
     assert {t.dtype for t in (counts, offsets, token_of_row, row_of_slot)} == {torch.int32}
@@ -103,7 +104,7 @@ def test_plan_kernels_match_the_naive_plan(tokens, top_k, experts, max_chunks, o
 
 def test_plan_accepts_int32_ids(gen):
     ids = random_ids(25, 3, 6, gen)
-    got = kplan.make_plan(ids.to(torch.int32).to(DEVICE), 6)
+    got = kplan.make_plan(ids.to(torch.int32).to(DEVICE), 6)[:4]
     assert all(torch.equal(a.cpu(), b) for a, b in zip(got, TorchBackend().make_plan(ids, 6)))
 
 
@@ -114,7 +115,8 @@ def test_plan_kernels_skip_out_of_range_ids(one_launch_steps, monkeypatch):
     # placed nowhere, get row -1, and offsets[E] counts only the good ones.
     monkeypatch.setattr(kplan, "ONE_LAUNCH_STEPS", one_launch_steps)
     ids = torch.tensor([[0, 5], [2, -1], [1, 2], [7, 0]], device=DEVICE)
-    counts, offsets, token_of_row, row_of_slot = kplan.make_plan(ids, 3)
+    counts, offsets, token_of_row, row_of_slot, all_placed = kplan.make_plan(ids, 3)
+    assert all_placed.tolist() == [False]
     assert counts.tolist() == [2, 1, 2]
     assert offsets.tolist() == [0, 2, 3, 5]
     assert row_of_slot.tolist() == [[0, -1], [3, -1], [2, 4], [-1, 1]]
@@ -690,7 +692,7 @@ COMPILE_OTHERS = COMPILE_HELPERS + textwrap.dedent("""
     more = dict(pointers, ids_ptr="*i64", counts_ptr="*i32", chunk_counts_ptr="*i32", chunk_base_ptr="*i32",
                 row_of_slot_ptr="*i32", index_ptr="*i32", rows_ptr="*i32", src_ptr="*bf16", dst_ptr="*bf16",
                 ys_ptr="*bf16", dys_ptr="*bf16", weights_ptr="*fp32", dweights_ptr="*fp32", parts_ptr="*fp32",
-                scale_ptr="*fp32")
+                scale_ptr="*fp32", all_placed_ptr="*i1")
     rows, width = permute._tile(7168)
     kernels = [
         (plan.plan_one_launch_kernel, {}, dict(SUB=32, E_PAD=256)),

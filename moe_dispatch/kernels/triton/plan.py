@@ -7,8 +7,8 @@ token order, exactly the plan of the reference backend. For a few slots (decode)
 program does all three in a single launch.
 
 An expert id outside [0, E) is counted nowhere and written nowhere: its slot gets row -1,
-and offsets[E] (the rows placed) falls short of T*k, which the launcher turns into a
-device-side assert (see docs/gpu.md).
+and offsets[E] (the rows placed) falls short of T*k. The kernels also write whether every
+slot was placed, which the launcher turns into a device-side assert (see docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -61,9 +61,11 @@ def scatter_chunk(ids_ptr, running, begin, chunk, token_of_row_ptr, row_of_slot_
 
 
 @triton.jit
-def zero_unplaced_rows(token_of_row_ptr, placed, num_slots, BLOCK: tl.constexpr):
-    """token_of_row[placed:R] = 0. Valid slots fill rows [0, placed); the rest (bad ids) are
-    never scattered to, and would otherwise hold whatever the allocator left there."""
+def finish_placement(token_of_row_ptr, all_placed_ptr, placed, num_slots, BLOCK: tl.constexpr):
+    """all_placed = (placed == R), and token_of_row[placed:R] = 0: valid slots fill rows
+    [0, placed); the rest (bad ids) are never scattered to, and would otherwise hold whatever
+    the allocator left there."""
+    tl.store(all_placed_ptr, placed == num_slots)
     for start in range(placed, num_slots, BLOCK):
         rows = start + tl.arange(0, BLOCK)
         tl.store(token_of_row_ptr + rows, tl.zeros([BLOCK], dtype=tl.int32), mask=rows < num_slots)
@@ -93,6 +95,7 @@ def plan_scan_kernel(
     counts_ptr,  # [E] int32 out
     offsets_ptr,  # [E+1] int32 out
     token_of_row_ptr,  # [R] int32 out: zeros in the rows no slot is placed in
+    all_placed_ptr,  # [1] bool out: every slot's id was in [0, E)
     num_chunks,
     num_experts,
     num_slots,
@@ -113,7 +116,7 @@ def plan_scan_kernel(
     tl.store(counts_ptr + experts, totals, mask=emask)
     tl.store(offsets_ptr + experts, starts, mask=emask)
     tl.store(offsets_ptr + num_experts, tl.sum(totals, axis=0))
-    zero_unplaced_rows(token_of_row_ptr, tl.sum(totals, axis=0), num_slots, CB * E_PAD)
+    finish_placement(token_of_row_ptr, all_placed_ptr, tl.sum(totals, axis=0), num_slots, CB * E_PAD)
     # ---- each chunk starts after the earlier chunks' rows of the same expert
     running = starts
     for c0 in range(0, num_chunks, CB):
@@ -153,6 +156,7 @@ def plan_one_launch_kernel(
     offsets_ptr,  # [E+1] int32 out
     token_of_row_ptr,  # [R] int32 out
     row_of_slot_ptr,  # [R] int32 out (-1 for an id outside [0, E))
+    all_placed_ptr,  # [1] bool out
     num_slots,
     num_experts,
     top_k,
@@ -169,7 +173,7 @@ def plan_one_launch_kernel(
     tl.store(counts_ptr + experts, counts, mask=emask)
     tl.store(offsets_ptr + experts, starts, mask=emask)
     tl.store(offsets_ptr + num_experts, tl.sum(counts, axis=0))
-    zero_unplaced_rows(token_of_row_ptr, tl.sum(counts, axis=0), num_slots, SUB)
+    finish_placement(token_of_row_ptr, all_placed_ptr, tl.sum(counts, axis=0), num_slots, SUB)
     scatter_chunk(ids_ptr, starts, 0, chunk, token_of_row_ptr, row_of_slot_ptr, num_slots, num_experts, top_k,
                   SUB, E_PAD)
 
@@ -179,7 +183,8 @@ def make_plan(ids: torch.Tensor, num_experts: int):
 
     ids: [T, k] int (int32 or int64)
     Returns counts: [E] int32, offsets: [E+1] int32, token_of_row: [T*k] int32,
-    row_of_slot: [T, k] int32 (-1 where the id was outside [0, E)).
+    row_of_slot: [T, k] int32 (-1 where the id was outside [0, E)), and all_placed: [1] bool,
+    whether every id was in [0, E).
     """
     num_tokens, top_k = ids.shape
     num_slots = num_tokens * top_k
@@ -188,8 +193,10 @@ def make_plan(ids: torch.Tensor, num_experts: int):
     # The kernels write all of these in full; rows left unplaced by bad ids get token 0.
     token_of_row = torch.empty(num_slots, **int32)
     row_of_slot = torch.empty(num_tokens, top_k, **int32)
+    all_placed = torch.empty(1, dtype=torch.bool, device=device)
     if num_slots == 0:
-        return torch.zeros(num_experts, **int32), torch.zeros(num_experts + 1, **int32), token_of_row, row_of_slot
+        return (torch.zeros(num_experts, **int32), torch.zeros(num_experts + 1, **int32), token_of_row, row_of_slot,
+                all_placed.fill_(True))
     counts = torch.empty(num_experts, **int32)
     offsets = torch.empty(num_experts + 1, **int32)
     flat = ids.reshape(-1)
@@ -201,9 +208,9 @@ def make_plan(ids: torch.Tensor, num_experts: int):
     sub = max(1, min(128, ONE_HOT_ELEMENTS // e_pad))
     steps = triton.cdiv(num_slots, sub)
     if steps <= ONE_LAUNCH_STEPS:
-        plan_one_launch_kernel[(1,)](flat, counts, offsets, token_of_row, row_of_slot, num_slots, num_experts, top_k,
-                                    steps * sub, SUB=sub, E_PAD=e_pad)
-        return counts, offsets, token_of_row, row_of_slot
+        plan_one_launch_kernel[(1,)](flat, counts, offsets, token_of_row, row_of_slot, all_placed, num_slots,
+                                     num_experts, top_k, steps * sub, SUB=sub, E_PAD=e_pad)
+        return counts, offsets, token_of_row, row_of_slot, all_placed
     chunk = sub * triton.cdiv(steps, MAX_CHUNKS)
     num_chunks = triton.cdiv(num_slots, chunk)
     chunk_counts = torch.empty(num_chunks, num_experts, **int32)
@@ -211,9 +218,9 @@ def make_plan(ids: torch.Tensor, num_experts: int):
     cb = max(1, min(64, ONE_HOT_ELEMENTS // e_pad))
 
     plan_count_kernel[(num_chunks,)](flat, chunk_counts, num_slots, num_experts, chunk, SUB=sub, E_PAD=e_pad)
-    plan_scan_kernel[(1,)](chunk_counts, chunk_base, counts, offsets, token_of_row, num_chunks, num_experts, num_slots,
-                           CB=cb, E_PAD=e_pad)
+    plan_scan_kernel[(1,)](chunk_counts, chunk_base, counts, offsets, token_of_row, all_placed, num_chunks,
+                           num_experts, num_slots, CB=cb, E_PAD=e_pad)
     plan_scatter_kernel[(num_chunks,)](
         flat, chunk_base, token_of_row, row_of_slot, num_slots, num_experts, top_k, chunk, SUB=sub, E_PAD=e_pad
     )
-    return counts, offsets, token_of_row, row_of_slot
+    return counts, offsets, token_of_row, row_of_slot, all_placed
