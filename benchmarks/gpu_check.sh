@@ -65,8 +65,11 @@ if torch.cuda.is_available():
 PY
 
 if [ "$SKIP_TESTS" = 0 ]; then
-  step "GPU tests: pytest -m gpu -q tests"
-  capped 120 "$PY" -m pytest -m gpu -q tests -p no:cacheprovider
+  # Most of the tests' time is Triton compiling kernels on the CPU: 4 pytest-xdist workers
+  # compile in parallel, where xdist is installed.
+  WORKERS=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
+  step "GPU tests: pytest -m gpu -q tests $WORKERS"
+  capped 120 "$PY" -m pytest -m gpu -q tests -p no:cacheprovider $WORKERS
 fi
 
 step "roofline"
