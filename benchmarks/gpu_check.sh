@@ -100,6 +100,20 @@ else
   echo "skipped: CUDA graphs need --device cuda"
 fi
 
+step "autotuning winners (kernel kind: tile configs chosen, how many keys)"
+"$PY" - "$MOE_DISPATCH_CACHE_DIR" <<'PY'
+import collections, json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("triton-*.json")):
+    winners = collections.Counter()
+    for key, config in json.loads(path.read_text()).items():
+        tile = f"{config['block_m']}x{config['block_n']}x{config['block_k']} w{config['num_warps']} s{config['num_stages']}"
+        extras = (f" split-k {config['split_k']}" if config.get("split_k", 1) > 1 else "") + (" TMA" if config.get("tma") else "")
+        winners[f"{key.split('|')[0]}: {tile}{extras}"] += 1
+    print(path.name)
+    for winner, count in sorted(winners.items()):
+        print(f"  {winner} ({count})")
+PY
+
 step "summary ($((SECONDS - START)) s in all; JSON in $RESULTS)"
 "$PY" -m moe_dispatch.benchmarking.summary "$RESULTS"/moe_mlp.json "$RESULTS"/grouped_mm.json \
   "$RESULTS"/permute.json "$RESULTS"/unpermute.json "$RESULTS"/decode_graph.json
