@@ -40,7 +40,11 @@ mkdir -p "$RESULTS"
 export MOE_DISPATCH_CACHE_DIR="$RESULTS/cache"   # roofline measured on this machine, in this run
 export PYTHONUNBUFFERED=1
 START=$SECONDS
-pick() { "$PY" -c "import sys; t=[int(x) for x in sys.argv[1].split(',')]; print(','.join(str(x) for x in t if $2) or str($3(t)))" "$1"; }
+# pick TOKENS CONDITION FALLBACK: the token counts that meet CONDITION, else FALLBACK(counts)
+pick() {
+  "$PY" -c "import sys; t=[int(x) for x in sys.argv[1].split(',')]
+print(','.join(str(x) for x in t if $2) or str($3(t)))" "$1"
+}
 BIG_TOKENS=$(pick "$TOKENS" "x >= 1024" max)
 DECODE_TOKENS=$(pick "$TOKENS" "x <= 16" min)
 
@@ -106,9 +110,10 @@ import collections, json, pathlib, sys
 for path in sorted(pathlib.Path(sys.argv[1]).glob("triton-*.json")):
     winners = collections.Counter()
     for key, config in json.loads(path.read_text()).items():
-        tile = f"{config['block_m']}x{config['block_n']}x{config['block_k']} w{config['num_warps']} s{config['num_stages']}"
-        extras = (f" split-k {config['split_k']}" if config.get("split_k", 1) > 1 else "") + (" TMA" if config.get("tma") else "")
-        winners[f"{key.split('|')[0]}: {tile}{extras}"] += 1
+        tile = "{block_m}x{block_n}x{block_k} w{num_warps} s{num_stages}".format(**config)
+        tile += f" split-k {config['split_k']}" if config.get("split_k", 1) > 1 else ""
+        tile += " TMA" if config.get("tma") else ""
+        winners[f"{key.split('|')[0]}: {tile}"] += 1
     print(path.name)
     for winner, count in sorted(winners.items()):
         print(f"  {winner} ({count})")

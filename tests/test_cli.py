@@ -236,7 +236,8 @@ def test_gpu_bench_cuda_graph_times_triton_and_the_peers_that_can_be_captured(tm
             "--json", str(out_json)]
     assert main(argv) == 0
     records = json.loads(out_json.read_text())
-    assert [(r["backend"], r["tokens"], r["cuda_graph"]) for r in records] == [("triton", 1, True), ("triton", 16, True)]
+    assert [(r["backend"], r["tokens"], r["cuda_graph"]) for r in records] == [("triton", 1, True),
+                                                                                ("triton", 16, True)]
     assert all(r["peers"]["dense"] is not None for r in records)
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch

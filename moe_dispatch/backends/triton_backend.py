@@ -143,7 +143,7 @@ def _gemm(kind: str, a: Tensor, w: Tensor, offsets: Tensor, **fusions):
 
     def candidates():  # TMA candidates only for weights the TMA can read (else they repeat another)
         found = gemm_candidates(num_rows, num_experts, k_dim, n_out, gated, a.dtype, a.device)
-        return [c for c in found if not c.tma or gemm.weight_descriptor(w, c) is not None]
+        return found if gemm.tma_can_read(w) else [c for c in found if not c.tma]
 
     return TUNER.run(key, candidates, lambda config: gemm.grouped_gemm(a, w, offsets, config, **fusions), a.device)
 

@@ -404,17 +404,22 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def tma_can_read(w: torch.Tensor) -> bool:
+    """Whether w: [E, K, NW] can be read through the TMA as [E * NW, K] rows: K contiguous,
+    each expert's columns one after another, rows 16-byte aligned."""
+    return (w.transpose(1, 2).is_contiguous() and (w.shape[1] * w.element_size()) % 16 == 0
+            and w.data_ptr() % 16 == 0)
+
+
 def weight_descriptor(w: torch.Tensor, config: TileConfig) -> Optional[TensorDescriptor]:
-    """A TMA descriptor of w: [E, K, NW] as [E * NW, K] rows, when config asks for TMA and w
-    allows it (K contiguous, each expert's columns one after another, 16-byte aligned rows),
-    else None (the kernel then loads W through pointers)."""
-    num_experts, k_dim, w_cols = w.shape
-    rows = w.transpose(1, 2)
-    if not (config.tma and rows.is_contiguous() and (k_dim * w.element_size()) % 16 == 0
-            and w.data_ptr() % 16 == 0):
+    """A TMA descriptor of w as [E * NW, K] rows, blocks [BLOCK_N, BLOCK_K], when config asks
+    for TMA and tma_can_read(w), else None (the kernel then loads W through pointers)."""
+    if not (config.tma and tma_can_read(w)):
         return None
-    return TensorDescriptor(rows.view(num_experts * w_cols, k_dim), shape=[num_experts * w_cols, k_dim],
-                            strides=[k_dim, 1], block_shape=[config.block_n, config.block_k])
+    num_experts, k_dim, w_cols = w.shape
+    rows = w.transpose(1, 2).view(num_experts * w_cols, k_dim)
+    return TensorDescriptor(rows, shape=list(rows.shape), strides=[k_dim, 1],
+                            block_shape=[config.block_n, config.block_k])
 
 
 def m_tile_bound(num_rows: int, num_experts: int, block_m: int) -> int:
