@@ -157,7 +157,9 @@ class MoE(nn.Module):
             n_groups=self.n_groups, topk_groups=self.topk_groups, scale=self.routed_scaling,
             backend=self.backend,
         )
-        plan = make_plan(ids, self.num_experts, backend=self.backend)
+        # the expert counts are needed only for the aux losses; without them moe_mlp makes the plan
+        # itself, or skips it (a decode step on the triton and numba backends)
+        plan = make_plan(ids, self.num_experts, backend=self.backend) if return_aux else None
         out = self._routed_experts(flat, weights, ids, plan)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -166,9 +168,9 @@ class MoE(nn.Module):
             return out
         return out, self._aux(logits, plan.counts)
 
-    def _routed_experts(self, flat: Tensor, weights: Tensor, ids: Tensor, plan: DispatchPlan) -> Tensor:
+    def _routed_experts(self, flat: Tensor, weights: Tensor, ids: Tensor, plan: Optional[DispatchPlan]) -> Tensor:
         """[T, H] -> [T, H]: the weighted sum of each token's routed experts (expert parallelism
-        overrides this step only)."""
+        overrides this step only). plan: the ids' plan, when forward made one."""
         return moe_mlp(
             flat, weights, ids, self.w_gate_up, self.w_down, activation=self.activation,
             b_gate_up=self.b_gate_up, b_down=self.b_down, plan=plan, backend=self.backend,

@@ -264,6 +264,102 @@ def test_combine_and_its_backward_skip_unplaced_slots(gen):
     assert_close(dys[3], (weights[2, 1] * dy[2]).double())
 
 
+# ---- the decode forward: two kernels, no plan -------------------------------------------------
+
+from moe_dispatch.kernels.triton import decode as kdecode  # noqa: E402
+
+DECODE_CASES = [
+    # one token, one choice
+    pytest.param(1, 1, 3, "swiglu", False, id="T=1-k=1"),
+    # a full tile of tokens, sizes that are multiples of nothing, more experts than slots
+    pytest.param(16, 3, 61, "swiglu", True, id="T=16-odd"),
+    # every expert chosen by many tokens
+    pytest.param(11, 4, 4, "gelu", True, id="k=E"),
+    pytest.param(5, 2, 7, "relu", False, id="relu"),
+]
+
+
+@pytest.fixture
+def only_decode_kernels(monkeypatch):
+    """The plan, grouped GEMM and combine launchers raise: what runs is the decode path."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the decode forward took the planned path")
+
+    for module, name in ((kplan, "make_plan"), (kgemm, "grouped_gemm"), (kmove, "combine")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+def _decode_inputs(tokens, top_k, experts, activation, bias, dtype, gen, hidden=37, inter=21):
+    ids = random_ids(tokens, top_k, experts, gen)
+    if tokens > 2:
+        ids[2, -1] = ids[2, 0]  # a token that chose one expert twice: both weights count
+    w_gate_up, w_down = _expert_weights(experts, hidden, inter, gen, dtype, activation)
+    # strided weights: every other expert of a twice-as-long stack, rows padded
+    w_gate_up = torch.cat([w_gate_up, w_gate_up], 2).repeat_interleave(2, 0)[::2, :, :hidden]
+    assert not w_gate_up.is_contiguous()
+    b = [_bias(experts, w_gate_up.shape[1], gen=gen, dtype=dtype), _bias(experts, hidden, gen=gen, dtype=dtype)]
+    return (_randn(tokens, hidden, gen=gen, dtype=dtype), random_weights(tokens, top_k, gen).to(DEVICE),
+            ids.to(torch.int32).to(DEVICE), w_gate_up, w_down, *(b if bias else [None, None]))
+
+
+@pytest.mark.usefixtures("garbage_memory", "only_decode_kernels")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)  # bf16 through the interpreter's float32 path
+@pytest.mark.parametrize("tokens,top_k,experts,activation,bias", DECODE_CASES)
+def test_decode_forward_matches_the_reference(tokens, top_k, experts, activation, bias, dtype, gen):
+    x, weights, ids, w_gate_up, w_down, b_gate_up, b_down = inputs = _decode_inputs(
+        tokens, top_k, experts, activation, bias, dtype, gen)
+    copies = [t.clone() for t in inputs if t is not None]
+    out = md.moe_mlp(x, weights, ids, w_gate_up, w_down, activation=activation, b_gate_up=b_gate_up,
+                     b_down=b_down, backend="triton")
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close(out, naive_moe_mlp(*(t.cpu() if t is not None else None for t in inputs), activation))
+    assert all(torch.equal(a, b) for a, b in zip(copies, (t for t in inputs if t is not None)))
+
+
+@pytest.mark.parametrize("config", [TileConfig(16, 16, 16), TileConfig(16, 32, 32), TileConfig(16, 16, 64)])
+def test_decode_kernels_with_every_tile_shape(config, gen):
+    # K-steps longer than K, partial column tiles, tiles wider than N
+    x, weights, ids, w_gate_up, w_down, b_gate_up, b_down = inputs = _decode_inputs(
+        9, 2, 5, "swiglu", True, torch.float32, gen)
+    act, routes, ok = kdecode.decode_up(x, ids, weights, w_gate_up.transpose(1, 2), b_gate_up, "silu", True, config)
+    out = kdecode.decode_down(act, ids, routes, w_down.transpose(1, 2), b_down, config)
+    assert ok.tolist() == [True]
+    assert_close(out, naive_moe_mlp(*(t.cpu() for t in inputs)))
+
+
+def test_decode_kernels_skip_and_report_bad_ids(gen):
+    # the kernels' own guard (the ops raise before them on CPU): a bad id's slot adds nothing
+    x, weights, ids, w_gate_up, w_down, _, _ = _decode_inputs(4, 2, 5, "swiglu", False, torch.float32, gen)
+    bad = ids.clone()
+    bad[1, 0], bad[3, 1] = 5, -1
+    config = TileConfig(16, 16, 16)
+    act, routes, ok = kdecode.decode_up(x, bad, weights, w_gate_up.transpose(1, 2), None, "silu", True, config)
+    out = kdecode.decode_down(act, bad, routes, w_down.transpose(1, 2), None, config)
+    kept = weights.clone()
+    kept[1, 0] = kept[3, 1] = 0
+    assert ok.tolist() == [False]
+    assert_close(out, naive_moe_mlp(*(t.cpu() for t in (x, kept, ids, w_gate_up, w_down))))
+
+
+@pytest.mark.usefixtures("only_decode_kernels")
+def test_decode_forward_raises_on_bad_ids_before_any_kernel_on_cpu():
+    if HAS_CUDA:
+        pytest.skip("CPU tensors only")
+    x, w_gate_up, w_down = torch.randn(2, 8), torch.randn(4, 16, 8), torch.randn(4, 8, 8)
+    with pytest.raises(ValueError, match="expert id 4"):
+        md.moe_mlp(x, torch.ones(2, 2), torch.tensor([[0, 4], [1, 2]]), w_gate_up, w_down, backend="triton")
+
+
+def test_more_tokens_than_a_tile_take_the_planned_path(gen):
+    tokens = kdecode.MAX_TOKENS + 1
+    x, weights, ids, w_gate_up, w_down, _, _ = inputs = _decode_inputs(tokens, 2, 5, "swiglu", False,
+                                                                       torch.float32, gen)
+    backend = md.backends.get_backend("triton")
+    assert backend.moe_mlp_from_ids(x, weights, ids, 5, w_gate_up, w_down, None, None, "swiglu") is None
+    out = md.moe_mlp(x, weights, ids, w_gate_up, w_down, backend="triton")
+    assert_close(out, naive_moe_mlp(*(t.cpu() for t in inputs[:5])))
+
+
 # ---- bf16 under the interpreter, fp16 gradients ---------------------------------------------
 
 
@@ -472,8 +568,29 @@ def test_gpu_decode_picks_split_k_and_matches(gen):
     x = _randn(tokens, hidden, gen=gen, dtype=torch.bfloat16)
     weights = random_weights(tokens, top_k, gen).cuda()
     w_gate_up, w_down = _expert_weights(experts, hidden, inter, gen, torch.bfloat16)
-    out = md.moe_mlp(x, weights, ids, w_gate_up, w_down, backend="triton")
+    plan = md.make_plan(ids, experts, backend="triton")  # with a plan: the grouped GEMMs, not the decode kernels
+    out = md.moe_mlp(x, weights, ids, w_gate_up, w_down, plan=plan, backend="triton")
     assert_close(out, naive_moe_mlp(*(t.cpu() for t in (x, weights, ids, w_gate_up, w_down))))
+
+
+@pytest.mark.usefixtures("pinned_configs")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_every_decode_candidate_matches(gen):
+    # bf16 tl.dot runs only here; 16 tokens, a duplicate choice, strided weights, biases
+    x, weights, ids, w_gate_up, w_down, b_gate_up, b_down = inputs = _decode_inputs(
+        16, 4, 12, "swiglu", True, torch.bfloat16, gen, hidden=384, inter=200)
+    expected = naive_moe_mlp(*(t.cpu() for t in inputs))
+    budget = configs.shared_memory_budget(DEVICE)
+    for config in configs.decode_tiles(200, 12, True, 2, budget, 132):
+        act, routes, ok = kdecode.decode_up(x, ids, weights, w_gate_up.transpose(1, 2), b_gate_up, "silu", True,
+                                            config)
+        out = kdecode.decode_down(act, ids, routes, w_down.transpose(1, 2), b_down, config)
+        try:
+            assert ok.tolist() == [True]
+            assert_close(out, expected)
+        except AssertionError as exc:
+            raise AssertionError(f"{config}: {exc}") from exc
 
 
 @pytest.mark.usefixtures("pinned_configs")
@@ -520,8 +637,9 @@ def test_gpu_layer_never_syncs_with_the_host(gen):
 @pytest.mark.usefixtures("pinned_configs")
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_gpu_layer_forward_captures_in_a_cuda_graph(gen):
-    layer, x = _layer_and_input(gen)
+@pytest.mark.parametrize("tokens", [300, 4], ids=["planned", "decode"])
+def test_gpu_layer_forward_captures_in_a_cuda_graph(tokens, gen):
+    layer, x = _layer_and_input(gen, tokens)
     static_x = x.clone()
     with torch.no_grad():
         stream = torch.cuda.Stream()
@@ -589,10 +707,11 @@ def test_gpu_tune_persists_the_layer_configs(tmp_path, monkeypatch):
 
     monkeypatch.setenv(configs.CACHE_DIR_ENV, str(tmp_path))
     monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")  # tune() times the candidates regardless
-    path = triton_backend.tune(64, 128, 64, 8, 2, backward=False)
+    triton_backend.tune(64, 128, 64, 8, 2, backward=False)
+    path = triton_backend.tune(8, 128, 64, 8, 2, backward=False)  # a decode step: its own kernels too
     table = json.loads(path.read_text())
     assert path.parent == tmp_path
-    assert {key.split(":")[0] for key in table} >= {"mm", "up", "down"}
+    assert {key.split(":")[0] for key in table} >= {"mm", "up", "down", "dec_up", "dec_down"}
     assert all(set(entry) == set(configs.asdict(configs.SAFE)) for entry in table.values())
 
 
@@ -617,7 +736,7 @@ COMPILE_HELPERS = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from moe_dispatch.kernels.triton import configs, grouped_gemm, wgrad
+    from moe_dispatch.kernels.triton import configs, decode, grouped_gemm, wgrad
 
     CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -655,7 +774,8 @@ COMPILE_HELPERS = textwrap.dedent("""
                                  "b_ptr")}
     pointers = dict(bf16, a_rows_ptr="*i32", offsets_ptr="*i32", slot_of_row_ptr="*i32", token_of_row_ptr="*i32",
                     b_rows_ptr="*i32", weight_of_row_ptr="*fp32", ws_ptr="*fp32", drow_ptr="*fp32",
-                    a_scale_ptr="*fp32")
+                    a_scale_ptr="*fp32", x_ptr="*bf16", ids_ptr="*i64", ok_ptr="*i1", weights_ptr="*fp32",
+                    owner_ptr="*i32", route_rows_ptr="*i32", route_weights_ptr="*fp32")
 """)
 
 COMPILE_GEMMS = COMPILE_HELPERS + textwrap.dedent("""
@@ -683,15 +803,20 @@ COMPILE_GEMMS = COMPILE_HELPERS + textwrap.dedent("""
             check(grouped_gemm.grouped_gemm_act_backward_kernel, config, GATED=True)
         check(wgrad.grouped_wgrad_kernel, configs.wgrad_tiles(2, budget)[0], GATHER_A=True, SCALE_A=True,
               GATHER_B=True)
+        # every decode candidate (the tuner may keep any), DeepSeek-V3 at T=16: 128 slots, 8 choices
+        for config in configs.decode_tiles(2048, 8, True, 2, budget, 132):
+            check(decode.decode_up_kernel, config, GATED=True, BLOCK_T=decode.MAX_TOKENS, S_PAD=128, K_PAD=8)
+        for config in configs.decode_tiles(7168, 1, False, 2, budget, 132):
+            check(decode.decode_down_kernel, config, BLOCK_T=decode.MAX_TOKENS)
     print(json.dumps(report))
 """)
 
 # every other kernel, with the constants of a DeepSeek-V3 layer (E = 256, H = 7168)
 COMPILE_OTHERS = COMPILE_HELPERS + textwrap.dedent("""
     from moe_dispatch.kernels.triton import permute, plan
-    more = dict(pointers, ids_ptr="*i64", counts_ptr="*i32", chunk_counts_ptr="*i32", chunk_base_ptr="*i32",
+    more = dict(pointers, counts_ptr="*i32", chunk_counts_ptr="*i32", chunk_base_ptr="*i32",
                 row_of_slot_ptr="*i32", index_ptr="*i32", rows_ptr="*i32", src_ptr="*bf16", dst_ptr="*bf16",
-                ys_ptr="*bf16", dys_ptr="*bf16", weights_ptr="*fp32", dweights_ptr="*fp32", parts_ptr="*fp32",
+                ys_ptr="*bf16", dys_ptr="*bf16", dweights_ptr="*fp32", parts_ptr="*fp32",
                 scale_ptr="*fp32", all_placed_ptr="*i1")
     rows, width = permute._tile(7168)
     kernels = [
@@ -728,7 +853,7 @@ def test_default_configs_compile_for_consumer_gpus_and_hopper():
     # warpgroup MMA (HGMMA) for tiles of 64 rows and more, the older HMMA only below; the TMA
     # candidates load their weight tiles with the TMA (UTMALDG).
     report = _compile_report(COMPILE_GEMMS)
-    assert len(report) == 20
+    assert len(report) == 40
     for arch, budget, block_m, tma, config, shared, stack, mma, tma_loads in report:
         assert 0 < shared <= budget, (arch, config, shared)
         assert stack == 0, (arch, config, stack)

@@ -14,19 +14,21 @@ from typing import Optional
 import torch
 import triton
 
+from .. import validation as check
 from ..activations import is_gated
+from ..kernels.triton import decode
 from ..kernels.triton import grouped_gemm as gemm
 from ..kernels.triton import permute as move
 from ..kernels.triton import plan as plan_kernels
 from ..kernels.triton import wgrad
 from ..kernels.triton.configs import (
-    TUNER, act_backward_candidates, gemm_candidates, shape_bucket, wgrad_candidates,
+    TUNER, act_backward_candidates, decode_candidates, gemm_candidates, shape_bucket, wgrad_candidates,
 )
 from .base import Backend, PlanTensors
 
 Tensor = torch.Tensor
 _BAD_IDS = (
-    "moe_dispatch make_plan: an expert id outside [0, num_experts) reached the triton backend; "
+    "moe_dispatch: an expert id outside [0, num_experts) reached the triton backend; "
     "its slots were skipped. Run with MOE_DISPATCH_CHECKS=1 to raise a ValueError naming the id."
 )
 
@@ -93,6 +95,32 @@ class TritonBackend(Backend):
         )
         out = move.combine(slots, row_of_slot, None, slot_major=True)
         return out, (h if save_for_backward else x.new_empty(0, w_gate_up.shape[1]))
+
+    def moe_mlp_from_ids(self, x, weights, ids, num_experts, w_gate_up, w_down, b_gate_up, b_down, activation):
+        """The decode forward, up to decode.MAX_TOKENS tokens: two kernels, no plan."""
+        if not 0 < x.shape[0] <= decode.MAX_TOKENS or 0 in w_down.shape:
+            return None
+        check.expert_id_values(ids, num_experts)  # CPU, or MOE_DISPATCH_CHECKS=1: a ValueError naming the id
+        gated = is_gated(activation)
+        w1, w2 = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
+        flags = ("g" if gated else "") + ("b" if b_gate_up is not None else "")
+        key = _key(f"dec_up:{flags}", x, num_experts, x.shape[0], w1.shape[1], w1.shape[2])
+        act, routes, ok = TUNER.run(
+            key,
+            lambda: decode_candidates(w_down.shape[2], min(ids.numel(), num_experts), gated, x.dtype, x.device),
+            lambda config: decode.decode_up(x, ids, weights, w1, b_gate_up, _base_activation(activation), gated,
+                                            config),
+            x.device,
+        )
+        if ids.is_cuda:
+            torch._assert_async(ok, _BAD_IDS)  # a bad id's slot was skipped; fails at the next sync
+        key = _key("dec_down:b" if b_down is not None else "dec_down:", x, num_experts, x.shape[0], *w2.shape[1:])
+        return TUNER.run(
+            key,
+            lambda: decode_candidates(w2.shape[2], 1, False, x.dtype, x.device),
+            lambda config: decode.decode_down(act, ids, routes, w2, b_down, config),
+            x.device,
+        )
 
     def moe_mlp_backward(self, dy, x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, activation, h):
         _, offsets, token_of_row, row_of_slot = plan
@@ -201,6 +229,8 @@ def tune(
                           backend="triton")
         if backward:
             out.backward(torch.randn_like(out))
+        with torch.no_grad():  # without a plan: the decode kernels, up to decode.MAX_TOKENS tokens
+            ops.moe_mlp(x, weights, ids, w_gate_up, w_down, activation=activation, backend="triton")
         torch.cuda.synchronize(device)
     finally:
         if previous is None:

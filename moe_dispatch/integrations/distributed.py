@@ -174,7 +174,9 @@ class ExpertParallelMoE(MoE):
             f"local_experts=[{self.first_expert}, {self.first_expert + self.num_local_experts})"
         )
 
-    def _routed_experts(self, flat: Tensor, weights: Tensor, ids: Tensor, plan: DispatchPlan) -> Tensor:
+    def _routed_experts(self, flat: Tensor, weights: Tensor, ids: Tensor, plan: Optional[DispatchPlan]) -> Tensor:
+        if plan is None:
+            plan = make_plan(ids, self.num_experts, backend=self.backend)
         group, world, local = self.process_group, self.world_size, self.num_local_experts
         send_counts = plan.counts.view(world, local)
         recv_counts = torch.empty_like(send_counts)

@@ -100,6 +100,21 @@ def gemm_tiles(rows_per_expert: float, two: bool, elem_bytes: int, budget: int) 
     return candidates
 
 
+def decode_tiles(n_cols: int, programs_per_tile: int, two: bool, elem_bytes: int, budget: int,
+                 sms: int) -> list[TileConfig]:
+    """Tile candidates for the decode kernels (kernels/triton/decode.py), the default first.
+
+    Their rows are the 16 tokens, so only the width and the K-step vary: narrow tiles spread
+    a few experts' weights over many programs, long K-steps keep enough bytes in flight per
+    program to stream them. The default is the widest tile that still gives ~2 programs per SM
+    (programs_per_tile: how many programs share each column tile).
+    """
+    tiles = [(16, 64, 128, 4), (16, 32, 128, 4), (16, 16, 256, 4), (16, 32, 256, 4), (16, 16, 512, 4)]
+    wide_enough = [t for t in tiles if triton.cdiv(n_cols, t[1]) * programs_per_tile >= 2 * sms]
+    default = wide_enough[0] if wide_enough else tiles[2]
+    return _candidates([default] + [t for t in tiles if t != default], elem_bytes, 2 if two else 1, budget)
+
+
 def act_backward_tiles(rows_per_expert: float, elem_bytes: int, budget: int) -> list[TileConfig]:
     """Tile candidates for grouped_gemm_act_backward_kernel, the default first: its epilogue
     holds g, both halves of h and dh at once, so its tiles are smaller than the forward's."""
@@ -136,6 +151,12 @@ def _split_k(config: TileConfig, num_rows: int, num_experts: int, k_dim: int, n_
     tiles = max(1, m_tiles * triton.cdiv(n_cols, config.block_n))
     wanted = triton.cdiv(2 * sms, tiles)
     return max(1, min(8, wanted, k_dim // (4 * config.block_k)))
+
+
+def decode_candidates(n_cols: int, programs_per_tile: int, two: bool, dtype: torch.dtype,
+                      device: torch.device) -> list[TileConfig]:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return decode_tiles(n_cols, programs_per_tile, two, _bytes(dtype), shared_memory_budget(device), sms)
 
 
 def act_backward_candidates(num_rows: int, num_experts: int, dtype: torch.dtype,

@@ -1,0 +1,193 @@
+"""The decode forward: moe_mlp for a few tokens in two kernels, without a plan.
+
+With at most MAX_TOKENS tokens, all of them fit the rows of one tile. So instead of sorting the
+slots into expert order, each expert's tile takes every token as a row and keeps the rows of the
+tokens that chose it:
+
+- up: one program per (slot, I-tile). The first slot that chose an expert (its owner) computes
+  it, and the others exit at once: act(x @ w_gate_up[e].T + b_gate_up[e]) for its tokens, stored
+  once per token, at the token's first slot with that expert. The owner's first program also
+  writes the expert's route for the down kernel: each token's row of act (-1: the token did not
+  choose it) and the sum of its routing weights on it.
+- down: one program per H-tile walks the owners in slot order and adds, per token,
+  route weight * (act @ w_down[e].T + b_down[e]) in float32: the combine, in a fixed order,
+  without atomics and without per-slot outputs.
+
+Each chosen expert's weights are read once, as in the grouped path, in two launches where the
+plan, the grouped GEMMs and the combine take six to eight. The up kernel also reports whether
+every id lies in [0, E); a slot with a bad id owns nothing and adds nothing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import TileConfig
+from .grouped_gemm import ACT_CODES, activate, dot_precision, dot_upcast, mainloop
+
+# The most tokens the decode kernels take: one tile of rows, the least tl.dot accepts.
+MAX_TOKENS = 16
+
+
+class Routes(NamedTuple):
+    """What the up kernel tells the down kernel, per slot s (filled where owner[s] is 1)."""
+
+    owner: torch.Tensor  # [T*k] int32: 1 where s is the first slot with its expert, a valid id
+    rows: torch.Tensor  # [T*k, MAX_TOKENS] int32: token t's row of act for that expert, or -1
+    weights: torch.Tensor  # [T*k, MAX_TOKENS] float32: token t's routing weights on it, summed
+
+
+@triton.jit
+def decode_up_kernel(
+    x_ptr,  # [T, K]
+    ids_ptr,  # [T, k] int, contiguous
+    weights_ptr,  # [T, k] float, contiguous
+    w_ptr,  # [E, K, NW] any strides (w_gate_up transposed); GATED: NW = 2N, gate columns first
+    bias_ptr,  # [E, NW] (HAS_BIAS)
+    act_ptr,  # [T*k, N] out: act(h) at each token's first slot of each of its experts
+    owner_ptr, route_rows_ptr, route_weights_ptr,  # out: Routes
+    ok_ptr,  # [1] bool out: every id in [0, E)
+    num_tokens, top_k, K, N, num_experts,
+    stride_xm, stride_we, stride_wk, stride_wn, stride_be, stride_am,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, S_PAD: tl.constexpr,
+    K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """Grid: (T*k, cdiv(N, BLOCK_N))."""
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    num_slots = num_tokens * top_k
+    slots = tl.arange(0, S_PAD)
+    ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1)
+    if (slot == 0) & (pid_n == 0):
+        bad = tl.sum(((slots < num_slots) & ((ids < 0) | (ids >= num_experts))).to(tl.int32), axis=0)
+        tl.store(ok_ptr, bad == 0)
+    expert = tl.load(ids_ptr + slot)
+    first = tl.min(tl.where(ids == expert, slots, S_PAD), axis=0)
+    owner = (first == slot) & (expert >= 0) & (expert < num_experts)
+    tokens = tl.arange(0, BLOCK_T)
+    token_ok = tokens < num_tokens
+    js = tl.arange(0, K_PAD)
+    choice_ok = token_ok[:, None] & (js < top_k)[None, :]
+    choices = tokens[:, None] * top_k + js[None, :]
+    hit = (tl.load(ids_ptr + choices, mask=choice_ok, other=-1) == expert) & choice_ok
+    first_j = tl.min(tl.where(hit, js[None, :], K_PAD), axis=1)
+    chose = first_j < top_k
+    rows = tokens * top_k + first_j
+    if pid_n == 0:
+        tl.store(owner_ptr + slot, owner.to(tl.int32))
+        if owner:
+            weight = tl.sum(tl.load(weights_ptr + choices, mask=hit, other=0.0).to(tl.float32), axis=1)
+            tl.store(route_rows_ptr + slot * BLOCK_T + tokens, tl.where(chose, rows, -1))
+            tl.store(route_weights_ptr + slot * BLOCK_T + tokens, weight)
+    if not owner:
+        return
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    expert = expert.to(tl.int64)
+    acc, acc2 = mainloop(
+        x_ptr, tokens.to(tl.int64) * stride_xm, chose, w_ptr + expert * stride_we, cols, col_ok, N,
+        stride_wk, stride_wn, 0, K, None, 0, BLOCK_T, BLOCK_N, BLOCK_K, GATED, PRECISION, UPCAST, EVEN_K, False,
+    )
+    if HAS_BIAS:
+        b_ptrs = bias_ptr + expert * stride_be + cols
+        acc += tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc2 += tl.load(b_ptrs + N, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = activate(acc, ACT)
+    if GATED:
+        y = y * acc2
+    tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + cols[None, :], y.to(act_ptr.dtype.element_ty),
+             mask=chose[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def decode_down_kernel(
+    act_ptr,  # [T*k, K] the up kernel's rows (K = I)
+    ids_ptr,  # [T, k] int, contiguous
+    owner_ptr, route_rows_ptr, route_weights_ptr,  # Routes, from the up kernel
+    w_ptr,  # [E, K, N] any strides (w_down transposed: N = H)
+    bias_ptr,  # [E, N] (HAS_BIAS)
+    out_ptr,  # [T, N] out
+    num_slots, num_tokens, K, N,
+    stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """Grid: (cdiv(N, BLOCK_N),). out[t] = sum over the owner slots s, in order, of
+    route_weights[s, t] * (act[route_rows[s, t]] @ w_down[ids[s]].T + b_down[ids[s]])."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    tokens = tl.arange(0, BLOCK_T)
+    out = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for slot in range(0, num_slots):
+        if tl.load(owner_ptr + slot) != 0:
+            expert = tl.load(ids_ptr + slot).to(tl.int64)
+            rows = tl.load(route_rows_ptr + slot * BLOCK_T + tokens)
+            acc, _ = mainloop(
+                act_ptr, rows.to(tl.int64) * stride_am, rows >= 0, w_ptr + expert * stride_we, cols, col_ok, 0,
+                stride_wk, stride_wn, 0, K, None, 0, BLOCK_T, BLOCK_N, BLOCK_K, False, PRECISION, UPCAST, EVEN_K,
+                False,
+            )
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + expert * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            out += acc * tl.load(route_weights_ptr + slot * BLOCK_T + tokens)[:, None]
+    tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(tokens < num_tokens)[:, None] & col_ok[None, :])
+
+
+# ---- launchers -------------------------------------------------------------------------------
+
+
+def decode_up(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
+    activation: str, gated: bool, config: TileConfig,
+) -> tuple[torch.Tensor, Routes, torch.Tensor]:
+    """(act: [T*k, N] x's dtype, routes, ok: [1] bool). x: [T, K] with T <= MAX_TOKENS;
+    ids, weights: [T, k]; w: [E, K, NW] any strides; bias: [E, NW]. Only the rows of act that
+    the routes name are written."""
+    x, ids, weights = x if x.stride(-1) == 1 else x.contiguous(), ids.contiguous(), weights.contiguous()
+    num_tokens, top_k = ids.shape
+    num_experts, k_dim, w_cols = w.shape
+    n_cols = w_cols // 2 if gated else w_cols
+    device = x.device
+    act = torch.empty(num_tokens * top_k, n_cols, dtype=x.dtype, device=device)
+    routes = Routes(torch.empty(ids.numel(), dtype=torch.int32, device=device),
+                    torch.empty(ids.numel(), MAX_TOKENS, dtype=torch.int32, device=device),
+                    torch.empty(ids.numel(), MAX_TOKENS, dtype=torch.float32, device=device))
+    ok = torch.empty(1, dtype=torch.bool, device=device)
+    decode_up_kernel[(ids.numel(), triton.cdiv(n_cols, config.block_n))](
+        x, ids, weights, w, bias if bias is not None else x, act, *routes, ok,
+        num_tokens, top_k, k_dim, n_cols, num_experts,
+        x.stride(0), w.stride(0), w.stride(1), w.stride(2), bias.stride(0) if bias is not None else 0, act.stride(0),
+        BLOCK_T=MAX_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        S_PAD=triton.next_power_of_2(ids.numel()), K_PAD=triton.next_power_of_2(top_k),
+        HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], GATED=gated,
+        PRECISION=dot_precision(x.dtype, device), UPCAST=dot_upcast(x.dtype, device),
+        EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return act, routes, ok
+
+
+def decode_down(
+    act: torch.Tensor, ids: torch.Tensor, routes: Routes, w: torch.Tensor, bias: Optional[torch.Tensor],
+    config: TileConfig,
+) -> torch.Tensor:
+    """out: [T, N] act's dtype, the weighted sum over each token's experts. act, routes:
+    decode_up's; ids: [T, k]; w: [E, K, N] any strides; bias: [E, N]."""
+    num_experts, k_dim, n_cols = w.shape
+    out = torch.empty(ids.shape[0], n_cols, dtype=act.dtype, device=act.device)
+    decode_down_kernel[(triton.cdiv(n_cols, config.block_n),)](
+        act, ids.contiguous(), *routes, w, bias if bias is not None else act, out,
+        ids.numel(), ids.shape[0], k_dim, n_cols,
+        act.stride(0), w.stride(0), w.stride(1), w.stride(2), bias.stride(0) if bias is not None else 0,
+        out.stride(0),
+        BLOCK_T=MAX_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_BIAS=bias is not None,
+        PRECISION=dot_precision(act.dtype, act.device), UPCAST=dot_upcast(act.dtype, act.device),
+        EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
