@@ -675,11 +675,18 @@ def test_gpu_forward_and_backward_are_bitwise_deterministic(gen):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_gpu_bad_expert_id_surfaces_at_the_next_sync():
+@pytest.mark.parametrize("call", [
+    'md.make_plan(ids, 4, backend="triton")',
+    # the decode kernels, no plan
+    'md.moe_mlp(torch.randn(2, 8, device="cuda"), torch.ones(2, 2, device="cuda"), ids,'
+    ' torch.randn(4, 16, 8, device="cuda"), torch.randn(4, 8, 8, device="cuda"), backend="triton")',
+], ids=["plan", "decode"])
+def test_gpu_bad_expert_id_surfaces_at_the_next_sync(call):
     # A device-side assert poisons the CUDA context, so it runs in its own process.
-    script = textwrap.dedent("""
+    script = textwrap.dedent(f"""
         import torch, moe_dispatch as md
-        plan = md.make_plan(torch.tensor([[0, 4], [1, 2]], device="cuda"), 4, backend="triton")
+        ids = torch.tensor([[0, 4], [1, 2]], device="cuda")
+        {call}
         try:
             torch.cuda.synchronize()
         except RuntimeError as exc:
@@ -687,8 +694,8 @@ def test_gpu_bad_expert_id_surfaces_at_the_next_sync():
         else:
             print("SILENT")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            env=_subprocess_env(drop="MOE_DISPATCH_CHECKS"))
+    env = dict(_subprocess_env(drop="MOE_DISPATCH_CHECKS"), MOE_DISPATCH_AUTOTUNE="0")  # tuning would sync first
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert "SURFACED" in result.stdout, result.stdout + result.stderr
 
 
