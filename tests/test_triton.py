@@ -341,6 +341,25 @@ def test_decode_kernels_skip_and_report_bad_ids(gen):
     assert_close(out, naive_moe_mlp(*(t.cpu() for t in (x, kept, ids, w_gate_up, w_down))))
 
 
+def test_decode_down_stays_inside_its_inputs_whatever_the_routes_say(gen):
+    # routes that are not the up kernel's: every slot an owner, rows past either end, a bad id
+    slots, tokens, experts, inter, hidden = 6, 3, 4, 20, 24
+    act = _randn(slots, inter, gen=gen)
+    w_down = _randn(experts, hidden, inter, gen=gen)
+    ids = torch.tensor([[0, 3], [5, 1], [2, -1]], device=DEVICE)
+    rows = torch.randint(-3, 2 * slots, (slots, kdecode.MAX_TOKENS), generator=gen, dtype=torch.int32).to(DEVICE)
+    weights = torch.rand(slots, kdecode.MAX_TOKENS, generator=gen).to(DEVICE)
+    routes = kdecode.Routes(torch.ones(slots, dtype=torch.int32, device=DEVICE), rows, weights)
+    out = kdecode.decode_down(act, ids, routes, w_down.transpose(1, 2), None, TileConfig(16, 16, 16))
+    expected = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for slot, expert in enumerate(ids.reshape(-1).tolist()):
+        for token in range(tokens):
+            row = int(rows[slot, token])
+            if 0 <= expert < experts and 0 <= row < slots:
+                expected[token] += weights[slot, token].double() * (act[row].double() @ w_down[expert].double().T)
+    assert_close(out, expected)
+
+
 @pytest.mark.usefixtures("only_decode_kernels")
 def test_decode_forward_raises_on_bad_ids_before_any_kernel_on_cpu():
     if HAS_CUDA:

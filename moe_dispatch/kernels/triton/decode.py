@@ -69,23 +69,22 @@ def decode_up_kernel(
     expert = tl.load(ids_ptr + slot)
     first = tl.min(tl.where(ids == expert, slots, S_PAD), axis=0)
     owner = (first == slot) & (expert >= 0) & (expert < num_experts)
+    if pid_n == 0:
+        tl.store(owner_ptr + slot, owner.to(tl.int32))
+    if not owner:
+        return
     tokens = tl.arange(0, BLOCK_T)
-    token_ok = tokens < num_tokens
     js = tl.arange(0, K_PAD)
-    choice_ok = token_ok[:, None] & (js < top_k)[None, :]
+    choice_ok = (tokens < num_tokens)[:, None] & (js < top_k)[None, :]
     choices = tokens[:, None] * top_k + js[None, :]
     hit = (tl.load(ids_ptr + choices, mask=choice_ok, other=-1) == expert) & choice_ok
     first_j = tl.min(tl.where(hit, js[None, :], K_PAD), axis=1)
     chose = first_j < top_k
     rows = tokens * top_k + first_j
     if pid_n == 0:
-        tl.store(owner_ptr + slot, owner.to(tl.int32))
-        if owner:
-            weight = tl.sum(tl.load(weights_ptr + choices, mask=hit, other=0.0).to(tl.float32), axis=1)
-            tl.store(route_rows_ptr + slot * BLOCK_T + tokens, tl.where(chose, rows, -1))
-            tl.store(route_weights_ptr + slot * BLOCK_T + tokens, weight)
-    if not owner:
-        return
+        weight = tl.sum(tl.load(weights_ptr + choices, mask=hit, other=0.0).to(tl.float32), axis=1)
+        tl.store(route_rows_ptr + slot * BLOCK_T + tokens, tl.where(chose, rows, -1))
+        tl.store(route_weights_ptr + slot * BLOCK_T + tokens, weight)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     expert = expert.to(tl.int64)
@@ -113,7 +112,7 @@ def decode_down_kernel(
     w_ptr,  # [E, K, N] any strides (w_down transposed: N = H)
     bias_ptr,  # [E, N] (HAS_BIAS)
     out_ptr,  # [T, N] out
-    num_slots, num_tokens, K, N,
+    num_slots, num_tokens, K, N, num_experts,
     stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
@@ -125,13 +124,14 @@ def decode_down_kernel(
     tokens = tl.arange(0, BLOCK_T)
     out = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for slot in range(0, num_slots):
-        if tl.load(owner_ptr + slot) != 0:
-            expert = tl.load(ids_ptr + slot).to(tl.int64)
+        expert = tl.load(ids_ptr + slot).to(tl.int64)
+        # the range check again: a route table that is not the up kernel's never leads outside w
+        if (tl.load(owner_ptr + slot) != 0) & (expert >= 0) & (expert < num_experts):
             rows = tl.load(route_rows_ptr + slot * BLOCK_T + tokens)
             acc, _ = mainloop(
-                act_ptr, rows.to(tl.int64) * stride_am, rows >= 0, w_ptr + expert * stride_we, cols, col_ok, 0,
-                stride_wk, stride_wn, 0, K, None, 0, BLOCK_T, BLOCK_N, BLOCK_K, False, PRECISION, UPCAST, EVEN_K,
-                False,
+                act_ptr, rows.to(tl.int64) * stride_am, (rows >= 0) & (rows < num_slots),
+                w_ptr + expert * stride_we, cols, col_ok, 0, stride_wk, stride_wn, 0, K, None, 0,
+                BLOCK_T, BLOCK_N, BLOCK_K, False, PRECISION, UPCAST, EVEN_K, False,
             )
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + expert * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -183,7 +183,7 @@ def decode_down(
     out = torch.empty(ids.shape[0], n_cols, dtype=act.dtype, device=act.device)
     decode_down_kernel[(triton.cdiv(n_cols, config.block_n),)](
         act, ids.contiguous(), *routes, w, bias if bias is not None else act, out,
-        ids.numel(), ids.shape[0], k_dim, n_cols,
+        ids.numel(), ids.shape[0], k_dim, n_cols, num_experts,
         act.stride(0), w.stride(0), w.stride(1), w.stride(2), bias.stride(0) if bias is not None else 0,
         out.stride(0),
         BLOCK_T=MAX_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_BIAS=bias is not None,
