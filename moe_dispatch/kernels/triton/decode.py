@@ -165,7 +165,8 @@ def decode_up(
         num_tokens, top_k, k_dim, n_cols, num_experts,
         x.stride(0), w.stride(0), w.stride(1), w.stride(2), bias.stride(0) if bias is not None else 0, act.stride(0),
         BLOCK_T=MAX_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        S_PAD=triton.next_power_of_2(ids.numel()), K_PAD=triton.next_power_of_2(top_k),
+        # the slots of a full tile of tokens, whatever T: one compile serves every decode batch size
+        S_PAD=triton.next_power_of_2(MAX_TOKENS * top_k), K_PAD=triton.next_power_of_2(top_k),
         HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], GATED=gated,
         PRECISION=dot_precision(x.dtype, device), UPCAST=dot_upcast(x.dtype, device),
         EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
