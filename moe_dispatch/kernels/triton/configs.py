@@ -109,9 +109,10 @@ def decode_tiles(n_cols: int, programs_per_tile: int, two: bool, elem_bytes: int
     program to stream them. The default is the widest tile that still gives ~2 programs per SM
     (programs_per_tile: how many programs share each column tile).
     """
-    tiles = [(16, 64, 128, 4), (16, 32, 128, 4), (16, 16, 256, 4), (16, 32, 256, 4), (16, 16, 512, 4)]
+    narrowest = (16, 16, 256, 4)  # the most programs
+    tiles = [(16, 64, 128, 4), (16, 32, 128, 4), narrowest, (16, 32, 256, 4), (16, 16, 512, 4)]
     wide_enough = [t for t in tiles if triton.cdiv(n_cols, t[1]) * programs_per_tile >= 2 * sms]
-    default = wide_enough[0] if wide_enough else tiles[2]
+    default = wide_enough[0] if wide_enough else narrowest
     return _candidates([default] + [t for t in tiles if t != default], elem_bytes, 2 if two else 1, budget)
 
 
