@@ -34,6 +34,7 @@ if _UNAVAILABLE is not None:
 
 from moe_dispatch.backends.torch_backend import TorchBackend  # noqa: E402
 from moe_dispatch.kernels.triton import configs  # noqa: E402
+from moe_dispatch.kernels.triton import decode as kdecode  # noqa: E402
 from moe_dispatch.kernels.triton import grouped_gemm as kgemm  # noqa: E402
 from moe_dispatch.kernels.triton import permute as kmove  # noqa: E402
 from moe_dispatch.kernels.triton import plan as kplan  # noqa: E402
@@ -265,8 +266,6 @@ def test_combine_and_its_backward_skip_unplaced_slots(gen):
 
 
 # ---- the decode forward: two kernels, no plan -------------------------------------------------
-
-from moe_dispatch.kernels.triton import decode as kdecode  # noqa: E402
 
 DECODE_CASES = [
     # one token, one choice
