@@ -509,12 +509,12 @@ def test_tuner_skips_candidates_that_fail_to_compile(tmp_path, monkeypatch):
 
 def test_tile_candidates_fit_their_shared_memory_budget():
     for budget in (configs.SMALL_SMEM, configs.LARGE_SMEM):
-        for elem in (2, 4):
-            lists = [(configs.wgrad_tiles(elem, budget), 1)]
+        for elem, fma in ((2, False), (4, False), (4, True)):
+            lists = [(configs.wgrad_tiles(elem, budget, fma), 1)]
             for rows_per_expert in (1, 32, 1024):
-                lists += [(configs.gemm_tiles(rows_per_expert, True, elem, budget), 2),
-                          (configs.gemm_tiles(rows_per_expert, False, elem, budget), 1),
-                          (configs.act_backward_tiles(rows_per_expert, elem, budget), 1)]
+                lists += [(configs.gemm_tiles(rows_per_expert, True, elem, budget, fma), 2),
+                          (configs.gemm_tiles(rows_per_expert, False, elem, budget, fma), 1),
+                          (configs.act_backward_tiles(rows_per_expert, elem, budget, fma), 1)]
             for tiles, operands in lists:
                 assert tiles
                 for c in tiles:
@@ -591,16 +591,34 @@ def test_gpu_decode_picks_split_k_and_matches(gen):
     assert_close(out, naive_moe_mlp(*(t.cpu() for t in (x, weights, ids, w_gate_up, w_down))))
 
 
+@pytest.fixture
+def fma_float32():
+    """float32 without TF32 (torch's default), whatever an earlier test set: the FMA dot."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    yield
+    matmul.fp32_precision = before
+
+
+# bf16 tl.dot runs only on a GPU; float32 without TF32 has its own candidates (the FMA dot)
+TUNED_DTYPES = [torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", TUNED_DTYPES)
 @pytest.mark.usefixtures("pinned_configs")
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_gpu_every_decode_candidate_matches(gen):
-    # bf16 tl.dot runs only here; 16 tokens, a duplicate choice, strided weights, biases
+def test_gpu_every_decode_candidate_matches(dtype, gen, request):
+    # 16 tokens, a duplicate choice, strided weights, biases
+    if dtype == torch.float32:
+        request.getfixturevalue("fma_float32")
     x, weights, ids, w_gate_up, w_down, b_gate_up, b_down = inputs = _decode_inputs(
-        16, 4, 12, "swiglu", True, torch.bfloat16, gen, hidden=384, inter=200)
+        16, 4, 12, "swiglu", True, dtype, gen, hidden=384, inter=200)
     expected = naive_moe_mlp(*(t.cpu() for t in inputs))
     budget = configs.shared_memory_budget(DEVICE)
-    for config in configs.decode_tiles(200, 12, True, 2, budget, 132):
+    fma = configs.uses_fma(dtype, DEVICE)
+    for config in configs.decode_tiles(200, 12, True, dtype.itemsize, budget, 132, fma):
         act, routes, ok = kdecode.decode_up(x, ids, weights, w_gate_up.transpose(1, 2), b_gate_up, "silu", True,
                                             config)
         out = kdecode.decode_down(act, ids, routes, w_down.transpose(1, 2), b_down, config)
@@ -611,20 +629,26 @@ def test_gpu_every_decode_candidate_matches(gen):
             raise AssertionError(f"{config}: {exc}") from exc
 
 
+@pytest.mark.parametrize("rows_per_expert", [1, 32, 1024])
+@pytest.mark.parametrize("dtype", TUNED_DTYPES)
 @pytest.mark.usefixtures("pinned_configs")
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_gpu_every_tuning_candidate_matches(gen):
+def test_gpu_every_tuning_candidate_matches(dtype, rows_per_expert, gen, request):
     # Autotuning keeps the fastest candidate unchecked, so every one must compute the same: the
     # decode tiles (with split-K) and the large ones (up to 128x256 and 16 warps on sm_90), over
     # several M-tiles per expert and a partial last N-tile.
+    if dtype == torch.float32:
+        request.getfixturevalue("fma_float32")
     budget = configs.shared_memory_budget(DEVICE)
-    candidates = [c for rows_per_expert in (1, 1024) for gated in (True, False)
-                  for c in configs.gemm_tiles(rows_per_expert, gated, 2, budget)]
-    candidates += [replace(c, split_k=3) for c in configs.gemm_tiles(1, True, 2, budget)]
+    fma = configs.uses_fma(dtype, DEVICE)
+    candidates = [c for gated in (True, False)
+                  for c in configs.gemm_tiles(rows_per_expert, gated, dtype.itemsize, budget, fma)]
+    if rows_per_expert == 1:
+        candidates += [replace(c, split_k=3) for c in configs.gemm_tiles(1, True, dtype.itemsize, budget, fma)]
     for config in dict.fromkeys(candidates):
         try:
-            _check_epilogues(config, "swiglu", torch.bfloat16, gen, sizes=(300, 2, 3, 256, 200))
+            _check_epilogues(config, "swiglu", dtype, gen, sizes=(300, 2, 3, 256, 200))
         except AssertionError as exc:
             raise AssertionError(f"{config}: {exc}") from exc
 
@@ -744,14 +768,41 @@ def test_float32_uses_tf32_only_when_torch_allows_it():
     cuda, matmul = torch.device("cuda"), torch.backends.cuda.matmul
     before = matmul.fp32_precision
     try:
-        assert kgemm.dot_precision(torch.float32, cuda) == ("tf32" if before == "tf32" else "ieee")
+        assert configs.dot_precision(torch.float32, cuda) == ("tf32" if before == "tf32" else "ieee")
         matmul.fp32_precision = "tf32"
-        assert kgemm.dot_precision(torch.float32, cuda) == "tf32"
-        assert kgemm.dot_precision(torch.float32, torch.device("cpu")) == "ieee"
+        assert configs.dot_precision(torch.float32, cuda) == "tf32"
+        assert configs.dot_precision(torch.float32, torch.device("cpu")) == "ieee"
+        assert not configs.uses_fma(torch.float32, cuda)
+        assert configs.dtype_tag(torch.float32, cuda) == "float32-tf32"
         matmul.fp32_precision = "ieee"
-        assert kgemm.dot_precision(torch.float32, cuda) == "ieee"
+        assert configs.dot_precision(torch.float32, cuda) == "ieee"
+        # the FMA dot: its own candidates, and its own autotune keys
+        assert configs.uses_fma(torch.float32, cuda) and not configs.uses_fma(torch.bfloat16, cuda)
+        assert configs.dtype_tag(torch.float32, cuda) == "float32-ieee"
+        assert configs.dtype_tag(torch.bfloat16, cuda) == "bfloat16"
     finally:
         matmul.fp32_precision = before
+
+
+def test_fma_candidates_are_the_small_ones():
+    # float32 without TF32: short K-steps, 8 warps or more, at most 8192 outputs, no TMA
+    for budget in (configs.SMALL_SMEM, configs.LARGE_SMEM):
+        lists = [(configs.wgrad_tiles(4, budget, fma=True), 32)]
+        for rows_per_expert in (1, 32, 1024):
+            lists += [(configs.gemm_tiles(rows_per_expert, True, 4, budget, fma=True), 32),
+                      (configs.gemm_tiles(rows_per_expert, False, 4, budget, fma=True), 16),
+                      (configs.act_backward_tiles(rows_per_expert, 4, budget, fma=True), 32)]
+        for tiles, block_k in lists:
+            assert tiles and len(set(tiles)) == len(tiles)
+            for c in tiles:
+                assert c.block_k <= block_k and c.num_warps >= 8 and c.block_m * c.block_n <= 8192, c
+                assert not c.tma, c
+        for two in (True, False):
+            tiles = configs.decode_tiles(2048, 8, two, 4, budget, 132, fma=True)
+            assert tiles and all(c.block_n * c.block_k <= 4096 and c.num_warps == 8 for c in tiles)
+    # the tensor-core candidates keep their large tiles
+    tf32 = configs.gemm_tiles(1024, True, 4, configs.LARGE_SMEM)
+    assert tf32[0].block_m * tf32[0].block_n == 128 * 128 and any(c.tma for c in tf32)
 
 
 # ---- compiled for real GPUs, without one ---------------------------------------------------
@@ -806,33 +857,41 @@ COMPILE_HELPERS = textwrap.dedent("""
 COMPILE_GEMMS = COMPILE_HELPERS + textwrap.dedent("""
     common = dict(E_PAD=64, GROUP_M=grouped_gemm.GROUP_M, PRECISION="ieee", UPCAST=False, EVEN_K=True,
                   HAS_BIAS=True, ACT=1, W_TMA=False)
+    fp32 = {name: "*fp32" if kind == "*bf16" else kind for name, kind in pointers.items()}
     report = []
     for arch, budget in ((86, configs.SMALL_SMEM), (90, configs.LARGE_SMEM)):
-        def check(fn, config, **flags):
+        def check(fn, config, fma=False, **flags):
             tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, W_TMA=config.tma)
             descriptor = {"w_desc": f"tensordesc<bf16[{config.block_n},{config.block_k}]>"} if config.tma else {}
-            report.append((arch, budget, config.block_m, config.tma, str(config),
-                           *compiled(fn, arch, {**pointers, **descriptor}, {**common, **tile, **flags}, config)))
+            types = {**(fp32 if fma else pointers), **descriptor}
+            report.append((arch, budget, fma, config.block_m, config.tma, str(config),
+                           *compiled(fn, arch, types, {**common, **tile, **flags}, config)))
 
-        # the defaults of each regime, and on sm_90 the first TMA candidate of the largest
-        for rows_per_expert in (1, 32, 1024):
-            ups, downs = (configs.gemm_tiles(rows_per_expert, gated, 2, budget) for gated in (True, False))
-            for up in [ups[0]] + [c for c in ups if c.tma][:1]:
-                check(grouped_gemm.grouped_gemm_kernel, up, SPLIT_K=2, GATHER=True, GATED=True, STORE_H=True,
-                      SCATTER=False, SCALE=False)
-            for down in [downs[0]] + [c for c in downs if c.tma][:1]:
-                check(grouped_gemm.grouped_gemm_kernel, down, SPLIT_K=1, GATHER=False, GATED=False,
-                      STORE_H=False, SCATTER=True, SCALE=True)
-        for rows_per_expert in (1, 1024):
-            config = configs.act_backward_tiles(rows_per_expert, 2, budget)[0]
-            check(grouped_gemm.grouped_gemm_act_backward_kernel, config, GATED=True)
-        check(wgrad.grouped_wgrad_kernel, configs.wgrad_tiles(2, budget)[0], GATHER_A=True, SCALE_A=True,
-              GATHER_B=True)
-        # every decode candidate (the tuner may keep any), DeepSeek-V3 at T=16: 128 slots, 8 choices
-        for config in configs.decode_tiles(2048, 8, True, 2, budget, 132):
-            check(decode.decode_up_kernel, config, GATED=True, BLOCK_T=decode.MAX_TOKENS, S_PAD=128, K_PAD=8)
-        for config in configs.decode_tiles(7168, 1, False, 2, budget, 132):
-            check(decode.decode_down_kernel, config, BLOCK_T=decode.MAX_TOKENS)
+        # bf16: the defaults of each regime, and on sm_90 the first TMA candidate of the largest;
+        # float32 without TF32 (fma, the FMA dot): the defaults
+        for elem, fma in ((2, False), (4, True)):
+            for rows_per_expert in (1, 32, 1024):
+                ups, downs = (configs.gemm_tiles(rows_per_expert, gated, elem, budget, fma) for gated in (True, False))
+                for up in [ups[0]] + [c for c in ups if c.tma][:1]:
+                    check(grouped_gemm.grouped_gemm_kernel, up, fma, SPLIT_K=2, GATHER=True, GATED=True,
+                          STORE_H=True, SCATTER=False, SCALE=False)
+                for down in [downs[0]] + [c for c in downs if c.tma][:1]:
+                    check(grouped_gemm.grouped_gemm_kernel, down, fma, SPLIT_K=1, GATHER=False, GATED=False,
+                          STORE_H=False, SCATTER=True, SCALE=True)
+            for rows_per_expert in (1, 1024):
+                config = configs.act_backward_tiles(rows_per_expert, elem, budget, fma)[0]
+                check(grouped_gemm.grouped_gemm_act_backward_kernel, config, fma, GATED=True)
+            check(wgrad.grouped_wgrad_kernel, configs.wgrad_tiles(elem, budget, fma)[0], fma, GATHER_A=True,
+                  SCALE_A=True, GATHER_B=True)
+            # every bf16 decode candidate (the tuner may keep any), the float32 defaults; DeepSeek-V3 at
+            # T=16: 128 slots, 8 choices
+            ups = configs.decode_tiles(2048, 8, True, elem, budget, 132, fma)
+            downs = configs.decode_tiles(7168, 1, False, elem, budget, 132, fma)
+            for config in ups[:1] if fma else ups:
+                check(decode.decode_up_kernel, config, fma, GATED=True, BLOCK_T=decode.MAX_TOKENS, S_PAD=128,
+                      K_PAD=8)
+            for config in downs[:1] if fma else downs:
+                check(decode.decode_down_kernel, config, fma, BLOCK_T=decode.MAX_TOKENS)
     print(json.dumps(report))
 """)
 
@@ -874,17 +933,20 @@ def _compile_report(script: str) -> list:
 def test_default_configs_compile_for_consumer_gpus_and_hopper():
     # ptxas and cuobjdump ship with Triton: compile for sm_86 (about 100 KB of shared memory)
     # and sm_90 without a GPU, outside the interpreter, and check each default config's machine
-    # code: the shared memory it needs, no registers spilled to local memory, and on sm_90 the
-    # warpgroup MMA (HGMMA) for tiles of 64 rows and more, the older HMMA only below; the TMA
-    # candidates load their weight tiles with the TMA (UTMALDG).
+    # code: the shared memory it needs, no registers spilled to local memory, and the MMA: on
+    # sm_90 the warpgroup MMA (HGMMA) for bf16 tiles of 64 rows and more, the older HMMA below,
+    # none for float32 without TF32 (FMAs); the TMA candidates load their weight tiles with the
+    # TMA (UTMALDG).
     report = _compile_report(COMPILE_GEMMS)
-    assert len(report) == 40
-    for arch, budget, block_m, tma, config, shared, stack, mma, tma_loads in report:
+    assert len(report) == 62
+    for arch, budget, fma, block_m, tma, config, shared, stack, mma, tma_loads in report:
         assert 0 < shared <= budget, (arch, config, shared)
-        assert stack == 0, (arch, config, stack)
-        assert mma == ("HGMMA" if arch == 90 and block_m >= 64 else "HMMA"), (arch, config, mma)
+        assert stack == 0, (arch, fma, config, stack)
+        expected = "none" if fma else "HGMMA" if arch == 90 and block_m >= 64 else "HMMA"
+        assert mma == expected, (arch, fma, config, mma)
         assert tma_loads == tma, (arch, config)
-    assert sum(tma for _, _, _, tma, *_ in report) == 2
+    assert sum(tma for *_, tma, _, _, _, _, _ in report) == 2
+    assert sum(fma for _, _, fma, *_ in report) == 22
 
 
 def test_every_other_kernel_compiles_for_consumer_gpus_and_hopper():

@@ -22,7 +22,7 @@ from ..kernels.triton import permute as move
 from ..kernels.triton import plan as plan_kernels
 from ..kernels.triton import wgrad
 from ..kernels.triton.configs import (
-    TUNER, act_backward_candidates, decode_candidates, gemm_candidates, shape_bucket, wgrad_candidates,
+    TUNER, act_backward_candidates, decode_candidates, dtype_tag, gemm_candidates, shape_bucket, wgrad_candidates,
 )
 from .base import Backend, PlanTensors
 
@@ -157,7 +157,7 @@ _FUSION_CODES = {"gated": "g", "store_h": "h", "slot_of_row": "s", "bias": "b", 
 
 
 def _key(kind: str, t: Tensor, num_experts: int, num_rows: int, k_dim: int, n_cols: int) -> str:
-    return f"{kind}|{str(t.dtype).split('.')[1]}|E{num_experts}|R{shape_bucket(num_rows)}|K{k_dim}|N{n_cols}"
+    return f"{kind}|{dtype_tag(t.dtype, t.device)}|E{num_experts}|R{shape_bucket(num_rows)}|K{k_dim}|N{n_cols}"
 
 
 def _gemm(kind: str, a: Tensor, w: Tensor, offsets: Tensor, **fusions):

@@ -1,4 +1,5 @@
-"""Tile configs for the Triton kernels, the on-disk autotune cache, and the compile fallback.
+"""Tile configs for the Triton kernels, the precision of their dots, the on-disk autotune cache,
+and the compile fallback.
 
 - Defaults come from a heuristic on the shape and fit in ~96 KB of shared memory, which every
   GPU since sm_80 has, consumer cards included (sm_86/89/120 have about 100 KB). On sm_90 and
@@ -8,6 +9,9 @@
   $MOE_DISPATCH_CACHE_DIR (default ~/.cache/moe_dispatch)/triton-<version>-<device>.json.
   It never runs while a CUDA graph is being captured or while torch's sync debug mode is on
   (timing needs host syncs): those calls use the cached or default config.
+- float32 without TF32 (torch's default) makes tl.dot an FMA loop on the CUDA cores, which
+  holds each thread's slices of both operands in registers: its candidates are smaller tiles,
+  with short K-steps and more warps, so that ptxas does not spill (_fma_tiles).
 - A candidate that fails to compile or launch (OutOfResources or anything else) is skipped
   with a warning; the chosen config failing falls back to SAFE, once, with a warning.
 """
@@ -70,14 +74,24 @@ def _fit(tile: TileConfig, elem_bytes: int, operands_n: int, budget: int) -> Opt
 
 
 def _candidates(tiles, elem_bytes: int, operands_n: int, budget: int) -> list[TileConfig]:
-    fitted = (_fit(TileConfig(*t), elem_bytes, operands_n, budget) for t in tiles)
+    fitted = (_fit(TileConfig(*t), elem_bytes, operands_n, budget) for t in dict.fromkeys(tiles))
     return [c for c in fitted if c is not None] or [SAFE]
 
 
-def gemm_tiles(rows_per_expert: float, two: bool, elem_bytes: int, budget: int) -> list[TileConfig]:
+def _fma_tiles(tiles, block_k: int) -> list[tuple]:
+    """The tiles for an FMA dot (float32 without TF32): at most 8192 outputs, at least 8 warps,
+    K-steps of block_k. Larger tiles spill (the gated 128x128x64 with 16 warps 176 bytes a
+    thread on sm_90); ptxas's register choice is not monotonic in the tile, so each kernel's
+    block_k is the one with which every such tile compiles for sm_86 and sm_90 without spilling."""
+    return [(m, n, min(k, block_k), max(w, 8)) for m, n, k, w in tiles if m * n <= 8192]
+
+
+def gemm_tiles(rows_per_expert: float, two: bool, elem_bytes: int, budget: int,
+               fma: bool = False) -> list[TileConfig]:
     """Tile candidates for grouped_gemm_kernel under a shared-memory budget, the default first.
 
     The tile height follows the mean rows per expert. two: the gated GEMM's two accumulators.
+    fma: float32 without TF32 (see _fma_tiles).
     """
     big = budget > SMALL_SMEM
     if rows_per_expert <= 16:
@@ -93,30 +107,35 @@ def gemm_tiles(rows_per_expert: float, two: bool, elem_bytes: int, budget: int) 
         # 128x128 only where 16 warps still leave 128 registers a thread (sm_90, sm_100).
         largest = 128 * 128 if big else 128 * 64
         tiles = [(m, n, k, min(16, 2 * w)) for m, n, k, w in tiles if n <= 128 and m * n <= largest]
+    if fma:  # the plain 64x128x32 spills 16 bytes on sm_90, the gated one none
+        tiles = _fma_tiles(tiles, 32 if two else 16)
     candidates = _candidates(tiles, elem_bytes, 2 if two else 1, budget)
-    if big and rows_per_expert > 64:
+    if big and rows_per_expert > 64 and not fma:
         # Hopper and later: the two leading tiles again with TMA weight loads, for the tuner to weigh
         candidates += [replace(c, tma=True) for c in candidates[:2]]
     return candidates
 
 
 def decode_tiles(n_cols: int, programs_per_tile: int, two: bool, elem_bytes: int, budget: int,
-                 sms: int) -> list[TileConfig]:
+                 sms: int, fma: bool = False) -> list[TileConfig]:
     """Tile candidates for the decode kernels (kernels/triton/decode.py), the default first.
 
     Their rows are the 16 tokens, so only the width and the K-step vary: narrow tiles spread
     a few experts' weights over many programs, long K-steps keep enough bytes in flight per
     program to stream them. The default is the widest tile that still gives ~2 programs per SM
-    (programs_per_tile: how many programs share each column tile).
+    (programs_per_tile: how many programs share each column tile), else the narrowest.
     """
-    narrowest = (16, 16, 256, 4)  # the most programs
-    tiles = [(16, 64, 128, 4), (16, 32, 128, 4), narrowest, (16, 32, 256, 4), (16, 16, 512, 4)]
+    if fma:  # float32 without TF32: tiles that compile for sm_86 and sm_90 without spilling
+        tiles = [(16, 64, 64, 8), (16, 32, 64, 8), (16, 16, 128, 8)]
+    else:
+        tiles = [(16, 64, 128, 4), (16, 32, 128, 4), (16, 16, 256, 4), (16, 32, 256, 4), (16, 16, 512, 4)]
     wide_enough = [t for t in tiles if triton.cdiv(n_cols, t[1]) * programs_per_tile >= 2 * sms]
-    default = wide_enough[0] if wide_enough else narrowest
+    default = wide_enough[0] if wide_enough else min(tiles, key=lambda t: t[1])  # the first narrowest
     return _candidates([default] + [t for t in tiles if t != default], elem_bytes, 2 if two else 1, budget)
 
 
-def act_backward_tiles(rows_per_expert: float, elem_bytes: int, budget: int) -> list[TileConfig]:
+def act_backward_tiles(rows_per_expert: float, elem_bytes: int, budget: int,
+                       fma: bool = False) -> list[TileConfig]:
     """Tile candidates for grouped_gemm_act_backward_kernel, the default first: its epilogue
     holds g, both halves of h and dh at once, so its tiles are smaller than the forward's."""
     if rows_per_expert <= 16:
@@ -126,21 +145,22 @@ def act_backward_tiles(rows_per_expert: float, elem_bytes: int, budget: int) -> 
         tiles = [(64, 64, 64, 8), (64, 64, 32, 8), (64, 128, 32, 8), (128, 64, 32, 8)]
         if budget > SMALL_SMEM:
             tiles[1:1] = [(64, 128, 64, 8), (128, 64, 64, 8)]
-    return _candidates(tiles, elem_bytes, 1, budget)
+    return _candidates(_fma_tiles(tiles, 32) if fma else tiles, elem_bytes, 1, budget)
 
 
-def wgrad_tiles(elem_bytes: int, budget: int) -> list[TileConfig]:
+def wgrad_tiles(elem_bytes: int, budget: int, fma: bool = False) -> list[TileConfig]:
     """Tile candidates for grouped_wgrad_kernel (K = rows of one expert), the default first."""
     tiles = [(64, 64, 32, 4), (64, 128, 32, 4), (128, 64, 32, 8), (128, 128, 32, 8)]
     if budget > SMALL_SMEM:
         tiles = [(128, 128, 64, 8), (128, 256, 64, 8)] + tiles
-    return _candidates(tiles, elem_bytes, 1, budget)
+    return _candidates(_fma_tiles(tiles, 32) if fma else tiles, elem_bytes, 1, budget)
 
 
 def gemm_candidates(num_rows: int, num_experts: int, k_dim: int, n_cols: int, two: bool,
                     dtype: torch.dtype, device: torch.device) -> list[TileConfig]:
     """gemm_tiles for this device, each with the K-split that fills it (the decode variant)."""
-    tiles = gemm_tiles(num_rows / max(num_experts, 1), two, _bytes(dtype), shared_memory_budget(device))
+    tiles = gemm_tiles(num_rows / max(num_experts, 1), two, _bytes(dtype), shared_memory_budget(device),
+                       uses_fma(dtype, device))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return [replace(c, split_k=_split_k(c, num_rows, num_experts, k_dim, n_cols, sms)) for c in tiles]
 
@@ -157,20 +177,59 @@ def _split_k(config: TileConfig, num_rows: int, num_experts: int, k_dim: int, n_
 def decode_candidates(n_cols: int, programs_per_tile: int, two: bool, dtype: torch.dtype,
                       device: torch.device) -> list[TileConfig]:
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return decode_tiles(n_cols, programs_per_tile, two, _bytes(dtype), shared_memory_budget(device), sms)
+    return decode_tiles(n_cols, programs_per_tile, two, _bytes(dtype), shared_memory_budget(device), sms,
+                        uses_fma(dtype, device))
 
 
 def act_backward_candidates(num_rows: int, num_experts: int, dtype: torch.dtype,
                             device: torch.device) -> list[TileConfig]:
-    return act_backward_tiles(num_rows / max(num_experts, 1), _bytes(dtype), shared_memory_budget(device))
+    return act_backward_tiles(num_rows / max(num_experts, 1), _bytes(dtype), shared_memory_budget(device),
+                              uses_fma(dtype, device))
 
 
 def wgrad_candidates(dtype: torch.dtype, device: torch.device) -> list[TileConfig]:
-    return wgrad_tiles(_bytes(dtype), shared_memory_budget(device))
+    return wgrad_tiles(_bytes(dtype), shared_memory_budget(device), uses_fma(dtype, device))
 
 
 def _bytes(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
+
+
+# ---- the precision of tl.dot ---------------------------------------------------------------
+
+
+def _tf32_allowed() -> bool:
+    """torch's matmul TF32 setting. Reading the legacy allow_tf32 raises once the newer
+    fp32_precision API was used, so that one is asked first ("none": never set)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision != "none":
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """tf32 only for float32 on a GPU whose torch setting allows it."""
+    if dtype == torch.float32 and device.type == "cuda" and _tf32_allowed():
+        return "tf32"
+    return "ieee"
+
+
+def dot_upcast(dtype: torch.dtype, device: torch.device) -> bool:
+    """The interpreter (CPU tensors) multiplies bf16 bit patterns in tl.dot: go through float32."""
+    return dtype == torch.bfloat16 and device.type != "cuda"
+
+
+def uses_fma(dtype: torch.dtype, device: torch.device) -> bool:
+    """float32 without TF32: tl.dot runs as FMAs on the CUDA cores, not on the tensor cores."""
+    return dtype == torch.float32 and dot_precision(dtype, device) == "ieee"
+
+
+def dtype_tag(dtype: torch.dtype, device: torch.device) -> str:
+    """The dtype as the autotune keys name it: float32 with how it multiplies, since the FMA and
+    the TF32 dots have different candidates and winners."""
+    name = str(dtype).split(".")[1]
+    return f"{name}-{dot_precision(dtype, device)}" if dtype == torch.float32 else name
 
 
 # ---- the autotune cache --------------------------------------------------------------------

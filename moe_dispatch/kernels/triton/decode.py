@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import TileConfig
-from .grouped_gemm import ACT_CODES, activate, dot_precision, dot_upcast, mainloop
+from .configs import TileConfig, dot_precision, dot_upcast
+from .grouped_gemm import ACT_CODES, activate, mainloop
 
 # The most tokens the decode kernels take: one tile of rows, the least tl.dot accepts.
 MAX_TOKENS = 16

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .configs import TileConfig, expert_block
+from .configs import TileConfig, dot_precision, dot_upcast, expert_block
 
 # Activation codes shared by the kernels (constexpr), by name.
 ACT_CODES = {"none": 0, "silu": 1, "gelu": 2, "relu": 3}
@@ -376,28 +376,6 @@ def row_parts_to_slots_kernel(
 
 
 # ---- launchers -------------------------------------------------------------------------------
-
-
-def _tf32_allowed() -> bool:
-    """torch's matmul TF32 setting. Reading the legacy allow_tf32 raises once the newer
-    fp32_precision API was used, so that one is asked first ("none": never set)."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", "none")
-    if precision != "none":
-        return precision == "tf32"
-    return bool(matmul.allow_tf32)
-
-
-def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """tf32 only for float32 on a GPU whose torch setting allows it."""
-    if dtype == torch.float32 and device.type == "cuda" and _tf32_allowed():
-        return "tf32"
-    return "ieee"
-
-
-def dot_upcast(dtype: torch.dtype, device: torch.device) -> bool:
-    """The interpreter (CPU tensors) multiplies bf16 bit patterns in tl.dot: go through float32."""
-    return dtype == torch.bfloat16 and device.type != "cuda"
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:

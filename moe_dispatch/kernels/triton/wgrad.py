@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import TileConfig
-from .grouped_gemm import dot_precision, dot_upcast
+from .configs import TileConfig, dot_precision, dot_upcast
 
 
 @triton.jit
