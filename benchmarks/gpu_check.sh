@@ -69,9 +69,10 @@ if torch.cuda.is_available():
 PY
 
 if [ "$SKIP_TESTS" = 0 ]; then
-  # Most of the tests' time is Triton compiling kernels on the CPU: 4 pytest-xdist workers
-  # compile in parallel, where xdist is installed.
-  WORKERS=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
+  # Most of the tests' time is Triton compiling kernels on the CPU: up to 8 pytest-xdist workers
+  # (one CUDA context each) compile in parallel, where xdist is installed.
+  CORES=$(nproc 2>/dev/null || echo 4)
+  WORKERS=$("$PY" -c "import xdist" 2>/dev/null && echo "-n $((CORES < 8 ? CORES : 8))")
   step "GPU tests: pytest -m gpu -q tests $WORKERS"
   capped 120 "$PY" -m pytest -m gpu -q tests -p no:cacheprovider $WORKERS
 fi
