@@ -340,21 +340,44 @@ def test_decode_kernels_skip_and_report_bad_ids(gen):
     assert_close(out, naive_moe_mlp(*(t.cpu() for t in (x, kept, ids, w_gate_up, w_down))))
 
 
+def test_decode_up_routes_each_expert_once(gen):
+    # the routes: the owners (first slots of valid ids) flagged; at each, every token's row of
+    # act (its first slot with the expert) and its weights on the expert summed
+    x, weights, ids, w_gate_up, _, _, _ = _decode_inputs(7, 3, 5, "swiglu", False, torch.float32, gen)
+    ids[4, 1] = 9  # a bad id owns nothing
+    _, routes, ok = kdecode.decode_up(x, ids, weights, w_gate_up.transpose(1, 2), None, "silu", True,
+                                      TileConfig(16, 16, 16))
+    flat = ids.reshape(-1).tolist()
+    owners = [s for s, e in enumerate(flat) if 0 <= e < 5 and e not in flat[:s]]
+    assert ok.tolist() == [False]
+    assert routes.owner.tolist() == [int(s in owners) for s in range(len(flat))]
+    for slot in owners:
+        for t in range(kdecode.MAX_TOKENS):
+            choices = [j for j in range(3) if t < 7 and ids[t, j] == flat[slot]]
+            assert routes.rows[slot, t] == (t * 3 + choices[0] if choices else -1)
+            assert routes.weights[slot, t].item() == pytest.approx(sum(weights[t, j].item() for j in choices))
+
+
 def test_decode_down_stays_inside_its_inputs_whatever_the_routes_say(gen):
-    # routes that are not the up kernel's: every slot an owner, rows past either end, a bad id
+    # routes that are not the up kernel's: any nonzero flag an owner, bad experts, rows past
+    # either end. act and w_down are views into NaN-filled memory, and the flags sit before
+    # entries that would count: any read outside them shows.
     slots, tokens, experts, inter, hidden = 6, 3, 4, 20, 24
-    act = _randn(slots, inter, gen=gen)
-    w_down = _randn(experts, hidden, inter, gen=gen)
+    act = torch.full((3 + slots + 2 * slots, inter), float("nan"), device=DEVICE)[3:3 + slots]
+    act.copy_(_randn(slots, inter, gen=gen))
+    w_down = torch.full((experts + 3, hidden, inter), float("nan"), device=DEVICE)[1:1 + experts]
+    w_down.copy_(_randn(experts, hidden, inter, gen=gen))
     ids = torch.tensor([[0, 3], [5, 1], [2, -1]], device=DEVICE)
+    owner = torch.tensor([1, 7, 1, 0, -3, 1] + [1] * 10, dtype=torch.int32, device=DEVICE)[:slots]
     rows = torch.randint(-3, 2 * slots, (slots, kdecode.MAX_TOKENS), generator=gen, dtype=torch.int32).to(DEVICE)
     weights = torch.rand(slots, kdecode.MAX_TOKENS, generator=gen).to(DEVICE)
-    routes = kdecode.Routes(torch.ones(slots, dtype=torch.int32, device=DEVICE), rows, weights)
-    out = kdecode.decode_down(act, ids, routes, w_down.transpose(1, 2), None, TileConfig(16, 16, 16))
+    out = kdecode.decode_down(act, ids, kdecode.Routes(owner, rows, weights), w_down.transpose(1, 2), None,
+                              TileConfig(16, 16, 16))
     expected = torch.zeros(tokens, hidden, dtype=torch.float64)
     for slot, expert in enumerate(ids.reshape(-1).tolist()):
         for token in range(tokens):
             row = int(rows[slot, token])
-            if 0 <= expert < experts and 0 <= row < slots:
+            if owner[slot] != 0 and 0 <= expert < experts and 0 <= row < slots:
                 expected[token] += weights[slot, token].double() * (act[row].double() @ w_down[expert].double().T)
     assert_close(out, expected)
 
@@ -844,7 +867,10 @@ COMPILE_HELPERS = textwrap.dedent("""
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
         kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-        return (kernel.metadata.shared, *machine_code(kernel.asm["cubin"]))
+        # the most cp.async groups a loop leaves in flight while it computes (0: loads and math
+        # take turns)
+        ahead = max(map(int, re.findall(r"cp\\.async\\.wait_group\\s+(\\d+)", kernel.asm["ptx"])), default=0)
+        return (kernel.metadata.shared, *machine_code(kernel.asm["cubin"]), ahead)
 
     bf16 = {p: "*bf16" for p in ("a_ptr", "w_ptr", "bias_ptr", "out_ptr", "h_ptr", "dy_ptr", "dh_ptr", "act_ptr",
                                  "b_ptr")}
@@ -864,7 +890,7 @@ COMPILE_GEMMS = COMPILE_HELPERS + textwrap.dedent("""
             tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, W_TMA=config.tma)
             descriptor = {"w_desc": f"tensordesc<bf16[{config.block_n},{config.block_k}]>"} if config.tma else {}
             types = {**(fp32 if fma else pointers), **descriptor}
-            report.append((arch, budget, fma, config.block_m, config.tma, str(config),
+            report.append((arch, budget, fma, config.block_m, config.tma, config.num_stages, str(config),
                            *compiled(fn, arch, types, {**common, **tile, **flags}, config)))
 
         # bf16: the defaults of each regime, and on sm_90 the first TMA candidate of the largest;
@@ -881,8 +907,12 @@ COMPILE_GEMMS = COMPILE_HELPERS + textwrap.dedent("""
             for rows_per_expert in (1, 1024):
                 config = configs.act_backward_tiles(rows_per_expert, elem, budget, fma)[0]
                 check(grouped_gemm.grouped_gemm_act_backward_kernel, config, fma, GATED=True)
-            check(wgrad.grouped_wgrad_kernel, configs.wgrad_tiles(elem, budget, fma)[0], fma, GATHER_A=True,
-                  SCALE_A=True, GATHER_B=True)
+            # the two the backward runs: dW_down (dy rows gathered and scaled), dW_gate_up (x
+            # rows gathered), with the stage the launcher adds for a gather
+            config = configs.wgrad_tiles(elem, budget, fma)[0]
+            config = configs.replace(config, num_stages=wgrad.pipeline_stages(config, gathered=True))
+            check(wgrad.grouped_wgrad_kernel, config, fma, GATHER_A=True, SCALE_A=True, GATHER_B=False)
+            check(wgrad.grouped_wgrad_kernel, config, fma, GATHER_A=False, SCALE_A=False, GATHER_B=True)
             # every bf16 decode candidate (the tuner may keep any), the float32 defaults; DeepSeek-V3 at
             # T=16: 128 slots, 8 choices
             ups = configs.decode_tiles(2048, 8, True, elem, budget, 132, fma)
@@ -891,7 +921,7 @@ COMPILE_GEMMS = COMPILE_HELPERS + textwrap.dedent("""
                 check(decode.decode_up_kernel, config, fma, GATED=True, BLOCK_T=decode.MAX_TOKENS, S_PAD=128,
                       K_PAD=8)
             for config in downs[:1] if fma else downs:
-                check(decode.decode_down_kernel, config, fma, BLOCK_T=decode.MAX_TOKENS)
+                check(decode.decode_down_kernel, config, fma, BLOCK_T=decode.MAX_TOKENS, S_PAD=128)
     print(json.dumps(report))
 """)
 
@@ -936,17 +966,18 @@ def test_default_configs_compile_for_consumer_gpus_and_hopper():
     # code: the shared memory it needs, no registers spilled to local memory, and the MMA: on
     # sm_90 the warpgroup MMA (HGMMA) for bf16 tiles of 64 rows and more, the older HMMA below,
     # none for float32 without TF32 (FMAs); the TMA candidates load their weight tiles with the
-    # TMA (UTMALDG).
+    # TMA (UTMALDG); with 3 stages or more, the main loop computes while loads are in flight.
     report = _compile_report(COMPILE_GEMMS)
-    assert len(report) == 62
-    for arch, budget, fma, block_m, tma, config, shared, stack, mma, tma_loads in report:
+    assert len(report) == 66
+    for arch, budget, fma, block_m, tma, stages, config, shared, stack, mma, tma_loads, ahead in report:
         assert 0 < shared <= budget, (arch, config, shared)
         assert stack == 0, (arch, fma, config, stack)
         expected = "none" if fma else "HGMMA" if arch == 90 and block_m >= 64 else "HMMA"
         assert mma == expected, (arch, fma, config, mma)
         assert tma_loads == tma, (arch, config)
-    assert sum(tma for *_, tma, _, _, _, _, _ in report) == 2
-    assert sum(fma for _, _, fma, *_ in report) == 22
+        assert ahead > 0 or stages < 3, (arch, fma, config)
+    assert sum(row[4] for row in report) == 2
+    assert sum(row[2] for row in report) == 24
 
 
 def test_every_other_kernel_compiles_for_consumer_gpus_and_hopper():
@@ -954,5 +985,5 @@ def test_every_other_kernel_compiles_for_consumer_gpus_and_hopper():
     # reduction kernels compile for sm_86 and sm_90 too, without spilling
     report = _compile_report(COMPILE_OTHERS)
     assert len(report) == 22
-    for name, arch, shared, stack, mma, tma_loads in report:
+    for name, arch, shared, stack, mma, tma_loads, _ in report:
         assert shared <= configs.SMALL_SMEM and stack == 0 and mma == "none", (name, arch, shared, stack, mma)

@@ -9,9 +9,11 @@ tokens that chose it:
   once per token, at the token's first slot with that expert. The owner's first program also
   writes the expert's route for the down kernel: each token's row of act (-1: the token did not
   choose it) and the sum of its routing weights on it.
-- down: one program per H-tile walks the owners in slot order and adds, per token,
-  route weight * (act @ w_down[e].T + b_down[e]) in float32: the combine, in a fixed order,
-  without atomics and without per-slot outputs.
+- down: one program per H-tile walks the owners' K-blocks in one loop, expert after expert, and
+  adds, per token, route weight * (act @ w_down[e].T + b_down[e]) in float32 when an expert's
+  last K-block is in: the combine, in a fixed order, without atomics and without per-slot
+  outputs. One loop over all the experts' K-blocks keeps the loads in flight from one expert to
+  the next, where a loop per expert would drain and refill the pipeline for each.
 
 Each chosen expert's weights are read once, as in the grouped path, in two launches where the
 plan, the grouped GEMMs and the combine take six to eight. The up kernel also reports whether
@@ -114,28 +116,60 @@ def decode_down_kernel(
     out_ptr,  # [T, N] out
     num_slots, num_tokens, K, N, num_experts,
     stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, S_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N),). out[t] = sum over the owner slots s, in order, of
     route_weights[s, t] * (act[route_rows[s, t]] @ w_down[ids[s]].T + b_down[ids[s]])."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     tokens = tl.arange(0, BLOCK_T)
+    ks = tl.arange(0, BLOCK_K)
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    # The owners' experts and rows, held in registers: each step picks its owner's out of them
+    # by rank. Loaded inside the loop instead, they would feed the addresses of the step's tiles,
+    # and Triton's pipeliner then keeps one tile in flight, not num_stages - 1. The expert and
+    # rows are masked below: routes that are not the up kernel's never lead outside act or w.
+    slots = tl.arange(0, S_PAD)
+    owns = tl.load(owner_ptr + slots, mask=slots < num_slots, other=0) != 0
+    rank = tl.cumsum(owns.to(tl.int32), axis=0) - 1
+    expert_of = tl.load(ids_ptr + slots, mask=owns, other=-1)
+    rows_of = tl.load(route_rows_ptr + slots[:, None] * BLOCK_T + tokens[None, :], mask=owns[:, None], other=-1)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     out = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for slot in range(0, num_slots):
-        expert = tl.load(ids_ptr + slot).to(tl.int64)
-        # the range check again: a route table that is not the up kernel's never leads outside w
-        if (tl.load(owner_ptr + slot) != 0) & (expert >= 0) & (expert < num_experts):
-            rows = tl.load(route_rows_ptr + slot * BLOCK_T + tokens)
-            acc, _ = mainloop(
-                act_ptr, rows.to(tl.int64) * stride_am, (rows >= 0) & (rows < num_slots),
-                w_ptr + expert * stride_we, cols, col_ok, 0, stride_wk, stride_wn, 0, K, None, 0,
-                BLOCK_T, BLOCK_N, BLOCK_K, False, PRECISION, UPCAST, EVEN_K, False,
-            )
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + expert * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            out += acc * tl.load(route_weights_ptr + slot * BLOCK_T + tokens)[:, None]
+    # one loop over (owner, K-block): the loads run ahead across experts
+    for step in range(0, tl.sum(owns.to(tl.int32), axis=0) * k_blocks):
+        owner = step // k_blocks
+        k0 = (step - owner * k_blocks) * BLOCK_K
+        mine = owns & (rank == owner)
+        slot = tl.sum(tl.where(mine, slots, 0), axis=0)
+        expert = tl.sum(tl.where(mine, expert_of, 0), axis=0).to(tl.int64)
+        expert_ok = (expert >= 0) & (expert < num_experts)
+        rows = tl.sum(tl.where(mine[:, None], rows_of, 0), axis=0)
+        row_ok = (rows >= 0) & (rows < num_slots)
+        if EVEN_K:
+            k_ok = tl.full((BLOCK_K,), True, tl.int1)
+        else:
+            k_ok = (k0 + ks) < K
+        a = tl.load(act_ptr + rows.to(tl.int64)[:, None] * stride_am + (k0 + ks)[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # tl.where, not &, joins the scalar expert_ok to a block: the interpreter's & gives int32
+        w = tl.load(w_ptr + expert * stride_we + (k0 + ks).to(tl.int64)[:, None] * stride_wk
+                    + cols.to(tl.int64)[None, :] * stride_wn,
+                    mask=tl.where(expert_ok, k_ok[:, None] & col_ok[None, :], False), other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        # the expert's last K-block: add its bias, weigh it into out, start the next expert
+        last = k0 + BLOCK_K >= K
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + expert * stride_be + cols, mask=tl.where(last & expert_ok, col_ok, False),
+                           other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        weight = tl.load(route_weights_ptr + slot * BLOCK_T + tokens, mask=tl.where(last, row_ok, False), other=0.0)
+        out = tl.where(last, out + acc * weight[:, None], out)
+        acc = tl.where(last, 0.0, acc)
     tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(tokens < num_tokens)[:, None] & col_ok[None, :])
 
@@ -187,7 +221,8 @@ def decode_down(
         ids.numel(), ids.shape[0], k_dim, n_cols, num_experts,
         act.stride(0), w.stride(0), w.stride(1), w.stride(2), bias.stride(0) if bias is not None else 0,
         out.stride(0),
-        BLOCK_T=MAX_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_BIAS=bias is not None,
+        BLOCK_T=MAX_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        S_PAD=triton.next_power_of_2(MAX_TOKENS * ids.shape[1]), HAS_BIAS=bias is not None,
         PRECISION=dot_precision(act.dtype, act.device), UPCAST=dot_upcast(act.dtype, act.device),
         EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
     )

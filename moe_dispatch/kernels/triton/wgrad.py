@@ -112,6 +112,15 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def pipeline_stages(config: TileConfig, gathered: bool) -> int:
+    """num_stages for grouped_wgrad_kernel. Gathered rows are loaded in the K loop and feed the
+    addresses of its tiles: Triton's pipeliner spends a stage on those indices, so one more
+    keeps two tiles in flight (with config.num_stages alone, loads and math take turns). It then
+    buffers fewer tiles than stages: the shared memory stays within what config.num_stages
+    needs without a gather."""
+    return config.num_stages + gathered
+
+
 def grouped_wgrad(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -144,7 +153,7 @@ def grouped_wgrad(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GATHER_A=a_rows is not None, SCALE_A=a_scale is not None, GATHER_B=b_rows is not None,
         PRECISION=dot_precision(a.dtype, a.device), UPCAST=dot_upcast(a.dtype, a.device),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=pipeline_stages(config, a_rows is not None or b_rows is not None),
     )
     return out
 
