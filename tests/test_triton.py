@@ -340,45 +340,52 @@ def test_decode_kernels_skip_and_report_bad_ids(gen):
     assert_close(out, naive_moe_mlp(*(t.cpu() for t in (x, kept, ids, w_gate_up, w_down))))
 
 
-def test_decode_up_routes_each_expert_once(gen):
-    # the routes: the owners (first slots of valid ids) flagged; at each, every token's row of
-    # act (its first slot with the expert) and its weights on the expert summed
+def test_decode_up_writes_each_experts_tile_once(gen):
+    # the owners (first slots of valid ids) flagged; each owner's tile of act holds its expert's
+    # activations for the tokens that chose it; the routing weights of a token on the expert
+    # summed, 0 for the tokens that did not choose it
     x, weights, ids, w_gate_up, _, _, _ = _decode_inputs(7, 3, 5, "swiglu", False, torch.float32, gen)
     ids[4, 1] = 9  # a bad id owns nothing
-    _, routes, ok = kdecode.decode_up(x, ids, weights, w_gate_up.transpose(1, 2), None, "silu", True,
-                                      TileConfig(16, 16, 16))
+    x = torch.cat([x, torch.full_like(x, float("nan"))])[:7]  # NaNs past x: a read of them shows
+    act, routes, ok = kdecode.decode_up(x, ids, weights, w_gate_up.transpose(1, 2), None, "silu", True,
+                                        TileConfig(16, 16, 16))
     flat = ids.reshape(-1).tolist()
     owners = [s for s, e in enumerate(flat) if 0 <= e < 5 and e not in flat[:s]]
     assert ok.tolist() == [False]
     assert routes.owner.tolist() == [int(s in owners) for s in range(len(flat))]
+    tile = act.view(len(flat), kdecode.MAX_TOKENS, -1)
     for slot in owners:
-        for t in range(kdecode.MAX_TOKENS):
-            choices = [j for j in range(3) if t < 7 and ids[t, j] == flat[slot]]
-            assert routes.rows[slot, t] == (t * 3 + choices[0] if choices else -1)
-            assert routes.weights[slot, t].item() == pytest.approx(sum(weights[t, j].item() for j in choices))
+        gate, up = (x.double() @ w_gate_up[flat[slot]].double().T).chunk(2, dim=-1)
+        chose = (ids == flat[slot]).to(torch.float64)  # [T, k]
+        tokens = chose.sum(1).nonzero().squeeze(1)
+        assert_close(tile[slot, tokens], (torch.nn.functional.silu(gate) * up)[tokens])
+        assert tile[slot].isfinite().all()
+        expected_weights = torch.zeros(kdecode.MAX_TOKENS, dtype=torch.float64)
+        expected_weights[:7] = (weights.double() * chose).sum(1)
+        assert_close(routes.weights[slot], expected_weights)
 
 
 def test_decode_down_stays_inside_its_inputs_whatever_the_routes_say(gen):
-    # routes that are not the up kernel's: any nonzero flag an owner, bad experts, rows past
-    # either end. act and w_down are views into NaN-filled memory, and the flags sit before
-    # entries that would count: any read outside them shows.
+    # routes that are not the up kernel's: any nonzero flag an owner, bad experts. act and
+    # w_down are views into NaN-filled memory, and the flags sit before entries that would
+    # count: any read outside them shows.
     slots, tokens, experts, inter, hidden = 6, 3, 4, 20, 24
-    act = torch.full((3 + slots + 2 * slots, inter), float("nan"), device=DEVICE)[3:3 + slots]
-    act.copy_(_randn(slots, inter, gen=gen))
+    rows = slots * kdecode.MAX_TOKENS
+    act = torch.full((rows + 32, inter), float("nan"), device=DEVICE)[16:16 + rows]
+    act.copy_(_randn(rows, inter, gen=gen))
     w_down = torch.full((experts + 3, hidden, inter), float("nan"), device=DEVICE)[1:1 + experts]
     w_down.copy_(_randn(experts, hidden, inter, gen=gen))
     ids = torch.tensor([[0, 3], [5, 1], [2, -1]], device=DEVICE)
     owner = torch.tensor([1, 7, 1, 0, -3, 1] + [1] * 10, dtype=torch.int32, device=DEVICE)[:slots]
-    rows = torch.randint(-3, 2 * slots, (slots, kdecode.MAX_TOKENS), generator=gen, dtype=torch.int32).to(DEVICE)
     weights = torch.rand(slots, kdecode.MAX_TOKENS, generator=gen).to(DEVICE)
-    out = kdecode.decode_down(act, ids, kdecode.Routes(owner, rows, weights), w_down.transpose(1, 2), None,
+    out = kdecode.decode_down(act, ids, kdecode.Routes(owner, weights), w_down.transpose(1, 2), None,
                               TileConfig(16, 16, 16))
     expected = torch.zeros(tokens, hidden, dtype=torch.float64)
     for slot, expert in enumerate(ids.reshape(-1).tolist()):
-        for token in range(tokens):
-            row = int(rows[slot, token])
-            if owner[slot] != 0 and 0 <= expert < experts and 0 <= row < slots:
-                expected[token] += weights[slot, token].double() * (act[row].double() @ w_down[expert].double().T)
+        if owner[slot] != 0 and 0 <= expert < experts:
+            for token in range(tokens):
+                row = act[slot * kdecode.MAX_TOKENS + token].double()
+                expected[token] += weights[slot, token].double() * (row @ w_down[expert].double().T)
     assert_close(out, expected)
 
 
@@ -877,7 +884,7 @@ COMPILE_HELPERS = textwrap.dedent("""
     pointers = dict(bf16, a_rows_ptr="*i32", offsets_ptr="*i32", slot_of_row_ptr="*i32", token_of_row_ptr="*i32",
                     b_rows_ptr="*i32", weight_of_row_ptr="*fp32", ws_ptr="*fp32", drow_ptr="*fp32",
                     a_scale_ptr="*fp32", x_ptr="*bf16", ids_ptr="*i64", ok_ptr="*i1", weights_ptr="*fp32",
-                    owner_ptr="*i32", route_rows_ptr="*i32", route_weights_ptr="*fp32")
+                    owner_ptr="*i32", route_weights_ptr="*fp32")
 """)
 
 COMPILE_GEMMS = COMPILE_HELPERS + textwrap.dedent("""

@@ -6,9 +6,8 @@ tokens that chose it:
 
 - up: one program per (slot, I-tile). The first slot that chose an expert (its owner) computes
   it, and the others exit at once: act(x @ w_gate_up[e].T + b_gate_up[e]) for its tokens, stored
-  once per token, at the token's first slot with that expert. The owner's first program also
-  writes the expert's route for the down kernel: each token's row of act (-1: the token did not
-  choose it) and the sum of its routing weights on it.
+  as the owner's tile of MAX_TOKENS rows. The owner's first program also writes each token's
+  routing weights on the expert, summed: 0 for a token that did not choose it.
 - down: one program per H-tile walks the owners' K-blocks in one loop, expert after expert, and
   adds, per token, route weight * (act @ w_down[e].T + b_down[e]) in float32 when an expert's
   last K-block is in: the combine, in a fixed order, without atomics and without per-slot
@@ -39,7 +38,6 @@ class Routes(NamedTuple):
     """What the up kernel tells the down kernel, per slot s (filled where owner[s] is 1)."""
 
     owner: torch.Tensor  # [T*k] int32: 1 where s is the first slot with its expert, a valid id
-    rows: torch.Tensor  # [T*k, MAX_TOKENS] int32: token t's row of act for that expert, or -1
     weights: torch.Tensor  # [T*k, MAX_TOKENS] float32: token t's routing weights on it, summed
 
 
@@ -50,8 +48,8 @@ def decode_up_kernel(
     weights_ptr,  # [T, k] float, contiguous
     w_ptr,  # [E, K, NW] any strides (w_gate_up transposed); GATED: NW = 2N, gate columns first
     bias_ptr,  # [E, NW] (HAS_BIAS)
-    act_ptr,  # [T*k, N] out: act(h) at each token's first slot of each of its experts
-    owner_ptr, route_rows_ptr, route_weights_ptr,  # out: Routes
+    act_ptr,  # [T*k * MAX_TOKENS, N] out: row s * MAX_TOKENS + t: act(h) of token t, owner s's expert
+    owner_ptr, route_weights_ptr,  # out: Routes
     ok_ptr,  # [1] bool out: every id in [0, E)
     num_tokens, top_k, K, N, num_experts,
     stride_xm, stride_we, stride_wk, stride_wn, stride_be, stride_am,
@@ -80,18 +78,14 @@ def decode_up_kernel(
     choice_ok = (tokens < num_tokens)[:, None] & (js < top_k)[None, :]
     choices = tokens[:, None] * top_k + js[None, :]
     hit = (tl.load(ids_ptr + choices, mask=choice_ok, other=-1) == expert) & choice_ok
-    first_j = tl.min(tl.where(hit, js[None, :], K_PAD), axis=1)
-    chose = first_j < top_k
-    rows = tokens * top_k + first_j
     if pid_n == 0:
         weight = tl.sum(tl.load(weights_ptr + choices, mask=hit, other=0.0).to(tl.float32), axis=1)
-        tl.store(route_rows_ptr + slot * BLOCK_T + tokens, tl.where(chose, rows, -1))
         tl.store(route_weights_ptr + slot * BLOCK_T + tokens, weight)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     expert = expert.to(tl.int64)
     acc, acc2 = mainloop(
-        x_ptr, tokens.to(tl.int64) * stride_xm, chose, w_ptr + expert * stride_we, cols, col_ok, N,
+        x_ptr, tokens.to(tl.int64) * stride_xm, tokens < num_tokens, w_ptr + expert * stride_we, cols, col_ok, N,
         stride_wk, stride_wn, 0, K, None, 0, BLOCK_T, BLOCK_N, BLOCK_K, GATED, PRECISION, UPCAST, EVEN_K, False,
     )
     if HAS_BIAS:
@@ -102,15 +96,17 @@ def decode_up_kernel(
     y = activate(acc, ACT)
     if GATED:
         y = y * acc2
-    tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + cols[None, :], y.to(act_ptr.dtype.element_ty),
-             mask=chose[:, None] & col_ok[None, :])
+    # every row of the owner's tile, so that the down kernel reads it whole, without masks: a
+    # token that did not choose the expert has weight 0 on it, whatever its row holds
+    rows = slot.to(tl.int64) * BLOCK_T + tokens
+    tl.store(act_ptr + rows[:, None] * stride_am + cols[None, :], y.to(act_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
 @triton.jit
 def decode_down_kernel(
-    act_ptr,  # [T*k, K] the up kernel's rows (K = I)
+    act_ptr,  # [T*k * MAX_TOKENS, K] the up kernel's tiles (K = I)
     ids_ptr,  # [T, k] int, contiguous
-    owner_ptr, route_rows_ptr, route_weights_ptr,  # Routes, from the up kernel
+    owner_ptr, route_weights_ptr,  # Routes, from the up kernel
     w_ptr,  # [E, K, N] any strides (w_down transposed: N = H)
     bias_ptr,  # [E, N] (HAS_BIAS)
     out_ptr,  # [T, N] out
@@ -120,21 +116,21 @@ def decode_down_kernel(
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N),). out[t] = sum over the owner slots s, in order, of
-    route_weights[s, t] * (act[route_rows[s, t]] @ w_down[ids[s]].T + b_down[ids[s]])."""
+    route_weights[s, t] * (act[s * MAX_TOKENS + t] @ w_down[ids[s]].T + b_down[ids[s]])."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     tokens = tl.arange(0, BLOCK_T)
     ks = tl.arange(0, BLOCK_K)
     k_blocks = tl.cdiv(K, BLOCK_K)
-    # The owners' experts and rows, held in registers: each step picks its owner's out of them
+    # The owners' slots and experts, held in registers: each step picks its owner's out of them
     # by rank. Loaded inside the loop instead, they would feed the addresses of the step's tiles,
-    # and Triton's pipeliner then keeps one tile in flight, not num_stages - 1. The expert and
-    # rows are masked below: routes that are not the up kernel's never lead outside act or w.
+    # and Triton's pipeliner then keeps one tile in flight, not num_stages - 1. Owners lie in
+    # [0, T*k) and the expert is masked below: routes that are not the up kernel's never lead
+    # outside act or w.
     slots = tl.arange(0, S_PAD)
     owns = tl.load(owner_ptr + slots, mask=slots < num_slots, other=0) != 0
     rank = tl.cumsum(owns.to(tl.int32), axis=0) - 1
     expert_of = tl.load(ids_ptr + slots, mask=owns, other=-1)
-    rows_of = tl.load(route_rows_ptr + slots[:, None] * BLOCK_T + tokens[None, :], mask=owns[:, None], other=-1)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     out = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     # one loop over (owner, K-block): the loads run ahead across experts
@@ -145,14 +141,12 @@ def decode_down_kernel(
         slot = tl.sum(tl.where(mine, slots, 0), axis=0)
         expert = tl.sum(tl.where(mine, expert_of, 0), axis=0).to(tl.int64)
         expert_ok = (expert >= 0) & (expert < num_experts)
-        rows = tl.sum(tl.where(mine[:, None], rows_of, 0), axis=0)
-        row_ok = (rows >= 0) & (rows < num_slots)
         if EVEN_K:
             k_ok = tl.full((BLOCK_K,), True, tl.int1)
         else:
             k_ok = (k0 + ks) < K
-        a = tl.load(act_ptr + rows.to(tl.int64)[:, None] * stride_am + (k0 + ks)[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        rows = slot.to(tl.int64) * BLOCK_T + tokens
+        a = tl.load(act_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :], mask=k_ok[None, :], other=0.0)
         # tl.where, not &, joins the scalar expert_ok to a block: the interpreter's & gives int32
         w = tl.load(w_ptr + expert * stride_we + (k0 + ks).to(tl.int64)[:, None] * stride_wk
                     + cols.to(tl.int64)[None, :] * stride_wn,
@@ -167,7 +161,8 @@ def decode_down_kernel(
             bias = tl.load(bias_ptr + expert * stride_be + cols, mask=tl.where(last & expert_ok, col_ok, False),
                            other=0.0)
             acc += bias.to(tl.float32)[None, :]
-        weight = tl.load(route_weights_ptr + slot * BLOCK_T + tokens, mask=tl.where(last, row_ok, False), other=0.0)
+        weight = tl.load(route_weights_ptr + slot * BLOCK_T + tokens, mask=tl.where(last, tokens < BLOCK_T, False),
+                         other=0.0)
         out = tl.where(last, out + acc * weight[:, None], out)
         acc = tl.where(last, 0.0, acc)
     tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty),
@@ -181,17 +176,16 @@ def decode_up(
     x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
     activation: str, gated: bool, config: TileConfig,
 ) -> tuple[torch.Tensor, Routes, torch.Tensor]:
-    """(act: [T*k, N] x's dtype, routes, ok: [1] bool). x: [T, K] with T <= MAX_TOKENS;
-    ids, weights: [T, k]; w: [E, K, NW] any strides; bias: [E, NW]. Only the rows of act that
-    the routes name are written."""
+    """(act: [T*k * MAX_TOKENS, N] x's dtype, routes, ok: [1] bool). x: [T, K] with
+    T <= MAX_TOKENS; ids, weights: [T, k]; w: [E, K, NW] any strides; bias: [E, NW]. Only the
+    owners' tiles of act are written."""
     x, ids, weights = x if x.stride(-1) == 1 else x.contiguous(), ids.contiguous(), weights.contiguous()
     num_tokens, top_k = ids.shape
     num_experts, k_dim, w_cols = w.shape
     n_cols = w_cols // 2 if gated else w_cols
     device = x.device
-    act = torch.empty(num_tokens * top_k, n_cols, dtype=x.dtype, device=device)
+    act = torch.empty(ids.numel() * MAX_TOKENS, n_cols, dtype=x.dtype, device=device)
     routes = Routes(torch.empty(ids.numel(), dtype=torch.int32, device=device),
-                    torch.empty(ids.numel(), MAX_TOKENS, dtype=torch.int32, device=device),
                     torch.empty(ids.numel(), MAX_TOKENS, dtype=torch.float32, device=device))
     ok = torch.empty(1, dtype=torch.bool, device=device)
     decode_up_kernel[(ids.numel(), triton.cdiv(n_cols, config.block_n))](
