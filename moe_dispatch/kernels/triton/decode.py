@@ -147,7 +147,8 @@ def decode_down_kernel(
             k_ok = (k0 + ks) < K
         rows = slot.to(tl.int64) * BLOCK_T + tokens
         a = tl.load(act_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :], mask=k_ok[None, :], other=0.0)
-        # tl.where, not &, joins the scalar expert_ok to a block: the interpreter's & gives int32
+        # tl.where joins a scalar condition to a block mask, here and below: the interpreter's &
+        # gives int32 there, and it rejects a scalar mask for a block
         w = tl.load(w_ptr + expert * stride_we + (k0 + ks).to(tl.int64)[:, None] * stride_wk
                     + cols.to(tl.int64)[None, :] * stride_wn,
                     mask=tl.where(expert_ok, k_ok[:, None] & col_ok[None, :], False), other=0.0)
