@@ -80,9 +80,10 @@ def _candidates(tiles, elem_bytes: int, operands_n: int, budget: int) -> list[Ti
 
 def _fma_tiles(tiles, block_k: int) -> list[tuple]:
     """The tiles for an FMA dot (float32 without TF32): at most 8192 outputs, at least 8 warps,
-    K-steps of block_k. Larger tiles spill (the gated 128x128x64 with 16 warps 176 bytes a
-    thread on sm_90); ptxas's register choice is not monotonic in the tile, so each kernel's
-    block_k is the one with which every such tile compiles for sm_86 and sm_90 without spilling."""
+    K-steps of block_k. Larger tiles spill inside the main loop (the gated 128x128x64 with 16
+    warps 176 bytes a thread on sm_90, the gated 64x128x32 with 8 warps 3 KB on sm_80). ptxas's
+    register choice is not monotonic in the tile, so each kernel's block_k is the one with which
+    none of its tiles spills inside the loop for sm_80, 86, 89, 90 or 120."""
     return [(m, n, min(k, block_k), max(w, 8)) for m, n, k, w in tiles if m * n <= 8192]
 
 
@@ -107,8 +108,8 @@ def gemm_tiles(rows_per_expert: float, two: bool, elem_bytes: int, budget: int,
         # 128x128 only where 16 warps still leave 128 registers a thread (sm_90, sm_100).
         largest = 128 * 128 if big else 128 * 64
         tiles = [(m, n, k, min(16, 2 * w)) for m, n, k, w in tiles if n <= 128 and m * n <= largest]
-    if fma:  # the plain 64x128x32 spills 16 bytes on sm_90, the gated one none
-        tiles = _fma_tiles(tiles, 32 if two else 16)
+    if fma:
+        tiles = _fma_tiles(tiles, 16)
     candidates = _candidates(tiles, elem_bytes, 2 if two else 1, budget)
     if big and rows_per_expert > 64 and not fma:
         # Hopper and later: the two leading tiles again with TMA weight loads, for the tuner to weigh
