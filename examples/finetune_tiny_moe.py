@@ -108,7 +108,8 @@ def main() -> None:
         print(f"sequence : {sample[0].tolist()}")
         print(f"predicted: {[None, *predicted[0, :-1].tolist()]}")
 
-    print(f"\ntraining throughput, {args.batch_size}x{args.seq_len} tokens a step, median of {args.timed_steps} steps, taking turns:")
+    print(f"\ntraining throughput, {args.batch_size}x{args.seq_len} tokens a step, "
+          f"median of {args.timed_steps} steps, taking turns:")
     rates = tokens_per_second(initial, ["eager", "grouped_mm", implementation], args)
     for name, rate in rates.items():
         print(f"  {name:12s} {rate:9.0f} tokens/s  ({rate / rates['eager']:.2f}x eager)")

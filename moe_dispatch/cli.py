@@ -175,7 +175,9 @@ def _console():
 
 
 def _progress(err_console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("{task.description:<36}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True)
@@ -354,6 +356,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     reason = unavailable_reason("triton", device)
     if reason is not None:
         raise UsageError(f"the triton backend cannot run on {device}: {reason}")
+    from .kernels.triton.configs import tuning_asked_for
     presets = parse_presets(args.preset or ["all"], args.scale or 1.0, device)
     tokens = parse_tokens(args.tokens, device) if args.tokens else list(DEFAULT_BUCKETS)
     out, err = _console()
@@ -362,7 +365,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     results = []
     total = len(presets) * len(tokens)
     try:
-        with _progress(err) as progress:
+        with _progress(err) as progress, tuning_asked_for():
             task = progress.add_task("starting", total=total)
             for preset in presets:
                 tune_preset(preset, tokens, DTYPE_OF[args.dtype], device, args.backward,

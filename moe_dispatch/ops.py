@@ -472,7 +472,8 @@ def moe_mlp(
     if _direct(*floating_inputs, *plan_tensors):
         if save:
             return _EagerMoEMLP.apply(x, weights, plan_tensors, w_gate_up, w_down, b_gate_up, b_down, activation, name)
-        out, _ = get_backend(name).moe_mlp(x, weights, plan_tensors, w_gate_up, w_down, b_gate_up, b_down, activation, False)
+        out, _ = get_backend(name).moe_mlp(x, weights, plan_tensors, w_gate_up, w_down, b_gate_up, b_down, activation,
+                                           False)
         return out
     out, _ = _moe_mlp(
         x, weights, plan.counts, plan.offsets, plan.token_of_row, plan.row_of_slot,

@@ -107,7 +107,8 @@ def naive_route(logits: Tensor, top_k: int, scoring="softmax", renormalize=True,
             w = [v / total for v in w]
         all_weights.append([v * scale for v in w])
         all_ids.append(chosen)
-    return torch.tensor(all_weights, dtype=torch.float64).view(num_tokens, top_k), torch.tensor(all_ids).view(num_tokens, top_k)
+    weights = torch.tensor(all_weights, dtype=torch.float64).view(num_tokens, top_k)
+    return weights, torch.tensor(all_ids).view(num_tokens, top_k)
 
 
 def naive_permute(x: Tensor, token_of_row) -> Tensor:

@@ -75,7 +75,8 @@ def one_line_error(capsys, argv, *expected):
 def test_presets_match_the_public_configs():
     v3 = PRESETS["deepseek-v3"]
     assert (v3.num_experts, v3.top_k, v3.hidden_size, v3.intermediate_size) == (256, 8, 7168, 2048)
-    assert (v3.n_groups, v3.topk_groups, v3.scoring, v3.routed_scaling, v3.n_shared_experts) == (8, 4, "sigmoid", 2.5, 1)
+    routing = (v3.n_groups, v3.topk_groups, v3.scoring, v3.routed_scaling, v3.n_shared_experts)
+    assert routing == (8, 4, "sigmoid", 2.5, 1)
     assert PRESETS["deepseek-v2-lite"].n_shared_experts == 2
     assert PRESETS["gpt-oss-20b"].bias and not PRESETS["mixtral-8x7b"].bias
     assert {p.name for p in PRESETS.values()} == {"mixtral-8x7b", "deepseek-v3", "deepseek-v2-lite", "qwen3-30b-a3b",

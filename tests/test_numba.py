@@ -324,7 +324,9 @@ def test_large_groups_of_aligned_operands_take_torch_grouped_mm(dtype, layout, m
     strides); the loop otherwise."""
     large_groups_everywhere(monkeypatch)
     # probed before the spy counts
-    grouped = cm._grouped_mm_on_cpu() and (dtype == torch.bfloat16 or dtype == torch.float32 and matmul_library == "blas")
+    grouped = cm._grouped_mm_on_cpu() and (
+        dtype == torch.bfloat16 or dtype == torch.float32 and matmul_library == "blas"
+    )
     calls = spy_torch_grouped_mm(monkeypatch)
     E, K, N, rows = 6, 32, 16, 40
     offsets = offsets_of(random_ids(rows, 1, E - 1, gen), E)  # the last expert is empty
@@ -443,7 +445,8 @@ def packing_on(monkeypatch):
 def moe_mlp_case(gen, dtype, bias=True):
     case = CASES[1].values[0]  # odd sizes
     ids = case.ids(gen)
-    x, weights = torch.randn(case.tokens, case.hidden, generator=gen).to(dtype), random_weights(case.tokens, case.top_k, gen)
+    x = torch.randn(case.tokens, case.hidden, generator=gen).to(dtype)
+    weights = random_weights(case.tokens, case.top_k, gen)
     return x, weights, ids, *expert_weights(case.experts, case.hidden, case.inter, True, dtype, gen, bias=bias)
 
 

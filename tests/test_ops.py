@@ -108,7 +108,8 @@ def _grads(fn, tensors):
     tensors = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
     out = fn(*tensors)
     if out.grad_fn is not None:  # the naive loop's empty batch is not connected to its inputs
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(out.dtype))
+        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        out.backward(dy.to(out.dtype))
     # an input that did not reach the output has a zero gradient
     return out, [None if t is None else t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
 
@@ -184,7 +185,8 @@ def test_grouped_mm_and_unpermute_gradients(backend, case, gen):
         return md.unpermute(ys, plan, weights, backend=backend)
 
     def naive(x, xs, w, weights):
-        ys = naive_grouped_mm(naive_permute(x.double(), plan.token_of_row.tolist()) + xs.double(), w.transpose(1, 2), offsets)
+        xs_total = naive_permute(x.double(), plan.token_of_row.tolist()) + xs.double()
+        ys = naive_grouped_mm(xs_total, w.transpose(1, 2), offsets)
         return naive_unpermute(ys, rows, weights)
 
     out, grads = _grads(ours, (x, xs, w, weights))

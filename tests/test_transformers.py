@@ -52,7 +52,8 @@ def _deepseek_v3():
         **{**COMMON, "num_key_value_heads": 4}, intermediate_size=48, moe_intermediate_size=16,
         n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1,
         first_k_dense_replace=1, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=16,
-        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4},
     )
 
 
@@ -260,7 +261,8 @@ def _flag_experts(case, gen, implementation):
     experts = _experts_class(*flags, act)(types.SimpleNamespace(_experts_implementation=implementation))
     with torch.no_grad():
         for p in experts.parameters():
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen) if p.dim() == 1 else torch.randn(p.shape, generator=gen) / 3)
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.1 * noise if p.dim() == 1 else noise / 3)
     return experts
 
 

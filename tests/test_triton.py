@@ -11,6 +11,7 @@ the device-side report of bad expert ids, bitwise determinism, persisted autotun
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -497,6 +498,32 @@ def test_tuner_persists_the_fastest_config_and_reuses_it(tmp_path, monkeypatch):
     # an unreadable entry is tuned again, not trusted
     path.write_text(json.dumps({"k1": {"block_m": 16, "tile_shape": [1, 2]}}))
     assert configs.Tuner(bench).select("k1", lambda: options, lambda c: c, path, may_tune=True) == options[1]
+
+
+def test_tuner_says_once_why_a_first_call_pauses_and_logs_each_winner(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")
+    options = [TileConfig(16, 16, 16), TileConfig(16, 32, 16)]
+    bench, _ = _fake_bench({16: 2.0, 32: 1.0})
+    tuner, path = configs.Tuner(bench), tmp_path / "cache.json"
+    with caplog.at_level(logging.INFO, logger="moe_dispatch"):
+        for key in ("k1", "k2", "k1"):
+            tuner.select(key, lambda: options, lambda c: c, path, may_tune=True)
+    notices = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(notices) == 1 and str(path) in notices[0].getMessage() and "moe-dispatch tune" in notices[0].getMessage()
+    tuned = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(tuned) == 2 and all(str(options[1]) in m for m in tuned), tuned
+
+
+def test_tuning_asked_for_overrides_the_pin_and_the_notice_then_restores_both(monkeypatch):
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")
+    monkeypatch.setattr(configs.TUNER, "announced", False)
+    with configs.tuning_asked_for():
+        assert os.environ[configs.AUTOTUNE_ENV] == "1" and configs.TUNER.announced
+    assert os.environ[configs.AUTOTUNE_ENV] == "0" and not configs.TUNER.announced
+    monkeypatch.delenv(configs.AUTOTUNE_ENV)
+    with configs.tuning_asked_for():
+        pass
+    assert configs.AUTOTUNE_ENV not in os.environ
 
 
 def test_tuner_never_times_when_pinned_or_not_allowed(tmp_path, monkeypatch):

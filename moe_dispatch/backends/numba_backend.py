@@ -56,8 +56,10 @@ Tensor = torch.Tensor
 # grouped_mm sends each expert its own way; moe_mlp takes the fused decode path while the
 # active experts average at most the limit.
 FUSED_LIMITS = {
-    "onednn": {torch.float32: (16, 27e6), torch.float64: (192, 0), torch.bfloat16: (8, 30e6), torch.float16: (16, 27e6)},
-    "blas": {torch.float32: (192, 0), torch.float64: (192, 0), torch.bfloat16: (8, 30e6), torch.float16: (128, 0)},
+    "onednn": {torch.float32: (16, 27e6), torch.float64: (192, 0),
+               torch.bfloat16: (8, 30e6), torch.float16: (16, 27e6)},
+    "blas": {torch.float32: (192, 0), torch.float64: (192, 0),
+             torch.bfloat16: (8, 30e6), torch.float16: (128, 0)},
 }
 
 
@@ -374,7 +376,8 @@ class NumbaBackend(Backend):
         bounds = int32_array(offsets)
         check_offsets(bounds, token_of_row.shape[0])
         active = int(np.count_nonzero(np.diff(bounds)))
-        decode = active and token_of_row.shape[0] <= fused_rows_limit(x.dtype, mlp_flops_per_row(w_gate_up, w_down)) * active
+        rows_limit = fused_rows_limit(x.dtype, mlp_flops_per_row(w_gate_up, w_down))
+        decode = active and token_of_row.shape[0] <= rows_limit * active
         # The fused kernels read K-contiguous weights; other layouts take the blocked path,
         # whose library products read any strides.
         if decode and w_gate_up.is_contiguous() and w_down.is_contiguous():
@@ -428,7 +431,8 @@ class NumbaBackend(Backend):
     def moe_mlp_backward_rows(self, h, g, dyp, w_row, activation):
         num_rows, inter = g.shape
         gated = is_gated(activation)
-        if h.shape != (num_rows, 2 * inter if gated else inter) or dyp.shape[0] != num_rows or w_row.shape != (num_rows,):
+        width = 2 * inter if gated else inter
+        if h.shape != (num_rows, width) or dyp.shape[0] != num_rows or w_row.shape != (num_rows,):
             raise ValueError(f"h {tuple(h.shape)}, g {tuple(g.shape)}, dyp {tuple(dyp.shape)} and w_row "
                              f"{tuple(w_row.shape)} must agree on the rows (and h on I for {activation})")
         a, dh, do = dyp.new_empty(num_rows, inter), dyp.new_empty(h.shape), dyp.new_empty(dyp.shape)

@@ -22,7 +22,8 @@ from ..kernels.triton import permute as move
 from ..kernels.triton import plan as plan_kernels
 from ..kernels.triton import wgrad
 from ..kernels.triton.configs import (
-    TUNER, act_backward_candidates, decode_candidates, dtype_tag, gemm_candidates, shape_bucket, wgrad_candidates,
+    TUNER, act_backward_candidates, cache_path, decode_candidates, dtype_tag, gemm_candidates, shape_bucket,
+    tuning_asked_for, wgrad_candidates,
 )
 from .base import Backend, PlanTensors
 
@@ -206,7 +207,6 @@ def tune(
     says), so the winners are persisted and later calls, timed or captured, only read them.
     """
     from .. import ops
-    from ..kernels.triton.configs import AUTOTUNE_ENV, cache_path
 
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -217,9 +217,7 @@ def tune(
     w_gate_up = (w_gate_up * hidden_size**-0.5).to(dtype)
     w_down = torch.randn(num_experts, hidden_size, intermediate_size, device=device, generator=gen)
     w_down = (w_down * intermediate_size**-0.5).to(dtype)
-    previous = os.environ.get(AUTOTUNE_ENV)
-    os.environ[AUTOTUNE_ENV] = "1"
-    try:
+    with tuning_asked_for():
         weights, ids = ops.route(logits, top_k, backend="triton")
         plan = ops.make_plan(ids, num_experts, backend="triton")
         ops.grouped_mm(ops.permute(x, plan, backend="triton"), w_gate_up.transpose(1, 2), plan.offsets,
@@ -232,9 +230,4 @@ def tune(
         with torch.no_grad():  # without a plan: the decode kernels, up to decode.MAX_TOKENS tokens
             ops.moe_mlp(x, weights, ids, w_gate_up, w_down, activation=activation, backend="triton")
         torch.cuda.synchronize(device)
-    finally:
-        if previous is None:
-            del os.environ[AUTOTUNE_ENV]
-        else:
-            os.environ[AUTOTUNE_ENV] = previous
     return cache_path(device)

@@ -136,7 +136,9 @@ def experts_forward(
 
 
 # @use_experts_implementation's flags and their values in the releases before each existed.
-_FLAG_DEFAULTS = dict(has_gate=True, has_bias=False, is_transposed=False, is_concatenated=True, has_post_expert_norm=False)
+_FLAG_DEFAULTS = dict(
+    has_gate=True, has_bias=False, is_transposed=False, is_concatenated=True, has_post_expert_norm=False,
+)
 
 
 def flag(experts: nn.Module, name: str) -> bool:
@@ -279,7 +281,8 @@ def _read_block_config(block: nn.Module, kind: str) -> dict:
 def _shared_expert_count(shared: nn.Module, intermediate: int) -> int:
     """How many experts' width the shared SwiGLU MLP has (MoE's n_shared_experts)."""
     linears = [getattr(shared, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    if not all(isinstance(m, nn.Linear) and m.bias is None for m in linears) or _activation_name(shared.act_fn) != "silu":
+    bias_free = all(isinstance(m, nn.Linear) and m.bias is None for m in linears)
+    if not bias_free or _activation_name(shared.act_fn) != "silu":
         raise ValueError(f"the shared experts {type(shared).__name__} are not a bias-free SwiGLU MLP, as MoE's are")
     width = shared.gate_proj.out_features
     if width % intermediate:

@@ -8,7 +8,8 @@ and the compile fallback.
   the candidates once per shape bucket and stores the winner in
   $MOE_DISPATCH_CACHE_DIR (default ~/.cache/moe_dispatch)/triton-<version>-<device>.json.
   It never runs while a CUDA graph is being captured or while torch's sync debug mode is on
-  (timing needs host syncs): those calls use the cached or default config.
+  (timing needs host syncs): those calls use the cached or default config. The first tuning
+  in a process logs a warning on the "moe_dispatch" logger, since that call pauses.
 - float32 without TF32 (torch's default) makes tl.dot an FMA loop on the CUDA cores, which
   holds each thread's slices of both operands in registers: its candidates are smaller tiles,
   with short K-steps and more warps, so that ptxas does not spill (_fma_tiles).
@@ -19,21 +20,25 @@ and the compile fallback.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
 import threading
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 import triton
 
 AUTOTUNE_ENV = "MOE_DISPATCH_AUTOTUNE"
 CACHE_DIR_ENV = "MOE_DISPATCH_CACHE_DIR"
+LOG = logging.getLogger("moe_dispatch")
 SMALL_SMEM = 96 * 1024
 LARGE_SMEM = 200 * 1024
 Result = TypeVar("Result")
@@ -268,6 +273,7 @@ class Tuner:
         self._lock = threading.Lock()
         self._tables: dict[Path, dict] = {}
         self._failed: set[tuple[str, TileConfig]] = set()
+        self.announced = False  # the notice that a first call pauses to tune was logged (or not wanted)
 
     def run(self, key: str, candidates: Callable[[], list[TileConfig]], launch: Callable[[TileConfig], Result],
             device: torch.device) -> Result:
@@ -296,7 +302,7 @@ class Tuner:
                     del table[key]
             if not may_tune:
                 return candidates()[0]
-            config = self._tune(key, candidates(), launch)
+            config = self._tune(key, candidates(), launch, path)
             table[key] = asdict(config)
             self._persist(path, table)
             return config
@@ -317,14 +323,22 @@ class Tuner:
             )
             return launch(SAFE)
 
-    def _tune(self, key: str, options: list[TileConfig], launch: Callable) -> TileConfig:
+    def _tune(self, key: str, options: list[TileConfig], launch: Callable, path: Path) -> TileConfig:
+        if not self.announced:  # the first call of a new shape pauses to compile and time: say why, once
+            self.announced = True
+            LOG.warning("moe_dispatch: autotuning the Triton kernels for a new shape (once per shape, cached in %s). "
+                        "`moe-dispatch tune` does it ahead of time; MOE_DISPATCH_AUTOTUNE=0 skips it.", path)
+        start = time.perf_counter()
         timings = []
         for config in options:
             try:
                 timings.append((self.bench(lambda: launch(config)), config))
             except Exception as exc:  # a candidate that cannot compile here is simply not a winner
                 warnings.warn(f"moe_dispatch: tile config {config} failed for {key}: {exc!r}", stacklevel=4)
-        return min(timings, key=lambda t: t[0])[1] if timings else SAFE
+        winner = min(timings, key=lambda t: t[0])[1] if timings else SAFE
+        LOG.info("moe_dispatch: tuned %s in %.1f s over %d candidates: %s", key, time.perf_counter() - start,
+                 len(options), winner)
+        return winner
 
     def _table(self, path: Path) -> dict:
         if path not in self._tables:
@@ -348,3 +362,20 @@ def _may_tune() -> bool:
 
 
 TUNER = Tuner()
+
+
+@contextmanager
+def tuning_asked_for() -> Iterator[None]:
+    """Autotuning on, whatever MOE_DISPATCH_AUTOTUNE says, and without the notice that a call
+    pauses for it: for the callers that tune ahead of time."""
+    previous, announced = os.environ.get(AUTOTUNE_ENV), TUNER.announced
+    os.environ[AUTOTUNE_ENV] = "1"
+    TUNER.announced = True
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[AUTOTUNE_ENV]
+        else:
+            os.environ[AUTOTUNE_ENV] = previous
+        TUNER.announced = announced
