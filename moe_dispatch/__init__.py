@@ -5,7 +5,7 @@ Triton kernels for GPUs, Numba kernels for CPUs and PyTorch references. Every fu
 takes backend="auto" | "torch" | "numba" | "triton".
 """
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib.metadata as _metadata
 
 from .backends import BackendUnavailable, available_backends, select_backend
 from .backends.cpu_packing import clear_packed_weights
@@ -14,8 +14,8 @@ from .ops import grouped_mm, make_plan, moe_mlp, permute, route, unpermute
 from .plan import DispatchPlan
 
 try:
-    __version__ = version("moe-dispatch")
-except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = _metadata.version("moe-dispatch")
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [

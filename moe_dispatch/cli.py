@@ -357,7 +357,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if reason is not None:
         raise UsageError(f"the triton backend cannot run on {device}: {reason}")
     from .kernels.triton.configs import tuning_asked_for
-    presets = parse_presets(args.preset or ["all"], args.scale or 1.0, device)
+    presets = parse_presets(args.preset or ["all"], 1.0 if args.scale is None else args.scale, device)
     tokens = parse_tokens(args.tokens, device) if args.tokens else list(DEFAULT_BUCKETS)
     out, err = _console()
     out.print(f"moe-dispatch tune: {_machine_line(device)}; {len(presets)} presets x {len(tokens)} token buckets, "
@@ -388,14 +388,25 @@ def _tuning_location(device: torch.device) -> str:
 # ---- the parser ----------------------------------------------------------------------------
 
 
-def _add_shape_args(p: argparse.ArgumentParser, tokens_help: str) -> None:
+def _seconds(text: str) -> float:
+    """argparse type of --budget: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _add_shape_args(p: argparse.ArgumentParser, tokens_help: str, preset_default: str = DEFAULT_PRESET,
+                    scale_default: str = f"1 on a GPU, {DEFAULT_SCALE['cpu']} on the CPU") -> None:
     p.add_argument("--preset", nargs="+", metavar="NAME",
-                   help=f"model presets (space or comma separated, or all); default {DEFAULT_PRESET}")
+                   help=f"model presets (space or comma separated, or all); default {preset_default}")
     p.add_argument("--tokens", metavar="T,T,...", help=tokens_help)
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="default bfloat16")
     p.add_argument("--scale", type=float, metavar="F",
-                   help="multiply H and I by F (rounded to multiples of 16); default 1 on a GPU, "
-                        f"{DEFAULT_SCALE['cpu']} on the CPU")
+                   help=f"multiply H and I by F (rounded to multiples of 16); default {scale_default}")
     p.add_argument("--device", metavar="cpu|cuda", help="default cuda when there is a GPU, else cpu")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and numba (default: torch's)")
 
@@ -404,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .benchmarking.bench import OPS
     from .benchmarking.cases import ROUTINGS
     from .benchmarking.peers import OP_PEERS
+    from .benchmarking.tune import DEFAULT_BUCKETS
 
     parser = Parser(prog="moe-dispatch", description="Fast Mixture-of-Experts dispatch.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -431,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cuda-graph", action="store_true",
                        help="time replays of a CUDA graph of each call, as servers run decode (CUDA, forward); "
                             "a peer that syncs with the host is left out")
-    bench.add_argument("--budget", type=float, default=0.3, metavar="S", help="timed seconds per point (default 0.3)")
+    bench.add_argument("--budget", type=_seconds, default=0.3, metavar="S", help="timed seconds per point (default 0.3)")
     bench.add_argument("--json", metavar="PATH", help="write one record per result")
     bench.add_argument("--plot", metavar="PATH.png", help="plot time against tokens, log-log")
     bench.set_defaults(func=cmd_bench)
@@ -441,13 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--backend", default="auto", metavar="auto|torch|numba|triton")
     profile.add_argument("--routing", choices=ROUTINGS, default="uniform")
     profile.add_argument("--backward", action="store_true", help="time each stage's backward too")
-    profile.add_argument("--budget", type=float, default=0.3, metavar="S", help="timed seconds per stage")
+    profile.add_argument("--budget", type=_seconds, default=0.3, metavar="S", help="timed seconds per stage")
     profile.add_argument("--trace", metavar="OUT.json", help="save a torch.profiler Chrome trace")
     profile.add_argument("--json", metavar="PATH", help="write the stage table")
     profile.set_defaults(func=cmd_profile)
 
     tune = sub.add_parser("tune", help="run the triton backend's autotuning ahead of time (GPU)")
-    _add_shape_args(tune, "token buckets; default " + ",".join(map(str, (1, 16, 64, 256, 1024, 4096, 8192))))
+    _add_shape_args(tune, "token buckets; default " + ",".join(map(str, DEFAULT_BUCKETS)),
+                    preset_default="all", scale_default="1: the tuned shapes must be the real ones")
     tune.add_argument("--backward", action="store_true", help="tune the backward kernels too")
     tune.set_defaults(func=cmd_tune)
     return parser

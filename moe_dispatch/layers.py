@@ -10,6 +10,7 @@ from torch import nn
 
 from . import validation as check
 from .activations import ACTIVATIONS, is_gated
+from .backends import BACKEND_NAMES
 from .ops import make_plan, moe_mlp, route
 from .plan import DispatchPlan
 
@@ -85,8 +86,8 @@ class MoE(nn.Module):
             raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}")
         check.choice("activation", activation, ACTIVATIONS)
         check.choice("scoring", scoring, ("softmax", "sigmoid"))
-        if n_groups is not None and num_experts % n_groups:
-            raise ValueError(f"n_groups={n_groups} must divide num_experts={num_experts}")
+        check.routing_groups(num_experts, top_k, n_groups, topk_groups)
+        check.choice("backend", backend, ("auto", *BACKEND_NAMES))
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k = num_experts, top_k
         self.activation, self.scoring, self.renormalize = activation, scoring, renormalize

@@ -68,20 +68,7 @@ def route(
         check.floating("bias", bias, ndim=1)
         check.shape("bias", bias, (num_experts,))
         check.same_device("bias", bias, "logits", logits)
-    if (n_groups is None) != (topk_groups is None):
-        raise ValueError(f"n_groups and topk_groups go together; got n_groups={n_groups}, topk_groups={topk_groups}")
-    if n_groups is not None:
-        check.positive_int("n_groups", n_groups)
-        check.positive_int("topk_groups", topk_groups)
-        if num_experts % n_groups:
-            raise ValueError(f"n_groups={n_groups} must divide the number of experts E={num_experts}")
-        if topk_groups > n_groups:
-            raise ValueError(f"topk_groups={topk_groups} exceeds n_groups={n_groups}")
-        if top_k > topk_groups * (num_experts // n_groups):
-            raise ValueError(
-                f"top_k={top_k} exceeds the {topk_groups * (num_experts // n_groups)} experts "
-                f"in topk_groups={topk_groups} groups"
-            )
+    check.routing_groups(num_experts, top_k, n_groups, topk_groups)
     _backend_name(logits.device, backend)
 
     # At least float32 whatever the logits' dtype; float64 stays float64 (gradcheck).
@@ -212,6 +199,7 @@ def permute(x: Tensor, plan: DispatchPlan, *, backend: str = "auto") -> Tensor:
     check.plan(plan, "x", x)
     if x.shape[0] != plan.num_tokens:
         raise ValueError(f"x has {x.shape[0]} tokens but the plan was made for {plan.num_tokens}")
+    check.plan_values(plan)
     return _permute(x, plan.token_of_row, plan.row_of_slot, _backend_name(x.device, backend))
 
 
@@ -224,6 +212,7 @@ def unpermute(ys: Tensor, plan: DispatchPlan, weights: Optional[Tensor] = None, 
     check.plan(plan, "ys", ys)
     if ys.shape[0] != plan.num_rows:
         raise ValueError(f"ys has {ys.shape[0]} rows but the plan has {plan.num_rows} (T*k)")
+    check.plan_values(plan)
     if weights is not None:
         check.floating("weights", weights, ndim=2)
         check.shape("weights", weights, tuple(plan.row_of_slot.shape))
@@ -437,7 +426,8 @@ def moe_mlp(
     w_gate_up: [E, 2I, H] (gate rows first, then up rows; [E, I, H] for gelu/relu/silu);
     w_down: [E, H, I]; b_gate_up: [E, 2I] or [E, I]; b_down: [E, H].
     expert(v) = w_down[e] @ act(w_gate_up[e] @ v + b_gate_up[e]) + b_down[e].
-    plan: the DispatchPlan of ids, when the caller already made it.
+    plan: the DispatchPlan of ids, when the caller already made it (checked against ids for
+    CPU tensors).
     Returns [T, H] in x's dtype.
     """
     check.floating("x", x, ndim=2)
@@ -468,6 +458,8 @@ def moe_mlp(
                 f"plan was made for ids {tuple(plan.row_of_slot.shape)} and {plan.num_experts} experts, "
                 f"not ids {tuple(ids.shape)} and {w_gate_up.shape[0]} experts"
             )
+        check.expert_id_values(ids, w_gate_up.shape[0])
+        check.plan_values(plan, ids)
     plan_tensors = (plan.counts, plan.offsets, plan.token_of_row, plan.row_of_slot)
     if _direct(*floating_inputs, *plan_tensors):
         if save:

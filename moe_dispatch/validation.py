@@ -45,7 +45,7 @@ def floating(name: str, t: Tensor, ndim: Optional[int] = None) -> None:
 def integer(name: str, t: Tensor, ndim: Optional[int] = None) -> None:
     tensor(name, t, ndim)
     if t.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"{name} must be an integer tensor (int32 or int64), got {t.dtype}")
+        raise TypeError(f"{name} must be an integer tensor (int64, int32, int16, int8 or uint8), got {t.dtype}")
 
 
 def positive_int(name: str, value, minimum: int = 1) -> None:
@@ -89,10 +89,69 @@ def expert_id_values(ids: Tensor, num_experts: int) -> None:
             raise ValueError(f"ids must lie in [0, {num_experts}): found expert id {bad}")
 
 
+def routing_groups(num_experts: int, top_k: int, n_groups: Optional[int], topk_groups: Optional[int]) -> None:
+    """DeepSeek-V3's group-limited routing: n_groups divides E and keeps at least top_k experts."""
+    if (n_groups is None) != (topk_groups is None):
+        raise ValueError(f"n_groups and topk_groups go together; got n_groups={n_groups}, topk_groups={topk_groups}")
+    if n_groups is None:
+        return
+    positive_int("n_groups", n_groups)
+    positive_int("topk_groups", topk_groups)
+    if num_experts % n_groups:
+        raise ValueError(f"n_groups={n_groups} must divide the number of experts E={num_experts}")
+    if topk_groups > n_groups:
+        raise ValueError(f"topk_groups={topk_groups} exceeds n_groups={n_groups}")
+    if top_k > topk_groups * (num_experts // n_groups):
+        raise ValueError(
+            f"top_k={top_k} exceeds the {topk_groups * (num_experts // n_groups)} experts "
+            f"in topk_groups={topk_groups} groups"
+        )
+
+
 def plan(p: DispatchPlan, x_name: str, x: Tensor) -> None:
     if not isinstance(p, DispatchPlan):
         raise TypeError(f"plan must be a DispatchPlan (from make_plan), got {type(p).__name__}")
     same_device(x_name, x, "plan", p.counts)
+
+
+def _in_range(name: str, values: Tensor, end: int) -> None:
+    low, high = (int(v) for v in torch.aminmax(values))
+    if low < 0 or high >= end:
+        raise ValueError(f"{name} must lie in [0, {end}); got values from {low} to {high}")
+
+
+def plan_values(p: DispatchPlan, ids: Optional[Tensor] = None) -> None:
+    """p is a plan make_plan could have made (of ids, when given): a scan of the data, for CPU
+    tensors or MOE_DISPATCH_CHECKS=1. A stale or hand-made plan would otherwise give a wrong
+    answer without an error."""
+    if not value_checks_enabled(p.row_of_slot):
+        return
+    num_rows, num_tokens, device = p.num_rows, p.num_tokens, p.row_of_slot.device
+    if p.row_of_slot.dim() != 2 or p.row_of_slot.numel() != num_rows or p.offsets.shape != (p.num_experts + 1,):
+        raise ValueError(f"plan's fields disagree: counts {tuple(p.counts.shape)}, offsets {tuple(p.offsets.shape)}, "
+                         f"token_of_row {tuple(p.token_of_row.shape)}, row_of_slot {tuple(p.row_of_slot.shape)}")
+    bounds = p.offsets.long()
+    if int(bounds[0]) != 0 or not torch.equal(bounds.diff(), p.counts.long()) or int(bounds[-1]) != num_rows:
+        raise ValueError(f"plan.offsets must rise from 0 to {num_rows} by plan.counts; "
+                         f"got offsets {bounds.tolist()} and counts {p.counts.tolist()}")
+    if not num_rows:
+        return
+    rows, tokens = p.row_of_slot.reshape(-1).long(), p.token_of_row.long()
+    _in_range("plan.row_of_slot", rows, num_rows)
+    _in_range("plan.token_of_row", tokens, num_tokens)
+    if bool((torch.bincount(rows, minlength=num_rows) != 1).any()):
+        raise ValueError("plan.row_of_slot must send every slot to a row of its own; some row takes two slots")
+    slot_tokens = torch.arange(num_tokens, device=device).repeat_interleave(p.top_k)
+    if not torch.equal(tokens[rows], slot_tokens):
+        raise ValueError("plan.token_of_row must invert plan.row_of_slot: token_of_row[row_of_slot[t, j]] == t")
+    if ids is None:
+        return
+    expert_of_row = torch.searchsorted(bounds[1:], torch.arange(num_rows, device=device), right=True)
+    mismatch = (expert_of_row[rows] != ids.reshape(-1).long()).nonzero()
+    if mismatch.numel():
+        t, j = divmod(int(mismatch[0]), p.top_k)
+        raise ValueError(f"plan is not the plan of ids: ids[{t}, {j}] = {int(ids[t, j])} but the plan sends "
+                         f"that slot to expert {int(expert_of_row[rows[t * p.top_k + j]])} (a plan of other ids?)")
 
 
 def offsets(offs: Tensor, num_rows: int, num_experts: int, device: torch.device) -> None:

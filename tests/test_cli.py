@@ -137,6 +137,8 @@ def test_unavailable_backend_names_the_available_ones(capsys, monkeypatch):
     (["bench", "--compare", "vllm", "--device", "cpu"], ("hf-eager", "hf-grouped-mm", "torch-grouped-mm", "dense")),
     (["bench", "--scale", "0", "--device", "cpu"], ("--scale",)),
     (["bench", "--threads", "0", "--device", "cpu"], ("--threads",)),
+    (["bench", "--budget", "0", "--device", "cpu"], ("--budget", "positive")),
+    (["profile", "--budget", "soon", "--device", "cpu"], ("--budget", "'soon'")),
     (["bench", "--device", "tpu"], ("cpu",)),
     (["bench", "--op", "permute", "--backward", "--device", "cpu"], ("--backward",)),
     (["bench", "--cuda-graph", "--device", "cpu"], ("--cuda-graph", "cpu")),
@@ -240,6 +242,12 @@ def test_gpu_bench_cuda_graph_times_triton_and_the_peers_that_can_be_captured(tm
     assert [(r["backend"], r["tokens"], r["cuda_graph"]) for r in records] == [("triton", 1, True),
                                                                                 ("triton", 16, True)]
     assert all(r["peers"]["dense"] is not None for r in records)
+
+
+def test_bench_notes_only_the_columns_it_shows(capsys):
+    assert main(["bench", *TINY, "--backend", "torch", "--compare", "none"]) == 0
+    text = capsys.readouterr().out
+    assert "roofline:" in text and "vs X" not in text and "vs bound" not in text
 
 
 def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):

@@ -1,5 +1,8 @@
 """Every bad input raises ValueError or TypeError naming the argument and the value."""
 
+import re
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -65,6 +68,56 @@ def test_moe_mlp_rejects_a_plan_for_other_ids(good):
     other = md.make_plan(torch.zeros(T + 2, K, dtype=torch.long), E)
     with pytest.raises(ValueError, match="plan was made for ids"):
         _mlp(good, plan=other)
+
+
+def test_moe_mlp_rejects_a_stale_plan(good, backend):
+    """A plan of other ids of the same shape (the last batch's, say) would mix up the experts."""
+    other = md.make_plan(torch.roll(good["ids"], 1, dims=0), E)
+    with pytest.raises(ValueError, match=r"plan is not the plan of ids: ids\[\d+, \d\]"):
+        _mlp(good, plan=other, backend=backend)
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 4\): found expert id 99"):
+        _mlp(good, ids=torch.full((T, K), 99), plan=good["plan"], backend=backend)
+
+
+def _one_row_twice(plan):
+    rows = plan.row_of_slot.clone()
+    rows[1, 0] = rows[0, 0]
+    return replace(plan, row_of_slot=rows)
+
+
+def _rows_swapped(plan):
+    tokens = plan.token_of_row.clone()
+    tokens[[0, -1]] = tokens[[-1, 0]]
+    return replace(plan, token_of_row=tokens)
+
+
+def _counts_off(plan):
+    counts = plan.counts.clone()
+    counts[0] += 1
+    counts[1] -= 1
+    return replace(plan, counts=counts)
+
+
+BAD_PLANS = {  # how a hand-made plan goes wrong -> what the error says
+    "token-range": (lambda p: replace(p, token_of_row=p.token_of_row + T), "plan.token_of_row must lie in [0, 6)"),
+    "row-range": (lambda p: replace(p, row_of_slot=p.row_of_slot - 1), "plan.row_of_slot must lie in [0, 12)"),
+    "row-twice": (_one_row_twice, "a row of its own"),
+    "not-inverse": (_rows_swapped, "must invert plan.row_of_slot"),
+    "counts": (_counts_off, "plan.offsets must rise from 0 to 12 by plan.counts"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_PLANS)
+def test_permute_unpermute_and_moe_mlp_reject_an_inconsistent_plan(good, backend, bad):
+    """Every backend (the torch one included, whose indexing would fail without naming the
+    plan) says which field is wrong."""
+    make, message = BAD_PLANS[bad]
+    plan = make(good["plan"])
+    for call in (lambda: md.permute(good["x"], plan, backend=backend),
+                 lambda: md.unpermute(torch.randn(T * K, H), plan, backend=backend),
+                 lambda: _mlp(good, plan=plan, backend=backend)):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
 
 
 @pytest.mark.parametrize(
@@ -151,9 +204,13 @@ def test_grouped_mm_rejects_float_offsets_and_mixed_dtypes():
         pytest.param(dict(hidden_size=0), ["hidden_size"], id="hidden=0"),
         pytest.param(dict(scoring="max"), ["scoring"], id="scoring"),
         pytest.param(dict(n_groups=3, topk_groups=1), ["n_groups=3"], id="groups"),
+        pytest.param(dict(n_groups=2), ["topk_groups"], id="groups-pair"),
+        pytest.param(dict(n_groups=2, topk_groups=3), ["topk_groups=3"], id="topk_groups>n"),
+        pytest.param(dict(backend="gpu"), ["backend", "'gpu'", "'triton'"], id="backend"),
     ],
 )
 def test_layer_rejects(kwargs, words):
+    """At construction, not at the first forward."""
     args = dict(dict(hidden_size=H, intermediate_size=I, num_experts=E, top_k=2), **kwargs)
     with pytest.raises(ValueError) as info:
         md.MoE(**args)

@@ -76,9 +76,13 @@ def resolve_backend(device: Union[torch.device, str], backend: str) -> str:
     """select_backend, with MOE_DISPATCH_BACKEND standing in for "auto"."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto") or "auto"
-    return select_backend(device, backend)
+    chosen = os.environ.get(ENV_VAR, "auto") or "auto" if backend == "auto" else backend
+    try:
+        return select_backend(device, chosen)
+    except BackendUnavailable as exc:
+        if chosen != backend:  # say where the name came from: the caller did not pass it
+            raise BackendUnavailable(f"{exc} (from {ENV_VAR}={chosen})") from None
+        raise
 
 
 def get_backend(name: str) -> Backend:

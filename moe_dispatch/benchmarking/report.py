@@ -56,17 +56,17 @@ def bench_tables(records: list) -> list:
 
 
 PEER_NOTE = ("vs X: X's median time / this backend's (above 1 = faster than X); vs bound: the time the "
-             "distinct experts' bytes take at the measured bandwidth. roofline: the least time this work "
-             "can take here (max of bytes / bandwidth and FLOPs / matmul peak) over the measured time, "
-             "mem(ory) or com(pute) bound.")
+             "distinct experts' bytes take at the measured bandwidth. ")
+ROOFLINE_NOTE = ("roofline: the least time this work can take here (max of bytes / bandwidth and FLOPs / "
+                 "matmul peak) over the measured time, mem(ory) or com(pute) bound.")
 
 
 def print_tables(records: list, console: Optional[Console] = None) -> None:
     console = console or Console()
     for table in bench_tables(records):
         console.print(table)
-    if records:
-        console.print(PEER_NOTE, style="dim")
+    if records:  # the "vs" columns' note only where a table has them
+        console.print((PEER_NOTE if any(r["peers"] for r in records) else "") + ROOFLINE_NOTE, style="dim")
 
 
 def plot(records: Iterable[dict], path: str) -> None:

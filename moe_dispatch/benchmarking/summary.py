@@ -69,6 +69,8 @@ def main(paths: list) -> int:
         try:
             with open(path) as f:
                 records.extend(json.load(f))
+        except FileNotFoundError:  # a step that did not run here (CUDA graphs on a CPU) or did not finish
+            print(f"no results in {path}: that step wrote none")
         except (OSError, ValueError) as exc:
             print(f"skipped {path}: {exc}")
     console = Console(width=200)
