@@ -21,6 +21,7 @@ from moe_dispatch import backends, moe_mlp
 from moe_dispatch.benchmarking.cases import ROUTINGS, make_experts, make_ids, make_inputs
 from moe_dispatch.benchmarking.costs import Work
 from moe_dispatch.benchmarking.peers import moe_peer, peer_call
+from moe_dispatch.benchmarking import summary
 from moe_dispatch.benchmarking.presets import DEFAULT_PRESET, DEFAULT_SCALE, DEFAULT_TOKENS, PRESETS, get_preset, scaled
 from moe_dispatch.benchmarking.roofline import Roofline, cache_path, device_key
 from moe_dispatch.benchmarking.timing import capture_cuda_graphs, measure_many
@@ -248,6 +249,44 @@ def test_bench_notes_only_the_columns_it_shows(capsys):
     assert main(["bench", *TINY, "--backend", "torch", "--compare", "none"]) == 0
     text = capsys.readouterr().out
     assert "roofline:" in text and "vs X" not in text and "vs bound" not in text
+
+
+# ---- summary (gpu_check.sh's last table) ---------------------------------------------------------
+
+
+def _record(op="moe_mlp", tokens=128, ms=1.0, roofline=0.5, **peers):
+    """A bench record; peers: name -> ms (the bound among them)."""
+    return {"op": op, "preset": "p", "scale": 1.0, "backend": "triton", "tokens": tokens, "ms": ms, "tflops": 1.0,
+            "gbps": 1.0, "roofline": roofline, "peers": peers,
+            "speedup": {name: t / ms for name, t in peers.items() if name != "bound"}}
+
+
+@pytest.mark.parametrize("record, expected", [
+    (_record(tokens=1, ms=1.4, bound=1.0), [("<= 1.5x bound", True)]),
+    (_record(tokens=16, ms=1.6, bound=1.0), [("<= 1.5x bound", False)]),
+    (_record(tokens=17, ms=9.0, bound=1.0), []),  # not decode: no bound target
+    (_record(ms=1.0, **{"torch-grouped-mm": 1.31}), [(">= 1.3x t-gmm", True)]),
+    (_record(ms=1.0, **{"torch-grouped-mm": 1.2}), [(">= 1.3x t-gmm", False)]),
+    (_record("grouped_mm", 1024, 1.0, **{"torch-grouped-mm": 0.91}), [(">= 0.9x t-gmm", True)]),
+    (_record("grouped_mm", 512, 1.0, **{"torch-grouped-mm": 0.5}), []),  # below 1024 tokens: none
+    (_record("permute", roofline=0.71), [(">= 70% copy bw", True)]),
+    (_record("unpermute", roofline=0.5), [(">= 70% copy bw", False)]),
+])
+def test_summary_checks_each_target_where_it_applies(record, expected):
+    assert summary.targets(record) == expected
+
+
+def test_summary_reads_bench_records_and_prints_markdown(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    assert main(["bench", *TINY, "--backend", "torch", "--compare", "torch-grouped-mm,bound", "--json", str(path)]) == 0
+    capsys.readouterr()
+    assert summary.main([str(path), str(tmp_path / "missing.json"), "--markdown"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "no results in " + str(tmp_path / "missing.json") + ": that step wrote none"
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0].startswith("| op | preset | backend | T |") and len(table) == 2 + 2  # header, rule, T=1 and 4
+    assert all("<= 1.5x bound, >= 1.3x t-gmm" in row for row in table[2:])
+    assert " of 4 targets met" in lines[-1]  # two per record; whether the torch backend meets them is its business
 
 
 def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):

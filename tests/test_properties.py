@@ -1,10 +1,12 @@
 """Properties over random shapes (hypothesis): every backend against the naive loop."""
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import moe_dispatch as md
+from moe_dispatch import validation
 from conftest import assert_close
 from reference import naive_grouped_mm, naive_moe_mlp, naive_plan
 
@@ -31,6 +33,21 @@ def test_plan_matches_naive(backend, routing):
     counts, offsets, token_of_row, row_of_slot = naive_plan(ids, experts)
     assert plan.counts.tolist() == counts and plan.offsets.tolist() == offsets
     assert plan.token_of_row.tolist() == token_of_row and plan.row_of_slot.tolist() == row_of_slot
+
+
+@SETTINGS
+@given(routing=routings())
+def test_the_plan_check_passes_every_plan_and_no_other_ids(backend, routing):
+    """A plan passed to moe_mlp is checked against its ids: never a false alarm, and a slot
+    routed elsewhere is caught."""
+    ids, experts, _ = routing
+    plan = md.make_plan(ids, experts, backend=backend)
+    validation.plan_values(plan, ids)
+    if ids.numel() and experts > 1:
+        other = ids.clone()
+        other[-1, -1] = (other[-1, -1] + 1) % experts
+        with pytest.raises(ValueError, match="not the plan of ids"):
+            validation.plan_values(plan, other)
 
 
 @SETTINGS

@@ -1,6 +1,6 @@
 """A compact table of saved bench records, checked against the GPU targets of the triton backend.
 
-    python -m moe_dispatch.benchmarking.summary RESULTS.json [MORE.json ...]
+    python -m moe_dispatch.benchmarking.summary RESULTS.json [MORE.json ...] [--markdown]
 
 Targets (docs/benchmarks.md): the fused experts at least 1.3x faster than the torch._grouped_mm
 pipeline at every T; decode (T <= 16) within 1.5x of the bandwidth bound; the grouped GEMM at
@@ -10,6 +10,7 @@ measured copy bandwidth.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Optional
@@ -42,30 +43,55 @@ def targets(record: dict) -> list:
     return found
 
 
-def summary_table(records: list) -> Table:
-    table = Table(title="summary (targets: see docs/benchmarks.md)", title_justify="left", padding=(0, 1))
-    for column in ("op", "preset", "backend", "T", "ms", "TFLOP/s", "GB/s", "roofline", "vs t-gmm", "vs hf-eager",
-                   "vs dense", "/ bound", "target", "ok"):
-        table.add_column(column, justify="left" if column in ("op", "preset", "backend", "target") else "right")
+COLUMNS = ("op", "preset", "backend", "T", "ms", "TFLOP/s", "GB/s", "roofline", "vs t-gmm", "vs hf-eager",
+           "vs dense", "/ bound", "target", "ok")
+TEXT_COLUMNS = ("op", "preset", "backend", "target")
+
+
+def summary_rows(records: list) -> list:
+    """One row of cells (COLUMNS) per record."""
+    rows = []
     for r in records:
         found = targets(r)
-        target = ", ".join(what for what, _ in found)
         ok = all(met for _, met in found) if found else None
         bound = r["peers"].get("bound")
-        table.add_row(
+        rows.append([
             r["op"], r["preset"] if r["scale"] == 1.0 else f"{r['preset']}@{r['scale']:g}",
             r["backend"] + (" graph" if r.get("cuda_graph") else ""),
             str(r["tokens"]), _fmt(r["ms"], ".3f"), _fmt(r["tflops"], ".3g"), _fmt(r["gbps"], ".0f"),
             f"{100 * r['roofline']:.0f}%", _fmt(r["speedup"].get("torch-grouped-mm"), ".2f"),
             _fmt(r["speedup"].get("hf-eager"), ".2f"), _fmt(r["speedup"].get("dense"), ".2f"),
-            _fmt(r["ms"] / bound if bound else None, ".2f"), target, {True: "yes", False: "NO", None: ""}[ok],
-        )
+            _fmt(r["ms"] / bound if bound else None, ".2f"), ", ".join(what for what, _ in found),
+            {True: "yes", False: "NO", None: ""}[ok],
+        ])
+    return rows
+
+
+def summary_table(records: list) -> Table:
+    table = Table(title="summary (targets: see docs/benchmarks.md)", title_justify="left", padding=(0, 1))
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in TEXT_COLUMNS else "right")
+    for row in summary_rows(records):
+        table.add_row(*row)
     return table
 
 
-def main(paths: list) -> int:
+def summary_markdown(records: list) -> str:
+    """The same table in Markdown, to paste into docs/benchmarks.md."""
+    lines = ["| " + " | ".join(COLUMNS) + " |",
+             "| " + " | ".join("---" if c in TEXT_COLUMNS else "---:" for c in COLUMNS) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(records)]
+    return "\n".join(lines)
+
+
+def main(argv: list) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe_dispatch.benchmarking.summary", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", metavar="RESULTS.json", help="records saved by bench --json")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = parser.parse_args(argv)
     records = []
-    for path in paths:
+    for path in args.paths:
         try:
             with open(path) as f:
                 records.extend(json.load(f))
@@ -73,12 +99,16 @@ def main(paths: list) -> int:
             print(f"no results in {path}: that step wrote none")
         except (OSError, ValueError) as exc:
             print(f"skipped {path}: {exc}")
-    console = Console(width=200)
-    console.print(summary_table(records))
     results = [met for r in records for _, met in targets(r)]
     met, checked = sum(results), len(results)
-    console.print(f"{met} of {checked} targets met; vs X = X's time / ours; / bound = our time over the "
-                  "bandwidth bound (distinct experts' bytes / measured read bandwidth)")
+    note = (f"{met} of {checked} targets met; vs X = X's time / ours; / bound = our time over the "
+            "bandwidth bound (distinct experts' bytes / measured read bandwidth)")
+    if args.markdown:
+        print(summary_markdown(records) + "\n\n" + note)
+        return 0
+    console = Console(width=200)
+    console.print(summary_table(records))
+    console.print(note)
     return 0
 
 
