@@ -356,7 +356,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     reason = unavailable_reason("triton", device)
     if reason is not None:
         raise UsageError(f"the triton backend cannot run on {device}: {reason}")
-    from .kernels.triton.configs import tuning_asked_for
+    from .kernels.triton.configs import tuning_asked_for  # triton imports: only once it can run
+
     presets = parse_presets(args.preset or ["all"], 1.0 if args.scale is None else args.scale, device)
     tokens = parse_tokens(args.tokens, device) if args.tokens else list(DEFAULT_BUCKETS)
     out, err = _console()

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .activations import ACTIVATIONS, is_gated
+from .backends import base
 from .plan import DispatchPlan
 
 Tensor = torch.Tensor
@@ -146,7 +147,7 @@ def plan_values(p: DispatchPlan, ids: Optional[Tensor] = None) -> None:
         raise ValueError("plan.token_of_row must invert plan.row_of_slot: token_of_row[row_of_slot[t, j]] == t")
     if ids is None:
         return
-    expert_of_row = torch.searchsorted(bounds[1:], torch.arange(num_rows, device=device), right=True)
+    expert_of_row = base.expert_of_row(bounds, num_rows)
     mismatch = (expert_of_row[rows] != ids.reshape(-1).long()).nonzero()
     if mismatch.numel():
         t, j = divmod(int(mismatch[0]), p.top_k)

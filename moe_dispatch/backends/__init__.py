@@ -76,7 +76,9 @@ def resolve_backend(device: Union[torch.device, str], backend: str) -> str:
     """select_backend, with MOE_DISPATCH_BACKEND standing in for "auto"."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    chosen = os.environ.get(ENV_VAR, "auto") or "auto" if backend == "auto" else backend
+    chosen = backend
+    if backend == "auto":
+        chosen = os.environ.get(ENV_VAR, "auto") or "auto"
     try:
         return select_backend(device, chosen)
     except BackendUnavailable as exc:
