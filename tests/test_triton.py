@@ -80,6 +80,8 @@ PLAN_SHAPES = [
     pytest.param(20, 3, 300, 512, 4, id="one-launch-wide-E"),
     # one expert, every slot on it
     pytest.param(33, 1, 1, 512, 4, id="E=1"),
+    # 29 chunks, more than the scan reads in one pass (16 with E_PAD = 512): a running total across passes
+    pytest.param(150, 3, 300, 512, 0, id="two-scan-passes"),
 ]
 
 
@@ -202,8 +204,9 @@ def test_weights_tma_cannot_read_go_through_pointers():
     assert kgemm.weight_descriptor(torch.empty(5, 48, 40).transpose(1, 2), TileConfig(16, 16, 16)) is None
 
 
-# K = 45 masks the last K-block; K = 48 is whole blocks, loaded without a K mask
-@pytest.mark.parametrize("k_dim", [45, 48])
+# K = 45 masks the last K-block; K = 48 is whole blocks, loaded without a K mask; K = 64 is four
+# whole blocks of 16, which three K-splits share unevenly
+@pytest.mark.parametrize("k_dim", [45, 48, 64])
 @pytest.mark.parametrize("config", GEMM_CONFIGS)
 def test_split_k_grouped_mm_with_empty_experts(config, k_dim, gen):
     # strided (transposed) weights, experts 0, 2 and 4 without rows, int64 offsets
@@ -235,6 +238,17 @@ def test_tile_order_takes_every_tile_once_a_group_of_m_tiles_at_a_time(m_tiles, 
     assert [n for _, n in first_group] == sorted(n for _, n in first_group)
 
 
+@pytest.mark.parametrize("config", GEMM_CONFIGS[:2])
+def test_gemm_writes_into_an_output_whose_rows_are_strided(config, gen):
+    offsets = torch.tensor([0, 5, 5, 12], dtype=torch.int32, device=DEVICE)
+    a = _randn(12, 20, gen=gen)
+    w = _randn(3, 20, 24, gen=gen, scale=0.2)
+    guard = torch.full((12, 31), 7.0, device=DEVICE)
+    kgemm.grouped_gemm(a, w, offsets, config, out=guard[:, 3:27])
+    assert_close(guard[:, 3:27], naive_grouped_mm(a.cpu(), w.cpu(), offsets.tolist()))
+    assert (guard[:, :3] == 7).all() and (guard[:, 27:] == 7).all()
+
+
 def test_gemm_never_writes_outside_its_output_even_with_inconsistent_offsets(gen):
     # Offsets are not checked on CUDA (it would sync): decreasing ones, and ones past the
     # rows, must still keep every store inside the output, here a slice of a guarded buffer.
@@ -248,6 +262,24 @@ def test_gemm_never_writes_outside_its_output_even_with_inconsistent_offsets(gen
 
 
 # ---- data movement around out-of-range rows ---------------------------------------------------
+
+
+def test_gather_rows_gives_zeros_for_an_index_out_of_range(gen):
+    src = torch.full((8, 5), float("nan"), device=DEVICE)[1:7]  # a read past src would show as NaN
+    src.copy_(_randn(6, 5, gen=gen))
+    out = kmove.gather_rows(src, torch.tensor([0, -1, 6, 5, 7, 2], dtype=torch.int32, device=DEVICE))
+    zero = torch.zeros(5, device=DEVICE)
+    assert torch.equal(out, torch.stack([src[0], zero, zero, src[5], zero, src[2]]))
+
+
+def test_slot_major_combine_skips_unplaced_slots(gen):
+    # moe_mlp's combine of the down GEMM's slot-order output: a slot whose id was bad was never
+    # written (NaN here) and must not be read
+    row_of_slot = torch.tensor([[0, -1], [2, 1], [-1, 3]], dtype=torch.int32, device=DEVICE)
+    slots = _randn(6, 5, gen=gen)
+    slots[1] = slots[4] = float("nan")
+    y = kmove.combine(slots, row_of_slot, None, slot_major=True)
+    assert_close(y, torch.stack([slots[0], slots[2] + slots[3], slots[5]]).double())
 
 
 def test_combine_and_its_backward_skip_unplaced_slots(gen):
@@ -316,11 +348,14 @@ def test_decode_forward_matches_the_reference(tokens, top_k, experts, activation
     assert all(torch.equal(a, b) for a, b in zip(copies, (t for t in inputs if t is not None)))
 
 
+# H and I of odd sizes; and multiples of 16 and 32, which some K-steps divide (no K mask, the
+# down kernel's last K-block ending at K)
+@pytest.mark.parametrize("hidden,inter", [(37, 21), (32, 48)])
 @pytest.mark.parametrize("config", [TileConfig(16, 16, 16), TileConfig(16, 32, 32), TileConfig(16, 16, 64)])
-def test_decode_kernels_with_every_tile_shape(config, gen):
+def test_decode_kernels_with_every_tile_shape(config, hidden, inter, gen):
     # K-steps longer than K, partial column tiles, tiles wider than N
     x, weights, ids, w_gate_up, w_down, b_gate_up, b_down = inputs = _decode_inputs(
-        9, 2, 5, "swiglu", True, torch.float32, gen)
+        9, 2, 5, "swiglu", True, torch.float32, gen, hidden, inter)
     act, routes, ok = kdecode.decode_up(x, ids, weights, w_gate_up.transpose(1, 2), b_gate_up, "silu", True, config)
     out = kdecode.decode_down(act, ids, routes, w_down.transpose(1, 2), b_down, config)
     assert ok.tolist() == [True]
@@ -538,7 +573,10 @@ def test_tuner_never_times_when_pinned_or_not_allowed(tmp_path, monkeypatch):
 
 
 def test_tuner_falls_back_to_the_safe_config_with_a_warning():
+    launched = []
+
     def launch(config):
+        launched.append(config)
         if config != configs.SAFE:
             raise RuntimeError("out of resources: shared memory")
         return "ran safe"
@@ -547,7 +585,9 @@ def test_tuner_falls_back_to_the_safe_config_with_a_warning():
     big = TileConfig(128, 256, 64, num_warps=8, num_stages=4)
     with pytest.warns(UserWarning, match="safe config"):
         assert tuner.launch("k", big, launch) == "ran safe"
-    assert tuner.launch("k", big, launch) == "ran safe"  # remembered: no second failure
+    launched.clear()
+    assert tuner.launch("k", big, launch) == "ran safe"
+    assert launched == [configs.SAFE]  # remembered: the failing config is not tried again
 
 
 def test_tuner_skips_candidates_that_fail_to_compile(tmp_path, monkeypatch):
@@ -562,6 +602,13 @@ def test_tuner_skips_candidates_that_fail_to_compile(tmp_path, monkeypatch):
 
     with pytest.warns(UserWarning, match="failed"):
         assert configs.Tuner(bench).select("k", lambda: options, lambda c: c, tmp_path / "c.json", True) == options[1]
+
+
+def test_split_k_fills_the_gpu_within_its_limits():
+    # 2 rows on 8 experts: 8 tiles of 16 x 64 want 33 splits on 132 SMs; each keeps 4 K-blocks
+    assert configs._split_k(TileConfig(16, 64, 128), 2, 8, 1024, 256, 132) == 2
+    assert configs._split_k(TileConfig(16, 64, 64), 2, 8, 4096, 256, 132) == 8  # at most 8
+    assert configs._split_k(TileConfig(64, 128, 32), 4096, 8, 4096, 4096, 132) == 1  # tiles enough
 
 
 def test_tile_candidates_fit_their_shared_memory_budget():
