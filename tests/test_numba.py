@@ -18,12 +18,12 @@ import textwrap
 import pytest
 import torch
 
-from cases import CASES
+from cases import CASES, Case
 from conftest import CPU, assert_close, random_ids, random_weights
 from moe_dispatch import grouped_mm, make_plan, moe_mlp
 from moe_dispatch.activations import ACTIVATIONS, is_gated
 from moe_dispatch.backends import get_backend, unavailable_reason
-from moe_dispatch.backends.base import Backend
+from moe_dispatch.backends.base import Backend, expert_of_row
 from reference import naive_grouped_mm, naive_moe_mlp
 
 if unavailable_reason("numba", CPU) is not None:
@@ -136,6 +136,26 @@ def check_moe_mlp(case, dtype, path, activation, bias, gen, monkeypatch):
 @pytest.mark.parametrize("case", CASES)
 def test_moe_mlp_paths_match_reference(case, dtype, path, gen, monkeypatch):
     check_moe_mlp(case, dtype, path, "swiglu", False, gen, monkeypatch)
+
+
+@pytest.mark.parametrize("path", ["decode", "decode-quad"])
+def test_bf16_decode_with_packed_gate_up_and_an_odd_intermediate_size(path, gen, monkeypatch):
+    """H even: w_gate_up is read as bf16 pairs (and, quad, its gated columns two at a time);
+    I odd: w_down is not, and the last gated column has no partner."""
+    check_moe_mlp(Case(tokens=17, top_k=2, experts=4, hidden=24, inter=19), torch.bfloat16, path, "swiglu",
+                  False, gen, monkeypatch)
+
+
+def test_decode_reads_bf16_weights_at_an_odd_storage_offset(gen, monkeypatch):
+    """A contiguous view one element into a flat buffer cannot be read as bf16 pairs."""
+    small_groups_everywhere(monkeypatch)
+    E, H, I = 4, 24, 20
+    flat = (torch.randn(1 + E * 2 * I * H, generator=gen) / H**0.5).bfloat16()
+    w_gate_up = flat[1:].view(E, 2 * I, H)
+    _, w_down, _, _ = expert_weights(E, H, I, True, torch.bfloat16, gen)
+    x, weights, ids = torch.randn(5, H, generator=gen).bfloat16(), random_weights(5, 2, gen), random_ids(5, 2, E, gen)
+    assert_close(moe_mlp(x, weights, ids, w_gate_up, w_down, backend="numba"),
+                 naive_moe_mlp(x, weights, ids, w_gate_up, w_down), torch.bfloat16)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -299,14 +319,30 @@ def test_nojit_grouped_mm_bias_and_wgrad(layout, gen, monkeypatch):
     offsets = offsets_of(random_ids(rows, 1, E - 1, gen), E)  # expert E-1 gets no rows
     xs, dy = torch.randn(rows, K, generator=gen), torch.randn(rows, N, generator=gen)
     w, bias = weights_in(layout, E, K, N, torch.float32, gen), torch.randn(E, N, generator=gen)
-    expert_of_row = torch.searchsorted(offsets[1:], torch.arange(rows, dtype=offsets.dtype), right=True)
-    expected = naive_grouped_mm(xs, w, offsets) + bias.double()[expert_of_row]
+    expected = naive_grouped_mm(xs, w, offsets) + bias.double()[expert_of_row(offsets, rows)]
     assert_close(backend.grouped_mm(xs, w, offsets, bias), expected)
     wgrad = backend.grouped_mm_wgrad(xs, dy, offsets, E)
     bounds = offsets.tolist()
     for e in range(E):
         part = slice(bounds[e], bounds[e + 1])
         assert_close(wgrad[e], xs[part].double().T @ dy[part].double())
+
+
+def test_an_expert_with_as_many_rows_as_the_limit_is_a_small_group(gen, monkeypatch):
+    monkeypatch.setattr(nb, "fused_rows_limit", lambda dtype, flops_per_row: 3)
+    offsets = torch.tensor([0, 3, 5, 9], dtype=torch.int32)  # 3 rows, 2 (small) and 4 (large)
+    xs, w = torch.randn(9, 8, generator=gen), weights_in("nk", 3, 8, 6, torch.float32, gen)
+    assert_close(grouped_mm(xs, w, offsets, backend="numba"), naive_grouped_mm(xs, w, offsets))
+
+
+def test_large_groups_of_aligned_operands_keep_their_bias(matmul_library, gen, monkeypatch):
+    """torch._grouped_mm takes no bias: a grouped_mm with one must not lose it."""
+    large_groups_everywhere(monkeypatch)
+    offsets = torch.tensor([0, 16, 16, 40], dtype=torch.int32)
+    xs, w, bias = (torch.randn(40, 32, generator=gen), weights_in("kn", 3, 32, 16, torch.float32, gen),
+                   torch.randn(3, 16, generator=gen))
+    expected = naive_grouped_mm(xs, w, offsets) + bias.double()[expert_of_row(offsets, 40)]
+    assert_close(get_backend("numba").grouped_mm(xs, w, offsets, bias), expected)
 
 
 def spy_torch_grouped_mm(monkeypatch) -> list:
@@ -547,12 +583,14 @@ def slot_of_row(row_of_slot):
     return inverse
 
 
-def test_parallel_plan_matches_torch(gen, monkeypatch):
+# 1200 slots share the chunks evenly; 903 leave the last chunk a slot more or less
+@pytest.mark.parametrize("tokens,top_k", [(300, 4), (301, 3)])
+def test_parallel_plan_matches_torch(tokens, top_k, gen, monkeypatch):
     """Enough slots for several chunks: the parallel histogram and scatter stay stable."""
     from moe_dispatch.kernels.numba import plan as plan_kernels
 
     monkeypatch.setattr(plan_kernels, "MIN_SLOTS_PER_CHUNK", 64)
-    ids = random_ids(300, 4, 7, gen)
+    ids = random_ids(tokens, top_k, 7, gen)
     ids[:150, 0] = 2  # one expert's rows span every chunk
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -585,11 +623,17 @@ def test_kernels_refuse_bad_plans(gen):
     with pytest.raises(ValueError, match="exactly once"):
         backend.unpermute_backward(x, x, torch.zeros(4, dtype=torch.int32),
                                    torch.tensor([[0, 0], [1, 2]], dtype=torch.int32), torch.ones(2, 2))
-    with pytest.raises(ValueError, match="offsets"):
-        backend.grouped_mm(x, torch.randn(2, 3, 5), torch.tensor([0, 3, 2], dtype=torch.int32))
-    # The fused decode step checks both index arrays before its kernels read through them.
+    with pytest.raises(ValueError, match="exactly once"):  # fewer slots than rows: one row never written
+        backend.unpermute_backward(x[:1], x[:3], torch.zeros(3, dtype=torch.int32),
+                                   torch.tensor([[0, 1]], dtype=torch.int32), torch.ones(1, 2))
+    for offsets in ([0, 3, 2], [0, 3, 1, 4]):  # short of the rows; falling, yet from 0 to the rows
+        with pytest.raises(ValueError, match="offsets"):
+            backend.grouped_mm(x, torch.randn(len(offsets) - 1, 3, 5), torch.tensor(offsets, dtype=torch.int32))
+    # The fused decode step checks both index arrays before its kernels read through them,
+    # at their limits too: T for a token, R for a row.
     plan = backend.make_plan(torch.tensor([[0], [1]], dtype=torch.int32), 2)
-    for name, index, bad in (("token_of_row", 2, [0, 5]), ("row_of_slot", 3, [[0], [-1]])):
+    for name, index, bad in (("token_of_row", 2, [0, 5]), ("row_of_slot", 3, [[0], [-1]]),
+                             ("token_of_row", 2, [0, 2]), ("row_of_slot", 3, [[0], [2]])):
         bad_plan = list(plan)
         bad_plan[index] = torch.tensor(bad, dtype=torch.int32)
         with pytest.raises(ValueError, match=name):

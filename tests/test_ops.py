@@ -63,6 +63,27 @@ def test_permute_then_unsum_round_trips(backend, gen):
     assert torch.equal(md.unpermute(md.permute(x, plan, backend=backend), plan, backend=backend), 3 * x)
 
 
+@pytest.mark.parametrize("dtype, half_ulp", [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)], ids=str)
+def test_unpermute_sums_in_float32_and_rounds_once(backend, dtype, half_ulp):
+    # 1 + h + h with h half an ulp of 1: rounding after each addition would stay at 1
+    plan = md.make_plan(torch.tensor([[0, 1, 2]]), 3)
+    ys = torch.tensor([[1.0], [half_ulp], [half_ulp]]).to(dtype)
+    assert md.unpermute(ys, plan, backend=backend).item() == 1 + 2 * half_ulp
+
+
+def test_relu_has_no_gradient_at_zero(backend, gen):
+    """A zero (padding) token through experts without biases has h = 0 exactly; torch's relu'(0)
+    is 0, so no gradient reaches it."""
+    x = torch.randn(5, 8, generator=gen)
+    x[0] = 0
+    x.requires_grad_()
+    w_gate_up, w_down = _randn(4, 6, 8, gen=gen), _randn(4, 8, 6, gen=gen)
+    out = md.moe_mlp(x, random_weights(5, 2, gen), torch.randint(0, 4, (5, 2), generator=gen), w_gate_up, w_down,
+                     activation="relu", backend=backend)
+    (dx,) = torch.autograd.grad(out, x, torch.randn(5, 8, generator=gen))
+    assert torch.equal(dx[0], torch.zeros(8)) and dx[1:].abs().sum() > 0
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
