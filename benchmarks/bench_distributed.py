@@ -27,10 +27,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe_dispatch.backends import resolve_backend
-from moe_dispatch.benchmarking.presets import get_preset
+from moe_dispatch.benchmarking.presets import DTYPES, get_preset
 from moe_dispatch.integrations.distributed import ExpertParallelMoE
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class ExchangeMeter:

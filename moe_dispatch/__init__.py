@@ -7,11 +7,14 @@ takes backend="auto" | "torch" | "numba" | "triton".
 
 import importlib.metadata as _metadata
 
+from .activations import ACTIVATIONS, Activation
 from .backends import BackendUnavailable, available_backends, select_backend
-from .backends.cpu_packing import clear_packed_weights
+from .experts import ExpertWeights
+from .formats.onednn import OneDNNPacked, clear_packed_weights
 from .layers import MoE, MoEAux
-from .ops import grouped_mm, make_plan, moe_mlp, permute, route, unpermute
+from .ops import grouped_mm, make_plan, moe_mlp, permute, unpermute
 from .plan import DispatchPlan
+from .routing import route
 
 try:
     __version__ = _metadata.version("moe-dispatch")
@@ -28,6 +31,10 @@ __all__ = [
     "MoE",
     "MoEAux",
     "DispatchPlan",
+    "ExpertWeights",
+    "Activation",
+    "ACTIVATIONS",
+    "OneDNNPacked",
     "available_backends",
     "select_backend",
     "BackendUnavailable",

@@ -16,11 +16,10 @@ from typing import Optional
 
 import torch
 
-from .benchmarking.presets import DEFAULT_PRESET, DEFAULT_SCALE, DEFAULT_TOKENS
+from .benchmarking.presets import DEFAULT_PRESET, DEFAULT_SCALE, DEFAULT_TOKENS, DTYPES
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-DTYPES = ("bfloat16", "float16", "float32")
 
 
 class UsageError(Exception):
@@ -203,7 +202,6 @@ def _machine_line(device: torch.device) -> str:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .benchmarking.bench import BenchSpec, run_bench
     from .benchmarking.report import print_tables
-    from .benchmarking.roofline import DTYPES as DTYPE_OF
 
     device = parse_device(args.device)
     set_threads(args.threads)
@@ -214,7 +212,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          + ("drop --backward" if device.type == "cuda" else f"not on {device.type}"))
     spec = BenchSpec(
         presets=parse_presets(args.preset, args.scale, device), tokens=parse_tokens(args.tokens, device),
-        dtype=DTYPE_OF[args.dtype], backends=parse_backends(args.backend, device),
+        dtype=DTYPES[args.dtype], backends=parse_backends(args.backend, device),
         peers=parse_peers(args.compare, args.op), device=device, routing=args.routing, backward=args.backward,
         op=args.op, budget_s=args.budget, cuda_graph=args.cuda_graph,
     )
@@ -263,10 +261,8 @@ def _write_outputs(args, records: list, out) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     from .benchmarking.profile import build_stages, fused_ms, stage_rows, time_stages, trace
-    from .benchmarking.roofline import DTYPES as DTYPE_OF
+    from .benchmarking.report import print_stages
 
     device = parse_device(args.device)
     set_threads(args.threads)
@@ -275,7 +271,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     backend = parse_backends(args.backend, device)
     if len(backend) != 1:
         raise UsageError(f"profile takes one backend, got {', '.join(backend)}")
-    backend, dtype = backend[0], DTYPE_OF[args.dtype]
+    backend, dtype = backend[0], DTYPES[args.dtype]
     out, err = _console()
     roofline = _roofline(device, err)
     out.print(f"moe-dispatch profile: {_machine_line(device)}")
@@ -290,7 +286,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 fused = fused_ms(experts, batch, plan, backend, device, args.backward, args.budget)
                 report.append({"preset": preset.name, "scale": preset.scale, "tokens": t, "backend": backend,
                                "dtype": args.dtype, "routing": args.routing, "stages": rows, "fused_moe_mlp_ms": fused})
-                _print_stages(out, Table, preset, t, backend, args, rows, fused)
+                print_stages(out, preset, t, backend, args.dtype, args.routing, args.backward, rows, fused)
                 if args.trace:
                     path = _trace_path(args.trace, preset, t, len(presets) * len(tokens) > 1)
                     trace(stages, path, device, args.backward)
@@ -313,36 +309,11 @@ def _trace_path(path: str, preset, tokens: int, several: bool) -> str:
     return f"{root}.{preset.name}.T{tokens}{ext or '.json'}"
 
 
-def _print_stages(out, Table, preset, tokens, backend, args, rows, fused) -> None:
-    out.print(f"\n{preset.describe()}")
-    table = Table(title=f"T={tokens}, {backend}, {args.dtype}, {args.routing} routing", title_justify="left")
-    columns = ["stage", "fwd ms", "share", "GB/s", "TFLOP/s", "roofline"]
-    if args.backward:
-        columns += ["bwd ms", "bwd share"]
-    for c in columns:
-        table.add_column(c, justify="left" if c == "stage" else "right")
-    for r in rows:
-        cells = [r["stage"], f"{r['forward_ms']:.3f}", f"{100 * r['share']:.0f}%", f"{r['gbps']:.3g}",
-                 f"{r['tflops']:.3g}", f"{100 * r['roofline']:.0f}% {r['bound'][:3]}"]
-        if args.backward:
-            bwd = r["backward_ms"]
-            cells += ["-" if bwd is None else f"{bwd:.3f}",
-                      "-" if r["backward_share"] is None else f"{100 * r['backward_share']:.0f}%"]
-        table.add_row(*cells)
-    routed = [r for r in rows if r["stage"] not in ("route", "shared experts")]
-    total = sum(r["forward_ms"] for r in routed) + (sum(r["backward_ms"] or 0 for r in routed) if args.backward else 0)
-    out.print(table)
-    what = "forward+backward" if args.backward else "forward"
-    out.print(f"plan..combine stages sum to {total:.3f} ms; the fused moe_mlp {what} with the same plan takes "
-              f"{fused:.3f} ms")
-
-
 # ---- tune ----------------------------------------------------------------------------------
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from .backends import unavailable_reason
-    from .benchmarking.roofline import DTYPES as DTYPE_OF
     from .benchmarking.tune import DEFAULT_BUCKETS, tune_preset
 
     if not torch.cuda.is_available():
@@ -356,7 +327,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     reason = unavailable_reason("triton", device)
     if reason is not None:
         raise UsageError(f"the triton backend cannot run on {device}: {reason}")
-    from .kernels.triton.configs import tuning_asked_for  # triton imports: only once it can run
+    from .backends.triton_tuning import tuning_asked_for  # triton imports: only once it can run
 
     presets = parse_presets(args.preset or ["all"], 1.0 if args.scale is None else args.scale, device)
     tokens = parse_tokens(args.tokens, device) if args.tokens else list(DEFAULT_BUCKETS)
@@ -369,7 +340,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         with _progress(err) as progress, tuning_asked_for():
             task = progress.add_task("starting", total=total)
             for preset in presets:
-                tune_preset(preset, tokens, DTYPE_OF[args.dtype], device, args.backward,
+                tune_preset(preset, tokens, DTYPES[args.dtype], device, args.backward,
                             step=lambda label: progress.update(task, description=label),
                             done=lambda r: (results.append(r), progress.advance(task)))
     except KeyboardInterrupt:
@@ -381,7 +352,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _tuning_location(device: torch.device) -> str:
-    from .kernels.triton.configs import cache_path
+    from .backends.triton_tuning import cache_path
 
     return str(cache_path(device))
 
@@ -405,7 +376,7 @@ def _add_shape_args(p: argparse.ArgumentParser, tokens_help: str, preset_default
     p.add_argument("--preset", nargs="+", metavar="NAME",
                    help=f"model presets (space or comma separated, or all); default {preset_default}")
     p.add_argument("--tokens", metavar="T,T,...", help=tokens_help)
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="default bfloat16")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
     p.add_argument("--scale", type=float, metavar="F",
                    help=f"multiply H and I by F (rounded to multiples of 16); default {scale_default}")
     p.add_argument("--device", metavar="cpu|cuda", help="default cuda when there is a GPU, else cpu")

@@ -8,11 +8,13 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from . import activations
 from . import validation as check
-from .activations import ACTIVATIONS, is_gated
 from .backends import BACKEND_NAMES
-from .ops import make_plan, moe_mlp, route
+from .experts import ExpertWeights
+from .ops import make_plan, moe_mlp
 from .plan import DispatchPlan
+from .routing import route
 
 Tensor = torch.Tensor
 
@@ -84,19 +86,19 @@ class MoE(nn.Module):
         check.positive_int("n_shared_experts", n_shared_experts, minimum=0)
         if top_k > num_experts:
             raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}")
-        check.choice("activation", activation, ACTIVATIONS)
+        entry = activations.get(activation)
         check.choice("scoring", scoring, ("softmax", "sigmoid"))
         check.routing_groups(num_experts, top_k, n_groups, topk_groups)
         check.choice("backend", backend, ("auto", *BACKEND_NAMES))
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k = num_experts, top_k
-        self.activation, self.scoring, self.renormalize = activation, scoring, renormalize
+        self.activation, self.scoring, self.renormalize = entry.name, scoring, renormalize
         self.n_groups, self.topk_groups = n_groups, topk_groups
         self.routed_scaling = routed_scaling
         self.backend = backend
 
         factory = dict(device=device, dtype=dtype)
-        width = (2 if is_gated(activation) else 1) * intermediate_size
+        width = entry.width(intermediate_size)
         self.router = nn.Linear(hidden_size, num_experts, bias=False, **factory)
         self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, width, hidden_size, **factory))
@@ -110,18 +112,28 @@ class MoE(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def from_transformers(cls, block: nn.Module, *, backend: str = "auto") -> "MoE":
-        """A new MoE computing what a Hugging Face transformers MoE block (router, experts,
-        shared experts) computes, with copies of its weights; see integrations/transformers.py."""
-        from .integrations.transformers import moe_from_block
+    def from_experts(cls, experts: ExpertWeights, top_k: int, **options) -> "MoE":
+        """A layer whose experts are `experts` (their dense values become its parameters, shared,
+        not copied), with a new router; options: MoE's keyword arguments but activation and bias,
+        which the experts give. Interleaved gate and up rows are not a layout the layer keeps."""
+        if experts.interleaved:
+            raise ValueError("MoE keeps gate rows, then up rows; experts.interleaved must be False")
+        w_gate_up, w_down, b_gate_up, b_down = experts.tensors()
+        layer = cls(experts.hidden_size, experts.intermediate_size, experts.num_experts, top_k,
+                    activation=experts.activation.name, bias=b_gate_up is not None or b_down is not None,
+                    device=w_gate_up.device, dtype=w_gate_up.dtype, **options)
+        for name, tensor in (("w_gate_up", w_gate_up), ("w_down", w_down), ("b_gate_up", b_gate_up),
+                             ("b_down", b_down)):
+            if tensor is None and getattr(layer, name) is not None:  # one bias given: the other starts at 0
+                getattr(layer, name).data.zero_()
+            elif tensor is not None:
+                setattr(layer, name, nn.Parameter(tensor.detach(), requires_grad=tensor.requires_grad))
+        return layer
 
-        return moe_from_block(block, backend=backend)
-
-    def to_transformers(self, block: nn.Module) -> nn.Module:
-        """Copy this layer's weights into a transformers MoE block of the same configuration."""
-        from .integrations.transformers import write_to_block
-
-        return write_to_block(self, block)
+    @property
+    def experts(self) -> ExpertWeights:
+        """The layer's experts as one ExpertWeights (views of its parameters)."""
+        return ExpertWeights(self.w_gate_up, self.w_down, self.b_gate_up, self.b_down, self.activation)
 
     def reset_parameters(self) -> None:
         """Each expert initialised like nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -161,7 +173,7 @@ class MoE(nn.Module):
         # the expert counts are needed only for the aux losses; without them moe_mlp makes the plan
         # itself, or skips it (a decode step on the triton and numba backends)
         plan = make_plan(ids, self.num_experts, backend=self.backend) if return_aux else None
-        out = self._routed_experts(flat, weights, ids, plan)
+        out = self.routed_experts(flat, weights, ids, plan)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         out = out.view(x.shape)
@@ -169,13 +181,11 @@ class MoE(nn.Module):
             return out
         return out, self._aux(logits, plan.counts)
 
-    def _routed_experts(self, flat: Tensor, weights: Tensor, ids: Tensor, plan: Optional[DispatchPlan]) -> Tensor:
-        """[T, H] -> [T, H]: the weighted sum of each token's routed experts (expert parallelism
-        overrides this step only). plan: the ids' plan, when forward made one."""
-        return moe_mlp(
-            flat, weights, ids, self.w_gate_up, self.w_down, activation=self.activation,
-            b_gate_up=self.b_gate_up, b_down=self.b_down, plan=plan, backend=self.backend,
-        )
+    def routed_experts(self, flat: Tensor, weights: Tensor, ids: Tensor, plan: Optional[DispatchPlan] = None) -> Tensor:
+        """[T, H] -> [T, H]: the weighted sum of each token's routed experts, the step between
+        routing and the shared experts (expert parallelism overrides it). weights, ids: [T, k]
+        from route; plan: the ids' plan, when forward made one."""
+        return moe_mlp(flat, weights, ids, self.experts, plan=plan, backend=self.backend)
 
     def _aux(self, logits: Tensor, counts: Tensor) -> MoEAux:
         num_tokens = logits.shape[0]

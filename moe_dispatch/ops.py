@@ -1,92 +1,38 @@
 """The public functions: validate, pick the backend, call it. Autograd lives here.
 
 Each op is a torch custom op (torch.library) that takes the resolved backend's name, so
-autograd, torch.compile (through the fake implementations) and every backend share one
-definition. Backward formulas call custom ops too, so compiled backward graphs trace.
-make_plan and moe_mlp call the backend directly when nothing needs the custom op (eager
-mode, plain tensors; see _direct): its dispatch costs more than a small step. moe_mlp with
-autograd then runs as a torch.autograd.Function over the same backend calls.
+torch.compile (through the fake implementations) and every backend share one definition;
+backward formulas call custom ops too, so compiled backward graphs trace. In plain eager
+mode (see _direct) make_plan and moe_mlp call the backend straight: a custom op's dispatch
+costs more than a small step's kernels. moe_mlp's autograd is one torch.autograd.Function
+over either route, so its backward is defined once.
 """
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import validation as check
-from .backends import get_backend, resolve_backend
+from .backends import get_backend
+from .backends.base import ExpertGrads
+from .backends import resolve_backend as _backend_name
+from .experts import ExpertWeights
+from .formats import Weight
 from .plan import DispatchPlan
 
 Tensor = torch.Tensor
 
 
-@torch.compiler.assume_constant_result
-def _backend_name(device: torch.device, backend: str) -> str:
-    return resolve_backend(device, backend)
-
-
 def _direct(*tensors: Optional[Tensor]) -> bool:
-    """Whether a call may skip its custom op and call the backend (moe_mlp with autograd
-    through _EagerMoEMLP): in eager mode, on plain tensors or parameters, with no torch
-    function or dispatch mode active. The custom op's dispatch costs about 0.1 ms a call when
-    caches are cold (a decode step between other layers), more than the kernels of a small
-    step; tracing, fake and meta tensors, modes and other subclasses still go through it."""
+    """Whether a call may skip its custom op and call the backend: in eager mode, on plain
+    tensors or parameters, with no torch function or dispatch mode active. The custom op's
+    dispatch costs more than a small step's kernels when caches are cold (a decode step
+    between other layers); tracing, fake and meta tensors, modes and other subclasses go
+    through it."""
     if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or torch._C._is_torch_function_mode_enabled():
         return False
     return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
-
-
-# ---- routing: the same vectorized torch code on every backend --------------------------
-
-
-def route(
-    logits: Tensor,
-    top_k: int,
-    *,
-    scoring: str = "softmax",
-    renormalize: bool = True,
-    bias: Optional[Tensor] = None,
-    n_groups: Optional[int] = None,
-    topk_groups: Optional[int] = None,
-    scale: float = 1.0,
-    backend: str = "auto",
-) -> tuple[Tensor, Tensor]:
-    """Choose top_k experts per token.
-
-    logits: [T, E] float; bias: [E] float (shifts the choice, never the weights).
-    Returns weights [T, k] float32 (float64 for float64 logits: the chosen scores, renormalized to sum to one if asked,
-    times scale) and ids [T, k] int64. With n_groups, only the topk_groups best groups
-    (a group's score is the sum of its two best biased scores, as DeepSeek-V3) compete.
-    """
-    check.floating("logits", logits, ndim=2)
-    num_tokens, num_experts = logits.shape
-    check.positive_int("top_k", top_k)
-    if top_k > num_experts:
-        raise ValueError(f"top_k={top_k} exceeds the number of experts E={num_experts}")
-    check.choice("scoring", scoring, ("softmax", "sigmoid"))
-    if bias is not None:
-        check.floating("bias", bias, ndim=1)
-        check.shape("bias", bias, (num_experts,))
-        check.same_device("bias", bias, "logits", logits)
-    check.routing_groups(num_experts, top_k, n_groups, topk_groups)
-    _backend_name(logits.device, backend)
-
-    # At least float32 whatever the logits' dtype; float64 stays float64 (gradcheck).
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
-    choice = scores.detach() if bias is None else scores.detach() + bias.detach().to(scores.dtype)
-    if n_groups is not None:
-        group_size = num_experts // n_groups
-        grouped = choice.view(num_tokens, n_groups, group_size)
-        group_score = grouped.topk(min(2, group_size), dim=-1).values.sum(-1)
-        kept = group_score.topk(topk_groups, dim=-1).indices
-        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, kept, True)
-        choice = choice.masked_fill(~keep.repeat_interleave(group_size, dim=1), float("-inf"))
-    ids = choice.topk(top_k, dim=-1).indices
-    weights = scores.gather(1, ids)
-    if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-    return weights * scale, ids
 
 
 # ---- make_plan ----------------------------------------------------------------------------
@@ -94,7 +40,7 @@ def route(
 
 @torch.library.custom_op("moe_dispatch::make_plan", mutates_args=())
 def _make_plan(ids: Tensor, num_experts: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return get_backend(backend).make_plan(ids, num_experts)
+    return get_backend(backend).make_plan(ids, num_experts).tensors()
 
 
 @_make_plan.register_fake
@@ -120,7 +66,7 @@ def _plan(ids: Tensor, num_experts: int, backend_name: str) -> DispatchPlan:
         backend = get_backend(backend_name)
         if not backend.refuses_bad_ids:
             check.expert_id_values(ids, num_experts)
-        return DispatchPlan(*backend.make_plan(ids, num_experts))
+        return backend.make_plan(ids, num_experts)
     check.expert_id_values(ids, num_experts)  # skipped while compiling
     return DispatchPlan(*_make_plan(ids, num_experts, backend_name))
 
@@ -275,146 +221,99 @@ def grouped_mm(xs: Tensor, w: Tensor, offsets: Tensor, *, backend: str = "auto")
 
 
 # ---- moe_mlp ------------------------------------------------------------------------------
+# The custom ops carry the experts as ExpertWeights.flatten() gives them: a list of tensors
+# and a string spec.
 
 
 @torch.library.custom_op("moe_dispatch::moe_mlp", mutates_args=())
 def _moe_mlp(
-    x: Tensor,
-    weights: Tensor,
-    counts: Tensor,
-    offsets: Tensor,
-    token_of_row: Tensor,
-    row_of_slot: Tensor,
-    w_gate_up: Tensor,
-    w_down: Tensor,
-    b_gate_up: Optional[Tensor],
-    b_down: Optional[Tensor],
-    activation: str,
-    save_for_backward: bool,
-    backend: str,
+    x: Tensor, weights: Tensor, counts: Tensor, offsets: Tensor, token_of_row: Tensor, row_of_slot: Tensor,
+    experts: list[Tensor], spec: str, save_for_backward: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    plan = (counts, offsets, token_of_row, row_of_slot)
-    return get_backend(backend).moe_mlp(
-        x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, activation, save_for_backward
-    )
+    plan = DispatchPlan(counts, offsets, token_of_row, row_of_slot)
+    return get_backend(backend).moe_mlp(x, weights, plan, ExpertWeights.unflatten(experts, spec), save_for_backward)
 
 
 @_moe_mlp.register_fake
-def _(x, weights, counts, offsets, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
-      activation, save_for_backward, backend):
+def _(x, weights, counts, offsets, token_of_row, row_of_slot, experts, spec, save_for_backward, backend):
     rows = token_of_row.shape[0] if save_for_backward else 0
-    return x.new_empty(x.shape), x.new_empty(rows, w_gate_up.shape[1])
+    return x.new_empty(x.shape), x.new_empty(rows, ExpertWeights.unflatten(experts, spec).w_gate_up.shape[1])
 
 
 @torch.library.custom_op("moe_dispatch::moe_mlp_backward", mutates_args=())
 def _moe_mlp_backward(
-    dy: Tensor,
-    x: Tensor,
-    weights: Tensor,
-    counts: Tensor,
-    offsets: Tensor,
-    token_of_row: Tensor,
-    row_of_slot: Tensor,
-    w_gate_up: Tensor,
-    w_down: Tensor,
-    b_gate_up: Optional[Tensor],
-    b_down: Optional[Tensor],
-    activation: str,
-    h: Tensor,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down = _backend_mlp_backward(
-        backend, dy, x, weights, (counts, offsets, token_of_row, row_of_slot), w_gate_up, w_down, b_gate_up, b_down,
-        activation, h,
-    )
-    none = x.new_empty(0)  # a custom op returns tensors: empty ones for absent biases
-    return (
-        dx, dweights, dw_gate_up, dw_down,
-        none if db_gate_up is None else db_gate_up,
-        none.clone() if db_down is None else db_down,
-    )
-
-
-def _backend_mlp_backward(backend, dy, x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, activation, h):
-    """The backend's moe_mlp backward, each gradient in its input's dtype; None for absent biases."""
-    dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down = get_backend(backend).moe_mlp_backward(
-        dy, x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, activation, h
-    )
-    return (
-        dx, dweights.to(weights.dtype), dw_gate_up, dw_down,
-        None if b_gate_up is None else db_gate_up.to(b_gate_up.dtype),
-        None if b_down is None else db_down.to(b_down.dtype),
-    )
+    dy: Tensor, x: Tensor, weights: Tensor, counts: Tensor, offsets: Tensor, token_of_row: Tensor,
+    row_of_slot: Tensor, experts: list[Tensor], spec: str, h: Tensor, backend: str,
+) -> list[Tensor]:
+    plan = DispatchPlan(counts, offsets, token_of_row, row_of_slot)
+    grads = _backward(backend, dy, x, weights, plan, ExpertWeights.unflatten(experts, spec), h)
+    return [x.new_empty(0) if g is None else g for g in grads]  # a custom op returns tensors: empty for none
 
 
 @_moe_mlp_backward.register_fake
-def _(dy, x, weights, counts, offsets, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
-      activation, h, backend):
-    def like(t):
-        return t.new_empty(t.shape) if t is not None else x.new_empty(0)
-
-    return like(x), like(weights), like(w_gate_up), like(w_down), like(b_gate_up), like(b_down)
-
-
-def _moe_mlp_setup(ctx, inputs, output):
-    (x, weights, counts, offsets, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
-     ctx.activation, _, ctx.backend) = inputs
-    ctx.has_bias = (b_gate_up is not None, b_down is not None)
-    ctx.save_for_backward(
-        x, weights, counts, offsets, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down, output[1]
-    )
+def _(dy, x, weights, counts, offsets, token_of_row, row_of_slot, experts, spec, h, backend):
+    unflat = ExpertWeights.unflatten(experts, spec)
+    like = [None if t is None else t.new_empty(t.shape) for t in unflat.tensors()]
+    grads = unflat.flat_grads(ExpertGrads(x, weights, *like))
+    return [x.new_empty(x.shape), weights.new_empty(weights.shape)] + [x.new_empty(0) if g is None else g for g in grads]
 
 
-def _moe_mlp_grad(ctx, dy, _dh):
-    x, weights, counts, offsets, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down, h = (
-        ctx.saved_tensors
-    )
-    if h.shape[0] != token_of_row.shape[0]:
+def _backward(backend: str, dy, x, weights, plan, experts, h) -> list[Optional[Tensor]]:
+    """[dx, d weights, then a gradient (or None) for each tensor of experts.flatten()], each in its input's dtype."""
+    if h.shape[0] != plan.num_rows:
         raise RuntimeError("moe_mlp ran without saving for backward; call it with autograd enabled")
-    dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down = _moe_mlp_backward(
-        dy.contiguous(), x, weights, counts, offsets, token_of_row, row_of_slot,
-        w_gate_up, w_down, b_gate_up, b_down, ctx.activation, h, ctx.backend,
+    grads = get_backend(backend).moe_mlp_backward(dy, x, weights, plan, experts, h)
+    _, _, b_gate_up, b_down = experts.tensors()
+    grads = grads._replace(
+        weights=grads.weights.to(weights.dtype),
+        b_gate_up=None if b_gate_up is None else grads.b_gate_up.to(b_gate_up.dtype),
+        b_down=None if b_down is None else grads.b_down.to(b_down.dtype),
     )
-    return (
-        dx, dweights, None, None, None, None, dw_gate_up, dw_down,
-        db_gate_up if ctx.has_bias[0] else None,
-        db_down if ctx.has_bias[1] else None,
-        None, None, None,
-    )
+    return [grads.x, grads.weights, *experts.flat_grads(grads)]
 
 
-_moe_mlp.register_autograd(_moe_mlp_grad, setup_context=_moe_mlp_setup)
+def _forward(x, weights, plan, experts, flat, spec, backend, save, direct) -> tuple[Tensor, Tensor]:
+    """(out, h): the backend's moe_mlp, called straight (direct) or through the custom op."""
+    if direct:
+        return get_backend(backend).moe_mlp(x, weights, plan, experts, save)
+    return _moe_mlp(x, weights, *plan.tensors(), flat, spec, save, backend)
 
 
-class _EagerMoEMLP(torch.autograd.Function):
-    """moe_mlp with autograd in eager mode, calling the backend straight: the custom op's
-    dispatch each way took a third of a small layer's training step (H=64, E=16: 0.6 of
-    1.9 ms)."""
+class _MoEMLP(torch.autograd.Function):
+    """moe_mlp with autograd: one backward, over the backend (eager) or the custom ops
+    (compiled graphs, modes). experts is the ExpertWeights when direct, else None (the custom
+    ops rebuild it from flat and spec)."""
 
     @staticmethod
-    def forward(ctx, x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, activation, backend):
-        out, h = get_backend(backend).moe_mlp(x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, activation, True)
-        ctx.plan, ctx.activation, ctx.backend = plan, activation, backend
-        ctx.save_for_backward(x, weights, w_gate_up, w_down, b_gate_up, b_down, h)
+    def forward(ctx, x, weights, counts, offsets, token_of_row, row_of_slot, experts, spec, backend, direct, *flat):
+        plan = DispatchPlan(counts, offsets, token_of_row, row_of_slot)
+        out, h = _forward(x, weights, plan, experts, list(flat), spec, backend, True, direct)
+        ctx.experts, ctx.spec, ctx.backend, ctx.direct = experts, spec, backend, direct
+        ctx.save_for_backward(x, weights, counts, offsets, token_of_row, row_of_slot, h, *flat)
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        x, weights, w_gate_up, w_down, b_gate_up, b_down, h = ctx.saved_tensors
-        dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down = _backend_mlp_backward(
-            ctx.backend, dy.contiguous(), x, weights, ctx.plan, w_gate_up, w_down, b_gate_up, b_down, ctx.activation, h
-        )
-        return dx, dweights, None, dw_gate_up, dw_down, db_gate_up, db_down, None, None
+        x, weights, counts, offsets, token_of_row, row_of_slot, h, *flat = ctx.saved_tensors
+        if ctx.direct:
+            plan = DispatchPlan(counts, offsets, token_of_row, row_of_slot)
+            grads = _backward(ctx.backend, dy.contiguous(), x, weights, plan, ctx.experts, h)
+        else:
+            grads = _moe_mlp_backward(dy.contiguous(), x, weights, counts, offsets, token_of_row, row_of_slot, flat,
+                                      ctx.spec, h, ctx.backend)
+            grads = [g if g.numel() or t.numel() == 0 else None for g, t in zip(grads, [x, weights, *flat])]
+        dx, dweights, *dflat = grads
+        return (dx, dweights, None, None, None, None, None, None, None, None, *dflat)
 
 
 def moe_mlp(
     x: Tensor,
     weights: Tensor,
     ids: Tensor,
-    w_gate_up: Tensor,
-    w_down: Tensor,
+    w_gate_up: Union[Weight, ExpertWeights],
+    w_down: Optional[Weight] = None,
     *,
-    activation: str = "swiglu",
+    activation: Optional[str] = None,
     b_gate_up: Optional[Tensor] = None,
     b_down: Optional[Tensor] = None,
     plan: Optional[DispatchPlan] = None,
@@ -424,12 +323,16 @@ def moe_mlp(
 
     x: [T, H]; weights: [T, k] float; ids: [T, k] int;
     w_gate_up: [E, 2I, H] (gate rows first, then up rows; [E, I, H] for gelu/relu/silu);
-    w_down: [E, H, I]; b_gate_up: [E, 2I] or [E, I]; b_down: [E, H].
+    w_down: [E, H, I]; b_gate_up: [E, 2I] or [E, I]; b_down: [E, H]; activation: "swiglu" when
+    not given (see activations.ACTIVATIONS).
     expert(v) = w_down[e] @ act(w_gate_up[e] @ v + b_gate_up[e]) + b_down[e].
+    Or the experts as one ExpertWeights in w_gate_up's place, with none of w_down, activation
+    and the biases.
     plan: the DispatchPlan of ids, when the caller already made it (checked against ids for
     CPU tensors).
     Returns [T, H] in x's dtype.
     """
+    experts = _expert_weights(w_gate_up, w_down, b_gate_up, b_down, activation)
     check.floating("x", x, ndim=2)
     check.floating("weights", weights, ndim=2)
     check.integer("ids", ids, ndim=2)
@@ -438,40 +341,47 @@ def moe_mlp(
     if ids.shape[0] != x.shape[0]:
         raise ValueError(f"ids has {ids.shape[0]} tokens but x has {x.shape[0]}")
     check.shape("weights", weights, tuple(ids.shape))
-    check.expert_weights(x, w_gate_up, w_down, b_gate_up, b_down, activation)
+    check.experts_take(x, experts)
     name = _backend_name(x.device, backend)
-    floating_inputs = (x, weights, w_gate_up, w_down, b_gate_up, b_down)
+    num_experts = experts.num_experts
+    floating_inputs = (x, weights, *experts.tensors())
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in floating_inputs)
     if plan is None:
-        check.expert_ids(ids, w_gate_up.shape[0])
+        check.expert_ids(ids, num_experts)
         if not save and _direct(*floating_inputs, ids):
-            out = get_backend(name).moe_mlp_from_ids(
-                x, weights, ids, w_gate_up.shape[0], w_gate_up, w_down, b_gate_up, b_down, activation
-            )
+            out = get_backend(name).moe_mlp_from_ids(x, weights, ids, experts)
             if out is not None:
                 return out
-        plan = _plan(ids, w_gate_up.shape[0], name)
+        plan = _plan(ids, num_experts, name)
     else:
         check.plan(plan, "x", x)
-        if tuple(plan.row_of_slot.shape) != tuple(ids.shape) or plan.num_experts != w_gate_up.shape[0]:
+        if tuple(plan.row_of_slot.shape) != tuple(ids.shape) or plan.num_experts != num_experts:
             raise ValueError(
                 f"plan was made for ids {tuple(plan.row_of_slot.shape)} and {plan.num_experts} experts, "
-                f"not ids {tuple(ids.shape)} and {w_gate_up.shape[0]} experts"
+                f"not ids {tuple(ids.shape)} and {num_experts} experts"
             )
-        check.expert_id_values(ids, w_gate_up.shape[0])
+        check.expert_id_values(ids, num_experts)
         check.plan_values(plan, ids)
-    plan_tensors = (plan.counts, plan.offsets, plan.token_of_row, plan.row_of_slot)
-    if _direct(*floating_inputs, *plan_tensors):
-        if save:
-            return _EagerMoEMLP.apply(x, weights, plan_tensors, w_gate_up, w_down, b_gate_up, b_down, activation, name)
-        out, _ = get_backend(name).moe_mlp(x, weights, plan_tensors, w_gate_up, w_down, b_gate_up, b_down, activation,
-                                           False)
-        return out
-    out, _ = _moe_mlp(
-        x, weights, plan.counts, plan.offsets, plan.token_of_row, plan.row_of_slot,
-        w_gate_up, w_down, b_gate_up, b_down, activation, save, name,
-    )
-    return out
+    direct = _direct(*floating_inputs, *plan.tensors())
+    if not save:
+        flat, spec = (None, None) if direct else experts.flatten()
+        return _forward(x, weights, plan, experts, flat, spec, name, False, direct)[0]
+    flat, spec = experts.flatten()
+    return _MoEMLP.apply(x, weights, *plan.tensors(), experts if direct else None, spec, name, direct, *flat)
 
 
-__all__ = ["route", "make_plan", "permute", "unpermute", "grouped_mm", "moe_mlp"]
+def _expert_weights(w_gate_up, w_down, b_gate_up, b_down, activation) -> ExpertWeights:
+    """The experts moe_mlp was given, as one ExpertWeights."""
+    if isinstance(w_gate_up, ExpertWeights):
+        given = [n for n, v in (("w_down", w_down), ("activation", activation), ("b_gate_up", b_gate_up),
+                                ("b_down", b_down)) if v is not None]
+        if given:
+            raise TypeError(f"moe_mlp takes the experts as one ExpertWeights or as tensors, not both; "
+                            f"drop {', '.join(given)} (the ExpertWeights holds them)")
+        return w_gate_up
+    if w_down is None:
+        raise TypeError("moe_mlp needs w_down beside w_gate_up (or one ExpertWeights in w_gate_up's place)")
+    return ExpertWeights(w_gate_up, w_down, b_gate_up, b_down, "swiglu" if activation is None else activation)
+
+
+__all__ = ["make_plan", "permute", "unpermute", "grouped_mm", "moe_mlp"]

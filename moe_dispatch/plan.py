@@ -1,4 +1,4 @@
-"""DispatchPlan: where every (token, choice) slot goes in expert order."""
+"""DispatchPlan: where every (token, choice) slot goes in expert order, and what follows from it."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ class DispatchPlan:
     token_of_row: torch.Tensor
     row_of_slot: torch.Tensor
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(counts, offsets, token_of_row, row_of_slot): as the custom ops take a plan."""
+        return self.counts, self.offsets, self.token_of_row, self.row_of_slot
+
     @property
     def num_experts(self) -> int:
         return self.counts.shape[0]
@@ -45,3 +49,13 @@ class DispatchPlan:
     @property
     def device(self) -> torch.device:
         return self.counts.device
+
+    def expert_of_row(self) -> torch.Tensor:
+        """int64 [T*k]: the expert that owns each row."""
+        return expert_of_row(self.offsets, self.num_rows)
+
+
+def expert_of_row(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """int64 [R]: the expert that owns each of R rows under offsets [E+1] (no host sync)."""
+    rows = torch.arange(num_rows, device=offsets.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets[1:], rows, right=True)

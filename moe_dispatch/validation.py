@@ -12,9 +12,7 @@ from typing import Optional
 
 import torch
 
-from .activations import ACTIVATIONS, is_gated
-from .backends import base
-from .plan import DispatchPlan
+from .plan import DispatchPlan, expert_of_row
 
 Tensor = torch.Tensor
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -147,12 +145,12 @@ def plan_values(p: DispatchPlan, ids: Optional[Tensor] = None) -> None:
         raise ValueError("plan.token_of_row must invert plan.row_of_slot: token_of_row[row_of_slot[t, j]] == t")
     if ids is None:
         return
-    expert_of_row = base.expert_of_row(bounds, num_rows)
-    mismatch = (expert_of_row[rows] != ids.reshape(-1).long()).nonzero()
+    owner = expert_of_row(bounds, num_rows)
+    mismatch = (owner[rows] != ids.reshape(-1).long()).nonzero()
     if mismatch.numel():
         t, j = divmod(int(mismatch[0]), p.top_k)
         raise ValueError(f"plan is not the plan of ids: ids[{t}, {j}] = {int(ids[t, j])} but the plan sends "
-                         f"that slot to expert {int(expert_of_row[rows[t * p.top_k + j]])} (a plan of other ids?)")
+                         f"that slot to expert {int(owner[rows[t * p.top_k + j]])} (a plan of other ids?)")
 
 
 def offsets(offs: Tensor, num_rows: int, num_experts: int, device: torch.device) -> None:
@@ -168,29 +166,48 @@ def offsets(offs: Tensor, num_rows: int, num_experts: int, device: torch.device)
             )
 
 
-def expert_weights(
-    x: Tensor,
-    w_gate_up: Tensor,
-    w_down: Tensor,
-    b_gate_up: Optional[Tensor],
-    b_down: Optional[Tensor],
-    activation: str,
-) -> None:
-    choice("activation", activation, ACTIVATIONS)
-    floating("w_gate_up", w_gate_up, ndim=3)
-    floating("w_down", w_down, ndim=3)
-    hidden = x.shape[1]
-    num_experts, width, _ = w_gate_up.shape
-    inter = width // 2 if is_gated(activation) else width
-    if is_gated(activation) and width % 2:
-        raise ValueError(f"w_gate_up must have an even dim 1 (gate rows, then up rows) for {activation}, got {width}")
-    shape("w_gate_up", w_gate_up, (num_experts, width, hidden))
-    shape("w_down", w_down, (num_experts, hidden, inter))
-    for name, t in (("w_gate_up", w_gate_up), ("w_down", w_down)):
-        same_dtype(name, t, "x", x)
-        same_device(name, t, "x", x)
-    for name, t, size in (("b_gate_up", b_gate_up, width), ("b_down", b_down, hidden)):
+def expert_weights(experts) -> None:
+    """The shapes of an ExpertWeights agree: w_gate_up [E, W, H] with W = 2I gated or I,
+    w_down [E, H, I], b_gate_up [E, W] and b_down [E, H], everything on one device."""
+    choice("interleaved", experts.interleaved, (False, True))
+    for name in ("w_gate_up", "w_down"):
+        w = getattr(experts, name)
+        if isinstance(w, torch.Tensor):
+            floating(name, w, ndim=3)
+        elif len(getattr(w, "shape", ())) != 3 or not hasattr(w, "dense"):
+            raise TypeError(f"{name} must be a 3-D float tensor or a stored weight format; got {type(w).__name__}")
+    w_gate_up, w_down, gated = experts.w_gate_up, experts.w_down, experts.activation.gated
+    num_experts, width, hidden = w_gate_up.shape
+    if gated and width % 2:
+        raise ValueError(f"w_gate_up must have an even dim 1 (gate and up rows) for {experts.activation.name}, "
+                         f"got {width}")
+    shape("w_down", w_down, (num_experts, hidden, width // 2 if gated else width))
+    same_device("w_down", w_down, "w_gate_up", w_gate_up)
+    for name, t, size in (("b_gate_up", experts.b_gate_up, width), ("b_down", experts.b_down, hidden)):
         if t is not None:
             floating(name, t, ndim=2)
             shape(name, t, (num_experts, size))
-            same_device(name, t, "x", x)
+            same_device(name, t, "w_gate_up", w_gate_up)
+
+
+def experts_take(x: Tensor, experts) -> None:
+    """x [T, H] is what the experts take: H their hidden size, and their weights of x's dtype
+    and device (or a format that multiplies such activations)."""
+    if x.shape[1] != experts.hidden_size:
+        raise ValueError(f"w_gate_up must be [E, W, H={x.shape[1]}] to match x [T, H]; got w_gate_up of shape "
+                         f"{tuple(experts.w_gate_up.shape)}")
+    weight("w_gate_up", experts.w_gate_up, x)
+    weight("w_down", experts.w_down, x)
+    if experts.b_gate_up is not None:
+        same_device("b_gate_up", experts.b_gate_up, "x", x)
+
+
+def weight(name: str, w, x: Tensor) -> None:
+    """w can multiply the activations x: a 3-D float tensor of x's dtype and device, or a
+    stored format (moe_dispatch.formats) whose own check says it can."""
+    if not isinstance(w, torch.Tensor):
+        w.check(name, x)
+        return
+    floating(name, w, ndim=3)
+    same_dtype(name, w, "x", x)
+    same_device(name, w, "x", x)

@@ -1,4 +1,5 @@
-"""The edge cases of DESIGN.md, shared by every op's tests. Each says why it exists."""
+"""The edge cases every op is tested on (DEVELOPERS.md, "Adding or changing a kernel"), shared
+by every op's tests. Each says why it exists."""
 
 from __future__ import annotations
 

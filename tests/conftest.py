@@ -1,13 +1,17 @@
-"""Fixtures shared by the backend-generic suite.
+"""Fixtures and helpers shared by every test file.
 
 Every backend that can run on this machine's CPU joins the same tests through the `backend`
 fixture; the Triton kernels run on the CPU under TRITON_INTERPRET=1 when there is no GPU.
-MOE_DISPATCH_TEST_BACKENDS=torch,numba restricts the set.
+MOE_DISPATCH_TEST_BACKENDS=torch,numba restricts the set. Backend-only sections of a shared
+file carry `needs_numba` or `needs_triton`, so the rest of the file runs without that backend.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import pytest
@@ -17,10 +21,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from moe_dispatch.activations import ACTIVATIONS  # noqa: E402
 from moe_dispatch.backends import BACKEND_NAMES, unavailable_reason  # noqa: E402
 
 CPU = torch.device("cpu")
 HAS_CUDA = torch.cuda.is_available()
+# Where the Triton-only tests run: the GPU, or the CPU under the interpreter.
+TRITON_DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPOSITORY = os.path.dirname(TESTS)
 
 # Error allowed against the float64 reference, by the inputs' dtype: (rtol, atol), for
 # values of order one. fp16/bf16 round each stored intermediate (h, the activation, the
@@ -32,6 +41,12 @@ TOLERANCE = {
     torch.bfloat16: (4e-2, 4e-2),
 }
 
+FLOAT_DTYPES = [pytest.param(d, id=str(d).split(".")[1]) for d in (torch.float32, torch.float16, torch.bfloat16)]
+# The numba tests' own order; their test ids name them dtype0, dtype1, dtype2.
+NUMBA_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# bf16 tl.dot runs only on a GPU; float32 without TF32 has its own candidates (the FMA dot)
+TUNED_DTYPES = [torch.bfloat16, torch.float32]
+
 
 def _cpu_backends() -> list[str]:
     wanted = os.environ.get("MOE_DISPATCH_TEST_BACKENDS")
@@ -41,16 +56,48 @@ def _cpu_backends() -> list[str]:
 
 CPU_BACKENDS = _cpu_backends()
 
+# The backend-only sections ignore MOE_DISPATCH_TEST_BACKENDS: they run wherever the backend can.
+NUMBA_UNAVAILABLE = unavailable_reason("numba", CPU)
+TRITON_UNAVAILABLE = unavailable_reason("triton", TRITON_DEVICE)
+HAS_NUMBA = NUMBA_UNAVAILABLE is None
+HAS_TRITON = TRITON_UNAVAILABLE is None
+needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason=f"numba backend unavailable: {NUMBA_UNAVAILABLE}")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason=f"the triton backend cannot run here: {TRITON_UNAVAILABLE}")
+
 
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request) -> str:
     return request.param
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
-    """Compare a backend's result with the float64 reference under the dtype's tolerance."""
-    rtol, atol = TOLERANCE[dtype or actual.dtype]
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol)
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator seeded from the test's id: different inputs per case, reproducible."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+
+def randn(*shape, gen: torch.Generator, dtype=torch.float32, scale=1.0, device=CPU) -> torch.Tensor:
+    """Normal values times scale, drawn in float32 on the CPU (the same values on every device),
+    then cast to dtype."""
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device)
+
+
+def expert_weights(experts, hidden, inter, gen, dtype=torch.float32, activation="swiglu", bias=False,
+                   bias_scale=1.0, bias_dtype=None, device=CPU):
+    """(w_gate_up [E, W, H], w_down [E, H, I], b_gate_up [E, W], b_down [E, H]), W = 2I for a
+    gated activation; weights scaled for outputs of order one; the biases None unless asked for,
+    of dtype unless bias_dtype says otherwise."""
+    width = ACTIVATIONS[activation].width(inter)
+    w_gate_up = randn(experts, width, hidden, gen=gen, dtype=dtype, scale=hidden**-0.5, device=device)
+    w_down = randn(experts, hidden, inter, gen=gen, dtype=dtype, scale=inter**-0.5, device=device)
+    if not bias:
+        return w_gate_up, w_down, None, None
+    biases = (randn(experts, n, gen=gen, dtype=bias_dtype or dtype, scale=bias_scale, device=device)
+              for n in (width, hidden))
+    return w_gate_up, w_down, *biases
 
 
 def random_ids(num_tokens: int, top_k: int, num_experts: int, generator: torch.Generator) -> torch.Tensor:
@@ -64,13 +111,106 @@ def random_weights(num_tokens: int, top_k: int, generator: torch.Generator) -> t
     return torch.rand(num_tokens, top_k, generator=generator).add(0.1).softmax(-1)
 
 
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    """A generator seeded from the test's id: different inputs per case, reproducible."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+# ---- checks ----------------------------------------------------------------------------------
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Compare a backend's result with the float64 reference under the dtype's tolerance."""
+    rtol, atol = TOLERANCE[dtype or actual.dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol)
+
+
+def output_and_grads(fn, tensors):
+    """fn(*tensors) and the gradients of each tensor (None stays None) for a fixed random dy."""
+    tensors = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*tensors)
+    if out.grad_fn is not None:  # the naive loop's empty batch is not connected to its inputs
+        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        out.backward(dy.to(out.dtype))
+    # an input that did not reach the output has a zero gradient
+    return out, [None if t is None else t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
 
 
 def skip_if_unsupported(backend: str, dtype: torch.dtype) -> None:
     """The Triton interpreter multiplies bf16 bit patterns in tl.dot: bf16 GEMMs are GPU-tested."""
     if backend == "triton" and dtype == torch.bfloat16 and not HAS_CUDA:
         pytest.skip("the Triton interpreter cannot do a bf16 tl.dot; tests marked gpu cover it")
+
+
+@pytest.fixture
+def garbage_memory(monkeypatch):
+    """torch.empty returns 77s: a kernel that leaves an output element unwritten shows."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: empty(*args, **kwargs).fill_(77))
+
+
+# ---- subprocesses ----------------------------------------------------------------------------
+
+
+def subprocess_env(drop: str | None = None, **extra: str) -> dict:
+    """This process's environment without `drop`, with `extra`, and with this checkout first on
+    the path: otherwise a child imports whichever moe_dispatch is installed, maybe another tree's."""
+    env = {k: v for k, v in os.environ.items() if k != drop}
+    env["PYTHONPATH"] = os.pathsep.join([REPOSITORY, env.get("PYTHONPATH", "")])
+    return {**env, **extra}
+
+
+def run_python(code: str, env: dict, timeout: float = 600) -> str:
+    """Run code in a fresh interpreter from the tests folder (so it can import conftest); assert
+    that it succeeded and return its stdout."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            timeout=timeout, cwd=TESTS, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+# ---- numba: which path runs ------------------------------------------------------------------
+
+
+def small_groups_everywhere(monkeypatch):
+    """Every expert counts as small: Numba kernels for all groups, decode for moe_mlp."""
+    import moe_dispatch.backends.numba_backend as nb
+
+    monkeypatch.setattr(nb, "fused_rows_limit", lambda dtype, flops_per_row: 10**9)
+
+
+def large_groups_everywhere(monkeypatch):
+    """Every expert with rows counts as large: BLAS for all groups, the blocked moe_mlp."""
+    import moe_dispatch.backends.numba_backend as nb
+
+    monkeypatch.setattr(nb, "fused_rows_limit", lambda dtype, flops_per_row: 0)
+
+
+@pytest.fixture(params=["onednn", "blas"])
+def matmul_library(request, monkeypatch):
+    """The library of the large groups' float32 and float16 products (cpu_matmul), for
+    products of any size (the tests' are far below ONEDNN_MIN_FLOPS)."""
+    import moe_dispatch.backends.cpu_matmul as cm
+
+    if request.param == "onednn" and not cm.onednn_available():
+        pytest.skip("this torch has no oneDNN linear op")
+    monkeypatch.setenv("MOE_DISPATCH_CPU_MATMUL", request.param)
+    monkeypatch.setattr(cm, "ONEDNN_MIN_FLOPS", 0)
+    return request.param
+
+
+# ---- triton on a GPU -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pinned_configs(monkeypatch):
+    """Default tile configs, no timing: keeps the GPU tests to one compile per kernel variant."""
+    from moe_dispatch.backends.triton_tuning import AUTOTUNE_ENV
+
+    monkeypatch.setenv(AUTOTUNE_ENV, "0")
+    monkeypatch.delenv("MOE_DISPATCH_CHECKS", raising=False)
+
+
+@pytest.fixture
+def fma_float32():
+    """float32 without TF32 (torch's default), whatever an earlier test set: the FMA dot."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    yield
+    matmul.fp32_precision = before

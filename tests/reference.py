@@ -5,9 +5,9 @@ Shared with benchmarks/ so the numbers and the tests check the same definition.
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from moe_dispatch.activations import ACTIVATIONS
 
 Tensor = torch.Tensor
 
@@ -31,34 +31,33 @@ def naive_plan(ids: Tensor, num_experts: int):
     return counts, offsets, token_of_row, row_of_slot
 
 
-def _act(name: str, v: Tensor) -> Tensor:
-    if name in ("silu", "swiglu"):
-        return v / (1 + torch.exp(-v))
-    if name in ("gelu", "geglu"):
-        return 0.5 * v * (1 + torch.erf(v / math.sqrt(2)))
-    return torch.clamp(v, min=0.0)
-
-
-def naive_expert(x: Tensor, w_gate_up: Tensor, w_down: Tensor, b_gate_up, b_down, activation: str) -> Tensor:
-    """One token through one expert, float64: w_down @ act(w_gate_up @ x + b) + b_down.
+def naive_expert(x: Tensor, w_gate_up: Tensor, w_down: Tensor, b_gate_up, b_down, activation: str,
+                 interleaved: bool = False) -> Tensor:
+    """One token through one expert, float64: w_down @ act(w_gate_up @ x + b) + b_down, the
+    activation by its registry entry's definition (tests/test_activations.py checks those
+    against torch's own functions and the models' code); a gated one reads the gate rows
+    first, then the up rows, or the two alternating when interleaved.
 
     Differentiable, so autograd through this loop gives the reference gradients.
     """
     h = w_gate_up.double() @ x.double()
     if b_gate_up is not None:
         h = h + b_gate_up.double()
-    if activation in ("swiglu", "geglu"):
-        gate, up = h[: h.shape[0] // 2], h[h.shape[0] // 2:]
-        a = _act(activation, gate) * up
+    entry = ACTIVATIONS[activation]
+    if not entry.gated:
+        a = entry.forward(h, None)
+    elif interleaved:
+        a = entry.forward(h[0::2], h[1::2])
     else:
-        a = _act(activation, h)
+        a = entry.forward(h[: h.shape[0] // 2], h[h.shape[0] // 2:])
     out = w_down.double() @ a
     if b_down is not None:
         out = out + b_down.double()
     return out
 
 
-def naive_moe_mlp(x, weights, ids, w_gate_up, w_down, b_gate_up=None, b_down=None, activation="swiglu") -> Tensor:
+def naive_moe_mlp(x, weights, ids, w_gate_up, w_down, b_gate_up=None, b_down=None, activation="swiglu",
+                  interleaved=False) -> Tensor:
     """[T, H] float64: out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) (differentiable)."""
     num_tokens, top_k = ids.shape
     rows = []
@@ -69,7 +68,7 @@ def naive_moe_mlp(x, weights, ids, w_gate_up, w_down, b_gate_up=None, b_down=Non
             acc = acc + weights[t, j].double() * naive_expert(
                 x[t], w_gate_up[e], w_down[e],
                 None if b_gate_up is None else b_gate_up[e],
-                None if b_down is None else b_down[e], activation,
+                None if b_down is None else b_down[e], activation, interleaved,
             )
         rows.append(acc)
     return torch.stack(rows) if rows else torch.zeros(0, x.shape[1], dtype=torch.float64)
@@ -84,7 +83,9 @@ def naive_grouped_mm(xs: Tensor, w: Tensor, offsets) -> Tensor:
 
 def naive_route(logits: Tensor, top_k: int, scoring="softmax", renormalize=True, bias=None,
                 n_groups=None, topk_groups=None, scale=1.0):
-    """(weights [T, k] float64, ids [T, k]) one token at a time, following DESIGN.md."""
+    """(weights [T, k] float64, ids [T, k]) one token at a time: the bias shifts the choice, never
+    the weights; with n_groups, only the topk_groups groups whose two best biased scores sum
+    highest compete (DeepSeek-V3); the chosen scores are renormalized if asked, then scaled."""
     num_tokens, num_experts = logits.shape
     all_weights, all_ids = [], []
     for t in range(num_tokens):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import moe_dispatch as md
+from conftest import needs_triton
 from moe_dispatch.backends import BackendUnavailable, resolve_backend, select_backend, unavailable_reason
 
 
@@ -33,6 +34,14 @@ def test_backend_that_cannot_run_says_why(monkeypatch):
         pytest.skip("triton runs on this CPU")
     with pytest.raises(BackendUnavailable, match="backend='triton' cannot run on cpu: .+"):
         select_backend("cpu", "triton")
+
+
+@needs_triton
+def test_cpu_needs_the_interpreter(monkeypatch):
+    backend = md.backends.get_backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in backend.unavailable_reason(torch.device("cpu"))
+    assert "CUDA" in backend.unavailable_reason(torch.device("meta"))
 
 
 def test_environment_overrides_auto_only(monkeypatch):

@@ -329,18 +329,19 @@ def test_peers_match_moe_mlp(peer, routing):
     preset = get_preset("qwen3-30b-a3b", 1 / 32)
     experts = make_experts(preset, torch.float32, CPU, seed=3)
     batch = make_inputs(preset, 23, torch.float32, CPU, routing, seed=3)
-    expected = moe_mlp(batch.x, batch.weights, batch.ids, experts.w_gate_up, experts.w_down, backend="torch")
+    expected = moe_mlp(batch.x, batch.weights, batch.ids, experts.weights, backend="torch")
     torch.testing.assert_close(peer_call(moe_peer(peer, experts), batch, backward=False)(), expected,
                                rtol=2e-4, atol=2e-4)
 
 
-def test_torch_grouped_mm_peer_with_biases_matches_moe_mlp():
+@pytest.mark.parametrize("peer", ["hf-eager", "hf-grouped-mm", "torch-grouped-mm"])
+def test_peers_with_biases_and_the_clamped_swiglu_match_moe_mlp(peer):
+    # gpt-oss: biases, and transformers' own GptOssExperts with its interleaved gate and up columns
     preset = get_preset("gpt-oss-20b", 1 / 32)
     experts = make_experts(preset, torch.float32, CPU, seed=4)
     batch = make_inputs(preset, 9, torch.float32, CPU, "zipf", seed=4)
-    expected = moe_mlp(batch.x, batch.weights, batch.ids, *experts.tensors()[:2], b_gate_up=experts.b_gate_up,
-                       b_down=experts.b_down, backend="torch")
-    got = peer_call(moe_peer("torch-grouped-mm", experts), batch, backward=False)()
+    expected = moe_mlp(batch.x, batch.weights, batch.ids, experts.weights, backend="torch")
+    got = peer_call(moe_peer(peer, experts), batch, backward=False)()
     torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4)
 
 

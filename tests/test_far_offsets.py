@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import moe_dispatch as md
-from conftest import CPU_BACKENDS, assert_close, random_weights
+from conftest import CPU_BACKENDS, assert_close, expert_weights, randn, random_weights
 from reference import naive_grouped_mm, naive_moe_mlp, naive_permute, naive_plan, naive_unpermute
 
 NUM = 4  # tokens, and experts
@@ -41,15 +41,12 @@ def far_copy(values: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def inputs(gen):
     """x [T, H] with far rows, and w_gate_up, w_down with far experts (E = T = NUM)."""
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).half()
-
     # near and far tokens to near and far experts; int32, so that a kernel's expert offsets are
     # int64 only where it makes them so
     ids = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3]], dtype=torch.int32)
-    x = far_copy(randn(NUM, HIDDEN))
-    w_gate_up = far_copy(randn(NUM, 2 * INTER, HIDDEN, scale=HIDDEN**-0.5))
-    w_down = far_copy(randn(NUM, HIDDEN, INTER, scale=INTER**-0.5))
+    x = far_copy(randn(NUM, HIDDEN, gen=gen, dtype=torch.float16))
+    w_gate_up, w_down, _, _ = expert_weights(NUM, HIDDEN, INTER, gen, torch.float16)
+    w_gate_up, w_down = far_copy(w_gate_up), far_copy(w_down)
     return x, random_weights(NUM, TOP_K, gen), ids, w_gate_up, w_down
 
 
@@ -89,7 +86,9 @@ def test_moe_mlp_gradients_reach_far_rows_and_experts(backend, inputs):
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs the Triton interpreter")
 def test_triton_launchers_reach_far_rows_of_the_backends_own_buffers(inputs):
     """Each launch on far views of its inputs gives exactly what it gives on compact copies."""
-    from moe_dispatch.kernels.triton import configs, grouped_gemm, permute, wgrad
+    from moe_dispatch.activations import ACTIVATIONS
+    from moe_dispatch.backends.triton_tuning import INTERPRETER
+    from moe_dispatch.kernels.triton import grouped_gemm, permute, wgrad
 
     _, weights, ids, _, w_down = inputs
     plan = md.make_plan(ids, NUM, backend="triton")
@@ -103,11 +102,11 @@ def test_triton_launchers_reach_far_rows_of_the_backends_own_buffers(inputs):
 
     def act_backward(dy, h):
         return grouped_gemm.grouped_gemm_act_backward(dy, plan.token_of_row, w_down, None, plan.offsets, h,
-                                                      weight_of_row, plan.row_of_slot, "silu", True,
-                                                      configs.INTERPRETER)
+                                                      weight_of_row, plan.row_of_slot, ACTIVATIONS["swiglu"],
+                                                      (1, INTER), INTERPRETER)
 
     def weight_gradient(dy, act):
-        return wgrad.grouped_wgrad(dy, act, plan.offsets, NUM, configs.INTERPRETER, a_rows=plan.token_of_row,
+        return wgrad.grouped_wgrad(dy, act, plan.offsets, NUM, INTERPRETER, a_rows=plan.token_of_row,
                                    a_scale=weight_of_row)
 
     assert torch.equal(combine(far_copy(slots)), combine(slots))

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 import moe_dispatch as md
 from moe_dispatch import validation
-from conftest import assert_close
+from moe_dispatch.activations import ACTIVATIONS
+from conftest import assert_close, expert_weights
 from reference import naive_grouped_mm, naive_moe_mlp, naive_plan
 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -62,13 +63,14 @@ def test_grouped_mm_matches_naive(backend, routing, hidden, out):
 
 @SETTINGS
 @given(routing=routings(), hidden=st.integers(1, 24), inter=st.integers(1, 24),
-       activation=st.sampled_from(["swiglu", "geglu", "gelu", "relu", "silu"]))
-def test_moe_mlp_matches_naive(backend, routing, hidden, inter, activation):
+       activation=st.sampled_from(list(ACTIVATIONS)), interleaved=st.booleans())
+def test_moe_mlp_matches_naive(backend, routing, hidden, inter, activation, interleaved):
     ids, experts, gen = routing
-    width = inter * (2 if activation in ("swiglu", "geglu") else 1)
     x = torch.randn(ids.shape[0], hidden, generator=gen)
     weights = torch.rand(ids.shape, generator=gen)
-    w_gate_up = torch.randn(experts, width, hidden, generator=gen) / hidden**0.5
-    w_down = torch.randn(experts, hidden, inter, generator=gen) / inter**0.5
-    out = md.moe_mlp(x, weights, ids, w_gate_up, w_down, activation=activation, backend=backend)
-    assert_close(out, naive_moe_mlp(x, weights, ids, w_gate_up, w_down, activation=activation))
+    w_gate_up, w_down, _, _ = expert_weights(experts, hidden, inter, gen, activation=activation)
+    interleaved = interleaved and ACTIVATIONS[activation].gated
+    out = md.moe_mlp(x, weights, ids, md.ExpertWeights(w_gate_up, w_down, activation=activation,
+                                                       interleaved=interleaved), backend=backend)
+    assert_close(out, naive_moe_mlp(x, weights, ids, w_gate_up, w_down, activation=activation,
+                                    interleaved=interleaved))

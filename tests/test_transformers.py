@@ -22,6 +22,7 @@ from transformers.integrations.moe import use_experts_implementation  # noqa: E4
 import moe_dispatch.integrations.transformers as integration  # noqa: E402
 from conftest import assert_close  # noqa: E402
 from moe_dispatch import MoE  # noqa: E402
+from moe_dispatch.integrations.transformers import from_transformers, to_transformers  # noqa: E402
 
 VOCAB = 64
 # Small enough for the Triton interpreter: hidden 32, 2 layers, a handful of experts.
@@ -57,13 +58,17 @@ def _deepseek_v3():
     )
 
 
-def _gpt_oss():
-    # biases, [E, in, out] weights, clamped SwiGLU over interleaved gate/up columns; a low
-    # limit so the clamp really cuts
+def _gpt_oss(swiglu_limit=7.0):
+    # biases, [E, in, out] weights, clamped SwiGLU over interleaved gate/up columns
     return transformers.GptOssConfig(
         **COMMON, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
-        sliding_window=8, swiglu_limit=0.5, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+        sliding_window=8, swiglu_limit=swiglu_limit, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
     )
+
+
+def _gpt_oss_other_limit():
+    # a limit other than the released models' 7: not the registered clamped SwiGLU's constants
+    return _gpt_oss(swiglu_limit=0.5)
 
 
 def _qwen2_moe():
@@ -93,7 +98,8 @@ FAMILIES = {
     "qwen3_moe": (_qwen3_moe, "fused"),
     "olmoe": (_olmoe, "fused"),
     "deepseek_v3": (_deepseek_v3, "fused"),
-    "gpt_oss": (_gpt_oss, "composed"),
+    "gpt_oss": (_gpt_oss, "fused"),
+    "gpt_oss_other_limit": (_gpt_oss_other_limit, "composed"),
     "qwen2_moe": (_qwen2_moe, "fused"),
     "aria": (_aria, "fused"),
 }
@@ -172,7 +178,7 @@ def test_model_matches_eager(family, backend, gen, path_spy):
     assert path_spy[path] > 0 and path_spy[other] == 0
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # the fused path and the composed one
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "gpt_oss_other_limit"])  # fused paths, the composed one
 def test_bfloat16_model_matches_eager(family, backend, gen):
     if backend == "triton" and not torch.cuda.is_available():
         pytest.skip("the Triton interpreter cannot run bfloat16 tl.dot")
@@ -351,7 +357,7 @@ def test_register_with_transformers_4_says_what_to_install(monkeypatch):
 # ---- torch.compile -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # the fused path and the composed one
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "gpt_oss_other_limit"])  # fused paths, the composed one
 def test_compiled_model_has_no_graph_break(family, backend, gen):
     model = _tiny_model(family, gen, integration.register(f"moe_dispatch_{backend}", backend=backend))
     input_ids = torch.randint(0, VOCAB, (2, 7), generator=gen)
@@ -393,7 +399,7 @@ def _tiny_block(config_fn, gen) -> nn.Module:
 @pytest.mark.parametrize("family", BLOCK_FAMILIES)
 def test_from_transformers_matches_the_block(family, backend, gen):
     block = _tiny_block(BLOCK_FAMILIES[family], gen)
-    layer = MoE.from_transformers(block, backend=backend)
+    layer = from_transformers(block, backend=backend)
     x = torch.randn(2, 5, 32, generator=gen)
     with torch.no_grad():
         assert_close(layer(x), block(x))
@@ -402,18 +408,18 @@ def test_from_transformers_matches_the_block(family, backend, gen):
 @pytest.mark.parametrize("family", BLOCK_FAMILIES)
 def test_round_trip_through_the_layer(family, gen):
     block = _tiny_block(BLOCK_FAMILIES[family], gen)
-    layer = MoE.from_transformers(block, backend="torch")
+    layer = from_transformers(block, backend="torch")
     with torch.no_grad():  # new weights, as if trained
         for p in layer.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
         if layer.scoring == "sigmoid":  # the only scoring whose choice uses the correction bias
             layer.expert_bias.add_(0.05 * torch.randn(layer.expert_bias.shape, generator=gen))
     target = copy.deepcopy(block)
-    assert layer.to_transformers(target) is target
+    assert to_transformers(layer, target) is target
     x = torch.randn(3, 4, 32, generator=gen)
     with torch.no_grad():
         assert_close(target(x), layer(x))
-    back = MoE.from_transformers(target, backend="torch")
+    back = from_transformers(target, backend="torch")
     for (name, mine), theirs in zip(layer.state_dict().items(), back.state_dict().values()):
         assert torch.equal(mine, theirs), name
 
@@ -423,7 +429,7 @@ def test_from_transformers_refuses_what_moe_cannot_compute(family, gen):
     # gpt-oss: router bias and clamped SwiGLU; Qwen2-MoE: a sigmoid-gated shared expert
     block = _tiny_block(FAMILIES[family][0], gen)
     with pytest.raises(ValueError, match="block must be one of"):
-        MoE.from_transformers(block)
+        from_transformers(block)
 
 
 def test_from_transformers_refuses_router_jitter(gen):
@@ -431,14 +437,14 @@ def test_from_transformers_refuses_router_jitter(gen):
     config.router_jitter_noise = 0.1
     block = _tiny_block(lambda: config, gen)
     with pytest.raises(ValueError, match="jitter_noise=0.1"):
-        MoE.from_transformers(block)
+        from_transformers(block)
 
 
 def test_to_transformers_refuses_a_different_configuration(gen):
     block = _tiny_block(_qwen3_moe, gen)
     layer = MoE(32, 24, 6, top_k=3)
     with pytest.raises(ValueError, match="top_k: layer 3, block 2"):
-        layer.to_transformers(block)
+        to_transformers(layer, block)
 
 
 def test_from_transformers_refuses_a_block_built_otherwise(gen):
@@ -447,4 +453,25 @@ def test_from_transformers_refuses_a_block_built_otherwise(gen):
     block = _tiny_block(_mixtral, gen)
     block.gate = nn.Linear(32, 5, bias=False)
     with pytest.raises(ValueError, match="MixtralSparseMoeBlock .* is not built as the one MoE knows"):
-        MoE.from_transformers(block)
+        from_transformers(block)
+
+
+def test_gpt_oss_experts_run_fused_reading_interleaved_weights_in_place(backend, gen, path_spy):
+    """gpt-oss's experts through the registered clamped SwiGLU, with inputs large enough that both
+    clamps cut, and no copy of a weight."""
+    model = _tiny_model("gpt_oss", gen)
+    experts = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        experts.gate_up_proj.mul_(8)  # the clamps are at +-7
+    fused = integration.fused_experts(experts)
+    assert fused.activation.name == "clamped_swiglu" and fused.interleaved
+    assert fused.w_gate_up.data_ptr() == experts.gate_up_proj.data_ptr()
+    x = torch.randn(9, 32, generator=gen)
+    h = x @ experts.gate_up_proj[0] + experts.gate_up_proj_bias[0]
+    assert (h[:, 0::2] > experts.limit).any() and (h[:, 1::2].abs() > experts.limit).any()
+    ids = torch.rand(9, 4, generator=gen).topk(2, dim=-1).indices
+    weights = torch.rand(9, 2, generator=gen)
+    expected = _experts_outputs_and_grads(experts, x, ids, weights)
+    experts.config._experts_implementation = integration.register(f"moe_dispatch_{backend}", backend=backend)
+    _assert_same(_experts_outputs_and_grads(experts, x, ids, weights), expected)
+    assert path_spy == {"fused": 1, "composed": 0}

@@ -72,8 +72,9 @@ def select_backend(device: Union[torch.device, str], requested: str = "auto") ->
     return requested
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(device: Union[torch.device, str], backend: str) -> str:
-    """select_backend, with MOE_DISPATCH_BACKEND standing in for "auto"."""
+    """select_backend, with MOE_DISPATCH_BACKEND standing in for "auto" (a constant to torch.compile)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     chosen = backend

@@ -3,21 +3,36 @@
 A backend implements five primitives (make_plan, permute, unpermute, grouped_mm,
 grouped_mm_wgrad). The MoE MLP forward and every backward are composed here from those
 primitives, so a new backend is correct as soon as its primitives are; a fast backend
-overrides the composites with fused kernels that compute the same thing.
+overrides the composites with fused kernels that compute the same thing. The MLP's methods
+receive the plan as a DispatchPlan and the experts as one ExpertWeights.
 
 Shapes: T tokens, k choices, R = T*k rows, E experts, H hidden, I intermediate.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
-from ..activations import activate, activate_backward, upcast
+from ..activations import Activation, activate, activate_backward, upcast
+from ..plan import DispatchPlan, expert_of_row
+
+if TYPE_CHECKING:
+    from ..experts import ExpertWeights
 
 Tensor = torch.Tensor
-PlanTensors = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+class ExpertGrads(NamedTuple):
+    """moe_mlp's gradients, each in its input's dtype (weights': float32); None for an absent bias."""
+
+    x: Tensor
+    weights: Tensor
+    w_gate_up: Tensor
+    w_down: Tensor
+    b_gate_up: Optional[Tensor]
+    b_down: Optional[Tensor]
 
 
 class Backend:
@@ -31,8 +46,8 @@ class Backend:
         return None
 
     # ---- primitives ------------------------------------------------------------------
-    def make_plan(self, ids: Tensor, num_experts: int) -> PlanTensors:
-        """ids: [T, k] int -> (counts [E], offsets [E+1], token_of_row [R], row_of_slot [T, k]), int32."""
+    def make_plan(self, ids: Tensor, num_experts: int) -> DispatchPlan:
+        """ids: [T, k] int -> the DispatchPlan (int32 tensors) of ids."""
         raise NotImplementedError
 
     def permute(self, x: Tensor, token_of_row: Tensor) -> Tensor:
@@ -51,18 +66,7 @@ class Backend:
         """a: [R, M], b: [R, N] -> [E, M, N], out[e] = a[rows of e].T @ b[rows of e] (0 if no rows)."""
         raise NotImplementedError
 
-    def moe_mlp_from_ids(
-        self,
-        x: Tensor,
-        weights: Tensor,
-        ids: Tensor,
-        num_experts: int,
-        w_gate_up: Tensor,
-        w_down: Tensor,
-        b_gate_up: Optional[Tensor],
-        b_down: Optional[Tensor],
-        activation: str,
-    ) -> Optional[Tensor]:
+    def moe_mlp_from_ids(self, x: Tensor, weights: Tensor, ids: Tensor, experts: ExpertWeights) -> Optional[Tensor]:
         """moe_mlp's output from the ids, plan included, for a call that needs neither the plan
         nor autograd; None when this backend has no such one-step path for the call, and the
         caller then makes the plan and calls moe_mlp. A small batch's fixed costs are what
@@ -82,77 +86,60 @@ class Backend:
         return (upcast(dys) * w_row[:, None]).to(dys.dtype), dweights
 
     def moe_mlp(
-        self,
-        x: Tensor,
-        weights: Tensor,
-        plan: PlanTensors,
-        w_gate_up: Tensor,
-        w_down: Tensor,
-        b_gate_up: Optional[Tensor],
-        b_down: Optional[Tensor],
-        activation: str,
-        save_for_backward: bool,
+        self, x: Tensor, weights: Tensor, plan: DispatchPlan, experts: ExpertWeights, save_for_backward: bool
     ) -> tuple[Tensor, Tensor]:
         """The routed expert MLP: (out [T, H], h [R, 2I or I], or [0, ...] unless saved).
 
-        h is GEMM1's output before the activation, the one tensor the backward keeps.
+        h is GEMM1's output before the activation, the one tensor the backward keeps; its
+        column order is the backend's own (what its moe_mlp_backward reads).
         """
-        _, offsets, token_of_row, row_of_slot = plan
-        xs = self.permute(x, token_of_row)
-        h = self.grouped_mm(xs, w_gate_up.transpose(1, 2), offsets, b_gate_up)
-        a = activate(h, activation).to(x.dtype)
-        o = self.grouped_mm(a, w_down.transpose(1, 2), offsets, b_down)
-        out = self.unpermute(o, row_of_slot, weights)
+        w_gate_up, w_down, b_gate_up, b_down = experts.tensors()
+        xs = self.permute(x, plan.token_of_row)
+        h = self.grouped_mm(xs, w_gate_up.transpose(1, 2), plan.offsets, b_gate_up)
+        a = activate(h, experts.activation, experts.interleaved).to(x.dtype)
+        o = self.grouped_mm(a, w_down.transpose(1, 2), plan.offsets, b_down)
+        out = self.unpermute(o, plan.row_of_slot, weights)
         return out, (h if save_for_backward else h[:0])
 
     def moe_mlp_backward(
-        self,
-        dy: Tensor,
-        x: Tensor,
-        weights: Tensor,
-        plan: PlanTensors,
-        w_gate_up: Tensor,
-        w_down: Tensor,
-        b_gate_up: Optional[Tensor],
-        b_down: Optional[Tensor],
-        activation: str,
-        h: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-        """(dx, d weights, d w_gate_up, d w_down, d b_gate_up, d b_down) for moe_mlp.
+        self, dy: Tensor, x: Tensor, weights: Tensor, plan: DispatchPlan, experts: ExpertWeights, h: Tensor
+    ) -> ExpertGrads:
+        """moe_mlp's gradients.
 
         With o_r = a_r @ w_down[e].T + b_down[e] and g_r = dy[t] @ w_down[e], the routing
         weight's gradient is g_r . a_r + dy[t] . b_down[e], so GEMM2 is never recomputed.
         """
-        _, offsets, token_of_row, row_of_slot = plan
-        num_experts = w_gate_up.shape[0]
+        w_gate_up, w_down, b_gate_up, b_down = experts.tensors()
+        offsets, token_of_row, row_of_slot = plan.offsets, plan.token_of_row, plan.row_of_slot
         dyp = self.permute(dy, token_of_row)
         g = self.grouped_mm(dyp, w_down, offsets)
-        a, d_row, dh, do = self.moe_mlp_backward_rows(h, g, dyp, row_weights(weights, row_of_slot), activation)
+        a, d_row, dh, do = self.moe_mlp_backward_rows(h, g, dyp, row_weights(weights, row_of_slot),
+                                                      experts.activation, experts.interleaved)
         if b_down is not None:
             d_row += (upcast(dyp) * upcast(b_down)[expert_of_row(offsets, dyp.shape[0])]).sum(-1)
         dweights = d_row[row_of_slot.long()]
 
-        dw_down = self.grouped_mm_wgrad(do, a, offsets, num_experts)
+        dw_down = self.grouped_mm_wgrad(do, a, offsets, experts.num_experts)
         db_down = expert_sums(do, offsets) if b_down is not None else None
 
         xs = self.permute(x, token_of_row)
-        dw_gate_up = self.grouped_mm_wgrad(dh, xs, offsets, num_experts)
+        dw_gate_up = self.grouped_mm_wgrad(dh, xs, offsets, experts.num_experts)
         db_gate_up = expert_sums(dh, offsets) if b_gate_up is not None else None
         dx = self.unpermute(self.grouped_mm(dh, w_gate_up, offsets), row_of_slot, None)
-        return dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down
+        return ExpertGrads(dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down)
 
     def moe_mlp_backward_rows(
-        self, h: Tensor, g: Tensor, dyp: Tensor, w_row: Tensor, activation: str
+        self, h: Tensor, g: Tensor, dyp: Tensor, w_row: Tensor, activation: Activation, interleaved: bool = False
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The row-wise middle of moe_mlp's backward, for h [R, 2I or I] (GEMM1's output),
-        g [R, I] = dy @ w_down[e] per row, dyp [R, H] (dy in expert order) and the routing
-        weights w_row [R] (float32):
+        """The row-wise middle of moe_mlp's backward, for h [R, 2I or I] (GEMM1's output, gate
+        and up columns alternating when interleaved), g [R, I] = dy @ w_down[e] per row, dyp
+        [R, H] (dy in expert order) and the routing weights w_row [R] (float32):
         (a = act(h), d_row = g . act(h) (float32), dh = d act(h) against g * w_row, do = dyp * w_row),
         a, dh and do in dyp's dtype, everything computed in float32."""
         g, w_row = upcast(g), w_row[:, None]
-        a = activate(h, activation)
+        a = activate(h, activation, interleaved)
         d_row = (g * a).sum(-1)
-        dh = activate_backward(h, g * w_row, activation).to(dyp.dtype)
+        dh = activate_backward(h, g * w_row, activation, interleaved).to(dyp.dtype)
         do = (upcast(dyp) * w_row).to(dyp.dtype)
         return a.to(dyp.dtype), d_row, dh, do
 
@@ -162,12 +149,6 @@ def row_weights(weights: Tensor, row_of_slot: Tensor) -> Tensor:
     w_row = upcast(weights).new_empty(row_of_slot.numel())
     w_row[row_of_slot.reshape(-1).long()] = upcast(weights).reshape(-1)
     return w_row
-
-
-def expert_of_row(offsets: Tensor, num_rows: int) -> Tensor:
-    """int64 [R]: the expert that owns each row (no host sync)."""
-    rows = torch.arange(num_rows, device=offsets.device, dtype=offsets.dtype)
-    return torch.searchsorted(offsets[1:], rows, right=True)
 
 
 def expert_sums(rows: Tensor, offsets: Tensor) -> Tensor:

@@ -1,9 +1,9 @@
 """The CPU matrix products of the numba backend's large groups, and the library that runs them.
 
 torch's CPU float32 matmul calls MKL, whose sgemm takes a slow code path on x86 processors
-that are not Intel's: on 2 Zen 5 threads it runs at 0.16-0.21 TFLOP/s where oneDNN, the
-library torch already uses for bfloat16, reaches 0.35-0.49 on the same products (2.2x at
-every row count from 4 to 1024, docs/cpu.md). oneDNN's float32 inner product is reached
+that are not Intel's; oneDNN, the library torch already uses for bfloat16, runs the same
+products about twice as fast there (docs/cpu.md, "Which library multiplies"). oneDNN's float32
+inner product is reached
 through mkldnn::_linear_pointwise, the op torch.compile's CPU freezing path emits; it reads
 any strides of the activations, and of the weights contiguous or transposed ones (other
 weights are copied). MOE_DISPATCH_CPU_MATMUL picks the library: "auto" (oneDNN on x86-64 when
@@ -56,8 +56,7 @@ def onednn_float32() -> bool:
 
 
 # Below this many FLOPs a product gains less from oneDNN's faster loops than its call costs over
-# BLAS's (about 10 us more, through the op and the copy out): on a Zen 5, 1 MFLOP products took
-# 20-25 us against 10, 12.6 MFLOP ones 57-65 against 65-78, 67 MFLOP ones 180 against 350.
+# BLAS's, through the op and the copy out (docs/cpu.md, "Which library multiplies").
 ONEDNN_MIN_FLOPS = 8e6
 
 
@@ -73,10 +72,9 @@ def onednn_linear(a: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor
 
 def matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], packed: Optional[Tensor] = None) -> None:
     """out = a @ b (+ bias, broadcast); any strides; packed: b.T in oneDNN's blocked layout
-    (cpu_packing), read in b's place. float16 is computed in float32: torch's CPU float16
-    matmul runs at 1 to 60 GFLOP/s on 2 Zen 5 threads depending on the operands' layout (1
-    for the row-major w[e] of a backward), float32 at 120-150 with the conversions counted,
-    and oneDNN has no float16 inner product on processors without AVX512-FP16."""
+    (formats/onednn.py), read in b's place. float16 is computed in float32: torch's CPU float16
+    matmul is many times slower than float32 with the conversions counted, and oneDNN has no
+    float16 inner product on processors without AVX512-FP16 (docs/cpu.md, "float16 and BLAS")."""
     if packed is not None:
         out.copy_(onednn_linear(a, packed, None if bias is None else bias.to(a.dtype).expand(b.shape[1]).contiguous()))
     elif out.dtype in (torch.float32, torch.float16) and onednn_serves(2 * a.shape[0] * a.shape[1] * b.shape[1]):

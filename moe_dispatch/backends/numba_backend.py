@@ -10,9 +10,9 @@ Two paths, chosen per call from the rows each active expert receives:
           once, parallel over (expert, block of output columns); the MLP is fused (gather
           in GEMM1's loads, activation in its epilogue, routing weight and combine in GEMM2's).
   blocked (many rows): one expert at a time through reused buffers: its rows gathered from
-          x, a library product for both GEMMs (cpu_matmul: oneDNN, or BLAS; with packed
-          weights, cpu_packing), the activation between them, the weighted rows added into
-          a float32 output. grouped_mm likewise sends large groups to those products.
+          x, a library product for both GEMMs (cpu_matmul: oneDNN, or BLAS; weights packed
+          for oneDNN with formats/onednn.py), the activation between them, the weighted rows
+          added into a float32 output. grouped_mm likewise sends large groups to those products.
 Numba's threads follow torch.get_num_threads() unless NUMBA_NUM_THREADS is set. The
 threading layer is Numba's choice (NUMBA_THREADING_LAYER); docs/cpu.md measures the
 layers beside torch's OpenMP pool and says when to pick workqueue.
@@ -30,31 +30,29 @@ import numpy as np
 import torch
 
 from .. import validation as check
-from ..activations import is_gated
+from .. import activations
+from ..activations import activate
+from ..experts import ExpertWeights
+from ..formats import dense
+from ..formats.onednn import packed_experts
 from ..kernels.numba import grouped_mm as gmm
 from ..kernels.numba import mlp, mlp_backward
 from ..kernels.numba import permute as perm
 from ..kernels.numba import plan as plan_kernels
-from ..kernels.numba.scalars import ACTIVATION_CODES
-from .base import Backend, PlanTensors
+from ..kernels.numba.activations import fused
+from ..plan import DispatchPlan
+from .base import Backend
 from .cpu_matmul import matmul_into, onednn_float32, takes_grouped_mm
-from .cpu_packing import packed_experts
 
 Tensor = torch.Tensor
 
 # When the Numba kernels (each expert's weights read once, its rows streamed against them)
-# beat a BLAS call per expert, measured on 2 threads of a Zen 5 (docs/cpu.md), as
-# (SMALL_GROUP_ROWS, BLOCKED_EXPERT_FLOPS) by the library that computes float32:
-# - SMALL_GROUP_ROWS: up to this many rows per expert whatever its size. bfloat16: oneDNN's
-#   AVX-512 bf16 dot products win from 8-16 rows on large experts. float32 and float16 (in
-#   float32, see matmul_into): oneDNN wins from 16-20 rows (1.5x at 64); MKL, whose sgemm
-#   is 2.2x slower on this processor, only from about 200 (float16: 128).
-# - BLOCKED_EXPERT_FLOPS: beyond that, while the expert's rows need fewer multiply-adds than
-#   this. A blocked expert pays a fixed cost (gather, two GEMM calls, activation, combine:
-#   about 0.1 ms), which small experts feel: at H=512 I=192 the kernels win up to about 48
-#   rows (bfloat16 at 32 rows: 13 ms against 19 for the whole step).
-# grouped_mm sends each expert its own way; moe_mlp takes the fused decode path while the
-# active experts average at most the limit.
+# beat a library product per expert, by the library that computes float32 (docs/cpu.md, "The
+# expert MLP"): (SMALL_GROUP_ROWS, BLOCKED_EXPERT_FLOPS). The kernels serve an expert with up
+# to SMALL_GROUP_ROWS rows whatever its size, and beyond that while its rows need fewer
+# multiply-adds than BLOCKED_EXPERT_FLOPS, the fixed cost of a blocked expert. grouped_mm sends
+# each expert its own way; moe_mlp takes the fused decode path while the active experts average
+# at most the limit.
 FUSED_LIMITS = {
     "onednn": {torch.float32: (16, 27e6), torch.float64: (192, 0),
                torch.bfloat16: (8, 30e6), torch.float16: (16, 27e6)},
@@ -76,9 +74,8 @@ def mlp_flops_per_row(w_gate_up: Tensor, w_down: Tensor) -> int:
 
 
 # Rows per active expert from which the decode GEMM1 on packed bfloat16 weights reads four
-# weight rows per pass rather than two (gate_up_act's quad): 1.2x faster at 8-16 rows,
-# where the step turns compute-bound, 1.1x slower at 4 and below, where streaming the
-# weights bounds it. (float32 gains nothing: its rows already go two at a time.)
+# weight rows per pass rather than two (gate_up_act's quad; float32 rows already go two at a
+# time): where many rows make the step compute-bound, not where streaming weights bounds it.
 QUAD_ROWS = 8
 # Output columns per task (even: the kernels take columns in pairs): enough tasks to
 # balance threads, enough work to amortize one.
@@ -88,9 +85,8 @@ BLOCK_NK = 16
 def down_block(hidden: int) -> int:
     """Output columns per task of the decode GEMM2 (down_combine): one task per thread (the
     parallel loop hands each thread its tasks in one static chunk anyway), at least 64
-    columns. Each task walks every active expert, reading its block of w_down in two
-    sequential streams, and longer streams read faster: at H=1024 on 2 threads, 512-column
-    blocks make T=16 1.02-1.05x faster than 256 and 1.04-1.1x faster than 128."""
+    columns: each task walks every active expert, reading its block of w_down in two
+    sequential streams, and longer streams read faster (docs/cpu.md)."""
     per_task = -(-hidden // torch.get_num_threads())  # Numba's count follows torch's
     return max(64, per_task)
 
@@ -107,8 +103,7 @@ _SYNCED = threading.local()
 
 def sync_threads() -> None:
     """Give Numba torch's thread count, unless the user pinned NUMBA_NUM_THREADS; checked
-    again only when torch's count changes: the checks cost 30 us on a cold cache, a tenth
-    of a small decode step's kernels."""
+    again only when torch's count changes: the checks cost a tenth of a small decode step."""
     torch_threads = torch.get_num_threads()
     if getattr(_SYNCED, "torch_threads", None) == torch_threads:
         return
@@ -229,33 +224,18 @@ def rows_of_k_view(w: Tensor) -> Optional[Tensor]:
     return view if view.is_contiguous() else None
 
 
-# In-place activations on a float32 (float64) buffer: torch's vectorized exp and erf, several
-# times faster than a scalar loop over the [rows, I] block.
-_ACTIVATE_INPLACE = {
-    "swiglu": torch.ops.aten.silu_, "silu": torch.ops.aten.silu_,
-    "geglu": torch.ops.aten.gelu_, "gelu": torch.ops.aten.gelu_, "relu": torch.ops.aten.relu_,
-}
-
-
-def activate_into(out: Tensor, h_gate: Tensor, h_up: Optional[Tensor], activation: str, gate: Tensor) -> None:
-    """out = act(h_gate) * h_up (gated), or act(h_gate); float32 math (float64 for float64)
-    in gate, a buffer of out's shape, rounded once into out."""
-    gate.copy_(h_gate)
-    _ACTIVATE_INPLACE[activation](gate)
-    if h_up is not None:
-        torch.mul(gate, h_up, out=out)
-    else:
-        out.copy_(gate)
-
-
-def decode_weights(x, w_gate_up, w_down, b_gate_up, b_down, activation) -> tuple:
-    """The arguments of the Numba decode step that describe the experts, in its order."""
-    return (
+def decode_experts(x: Tensor, experts: ExpertWeights) -> mlp.DecodeExperts:
+    """The experts as the Numba decode kernels read them (K-contiguous dense weights)."""
+    w_gate_up, w_down, b_gate_up, b_down = experts.tensors()
+    return mlp.DecodeExperts(
         weights_array(w_gate_up), scalars_array(b_gate_up, x.dtype), b_gate_up is not None,
         weights_array(w_down), scalars_array(b_down, x.dtype), b_down is not None,
-        is_gated(activation), ACTIVATION_CODES[activation], is_packed(w_gate_up), is_packed(w_down),
-        BLOCK_NK, QUAD_ROWS, down_block(x.shape[1]),
+        is_packed(w_gate_up), is_packed(w_down), fused(experts.activation, experts.gate_up_columns),
     )
+
+
+def decode_tiles(hidden: int) -> mlp.DecodeTiles:
+    return mlp.DecodeTiles(BLOCK_NK, QUAD_ROWS, down_block(hidden))
 
 
 class NumbaBackend(Backend):
@@ -269,7 +249,7 @@ class NumbaBackend(Backend):
 
     # ---- primitives ------------------------------------------------------------------
     @launcher
-    def make_plan(self, ids: Tensor, num_experts: int) -> PlanTensors:
+    def make_plan(self, ids: Tensor, num_experts: int) -> DispatchPlan:
         num_tokens, top_k = ids.shape
         counts = torch.empty(num_experts, dtype=torch.int32)
         offsets = torch.empty(num_experts + 1, dtype=torch.int32)
@@ -283,7 +263,7 @@ class NumbaBackend(Backend):
         )
         if num_bad:
             refuse_bad_ids(ids, num_experts, num_bad)
-        return counts, offsets, token_of_row, row_of_slot
+        return DispatchPlan(counts, offsets, token_of_row, row_of_slot)
 
     @launcher
     def permute(self, x: Tensor, token_of_row: Tensor) -> Tensor:
@@ -361,58 +341,38 @@ class NumbaBackend(Backend):
 
     @launcher
     def moe_mlp(
-        self,
-        x: Tensor,
-        weights: Tensor,
-        plan: PlanTensors,
-        w_gate_up: Tensor,
-        w_down: Tensor,
-        b_gate_up: Optional[Tensor],
-        b_down: Optional[Tensor],
-        activation: str,
-        save_for_backward: bool,
+        self, x: Tensor, weights: Tensor, plan: DispatchPlan, experts: ExpertWeights, save_for_backward: bool
     ) -> tuple[Tensor, Tensor]:
-        _, offsets, token_of_row, row_of_slot = plan
-        bounds = int32_array(offsets)
-        check_offsets(bounds, token_of_row.shape[0])
+        bounds = int32_array(plan.offsets)
+        check_offsets(bounds, plan.num_rows)
         active = int(np.count_nonzero(np.diff(bounds)))
+        w_gate_up, w_down = dense(experts.w_gate_up), dense(experts.w_down)
         rows_limit = fused_rows_limit(x.dtype, mlp_flops_per_row(w_gate_up, w_down))
-        decode = active and token_of_row.shape[0] <= rows_limit * active
         # The fused kernels read K-contiguous weights; other layouts take the blocked path,
         # whose library products read any strides.
-        if decode and w_gate_up.is_contiguous() and w_down.is_contiguous():
-            return self._moe_mlp_decode(
-                x, weights, bounds, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
-                activation, save_for_backward,
-            )
-        return self._moe_mlp_blocked(
-            x, weights, bounds, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
-            activation, save_for_backward,
-        )
+        if active and plan.num_rows <= rows_limit * active and w_gate_up.is_contiguous() and w_down.is_contiguous():
+            return self._moe_mlp_decode(x, weights, bounds, plan, experts, save_for_backward)
+        return self._moe_mlp_blocked(x, weights, bounds, plan, experts, save_for_backward)
 
-    def _moe_mlp_blocked(
-        self, x, weights, bounds, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
-        activation, save_for_backward,
-    ) -> tuple[Tensor, Tensor]:
-        """One expert at a time, library products for both GEMMs, through buffers sized for the largest
-        expert and reused: T*k-row intermediates would be fresh memory on every call, and
-        their page faults cost as much as the eager loop's whole lead (64 MB: 24 ms)."""
-        num_rows, hidden = token_of_row.shape[0], x.shape[1]
+    def _moe_mlp_blocked(self, x, weights, bounds, plan, experts, save_for_backward) -> tuple[Tensor, Tensor]:
+        """One expert at a time, library products for both GEMMs, through buffers sized for the
+        largest expert and reused: T*k-row intermediates would be fresh memory on every call,
+        and their page faults cost as much as the eager loop's whole lead (docs/cpu.md)."""
+        num_rows, hidden = plan.num_rows, x.shape[1]
+        w_gate_up, w_down, b_gate_up, b_down = experts.tensors()
         inter, width = w_down.shape[2], w_gate_up.shape[1]
-        gated = is_gated(activation)
-        rows = int32_array(token_of_row)
+        rows = int32_array(plan.token_of_row)
         check_indices("token_of_row", rows, x.shape[0])
         counts = np.diff(bounds)
         most = int(counts.max()) if counts.size else 0
         h_all = x.new_empty(num_rows if save_for_backward else 0, width)
         x_e, h_e, a_e, o_e = (x.new_empty(most, n) for n in (hidden, width, inter, hidden))
-        gate = torch.empty(most, inter, dtype=acc_dtype(x.dtype))
-        row_weight_array = self._row_weights(weights, row_of_slot, num_rows, x.dtype).numpy()
+        row_weight_array = self._row_weights(weights, plan.row_of_slot, num_rows, x.dtype).numpy()
         out = torch.zeros(x.shape[0], hidden, dtype=acc_dtype(x.dtype))
         out_array, o_array = out.numpy(), as_array(o_e)
         token = torch.from_numpy(rows).long()
         w1, w2 = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
-        pack1, pack2 = (packed_experts(w, save_for_backward) for w in (w_gate_up, w_down))
+        pack1, pack2 = (packed_experts(w, save_for_backward) for w in (experts.w_gate_up, experts.w_down))
         # A few microseconds of views per expert add up over 64 experts: each is taken once.
         for e in np.flatnonzero(counts).tolist():
             start, end = int(bounds[e]), int(bounds[e + 1])
@@ -422,24 +382,24 @@ class NumbaBackend(Backend):
             h = h_all[start:end] if save_for_backward else h_e[:n]
             matmul_into(h, x_n, w1[e], None if b_gate_up is None else b_gate_up[e],
                         pack1 and pack1.expert(w_gate_up, e))
-            activate_into(a_n, h[:, :inter], h[:, inter:] if gated else None, activation, gate[:n])
+            a_n.copy_(activate(h, experts.activation, experts.interleaved))
             matmul_into(o_n, a_n, w2[e], None if b_down is None else b_down[e], pack2 and pack2.expert(w_down, e))
             perm.add_weighted_rows(o_array[:n], rows[start:end], row_weight_array[start:end], out_array)
         return out.to(x.dtype), h_all
 
     @launcher
-    def moe_mlp_backward_rows(self, h, g, dyp, w_row, activation):
+    def moe_mlp_backward_rows(self, h, g, dyp, w_row, activation, interleaved=False):
         num_rows, inter = g.shape
-        gated = is_gated(activation)
-        width = 2 * inter if gated else inter
-        if h.shape != (num_rows, width) or dyp.shape[0] != num_rows or w_row.shape != (num_rows,):
+        activation = activations.get(activation)
+        if h.shape != (num_rows, activation.width(inter)) or dyp.shape[0] != num_rows or w_row.shape != (num_rows,):
             raise ValueError(f"h {tuple(h.shape)}, g {tuple(g.shape)}, dyp {tuple(dyp.shape)} and w_row "
-                             f"{tuple(w_row.shape)} must agree on the rows (and h on I for {activation})")
+                             f"{tuple(w_row.shape)} must agree on the rows (and h on I for {activation.name})")
         a, dh, do = dyp.new_empty(num_rows, inter), dyp.new_empty(h.shape), dyp.new_empty(dyp.shape)
         d_row = torch.empty(num_rows, dtype=acc_dtype(dyp.dtype))
         mlp_backward.backward_rows(
             as_array(h.contiguous()), as_array(g.contiguous()), as_array(dyp.contiguous()),
-            scalars_array(w_row, dyp.dtype), gated, ACTIVATION_CODES[activation],
+            scalars_array(w_row, dyp.dtype),
+            fused(activation, activations.gate_up_columns(activation, interleaved, inter)),
             as_array(a), as_array(dh), as_array(do), d_row.numpy(),
         )
         return a, d_row, dh, do
@@ -453,19 +413,15 @@ class NumbaBackend(Backend):
         row_weight[torch.from_numpy(slots).reshape(-1).long()] = weights.detach().reshape(-1).to(row_weight.dtype)
         return row_weight
 
-    def _moe_mlp_decode(
-        self, x, weights, bounds, token_of_row, row_of_slot, w_gate_up, w_down, b_gate_up, b_down,
-        activation, save_for_backward,
-    ) -> tuple[Tensor, Tensor]:
+    def _moe_mlp_decode(self, x, weights, bounds, plan, experts, save_for_backward) -> tuple[Tensor, Tensor]:
         # One call into Numba for the whole step: every torch operation here costs tens of
         # microseconds when a decode step starts with cold caches.
-        h = x.new_empty(token_of_row.shape[0] if save_for_backward else 0, w_gate_up.shape[1])
+        h = x.new_empty(plan.num_rows if save_for_backward else 0, experts.w_gate_up.shape[1])
         out = x.new_empty(x.shape)
-        rows, slots = int32_array(token_of_row), int32_array(row_of_slot)
+        rows, slots = int32_array(plan.token_of_row), int32_array(plan.row_of_slot)
         status = mlp.moe_mlp_decode(
             as_array(x.contiguous()), scalars_array(weights, x.dtype), bounds, rows, slots,
-            *decode_weights(x, w_gate_up, w_down, b_gate_up, b_down, activation), save_for_backward, as_array(h),
-            as_array(out),
+            decode_experts(x, experts), decode_tiles(x.shape[1]), save_for_backward, as_array(h), as_array(out),
         )
         if status != mlp.DECODE_OK:  # the kernel refused an index array before reading through it
             check_indices("token_of_row", rows, x.shape[0])
@@ -473,22 +429,23 @@ class NumbaBackend(Backend):
         return out, h
 
     @launcher
-    def moe_mlp_from_ids(self, x, weights, ids, num_experts, w_gate_up, w_down, b_gate_up, b_down, activation):
+    def moe_mlp_from_ids(self, x, weights, ids, experts):
         # Tried on as many slots as the serial plan serves; the kernel builds the plan, then
         # declines when the experts receive more rows than the fused kernels take.
+        w_gate_up, w_down = dense(experts.w_gate_up), dense(experts.w_down)
         if not 0 < ids.numel() <= plan_kernels.MIN_SLOTS_PER_CHUNK or not (
             w_gate_up.is_contiguous() and w_down.is_contiguous()
         ):
             return None
         out = x.new_empty(x.shape)
+        num_experts = experts.num_experts
         status = mlp.moe_mlp_decode_ids(
             as_array(x.contiguous()), scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(), num_experts,
-            fused_rows_limit(x.dtype, mlp_flops_per_row(w_gate_up, w_down)),
-            *decode_weights(x, w_gate_up, w_down, b_gate_up, b_down, activation), as_array(out),
+            fused_rows_limit(x.dtype, mlp_flops_per_row(w_gate_up, w_down)), decode_experts(x, experts),
+            decode_tiles(x.shape[1]), as_array(out),
         )
         if status == mlp.NOT_DECODE:
             return None
         if status:
             refuse_bad_ids(ids, num_experts, status)
         return out
-

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 from ..activations import upcast
-from .base import Backend, PlanTensors
+from ..plan import DispatchPlan
+from .base import Backend
 
 Tensor = torch.Tensor
 
@@ -20,7 +21,7 @@ Tensor = torch.Tensor
 class TorchBackend(Backend):
     name = "torch"
 
-    def make_plan(self, ids: Tensor, num_experts: int) -> PlanTensors:
+    def make_plan(self, ids: Tensor, num_experts: int) -> DispatchPlan:
         num_tokens, top_k = ids.shape
         flat = ids.reshape(-1).long()
         if flat.is_cuda:
@@ -33,7 +34,7 @@ class TorchBackend(Backend):
         slot_of_row = torch.sort(flat, stable=True).indices
         row_of_slot = torch.empty_like(slot_of_row)
         row_of_slot[slot_of_row] = torch.arange(flat.numel(), device=ids.device)
-        return (
+        return DispatchPlan(
             counts.to(torch.int32),
             offsets,
             (slot_of_row // top_k).to(torch.int32),

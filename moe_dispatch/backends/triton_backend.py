@@ -15,27 +15,23 @@ import torch
 import triton
 
 from .. import validation as check
-from ..activations import is_gated
+from ..experts import ExpertWeights
 from ..kernels.triton import decode
 from ..kernels.triton import grouped_gemm as gemm
 from ..kernels.triton import permute as move
 from ..kernels.triton import plan as plan_kernels
 from ..kernels.triton import wgrad
-from ..kernels.triton.configs import (
-    TUNER, act_backward_candidates, cache_path, decode_candidates, dtype_tag, gemm_candidates, shape_bucket,
-    tuning_asked_for, wgrad_candidates,
+from ..plan import DispatchPlan
+from .base import Backend, ExpertGrads
+from .triton_tuning import (
+    TUNER, act_backward_candidates, decode_candidates, dtype_tag, gemm_candidates, shape_bucket, wgrad_candidates,
 )
-from .base import Backend, PlanTensors
 
 Tensor = torch.Tensor
 _BAD_IDS = (
     "moe_dispatch: an expert id outside [0, num_experts) reached the triton backend; "
     "its slots were skipped. Run with MOE_DISPATCH_CHECKS=1 to raise a ValueError naming the id."
 )
-
-
-def _base_activation(activation: str) -> str:
-    return {"swiglu": "silu", "geglu": "gelu"}.get(activation, activation)
 
 
 def _kernels_interpreted() -> bool:
@@ -57,11 +53,11 @@ class TritonBackend(Backend):
         return None
 
     # ---- primitives ------------------------------------------------------------------
-    def make_plan(self, ids: Tensor, num_experts: int) -> PlanTensors:
+    def make_plan(self, ids: Tensor, num_experts: int) -> DispatchPlan:
         counts, offsets, token_of_row, row_of_slot, all_placed = plan_kernels.make_plan(ids, num_experts)
         if ids.is_cuda:
             torch._assert_async(all_placed, _BAD_IDS)  # a slot not placed had a bad id; fails at the next sync
-        return counts, offsets, token_of_row, row_of_slot
+        return DispatchPlan(counts, offsets, token_of_row, row_of_slot)
 
     def permute(self, x: Tensor, token_of_row: Tensor) -> Tensor:
         return move.gather_rows(x, token_of_row)
@@ -81,35 +77,37 @@ class TritonBackend(Backend):
             return move.gather_rows(dy, token_of_row), None
         return move.combine_backward(dy, ys, row_of_slot, weights)
 
-    def moe_mlp(self, x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, activation, save_for_backward):
+    def moe_mlp(self, x, weights, plan, experts, save_for_backward):
         """GEMM1 gathers x's rows and applies the activation; GEMM2 scales by the routing
         weight and scatters to slot order; a fixed-order float32 sum over k combines."""
-        _, offsets, token_of_row, row_of_slot = plan
-        slot_of_row, weight_of_row = move.invert_rows(row_of_slot, weights)
+        w_gate_up, w_down, b_gate_up, b_down = experts.dense().tensors()
+        slot_of_row, weight_of_row = move.invert_rows(plan.row_of_slot, weights)
         act, h = _gemm(
-            "up", x, w_gate_up.transpose(1, 2), offsets, bias=b_gate_up, a_rows=token_of_row,
-            activation=_base_activation(activation), gated=is_gated(activation), store_h=save_for_backward,
+            "up", x, w_gate_up.transpose(1, 2), plan.offsets, bias=b_gate_up, a_rows=plan.token_of_row,
+            activation=experts.activation, gate_columns=experts.gate_up_columns, store_h=save_for_backward,
         )
         slots, _ = _gemm(
-            "down", act, w_down.transpose(1, 2), offsets, bias=b_down, slot_of_row=slot_of_row,
+            "down", act, w_down.transpose(1, 2), plan.offsets, bias=b_down, slot_of_row=slot_of_row,
             weight_of_row=weight_of_row,
         )
-        out = move.combine(slots, row_of_slot, None, slot_major=True)
+        out = move.combine(slots, plan.row_of_slot, None, slot_major=True)
         return out, (h if save_for_backward else x.new_empty(0, w_gate_up.shape[1]))
 
-    def moe_mlp_from_ids(self, x, weights, ids, num_experts, w_gate_up, w_down, b_gate_up, b_down, activation):
+    def moe_mlp_from_ids(self, x, weights, ids, experts):
         """The decode forward, up to decode.MAX_TOKENS tokens: two kernels, no plan."""
+        w_gate_up, w_down, b_gate_up, b_down = experts.dense().tensors()
+        num_experts, activation = experts.num_experts, experts.activation
         if not 0 < x.shape[0] <= decode.MAX_TOKENS or 0 in w_down.shape:
             return None
         check.expert_id_values(ids, num_experts)  # CPU, or MOE_DISPATCH_CHECKS=1: a ValueError naming the id
-        gated = is_gated(activation)
         w1, w2 = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
-        flags = ("g" if gated else "") + ("b" if b_gate_up is not None else "")
-        key = _key(f"dec_up:{flags}", x, num_experts, x.shape[0], w1.shape[1], w1.shape[2])
+        key = _key(f"dec_up:{_fusion_flags(experts, b_gate_up)}", x, num_experts, x.shape[0], w1.shape[1],
+                   w1.shape[2])
         act, routes, ok = TUNER.run(
             key,
-            lambda: decode_candidates(w_down.shape[2], min(ids.numel(), num_experts), gated, x.dtype, x.device),
-            lambda config: decode.decode_up(x, ids, weights, w1, b_gate_up, _base_activation(activation), gated,
+            lambda: decode_candidates(w_down.shape[2], min(ids.numel(), num_experts), activation.gated, x.dtype,
+                                      x.device),
+            lambda config: decode.decode_up(x, ids, weights, w1, b_gate_up, activation, experts.gate_up_columns,
                                             config),
             x.device,
         )
@@ -123,18 +121,19 @@ class TritonBackend(Backend):
             x.device,
         )
 
-    def moe_mlp_backward(self, dy, x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, activation, h):
-        _, offsets, token_of_row, row_of_slot = plan
-        num_experts = w_gate_up.shape[0]
+    def moe_mlp_backward(self, dy, x, weights, plan, experts, h):
+        w_gate_up, w_down, b_gate_up, b_down = experts.dense().tensors()
+        offsets, token_of_row, row_of_slot = plan.offsets, plan.token_of_row, plan.row_of_slot
+        num_experts = experts.num_experts
         slot_of_row, weight_of_row = move.invert_rows(row_of_slot, weights)
-        gated = is_gated(activation)
-        key = _key("act_bwd", dy, num_experts, token_of_row.shape[0], w_down.shape[1], w_down.shape[2])
+        key = _key(f"act_bwd:{_fusion_flags(experts)}", dy, num_experts, plan.num_rows, w_down.shape[1],
+                   w_down.shape[2])
         dh, act, dweights = TUNER.run(
             key,
-            lambda: act_backward_candidates(token_of_row.shape[0], num_experts, dy.dtype, dy.device),
+            lambda: act_backward_candidates(plan.num_rows, num_experts, dy.dtype, dy.device),
             lambda config: gemm.grouped_gemm_act_backward(
-                dy, token_of_row, w_down, b_down, offsets, h, weight_of_row, row_of_slot,
-                _base_activation(activation), gated, config,
+                dy, token_of_row, w_down, b_down, offsets, h, weight_of_row, row_of_slot, experts.activation,
+                experts.gate_up_columns, config,
             ),
             dy.device,
         )
@@ -148,13 +147,21 @@ class TritonBackend(Backend):
         db_gate_up = wgrad.expert_sums(dh, offsets, num_experts) if b_gate_up is not None else None
         dx_slots, _ = _gemm("dx", dh, w_gate_up, offsets, slot_of_row=slot_of_row)
         dx = move.combine(dx_slots, row_of_slot, None, slot_major=True)
-        return dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down
+        return ExpertGrads(dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down)
 
 
 # ---- tuned launches ----------------------------------------------------------------------
 
 
-_FUSION_CODES = {"gated": "g", "store_h": "h", "slot_of_row": "s", "bias": "b", "a_rows": "a"}
+# The fusions that make a GEMM's tuning key (with "g" gated and "i" interleaved gate and up columns first).
+_FUSION_CODES = {"store_h": "h", "slot_of_row": "s", "bias": "b", "a_rows": "a"}
+
+
+def _fusion_flags(experts: ExpertWeights, bias: Optional[Tensor] = None) -> str:
+    """The part of a tuning key that names an activation's fusion: its epilogue and operands differ."""
+    activation = experts.activation
+    return ("g" if activation.gated else "") + ("i" if experts.interleaved and activation.gated else "") + (
+        "b" if bias is not None else "")
 
 
 def _key(kind: str, t: Tensor, num_experts: int, num_rows: int, k_dim: int, n_cols: int) -> str:
@@ -164,15 +171,18 @@ def _key(kind: str, t: Tensor, num_experts: int, num_rows: int, k_dim: int, n_co
 def _gemm(kind: str, a: Tensor, w: Tensor, offsets: Tensor, **fusions):
     num_rows = fusions["a_rows"].shape[0] if fusions.get("a_rows") is not None else a.shape[0]
     num_experts, k_dim, n_cols = w.shape
-    gated = fusions.get("gated", False)
+    activation = fusions.get("activation")
+    gated = activation is not None and activation.gated
     used = {name for name, value in fusions.items() if value is not None and value is not False}
-    flags = "".join(code for name, code in _FUSION_CODES.items() if name in used)
+    step = fusions.get("gate_columns", (1, 0))[0]
+    flags = ("g" if gated else "") + ("i" if step == 2 else "") + "".join(
+        code for name, code in _FUSION_CODES.items() if name in used)
     key = _key(f"{kind}:{flags}", a, num_experts, num_rows, k_dim, n_cols)
     n_out = n_cols // 2 if gated else n_cols
 
     def candidates():  # TMA candidates only for weights the TMA can read (else they repeat another)
         found = gemm_candidates(num_rows, num_experts, k_dim, n_out, gated, a.dtype, a.device)
-        return found if gemm.tma_can_read(w) else [c for c in found if not c.tma]
+        return found if gemm.tma_can_read(w, step) else [c for c in found if not c.tma]
 
     return TUNER.run(key, candidates, lambda config: gemm.grouped_gemm(a, w, offsets, config, **fusions), a.device)
 
@@ -187,47 +197,3 @@ def _wgrad(a: Tensor, b: Tensor, offsets: Tensor, num_experts: int, **fusions) -
         lambda config: wgrad.grouped_wgrad(a, b, offsets, num_experts, config, **fusions),
         a.device,
     )
-
-
-def tune(
-    num_tokens: int,
-    hidden_size: int,
-    intermediate_size: int,
-    num_experts: int,
-    top_k: int,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    activation: str = "swiglu",
-    backward: bool = True,
-    device: str = "cuda",
-):
-    """Autotune, ahead of time, every kernel an MoE layer of this shape runs; returns the cache file.
-
-    Runs the public ops on random inputs with autotuning on (whatever MOE_DISPATCH_AUTOTUNE
-    says), so the winners are persisted and later calls, timed or captured, only read them.
-    """
-    from .. import ops
-
-    device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    width = (2 if is_gated(activation) else 1) * intermediate_size
-    x = torch.randn(num_tokens, hidden_size, device=device, generator=gen).to(dtype)
-    logits = torch.randn(num_tokens, num_experts, device=device, generator=gen)
-    w_gate_up = torch.randn(num_experts, width, hidden_size, device=device, generator=gen)
-    w_gate_up = (w_gate_up * hidden_size**-0.5).to(dtype)
-    w_down = torch.randn(num_experts, hidden_size, intermediate_size, device=device, generator=gen)
-    w_down = (w_down * intermediate_size**-0.5).to(dtype)
-    with tuning_asked_for():
-        weights, ids = ops.route(logits, top_k, backend="triton")
-        plan = ops.make_plan(ids, num_experts, backend="triton")
-        ops.grouped_mm(ops.permute(x, plan, backend="triton"), w_gate_up.transpose(1, 2), plan.offsets,
-                       backend="triton")
-        inputs = [t.requires_grad_(backward) for t in (x, weights, w_gate_up, w_down)]
-        out = ops.moe_mlp(inputs[0], inputs[1], ids, inputs[2], inputs[3], activation=activation, plan=plan,
-                          backend="triton")
-        if backward:
-            out.backward(torch.randn_like(out))
-        with torch.no_grad():  # without a plan: the decode kernels, up to decode.MAX_TOKENS tokens
-            ops.moe_mlp(x, weights, ids, w_gate_up, w_down, activation=activation, backend="triton")
-        torch.cuda.synchronize(device)
-    return cache_path(device)

@@ -93,18 +93,17 @@ def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
 def backend_call(spec: BenchSpec, batch: Batch, backend: str) -> Callable[[], object]:
     """A no-argument callable running the op once on `backend`, through the public API."""
     x, weights, ids = batch.inputs.x, batch.inputs.weights, batch.inputs.ids
-    w_gate_up, w_down, b_gate_up, b_down = batch.experts.tensors()
+    experts = batch.experts.weights
     if spec.op == "moe_mlp":
         def forward(x, weights, ids):
-            return ops.moe_mlp(x, weights, ids, w_gate_up, w_down, activation=batch.experts.preset.activation,
-                               b_gate_up=b_gate_up, b_down=b_down, backend=backend)
+            return ops.moe_mlp(x, weights, ids, experts, backend=backend)
 
         if spec.backward:
-            return training_step(forward, batch.inputs, tuple(t for t in batch.experts.tensors() if t is not None))
+            return training_step(forward, batch.inputs, batch.experts.trained())
         return _no_grad(lambda: forward(x, weights, ids))
     plan = batch.plan
     if spec.op == "grouped_mm":
-        w = w_gate_up.transpose(1, 2)
+        w = experts.w_gate_up.transpose(1, 2)
         return _no_grad(lambda: ops.grouped_mm(batch.xs, w, plan.offsets, backend=backend))
     if spec.op == "permute":
         return _no_grad(lambda: ops.permute(x, plan, backend=backend))
@@ -134,7 +133,7 @@ def op_peer_call(spec: BenchSpec, batch: Batch, name: str, peer) -> Callable[[],
         return peer_call(peer, batch.inputs, spec.backward)
     plan = batch.plan
     if spec.op == "grouped_mm":
-        gmm, w = torch_grouped_mm_fn(), batch.experts.w_gate_up.transpose(1, 2)
+        gmm, w = torch_grouped_mm_fn(), batch.experts.weights.w_gate_up.transpose(1, 2)
         ends = plan.offsets[1:].clone()  # torch's offs: the end of each group, in its own buffer
         return _no_grad(lambda: gmm(batch.xs, w, offs=ends))
     if spec.op == "permute":

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
-from ..activations import is_gated
+from .. import activations
+from ..experts import ExpertWeights
 from .presets import Preset
 
 Tensor = torch.Tensor
@@ -20,24 +19,22 @@ ZIPF_EXPONENT = 1.2
 
 @dataclass
 class Experts:
-    """The routed experts of one layer, in transformers 5's layout."""
+    """The routed experts of one layer of a preset."""
 
     preset: Preset
-    w_gate_up: Tensor  # [E, 2I, H] (gated) or [E, I, H]
-    w_down: Tensor  # [E, H, I]
-    b_gate_up: Optional[Tensor]  # [E, 2I] or None
-    b_down: Optional[Tensor]  # [E, H] or None
+    weights: ExpertWeights
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.w_gate_up.dtype
+        return self.weights.w_gate_up.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.w_gate_up.device
+        return self.weights.w_gate_up.device
 
-    def tensors(self) -> tuple[Optional[Tensor], ...]:
-        return self.w_gate_up, self.w_down, self.b_gate_up, self.b_down
+    def trained(self) -> tuple[Tensor, ...]:
+        """The tensors a training step differentiates (the biases when there are some)."""
+        return tuple(t for t in self.weights.tensors() if t is not None)
 
 
 @dataclass
@@ -64,7 +61,7 @@ def make_experts(preset: Preset, dtype: torch.dtype, device, seed: int = 0, requ
     device = torch.device(device)
     gen = _generator(device, seed)
     e, h, i = preset.num_experts, preset.hidden_size, preset.intermediate_size
-    width = (2 if is_gated(preset.activation) else 1) * i
+    width = activations.get(preset.activation).width(i)
 
     def uniform(shape, fan_in):
         bound = 1 / math.sqrt(fan_in)
@@ -74,7 +71,7 @@ def make_experts(preset: Preset, dtype: torch.dtype, device, seed: int = 0, requ
     w_gate_up, w_down = uniform((e, width, h), h), uniform((e, h, i), i)
     b_gate_up = uniform((e, width), h) if preset.bias else None
     b_down = uniform((e, h), i) if preset.bias else None
-    return Experts(preset, w_gate_up, w_down, b_gate_up, b_down)
+    return Experts(preset, ExpertWeights(w_gate_up, w_down, b_gate_up, b_down, preset.activation))
 
 
 def expert_popularity(num_experts: int, routing: str, gen: torch.Generator) -> Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..activations import is_gated
+from .. import activations
 from .presets import Preset
 
 
@@ -32,7 +32,7 @@ def element_size(dtype: torch.dtype) -> int:
 
 
 def gate_up_width(preset: Preset) -> int:
-    return (2 if is_gated(preset.activation) else 1) * preset.intermediate_size
+    return activations.get(preset.activation).width(preset.intermediate_size)
 
 
 def expert_bytes(preset: Preset, dtype: torch.dtype) -> int:

@@ -75,8 +75,9 @@ def check_torch_grouped_mm(dtype: torch.dtype, device: torch.device) -> None:
 
 def _hf_experts(experts: Experts, implementation: str, trainable: bool) -> torch.nn.Module:
     preset = experts.preset
-    if preset.activation != "swiglu":
-        raise PeerUnavailable(f"transformers' experts modules use SwiGLU, not {preset.activation}")
+    if (preset.activation, preset.bias) not in (("swiglu", False), ("clamped_swiglu", True)):
+        raise PeerUnavailable(f"transformers' experts modules are Qwen3-MoE's SwiGLU and gpt-oss's clamped one with "
+                              f"biases, not {preset.activation}{' with biases' if preset.bias else ''}")
     try:
         if preset.bias:
             from transformers.models.gpt_oss.configuration_gpt_oss import GptOssConfig
@@ -99,16 +100,17 @@ def _hf_experts(experts: Experts, implementation: str, trainable: bool) -> torch
     def param(t: Tensor) -> torch.nn.Parameter:
         return torch.nn.Parameter(t.detach(), requires_grad=trainable)
 
+    w_gate_up, w_down, b_gate_up, b_down = experts.weights.tensors()
     if preset.bias:  # gpt-oss: gate_up [E, H, 2I] with gate and up columns interleaved
         i = preset.intermediate_size
         interleave = torch.stack([torch.arange(i), torch.arange(i) + i], 1).reshape(-1).to(experts.device)
-        module.gate_up_proj = param(experts.w_gate_up[:, interleave].transpose(1, 2).contiguous())
-        module.gate_up_proj_bias = param(experts.b_gate_up[:, interleave].contiguous())
-        module.down_proj = param(experts.w_down.transpose(1, 2).contiguous())
-        module.down_proj_bias = param(experts.b_down.detach().clone())
+        module.gate_up_proj = param(w_gate_up[:, interleave].transpose(1, 2).contiguous())
+        module.gate_up_proj_bias = param(b_gate_up[:, interleave].contiguous())
+        module.down_proj = param(w_down.transpose(1, 2).contiguous())
+        module.down_proj_bias = param(b_down.detach().clone())
     else:
-        module.gate_up_proj = param(experts.w_gate_up)
-        module.down_proj = param(experts.w_down)
+        module.gate_up_proj = param(w_gate_up)
+        module.down_proj = param(w_down)
     if implementation == "grouped_mm":
         check_torch_grouped_mm(experts.dtype, experts.device)
     return module
@@ -127,8 +129,8 @@ def torch_grouped_mm_moe(experts: Experts) -> Peer:
     padding of each expert's rows to 16, which only its fp8 path needs)."""
     check_torch_grouped_mm(experts.dtype, experts.device)
     gmm = torch_grouped_mm_fn()
-    w_gate_up, w_down, b_gate_up, b_down = experts.tensors()
-    num_experts, activation = w_gate_up.shape[0], experts.preset.activation
+    w_gate_up, w_down, b_gate_up, b_down = experts.weights.tensors()
+    num_experts, activation = w_gate_up.shape[0], experts.weights.activation
 
     def forward(x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
@@ -147,7 +149,7 @@ def torch_grouped_mm_moe(experts: Experts) -> Peer:
         o = o.float() * weights.reshape(-1)[order, None]
         return torch.zeros(x.shape, device=x.device, dtype=torch.float32).index_add_(0, tokens, o).to(x.dtype)
 
-    return Peer(forward, tuple(t for t in experts.tensors() if t is not None))
+    return Peer(forward, experts.trained())
 
 
 # ---- dense MLP ------------------------------------------------------------------------------

@@ -10,6 +10,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
+# The dtypes benchmarks run in, by the name the command line takes.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -68,7 +73,7 @@ PRESETS = {
         Preset("deepseek-v2-lite", 64, 6, 2048, 1408, renormalize=False, n_shared_experts=2),
         Preset("qwen3-30b-a3b", 128, 8, 2048, 768),
         Preset("olmoe-1b-7b", 64, 8, 2048, 1024, renormalize=False),
-        Preset("gpt-oss-20b", 32, 4, 2880, 2880, bias=True),
+        Preset("gpt-oss-20b", 32, 4, 2880, 2880, bias=True, activation="clamped_swiglu"),
     )
 }
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..routing import route as route_logits
 from ..activations import activate
-from ..backends.base import expert_of_row
 from .cases import distinct_experts, make_experts, make_inputs
 from .costs import Work, element_size, gate_up_width, grouped_mm_work, permute_work, unpermute_work
 from .presets import Preset
@@ -60,7 +60,7 @@ def build_stages(preset: Preset, num_tokens: int, dtype: torch.dtype, device, ba
     e, k, h = preset.num_experts, preset.top_k, preset.hidden_size
     rows, width, size = num_tokens * k, gate_up_width(preset), element_size(dtype)
     touched = distinct_experts(batch.ids)
-    w_gate_up, w_down, b_gate_up, b_down = experts.tensors()
+    w_gate_up, w_down, b_gate_up, b_down = experts.weights.tensors()
 
     x = _leaf(batch.x, backward)
     router = _leaf(torch.randn(e, h, device=device) / math.sqrt(h), backward)
@@ -68,16 +68,16 @@ def build_stages(preset: Preset, num_tokens: int, dtype: torch.dtype, device, ba
 
     def route():
         logits = F.linear(x.float(), router)
-        return ops.route(logits, k, scoring=preset.scoring, renormalize=preset.renormalize, bias=bias,
-                         n_groups=preset.n_groups, topk_groups=preset.topk_groups, scale=preset.routed_scaling,
-                         backend=backend)[0]
+        return route_logits(logits, k, scoring=preset.scoring, renormalize=preset.renormalize, bias=bias,
+                            n_groups=preset.n_groups, topk_groups=preset.topk_groups, scale=preset.routed_scaling,
+                            backend=backend)[0]
 
     route_work = Work(2.0 * num_tokens * e * h, num_tokens * h * size + e * h * 4 + rows * 12)
     plan = ops.make_plan(batch.ids, e, backend=backend)
     plan_work = Work(0.0, rows * 8 + (2 * e + 1) * 4 + 2 * rows * 4, "copy")
 
     xs = _leaf(ops.permute(batch.x, plan, backend=backend), backward)
-    row_expert = expert_of_row(plan.offsets, rows)
+    row_expert = plan.expert_of_row()
 
     def gemm1_act():
         hidden = ops.grouped_mm(xs, w_gate_up.transpose(1, 2), plan.offsets, backend=backend)
@@ -144,18 +144,14 @@ def time_stages(stages: list, device, backward: bool, budget_s: float = 0.3) -> 
 
 def fused_ms(experts, batch, plan, backend: str, device, backward: bool, budget_s: float = 0.3) -> float:
     """The same routed experts through the fused ops.moe_mlp, for comparison with the stages."""
-    w_gate_up, w_down, b_gate_up, b_down = experts.tensors()
-
     def forward():
-        return ops.moe_mlp(batch.x, batch.weights, batch.ids, w_gate_up, w_down,
-                           activation=experts.preset.activation, b_gate_up=b_gate_up, b_down=b_down,
-                           plan=plan, backend=backend)
+        return ops.moe_mlp(batch.x, batch.weights, batch.ids, experts.weights, plan=plan, backend=backend)
 
     if not backward:
         with torch.no_grad():
             return median(measure(forward, device, budget_s=budget_s))
     grad = torch.randn_like(batch.x)
-    trained = tuple(t for t in experts.tensors() if t is not None)
+    trained = experts.trained()
     return median(measure(lambda: torch.autograd.grad(forward(), trained, grad), device, budget_s=budget_s))
 
 

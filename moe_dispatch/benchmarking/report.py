@@ -1,4 +1,4 @@
-"""Tables and plots of benchmark records."""
+"""Tables and plots of benchmark and profile records."""
 
 from __future__ import annotations
 
@@ -67,6 +67,32 @@ def print_tables(records: list, console: Optional[Console] = None) -> None:
         console.print(table)
     if records:  # the "vs" columns' note only where a table has them
         console.print((PEER_NOTE if any(r["peers"] for r in records) else "") + ROOFLINE_NOTE, style="dim")
+
+
+def print_stages(out: Console, preset, tokens: int, backend: str, dtype: str, routing: str, backward: bool,
+                 rows: list, fused_ms: float) -> None:
+    """The profile of one batch: a table of its stages, then their sum beside the fused moe_mlp."""
+    out.print(f"\n{preset.describe()}")
+    table = Table(title=f"T={tokens}, {backend}, {dtype}, {routing} routing", title_justify="left")
+    columns = ["stage", "fwd ms", "share", "GB/s", "TFLOP/s", "roofline"]
+    if backward:
+        columns += ["bwd ms", "bwd share"]
+    for c in columns:
+        table.add_column(c, justify="left" if c == "stage" else "right")
+    for r in rows:
+        cells = [r["stage"], f"{r['forward_ms']:.3f}", f"{100 * r['share']:.0f}%", f"{r['gbps']:.3g}",
+                 f"{r['tflops']:.3g}", f"{100 * r['roofline']:.0f}% {r['bound'][:3]}"]
+        if backward:
+            bwd = r["backward_ms"]
+            cells += ["-" if bwd is None else f"{bwd:.3f}",
+                      "-" if r["backward_share"] is None else f"{100 * r['backward_share']:.0f}%"]
+        table.add_row(*cells)
+    routed = [r for r in rows if r["stage"] not in ("route", "shared experts")]
+    total = sum(r["forward_ms"] for r in routed) + (sum(r["backward_ms"] or 0 for r in routed) if backward else 0)
+    out.print(table)
+    what = "forward+backward" if backward else "forward"
+    out.print(f"plan..combine stages sum to {total:.3f} ms; the fused moe_mlp {what} with the same plan takes "
+              f"{fused_ms:.3f} ms")
 
 
 def plot(records: Iterable[dict], path: str) -> None:

@@ -26,13 +26,11 @@ import torch
 
 from ..backends import cpu_matmul
 from .costs import Work
+from .presets import DTYPES
 from .timing import measure, synchronize
 
 # Bumped whenever the peaks are measured differently (2: oneDNN's float32 inner product).
 METHOD = 2
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 @dataclass
 class Roofline:

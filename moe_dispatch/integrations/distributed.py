@@ -174,7 +174,8 @@ class ExpertParallelMoE(MoE):
             f"local_experts=[{self.first_expert}, {self.first_expert + self.num_local_experts})"
         )
 
-    def _routed_experts(self, flat: Tensor, weights: Tensor, ids: Tensor, plan: Optional[DispatchPlan]) -> Tensor:
+    def routed_experts(self, flat: Tensor, weights: Tensor, ids: Tensor, plan: Optional[DispatchPlan] = None) -> Tensor:
+        """MoE's routed_experts across the group: each row goes to the rank holding its expert and back."""
         if plan is None:
             plan = make_plan(ids, self.num_experts, backend=self.backend)
         group, world, local = self.process_group, self.world_size, self.num_local_experts
@@ -194,10 +195,7 @@ class ExpertParallelMoE(MoE):
         ).unsqueeze(1)
         local_plan = make_plan(local_ids, local, backend=self.backend)
         unit_weights = torch.ones(local_ids.shape, device=flat.device, dtype=torch.float32)
-        expert_out = moe_mlp(
-            received, unit_weights, local_ids, self.w_gate_up, self.w_down, activation=self.activation,
-            b_gate_up=self.b_gate_up, b_down=self.b_down, plan=local_plan, backend=self.backend,
-        )
+        expert_out = moe_mlp(received, unit_weights, local_ids, self.experts, plan=local_plan, backend=self.backend)
         returned = exchange_rows(expert_out, recv_sizes, send_sizes, group)
         return unpermute(returned, plan, weights, backend=self.backend)
 

@@ -11,16 +11,16 @@ register() adds ours under the name "moe_dispatch":
     model = AutoModelForCausalLM.from_pretrained(name, experts_implementation="moe_dispatch")
 
 The experts module's flags choose the path. Gated experts with transformers' default gate
-(act(gate) * up over concatenated [gate | up] columns) and SiLU or GELU, and ungated
-experts with SiLU, GELU or ReLU, run through the fused moe_mlp, with or without biases, in
-either weight layout (is_transposed), without copying a weight. Anything else - a model's
-own _apply_gate (gpt-oss's clamped SwiGLU over interleaved columns), another activation, a
+(act(gate) * up over concatenated [gate | up] columns) and SiLU or GELU, gpt-oss's clamped
+SwiGLU over interleaved columns, and ungated experts with SiLU, GELU or ReLU, run through the
+fused moe_mlp, with or without biases, in either weight layout (is_transposed), without
+copying a weight. Anything else - another model's own _apply_gate, another activation, a
 norm after each expert - runs through the same steps composed from the public ops
 (make_plan, permute, grouped_mm, unpermute) around the module's own gate, activation and
 norm: slower, and exactly the model's computation.
 
-moe_from_block / write_to_block (MoE.from_transformers / MoE.to_transformers) move a whole
-MoE block - router, experts and shared experts - into our MoE layer and back.
+from_transformers / to_transformers move a whole MoE block - router, experts and shared
+experts - into our MoE layer and back.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
+from .. import activations
+from ..activations import CLAMPED_SWIGLU
 from ..backends import BACKEND_NAMES
-from ..backends.base import expert_of_row
+from ..experts import ExpertWeights
 from ..layers import MoE
 from ..ops import grouped_mm, make_plan, moe_mlp, permute, unpermute
 
@@ -46,6 +48,7 @@ class _Transformers(NamedTuple):
 
     experts_interface: type
     default_gate: Optional[Callable]  # the gate @use_experts_implementation gives a class without one
+    gpt_oss_gate: Optional[Callable]  # gpt-oss's clamped SwiGLU over interleaved columns
     silu_types: tuple
     gelu_types: tuple
 
@@ -75,9 +78,14 @@ def _transformers() -> _Transformers:
     from transformers.integrations import moe
 
     silu = getattr(activations, "SiLUActivation", None)
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    except ImportError:
+        GptOssExperts = None
     _LOADED = _Transformers(
         experts_interface=moe.ExpertsInterface,
         default_gate=getattr(moe, "_default_apply_gate", None),
+        gpt_oss_gate=getattr(GptOssExperts, "_apply_gate", None),
         silu_types=(nn.SiLU,) if silu is None else (nn.SiLU, silu),
         # GELUActivation is the exact erf GELU, in torch or in Python
         gelu_types=(activations.GELUActivation,),
@@ -117,6 +125,7 @@ def experts_forward(
     hidden_states: [T, H]; top_k_index: [T, k] int; top_k_weights: [T, k] float.
     Returns [T, H] in hidden_states' dtype.
     """
+    fused = fused_experts(experts)
     w1, w2, b1, b2 = expert_weights(experts)
     ids, weights = top_k_index, top_k_weights
     if getattr(experts, "_is_expert_parallel", False):
@@ -127,9 +136,8 @@ def experts_forward(
         ids = ids.masked_fill(foreign, 0)
         weights = weights.masked_fill(foreign, 0.0)
     x = hidden_states.to(w1.dtype)  # under autocast the input may differ from the weights
-    activation = fused_activation(experts)
-    if activation is not None:
-        out = moe_mlp(x, weights, ids, w1, w2, activation=activation, b_gate_up=b1, b_down=b2, backend=backend)
+    if fused is not None:
+        out = moe_mlp(x, weights, ids, fused, backend=backend)
     else:
         out = _composed_forward(experts, x, weights, ids, (w1, w2, b1, b2), backend)
     return out.to(hidden_states.dtype)
@@ -163,17 +171,24 @@ def expert_weights(experts: nn.Module) -> tuple[Tensor, Tensor, Optional[Tensor]
     return w1, w2, b1, experts.down_proj_bias
 
 
-def fused_activation(experts: nn.Module) -> Optional[str]:
-    """The moe_mlp activation that computes exactly what `experts` computes, or None."""
+def fused_experts(experts: nn.Module) -> Optional[ExpertWeights]:
+    """The ExpertWeights (views of the module's weights) whose moe_mlp computes exactly what
+    `experts` computes, or None when no registered activation does."""
     if flag(experts, "has_post_expert_norm"):
         return None
     act = _activation_name(getattr(experts, "act_fn", None))
     if not flag(experts, "has_gate"):
-        return act
+        return None if act is None else ExpertWeights(*expert_weights(experts), act)
+    known = _transformers()
     gate = getattr(experts._apply_gate, "__func__", None)
-    if gate is None or gate is not _transformers().default_gate or not flag(experts, "is_concatenated"):
+    if gate is None:
         return None
-    return {"silu": "swiglu", "gelu": "geglu"}.get(act)
+    if gate is known.gpt_oss_gate and (experts.alpha, experts.limit) == CLAMPED_SWIGLU.params:
+        return ExpertWeights(*expert_weights(experts), CLAMPED_SWIGLU, interleaved=True)
+    glu = activations.glu(act)
+    if gate is not known.default_gate or not flag(experts, "is_concatenated") or glu is None:
+        return None
+    return ExpertWeights(*expert_weights(experts), glu)
 
 
 def _activation_name(act) -> Optional[str]:
@@ -195,7 +210,7 @@ def _composed_forward(experts, x, weights, ids, expert_tensors, backend) -> Tens
     w1, w2, b1, b2 = expert_tensors
     plan = make_plan(ids, w1.shape[0], backend=backend)
     rows = permute(x, plan, backend=backend)
-    owner = expert_of_row(plan.offsets, rows.shape[0]) if b1 is not None else None
+    owner = plan.expert_of_row() if b1 is not None else None
     h = _grouped_linear(rows, w1, b1, owner, plan, backend)
     a = experts._apply_gate(h) if flag(experts, "has_gate") else experts.act_fn(h)
     o = _grouped_linear(a.to(x.dtype), w2, b2, owner, plan, backend)
@@ -255,10 +270,11 @@ def _read_block_config(block: nn.Module, kind: str) -> dict:
         raise ValueError(f"block.jitter_noise={block.jitter_noise}: MoE has no router jitter; set it to 0 first")
     router_name, rule = _BLOCKS[kind]
     router, experts = getattr(block, router_name), block.experts
-    activation = fused_activation(experts)
-    if activation is None:
+    fused = fused_experts(experts)
+    if fused is None or fused.interleaved:
         raise ValueError(f"{type(experts).__name__}'s expert function (gate, activation or norm) is not one MoE has")
     w1, w2, b1, _ = expert_weights(experts)
+    activation = fused.activation.name
     num_experts, hidden = router.weight.shape
     config = dict(
         hidden_size=hidden, intermediate_size=w2.shape[2], num_experts=num_experts, top_k=router.top_k,
@@ -321,7 +337,7 @@ def _tensor_pairs(layer: MoE, block: nn.Module, config: dict) -> list[tuple[Tens
     return pairs
 
 
-def moe_from_block(block: nn.Module, *, backend: str = "auto") -> MoE:
+def from_transformers(block: nn.Module, *, backend: str = "auto") -> MoE:
     """A new MoE computing what a transformers MoE block computes, with copies of its weights.
 
     The layer takes the dtype and device of the block's expert weights.
@@ -335,7 +351,7 @@ def moe_from_block(block: nn.Module, *, backend: str = "auto") -> MoE:
     return layer
 
 
-def write_to_block(layer: MoE, block: nn.Module) -> nn.Module:
+def to_transformers(layer: MoE, block: nn.Module) -> nn.Module:
     """Copy `layer`'s weights into a transformers MoE block of the same configuration; returns block."""
     config = _block_config(block)
     mine = _layer_config(layer)
@@ -348,4 +364,4 @@ def write_to_block(layer: MoE, block: nn.Module) -> nn.Module:
     return block
 
 
-__all__ = ["register", "experts_forward", "expert_weights", "fused_activation", "moe_from_block", "write_to_block"]
+__all__ = ["register", "experts_forward", "expert_weights", "fused_experts", "from_transformers", "to_transformers"]

@@ -38,8 +38,8 @@ def dot_rows_pair(src, index, gather, start, end, w_a, w_b, out):
 
     w_a, w_b: weight rows of src's depth K; or bfloat16 rows packed as uint32 words (K / 2 of
     them), and then src is float32 in the split layout. Two weight rows stream through one
-    loop: twice the loads in flight, which a bandwidth-bound decode step needs (33 GB/s on
-    one core against 24-32 GB/s one row at a time). Pass a row twice for one dot product.
+    loop: twice the loads in flight, which a bandwidth-bound decode step needs. Pass a row twice
+    for one dot product.
     """
     if w_a.dtype == np.uint32:
         _dot_rows_pair_packed(src, index, gather, start, end, w_a, w_b, out)

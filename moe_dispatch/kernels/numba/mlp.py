@@ -11,39 +11,63 @@ take their activations in the split layout (see grouped_mm.py).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit, prange
 
+from .activations import FusedActivation, activate
 from .grouped_mm import FASTMATH, dot_rows_pair, dot_rows_quad, split_col
 from .plan import make_plan_serial
-from .scalars import acc_zeros, act_value, narrow, widen
+from .scalars import acc_zeros, narrow, widen
+
+
+class DecodeExperts(NamedTuple):
+    """The experts as the decode kernels read them."""
+
+    w_gate_up: np.ndarray  # [E, W, H] (16-bit as bits), or bfloat16 packed in uint32 words [E, W, H/2]
+    b_gate_up: np.ndarray  # [E, W] float32 (float64 for float64), [1, 1] when absent
+    has_b_gate_up: bool
+    w_down: np.ndarray  # [E, H, I], or packed [E, H, I/2]
+    b_down: np.ndarray  # [E, H] float32 (float64)
+    has_b_down: bool
+    gate_up_packed: bool  # w_gate_up packed: x reaches GEMM1 in the split layout
+    down_packed: bool  # w_down packed: the activations reach GEMM2 in the split layout
+    act: FusedActivation
+
+
+class DecodeTiles(NamedTuple):
+    """How the decode kernels cut their work into tasks."""
+
+    block_gate_up: int  # intermediate columns per GEMM1 task (even)
+    quad_rows: int  # rows per active expert from which GEMM1 on packed weights reads 4 weight rows a pass
+    block_down: int  # output columns per GEMM2 task
 
 
 @njit(cache=True, inline="always")
-def _gate_up_epilogue(dots, p, q, r, e, i, j, bias, has_bias, save_h, h, gated, code, inter, split_a, a):
-    """Row r's outputs from sums dots[p, q] and dots[p + 1, q]: gated, the gate and up of
-    column i (j = I + i); plain, columns i and j."""
-    g = dots[p, q] + bias[e, i] if has_bias else dots[p, q]
-    u = dots[p + 1, q] + bias[e, j] if has_bias else dots[p + 1, q]
+def _gate_up_epilogue(dots, p, q, r, e, i, col_a, col_b, bias, has_bias, save_h, h, act, inter, split_a, a):
+    """Row r's outputs from the sums dots[p, q] of weight row col_a and dots[p + 1, q] of row
+    col_b: gated, the gate and up of intermediate column i; plain, columns col_a and col_b."""
+    g = dots[p, q] + bias[e, col_a] if has_bias else dots[p, q]
+    u = dots[p + 1, q] + bias[e, col_b] if has_bias else dots[p + 1, q]
     if save_h:
-        h[r, i] = narrow(g, h.dtype)
-        h[r, j] = narrow(u, h.dtype)
-    if gated:
-        a[r, split_col(i, inter, split_a)] = act_value(g, code) * u
-    else:
-        a[r, split_col(i, inter, split_a)] = act_value(g, code)
-        a[r, split_col(j, inter, split_a)] = act_value(u, code)
+        h[r, col_a] = narrow(g, h.dtype)
+        h[r, col_b] = narrow(u, h.dtype)
+    # one call site of the activation, inlined: gated, one output; plain, one per column
+    for c in range(1 if act.gated else 2):
+        col = i if act.gated else (col_a if c == 0 else col_b)
+        a[r, split_col(col, inter, split_a)] = activate(g if c == 0 else u, u, act)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, gated, code, block, quad, save_h, h,
+def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, act, block, quad, save_h, h,
                 split_a, a):
     """h[r] = x[token_of_row[r]] @ w[e].T + bias[e] and a[r] = act(h[r]) for the rows of each e.
 
     x: [T, H], float32 (float64), split when w is packed; token_of_row: [R] int32;
     w: [E, W, H] (or packed); bias: [E, W] float32 (read when has_bias); offsets: [E+1] int32;
-    experts: [A] int32, the experts with rows; inter: I; gated: W = 2I and
-    a = act(gate) * up; code: the activation (scalars.py); block: even; quad: gated
+    experts: [A] int32, the experts with rows; inter: I; act: FusedActivation (gated: W = 2I,
+    gate row i at i * act.step, up row at i * act.step + act.shift); block: even; quad: gated
     columns go two at a time (four weight rows per pass; see below); h: [R, W] out (the
     weights' type, written when save_h); a: [R, I] out, float32 (float64 for float64 x), in
     the split layout when split_a.
@@ -51,35 +75,35 @@ def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, gat
     gated task reads the gate row and the up row of each column together.
     """
     num_blocks = (inter + block - 1) // block
+    step, shift = act.step, act.shift
     for task in prange(experts.shape[0] * num_blocks):
         e = experts[task // num_blocks]
         i0 = (task % num_blocks) * block
         width = min(block, inter - i0)
         start, end = offsets[e], offsets[e + 1]
         dots = acc_zeros((4, end - start), x.dtype)
-        if gated and quad:
+        if act.gated and quad:
             # Columns s and s + half of the block together: four weight rows in four
-            # sequential streams, 1.2x faster where many rows make the step compute-bound,
-            # 1.1-1.2x slower than two rows when reading the weights bounds it.
+            # sequential streams, faster where many rows make the step compute-bound,
+            # slower than two rows when reading the weights bounds it (docs/cpu.md).
             half = (width + 1) // 2
             for s in range(half):
                 i = i0 + s
                 j = i + half if s + half < width else i
-                dot_rows_quad(x, token_of_row, True, start, end, w[e, i], w[e, inter + i], w[e, j], w[e, inter + j],
-                              dots)
+                dot_rows_quad(x, token_of_row, True, start, end, w[e, i * step], w[e, i * step + shift],
+                              w[e, j * step], w[e, j * step + shift], dots)
                 for q in range(end - start):
-                    _gate_up_epilogue(dots, 0, q, start + q, e, i, inter + i, bias, has_bias, save_h, h, True, code,
-                                      inter, split_a, a)
-                    _gate_up_epilogue(dots, 2, q, start + q, e, j, inter + j, bias, has_bias, save_h, h, True, code,
-                                      inter, split_a, a)
+                    for p, col in ((0, i), (2, j)):
+                        _gate_up_epilogue(dots, p, q, start + q, e, col, col * step, col * step + shift, bias,
+                                          has_bias, save_h, h, act, inter, split_a, a)
         else:
             # Gated: column i's gate row with its up row. Plain: columns i and i + 1.
-            for i in range(i0, i0 + width, 1 if gated else 2):
-                j = inter + i if gated else min(i + 1, inter - 1)
-                dot_rows_pair(x, token_of_row, True, start, end, w[e, i], w[e, j], dots)
+            for i in range(i0, i0 + width, 1 if act.gated else 2):
+                col_a, col_b = (i * step, i * step + shift) if act.gated else (i, min(i + 1, inter - 1))
+                dot_rows_pair(x, token_of_row, True, start, end, w[e, col_a], w[e, col_b], dots)
                 for q in range(end - start):
-                    _gate_up_epilogue(dots, 0, q, start + q, e, i, j, bias, has_bias, save_h, h, gated, code, inter,
-                                      split_a, a)
+                    _gate_up_epilogue(dots, 0, q, start + q, e, i, col_a, col_b, bias, has_bias, save_h, h, act,
+                                      inter, split_a, a)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -103,11 +127,11 @@ def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weigh
         width = min(block, hidden - c0)
         acc = acc_zeros((num_tokens, width), a.dtype)
         # Allocated once per task, not per expert: thousands of small allocations per call
-        # cost as much as the dot products at T=16.
+        # cost as much as a small step's dot products.
         dots = acc_zeros((2, most_rows), a.dtype)
-        # Two streams, each reading half of the block's rows in order: sequential streams
-        # keep the hardware prefetcher ahead, where neighbouring rows at a time (streams that
-        # jump at every step) read 1.2x slower, and four streams 1.05-1.1x slower than two.
+        # Two streams, each reading half of the block's rows in order: sequential streams keep
+        # the hardware prefetcher ahead, better than neighbouring rows (streams that jump at
+        # every step) or four streams (docs/cpu.md, "down_combine").
         half = (width + 1) // 2
         for ei in range(experts.shape[0]):
             e = experts[ei]
@@ -135,31 +159,24 @@ NOT_DECODE = -1
 
 
 @njit(cache=True)
-def moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_gate_up, has_b_gate_up, w_down,
-                   b_down, has_b_down, gated, code, split_x, split_a, block_gate_up, quad_rows, block_down, save_h, h,
-                   out):
+def moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, experts, tiles, save_h, h, out):
     """The decode step on a plan; see _decode_step."""
-    return _decode_step(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_gate_up, has_b_gate_up, w_down,
-                        b_down, has_b_down, gated, code, split_x, split_a, block_gate_up, quad_rows, block_down,
-                        save_h, h, out)
+    return _decode_step(x, weights, offsets, token_of_row, row_of_slot, experts, tiles, save_h, h, out)
 
 
 @njit(cache=True)
-def _decode_step(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_gate_up, has_b_gate_up, w_down,
-                 b_down, has_b_down, gated, code, split_x, split_a, block_gate_up, quad_rows, block_down, save_h, h,
-                 out):
+def _decode_step(x, weights, offsets, token_of_row, row_of_slot, experts, tiles, save_h, h, out):
     """The whole decode step in one call from Python: check the plan's index arrays, widen x
-    (split when split_x), scatter the routing weights to rows, then gate_up_act and
-    down_combine. Each operation Python runs costs tens of microseconds when a step
-    starts with cold caches, as a decode step between other layers does; here they cost
-    a loop each.
+    (split when the weights are packed), scatter the routing weights to rows, then
+    gate_up_act and down_combine. Each operation Python runs costs tens of microseconds
+    when a step starts with cold caches, as a decode step between other layers does; here
+    they cost a loop each.
 
     x: [T, H] (16-bit as bits); weights: [T, k] float32 (float64); offsets: [E+1] int32,
-    already checked; token_of_row: [R] int32; row_of_slot: [T, k] int32; quad_rows: the
-    rows per active expert from which GEMM1 on packed weights takes gated columns in pairs
-    (gate_up_act's quad); the weights and biases, h and out as for gate_up_act and
-    down_combine. Returns DECODE_OK, or BAD_INDEX
-    when an index falls outside its range (and then computes nothing).
+    already checked; token_of_row: [R] int32; row_of_slot: [T, k] int32; experts:
+    DecodeExperts; tiles: DecodeTiles; h: [R, W] out (the weights' type, written when
+    save_h); out: [T, H] out (x's type). Returns DECODE_OK, or BAD_INDEX when an index falls
+    outside its range (and then computes nothing).
     """
     num_tokens, hidden = x.shape
     num_rows = token_of_row.shape[0]
@@ -173,7 +190,7 @@ def _decode_step(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_ga
     x_wide = acc_zeros((num_tokens, hidden), weights.dtype)
     for t in range(num_tokens):
         for c in range(hidden):
-            x_wide[t, split_col(c, hidden, split_x)] = widen(x[t, c])
+            x_wide[t, split_col(c, hidden, experts.gate_up_packed)] = widen(x[t, c])
     row_weight = acc_zeros(num_rows, weights.dtype)
     for t in range(num_tokens):
         for j in range(row_of_slot.shape[1]):
@@ -181,30 +198,30 @@ def _decode_step(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_ga
     num_active = 0
     for e in range(offsets.shape[0] - 1):
         num_active += offsets[e + 1] > offsets[e]
-    experts = np.empty(num_active, dtype=np.int32)
+    active = np.empty(num_active, dtype=np.int32)
     num_active = 0
     for e in range(offsets.shape[0] - 1):
         if offsets[e + 1] > offsets[e]:
-            experts[num_active] = e
+            active[num_active] = e
             num_active += 1
-    inter = w_down.shape[2] * 2 if split_a else w_down.shape[2]
-    quad = split_x and num_rows >= quad_rows * num_active
+    inter = experts.w_down.shape[2] * 2 if experts.down_packed else experts.w_down.shape[2]
+    quad = experts.gate_up_packed and num_rows >= tiles.quad_rows * num_active
     a = acc_zeros((num_rows, inter), weights.dtype)
-    gate_up_act(x_wide, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, offsets, experts, inter, gated, code,
-                block_gate_up, quad, save_h, h, split_a, a)
-    down_combine(a, w_down, b_down, has_b_down, offsets, experts, token_of_row, row_weight, block_down, out)
+    gate_up_act(x_wide, token_of_row, experts.w_gate_up, experts.b_gate_up, experts.has_b_gate_up, offsets, active,
+                inter, experts.act, tiles.block_gate_up, quad, save_h, h, experts.down_packed, a)
+    down_combine(a, experts.w_down, experts.b_down, experts.has_b_down, offsets, active, token_of_row, row_weight,
+                 tiles.block_down, out)
     return DECODE_OK
 
 
 @njit(cache=True)
-def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_down,
-                       has_b_down, gated, code, split_x, split_a, block_gate_up, quad_rows, block_down, out):
+def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, experts, tiles, out):
     """The decode step from the expert ids, the plan built in the same call (a serial counting
     sort: a decode step has few slots), for a call that needs neither the plan nor h.
 
     ids: [T, k] int; num_experts: E; rows_limit: the most rows per active expert, on
-    average, the fused kernels take; the rest as for _decode_step. Returns the number of ids
-    outside [0, E) (and then computes nothing), NOT_DECODE when the experts receive more
+    average, the fused kernels take; the rest as for _decode_step. Returns the number of
+    ids outside [0, E) (and then computes nothing), NOT_DECODE when the experts receive more
     rows than rows_limit (nothing computed either), else 0.
     """
     num_tokens, top_k = ids.shape
@@ -221,9 +238,8 @@ def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, w_gate_up, b_ga
     if token_of_row.shape[0] > rows_limit * num_active:
         return NOT_DECODE
     # save_h as a runtime bool (always false here), not a constant: _decode_step and the
-    # kernels then compile once for both entry points, not once each (5-8 s a dtype).
+    # kernels then compile once for both entry points, not once each.
     save_h = num_active < 0
-    _decode_step(x, weights, offsets, token_of_row, row_of_slot, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_down,
-                 has_b_down, gated, code, split_x, split_a, block_gate_up, quad_rows, block_down, save_h,
-                 np.empty((0, w_gate_up.shape[1]), dtype=out.dtype), out)
+    _decode_step(x, weights, offsets, token_of_row, row_of_slot, experts, tiles, save_h,
+                   np.empty((0, experts.w_gate_up.shape[1]), dtype=out.dtype), out)
     return 0

@@ -1,5 +1,5 @@
 """Scalar helpers every Numba kernel inlines: 16-bit floats widened to float32, results
-narrowed back, and the expert activations.
+narrowed back, and constants of an accumulator's type.
 
 Numba has no float16 or bfloat16 type, so 16-bit tensors arrive as their bit patterns:
 bfloat16 as uint16, float16 as int16 (see moe_dispatch/backends/numba_backend.py). The
@@ -11,20 +11,10 @@ memory traffic and a shift.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
-
-# Activation codes, shared by every kernel (a runtime argument: the branch sits in the
-# epilogue, outside the dot products).
-SILU, GELU, RELU = 0, 1, 2
-ACTIVATION_CODES = {"swiglu": SILU, "silu": SILU, "geglu": GELU, "gelu": GELU, "relu": RELU}
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
 
 # ---- bit casts (jit only) ----------------------------------------------------------------
 
@@ -173,58 +163,14 @@ def _acc_zeros(shape, dtype):
     return lambda shape, dtype: np.zeros(shape, dtype=np.float32)
 
 
-# ---- activations: float32 math for float32 sums, float64 for float64 -----------------------
+def like(v, value):
+    """value as a float of v's type (float32 or float64): a float64 constant would turn
+    float32 math into float64."""
+    return type(v)(value)
 
 
-def act_value(g, code):
-    """act(g) for code SILU, GELU or RELU; exp overflowing to inf gives silu's -0.0 limit."""
-    if code == SILU:
-        return g / (1.0 + math.exp(-g))
-    if code == GELU:
-        return 0.5 * g * (1.0 + math.erf(g * _INV_SQRT2))
-    return g if g > 0.0 else 0.0 * g
-
-
-@overload(act_value)
-def _act_value(g, code):
-    # Constants of g's own type: a float64 literal would promote float32 math to float64.
-    kind = np.float32 if g == types.float32 else np.float64
-    one, half, inv_sqrt2 = kind(1.0), kind(0.5), kind(_INV_SQRT2)
-
-    def impl(g, code):
-        if code == SILU:
-            return g / (one + math.exp(-g))
-        if code == GELU:
-            return half * g * (one + math.erf(g * inv_sqrt2))
-        return g if g > 0 else g * 0
-
-    return impl
-
-
-def act_and_grad(g, code):
-    """(act(g), d act(g) / dg) for code SILU, GELU or RELU, sharing one exp."""
-    if code == SILU:
-        s = 1.0 / (1.0 + math.exp(-g))
-        return g * s, s * (1.0 + g * (1.0 - s))
-    if code == GELU:
-        cdf = 0.5 * (1.0 + math.erf(g * _INV_SQRT2))
-        return g * cdf, cdf + g * math.exp(-0.5 * g * g) * _INV_SQRT_2PI
-    return (g, 1.0) if g > 0.0 else (0.0 * g, 0.0)
-
-
-@overload(act_and_grad)
-def _act_and_grad(g, code):
-    kind = np.float32 if g == types.float32 else np.float64
-    zero, one, half = kind(0.0), kind(1.0), kind(0.5)
-    inv_sqrt2, inv_sqrt_2pi = kind(_INV_SQRT2), kind(_INV_SQRT_2PI)
-
-    def impl(g, code):
-        if code == SILU:
-            s = one / (one + math.exp(-g))
-            return g * s, s * (one + g * (one - s))
-        if code == GELU:
-            cdf = half * (one + math.erf(g * inv_sqrt2))
-            return g * cdf, cdf + g * math.exp(-half * g * g) * inv_sqrt_2pi
-        return (g, one) if g > 0 else (g * 0, zero)
-
-    return impl
+@overload(like)
+def _like(v, value):
+    if v == types.float32:
+        return lambda v, value: np.float32(value)
+    return lambda v, value: np.float64(value)

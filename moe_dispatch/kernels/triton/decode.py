@@ -1,22 +1,11 @@
-"""The decode forward: moe_mlp for a few tokens in two kernels, without a plan.
+"""The decode forward: moe_mlp for up to MAX_TOKENS tokens in two kernels, without a plan.
 
-With at most MAX_TOKENS tokens, all of them fit the rows of one tile. So instead of sorting the
-slots into expert order, each expert's tile takes every token as a row and keeps the rows of the
-tokens that chose it:
-
-- up: one program per (slot, I-tile). The first slot that chose an expert (its owner) computes
-  it, and the others exit at once: act(x @ w_gate_up[e].T + b_gate_up[e]) for its tokens, stored
-  as the owner's tile of MAX_TOKENS rows. The owner's first program also writes each token's
-  routing weights on the expert, summed: 0 for a token that did not choose it.
-- down: one program per H-tile walks the owners' K-blocks in one loop, expert after expert, and
-  adds, per token, route weight * (act @ w_down[e].T + b_down[e]) in float32 when an expert's
-  last K-block is in: the combine, in a fixed order, without atomics and without per-slot
-  outputs. One loop over all the experts' K-blocks keeps the loads in flight from one expert to
-  the next, where a loop per expert would drain and refill the pipeline for each.
-
-Each chosen expert's weights are read once, as in the grouped path, in two launches where the
-plan, the grouped GEMMs and the combine take six to eight. The up kernel also reports whether
-every id lies in [0, E); a slot with a bad id owns nothing and adds nothing.
+Every token fits the rows of one tile, so each chosen expert's tile takes all the tokens as
+rows and keeps those of the tokens that chose it: the up kernel computes each expert once (its
+first slot, the owner) with the activation; the down kernel walks the owners' K-blocks in one
+loop and adds each token's weighted result in float32, in a fixed order (docs/gpu.md, "Decode:
+two kernels, no plan"). A slot with an id outside [0, E) owns nothing and adds nothing, and the
+up kernel reports whether there was one.
 """
 
 from __future__ import annotations
@@ -27,8 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import TileConfig, dot_precision, dot_upcast
-from .grouped_gemm import ACT_CODES, activate, mainloop
+from ...activations import Activation
+from .activations import activate
+from .grouped_gemm import activation_args, mainloop
+from .tiles import TileConfig, dot_precision, dot_upcast
 
 # The most tokens the decode kernels take: one tile of rows, the least tl.dot accepts.
 MAX_TOKENS = 16
@@ -46,15 +37,16 @@ def decode_up_kernel(
     x_ptr,  # [T, K]
     ids_ptr,  # [T, k] int, contiguous
     weights_ptr,  # [T, k] float, contiguous
-    w_ptr,  # [E, K, NW] any strides (w_gate_up transposed); GATED: NW = 2N, gate columns first
-    bias_ptr,  # [E, NW] (HAS_BIAS)
+    w_ptr,  # [E, K, NW] any strides (w_gate_up transposed); GATED: NW = 2N, gate column i at
+    #         i * gate_step, its up column at that + up_shift
+    bias_ptr,  # [E, NW] (None: no bias)
     act_ptr,  # [T*k * MAX_TOKENS, N] out: row s * MAX_TOKENS + t: act(h) of token t, owner s's expert
     owner_ptr, route_weights_ptr,  # out: Routes
     ok_ptr,  # [1] bool out: every id in [0, E)
-    num_tokens, top_k, K, N, num_experts,
+    num_tokens, top_k, K, N, num_experts, gate_step, up_shift,
     stride_xm, stride_we, stride_wk, stride_wn, stride_be, stride_am,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, S_PAD: tl.constexpr,
-    K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+    K_PAD: tl.constexpr, ACT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, GATED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Grid: (T*k, cdiv(N, BLOCK_N))."""
@@ -85,17 +77,16 @@ def decode_up_kernel(
     col_ok = cols < N
     expert = expert.to(tl.int64)
     acc, acc2 = mainloop(
-        x_ptr, tokens.to(tl.int64) * stride_xm, tokens < num_tokens, w_ptr + expert * stride_we, cols, col_ok, N,
-        stride_wk, stride_wn, 0, K, None, 0, BLOCK_T, BLOCK_N, BLOCK_K, GATED, PRECISION, UPCAST, EVEN_K, False,
+        x_ptr, tokens.to(tl.int64) * stride_xm, tokens < num_tokens, w_ptr + expert * stride_we, cols * gate_step,
+        col_ok, up_shift, stride_wk, stride_wn, 0, K, None, 0, BLOCK_T, BLOCK_N, BLOCK_K, GATED, PRECISION, UPCAST,
+        EVEN_K,
     )
-    if HAS_BIAS:
-        b_ptrs = bias_ptr + expert * stride_be + cols
+    if bias_ptr is not None:
+        b_ptrs = bias_ptr + expert * stride_be + cols * gate_step
         acc += tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            acc2 += tl.load(b_ptrs + N, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y = activate(acc, ACT)
-    if GATED:
-        y = y * acc2
+            acc2 += tl.load(b_ptrs + up_shift, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = activate(acc, acc2, ACT, P0, P1)
     # every row of the owner's tile, so that the down kernel reads it whole, without masks: a
     # token that did not choose the expert has weight 0 on it, whatever its row holds
     rows = slot.to(tl.int64) * BLOCK_T + tokens
@@ -108,12 +99,12 @@ def decode_down_kernel(
     ids_ptr,  # [T, k] int, contiguous
     owner_ptr, route_weights_ptr,  # Routes, from the up kernel
     w_ptr,  # [E, K, N] any strides (w_down transposed: N = H)
-    bias_ptr,  # [E, N] (HAS_BIAS)
+    bias_ptr,  # [E, N] (None: no bias)
     out_ptr,  # [T, N] out
     num_slots, num_tokens, K, N, num_experts,
     stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, S_PAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N),). out[t] = sum over the owner slots s, in order, of
     route_weights[s, t] * (act[s * MAX_TOKENS + t] @ w_down[ids[s]].T + b_down[ids[s]])."""
@@ -158,7 +149,7 @@ def decode_down_kernel(
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
         # the expert's last K-block: add its bias, weigh it into out, start the next expert
         last = k0 + BLOCK_K >= K
-        if HAS_BIAS:
+        if bias_ptr is not None:
             bias = tl.load(bias_ptr + expert * stride_be + cols, mask=tl.where(last & expert_ok, col_ok, False),
                            other=0.0)
             acc += bias.to(tl.float32)[None, :]
@@ -175,30 +166,31 @@ def decode_down_kernel(
 
 def decode_up(
     x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
-    activation: str, gated: bool, config: TileConfig,
+    activation: Activation, gate_columns: tuple[int, int], config: TileConfig,
 ) -> tuple[torch.Tensor, Routes, torch.Tensor]:
     """(act: [T*k * MAX_TOKENS, N] x's dtype, routes, ok: [1] bool). x: [T, K] with
-    T <= MAX_TOKENS; ids, weights: [T, k]; w: [E, K, NW] any strides; bias: [E, NW]. Only the
-    owners' tiles of act are written."""
+    T <= MAX_TOKENS; ids, weights: [T, k]; w: [E, K, NW] any strides, gate and up columns where
+    gate_columns says (see grouped_gemm); bias: [E, NW]. Only the owners' tiles of act are
+    written."""
     x, ids, weights = x if x.stride(-1) == 1 else x.contiguous(), ids.contiguous(), weights.contiguous()
     num_tokens, top_k = ids.shape
     num_experts, k_dim, w_cols = w.shape
-    n_cols = w_cols // 2 if gated else w_cols
+    n_cols = w_cols // 2 if activation.gated else w_cols
     device = x.device
     act = torch.empty(ids.numel() * MAX_TOKENS, n_cols, dtype=x.dtype, device=device)
     routes = Routes(torch.empty(ids.numel(), dtype=torch.int32, device=device),
                     torch.empty(ids.numel(), MAX_TOKENS, dtype=torch.float32, device=device))
     ok = torch.empty(1, dtype=torch.bool, device=device)
     decode_up_kernel[(ids.numel(), triton.cdiv(n_cols, config.block_n))](
-        x, ids, weights, w, bias if bias is not None else x, act, *routes, ok,
-        num_tokens, top_k, k_dim, n_cols, num_experts,
+        x, ids, weights, w, bias, act, *routes, ok,
+        num_tokens, top_k, k_dim, n_cols, num_experts, *gate_columns,
         x.stride(0), w.stride(0), w.stride(1), w.stride(2), bias.stride(0) if bias is not None else 0, act.stride(0),
         BLOCK_T=MAX_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         # the slots of a full tile of tokens, whatever T: one compile serves every decode batch size
         S_PAD=triton.next_power_of_2(MAX_TOKENS * top_k), K_PAD=triton.next_power_of_2(top_k),
-        HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], GATED=gated,
         PRECISION=dot_precision(x.dtype, device), UPCAST=dot_upcast(x.dtype, device),
         EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
+        **activation_args(activation),
     )
     return act, routes, ok
 
@@ -212,12 +204,12 @@ def decode_down(
     num_experts, k_dim, n_cols = w.shape
     out = torch.empty(ids.shape[0], n_cols, dtype=act.dtype, device=act.device)
     decode_down_kernel[(triton.cdiv(n_cols, config.block_n),)](
-        act, ids.contiguous(), *routes, w, bias if bias is not None else act, out,
+        act, ids.contiguous(), *routes, w, bias, out,
         ids.numel(), ids.shape[0], k_dim, n_cols, num_experts,
         act.stride(0), w.stride(0), w.stride(1), w.stride(2), bias.stride(0) if bias is not None else 0,
         out.stride(0),
         BLOCK_T=MAX_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        S_PAD=triton.next_power_of_2(MAX_TOKENS * ids.shape[1]), HAS_BIAS=bias is not None,
+        S_PAD=triton.next_power_of_2(MAX_TOKENS * ids.shape[1]),
         PRECISION=dot_precision(act.dtype, act.device), UPCAST=dot_upcast(act.dtype, act.device),
         EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
     )

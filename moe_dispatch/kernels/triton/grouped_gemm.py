@@ -4,10 +4,12 @@ out[r] = epilogue(A[row(r)] @ W[e(r)] + bias[e(r)]) for the rows r of each exper
 
 - Prologue: A's rows may be gathered through an index (token_of_row), so the permuted
   copy of x is never written (a fused permute).
-- Epilogue: an activation (gated: columns [0, N) of W are the gate, [N, 2N) the up
-  projection, and the program holds both accumulators), the pre-activation h stored for
-  the backward, a per-row scale (the routing weight), and a scatter of each row to its
-  (token, choice) slot, which a fixed-order sum over k then combines: no atomics.
+- Epilogue: an activation (gated: gate column i of W is column i * gate_step, its up column
+  i * gate_step + up_shift, and the program holds both accumulators), the pre-activation h
+  stored for the backward (gate columns, then up columns, whatever W's order: contiguous
+  stores), a per-row scale (the routing weight), and a scatter of each row to its (token,
+  choice) slot, which a fixed-order sum over k then combines: no atomics. A fusion whose
+  pointer is None is compiled out.
 - Tiles find their expert on the device: the grid is sized from static bounds
   (cdiv(R, BLOCK_M) + min(E, R) M-tiles, the most any split of R rows over E experts
   needs), and each program reads the offsets to learn which expert and rows it owns, or exits.
@@ -28,42 +30,13 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .configs import TileConfig, dot_precision, dot_upcast, expert_block
+from ...activations import IDENTITY, Activation
+from .activations import activate, activate_grad
+from .indices import gathered, load_index
+from .tiles import TileConfig, dot_precision, dot_upcast, expert_block
 
-# Activation codes shared by the kernels (constexpr), by name.
-ACT_CODES = {"none": 0, "silu": 1, "gelu": 2, "relu": 3}
 # M-tiles that sweep the N-tiles together: 8 tiles of 128 rows x 7168 bf16 are 15 MB of L2.
 GROUP_M = 8
-
-
-@triton.jit
-def activate(x, ACT: tl.constexpr):
-    """x float32 -> act(x); gelu is the exact (erf) one, as torch's default."""
-    if ACT == 1:
-        y = x * tl.sigmoid(x)
-    elif ACT == 2:
-        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-    elif ACT == 3:
-        y = tl.maximum(x, 0.0)
-    else:
-        y = x
-    return y
-
-
-@triton.jit
-def activate_grad(x, ACT: tl.constexpr):
-    """d act(x) / dx, float32."""
-    if ACT == 1:
-        s = tl.sigmoid(x)
-        y = s * (1.0 + x * (1.0 - s))
-    elif ACT == 2:
-        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
-        y = cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
-    elif ACT == 3:
-        y = tl.where(x > 0, 1.0, 0.0)
-    else:
-        y = tl.full(x.shape, 1.0, tl.float32)
-    return y
 
 
 @triton.jit
@@ -102,20 +75,32 @@ def locate_tile(offsets_ptr, tile, num_rows, num_experts, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def expert_tile(offsets_ptr, num_m_tiles, num_rows, num_experts, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                E_PAD: tl.constexpr, GROUP_M: tl.constexpr):
+    """(expert, N-tile, rows, row_ok, cols, col_ok) of this program's tile of a grid of num_m_tiles
+    M-tiles by cdiv(N, BLOCK_N) N-tiles; expert >= num_experts past the last tile (nothing to do)."""
+    pid_m, pid_n = tile_coords(tl.program_id(0), num_m_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
+    expert, start, end = locate_tile(offsets_ptr, pid_m, num_rows, num_experts, BLOCK_M, E_PAD)
+    rows = start + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, pid_n, rows, rows < end, cols, cols < N
+
+
+@triton.jit
 def mainloop(
     a_ptr, a_off, a_ok,  # A rows: int64 offsets [BM], validity [BM]; columns contiguous
     w_ptr, cols, col_ok, second_shift,  # W of one expert; columns [BN]; TWO also reads cols + second_shift
     stride_wk, stride_wn, k_lo, k_hi,
-    w_desc, w_row,  # W_TMA: W as [E * NW, K] rows; this tile's first row
+    w_desc, w_row,  # W as [E * NW, K] rows through the TMA (None: pointers); this tile's first row
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    TWO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
+    TWO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """float32 acc [BM, BN] = A[:, k_lo:k_hi] @ W[k_lo:k_hi, cols] (and acc2 for cols + shift).
 
     UPCAST multiplies in float32: the interpreter's tl.dot cannot multiply bf16.
     EVEN_K: every K-block is full, so loads need no K mask (which would keep them from
     vectorizing along a contiguous K).
-    W_TMA: weight tiles come through the TMA, which fills rows and columns past the tensor with
+    w_desc: weight tiles come through the TMA, which fills rows and columns past the tensor with
     zeros; rows past this expert's columns belong to the next one, and the epilogue masks them.
     """
     ks = tl.arange(0, BLOCK_K)
@@ -136,7 +121,7 @@ def mainloop(
         else:
             k_ok = (k0 + ks) < k_hi
         a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-        if W_TMA:
+        if w_desc is not None:
             w = tl.trans(w_desc.load([w_row, k0]))
         else:
             w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
@@ -145,7 +130,7 @@ def mainloop(
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
         if TWO:
-            if W_TMA:
+            if w_desc is not None:
                 w2 = tl.trans(w_desc.load([w_row + second_shift, k0]))
             else:
                 w2 = tl.load(w2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
@@ -162,91 +147,76 @@ def mainloop(
 def epilogue(
     acc, acc2, rows, row_ok, cols, col_ok, n_cols,
     out_ptr, stride_om, h_ptr, stride_hm, slot_of_row_ptr, weight_of_row_ptr, num_out_rows,
-    ACT: tl.constexpr, GATED: tl.constexpr, STORE_H: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr,
+    ACT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, GATED: tl.constexpr,
 ):
-    """Store h (pre-activation), then act(acc) [* acc2] [* row weight] to out[row or slot]."""
+    """Store h (pre-activation: gate columns, then up columns) when h_ptr is given, then
+    act(acc[, acc2]) [* row weight] to out[row, or slot_of_row[row] when given]."""
     mask = row_ok[:, None] & col_ok[None, :]
-    if STORE_H:
+    if h_ptr is not None:
         h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
         tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask)
         if GATED:
             tl.store(h_ptrs + n_cols, acc2.to(h_ptr.dtype.element_ty), mask=mask)
-    y = activate(acc, ACT)
-    if GATED:
-        y = y * acc2
-    if SCALE:
+    y = activate(acc, acc2, ACT, P0, P1)
+    if weight_of_row_ptr is not None:
         y = y * tl.load(weight_of_row_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    if SCATTER:
-        dest = tl.load(slot_of_row_ptr + rows, mask=row_ok, other=-1)
-        dest_ok = row_ok & (dest >= 0) & (dest < num_out_rows)
-    else:
-        dest = rows
-        dest_ok = row_ok
+    dest, dest_ok = gathered(slot_of_row_ptr, rows, row_ok, num_out_rows)
     tl.store(out_ptr + dest.to(tl.int64)[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty),
              mask=dest_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def grouped_gemm_kernel(
-    # pointers
-    a_ptr,  # [S, K]            rows gathered through a_rows_ptr when GATHER, else [R, K]
-    a_rows_ptr,  # [R] int32    source row of each expert-sorted row (GATHER)
+    # pointers (None: that fusion is compiled out)
+    a_ptr,  # [S, K]            rows gathered through a_rows_ptr when given, else [R, K]
+    a_rows_ptr,  # [R] int32    source row of each expert-sorted row
     w_ptr,  # [E, K, NW]        any strides; NW = 2N when GATED else N
-    w_desc,  # W_TMA: a TMA descriptor of W as [E * NW, K] (K contiguous), blocks [BLOCK_N, BLOCK_K]
-    bias_ptr,  # [E, NW]        (HAS_BIAS)
+    w_desc,  # a TMA descriptor of W as [E * NW, K] (K contiguous), blocks [BLOCK_N, BLOCK_K]
+    bias_ptr,  # [E, NW]
     offsets_ptr,  # [E+1] int   expert e owns rows offsets[e]:offsets[e+1]
-    out_ptr,  # [R, N] or [T*k, N] (SCATTER)
-    h_ptr,  # [R, NW]           pre-activation (STORE_H)
-    slot_of_row_ptr,  # [R] int32 (SCATTER)
-    weight_of_row_ptr,  # [R] float32 (SCALE)
+    out_ptr,  # [R, N], or [T*k, N] scattered through slot_of_row_ptr
+    h_ptr,  # [R, NW]           pre-activation: gate columns, then up columns
+    slot_of_row_ptr,  # [R] int32
+    weight_of_row_ptr,  # [R] float32
     ws_ptr,  # [SPLIT_K, R, NW] float32 partials (SPLIT_K > 1)
     # sizes
     num_rows, num_a_rows, num_out_rows, K, N, num_experts, num_m_tiles,
+    gate_step, up_shift,  # GATED: W's gate column i is i * gate_step, its up column that + up_shift
     # strides
     stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om, stride_hm,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr, GATED: tl.constexpr, STORE_H: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, ACT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+    GATED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Grid: (num_m_tiles * cdiv(N, BLOCK_N), SPLIT_K), num_m_tiles = m_tile_bound(R, E, BLOCK_M)."""
-    pid_m, pid_n = tile_coords(tl.program_id(0), num_m_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
-    pid_k = tl.program_id(1)
-    expert, start, end = locate_tile(offsets_ptr, pid_m, num_rows, num_experts, BLOCK_M, E_PAD)
+    expert, pid_n, rows, row_ok, cols, col_ok = expert_tile(offsets_ptr, num_m_tiles, num_rows, num_experts, N,
+                                                            BLOCK_M, BLOCK_N, E_PAD, GROUP_M)
     if expert >= num_experts:
         return
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    pid_k = tl.program_id(1)
 
     # ---- prologue: which rows of A (the fused permute)
-    if GATHER:
-        src = tl.load(a_rows_ptr + rows, mask=row_ok, other=-1)
-        a_ok = row_ok & (src >= 0) & (src < num_a_rows)
-    else:
-        src = rows
-        a_ok = row_ok
+    src, a_ok = gathered(a_rows_ptr, rows, row_ok, num_a_rows)
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
     acc, acc2 = mainloop(
-        a_ptr, src.to(tl.int64) * stride_am, a_ok, w_ptr + expert.to(tl.int64) * stride_we, cols, col_ok, N,
-        stride_wk, stride_wn, k_lo, k_hi, w_desc, expert * (2 * N if GATED else N) + pid_n * BLOCK_N,
-        BLOCK_M, BLOCK_N, BLOCK_K, GATED, PRECISION, UPCAST, EVEN_K, W_TMA,
+        a_ptr, src.to(tl.int64) * stride_am, a_ok, w_ptr + expert.to(tl.int64) * stride_we, cols * gate_step, col_ok,
+        up_shift, stride_wk, stride_wn, k_lo, k_hi, w_desc, expert * (2 * N if GATED else N) + pid_n * BLOCK_N,
+        BLOCK_M, BLOCK_N, BLOCK_K, GATED, PRECISION, UPCAST, EVEN_K,
     )
-    if HAS_BIAS:
+    if bias_ptr is not None:
         if pid_k == 0:
-            b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + cols
+            b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + cols * gate_step
             acc += tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if GATED:
-                acc2 += tl.load(b_ptrs + N, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                acc2 += tl.load(b_ptrs + up_shift, mask=col_ok, other=0.0).to(tl.float32)[None, :]
 
     # ---- epilogue, or float32 partials for the split-K reduction
     if SPLIT_K == 1:
         epilogue(acc, acc2, rows, row_ok, cols, col_ok, N, out_ptr, stride_om, h_ptr, stride_hm,
-                 slot_of_row_ptr, weight_of_row_ptr, num_out_rows, ACT, GATED, STORE_H, SCATTER, SCALE)
+                 slot_of_row_ptr, weight_of_row_ptr, num_out_rows, ACT, P0, P1, GATED)
     else:
         width = 2 * N if GATED else N
         ws_ptrs = ws_ptr + (pid_k * num_rows + rows).to(tl.int64)[:, None] * width + cols[None, :]
@@ -258,12 +228,12 @@ def grouped_gemm_kernel(
 
 @triton.jit
 def splitk_reduce_kernel(
-    ws_ptr,  # [SPLIT_K, R, NW] float32
+    ws_ptr,  # [SPLIT_K, R, NW] float32: gate columns [0, N), up columns [N, 2N)
     offsets_ptr,  # [E+1] int
     out_ptr, h_ptr, slot_of_row_ptr, weight_of_row_ptr,  # as grouped_gemm_kernel
     num_rows, num_out_rows, N, num_experts, stride_om, stride_hm,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ACT: tl.constexpr, GATED: tl.constexpr, STORE_H: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr,
+    ACT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, GATED: tl.constexpr,
 ):
     """Grid: (cdiv(R, BLOCK_M), cdiv(N, BLOCK_N)). Sums the partials in split order."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -283,7 +253,7 @@ def splitk_reduce_kernel(
         if GATED:
             acc2 += tl.load(ws_ptrs + N, mask=mask, other=0.0)
     epilogue(acc, acc2, rows, row_ok, cols, col_ok, N, out_ptr, stride_om, h_ptr, stride_hm,
-             slot_of_row_ptr, weight_of_row_ptr, num_out_rows, ACT, GATED, STORE_H, SCATTER, SCALE)
+             slot_of_row_ptr, weight_of_row_ptr, num_out_rows, ACT, P0, P1, GATED)
 
 
 @triton.jit
@@ -291,17 +261,17 @@ def grouped_gemm_act_backward_kernel(
     dy_ptr,  # [T, K]           rows gathered through token_of_row (K = H)
     token_of_row_ptr,  # [R] int32
     w_ptr,  # [E, K, N]         w_down [E, H, I] read as K=H, N=I
-    bias_ptr,  # [E, K]         b_down (HAS_BIAS): its term of d(routing weight)
+    bias_ptr,  # [E, K]         b_down (None: no bias): its term of d(routing weight)
     offsets_ptr,  # [E+1] int
-    h_ptr,  # [R, NW]           the forward's pre-activation, NW = 2N when GATED
+    h_ptr,  # [R, NW]           the forward's pre-activation, NW = 2N when GATED: gate columns, then up
     weight_of_row_ptr,  # [R] float32
-    dh_ptr,  # [R, NW] out      d loss / d h
+    dh_ptr,  # [R, NW] out      d loss / d h, in w_gate_up's column order (gate_step, up_shift)
     act_ptr,  # [R, N] out      act(h), the input of the down projection
     drow_ptr,  # [cdiv(N, BLOCK_N), R] float32 out: per-tile parts of d loss / d routing weight
-    num_rows, num_tokens, K, N, num_experts, num_m_tiles,
+    num_rows, num_tokens, K, N, num_experts, num_m_tiles, gate_step, up_shift,
     stride_dym, stride_we, stride_wk, stride_wn, stride_be, stride_hm, stride_dhm, stride_actm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
-    GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+    GROUP_M: tl.constexpr, ACT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, GATED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Grid: (num_m_tiles * cdiv(N, BLOCK_N),), num_m_tiles = m_tile_bound(R, E, BLOCK_M).
@@ -309,42 +279,35 @@ def grouped_gemm_act_backward_kernel(
     g = dy[token] @ w_down[e] (the gradient of act(h)), then in the epilogue:
     d_row = g . act(h) (+ dy[token] . b_down[e]), dh = act'(h) * g * routing weight.
     """
-    pid_m, pid_n = tile_coords(tl.program_id(0), num_m_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
-    expert, start, end = locate_tile(offsets_ptr, pid_m, num_rows, num_experts, BLOCK_M, E_PAD)
+    expert, pid_n, rows, row_ok, cols, col_ok = expert_tile(offsets_ptr, num_m_tiles, num_rows, num_experts, N,
+                                                            BLOCK_M, BLOCK_N, E_PAD, GROUP_M)
     if expert >= num_experts:
         return
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    src = tl.load(token_of_row_ptr + rows, mask=row_ok, other=-1)
-    src_ok = row_ok & (src >= 0) & (src < num_tokens)
+    src, src_ok = load_index(token_of_row_ptr, rows, row_ok, num_tokens)
     dy_off = src.to(tl.int64) * stride_dym
     g, _ = mainloop(dy_ptr, dy_off, src_ok, w_ptr + expert.to(tl.int64) * stride_we, cols, col_ok, N,
-                    stride_wk, stride_wn, 0, K, None, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, PRECISION, UPCAST, EVEN_K,
-                    False)
+                    stride_wk, stride_wn, 0, K, None, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, PRECISION, UPCAST, EVEN_K)
 
     # ---- the activation and its gradient, from the saved h (stores early: fewer live registers)
     mask = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)
     h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
+    dh_ptrs = dh_ptr + rows64[:, None] * stride_dhm + (cols * gate_step)[None, :]
     gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-    act_gate = activate(gate, ACT)
-    weighted = g * tl.load(weight_of_row_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    dh_ptrs = dh_ptr + rows64[:, None] * stride_dhm + cols[None, :]
     if GATED:
         up = tl.load(h_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-        act = act_gate * up
-        tl.store(dh_ptrs, (weighted * up * activate_grad(gate, ACT)).to(dh_ptr.dtype.element_ty), mask=mask)
-        tl.store(dh_ptrs + N, (weighted * act_gate).to(dh_ptr.dtype.element_ty), mask=mask)
     else:
-        act = act_gate
-        tl.store(dh_ptrs, (weighted * activate_grad(gate, ACT)).to(dh_ptr.dtype.element_ty), mask=mask)
+        up = gate
+    act, d_gate, d_up = activate_grad(gate, up, ACT, P0, P1)
+    weighted = g * tl.load(weight_of_row_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    tl.store(dh_ptrs, (weighted * d_gate).to(dh_ptr.dtype.element_ty), mask=mask)
+    if GATED:
+        tl.store(dh_ptrs + up_shift, (weighted * d_up).to(dh_ptr.dtype.element_ty), mask=mask)
     tl.store(act_ptr + rows64[:, None] * stride_actm + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
 
     # ---- this tile's part of d(routing weight); the bias term once per row, in the first N-tile
     d_row = tl.sum(tl.where(mask, g * act, 0.0), axis=1)
-    if HAS_BIAS:
+    if bias_ptr is not None:
         if pid_n == 0:
             b_ptr = bias_ptr + expert.to(tl.int64) * stride_be
             for k0 in range(0, K, BLOCK_K):
@@ -367,8 +330,7 @@ def row_parts_to_slots_kernel(
     """Grid: (cdiv(T*k, BLOCK),). Sums the parts in order: deterministic."""
     slots = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     slot_ok = slots < num_slots
-    rows = tl.load(row_of_slot_ptr + slots, mask=slot_ok, other=-1)
-    ok = slot_ok & (rows >= 0) & (rows < num_rows)
+    rows, ok = load_index(row_of_slot_ptr, slots, slot_ok, num_rows)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for p in range(0, num_parts):
         total += tl.load(parts_ptr + p * num_rows + rows, mask=ok, other=0.0)
@@ -382,17 +344,18 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def tma_can_read(w: torch.Tensor) -> bool:
+def tma_can_read(w: torch.Tensor, gate_step: int = 1) -> bool:
     """Whether w: [E, K, NW] can be read through the TMA as [E * NW, K] rows: K contiguous,
-    each expert's columns one after another, rows 16-byte aligned."""
-    return (w.transpose(1, 2).is_contiguous() and (w.shape[1] * w.element_size()) % 16 == 0
+    each expert's columns one after another (gate columns not interleaved with up ones), rows
+    16-byte aligned."""
+    return (gate_step == 1 and w.transpose(1, 2).is_contiguous() and (w.shape[1] * w.element_size()) % 16 == 0
             and w.data_ptr() % 16 == 0)
 
 
-def weight_descriptor(w: torch.Tensor, config: TileConfig) -> Optional[TensorDescriptor]:
+def weight_descriptor(w: torch.Tensor, config: TileConfig, gate_step: int = 1) -> Optional[TensorDescriptor]:
     """A TMA descriptor of w as [E * NW, K] rows, blocks [BLOCK_N, BLOCK_K], when config asks
     for TMA and tma_can_read(w), else None (the kernel then loads W through pointers)."""
-    if not (config.tma and tma_can_read(w)):
+    if not (config.tma and tma_can_read(w, gate_step)):
         return None
     num_experts, k_dim, w_cols = w.shape
     rows = w.transpose(1, 2).view(num_experts * w_cols, k_dim)
@@ -406,6 +369,14 @@ def m_tile_bound(num_rows: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_rows, block_m) + min(num_experts, num_rows)
 
 
+def activation_args(activation: Optional[Activation]) -> dict:
+    """The kernels' ACT, P0, P1 and GATED for an activation (None: no activation)."""
+    if activation is None:
+        return dict(ACT=IDENTITY, P0=0.0, P1=0.0, GATED=False)
+    p0, p1 = activation.params
+    return dict(ACT=activation.code, P0=p0, P1=p1, GATED=activation.gated)
+
+
 def grouped_gemm(
     a: torch.Tensor,
     w: torch.Tensor,
@@ -414,8 +385,8 @@ def grouped_gemm(
     *,
     bias: Optional[torch.Tensor] = None,
     a_rows: Optional[torch.Tensor] = None,
-    activation: str = "none",
-    gated: bool = False,
+    activation: Optional[Activation] = None,
+    gate_columns: tuple[int, int] = (1, 0),
     store_h: bool = False,
     slot_of_row: Optional[torch.Tensor] = None,
     weight_of_row: Optional[torch.Tensor] = None,
@@ -424,48 +395,44 @@ def grouped_gemm(
     """(out, h) for the rows of each expert times its weight, with the fused prologue/epilogue.
 
     a: [R, K], or [S, K] gathered through a_rows: [R] int32
-    w: [E, K, NW] any strides; gated: NW = 2N (gate columns, then up columns)
-    offsets: [E+1] int32/int64; bias: [E, NW]
+    w: [E, K, NW] any strides; NW = 2N for a gated activation, whose gate column i is
+       i * gate_columns[0] and up column that + gate_columns[1] (ExpertWeights.gate_up_columns)
+    offsets: [E+1] int32/int64; bias: [E, NW]; activation: applied in the epilogue (None: none)
     slot_of_row: [R] int32: out is [R, N] in slot order (row r stored at slot_of_row[r])
     weight_of_row: [R] float32: each row's result scaled by it
     out: [R, N] a's dtype, preallocated (rows may have any stride)
-    Returns out: [R, N] a's dtype; h: [R, NW] a's dtype (store_h) or None.
+    Returns out: [R, N] a's dtype; h: [R, NW] a's dtype, gate columns then up columns (store_h), or None.
     """
     a = _row_major(a)
     num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
     num_experts, k_dim, w_cols = w.shape
-    n_cols = w_cols // 2 if gated else w_cols
+    act = activation_args(activation)
+    n_cols = w_cols // 2 if act["GATED"] else w_cols
     out = a.new_empty(num_rows, n_cols) if out is None else out
     h = a.new_empty(num_rows, w_cols) if store_h else None
     if num_rows == 0 or n_cols == 0:
         return out, h
     bm, bn, split = config.block_m, config.block_n, config.split_k
-    ws = torch.empty(split, num_rows, w_cols, dtype=torch.float32, device=a.device) if split > 1 else out
-    e_pad = expert_block(num_experts)
-    dummy = offsets
+    ws = torch.empty(split, num_rows, w_cols, dtype=torch.float32, device=a.device) if split > 1 else None
+    gate_step, up_shift = gate_columns
     m_tiles = m_tile_bound(num_rows, num_experts, bm)
-    w_desc = weight_descriptor(w, config)
+    # the epilogue's pointers: to the split-K reduction when K is split
+    epilogue_h, epilogue_slots, epilogue_weights = (None, None, None) if split > 1 else (h, slot_of_row, weight_of_row)
     grouped_gemm_kernel[(m_tiles * triton.cdiv(n_cols, bn), split)](
-        a, a_rows if a_rows is not None else dummy, w, w_desc, bias if bias is not None else dummy, offsets, out,
-        h if h is not None else dummy, slot_of_row if slot_of_row is not None else dummy,
-        weight_of_row if weight_of_row is not None else dummy, ws,
-        num_rows, a.shape[0], num_rows, k_dim, n_cols, num_experts, m_tiles,
+        a, a_rows, w, weight_descriptor(w, config, gate_step), bias, offsets, out, epilogue_h, epilogue_slots,
+        epilogue_weights, ws,
+        num_rows, a.shape[0], num_rows, k_dim, n_cols, num_experts, m_tiles, gate_step, up_shift,
         a.stride(0), w.stride(0), w.stride(1), w.stride(2), bias.stride(0) if bias is not None else 0,
         out.stride(0), h.stride(0) if h is not None else 0,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config.block_k, E_PAD=e_pad, GROUP_M=GROUP_M, SPLIT_K=split,
-        GATHER=a_rows is not None, HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], GATED=gated,
-        STORE_H=store_h, SCATTER=slot_of_row is not None, SCALE=weight_of_row is not None,
-        PRECISION=dot_precision(a.dtype, a.device), UPCAST=dot_upcast(a.dtype, a.device),
-        EVEN_K=k_dim % config.block_k == 0, W_TMA=w_desc is not None, num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config.block_k, E_PAD=expert_block(num_experts), GROUP_M=GROUP_M,
+        SPLIT_K=split, PRECISION=dot_precision(a.dtype, a.device), UPCAST=dot_upcast(a.dtype, a.device),
+        EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages, **act,
     )
     if split > 1:
         splitk_reduce_kernel[(triton.cdiv(num_rows, bm), triton.cdiv(n_cols, bn))](
-            ws, offsets, out, h if h is not None else dummy, slot_of_row if slot_of_row is not None else dummy,
-            weight_of_row if weight_of_row is not None else dummy,
+            ws, offsets, out, h, slot_of_row, weight_of_row,
             num_rows, num_rows, n_cols, num_experts, out.stride(0), h.stride(0) if h is not None else 0,
-            SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, ACT=ACT_CODES[activation], GATED=gated, STORE_H=store_h,
-            SCATTER=slot_of_row is not None, SCALE=weight_of_row is not None, num_warps=4,
+            SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, **act,
         )
     return out, h
 
@@ -479,15 +446,17 @@ def grouped_gemm_act_backward(
     h: torch.Tensor,
     weight_of_row: torch.Tensor,
     row_of_slot: torch.Tensor,
-    activation: str,
-    gated: bool,
+    activation: Activation,
+    gate_columns: tuple[int, int],
     config: TileConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward through the down projection and the activation.
 
     dy: [T, H]; token_of_row: [R] int32; w_down: [E, H, I] any strides; b_down: [E, H] or None;
-    h: [R, 2I or I] saved pre-activation; weight_of_row: [R] float32; row_of_slot: [T, k] int32.
-    Returns dh: [R, 2I or I] dy's dtype, act: [R, I] dy's dtype (act(h)),
+    h: [R, 2I or I] saved pre-activation, gate columns then up columns (grouped_gemm's);
+    weight_of_row: [R] float32; row_of_slot: [T, k] int32.
+    Returns dh: [R, 2I or I] dy's dtype, in w_gate_up's column order (gate_columns: see
+    grouped_gemm), act: [R, I] dy's dtype (act(h)),
     dweights: [T, k] float32 (g . act(h) + dy[t] . b_down[e]).
     """
     dy, h = _row_major(dy), _row_major(h)
@@ -503,14 +472,14 @@ def grouped_gemm_act_backward(
     m_tiles = m_tile_bound(num_rows, num_experts, bm)
     parts = torch.empty(n_tiles, num_rows, dtype=torch.float32, device=dy.device)
     grouped_gemm_act_backward_kernel[(m_tiles * n_tiles,)](
-        dy, token_of_row, w_down, b_down if b_down is not None else offsets, offsets, h, weight_of_row,
-        dh, act, parts, num_rows, dy.shape[0], k_dim, n_cols, num_experts, m_tiles,
+        dy, token_of_row, w_down, b_down, offsets, h, weight_of_row, dh, act, parts,
+        num_rows, dy.shape[0], k_dim, n_cols, num_experts, m_tiles, *gate_columns,
         dy.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2),
         b_down.stride(0) if b_down is not None else 0, h.stride(0), dh.stride(0), act.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config.block_k, E_PAD=expert_block(num_experts), GROUP_M=GROUP_M,
-        HAS_BIAS=b_down is not None, ACT=ACT_CODES[activation], GATED=gated,
         PRECISION=dot_precision(dy.dtype, dy.device), UPCAST=dot_upcast(dy.dtype, dy.device),
         EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
+        **activation_args(activation),
     )
     block = 256
     row_parts_to_slots_kernel[(triton.cdiv(row_of_slot.numel(), block),)](

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .indices import load_index
+
 TILE_ELEMENTS = 4096  # elements a program moves per step: wide enough for 16-byte accesses per thread
 
 
@@ -40,8 +42,7 @@ def gather_rows_kernel(
     cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     row_ok = rows < num_rows
     col_ok = cols < width
-    src_rows = tl.load(index_ptr + rows, mask=row_ok, other=-1)
-    src_ok = row_ok & (src_rows >= 0) & (src_rows < num_src_rows)
+    src_rows, src_ok = load_index(index_ptr, rows, row_ok, num_src_rows)
     # int64: row * stride passes 2^31 for large T*k*H
     values = tl.load(
         src_ptr + src_rows.to(tl.int64)[:, None] * stride_src + cols[None, :],
@@ -56,7 +57,7 @@ def gather_rows_kernel(
 def combine_kernel(
     src_ptr,  # [R, W] (SLOT_MAJOR: [T*k, W])
     row_of_slot_ptr,  # [T*k] int32
-    weights_ptr,  # [T*k] float  (HAS_WEIGHTS)
+    weights_ptr,  # [T*k] float (None: all ones)
     out_ptr,  # [T, W] out
     num_tokens,
     top_k,
@@ -64,7 +65,6 @@ def combine_kernel(
     width,
     stride_src,
     stride_out,
-    HAS_WEIGHTS: tl.constexpr,
     SLOT_MAJOR: tl.constexpr,  # src is already in slot order; row_of_slot only marks valid slots
     BLOCK_T: tl.constexpr,
     BLOCK_W: tl.constexpr,
@@ -77,15 +77,14 @@ def combine_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32)
     for j in range(0, top_k):
         slots = tokens * top_k + j
-        rows = tl.load(row_of_slot_ptr + slots, mask=token_ok, other=-1)
-        ok = token_ok & (rows >= 0) & (rows < num_rows)
+        rows, ok = load_index(row_of_slot_ptr, slots, token_ok, num_rows)
         if SLOT_MAJOR:
             src_rows = slots.to(tl.int64)
         else:
             src_rows = rows.to(tl.int64)
         values = tl.load(src_ptr + src_rows[:, None] * stride_src + cols[None, :],
                          mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        if HAS_WEIGHTS:
+        if weights_ptr is not None:
             values *= tl.load(weights_ptr + slots, mask=ok, other=0.0).to(tl.float32)[:, None]
         acc += values
     tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_out + cols[None, :],
@@ -113,8 +112,7 @@ def combine_backward_kernel(
     """Grid: (cdiv(T*k, BLOCK_S),). Each program walks the full width of its slots."""
     slots = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     slot_ok = slots < num_slots
-    rows = tl.load(row_of_slot_ptr + slots, mask=slot_ok, other=-1)
-    ok = slot_ok & (rows >= 0) & (rows < num_rows)
+    rows, ok = load_index(row_of_slot_ptr, slots, slot_ok, num_rows)
     tokens = (slots // top_k).to(tl.int64)
     rows = rows.to(tl.int64)
     weight = tl.load(weights_ptr + slots, mask=ok, other=0.0).to(tl.float32)
@@ -133,21 +131,19 @@ def combine_backward_kernel(
 @triton.jit
 def invert_rows_kernel(
     row_of_slot_ptr,  # [T*k] int32
-    weights_ptr,  # [T*k] float  (HAS_WEIGHTS)
+    weights_ptr,  # [T*k] float (None: no weights to invert)
     slot_of_row_ptr,  # [R] int32 out
-    weight_of_row_ptr,  # [R] float32 out (HAS_WEIGHTS)
+    weight_of_row_ptr,  # [R] float32 out (with weights_ptr)
     num_slots,
     num_rows,
-    HAS_WEIGHTS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Grid: (cdiv(T*k, BLOCK),). slot_of_row[row_of_slot[s]] = s: the scatter epilogues' targets."""
     slots = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     slot_ok = slots < num_slots
-    rows = tl.load(row_of_slot_ptr + slots, mask=slot_ok, other=-1)
-    ok = slot_ok & (rows >= 0) & (rows < num_rows)
+    rows, ok = load_index(row_of_slot_ptr, slots, slot_ok, num_rows)
     tl.store(slot_of_row_ptr + rows, slots, mask=ok)
-    if HAS_WEIGHTS:
+    if weights_ptr is not None:
         tl.store(weight_of_row_ptr + rows, tl.load(weights_ptr + slots, mask=ok).to(tl.float32), mask=ok)
 
 
@@ -181,9 +177,9 @@ def combine(src: torch.Tensor, row_of_slot: torch.Tensor, weights: Optional[torc
         rows, cols = _tile(src.shape[1])
         grid = (triton.cdiv(num_tokens, rows), triton.cdiv(src.shape[1], cols))
         combine_kernel[grid](
-            src, row_of_slot, weights.contiguous() if weights is not None else row_of_slot, out,
+            src, row_of_slot, weights.contiguous() if weights is not None else None, out,
             num_tokens, top_k, src.shape[0], src.shape[1], src.stride(0), out.stride(0),
-            HAS_WEIGHTS=weights is not None, SLOT_MAJOR=slot_major, BLOCK_T=rows, BLOCK_W=cols,
+            SLOT_MAJOR=slot_major, BLOCK_T=rows, BLOCK_W=cols,
         )
     return out
 
@@ -213,8 +209,7 @@ def invert_rows(row_of_slot: torch.Tensor, weights: Optional[torch.Tensor]):
     if num_slots:
         block = 256
         invert_rows_kernel[(triton.cdiv(num_slots, block),)](
-            row_of_slot, weights.contiguous() if weights is not None else row_of_slot, slot_of_row,
-            weight_of_row if weights is not None else slot_of_row, num_slots, num_slots,
-            HAS_WEIGHTS=weights is not None, BLOCK=block,
+            row_of_slot, weights.contiguous() if weights is not None else None, slot_of_row, weight_of_row,
+            num_slots, num_slots, BLOCK=block,
         )
     return slot_of_row, weight_of_row

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import expert_block
+from .tiles import expert_block
 
 MAX_CHUNKS = 512  # the scan loops over chunks; bounded so it stays short at any T
 # Up to this many one-hot steps, one program plans in one launch instead of three: slots up

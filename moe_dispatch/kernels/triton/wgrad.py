@@ -14,22 +14,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import TileConfig, dot_precision, dot_upcast
+from .indices import gathered
+from .tiles import TileConfig, dot_precision, dot_upcast
 
 
 @triton.jit
 def grouped_wgrad_kernel(
-    a_ptr,  # [Sa, M]   rows gathered through a_rows_ptr (GATHER_A), else [R, M]
-    a_rows_ptr,  # [R] int32
-    a_scale_ptr,  # [R] float32 (SCALE_A)
-    b_ptr,  # [Sb, N]   rows gathered through b_rows_ptr (GATHER_B), else [R, N]
-    b_rows_ptr,  # [R] int32
+    a_ptr,  # [Sa, M]   rows gathered through a_rows_ptr when given, else [R, M]
+    a_rows_ptr,  # [R] int32 (None: no gather)
+    a_scale_ptr,  # [R] float32 (None: no scale)
+    b_ptr,  # [Sb, N]   rows gathered through b_rows_ptr when given, else [R, N]
+    b_rows_ptr,  # [R] int32 (None: no gather)
     offsets_ptr,  # [E+1] int
     out_ptr,  # [E, M, N] out
     num_rows, num_a_rows, num_b_rows, M, N,
     stride_am, stride_bm, stride_oe, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GATHER_A: tl.constexpr, SCALE_A: tl.constexpr, GATHER_B: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), E). An expert without rows gets zeros."""
@@ -46,22 +46,12 @@ def grouped_wgrad_kernel(
     for r0 in range(lo, hi, BLOCK_K):
         rs = r0 + tl.arange(0, BLOCK_K)
         r_ok = rs < hi
-        if GATHER_A:
-            a_src = tl.load(a_rows_ptr + rs, mask=r_ok, other=-1)
-            a_ok = r_ok & (a_src >= 0) & (a_src < num_a_rows)
-        else:
-            a_src = rs
-            a_ok = r_ok
-        if GATHER_B:
-            b_src = tl.load(b_rows_ptr + rs, mask=r_ok, other=-1)
-            b_ok = r_ok & (b_src >= 0) & (b_src < num_b_rows)
-        else:
-            b_src = rs
-            b_ok = r_ok
+        a_src, a_ok = gathered(a_rows_ptr, rs, r_ok, num_a_rows)
+        b_src, b_ok = gathered(b_rows_ptr, rs, r_ok, num_b_rows)
         # A read transposed: [BLOCK_M, BLOCK_K]
         a = tl.load(a_ptr + a_src.to(tl.int64)[None, :] * stride_am + ms[:, None],
                     mask=m_ok[:, None] & a_ok[None, :], other=0.0)
-        if SCALE_A:
+        if a_scale_ptr is not None:
             scale = tl.load(a_scale_ptr + rs, mask=r_ok, other=0.0)
             a = (a.to(tl.float32) * scale[None, :]).to(a_ptr.dtype.element_ty)
         b = tl.load(b_ptr + b_src.to(tl.int64)[:, None] * stride_bm + ns[None, :],
@@ -76,13 +66,13 @@ def grouped_wgrad_kernel(
 
 @triton.jit
 def expert_sums_kernel(
-    src_ptr,  # [S, N] rows gathered through rows_ptr (GATHER), else [R, N]
-    rows_ptr,  # [R] int32
-    scale_ptr,  # [R] float32 (SCALE)
+    src_ptr,  # [S, N] rows gathered through rows_ptr when given, else [R, N]
+    rows_ptr,  # [R] int32 (None: no gather)
+    scale_ptr,  # [R] float32 (None: no scale)
     offsets_ptr,  # [E+1] int
     out_ptr,  # [E, N] float32 out
     num_rows, num_src_rows, N, stride_src,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr, SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N), E). out[e] = sum of expert e's rows (scaled), in row order."""
     pid_n = tl.program_id(0)
@@ -94,15 +84,10 @@ def expert_sums_kernel(
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for r0 in range(lo, hi, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
-        ok = rs < hi
-        if GATHER:
-            src = tl.load(rows_ptr + rs, mask=ok, other=-1)
-            ok = ok & (src >= 0) & (src < num_src_rows)
-        else:
-            src = rs
+        src, ok = gathered(rows_ptr, rs, rs < hi, num_src_rows)
         v = tl.load(src_ptr + src.to(tl.int64)[:, None] * stride_src + ns[None, :],
                     mask=ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-        if SCALE:
+        if scale_ptr is not None:
             v *= tl.load(scale_ptr + rs, mask=ok, other=0.0)[:, None]
         acc += v
     tl.store(out_ptr + expert * N + ns, tl.sum(acc, axis=0), mask=n_ok)
@@ -144,15 +129,11 @@ def grouped_wgrad(
     out = a.new_empty(num_experts, m_dim, n_dim)
     if out.numel() == 0:
         return out
-    dummy = offsets
     grid = (triton.cdiv(m_dim, config.block_m), triton.cdiv(n_dim, config.block_n), num_experts)
     grouped_wgrad_kernel[grid](
-        a, a_rows if a_rows is not None else dummy, a_scale if a_scale is not None else dummy,
-        b, b_rows if b_rows is not None else dummy, offsets, out,
+        a, a_rows, a_scale, b, b_rows, offsets, out,
         num_rows, a.shape[0], b.shape[0], m_dim, n_dim, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GATHER_A=a_rows is not None, SCALE_A=a_scale is not None, GATHER_B=b_rows is not None,
-        PRECISION=dot_precision(a.dtype, a.device), UPCAST=dot_upcast(a.dtype, a.device),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PRECISION=dot_precision(a.dtype, a.device), UPCAST=dot_upcast(a.dtype, a.device),
         num_warps=config.num_warps, num_stages=pipeline_stages(config, a_rows is not None or b_rows is not None),
     )
     return out
@@ -177,8 +158,7 @@ def expert_sums(
         return out
     block_n = min(256, triton.next_power_of_2(src.shape[1]))
     expert_sums_kernel[(triton.cdiv(src.shape[1], block_n), num_experts)](
-        src, rows if rows is not None else offsets, scale if scale is not None else offsets, offsets, out,
-        num_rows, src.shape[0], src.shape[1], src.stride(0),
-        BLOCK_R=16, BLOCK_N=block_n, GATHER=rows is not None, SCALE=scale is not None,
+        src, rows, scale, offsets, out, num_rows, src.shape[0], src.shape[1], src.stride(0),
+        BLOCK_R=16, BLOCK_N=block_n,
     )
     return out

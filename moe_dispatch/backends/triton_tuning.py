@@ -1,5 +1,5 @@
-"""Tile configs for the Triton kernels, the precision of their dots, the on-disk autotune cache,
-and the compile fallback.
+"""Which tile config each Triton launch gets: the candidates per kernel and shape, the
+autotuner with its on-disk cache, and the compile fallback.
 
 - Defaults come from a heuristic on the shape and fit in ~96 KB of shared memory, which every
   GPU since sm_80 has, consumer cards included (sm_86/89/120 have about 100 KB). On sm_90 and
@@ -28,7 +28,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TypeVar
@@ -36,28 +36,14 @@ from typing import Callable, Iterator, Optional, TypeVar
 import torch
 import triton
 
+from ..kernels.triton.tiles import TileConfig, dot_precision
+
 AUTOTUNE_ENV = "MOE_DISPATCH_AUTOTUNE"
 CACHE_DIR_ENV = "MOE_DISPATCH_CACHE_DIR"
 LOG = logging.getLogger("moe_dispatch")
 SMALL_SMEM = 96 * 1024
 LARGE_SMEM = 200 * 1024
 Result = TypeVar("Result")
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 2
-    split_k: int = 1
-    tma: bool = False  # weight tiles through the tensor memory accelerator (sm_90+; grouped GEMM only)
-
-
-def expert_block(num_experts: int) -> int:
-    """E_PAD: a power of two >= E, at least 16 so that small expert counts share one compile."""
-    return max(16, triton.next_power_of_2(num_experts))
 
 
 # Compiles everywhere Triton runs: small tiles, two stages, well under 48 KB of shared memory.
@@ -85,10 +71,8 @@ def _candidates(tiles, elem_bytes: int, operands_n: int, budget: int) -> list[Ti
 
 def _fma_tiles(tiles, block_k: int) -> list[tuple]:
     """The tiles for an FMA dot (float32 without TF32): at most 8192 outputs, at least 8 warps,
-    K-steps of block_k. Larger tiles spill inside the main loop (the gated 128x128x64 with 16
-    warps 176 bytes a thread on sm_90, the gated 64x128x32 with 8 warps 3 KB on sm_80). ptxas's
-    register choice is not monotonic in the tile, so each kernel's block_k is the one with which
-    none of its tiles spills inside the loop for sm_80, 86, 89, 90 or 120."""
+    K-steps of block_k, the one with which none of a kernel's tiles spills inside its main
+    loop on sm_80, 86, 89, 90 or 120; larger tiles do (docs/gpu.md, "Tile configs")."""
     return [(m, n, min(k, block_k), max(w, 8)) for m, n, k, w in tiles if m * n <= 8192]
 
 
@@ -201,29 +185,7 @@ def _bytes(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
-# ---- the precision of tl.dot ---------------------------------------------------------------
-
-
-def _tf32_allowed() -> bool:
-    """torch's matmul TF32 setting. Reading the legacy allow_tf32 raises once the newer
-    fp32_precision API was used, so that one is asked first ("none": never set)."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", "none")
-    if precision != "none":
-        return precision == "tf32"
-    return bool(matmul.allow_tf32)
-
-
-def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """tf32 only for float32 on a GPU whose torch setting allows it."""
-    if dtype == torch.float32 and device.type == "cuda" and _tf32_allowed():
-        return "tf32"
-    return "ieee"
-
-
-def dot_upcast(dtype: torch.dtype, device: torch.device) -> bool:
-    """The interpreter (CPU tensors) multiplies bf16 bit patterns in tl.dot: go through float32."""
-    return dtype == torch.bfloat16 and device.type != "cuda"
+# ---- how float32 multiplies, which the keys and candidates follow
 
 
 def uses_fma(dtype: torch.dtype, device: torch.device) -> bool:

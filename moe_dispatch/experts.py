@@ -1,0 +1,101 @@
+"""ExpertWeights: the experts of an MoE layer, declared once, as every backend receives them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Union
+
+import torch
+
+from . import activations, formats
+from . import validation as check
+from .activations import Activation
+from .formats import StoredWeight, Weight
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """The weights of E expert MLPs, expert(v) = w_down[e] @ act(w_gate_up[e] @ v + b_gate_up[e]) + b_down[e].
+
+    w_gate_up: [E, 2I, H] for a gated activation (gate rows, then up rows; alternating when
+               interleaved, as gpt-oss stores them), [E, I, H] otherwise;
+    w_down:    [E, H, I];
+    b_gate_up: [E, 2I] or [E, I], laid out as w_gate_up's rows; b_down: [E, H];
+    activation: a name in activations.ACTIVATIONS, or an entry of it.
+    A weight is a float tensor (any strides: nn.Linear storage transposed is read in place) or
+    a declared storage format (moe_dispatch.formats, e.g. OneDNNPacked).
+    """
+
+    w_gate_up: Weight
+    w_down: Weight
+    b_gate_up: Optional[Tensor] = None
+    b_down: Optional[Tensor] = None
+    activation: Union[str, Activation] = "swiglu"
+    interleaved: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "activation", activations.get(self.activation))
+        check.expert_weights(self)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_gate_up.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w_gate_up.shape[2]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w_down.shape[2]
+
+    @property
+    def gate_up_columns(self) -> tuple[int, int]:
+        """Where the gate and up columns of h = x @ w_gate_up.T lie (activations.gate_up_columns)."""
+        return activations.gate_up_columns(self.activation, self.interleaved, self.intermediate_size)
+
+    def tensors(self) -> tuple[Optional[Tensor], ...]:
+        """The float tensors a gradient can reach: the dense weights (those a storage holds) and the biases."""
+        return formats.dense(self.w_gate_up), formats.dense(self.w_down), self.b_gate_up, self.b_down
+
+    def dense(self) -> "ExpertWeights":
+        """These experts with every weight as a plain float tensor."""
+        if not isinstance(self.w_gate_up, StoredWeight) and not isinstance(self.w_down, StoredWeight):
+            return self
+        return replace(self, w_gate_up=formats.dense(self.w_gate_up), w_down=formats.dense(self.w_down))
+
+    # ---- as the custom ops carry them: a list of tensors and a string ----------------------
+
+    def flatten(self) -> tuple[list[Tensor], str]:
+        """(tensors, spec): the weights' tensors, then the biases present; unflatten inverts it."""
+        gate_up, gate_up_spec = formats.flatten(self.w_gate_up)
+        down, down_spec = formats.flatten(self.w_down)
+        biases = [b for b in (self.b_gate_up, self.b_down) if b is not None]
+        spec = "|".join([self.activation.name, str(int(self.interleaved)), str(len(gate_up)), gate_up_spec, down_spec,
+                         str(int(self.b_gate_up is not None)), str(int(self.b_down is not None))])
+        return gate_up + down + biases, spec
+
+    def flat_grads(self, grads) -> list[Optional[Tensor]]:
+        """A gradient for each tensor of flatten(), in its order, from grads (an ExpertGrads): a
+        weight's gradient for the tensor that holds its dense values, each bias's own, and None
+        for what no gradient reaches (a storage's packed or quantized data)."""
+        flat: list[Optional[Tensor]] = []
+        for w, grad in ((self.w_gate_up, grads.w_gate_up), (self.w_down, grads.w_down)):
+            values = formats.dense(w)
+            flat += [grad if t is values else None for t in formats.flatten(w)[0]]
+        return flat + [g for b, g in ((self.b_gate_up, grads.b_gate_up), (self.b_down, grads.b_down)) if b is not None]
+
+    @classmethod
+    def unflatten(cls, tensors: list[Tensor], spec: str) -> "ExpertWeights":
+        activation, interleaved, num_gate_up, gate_up_spec, down_spec, has_b_gate_up, has_b_down = spec.split("|")
+        num_gate_up, has_b_gate_up, has_b_down = int(num_gate_up), has_b_gate_up == "1", has_b_down == "1"
+        num_weights = len(tensors) - has_b_gate_up - has_b_down
+        biases = iter(tensors[num_weights:])
+        return cls(
+            formats.unflatten(tensors[:num_gate_up], gate_up_spec),
+            formats.unflatten(tensors[num_gate_up:num_weights], down_spec),
+            next(biases) if has_b_gate_up else None, next(biases) if has_b_down else None,
+            activation, interleaved == "1",
+        )

@@ -1,0 +1,159 @@
+"""What only a GPU shows, on the Triton backend: no host sync in a training step, CUDA graph
+capture, bitwise determinism, bad expert ids reported at the next sync, tuned configs kept on
+disk, and the ops end to end in every dtype. All of it skips without CUDA."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import moe_dispatch as md
+from cases import CASES
+from conftest import FLOAT_DTYPES, HAS_CUDA, HAS_TRITON, TRITON_UNAVAILABLE, assert_close, expert_weights, randn
+from conftest import random_weights, subprocess_env
+from reference import naive_grouped_mm, naive_moe_mlp
+
+if not HAS_TRITON:
+    pytest.skip(f"the triton backend cannot run here: {TRITON_UNAVAILABLE}", allow_module_level=True)
+
+from moe_dispatch.backends.torch_backend import TorchBackend  # noqa: E402
+from moe_dispatch.backends import triton_tuning as configs  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.usefixtures("pinned_configs")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_ops_match_the_reference(case, dtype, gen):
+    ids = case.ids(gen)
+    plan = md.make_plan(ids.cuda(), case.experts, backend="triton")
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(
+        plan.tensors(), TorchBackend().make_plan(ids, case.experts).tensors()))
+    x = randn(case.tokens, case.hidden, gen=gen, dtype=dtype, device="cuda")
+    weights = random_weights(case.tokens, case.top_k, gen).cuda()
+    xs = md.permute(x, plan, backend="triton")
+    assert torch.equal(xs.cpu(), x.cpu()[plan.token_of_row.cpu().long()])
+    assert_close(md.unpermute(xs, plan, weights, backend="triton"),
+                 (x.double() * weights.double().sum(1, keepdim=True)))
+    w = randn(case.experts, case.inter, case.hidden, gen=gen, dtype=dtype, scale=case.hidden ** -0.5, device="cuda")
+    ys = md.grouped_mm(xs, w.transpose(1, 2), plan.offsets, backend="triton")
+    assert_close(ys, naive_grouped_mm(xs.cpu(), w.cpu().transpose(1, 2), plan.offsets.tolist()))
+    w_gate_up, w_down, _, _ = expert_weights(case.experts, case.hidden, case.inter, gen, dtype, device="cuda")
+    out = md.moe_mlp(x, weights, ids.cuda(), w_gate_up, w_down, backend="triton")
+    assert out.dtype == dtype
+    assert_close(out, naive_moe_mlp(*(t.cpu() for t in (x, weights, ids, w_gate_up, w_down))))
+
+
+def _layer_and_input(gen, tokens=300):
+    torch.manual_seed(0)
+    layer = md.MoE(256, 128, 16, 4, bias=True, backend="triton", device="cuda", dtype=torch.bfloat16)
+    x = randn(tokens, 256, gen=gen, dtype=torch.bfloat16, device="cuda")
+    return layer, x
+
+
+@pytest.mark.usefixtures("pinned_configs")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_layer_never_syncs_with_the_host(gen):
+    layer, x = _layer_and_input(gen)
+    x.requires_grad_()
+    layer(x).float().square().sum().backward()  # compile outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.usefixtures("pinned_configs")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("tokens", [300, 4], ids=["planned", "decode"])
+def test_gpu_layer_forward_captures_in_a_cuda_graph(tokens, gen):
+    layer, x = _layer_and_input(gen, tokens)
+    static_x = x.clone()
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(static_x)  # compile before capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = layer(static_x)
+        fresh = randn(*x.shape, gen=gen, dtype=x.dtype, device="cuda")
+        static_x.copy_(fresh)
+        graph.replay()
+        torch.testing.assert_close(static_out, layer(fresh), rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("pinned_configs")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_forward_and_backward_are_bitwise_deterministic(gen):
+    layer, x = _layer_and_input(gen, tokens=1000)
+
+    def step():
+        layer.zero_grad()
+        leaf = x.detach().requires_grad_()
+        out = layer(leaf)
+        out.float().square().sum().backward()
+        return [out, leaf.grad] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+
+    first, second = step(), step()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("call", [
+    'md.make_plan(ids, 4, backend="triton")',
+    # the decode kernels, no plan
+    'md.moe_mlp(torch.randn(2, 8, device="cuda"), torch.ones(2, 2, device="cuda"), ids,'
+    ' torch.randn(4, 16, 8, device="cuda"), torch.randn(4, 8, 8, device="cuda"), backend="triton")',
+], ids=["plan", "decode"])
+def test_gpu_bad_expert_id_surfaces_at_the_next_sync(call):
+    # A device-side assert poisons the CUDA context, so it runs in its own process.
+    script = textwrap.dedent(f"""
+        import torch, moe_dispatch as md
+        ids = torch.tensor([[0, 4], [1, 2]], device="cuda")
+        {call}
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError as exc:
+            print("SURFACED", exc)
+        else:
+            print("SILENT")
+    """)
+    env = subprocess_env(drop="MOE_DISPATCH_CHECKS", MOE_DISPATCH_AUTOTUNE="0")  # tuning would sync first
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert "SURFACED" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_bad_expert_id_raises_eagerly_with_checks(monkeypatch):
+    monkeypatch.setenv("MOE_DISPATCH_CHECKS", "1")
+    with pytest.raises(ValueError, match="expert id -1"):
+        md.make_plan(torch.tensor([[0, -1]], device="cuda"), 4, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_tune_persists_the_layer_configs(tmp_path, monkeypatch):
+    from moe_dispatch.benchmarking.tune import tune
+
+    monkeypatch.setenv(configs.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")  # tune() times the candidates regardless
+    tune(64, 128, 64, 8, 2, backward=False)
+    path = tune(8, 128, 64, 8, 2, backward=False)  # a decode step: its own kernels too
+    table = json.loads(path.read_text())
+    assert path.parent == tmp_path
+    assert {key.split(":")[0] for key in table} >= {"mm", "up", "down", "dec_up", "dec_down"}
+    assert all(set(entry) == set(configs.asdict(configs.SAFE)) for entry in table.values())

@@ -1,0 +1,183 @@
+"""What only the numba backend has to get right around its kernels: 16-bit conversions bit for
+bit, thread counts and threading layers, and every kernel compiled with bounds checking."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import (HAS_NUMBA, NUMBA_UNAVAILABLE, expert_weights, random_ids, random_weights, run_python,
+                      subprocess_env)
+from moe_dispatch import moe_mlp
+
+if not HAS_NUMBA:
+    pytest.skip(f"numba backend unavailable: {NUMBA_UNAVAILABLE}", allow_module_level=True)
+
+import numba  # noqa: E402
+
+import moe_dispatch.backends.numba_backend as nb  # noqa: E402
+from moe_dispatch.kernels.numba.scalars import narrow, widen  # noqa: E402
+
+JIT = not numba.config.DISABLE_JIT
+
+
+# ---- 16-bit conversions ------------------------------------------------------------------
+
+
+def bits_view(t):
+    return nb.as_array(t)
+
+
+def conversion_inputs(count):
+    """float32 values that stress rounding: every 16-bit pattern's neighbours, ties, specials."""
+    patterns = torch.arange(0, 65536, max(1, 65536 // count), dtype=torch.int32)
+    as_bf16 = (patterns << 16).view(torch.float32)
+    ties = ((patterns << 16) | 0x8000).view(torch.float32)  # exactly halfway for bfloat16
+    near = as_bf16 * (1 + 2.0**-12)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 65504.0, 65520.0, 6e-8, 1e-40])
+    return torch.cat([as_bf16, ties, near, specials])
+
+
+@numba.njit
+def _round_trip(values, out16, back32):
+    for i in range(values.shape[0]):
+        out16[i] = narrow(values[i], out16.dtype)
+        back32[i] = widen(out16[i])
+
+
+def check_conversions(dtype, count):
+    values = conversion_inputs(count)
+    expected = values.to(dtype)
+    out16 = torch.empty_like(expected)
+    back = torch.empty_like(values)
+    _round_trip(values.numpy(), bits_view(out16), back.numpy())
+    nan = expected.isnan()
+    assert torch.equal(out16.isnan(), nan)
+    assert torch.equal(out16.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+    assert torch.equal(back.isnan(), nan)
+    assert torch.equal(back[~nan], expected.float()[~nan])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_conversions_match_torch_bit_for_bit(dtype):
+    check_conversions(dtype, 65536)
+
+
+@pytest.mark.nojit
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_nojit_16_bit_conversions(dtype):
+    check_conversions(dtype, 512)
+
+
+# ---- threads -----------------------------------------------------------------------------
+
+
+def tiny_call(gen):
+    E = 4
+    ids = random_ids(3, 2, E, gen)
+    w_gate_up, w_down, _, _ = expert_weights(E, 8, 4, gen)
+    moe_mlp(torch.randn(3, 8, generator=gen), random_weights(3, 2, gen), ids, w_gate_up, w_down, backend="numba")
+
+
+@pytest.mark.skipif(not JIT or numba.config.NUMBA_NUM_THREADS < 2, reason="needs two Numba threads")
+def test_threads_follow_torch(gen, monkeypatch):
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        for wanted in (1, 2):
+            torch.set_num_threads(wanted)
+            tiny_call(gen)
+            assert numba.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not JIT or numba.config.NUMBA_NUM_THREADS < 2, reason="needs two Numba threads")
+def test_numba_num_threads_env_wins(gen, monkeypatch):
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
+    before = (torch.get_num_threads(), numba.get_num_threads())
+    try:
+        numba.set_num_threads(1)
+        torch.set_num_threads(2)
+        tiny_call(gen)
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])
+
+
+@pytest.mark.skipif(not JIT, reason="threading layers exist only under the JIT")
+@pytest.mark.parametrize("layer", ["workqueue", "omp"])
+def test_threading_layer_kept_and_concurrent_callers(layer):
+    """The user's threading layer stands, the first launch leaves torch's thread count alone
+    (Numba's OpenMP layer resets it), and calls from several Python threads work: on
+    workqueue they take turns (it aborts the process on a concurrent launch)."""
+    if layer == "omp" and importlib.util.find_spec("numba.np.ufunc.omppool") is None:
+        pytest.skip("this Numba build has no OpenMP layer")
+    code = """
+        import threading, numba, torch
+        from moe_dispatch import moe_mlp
+        E = 4
+        w_gate_up, w_down = torch.randn(E, 8, 16), torch.randn(E, 16, 4)
+        torch.set_num_threads(1)
+        x = torch.randn(64, 16)
+        moe_mlp(x, torch.rand(64, 2), torch.rand(64, E).topk(2, -1).indices, w_gate_up, w_down, backend="numba")
+        print(torch.get_num_threads())
+        def work():
+            for _ in range(20):
+                x = torch.randn(64, 16)
+                ids = torch.rand(64, E).topk(2, -1).indices
+                moe_mlp(x, torch.rand(64, 2), ids, w_gate_up, w_down, backend="numba")
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print(numba.threading_layer())
+    """
+    assert run_python(code, subprocess_env(NUMBA_THREADING_LAYER=layer)).split() == ["1", layer]
+
+
+# ---- bounds checking ---------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not JIT, reason="bounds checking is a JIT option")
+def test_kernels_under_boundscheck(tmp_path):
+    """Every kernel, both moe_mlp paths and the backward, compiled with NUMBA_BOUNDSCHECK=1
+    (a fresh cache, so nothing compiled without it is reused): an out-of-bounds access raises
+    IndexError there instead of reading past an array."""
+    code = """
+        import torch
+        import moe_dispatch.backends.numba_backend as nb
+        from conftest import assert_close
+        from moe_dispatch import grouped_mm, make_plan, moe_mlp, permute, unpermute
+        g = torch.Generator().manual_seed(0)
+        E, T, k, H, I = 5, 13, 3, 12, 7
+        ids = torch.rand(T, E, generator=g).topk(k, -1).indices
+
+        def run(backend, x, weights, wgu, wd, bgu, bd):
+            leaves = [t.detach().requires_grad_() for t in (x, weights, wgu, wd, bgu, bd)]
+            x, weights, wgu, wd, bgu, bd = leaves
+            out = moe_mlp(x, weights, ids, wgu, wd, b_gate_up=bgu, b_down=bd, backend=backend)
+            grads = torch.autograd.grad(out.sum(), leaves)
+            plan = make_plan(ids, E, backend=backend)
+            xs = permute(x, plan, backend=backend)
+            h = grouped_mm(xs, wgu.transpose(1, 2), plan.offsets, backend=backend)
+            o = grouped_mm(h[:, :I].contiguous(), wd.transpose(1, 2).contiguous(), plan.offsets, backend=backend)
+            return (out, unpermute(o, plan, weights, backend=backend), *grads)
+
+        for small in (10**9, 0):
+            nb.fused_rows_limit = lambda dtype, flops_per_row, small=small: small
+            for dtype in (torch.float32, torch.bfloat16):
+                inputs = (torch.randn(T, H, generator=g), torch.rand(T, k, generator=g).softmax(-1),
+                          torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5,
+                          torch.randn(E, 2 * I, generator=g), torch.randn(E, H, generator=g))
+                inputs = [t.to(dtype) if i in (0, 2, 3) else t for i, t in enumerate(inputs)]
+                got = run("numba", *inputs)
+                want = run("torch", *[t.double() for t in inputs])
+                # bfloat16 gradients round too many intermediates for the table's tolerance
+                # (the torch backend's too): there the backward only has to run.
+                checked = len(got) if dtype == torch.float32 else 2
+                for a, b in zip(got[:checked], want[:checked]):
+                    assert_close(a, b, dtype)
+        print("ok")
+    """
+    assert run_python(code, subprocess_env(NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path))).split() == ["ok"]

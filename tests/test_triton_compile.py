@@ -1,0 +1,207 @@
+"""The Triton kernels compiled for sm_80, sm_86 and sm_120 (about 100 KB of shared memory) and
+sm_90 without a GPU, by the ptxas and cuobjdump that ship with Triton: they catch what the
+interpreter accepts and the compiler rejects, and spills or serialized loads no CPU test can see."""
+
+import json
+import textwrap
+
+import pytest
+
+from conftest import HAS_TRITON, TRITON_UNAVAILABLE, run_python, subprocess_env
+
+if not HAS_TRITON:
+    pytest.skip(f"the triton backend cannot run here: {TRITON_UNAVAILABLE}", allow_module_level=True)
+
+from moe_dispatch.backends import triton_tuning as configs  # noqa: E402
+
+COMPILE_HELPERS = textwrap.dedent("""
+    import json, os, re, subprocess, tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from moe_dispatch.activations import ACTIVATIONS
+    from moe_dispatch.backends import triton_tuning as configs
+    from moe_dispatch.kernels.triton import decode, grouped_gemm, wgrad
+    from moe_dispatch.kernels.triton.grouped_gemm import activation_args
+
+    CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    SWIGLU, CLAMPED = ACTIVATIONS["swiglu"], ACTIVATIONS["clamped_swiglu"]
+
+    def machine_code(cubin):
+        # (stack frame bytes, spills inside a loop, the matrix instruction used, whether TMA
+        # loads are used) from the cubin's resource usage and SASS
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True)
+            sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True)
+        mma = next((op for op in ("HGMMA", "HMMA") if re.search(rf"\\b{op}\\.", sass.stdout)), "none")
+        tma = re.search(r"\\bUTMALDG\\b", sass.stdout) is not None
+        # local-memory accesses (spilled registers) between a backward branch and its target
+        code = [(int(m.group(1), 16), line) for line in sass.stdout.splitlines()
+                if (m := re.search(r"/\\*([0-9a-f]+)\\*/", line))]
+        loops = [(int(m.group(1), 16), at) for at, line in code
+                 if (m := re.search(r"\\bBRA\\s+0x([0-9a-f]+)", line)) and int(m.group(1), 16) < at]
+        loop_spills = sum(1 for at, line in code
+                          if re.search(r"\\b(STL|LDL)\\b", line) and any(lo <= at <= hi for lo, hi in loops))
+        return int(re.search(r"STACK:(\\d+)", usage.stdout).group(1)), loop_spills, mma, tma
+
+    # arguments real launches pass as constants: K-contiguous weights, no TMA descriptor, gate
+    # columns one after another
+    FIXED = {"stride_wk": 1, "stride_ak": 1, "w_desc": None, "gate_step": 1}
+
+    def compiled(fn, arch, pointers, constants, config):
+        # a parameter in constants is a constant (None: a pointer the launch leaves out); ints
+        # divisible by 16, as Triton specializes real launches
+        signature, constexprs = {}, {}
+        for i, p in enumerate(fn.params):
+            if p.is_constexpr or p.name in constants or (p.name in FIXED and p.name not in pointers):
+                signature[p.name] = "constexpr"
+                constexprs[(i,)] = constants[p.name] if p.name in constants else FIXED.get(p.name, 1)
+            else:
+                signature[p.name] = pointers.get(p.name, "i32")
+        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if signature[p.name] != "constexpr"}
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+        # the most cp.async groups a loop leaves in flight while it computes (0: loads and math
+        # take turns)
+        ahead = max(map(int, re.findall(r"cp\\.async\\.wait_group\\s+(\\d+)", kernel.asm["ptx"])), default=0)
+        return (kernel.metadata.shared, *machine_code(kernel.asm["cubin"]), ahead)
+
+    bf16 = {p: "*bf16" for p in ("a_ptr", "w_ptr", "bias_ptr", "out_ptr", "h_ptr", "dy_ptr", "dh_ptr", "act_ptr",
+                                 "b_ptr")}
+    pointers = dict(bf16, a_rows_ptr="*i32", offsets_ptr="*i32", slot_of_row_ptr="*i32", token_of_row_ptr="*i32",
+                    b_rows_ptr="*i32", weight_of_row_ptr="*fp32", ws_ptr="*fp32", drow_ptr="*fp32",
+                    a_scale_ptr="*fp32", x_ptr="*bf16", ids_ptr="*i64", ok_ptr="*i1", weights_ptr="*fp32",
+                    owner_ptr="*i32", route_weights_ptr="*fp32")
+""")
+
+COMPILE_GEMMS = COMPILE_HELPERS + textwrap.dedent("""
+    # the consumer GPUs (about 100 KB of shared memory) and Hopper
+    ARCHS = ((80, configs.SMALL_SMEM), (86, configs.SMALL_SMEM), (90, configs.LARGE_SMEM), (120, configs.SMALL_SMEM))
+    common = dict(E_PAD=64, GROUP_M=grouped_gemm.GROUP_M, PRECISION="ieee", UPCAST=False, EVEN_K=True)
+    fp32 = {name: "*fp32" if kind == "*bf16" else kind for name, kind in pointers.items()}
+    report = []
+    for arch, budget in ARCHS:
+        def check(fn, config, fma=False, interleaved=False, **flags):
+            tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+            descriptor = {"w_desc": f"tensordesc<bf16[{config.block_n},{config.block_k}]>"} if config.tma else {}
+            types = {**(fp32 if fma else pointers), **descriptor, **({"gate_step": "i32"} if interleaved else {})}
+            constants = {**common, **tile, **flags}
+            if config.tma:
+                constants.pop("w_desc", None)
+            report.append((arch, budget, fma, config.block_m, config.tma, config.num_stages, str(config),
+                           *compiled(fn, arch, types, constants, config)))
+
+        # bf16: the defaults of each regime, and on sm_90 the first TMA candidate of the largest;
+        # float32 without TF32 (fma, the FMA dot): the defaults. The split-K GEMM1 leaves its
+        # epilogue to the reduction kernel; GEMM2 scatters and scales.
+        for elem, fma in ((2, False), (4, True)):
+            for rows_per_expert in (1, 32, 1024):
+                ups, downs = (configs.gemm_tiles(rows_per_expert, gated, elem, budget, fma) for gated in (True, False))
+                for up in [ups[0]] + [c for c in ups if c.tma][:1]:
+                    check(grouped_gemm.grouped_gemm_kernel, up, fma, SPLIT_K=2, **activation_args(SWIGLU),
+                          h_ptr=None, slot_of_row_ptr=None, weight_of_row_ptr=None)
+                for down in [downs[0]] + [c for c in downs if c.tma][:1]:
+                    check(grouped_gemm.grouped_gemm_kernel, down, fma, SPLIT_K=1, **activation_args(None),
+                          a_rows_ptr=None, h_ptr=None, ws_ptr=None)
+            for rows_per_expert in (1, 1024):
+                config = configs.act_backward_tiles(rows_per_expert, elem, budget, fma)[0]
+                check(grouped_gemm.grouped_gemm_act_backward_kernel, config, fma, **activation_args(SWIGLU))
+            if not fma:
+                # gpt-oss's GEMM1 and activation backward: the clamped SwiGLU over interleaved gate and
+                # up columns (a column step of 2, a runtime argument), h stored, no K split
+                config = configs.gemm_tiles(1024, True, elem, budget)[0]
+                check(grouped_gemm.grouped_gemm_kernel, config, interleaved=True, SPLIT_K=1,
+                      **activation_args(CLAMPED), ws_ptr=None, slot_of_row_ptr=None, weight_of_row_ptr=None)
+                config = configs.act_backward_tiles(1024, elem, budget)[0]
+                check(grouped_gemm.grouped_gemm_act_backward_kernel, config, interleaved=True,
+                      **activation_args(CLAMPED))
+            # the two the backward runs: dW_down (dy rows gathered and scaled), dW_gate_up (x
+            # rows gathered), with the stage the launcher adds for a gather
+            config = configs.wgrad_tiles(elem, budget, fma)[0]
+            config = configs.replace(config, num_stages=wgrad.pipeline_stages(config, gathered=True))
+            check(wgrad.grouped_wgrad_kernel, config, fma, b_rows_ptr=None)
+            check(wgrad.grouped_wgrad_kernel, config, fma, a_rows_ptr=None, a_scale_ptr=None)
+            # every bf16 decode candidate (the tuner may keep any), the float32 defaults; DeepSeek-V3 at
+            # T=16: 128 slots, 8 choices
+            ups = configs.decode_tiles(2048, 8, True, elem, budget, 132, fma)
+            downs = configs.decode_tiles(7168, 1, False, elem, budget, 132, fma)
+            for config in ups[:1] if fma else ups:
+                check(decode.decode_up_kernel, config, fma, **activation_args(SWIGLU), BLOCK_T=decode.MAX_TOKENS,
+                      S_PAD=128, K_PAD=8)
+            for config in downs[:1] if fma else downs:
+                check(decode.decode_down_kernel, config, fma, BLOCK_T=decode.MAX_TOKENS, S_PAD=128)
+    print(json.dumps(report))
+""")
+
+# every other kernel, with the constants of a DeepSeek-V3 layer (E = 256, H = 7168)
+COMPILE_OTHERS = COMPILE_HELPERS + textwrap.dedent("""
+    from moe_dispatch.kernels.triton import permute, plan
+    more = dict(pointers, counts_ptr="*i32", chunk_counts_ptr="*i32", chunk_base_ptr="*i32",
+                row_of_slot_ptr="*i32", index_ptr="*i32", rows_ptr="*i32", src_ptr="*bf16", dst_ptr="*bf16",
+                ys_ptr="*bf16", dys_ptr="*bf16", dweights_ptr="*fp32", parts_ptr="*fp32",
+                scale_ptr="*fp32", all_placed_ptr="*i1")
+    rows, width = permute._tile(7168)
+    kernels = [
+        (plan.plan_one_launch_kernel, {}, dict(SUB=32, E_PAD=256)),
+        (plan.plan_count_kernel, {}, dict(SUB=32, E_PAD=256)),
+        (plan.plan_scan_kernel, {}, dict(CB=32, E_PAD=256)),
+        (plan.plan_scatter_kernel, {}, dict(SUB=32, E_PAD=256)),
+        (permute.gather_rows_kernel, {}, dict(BLOCK_R=rows, BLOCK_W=width)),
+        (permute.combine_kernel, {}, dict(SLOT_MAJOR=False, BLOCK_T=rows, BLOCK_W=width)),
+        (permute.combine_backward_kernel, {}, dict(BLOCK_S=rows, BLOCK_W=width)),
+        (permute.invert_rows_kernel, {}, dict(BLOCK=256)),
+        (grouped_gemm.splitk_reduce_kernel, {}, dict(SPLIT_K=3, BLOCK_M=16, BLOCK_N=64,
+                                                      **activation_args(SWIGLU))),
+        (grouped_gemm.row_parts_to_slots_kernel, dict(out_ptr="*fp32"), dict(BLOCK=256)),
+        (wgrad.expert_sums_kernel, dict(out_ptr="*fp32"), dict(BLOCK_R=16, BLOCK_N=256)),
+    ]
+    report = [(fn.__name__, arch, *compiled(fn, arch, {**more, **own}, constants, configs.SAFE))
+              for arch in (86, 90) for fn, own, constants in kernels]
+    print(json.dumps(report))
+""")
+
+
+def _compile_report(script: str) -> list:
+    stdout = run_python(script, subprocess_env(drop="TRITON_INTERPRET"))
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_default_configs_compile_for_consumer_gpus_and_hopper():
+    # ptxas and cuobjdump ship with Triton: compile for sm_80, sm_86 and sm_120 (about 100 KB of
+    # shared memory) and sm_90 without a GPU, outside the interpreter, and check each default
+    # config's machine code:
+    # - the shared memory it needs;
+    # - spills: none inside a loop, and none at all for bf16 on sm_86 and sm_90. Elsewhere ptxas
+    #   keeps a value or two in local memory around the main loop for some tiles, of one
+    #   architecture or Triton version and not another, at no cost (float32 without TF32 on
+    #   sm_90, bf16 decode tiles on sm_80 with Triton 3.6); a tile that is too large spills
+    #   inside the loop instead (3 KB a thread for the FMA dot's gated 64x128x32 on sm_80);
+    # - the MMA: on sm_90 the warpgroup MMA (HGMMA) for bf16 tiles of 64 rows and more, the older
+    #   HMMA otherwise, none for the FMA dot;
+    # - the TMA candidates load their weight tiles with the TMA (UTMALDG);
+    # - with 3 stages or more, the main loop computes while loads are in flight.
+    # gpt-oss's interleaved clamped SwiGLU (its GEMM1 and activation backward) included.
+    report = _compile_report(COMPILE_GEMMS)
+    assert len(report) == 138
+    for arch, budget, fma, block_m, tma, stages, config, shared, stack, loop_spills, mma, tma_loads, ahead in report:
+        assert 0 < shared <= budget, (arch, config, shared)
+        assert loop_spills == 0, (arch, fma, config, loop_spills)
+        assert stack == 0 or fma or arch not in (86, 90), (arch, config, stack)
+        expected = "none" if fma else "HGMMA" if arch == 90 and block_m >= 64 else "HMMA"
+        assert mma == expected, (arch, fma, config, mma)
+        assert tma_loads == tma, (arch, config)
+        assert ahead > 0 or stages < 3, (arch, fma, config)
+    assert sum(row[4] for row in report) == 2
+    assert sum(row[2] for row in report) == 48
+
+
+def test_every_other_kernel_compiles_for_consumer_gpus_and_hopper():
+    # the interpreter accepts some programs the compiler rejects: the plan, data-movement and
+    # reduction kernels compile for sm_86 and sm_90 too, without spilling
+    report = _compile_report(COMPILE_OTHERS)
+    assert len(report) == 22
+    for name, arch, shared, stack, _, mma, tma_loads, _ in report:
+        assert shared <= configs.SMALL_SMEM and stack == 0 and mma == "none", (name, arch, shared, stack, mma)

@@ -1,0 +1,179 @@
+"""The Triton backend's tile choice, which no op test can see: the autotuner and its cache, the
+tile candidates and their shared-memory budgets, split-K, the float32 dot (TF32 or FMA)."""
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from conftest import HAS_TRITON, TRITON_UNAVAILABLE
+
+if not HAS_TRITON:
+    pytest.skip(f"the triton backend cannot run here: {TRITON_UNAVAILABLE}", allow_module_level=True)
+
+from moe_dispatch.backends import triton_tuning as configs  # noqa: E402
+from moe_dispatch.kernels.triton.tiles import TileConfig  # noqa: E402
+
+
+def _fake_bench(times):
+    """A bench that reports the given time per config (by block_n) and records the calls."""
+    calls = []
+
+    def bench(fn):
+        config = fn()
+        calls.append(config)
+        return times[config.block_n]
+
+    return bench, calls
+
+
+def test_tuner_persists_the_fastest_config_and_reuses_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")
+    options = [TileConfig(16, 16, 16), TileConfig(16, 32, 16), TileConfig(16, 64, 16)]
+    bench, calls = _fake_bench({16: 3.0, 32: 1.0, 64: 2.0})
+    path = tmp_path / "cache.json"
+    tuner = configs.Tuner(bench)
+    assert tuner.select("k1", lambda: options, lambda c: c, path, may_tune=True) == options[1]
+    assert calls == options
+    assert json.loads(path.read_text()) == {"k1": configs.asdict(options[1])}
+    # a new process (a new tuner) reads the file and times nothing
+    fresh, fresh_calls = _fake_bench({16: 0.0, 32: 9.0, 64: 9.0})
+    assert configs.Tuner(fresh).select("k1", lambda: options, lambda c: c, path, may_tune=True) == options[1]
+    assert fresh_calls == []
+    # an unreadable entry is tuned again, not trusted
+    path.write_text(json.dumps({"k1": {"block_m": 16, "tile_shape": [1, 2]}}))
+    assert configs.Tuner(bench).select("k1", lambda: options, lambda c: c, path, may_tune=True) == options[1]
+
+
+def test_tuner_says_once_why_a_first_call_pauses_and_logs_each_winner(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")
+    options = [TileConfig(16, 16, 16), TileConfig(16, 32, 16)]
+    bench, _ = _fake_bench({16: 2.0, 32: 1.0})
+    tuner, path = configs.Tuner(bench), tmp_path / "cache.json"
+    with caplog.at_level(logging.INFO, logger="moe_dispatch"):
+        for key in ("k1", "k2", "k1"):
+            tuner.select(key, lambda: options, lambda c: c, path, may_tune=True)
+    notices = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(notices) == 1 and str(path) in notices[0].getMessage() and "moe-dispatch tune" in notices[0].getMessage()
+    tuned = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(tuned) == 2 and all(str(options[1]) in m for m in tuned), tuned
+
+
+def test_tuning_asked_for_overrides_the_pin_and_the_notice_then_restores_both(monkeypatch):
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")
+    monkeypatch.setattr(configs.TUNER, "announced", False)
+    with configs.tuning_asked_for():
+        assert os.environ[configs.AUTOTUNE_ENV] == "1" and configs.TUNER.announced
+    assert os.environ[configs.AUTOTUNE_ENV] == "0" and not configs.TUNER.announced
+    monkeypatch.delenv(configs.AUTOTUNE_ENV)
+    with configs.tuning_asked_for():
+        pass
+    assert configs.AUTOTUNE_ENV not in os.environ
+
+
+def test_tuner_never_times_when_pinned_or_not_allowed(tmp_path, monkeypatch):
+    options = [TileConfig(16, 16, 16), TileConfig(16, 32, 16)]
+    bench, calls = _fake_bench({16: 5.0, 32: 1.0})
+    tuner = configs.Tuner(bench)
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")
+    assert tuner.select("k", lambda: options, lambda c: c, tmp_path / "a.json", may_tune=True) == options[0]
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")  # inside a graph capture or sync debug mode
+    assert tuner.select("k", lambda: options, lambda c: c, tmp_path / "a.json", may_tune=False) == options[0]
+    assert calls == [] and not (tmp_path / "a.json").exists()
+
+
+def test_tuner_falls_back_to_the_safe_config_with_a_warning():
+    launched = []
+
+    def launch(config):
+        launched.append(config)
+        if config != configs.SAFE:
+            raise RuntimeError("out of resources: shared memory")
+        return "ran safe"
+
+    tuner = configs.Tuner()
+    big = TileConfig(128, 256, 64, num_warps=8, num_stages=4)
+    with pytest.warns(UserWarning, match="safe config"):
+        assert tuner.launch("k", big, launch) == "ran safe"
+    launched.clear()
+    assert tuner.launch("k", big, launch) == "ran safe"
+    assert launched == [configs.SAFE]  # remembered: the failing config is not tried again
+
+
+def test_tuner_skips_candidates_that_fail_to_compile(tmp_path, monkeypatch):
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")
+    options = [TileConfig(16, 16, 16), TileConfig(16, 32, 16)]
+
+    def bench(fn):
+        config = fn()
+        if config.block_n == 16:
+            raise RuntimeError("compile error")
+        return 1.0
+
+    with pytest.warns(UserWarning, match="failed"):
+        assert configs.Tuner(bench).select("k", lambda: options, lambda c: c, tmp_path / "c.json", True) == options[1]
+
+
+def test_split_k_fills_the_gpu_within_its_limits():
+    # 2 rows on 8 experts: 8 tiles of 16 x 64 want 33 splits on 132 SMs; each keeps 4 K-blocks
+    assert configs._split_k(TileConfig(16, 64, 128), 2, 8, 1024, 256, 132) == 2
+    assert configs._split_k(TileConfig(16, 64, 64), 2, 8, 4096, 256, 132) == 8  # at most 8
+    assert configs._split_k(TileConfig(64, 128, 32), 4096, 8, 4096, 4096, 132) == 1  # tiles enough
+
+
+def test_tile_candidates_fit_their_shared_memory_budget():
+    for budget in (configs.SMALL_SMEM, configs.LARGE_SMEM):
+        for elem, fma in ((2, False), (4, False), (4, True)):
+            lists = [(configs.wgrad_tiles(elem, budget, fma), 1)]
+            for rows_per_expert in (1, 32, 1024):
+                lists += [(configs.gemm_tiles(rows_per_expert, True, elem, budget, fma), 2),
+                          (configs.gemm_tiles(rows_per_expert, False, elem, budget, fma), 1),
+                          (configs.act_backward_tiles(rows_per_expert, elem, budget, fma), 1)]
+            for tiles, operands in lists:
+                assert tiles
+                for c in tiles:
+                    per_stage = (c.block_m * c.block_k + operands * c.block_k * c.block_n) * elem
+                    assert 2 <= c.num_stages <= 4 and c.num_stages * per_stage <= budget, (c, budget)
+
+
+def test_float32_uses_tf32_only_when_torch_allows_it():
+    cuda, matmul = torch.device("cuda"), torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        assert configs.dot_precision(torch.float32, cuda) == ("tf32" if before == "tf32" else "ieee")
+        matmul.fp32_precision = "tf32"
+        assert configs.dot_precision(torch.float32, cuda) == "tf32"
+        assert configs.dot_precision(torch.float32, torch.device("cpu")) == "ieee"
+        assert not configs.uses_fma(torch.float32, cuda)
+        assert configs.dtype_tag(torch.float32, cuda) == "float32-tf32"
+        matmul.fp32_precision = "ieee"
+        assert configs.dot_precision(torch.float32, cuda) == "ieee"
+        # the FMA dot: its own candidates, and its own autotune keys
+        assert configs.uses_fma(torch.float32, cuda) and not configs.uses_fma(torch.bfloat16, cuda)
+        assert configs.dtype_tag(torch.float32, cuda) == "float32-ieee"
+        assert configs.dtype_tag(torch.bfloat16, cuda) == "bfloat16"
+    finally:
+        matmul.fp32_precision = before
+
+
+def test_fma_candidates_are_the_small_ones():
+    # float32 without TF32: short K-steps, 8 warps or more, at most 8192 outputs, no TMA
+    for budget in (configs.SMALL_SMEM, configs.LARGE_SMEM):
+        lists = [(configs.wgrad_tiles(4, budget, fma=True), 32)]
+        for rows_per_expert in (1, 32, 1024):
+            lists += [(configs.gemm_tiles(rows_per_expert, True, 4, budget, fma=True), 16),
+                      (configs.gemm_tiles(rows_per_expert, False, 4, budget, fma=True), 16),
+                      (configs.act_backward_tiles(rows_per_expert, 4, budget, fma=True), 32)]
+        for tiles, block_k in lists:
+            assert tiles and len(set(tiles)) == len(tiles)
+            for c in tiles:
+                assert c.block_k <= block_k and c.num_warps >= 8 and c.block_m * c.block_n <= 8192, c
+                assert not c.tma, c
+        for two in (True, False):
+            tiles = configs.decode_tiles(2048, 8, two, 4, budget, 132, fma=True)
+            assert tiles and all(c.block_n * c.block_k <= 4096 and c.num_warps == 8 for c in tiles)
+    # the tensor-core candidates keep their large tiles
+    tf32 = configs.gemm_tiles(1024, True, 4, configs.LARGE_SMEM)
+    assert tf32[0].block_m * tf32[0].block_n == 128 * 128 and any(c.tma for c in tf32)
