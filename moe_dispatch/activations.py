@@ -65,11 +65,12 @@ def register(activation: Activation) -> Activation:
 
 
 def get(activation: Union[str, Activation], name: str = "activation") -> Activation:
-    """The registry entry of `activation` (a name or an entry); ValueError naming the argument otherwise."""
-    if isinstance(activation, Activation):
-        return activation
-    found = ACTIVATIONS.get(activation) if isinstance(activation, str) else None
-    if found is None:
+    """The registry entry of `activation` (a name or an entry); ValueError naming the argument
+    otherwise. An Activation that is not the registered entry of its name is refused: the
+    kernels know the registered codes only."""
+    key = activation.name if isinstance(activation, Activation) else activation
+    found = ACTIVATIONS.get(key) if isinstance(key, str) else None
+    if found is None or isinstance(activation, Activation) and activation is not found:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, ACTIVATIONS))}; got {activation!r}")
     return found
 

@@ -165,3 +165,11 @@ def test_numba_jit_functions_match_the_entry(name, dtype):
 def test_the_gated_form_of_a_plain_activation():
     assert activations.glu("silu") is ACTIVATIONS["swiglu"] and activations.glu("gelu") is ACTIVATIONS["geglu"]
     assert activations.glu("relu") is None and activations.glu(None) is None
+
+
+def test_an_unregistered_activation_is_refused():
+    # the kernels branch on the registered codes only: another object would run another function
+    stranger = Activation("swiglu", ACTIVATIONS["swiglu"].code, True, INDEPENDENT["geglu"],
+                          ACTIVATIONS["geglu"].derivative)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        activations.get(stranger)
