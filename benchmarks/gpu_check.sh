@@ -110,7 +110,7 @@ step "autotuning winners (kernel kind: tile configs chosen, how many keys)"
 import collections, json, pathlib, sys
 for path in sorted(pathlib.Path(sys.argv[1]).glob("triton-*.json")):
     winners = collections.Counter()
-    for key, config in json.loads(path.read_text()).items():
+    for key, config in json.loads(path.read_text()).get("entries", {}).items():
         tile = "{block_m}x{block_n}x{block_k} w{num_warps} s{num_stages}".format(**config)
         tile += f" split-k {config['split_k']}" if config.get("split_k", 1) > 1 else ""
         tile += " TMA" if config.get("tma") else ""

@@ -11,6 +11,7 @@ from .activations import ACTIVATIONS, Activation
 from .backends import BackendUnavailable, available_backends, select_backend
 from .experts import ExpertWeights
 from .formats.onednn import OneDNNPacked, clear_packed_weights
+from .formats.quantized import QuantizedWeight, quantize
 from .layers import MoE, MoEAux
 from .ops import grouped_mm, make_plan, moe_mlp, permute, unpermute
 from .plan import DispatchPlan
@@ -35,6 +36,8 @@ __all__ = [
     "Activation",
     "ACTIVATIONS",
     "OneDNNPacked",
+    "QuantizedWeight",
+    "quantize",
     "available_backends",
     "select_backend",
     "BackendUnavailable",

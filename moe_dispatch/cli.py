@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .benchmarking.presets import DEFAULT_PRESET, DEFAULT_SCALE, DEFAULT_TOKENS, DTYPES
+from .formats.quantized import quantized_formats
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -52,7 +53,7 @@ def _roofline_line(roofline) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from . import __version__, available_backends
-    from .backends import BACKEND_NAMES, unavailable_reason
+    from .backends import BACKEND_NAMES, get_backend, unavailable_reason
     from .benchmarking.roofline import cache_path, get_roofline
 
     set_threads(args.threads)
@@ -70,6 +71,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         for d in devices[:2]:
             reason = unavailable_reason(name, d)
             print(f"  {name:7s} on {d.type:4s}: {'ok' if reason is None else reason}")
+    print("quantized expert weights (moe_mlp, MoE.quantize_, bench --weights):")
+    for name in BACKEND_NAMES:
+        native = get_backend(name).native_formats
+        dequantized = [f for f in quantized_formats() if f not in native]
+        print(f"  {name:7s} reads packed: {', '.join(native) or 'none'}"
+              + (f"; dequantizes: {', '.join(dequantized)}" if dequantized else ""))
     print(f"roofline (cached in {cache_path()}; --remeasure to measure again):")
     for d in measured:
         roofline = get_roofline(d, remeasure=args.remeasure)
@@ -207,6 +214,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     if args.backward and args.op != "moe_mlp":
         raise UsageError(f"--backward times moe_mlp only, not --op {args.op}")
+    if args.weights and args.op != "moe_mlp":
+        raise UsageError(f"--weights {args.weights} quantizes moe_mlp's experts, not --op {args.op}'s operands")
     if args.cuda_graph and (device.type != "cuda" or args.backward):
         raise UsageError("--cuda-graph times forward calls on a CUDA device: "
                          + ("drop --backward" if device.type == "cuda" else f"not on {device.type}"))
@@ -214,7 +223,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         presets=parse_presets(args.preset, args.scale, device), tokens=parse_tokens(args.tokens, device),
         dtype=DTYPES[args.dtype], backends=parse_backends(args.backend, device),
         peers=parse_peers(args.compare, args.op), device=device, routing=args.routing, backward=args.backward,
-        op=args.op, budget_s=args.budget, cuda_graph=args.cuda_graph,
+        op=args.op, budget_s=args.budget, cuda_graph=args.cuda_graph, weights=args.weights,
     )
     out, err = _console()
     records, interrupted = [], False
@@ -225,7 +234,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out.print(f"roofline: {_roofline_line(roofline)}")
         for preset in spec.presets:
             out.print(f"preset {preset.describe()}")
-        out.print(f"{spec.op}, {args.dtype}, {spec.routing} routing, tokens {','.join(map(str, spec.tokens))}, "
+        weights = f" activations, {args.weights} weights (the peers: dequantized)" if args.weights else ""
+        out.print(f"{spec.op}, {args.dtype}{weights}, {spec.routing} routing, tokens {','.join(map(str, spec.tokens))}, "
                   f"backends {', '.join(spec.backends)}, peers {', '.join(spec.peers) or 'none'}")
         with _progress(err) as progress:
             task = progress.add_task("starting", total=spec.steps())
@@ -404,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape_args(bench, f"token counts; default {gpu_tokens} on a GPU, {cpu_tokens} on the CPU")
     bench.add_argument("--backend", default="auto", metavar="auto|torch|numba|triton|all",
                        help="default auto: the best backend here")
+    bench.add_argument("--weights", choices=quantized_formats(), metavar="FORMAT",
+                       help=f"quantize the experts' weights: {', '.join(quantized_formats())} (default: float "
+                            "weights of --dtype); the peers run the dequantized values")
     bench.add_argument("--compare", metavar="PEER,...",
                        help=f"peers (default all): {', '.join(OP_PEERS['moe_mlp'])}; none for no peers")
     bench.add_argument("--routing", choices=ROUTINGS, default="uniform",

@@ -57,8 +57,15 @@ class ExpertWeights:
         return activations.gate_up_columns(self.activation, self.interleaved, self.intermediate_size)
 
     def tensors(self) -> tuple[Optional[Tensor], ...]:
-        """The float tensors a gradient can reach: the dense weights (those a storage holds) and the biases."""
+        """(w_gate_up, w_down, b_gate_up, b_down) as float tensors: a storage's dense values
+        (dequantized, for a quantized format)."""
         return formats.dense(self.w_gate_up), formats.dense(self.w_down), self.b_gate_up, self.b_down
+
+    def grad_targets(self) -> tuple[Optional[Tensor], ...]:
+        """tensors() where a gradient can reach them, None elsewhere (absent biases, frozen
+        quantized weights), without dequantizing anything."""
+        return (*(formats.dense(w) if formats.trainable(w) else None for w in (self.w_gate_up, self.w_down)),
+                self.b_gate_up, self.b_down)
 
     def dense(self) -> "ExpertWeights":
         """These experts with every weight as a plain float tensor."""
@@ -83,7 +90,7 @@ class ExpertWeights:
         for what no gradient reaches (a storage's packed or quantized data)."""
         flat: list[Optional[Tensor]] = []
         for w, grad in ((self.w_gate_up, grads.w_gate_up), (self.w_down, grads.w_down)):
-            values = formats.dense(w)
+            values = formats.dense(w) if formats.trainable(w) else None
             flat += [grad if t is values else None for t in formats.flatten(w)[0]]
         return flat + [g for b, g in ((self.b_gate_up, grads.b_gate_up), (self.b_down, grads.b_down)) if b is not None]
 

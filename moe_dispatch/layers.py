@@ -8,10 +8,12 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from . import activations
+from . import activations, formats
 from . import validation as check
 from .backends import BACKEND_NAMES
 from .experts import ExpertWeights
+from .formats import FORMATS
+from .formats.quantized import QuantizedWeight, quantize
 from .ops import make_plan, moe_mlp
 from .plan import DispatchPlan
 from .routing import route
@@ -44,6 +46,38 @@ class SharedExperts(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(nn.functional.silu(gate) * up)
+
+
+class FrozenQuantized(nn.Module):
+    """A quantized expert weight as a layer holds it: its codes, scales and zero points are
+    buffers (state_dict saves and loads them; .to(device) moves them), never cast by
+    .to(dtype) or .half(): they keep their own types, and the weight multiplies activations
+    of whatever dtype the layer has."""
+
+    def __init__(self, weight: QuantizedWeight):
+        super().__init__()
+        self.format, self.block = weight.format, weight.block
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("scales", weight.scales)
+        self.register_buffer("zeros", weight.zeros)
+
+    def weight(self, dtype: torch.dtype) -> QuantizedWeight:
+        """The weight, for activations of dtype (views of the buffers, no copy)."""
+        return FORMATS[self.format](self.codes, self.scales, self.block, zeros=self.zeros, dtype=dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight(torch.float32).shape
+
+    def _apply(self, fn, recurse=True):
+        for name, t in self._buffers.items():
+            if t is not None:
+                moved = fn(t)
+                self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"format={self.format!r}, shape={tuple(self.shape)}, block={self.block}"
 
 
 class MoE(nn.Module):
@@ -118,27 +152,51 @@ class MoE(nn.Module):
         which the experts give. Interleaved gate and up rows are not a layout the layer keeps."""
         if experts.interleaved:
             raise ValueError("MoE keeps gate rows, then up rows; experts.interleaved must be False")
-        w_gate_up, w_down, b_gate_up, b_down = experts.tensors()
+        b_gate_up, b_down = experts.b_gate_up, experts.b_down
         layer = cls(experts.hidden_size, experts.intermediate_size, experts.num_experts, top_k,
                     activation=experts.activation.name, bias=b_gate_up is not None or b_down is not None,
-                    device=w_gate_up.device, dtype=w_gate_up.dtype, **options)
-        for name, tensor in (("w_gate_up", w_gate_up), ("w_down", w_down), ("b_gate_up", b_gate_up),
+                    device=experts.w_gate_up.device, dtype=experts.w_gate_up.dtype, **options)
+        for name, tensor in (("w_gate_up", experts.w_gate_up), ("w_down", experts.w_down), ("b_gate_up", b_gate_up),
                              ("b_down", b_down)):
             if tensor is None and getattr(layer, name) is not None:  # one bias given: the other starts at 0
                 getattr(layer, name).data.zero_()
+            elif isinstance(tensor, QuantizedWeight):
+                delattr(layer, name)
+                setattr(layer, name, FrozenQuantized(tensor))
             elif tensor is not None:
+                tensor = formats.dense(tensor)
                 setattr(layer, name, nn.Parameter(tensor.detach(), requires_grad=tensor.requires_grad))
         return layer
 
+    @torch.no_grad()
+    def quantize_(self, format: str, *, group_size: Optional[int] = None, symmetric: bool = True) -> "MoE":
+        """Quantize the experts' weights in place (formats.quantized.quantize's options); they
+        become frozen buffers, the biases, router and shared experts stay as they are.
+        Returns the layer."""
+        for name in ("w_gate_up", "w_down"):
+            weight = getattr(self, name)
+            if isinstance(weight, FrozenQuantized):
+                raise ValueError(f"{name} is already {weight.format}; quantize the float layer once")
+            quantized = quantize(weight, format, group_size=group_size, symmetric=symmetric)
+            delattr(self, name)
+            setattr(self, name, FrozenQuantized(quantized))
+        return self
+
     @property
     def experts(self) -> ExpertWeights:
-        """The layer's experts as one ExpertWeights (views of its parameters)."""
-        return ExpertWeights(self.w_gate_up, self.w_down, self.b_gate_up, self.b_down, self.activation)
+        """The layer's experts as one ExpertWeights (views of its parameters; quantized weights
+        for activations of the router's dtype)."""
+        dtype = self.router.weight.dtype
+        w_gate_up, w_down = (w.weight(dtype) if isinstance(w, FrozenQuantized) else w
+                             for w in (self.w_gate_up, self.w_down))
+        return ExpertWeights(w_gate_up, w_down, self.b_gate_up, self.b_down, self.activation)
 
     def reset_parameters(self) -> None:
         """Each expert initialised like nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
         bound_in = 1 / math.sqrt(self.hidden_size)
         bound_out = 1 / math.sqrt(self.intermediate_size)
+        if isinstance(self.w_gate_up, FrozenQuantized) or isinstance(self.w_down, FrozenQuantized):
+            raise ValueError("the experts are quantized (frozen): reset a float layer, then quantize_ it")
         with torch.no_grad():
             self.w_gate_up.uniform_(-bound_in, bound_in)
             self.w_down.uniform_(-bound_out, bound_out)

@@ -13,12 +13,14 @@ from typing import Optional, Union
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from . import formats
 from . import validation as check
 from .backends import get_backend
 from .backends.base import ExpertGrads
 from .backends import resolve_backend as _backend_name
 from .experts import ExpertWeights
 from .formats import Weight
+from .formats.quantized import QuantizedWeight, Transposed
 from .plan import DispatchPlan
 
 Tensor = torch.Tensor
@@ -204,12 +206,42 @@ def _grouped_mm_grad(ctx, dy):
 _grouped_mm.register_autograd(_grouped_mm_grad, setup_context=_grouped_mm_setup)
 
 
-def grouped_mm(xs: Tensor, w: Tensor, offsets: Tensor, *, backend: str = "auto") -> Tensor:
+@torch.library.custom_op("moe_dispatch::grouped_mm_quantized", mutates_args=())
+def _grouped_mm_quantized(a: Tensor, w: list[Tensor], spec: str, offsets: Tensor, transposed: bool,
+                          backend: str) -> Tensor:
+    return get_backend(backend).grouped_mm_quantized(a, formats.unflatten(w, spec), offsets, transposed)
+
+
+@_grouped_mm_quantized.register_fake
+def _(a, w, spec, offsets, transposed, backend):
+    _, out_features, in_features = formats.unflatten(w, spec).shape
+    return a.new_empty(a.shape[0], out_features if transposed else in_features)
+
+
+def _grouped_mm_quantized_setup(ctx, inputs, output):
+    _, ctx.w, ctx.spec, _, ctx.transposed, ctx.backend = inputs
+    ctx.save_for_backward(inputs[3])
+
+
+def _grouped_mm_quantized_grad(ctx, dy):
+    (offsets,) = ctx.saved_tensors
+    da = _grouped_mm_quantized(dy.contiguous(), ctx.w, ctx.spec, offsets, not ctx.transposed, ctx.backend)
+    return da, [None] * len(ctx.w), None, None, None, None
+
+
+_grouped_mm_quantized.register_autograd(_grouped_mm_quantized_grad, setup_context=_grouped_mm_quantized_setup)
+
+
+def grouped_mm(xs: Tensor, w: Union[Tensor, Transposed, QuantizedWeight], offsets: Tensor, *,
+               backend: str = "auto") -> Tensor:
     """xs: [M, K], w: [E, K, N] (any strides), offsets: [E+1] int -> [M, N].
 
     Rows offsets[e]:offsets[e+1] are multiplied by w[e] (torch._grouped_mm's semantics with
-    offs = offsets[1:]). Pass nn.Linear-layout weights [E, N, K] as w.transpose(1, 2).
+    offs = offsets[1:]). Pass nn.Linear-layout weights [E, N, K] as w.transpose(1, 2), and a
+    quantized one as q.mT (a quantized weight is frozen: the gradient reaches xs only).
     """
+    if isinstance(w, (Transposed, QuantizedWeight)):
+        return _grouped_mm_on_quantized(xs, w, offsets, backend)
     check.floating("xs", xs, ndim=2)
     check.floating("w", w, ndim=3)
     check.same_dtype("w", w, "xs", xs)
@@ -218,6 +250,19 @@ def grouped_mm(xs: Tensor, w: Tensor, offsets: Tensor, *, backend: str = "auto")
         raise ValueError(f"w must be [E, K={xs.shape[1]}, N] to match xs [M, K]; got w of shape {tuple(w.shape)}")
     check.offsets(offsets, xs.shape[0], w.shape[0], xs.device)
     return _grouped_mm(xs, w, offsets, _backend_name(xs.device, backend))
+
+
+def _grouped_mm_on_quantized(xs, w, offsets, backend) -> Tensor:
+    transposed = isinstance(w, Transposed)
+    weight = w.weight if transposed else w
+    check.floating("xs", xs, ndim=2)
+    weight.check("w", xs)
+    if w.shape[1] != xs.shape[1]:
+        raise ValueError(f"w must be [E, K={xs.shape[1]}, N] to match xs [M, K]; got w of shape {tuple(w.shape)}"
+                         + ("" if transposed else " (pass q.mT for xs @ q[e].T)"))
+    check.offsets(offsets, xs.shape[0], w.shape[0], xs.device)
+    tensors, spec = formats.flatten(weight)
+    return _grouped_mm_quantized(xs, tensors, spec, offsets, transposed, _backend_name(xs.device, backend))
 
 
 # ---- moe_mlp ------------------------------------------------------------------------------
@@ -253,7 +298,7 @@ def _moe_mlp_backward(
 @_moe_mlp_backward.register_fake
 def _(dy, x, weights, counts, offsets, token_of_row, row_of_slot, experts, spec, h, backend):
     unflat = ExpertWeights.unflatten(experts, spec)
-    like = [None if t is None else t.new_empty(t.shape) for t in unflat.tensors()]
+    like = [None if t is None else t.new_empty(t.shape) for t in unflat.grad_targets()]
     grads = unflat.flat_grads(ExpertGrads(x, weights, *like))
     return [x.new_empty(x.shape), weights.new_empty(weights.shape)] + [x.new_empty(0) if g is None else g for g in grads]
 
@@ -263,7 +308,7 @@ def _backward(backend: str, dy, x, weights, plan, experts, h) -> list[Optional[T
     if h.shape[0] != plan.num_rows:
         raise RuntimeError("moe_mlp ran without saving for backward; call it with autograd enabled")
     grads = get_backend(backend).moe_mlp_backward(dy, x, weights, plan, experts, h)
-    _, _, b_gate_up, b_down = experts.tensors()
+    b_gate_up, b_down = experts.b_gate_up, experts.b_down
     grads = grads._replace(
         weights=grads.weights.to(weights.dtype),
         b_gate_up=None if b_gate_up is None else grads.b_gate_up.to(b_gate_up.dtype),
@@ -344,8 +389,9 @@ def moe_mlp(
     check.experts_take(x, experts)
     name = _backend_name(x.device, backend)
     num_experts = experts.num_experts
-    floating_inputs = (x, weights, *experts.tensors())
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in floating_inputs)
+    flat, spec = experts.flatten()
+    floating_inputs = (x, weights, *flat)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in floating_inputs)
     if plan is None:
         check.expert_ids(ids, num_experts)
         if not save and _direct(*floating_inputs, ids):
@@ -364,9 +410,7 @@ def moe_mlp(
         check.plan_values(plan, ids)
     direct = _direct(*floating_inputs, *plan.tensors())
     if not save:
-        flat, spec = (None, None) if direct else experts.flatten()
         return _forward(x, weights, plan, experts, flat, spec, name, False, direct)[0]
-    flat, spec = experts.flatten()
     return _MoEMLP.apply(x, weights, *plan.tensors(), experts if direct else None, spec, name, direct, *flat)
 
 

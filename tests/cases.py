@@ -60,4 +60,10 @@ CASES = [
     pytest.param(Case(0, 2, 4), id="T=0"),
     # a single decode token
     pytest.param(Case(1, 2, 6), id="T=1"),
+    # the degenerate sizes (issue 21): a unit dimension is both strides' candidate for the
+    # contiguous one (torch._grouped_mm refused a.T of a [R, 1] activation in numba's backward)
+    pytest.param(Case(6, 2, 4, hidden=1), id="H=1"),
+    pytest.param(Case(6, 2, 4, inter=1), id="I=1"),
+    # a single expert: one group holds every row
+    pytest.param(Case(5, 1, 1), id="E=1"),
 ]

@@ -17,6 +17,7 @@ import torch
 
 import moe_dispatch.benchmarking.bench as bench_module
 import moe_dispatch.benchmarking.roofline as roofline_module
+from moe_dispatch import cache_files
 from moe_dispatch import backends, moe_mlp
 from moe_dispatch.benchmarking.cases import ROUTINGS, make_experts, make_ids, make_inputs
 from moe_dispatch.benchmarking.costs import Work
@@ -143,6 +144,8 @@ def test_unavailable_backend_names_the_available_ones(capsys, monkeypatch):
     (["bench", "--device", "tpu"], ("cpu",)),
     (["bench", "--op", "permute", "--backward", "--device", "cpu"], ("--backward",)),
     (["bench", "--cuda-graph", "--device", "cpu"], ("--cuda-graph", "cpu")),
+    (["bench", "--weights", "int3", "--device", "cpu"], ("--weights", "int4", "mxfp4")),
+    (["bench", "--weights", "int4", "--op", "permute", "--device", "cpu"], ("--weights", "permute")),
     (["frobnicate"], ("info", "bench", "profile", "tune")),
 ])
 def test_other_bad_arguments(capsys, argv, expected):
@@ -168,6 +171,22 @@ def test_bench_json_and_plot(tmp_path, capsys):
         for name, ms in r["peers"].items():
             assert ms > 0 and r["speedup"][name] == pytest.approx(ms / r["ms"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_quantized_weights_count_their_bytes(tmp_path, capsys):
+    """--weights: our experts quantized, the peers on the same values dequantized, the bound on the format's bytes."""
+    out_json = tmp_path / "r.json"
+    for weights in (None, "int4"):
+        argv = ["bench", *TINY, "--scale", "0.0625", "--backend", "torch", "--compare", "torch-grouped-mm,bound",
+                "--json", str(out_json)]  # H=128, I=64: int4 groups of 128 and 64
+        assert main(argv + (["--weights", weights] if weights else [])) == 0
+        records = json.loads(out_json.read_text())
+        assert all(r["weights"] == weights for r in records)
+        if weights is None:
+            float_bytes = [r["bytes"] for r in records]
+    assert "int4 weights" in capsys.readouterr().out
+    for r, float_record_bytes in zip(records, float_bytes):  # 4.25-4.5 bits a weight against bfloat16's 16
+        assert 0.2 < r["bytes"] / float_record_bytes < 0.4 and r["peers"]["torch-grouped-mm"] > 0
 
 
 def test_bench_backward_ops_and_routings(tmp_path):
@@ -289,6 +308,15 @@ def test_summary_reads_bench_records_and_prints_markdown(tmp_path, capsys):
     assert " of 4 targets met" in lines[-1]  # two per record; whether the torch backend meets them is its business
 
 
+@pytest.mark.parametrize("content", ["{}", "3", "[1, 2]", '[{"op": "moe_mlp"}', "\udcff"],
+                         ids=["an-object", "a-number", "not-records", "truncated", "not-utf8"])
+def test_summary_skips_a_file_that_holds_no_records(tmp_path, capsys, content):
+    path = tmp_path / "r.json"
+    path.write_bytes(content.encode("utf-8", "surrogateescape"))
+    assert summary.main([str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f"skipped {path}: ")
+
+
 def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
     """A job's time limit (SIGTERM), even with SIGINT ignored as in a background job, keeps
     the results so far."""
@@ -393,6 +421,50 @@ def test_peaks_measured_another_way_are_measured_again(roofline_cache, monkeypat
     monkeypatch.setattr(roofline_module, "measure_roofline", lambda device: fresh)
     assert roofline_module.get_roofline(CPU) == fresh
     assert json.loads(roofline_cache.read_text())[device_key(CPU)]["method"] == roofline_module.METHOD
+
+
+def _roofline_damage(kind: str, valid: dict) -> bytes:
+    """The cache file's bytes after kind of damage; valid: the good file."""
+    key = device_key(CPU)
+    entry = {"read-gbps-a-string": {**valid[key], "read_gbps": "20"},
+             "peaks-a-list": {**valid[key], "peak_tflops": [0.5]},
+             "method-a-string": {**valid[key], "method": str(roofline_module.METHOD)},
+             "entry-a-list": [1, 2]}.get(kind)
+    if entry is not None:
+        return json.dumps({key: entry}).encode()
+    return {"a-list": b"[]", "a-string": b'"x"', "a-number": b"3", "null": b"null", "truncated": b'{"cpu: ',
+            "not-utf8": b"\xff\xfe{}"}[kind]
+
+
+@pytest.mark.parametrize("kind", ["a-list", "a-string", "a-number", "null", "truncated", "not-utf8",
+                                  "read-gbps-a-string", "peaks-a-list", "method-a-string", "entry-a-list"])
+def test_a_damaged_roofline_cache_is_measured_again_with_one_warning(kind, roofline_cache, monkeypatch, capsys):
+    """info and bench run on; the cache is rewritten whole; a file of the wrong type or with
+    wrong-typed figures is not trusted."""
+    valid = json.loads(roofline_cache.read_text())
+    fresh = Roofline(**valid[device_key(CPU)])
+    monkeypatch.setattr(roofline_module, "measure_roofline", lambda device: fresh)
+    monkeypatch.setattr(cache_files, "_warned", set())
+    for argv in (["info", "--device", "cpu"], ["bench", *TINY, "--backend", "torch", "--compare", "bound"]):
+        roofline_cache.write_bytes(_roofline_damage(kind, valid))
+        cache_files._warned.clear()
+        with pytest.warns(RuntimeWarning) as caught:
+            assert main(argv) == 0
+        assert len([w for w in caught if str(roofline_cache) in str(w.message)]) == 1, [str(w.message) for w in caught]
+        assert json.loads(roofline_cache.read_text())[device_key(CPU)] == fresh.__dict__
+    assert not list(roofline_cache.parent.glob("*.tmp"))
+
+
+def test_an_unwritable_roofline_cache_costs_a_warning_not_the_run(roofline_cache, monkeypatch):
+    roofline_cache.unlink()
+    roofline_cache.parent.rmdir()
+    roofline_cache.parent.write_text("a file where the folder should be")
+    monkeypatch.setattr(cache_files, "_warned", set())
+    fresh = Roofline(device_key(CPU), 1.0, 1.0, {"float32": 1.0}, torch.__version__, "now", roofline_module.METHOD)
+    monkeypatch.setattr(roofline_module, "measure_roofline", lambda device: fresh)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert roofline_module.get_roofline(CPU) == fresh
+    assert any("cannot be written" in str(w.message) for w in caught)
 
 
 def test_profile_stages_backward_and_trace(tmp_path, capsys):

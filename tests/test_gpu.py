@@ -153,7 +153,7 @@ def test_gpu_tune_persists_the_layer_configs(tmp_path, monkeypatch):
     monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")  # tune() times the candidates regardless
     tune(64, 128, 64, 8, 2, backward=False)
     path = tune(8, 128, 64, 8, 2, backward=False)  # a decode step: its own kernels too
-    table = json.loads(path.read_text())
+    table = json.loads(path.read_text())["entries"]
     assert path.parent == tmp_path
     assert {key.split(":")[0] for key in table} >= {"mm", "up", "down", "dec_up", "dec_down"}
     assert all(set(entry) == set(configs.asdict(configs.SAFE)) for entry in table.values())

@@ -2,6 +2,7 @@
 default sizes never reach: numba's small and large groups, layouts and matmul libraries; the
 Triton GEMM's tiles, split-K, TMA loads and the fused epilogues that moe_mlp runs through it."""
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -203,6 +204,29 @@ def test_grouped_mm_wgrad_group_sizes(dtype, groups, shape, matmul_library, gen,
     a = torch.randn(rows, M, generator=gen).to(dtype)
     b = torch.randn(rows, N, generator=gen).to(dtype)
     assert_wgrad(get_backend("numba").grouped_mm_wgrad(a, b, offsets, E), a, b, offsets, dtype)
+
+
+@needs_numba
+def test_torch_grouped_mm_is_offered_only_layouts_it_takes():
+    """takes_grouped_mm's layout test is torch's own: a unit stride passes nothing by itself (the
+    wgrad of an H=1 layer offered a.T of strides (1, 1), which torch refused). Over unit and
+    empty sizes, transposed, sliced and expanded operands, every layout it admits runs, and
+    the aligned ones are admitted."""
+    if not cm._grouped_mm_on_cpu():
+        pytest.skip("this torch has no CPU torch._grouped_mm")
+    admitted = 0
+    for dtype, R, K, N, E in itertools.product((torch.float32, torch.bfloat16), (0, 1, 3, 8), (1, 3, 8), (1, 2, 8),
+                                               (1, 3)):
+        offs = torch.tensor([R * (e + 1) // E for e in range(E)], dtype=torch.int32)
+        activations = [torch.randn(R, K), torch.randn(K, R).T, torch.randn(R + 1, K + 8)[:R, :K]]
+        weights = [torch.randn(E, K, N), torch.randn(E, N, K).transpose(1, 2), torch.randn(E, K + 4, N + 4)[:, :K, :N],
+                   torch.randn(K, N).expand(E, K, N)]
+        for a, w in itertools.product(activations, weights):
+            a, w = a.to(dtype), w.to(dtype)
+            if cm._grouped_mm_layout(a) and cm._grouped_mm_layout(w):
+                torch._grouped_mm(a, w, offs=offs)  # raises if torch refuses it
+                admitted += 1
+    assert admitted > 200  # 239 with torch 2.13: the aligned ones are not sent to the loop
 
 
 @needs_numba

@@ -220,7 +220,9 @@ def check_moe_mlp(case, dtype, path, activation, bias, gen, monkeypatch, interle
     expected = naive_moe_mlp(x, weights, ids, w_gate_up, w_down, b_gate_up, b_down, activation, interleaved)
     assert out.dtype == dtype
     assert_close(out, expected, dtype)
-    assert bool(decode_calls) == (path.startswith("decode") and case.tokens > 0)
+    # a transposed view of a unit dimension (H=1) is contiguous, and the fused kernels read it
+    strided = layout == "transposed" and not (w_gate_up.is_contiguous() and w_down.is_contiguous())
+    assert bool(decode_calls) == (path != "blas" and not strided and case.tokens > 0)
 
 
 @needs_numba
@@ -744,3 +746,19 @@ def test_gpu_every_decode_candidate_matches(dtype, gen, request):
             assert_close(out, expected)
         except AssertionError as exc:
             raise AssertionError(f"{config}: {exc}") from exc
+
+
+@needs_numba
+@pytest.mark.parametrize("path", ["decode", "blas"])
+def test_a_token_that_picks_one_expert_twice_gets_both_rows(path, gen, monkeypatch):
+    """Duplicate ids in a row: the expert holds two rows of one token, and both add into its
+    output (the blocked path once added an expert's rows in parallel, one task per row)."""
+    force_path(path, monkeypatch)
+    num_tokens, hidden = 96, 40
+    x = torch.randn(num_tokens, hidden, generator=gen)
+    ids = torch.stack([torch.arange(num_tokens) % 3] * 2 + [torch.arange(num_tokens) % 5], dim=1)
+    weights = random_weights(num_tokens, 3, gen)
+    w_gate_up, w_down, _, _ = expert_weights(5, hidden, 24, gen)
+    for _ in range(3):  # a race shows on some runs only
+        out = md.moe_mlp(x, weights, ids, w_gate_up, w_down, backend="numba")
+        assert_close(out, naive_moe_mlp(x, weights, ids, w_gate_up, w_down))

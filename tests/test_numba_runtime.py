@@ -1,7 +1,9 @@
 """What only the numba backend has to get right around its kernels: 16-bit conversions bit for
-bit, thread counts and threading layers, and every kernel compiled with bounds checking."""
+bit, thread counts and threading layers, every kernel compiled with bounds checking, and an
+on-disk compile cache that a damaged file cannot break."""
 
 import importlib.util
+import sys
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ if not HAS_NUMBA:
     pytest.skip(f"numba backend unavailable: {NUMBA_UNAVAILABLE}", allow_module_level=True)
 
 import numba  # noqa: E402
+from numba.core.caching import NullCache  # noqa: E402
 
 import moe_dispatch.backends.numba_backend as nb  # noqa: E402
 from moe_dispatch.kernels.numba.scalars import narrow, widen  # noqa: E402
@@ -181,3 +184,71 @@ def test_kernels_under_boundscheck(tmp_path):
         print("ok")
     """
     assert run_python(code, subprocess_env(NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path))).split() == ["ok"]
+
+
+# ---- the on-disk compile cache -------------------------------------------------------------
+
+
+def _add_one(x):
+    return x + 1
+
+
+def _damage(cache_dir, kind):
+    """What a killed process or a full disk leaves: an index cut short, or data that is not a
+    pickle at all."""
+    if kind == "truncated-index":
+        for path in cache_dir.rglob("*.nbi"):
+            path.write_bytes(path.read_bytes()[:10])
+    else:
+        for path in cache_dir.rglob("*.nbc"):
+            path.write_bytes(b"garbage\n")
+
+
+@pytest.mark.skipif(not JIT, reason="nothing is cached without the JIT")
+@pytest.mark.parametrize("kind", ["truncated-index", "garbage-data"])
+def test_a_damaged_compile_cache_is_a_miss_with_one_warning(kind, tmp_path, monkeypatch):
+    """Each time a fresh dispatcher, as a new process has: the damaged cache compiles again with
+    one warning, and what it saves is a good cache again."""
+    from moe_dispatch.kernels.numba import caching
+
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(caching, "_warned", set())
+    assert caching.njit(cache=True)(_add_one)(1) == 2
+    _damage(tmp_path, kind)
+    healed = caching.njit(cache=True)(_add_one)
+    with pytest.warns(RuntimeWarning, match="compile cache .* is damaged") as caught:
+        assert healed(1) == 2
+    assert len([w for w in caught if "compile cache" in str(w.message)]) == 1
+    assert healed.stats.cache_misses
+    again = caching.njit(cache=True)(_add_one)
+    assert again(1) == 2 and again.stats.cache_hits and not again.stats.cache_misses
+
+
+def test_every_cached_kernel_heals_its_cache():
+    from numba.core.dispatcher import Dispatcher
+
+    from moe_dispatch.kernels.numba import caching
+
+    modules = [m for name, m in sys.modules.items() if name.startswith("moe_dispatch.kernels.numba.")]
+    cached = [v for m in modules for v in vars(m).values()
+              if isinstance(v, Dispatcher) and not isinstance(v._cache, NullCache)]
+    assert len(cached) > 20 and all(isinstance(d._cache, caching._HealingCache) for d in cached)
+
+
+@pytest.mark.skipif(not JIT, reason="nothing is cached without the JIT")
+def test_make_plan_survives_a_truncated_cache_index(tmp_path):
+    """The package end to end, in new processes: the second one finds the index of make_plan's
+    kernel cut short, and compiles it again rather than failing every call."""
+    code = """
+        import warnings
+        import torch
+        import moe_dispatch as md
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plan = md.make_plan(torch.tensor([[1, 0], [2, 1]]), 4, backend="numba")
+        print(plan.counts.tolist(), sum("compile cache" in str(w.message) for w in caught))
+    """
+    env = subprocess_env(NUMBA_CACHE_DIR=str(tmp_path))
+    assert run_python(code, env).split("]")[1].split() == ["0"]
+    _damage(tmp_path, "truncated-index")
+    assert run_python(code, env).strip() == "[1, 2, 1, 0] 1"

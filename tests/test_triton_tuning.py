@@ -37,14 +37,78 @@ def test_tuner_persists_the_fastest_config_and_reuses_it(tmp_path, monkeypatch):
     tuner = configs.Tuner(bench)
     assert tuner.select("k1", lambda: options, lambda c: c, path, may_tune=True) == options[1]
     assert calls == options
-    assert json.loads(path.read_text()) == {"k1": configs.asdict(options[1])}
+    assert json.loads(path.read_text()) == {"stamp": configs.cache_stamp(), "entries": {"k1": configs.asdict(options[1])}}
     # a new process (a new tuner) reads the file and times nothing
     fresh, fresh_calls = _fake_bench({16: 0.0, 32: 9.0, 64: 9.0})
     assert configs.Tuner(fresh).select("k1", lambda: options, lambda c: c, path, may_tune=True) == options[1]
     assert fresh_calls == []
-    # an unreadable entry is tuned again, not trusted
-    path.write_text(json.dumps({"k1": {"block_m": 16, "tile_shape": [1, 2]}}))
-    assert configs.Tuner(bench).select("k1", lambda: options, lambda c: c, path, may_tune=True) == options[1]
+
+
+def _damaged_tuning_cache(kind: str) -> bytes:
+    """The cache file's bytes after kind of damage (every kind holds an entry for k1)."""
+    good = configs.asdict(TileConfig(16, 16, 16))
+    stamp = configs.cache_stamp()
+    other = {"another-package": {**stamp, "moe_dispatch": "0.0.1"}, "another-triton": {**stamp, "triton": "2.0.0"},
+             "another-gpu": {**stamp, "device": "NVIDIA GeForce RTX 3090"}}.get(kind)
+    if other is not None:
+        return json.dumps({"stamp": other, "entries": {"k1": good}}).encode()
+    entry = {"fields-of-another-version": {"block_m": 16, "tile_shape": [1, 2]},
+             "a-string-size": {**good, "block_m": "16"}, "a-negative-size": {**good, "block_n": -16},
+             "not-a-power-of-two": {**good, "block_k": 24}, "a-float-count": {**good, "num_stages": 2.5},
+             "tma-a-number": {**good, "tma": 1}, "entry-a-list": [16, 16, 16]}.get(kind)
+    if entry is not None:
+        return json.dumps({"stamp": stamp, "entries": {"k1": entry}}).encode()
+    return {"a-list": b"[]", "a-string": b'"x"', "a-number": b"3", "truncated": b'{"stamp": {"moe_d',
+            "not-utf8": b"\xff\xfe", "unstamped": json.dumps({"k1": good}).encode(),
+            "entries-a-list": json.dumps({"stamp": stamp, "entries": [good]}).encode()}[kind]
+
+
+@pytest.mark.parametrize("kind", [
+    "a-list", "a-string", "a-number", "truncated", "not-utf8", "entries-a-list",
+    "unstamped",  # the flat key -> config files of earlier versions
+    "another-package", "another-triton", "another-gpu",
+    "fields-of-another-version", "a-string-size", "a-negative-size", "not-a-power-of-two", "a-float-count",
+    "tma-a-number", "entry-a-list"])
+def test_a_damaged_or_foreign_tuning_cache_is_tuned_again_with_one_warning(kind, tmp_path, monkeypatch):
+    """Never trusted, never a crash: k1 is timed again, once warned about, and the rewritten
+    file holds the new winner under this package's stamp."""
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(configs.cache_files, "_warned", set())
+    options = [TileConfig(16, 16, 16), TileConfig(16, 32, 16)]
+    bench, calls = _fake_bench({16: 2.0, 32: 1.0})
+    path = tmp_path / "cache.json"
+    path.write_bytes(_damaged_tuning_cache(kind))
+    with pytest.warns(RuntimeWarning) as caught:
+        assert configs.Tuner(bench).select("k1", lambda: options, lambda c: c, path, may_tune=True) == options[1]
+    assert len([w for w in caught if str(path) in str(w.message)]) == 1, [str(w.message) for w in caught]
+    assert calls == options
+    assert json.loads(path.read_text()) == {"stamp": configs.cache_stamp(), "entries": {"k1": configs.asdict(options[1])}}
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.json"]  # no temporary file left
+
+
+def test_two_tuners_on_one_file_keep_each_other_s_results(tmp_path, monkeypatch):
+    """Two processes tuning at once: each write keeps what the other wrote since it read."""
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")
+    options = [TileConfig(16, 16, 16), TileConfig(16, 32, 16)]
+    path = tmp_path / "cache.json"
+    first, second = configs.Tuner(_fake_bench({16: 2.0, 32: 1.0})[0]), configs.Tuner(_fake_bench({16: 1.0, 32: 2.0})[0])
+    second.select("k0", lambda: options, lambda c: c, path, may_tune=True)  # reads the file now
+    first.select("k1", lambda: options, lambda c: c, path, may_tune=True)
+    second.select("k2", lambda: options, lambda c: c, path, may_tune=True)
+    entries = json.loads(path.read_text())["entries"]
+    assert entries == {"k0": configs.asdict(options[0]), "k1": configs.asdict(options[1]),
+                       "k2": configs.asdict(options[0])}
+
+
+def test_an_unwritable_tuning_cache_costs_a_warning_not_the_call(tmp_path, monkeypatch):
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(configs.cache_files, "_warned", set())
+    (tmp_path / "dir").write_text("a file where the folder should be")
+    options = [TileConfig(16, 16, 16), TileConfig(16, 32, 16)]
+    with pytest.warns(RuntimeWarning) as caught:
+        config = configs.Tuner(_fake_bench({16: 2.0, 32: 1.0})[0]).select(
+            "k1", lambda: options, lambda c: c, tmp_path / "dir" / "cache.json", may_tune=True)
+    assert config == options[1] and any("cannot be written" in str(w.message) for w in caught)
 
 
 def test_tuner_says_once_why_a_first_call_pauses_and_logs_each_winner(tmp_path, monkeypatch, caplog):

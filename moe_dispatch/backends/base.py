@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
+from .. import formats
 from ..activations import Activation, activate, activate_backward, upcast
 from ..plan import DispatchPlan, expert_of_row
 
 if TYPE_CHECKING:
     from ..experts import ExpertWeights
+    from ..formats.quantized import QuantizedWeight
 
 Tensor = torch.Tensor
 
@@ -29,8 +31,8 @@ class ExpertGrads(NamedTuple):
 
     x: Tensor
     weights: Tensor
-    w_gate_up: Tensor
-    w_down: Tensor
+    w_gate_up: Optional[Tensor]  # None for a weight no gradient reaches (formats.trainable)
+    w_down: Optional[Tensor]
     b_gate_up: Optional[Tensor]
     b_down: Optional[Tensor]
 
@@ -40,6 +42,9 @@ class Backend:
     # True when make_plan itself raises ValueError for an id outside [0, E), before any
     # kernel indexes with it: the ops then skip their own scan of the ids.
     refuses_bad_ids = False
+    # The quantized formats (formats/quantized.py) whose packed codes its kernels read; it
+    # computes every other format on the dequantized values.
+    native_formats: tuple[str, ...] = ()
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """None when this backend can run on `device`, else why it cannot."""
@@ -65,6 +70,19 @@ class Backend:
     def grouped_mm_wgrad(self, a: Tensor, b: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
         """a: [R, M], b: [R, N] -> [E, M, N], out[e] = a[rows of e].T @ b[rows of e] (0 if no rows)."""
         raise NotImplementedError
+
+    def grouped_mm_quantized(self, a: Tensor, w: QuantizedWeight, offsets: Tensor, transposed: bool) -> Tensor:
+        """grouped_mm with a quantized weight w [E, N, K]: a [R, K] -> [R, N] by w[e].T
+        (transposed, the forward), or a [R, N] -> [R, K] by w[e] (its input's gradient). Each
+        expert with rows is dequantized on its own, never all at once; the offsets are read
+        on the host (a sync on GPUs)."""
+        out = a.new_empty(a.shape[0], w.shape[2] if not transposed else w.shape[1])
+        bounds = offsets.tolist()
+        for e, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if start < end:
+                matrix = w[e].dequantize(a.dtype)[0]
+                out[start:end] = a[start:end] @ (matrix.T if transposed else matrix)
+        return out
 
     def moe_mlp_from_ids(self, x: Tensor, weights: Tensor, ids: Tensor, experts: ExpertWeights) -> Optional[Tensor]:
         """moe_mlp's output from the ids, plan included, for a call that needs neither the plan
@@ -119,11 +137,12 @@ class Backend:
             d_row += (upcast(dyp) * upcast(b_down)[expert_of_row(offsets, dyp.shape[0])]).sum(-1)
         dweights = d_row[row_of_slot.long()]
 
-        dw_down = self.grouped_mm_wgrad(do, a, offsets, experts.num_experts)
+        trains_down, trains_gate_up = (formats.trainable(w) for w in (experts.w_down, experts.w_gate_up))
+        dw_down = self.grouped_mm_wgrad(do, a, offsets, experts.num_experts) if trains_down else None
         db_down = expert_sums(do, offsets) if b_down is not None else None
 
-        xs = self.permute(x, token_of_row)
-        dw_gate_up = self.grouped_mm_wgrad(dh, xs, offsets, experts.num_experts)
+        xs = self.permute(x, token_of_row) if trains_gate_up else None
+        dw_gate_up = self.grouped_mm_wgrad(dh, xs, offsets, experts.num_experts) if trains_gate_up else None
         db_gate_up = expert_sums(dh, offsets) if b_gate_up is not None else None
         dx = self.unpermute(self.grouped_mm(dh, w_gate_up, offsets), row_of_slot, None)
         return ExpertGrads(dx, dweights, dw_gate_up, dw_down, db_gate_up, db_down)

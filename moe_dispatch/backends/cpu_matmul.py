@@ -101,15 +101,30 @@ def _grouped_mm_on_cpu() -> bool:
     return True
 
 
+def _grouped_mm_layout(t: Tensor) -> bool:
+    """Whether torch._grouped_mm accepts t's layout: its check_valid_strides_and_return_transposed
+    (aten/src/ATen/native/GroupedMMUtils.h), in its order. One of the two innermost dims has unit
+    stride and the other a stride that spans it and is a multiple of 16 bytes; the batch stride
+    is free. A unit stride does not pass by itself: a.T of a [R, 1] activation has strides
+    (1, 1), which takes the first branch and fails there (1 is no multiple of 16 bytes). The
+    data 16-byte aligned too: torch 2.13 no longer asks it on CPUs, older versions do."""
+    *_, rows, cols = t.shape
+    *_, row_stride, col_stride = t.stride()
+    aligned = 16 // t.element_size()
+    if row_stride == 1 and col_stride >= max(1, rows):
+        outer = col_stride
+    elif col_stride == 1 and row_stride >= max(1, cols):
+        outer = row_stride
+    else:
+        return False
+    return outer % aligned == 0 and t.data_ptr() % 16 == 0
+
+
 def takes_grouped_mm(group_flops: float, *operands: Tensor) -> bool:
     """Whether torch._grouped_mm serves these operands, whose groups average group_flops: one
     call in place of a Python loop whose few microseconds per expert are a fifth of a small
     layer's backward (H=64, E=16). Its CPU version takes float32 and bfloat16 (float16 goes
-    through float32 here, see matmul_into) with every stride and the data 16-byte aligned;
-    float32 only where BLAS would compute it anyway (torch._grouped_mm calls BLAS, not oneDNN)."""
+    through float32 here, see matmul_into) in the layouts of _grouped_mm_layout; float32 only
+    where BLAS would compute it anyway (torch._grouped_mm calls BLAS, not oneDNN)."""
     dtypes = (torch.bfloat16,) if onednn_serves(group_flops) else (torch.float32, torch.bfloat16)
-    return all(
-        t.dtype in dtypes and t.data_ptr() % 16 == 0
-        and all(s == 1 or s * t.element_size() % 16 == 0 for s in t.stride())
-        for t in operands
-    ) and _grouped_mm_on_cpu()
+    return all(t.dtype in dtypes and _grouped_mm_layout(t) for t in operands) and _grouped_mm_on_cpu()

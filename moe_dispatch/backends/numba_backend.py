@@ -35,10 +35,12 @@ from ..activations import activate
 from ..experts import ExpertWeights
 from ..formats import dense
 from ..formats.onednn import packed_experts
+from ..formats.quantized import QuantizedWeight
 from ..kernels.numba import grouped_mm as gmm
 from ..kernels.numba import mlp, mlp_backward
 from ..kernels.numba import permute as perm
 from ..kernels.numba import plan as plan_kernels
+from ..kernels.numba import quantized as quantized_kernels
 from ..kernels.numba.activations import fused
 from ..plan import DispatchPlan
 from .base import Backend
@@ -154,7 +156,8 @@ def is_packed(w: Tensor) -> bool:
 def weights_array(w: Tensor) -> np.ndarray:
     """as_array for the weights the kernels read, packed when is_packed(w)."""
     if is_packed(w):
-        return w.detach().view(torch.int32).numpy().view(np.uint32)
+        # through the flat storage: a unit dimension may carry an odd stride (N=1), which view refuses
+        return w.detach().flatten().view(torch.int32).view(*w.shape[:-1], -1).numpy().view(np.uint32)
     return as_array(w)
 
 
@@ -234,6 +237,57 @@ def decode_experts(x: Tensor, experts: ExpertWeights) -> mlp.DecodeExperts:
     )
 
 
+def quantized_rows(w: QuantizedWeight) -> quantized_kernels.QuantizedRows:
+    """A quantized weight as the Numba kernels read it (zero-copy views)."""
+    zeros = _NO_ZEROS if w.zeros is None else w.zeros.numpy()
+    return quantized_kernels.QuantizedRows(
+        w.codes.view(torch.uint8).numpy(), w.scales.numpy(), zeros, quantized_kernels.FORMAT_CODES[w.format],
+        w.block[0], w.block[1], w.zeros is not None, w.codes_per_byte == 2, w.shape[2],
+    )
+
+
+_NO_ZEROS = np.zeros((1, 1, 1), dtype=np.uint8)
+
+
+def quantized_experts(x: Tensor, experts: ExpertWeights) -> quantized_kernels.QuantizedExperts:
+    """Quantized experts as the Numba decode kernels read them."""
+    return quantized_kernels.QuantizedExperts(
+        quantized_rows(experts.w_gate_up), scalars_array(experts.b_gate_up, x.dtype), experts.b_gate_up is not None,
+        quantized_rows(experts.w_down), scalars_array(experts.b_down, x.dtype), experts.b_down is not None,
+        fused(experts.activation, experts.gate_up_columns),
+    )
+
+
+def is_quantized(experts: ExpertWeights) -> bool:
+    return isinstance(experts.w_gate_up, QuantizedWeight) or isinstance(experts.w_down, QuantizedWeight)
+
+
+class ExpertMatrices:
+    """Each expert's [K, N] matrix of a weight [E, N, K], as the blocked path's library products
+    read it: a view of a float weight (with its oneDNN-packed copy, when it has one), or a
+    quantized expert dequantized into one buffer reused from expert to expert, so that no
+    dense copy of the experts is ever made."""
+
+    def __init__(self, w, dtype: torch.dtype, save_for_backward: bool):
+        self.quantized = isinstance(w, QuantizedWeight)
+        if self.quantized:
+            self.rows = quantized_rows(w)
+            self.buffer = torch.empty(w.shape[1:], dtype=dtype)
+            self.buffer_array = as_array(self.buffer)[None]
+        else:
+            self.weight = dense(w)
+            self.matrices = self.weight.transpose(1, 2)
+            self.packed = packed_experts(w, save_for_backward)
+
+    def bias_between(self, e: int, bias: Optional[Tensor]) -> tuple:
+        """matmul_into's (b, bias, packed) for expert e: its [K, N] matrix, bias[e], its packed copy."""
+        bias_e = None if bias is None else bias[e]
+        if self.quantized:
+            quantized_kernels.dequantize_experts(self.rows, np.array([e], dtype=np.int32), self.buffer_array)
+            return self.buffer.T, bias_e, None
+        return self.matrices[e], bias_e, self.packed and self.packed.expert(self.weight, e)
+
+
 def decode_tiles(hidden: int) -> mlp.DecodeTiles:
     return mlp.DecodeTiles(BLOCK_NK, QUAD_ROWS, down_block(hidden))
 
@@ -241,6 +295,7 @@ def decode_tiles(hidden: int) -> mlp.DecodeTiles:
 class NumbaBackend(Backend):
     name = "numba"
     refuses_bad_ids = True  # the counting sort counts them, and make_plan raises
+    native_formats = tuple(quantized_kernels.FORMAT_CODES)
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if device.type != "cpu":
@@ -346,11 +401,17 @@ class NumbaBackend(Backend):
         bounds = int32_array(plan.offsets)
         check_offsets(bounds, plan.num_rows)
         active = int(np.count_nonzero(np.diff(bounds)))
-        w_gate_up, w_down = dense(experts.w_gate_up), dense(experts.w_down)
-        rows_limit = fused_rows_limit(x.dtype, mlp_flops_per_row(w_gate_up, w_down))
+        rows_limit = fused_rows_limit(x.dtype, mlp_flops_per_row(experts.w_gate_up, experts.w_down))
+        decode = active and plan.num_rows <= rows_limit * active
+        if is_quantized(experts):
+            # The quantized kernels read both weights quantized; a float one beside a quantized
+            # one goes through the library products.
+            if decode and all(isinstance(w, QuantizedWeight) for w in (experts.w_gate_up, experts.w_down)):
+                return self._moe_mlp_decode_quantized(x, weights, bounds, plan, experts, save_for_backward)
+            return self._moe_mlp_blocked(x, weights, bounds, plan, experts, save_for_backward)
         # The fused kernels read K-contiguous weights; other layouts take the blocked path,
         # whose library products read any strides.
-        if active and plan.num_rows <= rows_limit * active and w_gate_up.is_contiguous() and w_down.is_contiguous():
+        if decode and dense(experts.w_gate_up).is_contiguous() and dense(experts.w_down).is_contiguous():
             return self._moe_mlp_decode(x, weights, bounds, plan, experts, save_for_backward)
         return self._moe_mlp_blocked(x, weights, bounds, plan, experts, save_for_backward)
 
@@ -359,8 +420,8 @@ class NumbaBackend(Backend):
         largest expert and reused: T*k-row intermediates would be fresh memory on every call,
         and their page faults cost as much as the eager loop's whole lead (docs/cpu.md)."""
         num_rows, hidden = plan.num_rows, x.shape[1]
-        w_gate_up, w_down, b_gate_up, b_down = experts.tensors()
-        inter, width = w_down.shape[2], w_gate_up.shape[1]
+        b_gate_up, b_down = experts.b_gate_up, experts.b_down
+        inter, width = experts.intermediate_size, experts.w_gate_up.shape[1]
         rows = int32_array(plan.token_of_row)
         check_indices("token_of_row", rows, x.shape[0])
         counts = np.diff(bounds)
@@ -371,8 +432,7 @@ class NumbaBackend(Backend):
         out = torch.zeros(x.shape[0], hidden, dtype=acc_dtype(x.dtype))
         out_array, o_array = out.numpy(), as_array(o_e)
         token = torch.from_numpy(rows).long()
-        w1, w2 = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
-        pack1, pack2 = (packed_experts(w, save_for_backward) for w in (experts.w_gate_up, experts.w_down))
+        w1, w2 = (ExpertMatrices(w, x.dtype, save_for_backward) for w in (experts.w_gate_up, experts.w_down))
         # A few microseconds of views per expert add up over 64 experts: each is taken once.
         for e in np.flatnonzero(counts).tolist():
             start, end = int(bounds[e]), int(bounds[e + 1])
@@ -380,10 +440,9 @@ class NumbaBackend(Backend):
             x_n, a_n, o_n = x_e[:n], a_e[:n], o_e[:n]
             torch.index_select(x, 0, token[start:end], out=x_n)
             h = h_all[start:end] if save_for_backward else h_e[:n]
-            matmul_into(h, x_n, w1[e], None if b_gate_up is None else b_gate_up[e],
-                        pack1 and pack1.expert(w_gate_up, e))
+            matmul_into(h, x_n, *w1.bias_between(e, b_gate_up))
             a_n.copy_(activate(h, experts.activation, experts.interleaved))
-            matmul_into(o_n, a_n, w2[e], None if b_down is None else b_down[e], pack2 and pack2.expert(w_down, e))
+            matmul_into(o_n, a_n, *w2.bias_between(e, b_down))
             perm.add_weighted_rows(o_array[:n], rows[start:end], row_weight_array[start:end], out_array)
         return out.to(x.dtype), h_all
 
@@ -428,24 +487,42 @@ class NumbaBackend(Backend):
             check_indices("row_of_slot", slots, rows.shape[0])
         return out, h
 
+    def _moe_mlp_decode_quantized(self, x, weights, bounds, plan, experts, save_for_backward):
+        h = x.new_empty(plan.num_rows if save_for_backward else 0, experts.w_gate_up.shape[1])
+        out = x.new_empty(x.shape)
+        rows, slots = int32_array(plan.token_of_row), int32_array(plan.row_of_slot)
+        status = quantized_kernels.moe_mlp_decode(
+            as_array(x.contiguous()), scalars_array(weights, x.dtype), bounds, rows, slots,
+            quantized_experts(x, experts), BLOCK_NK, down_block(x.shape[1]), save_for_backward, as_array(h),
+            as_array(out),
+        )
+        if status != mlp.DECODE_OK:  # the kernel refused an index array before reading through it
+            check_indices("token_of_row", rows, x.shape[0])
+            check_indices("row_of_slot", slots, rows.shape[0])
+        return out, h
+
     @launcher
     def moe_mlp_from_ids(self, x, weights, ids, experts):
         # Tried on as many slots as the serial plan serves; the kernel builds the plan, then
         # declines when the experts receive more rows than the fused kernels take.
-        w_gate_up, w_down = dense(experts.w_gate_up), dense(experts.w_down)
-        if not 0 < ids.numel() <= plan_kernels.MIN_SLOTS_PER_CHUNK or not (
-            w_gate_up.is_contiguous() and w_down.is_contiguous()
-        ):
+        if not 0 < ids.numel() <= plan_kernels.MIN_SLOTS_PER_CHUNK:
             return None
+        rows_limit = fused_rows_limit(x.dtype, mlp_flops_per_row(experts.w_gate_up, experts.w_down))
+        common = (as_array(x.contiguous()), scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(),
+                  experts.num_experts, rows_limit)
         out = x.new_empty(x.shape)
-        num_experts = experts.num_experts
-        status = mlp.moe_mlp_decode_ids(
-            as_array(x.contiguous()), scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(), num_experts,
-            fused_rows_limit(x.dtype, mlp_flops_per_row(w_gate_up, w_down)), decode_experts(x, experts),
-            decode_tiles(x.shape[1]), as_array(out),
-        )
+        if is_quantized(experts):
+            if not all(isinstance(w, QuantizedWeight) for w in (experts.w_gate_up, experts.w_down)):
+                return None
+            status = quantized_kernels.moe_mlp_decode_ids(*common, quantized_experts(x, experts), BLOCK_NK,
+                                                          down_block(x.shape[1]), as_array(out))
+        elif dense(experts.w_gate_up).is_contiguous() and dense(experts.w_down).is_contiguous():
+            status = mlp.moe_mlp_decode_ids(*common, decode_experts(x, experts), decode_tiles(x.shape[1]),
+                                            as_array(out))
+        else:
+            return None
         if status == mlp.NOT_DECODE:
             return None
         if status:
-            refuse_bad_ids(ids, num_experts, status)
+            refuse_bad_ids(ids, experts.num_experts, status)
         return out

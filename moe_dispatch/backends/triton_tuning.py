@@ -6,7 +6,10 @@ autotuner with its on-disk cache, and the compile fallback.
   sm_100 the candidates may use up to ~200 KB.
 - Autotuning (on by default on CUDA; MOE_DISPATCH_AUTOTUNE=0 pins the default config) times
   the candidates once per shape bucket and stores the winner in
-  $MOE_DISPATCH_CACHE_DIR (default ~/.cache/moe_dispatch)/triton-<version>-<device>.json.
+  $MOE_DISPATCH_CACHE_DIR (default ~/.cache/moe_dispatch)/triton-<version>-<device>.json,
+  stamped with the versions of this package and Triton and the GPU's name: a file stamped
+  otherwise, or unreadable, is ignored with a warning and rewritten (cache_files.py), and an
+  entry that is no launchable TileConfig is tuned again.
   It never runs while a CUDA graph is being captured or while torch's sync debug mode is on
   (timing needs host syncs): those calls use the cached or default config. The first tuning
   in a process logs a warning on the "moe_dispatch" logger, since that call pauses.
@@ -19,11 +22,9 @@ autotuner with its on-disk cache, and the compile fallback.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 import warnings
@@ -36,10 +37,11 @@ from typing import Callable, Iterator, Optional, TypeVar
 import torch
 import triton
 
+from .. import cache_files
+from ..cache_files import CACHE_DIR_ENV  # noqa: F401 (where the tests and tools look it up)
 from ..kernels.triton.tiles import TileConfig, dot_precision
 
 AUTOTUNE_ENV = "MOE_DISPATCH_AUTOTUNE"
-CACHE_DIR_ENV = "MOE_DISPATCH_CACHE_DIR"
 LOG = logging.getLogger("moe_dispatch")
 SMALL_SMEM = 96 * 1024
 LARGE_SMEM = 200 * 1024
@@ -209,8 +211,33 @@ def _device_slug(device: torch.device) -> str:
 
 
 def cache_path(device: torch.device) -> Path:
-    root = Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "moe_dispatch")
-    return root / f"triton-{triton.__version__}-{_device_slug(device)}.json"
+    return cache_files.cache_dir() / f"triton-{triton.__version__}-{_device_slug(device)}.json"
+
+
+@lru_cache(maxsize=None)  # asked on every launch on a GPU
+def cache_stamp(device: Optional[torch.device] = None) -> dict:
+    """What a tuning result depends on besides its key. The file name holds Triton's version and
+    a slug of the GPU's name, but two GPUs can share a slug and a package upgrade can change the
+    kernels and their candidates: results stamped otherwise are not used."""
+    from .. import __version__  # the package is imported by the time anything is tuned
+
+    gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else "none"
+    return {"moe_dispatch": __version__, "triton": triton.__version__, "device": gpu}
+
+
+def _config(entry) -> Optional[TileConfig]:
+    """The TileConfig a cache entry holds, or None for one of another shape or with values no
+    launch takes (positive ints; powers of two where tl.arange and the warps need them)."""
+    try:
+        config = TileConfig(**entry)
+    except TypeError:  # not a mapping, or the fields of another version of TileConfig
+        return None
+    powers = (config.block_m, config.block_n, config.block_k, config.num_warps)
+    counts = powers + (config.num_stages, config.split_k)
+    if (all(type(v) is int and v > 0 for v in counts) and not any(v & (v - 1) for v in powers)
+            and type(config.tma) is bool):
+        return config
+    return None
 
 
 def shape_bucket(num_rows: int) -> int:
@@ -246,27 +273,34 @@ class Tuner:
         """
         if device.type != "cuda":
             return launch(INTERPRETER)
-        config = self.select(key, candidates, launch, cache_path(device), may_tune=_may_tune())
+        config = self.select(key, candidates, launch, cache_path(device), may_tune=_may_tune(),
+                             stamp=cache_stamp(device))
         return self.launch(key, config, launch)
 
     def select(self, key: str, candidates: Callable[[], list[TileConfig]], launch: Callable[[TileConfig], object],
-               path: Path, may_tune: bool) -> TileConfig:
+               path: Path, may_tune: bool, stamp: Optional[dict] = None) -> TileConfig:
         """The cached config for key in the table at path, else the fastest candidate (persisted),
-        else the default candidates()[0] (autotuning off, or tuning not allowed now)."""
+        else the default candidates()[0] (autotuning off, or tuning not allowed now). stamp:
+        what the table must be stamped with (cache_stamp(device); default: no GPU)."""
         if os.environ.get(AUTOTUNE_ENV, "1") == "0":
             return candidates()[0]
+        stamp = stamp or cache_stamp()
         with self._lock:
-            table = self._table(path)
+            table = self._table(path, stamp)
             if key in table:
-                try:
-                    return TileConfig(**table[key])
-                except TypeError:  # an entry written by another version of this file: tune again
-                    del table[key]
+                config = _config(table[key])
+                if config is not None:
+                    return config
+                cache_files.warn_once(path, f"the entry for {key} is no tile config; tuning it again")
+                del table[key]
             if not may_tune:
                 return candidates()[0]
             config = self._tune(key, candidates(), launch, path)
             table[key] = asdict(config)
-            self._persist(path, table)
+            # Another process may have tuned other keys since this one read the file: keep theirs.
+            for other, entry in cache_files.read_stamped(path, stamp).items():
+                table.setdefault(other, entry)
+            cache_files.write_stamped(path, stamp, table)
             return config
 
     def launch(self, key: str, config: TileConfig, launch: Callable[[TileConfig], Result]) -> Result:
@@ -302,20 +336,10 @@ class Tuner:
                  len(options), winner)
         return winner
 
-    def _table(self, path: Path) -> dict:
+    def _table(self, path: Path, stamp: dict) -> dict:
         if path not in self._tables:
-            try:
-                self._tables[path] = json.loads(path.read_text())
-            except (OSError, ValueError):
-                self._tables[path] = {}
+            self._tables[path] = cache_files.read_stamped(path, stamp)
         return self._tables[path]
-
-    @staticmethod
-    def _persist(path: Path, table: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            json.dump(table, f, indent=1, sort_keys=True)
-        os.replace(f.name, path)
 
 
 def _may_tune() -> bool:

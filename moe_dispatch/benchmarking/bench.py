@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .. import ops
-from .cases import Experts, Inputs, distinct_experts, make_experts, make_inputs
+from .cases import Experts, Inputs, distinct_experts, make_experts, make_inputs, quantized_experts
 from .costs import Work, gate_up_width, grouped_mm_work, moe_mlp_work, permute_work, unpermute_work
 from .peers import (
     MEASURED_ONLY, OP_PEERS, PeerUnavailable, check_torch_grouped_mm, moe_peer, peer_call,
@@ -40,6 +40,8 @@ class BenchSpec:
     budget_s: float = 0.3  # timed seconds per measurement (at least 3 calls)
     seed: int = 0
     cuda_graph: bool = False  # time replays of a CUDA graph of each call (forward, CUDA only)
+    weights: Optional[str] = None  # a quantized format for the backends' experts (moe_mlp); the peers
+    # run the same values dequantized to dtype
 
     def steps(self) -> int:
         """Measurements the run will make (for progress bars)."""
@@ -74,7 +76,8 @@ def work_of(spec: BenchSpec, batch: Batch) -> Work:
     preset, t = batch.experts.preset, batch.inputs.num_tokens
     rows = t * preset.top_k
     if spec.op == "moe_mlp":
-        return moe_mlp_work(preset, t, batch.touched, spec.dtype, spec.backward)
+        stored = batch.experts.expert_bytes() if spec.weights else None
+        return moe_mlp_work(preset, t, batch.touched, spec.dtype, spec.backward, stored)
     if spec.op == "grouped_mm":
         return grouped_mm_work(rows, preset.hidden_size, gate_up_width(preset), batch.touched, spec.dtype)
     if spec.op == "permute":
@@ -154,6 +157,7 @@ def make_record(spec: BenchSpec, batch: Batch, work: Work, roofline: Roofline, b
         "op": spec.op, "preset": preset.name, "scale": preset.scale, "num_experts": preset.num_experts,
         "top_k": preset.top_k, "hidden_size": preset.hidden_size, "intermediate_size": preset.intermediate_size,
         "backend": backend, "device": roofline.device, "dtype": str(spec.dtype).removeprefix("torch."),
+        "weights": spec.weights,
         "tokens": batch.inputs.num_tokens, "routing": spec.routing, "backward": spec.backward,
         "cuda_graph": spec.cuda_graph,
         "ms": ms, "repeats": len(times), "tokens_per_s": _rate(batch.inputs.num_tokens, ms, 1.0),
@@ -172,7 +176,10 @@ def run_bench(spec: BenchSpec, roofline: Roofline, advance: Callable[[str], None
     records from the samples taken so far."""
     for preset in spec.presets:
         experts = make_experts(preset, spec.dtype, spec.device, spec.seed, requires_grad=spec.backward)
-        peers = build_peers(spec, experts)
+        peer_experts = experts
+        if spec.weights:
+            experts, peer_experts = quantized_experts(experts, spec.weights)
+        peers = build_peers(spec, peer_experts)
         for name, peer in peers.items():
             if isinstance(peer, str):
                 warn(f"{preset.label}: peer {name} skipped: {peer}")

@@ -5,11 +5,14 @@ routed inputs for a preset, built the same way wherever they are timed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
+
 import torch
 
 from .. import activations
 from ..experts import ExpertWeights
+from ..formats.quantized import quantize
 from .presets import Preset
 
 Tensor = torch.Tensor
@@ -32,9 +35,21 @@ class Experts:
     def device(self) -> torch.device:
         return self.weights.w_gate_up.device
 
+    @property
+    def weights_format(self) -> Optional[str]:
+        """The quantized format of the weights, None for float weights."""
+        return getattr(self.weights.w_gate_up, "format", None)
+
+    def expert_bytes(self) -> float:
+        """The bytes of one expert's weights and biases, as stored."""
+        held = (t for t in (self.weights.w_gate_up, self.weights.w_down, self.weights.b_gate_up, self.weights.b_down)
+                if t is not None)
+        return sum(t.nbytes for t in held) / self.weights.num_experts
+
     def trained(self) -> tuple[Tensor, ...]:
-        """The tensors a training step differentiates (the biases when there are some)."""
-        return tuple(t for t in self.weights.tensors() if t is not None)
+        """The tensors a training step differentiates (the biases when there are some; no
+        quantized weight)."""
+        return tuple(t for t in self.weights.grad_targets() if t is not None)
 
 
 @dataclass
@@ -72,6 +87,21 @@ def make_experts(preset: Preset, dtype: torch.dtype, device, seed: int = 0, requ
     b_gate_up = uniform((e, width), h) if preset.bias else None
     b_down = uniform((e, h), i) if preset.bias else None
     return Experts(preset, ExpertWeights(w_gate_up, w_down, b_gate_up, b_down, preset.activation))
+
+
+def quantized_experts(experts: Experts, format: str) -> tuple[Experts, Experts]:
+    """(experts with their weights quantized to format, the same values dequantized to float for
+    the peers, which have no quantized path). int4 takes groups of 128 along K, or the largest
+    of 64 and 32 that divides a scaled-down K."""
+    w = experts.weights
+
+    def quantized(weight: Tensor):
+        groups = [g for g in (128, 64, 32) if weight.shape[2] % g == 0] if format == "int4" else []
+        return quantize(weight, format, group_size=groups[0] if groups else None)
+
+    gate_up, down = quantized(w.w_gate_up), quantized(w.w_down)
+    return (Experts(experts.preset, replace(w, w_gate_up=gate_up, w_down=down)),
+            Experts(experts.preset, replace(w, w_gate_up=gate_up.dequantize(), w_down=down.dequantize())))
 
 
 def expert_popularity(num_experts: int, routing: str, gen: torch.Generator) -> Tensor:

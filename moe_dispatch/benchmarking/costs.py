@@ -9,6 +9,7 @@ the forward's FLOPs (input and weight gradients).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -43,13 +44,14 @@ def expert_bytes(preset: Preset, dtype: torch.dtype) -> int:
 
 
 def moe_mlp_work(preset: Preset, num_tokens: int, touched: int, dtype: torch.dtype,
-                 backward: bool = False) -> Work:
-    """The routed experts of one layer for T tokens that touch `touched` distinct experts."""
+                 backward: bool = False, bytes_per_expert: Optional[float] = None) -> Work:
+    """The routed experts of one layer for T tokens that touch `touched` distinct experts;
+    bytes_per_expert: what one expert's weights hold when not float weights of dtype."""
     h, i, w1 = preset.hidden_size, preset.intermediate_size, gate_up_width(preset)
     rows = num_tokens * preset.top_k
     flops = 2.0 * rows * h * (w1 + i)
     activations = 2 * num_tokens * h * element_size(dtype) + rows * (4 + 8)  # x, out, weights, ids
-    weights = touched * expert_bytes(preset, dtype)
+    weights = touched * (expert_bytes(preset, dtype) if bytes_per_expert is None else bytes_per_expert)
     if backward:
         return Work(3 * flops, 3 * weights + 3 * activations)
     return Work(flops, weights + activations)

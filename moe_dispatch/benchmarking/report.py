@@ -26,7 +26,8 @@ def _speedup(value: Optional[float]) -> str:
 def _groups(records: list) -> dict:
     groups: dict = {}
     for r in records:
-        key = (r["op"], r["preset"], r["scale"], r["dtype"], r["routing"], r["backward"], r.get("cuda_graph", False))
+        dtype = r["dtype"] if not r.get("weights") else f"{r['dtype']}, {r['weights']} weights"
+        key = (r["op"], r["preset"], r["scale"], dtype, r["routing"], r["backward"], r.get("cuda_graph", False))
         groups.setdefault(key, []).append(r)
     return groups
 

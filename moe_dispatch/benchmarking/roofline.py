@@ -14,8 +14,6 @@ fastest an op could run is max(bytes / bandwidth, FLOPs / peak).
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass, replace
@@ -24,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from .. import cache_files
 from ..backends import cpu_matmul
 from .costs import Work
 from .presets import DTYPES
@@ -59,8 +58,7 @@ class Roofline:
 
 
 def cache_path() -> Path:
-    root = os.environ.get("MOE_DISPATCH_CACHE_DIR") or Path.home() / ".cache" / "moe_dispatch"
-    return Path(root) / "roofline.json"
+    return cache_files.cache_dir() / "roofline.json"
 
 
 def _cpu_name() -> str:
@@ -143,19 +141,36 @@ def _now() -> str:
 
 
 def load_cache() -> dict:
+    return cache_files.read_object(cache_path())
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _roofline(entry) -> Optional[Roofline]:
+    """The Roofline a cache entry holds, or None for one with other fields or wrong-typed values
+    (hand-edited, or written by another version): such a figure would mislead every result."""
     try:
-        return json.loads(cache_path().read_text())
-    except (OSError, ValueError):
-        return {}
+        found = Roofline(**entry)
+    except TypeError:
+        return None
+    fine = (all(isinstance(v, str) for v in (found.device, found.torch, found.measured_at))
+            and _number(found.read_gbps) and _number(found.copy_gbps)
+            and isinstance(found.method, int) and isinstance(found.peak_tflops, dict)
+            and all(isinstance(k, str) and _number(v) for k, v in found.peak_tflops.items()))
+    return found if fine else None
 
 
 def cached_roofline(device) -> Optional[Roofline]:
-    entry = load_cache().get(device_key(torch.device(device)))
-    try:
-        found = Roofline(**entry) if entry else None
-    except TypeError:  # written by another version: measure again
+    key = device_key(torch.device(device))
+    entry = load_cache().get(key)
+    if entry is None:
         return None
-    return found if found and found.method == METHOD else None
+    found = _roofline(entry)
+    if found is None:
+        cache_files.warn_once(cache_path(), f"the entry for {key!r} is not a roofline; measuring again")
+    return found if found and found.method == METHOD else None  # another METHOD: measured again
 
 
 def get_roofline(device, remeasure: bool = False, fresh_bandwidth: bool = False) -> Roofline:
@@ -170,14 +185,6 @@ def get_roofline(device, remeasure: bool = False, fresh_bandwidth: bool = False)
         roofline = replace(found, read_gbps=read, copy_gbps=copy, measured_at=_now())
     else:
         return found
-    cache = load_cache()
-    cache[roofline.device] = asdict(roofline)
-    path = cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=2))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only home still gets the figures, just not cached
+    # a read-only home still gets the figures, just not cached
+    cache_files.write_object(cache_path(), {**load_cache(), roofline.device: asdict(roofline)})
     return roofline

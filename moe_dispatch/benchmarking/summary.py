@@ -94,7 +94,10 @@ def main(argv: list) -> int:
     for path in args.paths:
         try:
             with open(path) as f:
-                records.extend(json.load(f))
+                found = json.load(f)
+            if not (isinstance(found, list) and all(isinstance(r, dict) for r in found)):
+                raise ValueError("not a list of records, as bench --json writes")
+            records.extend(found)
         except FileNotFoundError:  # a step that did not run here (CUDA graphs on a CPU) or did not finish
             print(f"no results in {path}: that step wrote none")
         except (OSError, ValueError) as exc:

@@ -22,10 +22,13 @@ class StoredWeight:
     """An expert weight [E, N, K] in a storage format of its own (subclasses register by `format`)."""
 
     format: ClassVar[str]
+    # Whether a gradient reaches the weight: its dense values are one of its flatten() tensors.
+    trainable: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        FORMATS[cls.format] = cls
+        if "format" in cls.__dict__:  # a family's base class names none
+            FORMATS[cls.format] = cls
 
     @property
     def shape(self) -> torch.Size:
@@ -74,6 +77,11 @@ def format_of(w: Weight) -> str:
     return w.format if isinstance(w, StoredWeight) else DENSE
 
 
+def trainable(w: Weight) -> bool:
+    """Whether a gradient can reach w (a plain tensor, or a storage of its dense values)."""
+    return not isinstance(w, StoredWeight) or w.trainable
+
+
 def dense(w: Weight) -> Tensor:
     """w's [E, N, K] values as a float tensor."""
     return w.dense() if isinstance(w, StoredWeight) else w
@@ -94,4 +102,4 @@ def unflatten(tensors: list[Tensor], spec: str) -> Weight:
     return FORMATS[name].unflatten(tensors, meta)
 
 
-__all__ = ["StoredWeight", "Weight", "FORMATS", "DENSE", "format_of", "dense", "flatten", "unflatten"]
+__all__ = ["StoredWeight", "Weight", "FORMATS", "DENSE", "format_of", "trainable", "dense", "flatten", "unflatten"]

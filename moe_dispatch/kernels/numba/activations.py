@@ -9,9 +9,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from numba import njit
-
 from ...activations import ACTIVATIONS, Activation
+from .caching import njit
 from .scalars import like
 
 SILU, GELU, RELU, SWIGLU, GEGLU, CLAMPED_SWIGLU = (

@@ -17,9 +17,10 @@ contiguous loads, where interleaved loads cost shuffles in the innermost loop.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
+from numba import prange, types
 from numba.extending import overload
 
+from .caching import njit
 from .scalars import acc_zero, acc_zeros, bf16_pair, narrow, widen
 
 # reassoc/contract let LLVM vectorize the dot products (a sum's order changes, as in any

@@ -14,9 +14,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from .activations import FusedActivation, activate
+from .caching import njit
 from .grouped_mm import FASTMATH, dot_rows_pair, dot_rows_quad, split_col
 from .plan import make_plan_serial
 from .scalars import acc_zeros, narrow, widen
@@ -45,7 +46,7 @@ class DecodeTiles(NamedTuple):
 
 
 @njit(cache=True, inline="always")
-def _gate_up_epilogue(dots, p, q, r, e, i, col_a, col_b, bias, has_bias, save_h, h, act, inter, split_a, a):
+def gate_up_epilogue(dots, p, q, r, e, i, col_a, col_b, bias, has_bias, save_h, h, act, inter, split_a, a):
     """Row r's outputs from the sums dots[p, q] of weight row col_a and dots[p + 1, q] of row
     col_b: gated, the gate and up of intermediate column i; plain, columns col_a and col_b."""
     g = dots[p, q] + bias[e, col_a] if has_bias else dots[p, q]
@@ -94,7 +95,7 @@ def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, act
                               w[e, j * step], w[e, j * step + shift], dots)
                 for q in range(end - start):
                     for p, col in ((0, i), (2, j)):
-                        _gate_up_epilogue(dots, p, q, start + q, e, col, col * step, col * step + shift, bias,
+                        gate_up_epilogue(dots, p, q, start + q, e, col, col * step, col * step + shift, bias,
                                           has_bias, save_h, h, act, inter, split_a, a)
         else:
             # Gated: column i's gate row with its up row. Plain: columns i and i + 1.
@@ -102,7 +103,7 @@ def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, act
                 col_a, col_b = (i * step, i * step + shift) if act.gated else (i, min(i + 1, inter - 1))
                 dot_rows_pair(x, token_of_row, True, start, end, w[e, col_a], w[e, col_b], dots)
                 for q in range(end - start):
-                    _gate_up_epilogue(dots, 0, q, start + q, e, i, col_a, col_b, bias, has_bias, save_h, h, act,
+                    gate_up_epilogue(dots, 0, q, start + q, e, i, col_a, col_b, bias, has_bias, save_h, h, act,
                                       inter, split_a, a)
 
 
@@ -159,6 +160,45 @@ NOT_DECODE = -1
 
 
 @njit(cache=True)
+def decode_inputs(x, weights, offsets, token_of_row, row_of_slot, split_x):
+    """What a decode step starts from: (whether every index lies in its range (if not, the
+    rest is empty and nothing may be computed), x widened to float32 (float64 for float64
+    weights; split when split_x), each row's routing weight [R], the active experts int32).
+
+    x: [T, H] (16-bit as bits); weights: [T, k] float32 (float64); offsets: [E+1] int32,
+    already checked; token_of_row: [R] int32; row_of_slot: [T, k] int32.
+    """
+    num_tokens, hidden = x.shape
+    num_rows = token_of_row.shape[0]
+    ok = True
+    for r in range(num_rows):
+        ok &= 0 <= token_of_row[r] < num_tokens
+    for t in range(num_tokens):
+        for j in range(row_of_slot.shape[1]):
+            ok &= 0 <= row_of_slot[t, j] < num_rows
+    if not ok:
+        return False, acc_zeros((0, 0), weights.dtype), acc_zeros(0, weights.dtype), np.empty(0, dtype=np.int32)
+    x_wide = acc_zeros((num_tokens, hidden), weights.dtype)
+    for t in range(num_tokens):
+        for c in range(hidden):
+            x_wide[t, split_col(c, hidden, split_x)] = widen(x[t, c])
+    row_weight = acc_zeros(num_rows, weights.dtype)
+    for t in range(num_tokens):
+        for j in range(row_of_slot.shape[1]):
+            row_weight[row_of_slot[t, j]] = weights[t, j]
+    num_active = 0
+    for e in range(offsets.shape[0] - 1):
+        num_active += offsets[e + 1] > offsets[e]
+    active = np.empty(num_active, dtype=np.int32)
+    num_active = 0
+    for e in range(offsets.shape[0] - 1):
+        if offsets[e + 1] > offsets[e]:
+            active[num_active] = e
+            num_active += 1
+    return True, x_wide, row_weight, active
+
+
+@njit(cache=True)
 def moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, experts, tiles, save_h, h, out):
     """The decode step on a plan; see _decode_step."""
     return _decode_step(x, weights, offsets, token_of_row, row_of_slot, experts, tiles, save_h, h, out)
@@ -178,32 +218,11 @@ def _decode_step(x, weights, offsets, token_of_row, row_of_slot, experts, tiles,
     save_h); out: [T, H] out (x's type). Returns DECODE_OK, or BAD_INDEX when an index falls
     outside its range (and then computes nothing).
     """
-    num_tokens, hidden = x.shape
-    num_rows = token_of_row.shape[0]
-    for r in range(num_rows):
-        if token_of_row[r] < 0 or token_of_row[r] >= num_tokens:
-            return BAD_INDEX
-    for t in range(num_tokens):
-        for j in range(row_of_slot.shape[1]):
-            if row_of_slot[t, j] < 0 or row_of_slot[t, j] >= num_rows:
-                return BAD_INDEX
-    x_wide = acc_zeros((num_tokens, hidden), weights.dtype)
-    for t in range(num_tokens):
-        for c in range(hidden):
-            x_wide[t, split_col(c, hidden, experts.gate_up_packed)] = widen(x[t, c])
-    row_weight = acc_zeros(num_rows, weights.dtype)
-    for t in range(num_tokens):
-        for j in range(row_of_slot.shape[1]):
-            row_weight[row_of_slot[t, j]] = weights[t, j]
-    num_active = 0
-    for e in range(offsets.shape[0] - 1):
-        num_active += offsets[e + 1] > offsets[e]
-    active = np.empty(num_active, dtype=np.int32)
-    num_active = 0
-    for e in range(offsets.shape[0] - 1):
-        if offsets[e + 1] > offsets[e]:
-            active[num_active] = e
-            num_active += 1
+    ok, x_wide, row_weight, active = decode_inputs(x, weights, offsets, token_of_row, row_of_slot,
+                                                   experts.gate_up_packed)
+    if not ok:
+        return BAD_INDEX
+    num_rows, num_active = token_of_row.shape[0], active.shape[0]
     inter = experts.w_down.shape[2] * 2 if experts.down_packed else experts.w_down.shape[2]
     quad = experts.gate_up_packed and num_rows >= tiles.quad_rows * num_active
     a = acc_zeros((num_rows, inter), weights.dtype)
@@ -215,14 +234,11 @@ def _decode_step(x, weights, offsets, token_of_row, row_of_slot, experts, tiles,
 
 
 @njit(cache=True)
-def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, experts, tiles, out):
-    """The decode step from the expert ids, the plan built in the same call (a serial counting
-    sort: a decode step has few slots), for a call that needs neither the plan nor h.
-
-    ids: [T, k] int; num_experts: E; rows_limit: the most rows per active expert, on
-    average, the fused kernels take; the rest as for _decode_step. Returns the number of
-    ids outside [0, E) (and then computes nothing), NOT_DECODE when the experts receive more
-    rows than rows_limit (nothing computed either), else 0.
+def decode_plan(ids, num_experts, rows_limit):
+    """The plan of a decode step's expert ids, by a serial counting sort (a decode step has
+    few slots): (status, offsets, token_of_row, row_of_slot). status: the number of ids
+    outside [0, E), NOT_DECODE when the active experts receive more than rows_limit rows on
+    average (a step for the blocked path), else 0, and then the arrays are the plan.
     """
     num_tokens, top_k = ids.shape
     offsets = np.empty(num_experts + 1, dtype=np.int32)
@@ -231,15 +247,27 @@ def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, experts, tiles,
     num_bad = make_plan_serial(ids, num_experts, 1, np.empty(num_experts, dtype=np.int32), offsets, token_of_row,
                                row_of_slot)
     if num_bad:
-        return num_bad
+        return num_bad, offsets, token_of_row, row_of_slot
     num_active = 0
     for e in range(num_experts):
         num_active += offsets[e + 1] > offsets[e]
     if token_of_row.shape[0] > rows_limit * num_active:
-        return NOT_DECODE
+        return NOT_DECODE, offsets, token_of_row, row_of_slot
+    return 0, offsets, token_of_row, row_of_slot
+
+
+@njit(cache=True)
+def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, experts, tiles, out):
+    """The decode step from the expert ids, the plan built in the same call, for a call that
+    needs neither the plan nor h: ids [T, k] int; num_experts: E; rows_limit: the most rows
+    per active expert, on average, the fused kernels take; the rest as for _decode_step.
+    Returns decode_plan's status: nothing is computed unless it is 0.
+    """
+    status, offsets, token_of_row, row_of_slot = decode_plan(ids, num_experts, rows_limit)
+    if status:
+        return status
     # save_h as a runtime bool (always false here), not a constant: _decode_step and the
     # kernels then compile once for both entry points, not once each.
-    save_h = num_active < 0
-    _decode_step(x, weights, offsets, token_of_row, row_of_slot, experts, tiles, save_h,
-                   np.empty((0, experts.w_gate_up.shape[1]), dtype=out.dtype), out)
+    _decode_step(x, weights, offsets, token_of_row, row_of_slot, experts, tiles, status != 0,
+                 np.empty((0, experts.w_gate_up.shape[1]), dtype=out.dtype), out)
     return 0

@@ -7,9 +7,10 @@ a dozen passes over [R, 2I] float32 temporaries, here one read of each input.
 
 from __future__ import annotations
 
-from numba import njit, prange
+from numba import prange
 
 from .activations import activate_and_grad
+from .caching import njit
 from .scalars import acc_zero, narrow, widen
 
 

@@ -8,8 +8,9 @@ first, so a hand-made plan can never send a kernel out of bounds.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
+from .caching import njit
 from .scalars import acc_zero, acc_zeros, narrow, widen
 
 
@@ -98,16 +99,23 @@ def combine_backward(dy, ys, row_of_slot, weights, dys, dweights):
             dweights[t, j] = dot
 
 
+# Columns per add_weighted_rows task: a cache line's worth of float32 or more per row.
+ADD_COLUMNS = 64
+
+
 @njit(cache=True, parallel=True)
 def add_weighted_rows(rows, token_of_row, row_weight, out):
     """out[token_of_row[i]] += row_weight[i] * rows[i], in out's float32 (float64).
 
-    rows: [n, N] (16-bit as bits); token_of_row: [n] int32, distinct tokens (one expert's
-    rows: a token picks an expert once); row_weight: [n] float32; out: [T, N].
-    Grid: one task per row; distinct tokens mean no two tasks add into the same row.
+    rows: [n, N] (16-bit as bits); token_of_row: [n] int32; row_weight: [n] float32; out: [T, N].
+    Grid: one task per block of ADD_COLUMNS columns, each walking every row in order: a token
+    that picks one expert twice (duplicate ids) has two rows adding into its output row.
     """
-    for i in prange(rows.shape[0]):
-        t = token_of_row[i]
-        w = row_weight[i]
-        for n in range(rows.shape[1]):
-            out[t, n] += w * widen(rows[i, n])
+    width = rows.shape[1]
+    for task in prange((width + ADD_COLUMNS - 1) // ADD_COLUMNS):
+        c0 = task * ADD_COLUMNS
+        for i in range(rows.shape[0]):
+            t = token_of_row[i]
+            w = row_weight[i]
+            for n in range(c0, min(c0 + ADD_COLUMNS, width)):
+                out[t, n] += w * widen(rows[i, n])

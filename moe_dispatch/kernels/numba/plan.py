@@ -12,7 +12,9 @@ from __future__ import annotations
 import types
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from .caching import njit
 
 # Slots per chunk below which another task costs more than it saves.
 MIN_SLOTS_PER_CHUNK = 4096

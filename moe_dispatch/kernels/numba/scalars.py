@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.extending import intrinsic, overload
+
+from .caching import njit
 
 # ---- bit casts (jit only) ----------------------------------------------------------------
 
@@ -174,3 +176,35 @@ def _like(v, value):
     if v == types.float32:
         return lambda v, value: np.float32(value)
     return lambda v, value: np.float64(value)
+
+
+# ---- quantized codes: a half's bits, and powers of two ------------------------------------
+
+
+def half_value(bits):
+    """The float32 value of the float16 whose bits are the low 16 of the int bits: the
+    quantized kernels turn e4m3 and e2m1 codes into float16 bits with shifts and masks."""
+    return np.float32(np.array(int(bits) & 0xFFFF, dtype=np.uint16).view(np.float16)[()])
+
+
+@overload(half_value, inline="always")
+def _half_value(bits):
+    if isinstance(bits, types.Integer):
+        return lambda bits: _f32_from_half_bits(np.int16(bits))  # truncates to the low 16 bits
+    return None
+
+
+def pow2(exponent):
+    """2.0 ** exponent as a float32, exact for exponent in [-127, 127] (2^-127 a subnormal)."""
+    return np.float32(np.ldexp(np.float32(1.0), int(exponent)))
+
+
+@overload(pow2, inline="always")
+def _pow2(exponent):
+    if isinstance(exponent, types.Integer):
+        def impl(exponent):
+            if exponent > -127:
+                return _f32_from_bits(np.uint32(exponent + 127) << np.uint32(23))
+            return _f32_from_bits(np.uint32(0x400000))
+        return impl
+    return None

@@ -1,0 +1,65 @@
+"""numba.njit for the kernels: its on-disk compile cache treats a damaged file as a miss.
+
+Every kernel is compiled with cache=True, into $NUMBA_CACHE_DIR or the __pycache__ next to its
+source. Numba unpickles whatever the files hold (numba/core/caching.py: the index in
+IndexDataCacheFile._load_index, a compiled overload in _load_data and CacheImpl.rebuild), so an
+index or data file that a killed process or a full disk left truncated or garbled raises
+(UnpicklingError, EOFError, ...) from every later call, in every later process. Here such a
+load is a miss: one warning, the kernel compiles again, and saving it rewrites the broken files
+(a garbled index reads as empty, so the save writes a new one; a garbled data file's entry is
+overwritten in place).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numba
+from numba.core.caching import FunctionCache, IndexDataCacheFile
+
+_warned: set[str] = set()
+
+
+def _warn_once(path: str, exc: Exception) -> None:
+    # A save after a failed load reads the same index again: one warning, not two.
+    if path not in _warned:
+        _warned.add(path)
+        warnings.warn(f"moe_dispatch: Numba's compile cache {path} is damaged ({exc!r}); "
+                      "compiling again and rewriting it", RuntimeWarning)
+
+
+class _HealingCacheFile(IndexDataCacheFile):
+    def _load_index(self) -> dict:
+        try:
+            overloads = super()._load_index()
+            if not isinstance(overloads, dict):
+                raise TypeError(f"the index holds a {type(overloads).__name__}, not a dict")
+            return overloads
+        except Exception as exc:  # noqa: BLE001 (a damaged file raises whatever unpickling it raises)
+            _warn_once(self._index_path, exc)
+            return {}
+
+
+class _HealingCache(FunctionCache):
+    def __init__(self, py_func):
+        super().__init__(py_func)
+        self._cache_file = _HealingCacheFile(self._cache_path, self._impl.filename_base,
+                                             self._impl.locator.get_source_stamp())
+
+    def load_overload(self, sig, target_context):
+        try:
+            return super().load_overload(sig, target_context)
+        except Exception as exc:  # noqa: BLE001 (a damaged data file: see the module docstring)
+            _warn_once(f"{self._cache_path}/{self._impl.filename_base}.*.nbc", exc)
+            return None
+
+
+def njit(**options):
+    """numba.njit(**options), with the cache above when options ask for one."""
+    def decorate(fn):
+        dispatcher = numba.njit(**options)(fn)
+        # NUMBA_DISABLE_JIT=1 returns fn itself, which has no cache
+        if isinstance(getattr(dispatcher, "_cache", None), FunctionCache):
+            dispatcher._cache = _HealingCache(dispatcher.py_func)
+        return dispatcher
+    return decorate

@@ -1,0 +1,261 @@
+"""The expert MLP on quantized weights (moe_dispatch/formats/quantized.py), read as packed.
+
+Each kernel task turns the weight rows it needs into float32 one row at a time, in a buffer
+that stays in L1, then dots the row with every row of its expert: the codes are read once
+per step, never a dense copy of the experts. A row's conversion is one loop per scale group
+over contiguous bytes, shifts and masks that vectorize: e4m3 and e2m1 codes are moved into
+the bits of a float16 (whose conversion to float32 is one instruction) and rescaled by a
+power of two; the group's scale multiplies once per element, fetched once per group.
+4-bit rows come out split (even elements, then odd), the layout the split activations of
+grouped_mm.py meet with contiguous loads.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import prange
+
+from .activations import FusedActivation
+from .caching import njit
+from .grouped_mm import FASTMATH
+from .mlp import BAD_INDEX, DECODE_OK, decode_inputs, decode_plan, gate_up_epilogue
+from .scalars import half_value, narrow, pow2
+
+INT8, INT4, FP8, MXFP4 = 0, 1, 2, 3
+FORMAT_CODES = {"int8": INT8, "int4": INT4, "fp8": FP8, "mxfp4": MXFP4}
+
+
+class QuantizedRows(NamedTuple):
+    """A QuantizedWeight as the kernels read it."""
+
+    codes: np.ndarray  # [E, N, K] uint8 (int8 and e4m3 codes as their bytes), [E, N, K/2] for 4-bit
+    scales: np.ndarray  # [E, ceil(N/rows), ceil(K/group)] float32, uint8 (e8m0) for mxfp4
+    zeros: np.ndarray  # int4 zero points like scales, uint8; [1, 1, 1] when absent (zero 8)
+    fmt: int  # FORMAT_CODES
+    rows: int  # output rows per scale
+    group: int  # K elements per scale
+    has_zeros: bool
+    split: bool  # 4-bit: rows come out split, and the activations must arrive so
+    depth: int  # K
+
+
+class QuantizedExperts(NamedTuple):
+    w_gate_up: QuantizedRows
+    b_gate_up: np.ndarray  # [E, W] float32, [1, 1] when absent
+    has_b_gate_up: bool
+    w_down: QuantizedRows
+    b_down: np.ndarray  # [E, H] float32
+    has_b_down: bool
+    act: FusedActivation
+
+
+# Each conversion takes two weight rows in one loop: two streams of codes in flight, which a
+# step bound by reading the experts needs (one row at a time left the prefetcher behind).
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _int8_values(codes_a, codes_b, s_a, s_b, out_a, out_b):
+    for k in range(codes_a.shape[0]):
+        out_a[k] = s_a * np.float32(np.int8(codes_a[k]))  # the byte as the int8 it was
+        out_b[k] = s_b * np.float32(np.int8(codes_b[k]))
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _e4m3_values(codes_a, codes_b, s_a, s_b, out_a, out_b):
+    # e4m3's sign, exponent and mantissa, shifted into a float16's, are worth 2^-8 of it
+    s_a *= np.float32(256.0)
+    s_b *= np.float32(256.0)
+    for k in range(codes_a.shape[0]):
+        b = np.int32(codes_a[k])
+        out_a[k] = s_a * half_value(((b & 0x80) << 8) | ((b & 0x7F) << 7))
+        b = np.int32(codes_b[k])
+        out_b[k] = s_b * half_value(((b & 0x80) << 8) | ((b & 0x7F) << 7))
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _int4_values(codes_a, codes_b, s_a, s_b, zero_a, zero_b, low_a, high_a, low_b, high_b):
+    for j in range(codes_a.shape[0]):
+        b = np.int32(codes_a[j])
+        low_a[j] = s_a * (np.float32(b & 15) - zero_a)
+        high_a[j] = s_a * (np.float32(b >> 4) - zero_a)
+        b = np.int32(codes_b[j])
+        low_b[j] = s_b * (np.float32(b & 15) - zero_b)
+        high_b[j] = s_b * (np.float32(b >> 4) - zero_b)
+
+
+MXFP4_SPAN = 16  # bytes per e8m0 scale: mxfp4's groups are 32 elements
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _e2m1_values(codes_a, codes_b, scales_a, scales_b, low_a, high_a, low_b, high_b):
+    # e2m1 shifted into a float16 is worth 2^-14 of it; that power of two and the scale's go
+    # in two exact steps, so that no scale byte overflows float32 on the way. The constant
+    # inner trip count lets LLVM turn each group into whole vector operations.
+    up = np.float32(16384.0)
+    for g in range(scales_a.shape[0]):
+        s_a = pow2(np.int32(scales_a[g]) - 127)
+        s_b = pow2(np.int32(scales_b[g]) - 127)
+        for i in range(MXFP4_SPAN):
+            j = g * MXFP4_SPAN + i
+            b = np.int32(codes_a[j])
+            low_a[j] = s_a * (up * half_value(((b & 0x08) << 12) | ((b & 0x07) << 9)))
+            high_a[j] = s_a * (up * half_value(((b & 0x80) << 8) | ((b & 0x70) << 5)))
+            b = np.int32(codes_b[j])
+            low_b[j] = s_b * (up * half_value(((b & 0x08) << 12) | ((b & 0x07) << 9)))
+            high_b[j] = s_b * (up * half_value(((b & 0x80) << 8) | ((b & 0x70) << 5)))
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def dequantize_pair(w, e, n_a, n_b, out_a, out_b):
+    """out_a[:K], out_b[:K] = rows n_a and n_b of expert e's values as float32 (split for the
+    4-bit formats). One loop per scale group over separate input and output runs: what LLVM
+    vectorizes."""
+    codes_a, codes_b = w.codes[e, n_a], w.codes[e, n_b]
+    row_a, row_b = n_a // w.rows, n_b // w.rows
+    if not w.split:
+        group = w.group
+        for g in range(w.scales.shape[2]):
+            k0, k1 = g * group, min((g + 1) * group, w.depth)
+            s_a, s_b = np.float32(w.scales[e, row_a, g]), np.float32(w.scales[e, row_b, g])
+            if w.fmt == INT8:
+                _int8_values(codes_a[k0:k1], codes_b[k0:k1], s_a, s_b, out_a[k0:k1], out_b[k0:k1])
+            else:
+                _e4m3_values(codes_a[k0:k1], codes_b[k0:k1], s_a, s_b, out_a[k0:k1], out_b[k0:k1])
+    elif w.fmt == INT4:
+        half, span = w.depth // 2, w.group // 2
+        for g in range(w.scales.shape[2]):
+            j0, j1 = g * span, (g + 1) * span
+            zero_a = np.float32(w.zeros[e, row_a, g]) if w.has_zeros else np.float32(8.0)
+            zero_b = np.float32(w.zeros[e, row_b, g]) if w.has_zeros else np.float32(8.0)
+            _int4_values(codes_a[j0:j1], codes_b[j0:j1], np.float32(w.scales[e, row_a, g]),
+                         np.float32(w.scales[e, row_b, g]), zero_a, zero_b, out_a[j0:j1], out_a[half + j0:half + j1],
+                         out_b[j0:j1], out_b[half + j0:half + j1])
+    else:
+        half = w.depth // 2
+        _e2m1_values(codes_a, codes_b, w.scales[e, row_a], w.scales[e, row_b], out_a[:half], out_a[half:],
+                     out_b[:half], out_b[half:])
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _dot_pair(row_a, row_b, src):
+    total_a = np.float32(0.0)
+    total_b = np.float32(0.0)
+    for k in range(row_a.shape[0]):
+        total_a += row_a[k] * src[k]
+        total_b += row_b[k] * src[k]
+    return total_a, total_b
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, act, block, save_h, h, split_a, a):
+    """mlp.gate_up_act on a QuantizedRows w [E, W, H]: x [T, H] float32 (split when w.split);
+    the rest as there. Grid: A * ceil(I / block) tasks, one per (expert, block of columns)."""
+    num_blocks = (inter + block - 1) // block
+    step, shift = act.step, act.shift
+    for task in prange(experts.shape[0] * num_blocks):
+        e = experts[task // num_blocks]
+        i0 = (task % num_blocks) * block
+        start, end = offsets[e], offsets[e + 1]
+        dots = np.zeros((2, end - start), dtype=np.float32)
+        row_a, row_b = np.empty(w.depth, dtype=np.float32), np.empty(w.depth, dtype=np.float32)
+        # Gated: column i's gate row with its up row. Plain: columns i and i + 1.
+        for i in range(i0, min(i0 + block, inter), 1 if act.gated else 2):
+            col_a, col_b = (i * step, i * step + shift) if act.gated else (i, min(i + 1, inter - 1))
+            dequantize_pair(w, e, col_a, col_b, row_a, row_b)
+            for q in range(end - start):
+                dots[0, q], dots[1, q] = _dot_pair(row_a, row_b, x[token_of_row[start + q]])
+                gate_up_epilogue(dots, 0, q, start + q, e, i, col_a, col_b, bias, has_bias, save_h, h, act, inter,
+                                 split_a, a)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weight, block, out):
+    """mlp.down_combine on a QuantizedRows w [E, H, I]: a [R, I] float32 (split when w.split);
+    the rest as there. Grid: ceil(H / block) tasks, each owning a block of output columns."""
+    num_tokens, hidden = out.shape
+    num_blocks = (hidden + block - 1) // block
+    for task in prange(num_blocks):
+        c0 = task * block
+        width = min(block, hidden - c0)
+        acc = np.zeros((num_tokens, width), dtype=np.float32)
+        row_c, row_d = np.empty(w.depth, dtype=np.float32), np.empty(w.depth, dtype=np.float32)
+        # Columns s and s + half of the block together: two sequential streams of rows, as
+        # mlp.down_combine reads them.
+        half = (width + 1) // 2
+        for ei in range(experts.shape[0]):
+            e = experts[ei]
+            start, end = offsets[e], offsets[e + 1]
+            for s in range(half):
+                c = c0 + s
+                d = c + half if s + half < width else c  # an odd width's last row pairs with itself
+                dequantize_pair(w, e, c, d, row_c, row_d)
+                for q in range(end - start):
+                    v_c, v_d = _dot_pair(row_c, row_d, a[start + q])
+                    t, weight = token_of_row[start + q], row_weight[start + q]
+                    acc[t, c - c0] += weight * (v_c + bias[e, c] if has_bias else v_c)
+                    if d != c:
+                        acc[t, d - c0] += weight * (v_d + bias[e, d] if has_bias else v_d)
+        for t in range(num_tokens):
+            for c in range(width):
+                out[t, c0 + c] = narrow(acc[t, c], out.dtype)
+
+
+@njit(cache=True)
+def moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, experts, block_gate_up, block_down, save_h, h,
+                   out):
+    """mlp.moe_mlp_decode on QuantizedExperts, with the tasks' column blocks given: the whole
+    step in one call. Returns DECODE_OK, or BAD_INDEX (nothing computed)."""
+    ok, x_wide, row_weight, active = decode_inputs(x, weights, offsets, token_of_row, row_of_slot,
+                                                   experts.w_gate_up.split)
+    if not ok:
+        return BAD_INDEX
+    inter = experts.w_down.depth
+    a = np.zeros((token_of_row.shape[0], inter), dtype=np.float32)
+    gate_up_act(x_wide, token_of_row, experts.w_gate_up, experts.b_gate_up, experts.has_b_gate_up, offsets, active,
+                inter, experts.act, block_gate_up, save_h, h, experts.w_down.split, a)
+    down_combine(a, experts.w_down, experts.b_down, experts.has_b_down, offsets, active, token_of_row, row_weight,
+                 block_down, out)
+    return DECODE_OK
+
+
+@njit(cache=True)
+def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, experts, block_gate_up, block_down, out):
+    """mlp.moe_mlp_decode_ids on QuantizedExperts: the plan and the step in one call. Returns
+    decode_plan's status: nothing is computed unless it is 0."""
+    status, offsets, token_of_row, row_of_slot = decode_plan(ids, num_experts, rows_limit)
+    if status:
+        return status
+    # save_h a runtime false, so that moe_mlp_decode compiles once for both entry points
+    moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, experts, block_gate_up, block_down, status != 0,
+                   np.empty((0, experts.w_gate_up.codes.shape[1]), dtype=out.dtype), out)
+    return 0
+
+
+ROWS_PER_TASK = 64
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def dequantize_experts(w, experts, out):
+    """out[i] = the values of expert experts[i] of w, [N, K] in out's type (16-bit as bits).
+    Grid: tasks of ROWS_PER_TASK rows of one expert."""
+    out_features = w.codes.shape[1]
+    blocks = (out_features + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    half = w.depth // 2
+    for task in prange(experts.shape[0] * blocks):
+        i, n0 = task // blocks, (task % blocks) * ROWS_PER_TASK
+        rows = np.empty((2, w.depth), dtype=np.float32)
+        n1 = min(n0 + ROWS_PER_TASK, out_features)
+        for n in range(n0, n1, 2):
+            m = min(n + 1, n1 - 1)  # an odd count's last row pairs with itself
+            dequantize_pair(w, experts[i], n, m, rows[0], rows[1])
+            for p in range(2 if m != n else 1):
+                row, target = rows[p], out[i, n + p]
+                if w.split:  # back in order: the even elements are the row's first half
+                    for j in range(half):
+                        target[2 * j] = narrow(row[j], out.dtype)
+                        target[2 * j + 1] = narrow(row[half + j], out.dtype)
+                else:
+                    for k in range(w.depth):
+                        target[k] = narrow(row[k], out.dtype)
