@@ -11,6 +11,7 @@ from . import activations, formats
 from . import validation as check
 from .activations import Activation
 from .formats import StoredWeight, Weight
+from .formats.quantized import QuantizedWeight
 
 Tensor = torch.Tensor
 
@@ -67,6 +68,16 @@ class ExpertWeights:
         return (*(formats.dense(w) if formats.trainable(w) else None for w in (self.w_gate_up, self.w_down)),
                 self.b_gate_up, self.b_down)
 
+    def gate_then_up(self) -> "ExpertWeights":
+        """These experts with gate rows first, then up rows (MoE's layout): interleaved rows
+        (gpt-oss) are reordered, a copy of w_gate_up's codes or values and of b_gate_up."""
+        if not self.interleaved:
+            return self
+        width = self.w_gate_up.shape[1]
+        order = torch.cat([torch.arange(0, width, 2), torch.arange(1, width, 2)]).to(self.w_gate_up.device)
+        b_gate_up = None if self.b_gate_up is None else self.b_gate_up[:, order]
+        return replace(self, w_gate_up=_take_rows(self.w_gate_up, order), b_gate_up=b_gate_up, interleaved=False)
+
     def dense(self) -> "ExpertWeights":
         """These experts with every weight as a plain float tensor."""
         if not isinstance(self.w_gate_up, StoredWeight) and not isinstance(self.w_down, StoredWeight):
@@ -106,3 +117,15 @@ class ExpertWeights:
             next(biases) if has_b_gate_up else None, next(biases) if has_b_down else None,
             activation, interleaved == "1",
         )
+
+
+def _take_rows(w: Weight, order: Tensor) -> Weight:
+    """w's rows (dim 1) in `order`; a quantized weight's codes, scales and zero points alike,
+    which needs one scale per row (every format but fp8's 128-row blocks)."""
+    if isinstance(w, QuantizedWeight):
+        if w.block[0] != 1:
+            raise ValueError(f"w_gate_up is {w.format} with blocks of {w.block[0]} rows: its interleaved gate and up "
+                             f"rows share scales and cannot be reordered")
+        zeros = None if w.zeros is None else w.zeros[:, order]
+        return type(w)(w.codes[:, order], w.scales[:, order], w.block, zeros=zeros, dtype=w.dtype)
+    return formats.dense(w)[:, order]

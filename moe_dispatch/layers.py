@@ -151,7 +151,8 @@ class MoE(nn.Module):
         not copied), with a new router; options: MoE's keyword arguments but activation and bias,
         which the experts give. Interleaved gate and up rows are not a layout the layer keeps."""
         if experts.interleaved:
-            raise ValueError("MoE keeps gate rows, then up rows; experts.interleaved must be False")
+            raise ValueError("MoE keeps gate rows, then up rows; experts.interleaved must be False "
+                             "(experts.gate_then_up() reorders them)")
         b_gate_up, b_down = experts.b_gate_up, experts.b_down
         layer = cls(experts.hidden_size, experts.intermediate_size, experts.num_experts, top_k,
                     activation=experts.activation.name, bias=b_gate_up is not None or b_down is not None,

@@ -48,6 +48,23 @@ def test_gpu_ops_match_the_reference(case, dtype, gen):
     assert_close(out, naive_moe_mlp(*(t.cpu() for t in (x, weights, ids, w_gate_up, w_down))))
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8", "mxfp4"])
+@pytest.mark.usefixtures("pinned_configs")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_quantized_experts_in_bfloat16(fmt, gen):
+    """The Triton backend on quantized experts (their dequantized values, for now), bf16 tl.dot."""
+    w_gate_up, w_down, _, _ = expert_weights(6, 128, 64, gen, torch.float32, device="cuda")
+    q_gate_up, q_down = (md.quantize(w, fmt, group_size=64 if fmt == "int4" else None, dtype=torch.bfloat16)
+                         for w in (w_gate_up, w_down))
+    ids = torch.stack([torch.arange(40) % 6, (torch.arange(40) + 1) % 6], dim=1)
+    x = randn(40, 128, gen=gen, dtype=torch.bfloat16, device="cuda")
+    weights = random_weights(40, 2, gen).cuda()
+    out = md.moe_mlp(x, weights, ids.cuda(), q_gate_up, q_down, backend="triton")
+    assert_close(out, naive_moe_mlp(x.cpu(), weights.cpu(), ids, q_gate_up.dequantize(torch.float64).cpu(),
+                                    q_down.dequantize(torch.float64).cpu()), torch.bfloat16)
+
+
 def _layer_and_input(gen, tokens=300):
     torch.manual_seed(0)
     layer = md.MoE(256, 128, 16, 4, bias=True, backend="triton", device="cuda", dtype=torch.bfloat16)

@@ -186,6 +186,32 @@ def test_kernels_under_boundscheck(tmp_path):
     assert run_python(code, subprocess_env(NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path))).split() == ["ok"]
 
 
+def test_quantized_kernels_under_boundscheck(tmp_path):
+    """The quantized kernels (formats with zero points, partial blocks and e8m0 scales; direct,
+    buffered and blocked paths) compiled with NUMBA_BOUNDSCHECK=1."""
+    code = """
+        import torch
+        import moe_dispatch as md
+        import moe_dispatch.backends.numba_backend as nb
+        from conftest import assert_close
+        g = torch.Generator().manual_seed(0)
+        E, k = 5, 3
+        for fmt, options, H, I in (("int4", dict(group_size=32, symmetric=False), 64, 32), ("fp8", {}, 136, 19),
+                                   ("mxfp4", {}, 64, 32)):
+            q1 = md.quantize(torch.randn(E, 2 * I, H, generator=g) / H**0.5, fmt, **options)
+            q2 = md.quantize(torch.randn(E, H, I, generator=g) / I**0.5, fmt, **options)
+            for T, small in ((2, 10**9), (13, 10**9), (13, 0)):  # direct, buffered, blocked
+                nb.fused_rows_limit = lambda dtype, flops_per_row, small=small: small
+                ids = torch.rand(T, E, generator=g).topk(k, -1).indices
+                x, weights = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g).softmax(-1)
+                want = md.moe_mlp(x.double(), weights.double(), ids, q1.dequantize(torch.float64),
+                                  q2.dequantize(torch.float64), backend="torch")
+                assert_close(md.moe_mlp(x, weights, ids, q1, q2, backend="numba"), want)
+        print("ok")
+    """
+    assert run_python(code, subprocess_env(NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path))).split() == ["ok"]
+
+
 # ---- the on-disk compile cache -------------------------------------------------------------
 
 

@@ -89,20 +89,23 @@ def count_quantized_steps(monkeypatch) -> list:
 
 
 @needs_numba
-@pytest.mark.parametrize("path", ["decode", "blocked"])
+@pytest.mark.parametrize("path", ["decode-direct", "decode", "blocked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("fmt,options,hidden,inter", FORMATS)
 def test_numba_paths_read_the_packed_codes(fmt, options, hidden, inter, dtype, path, gen, monkeypatch):
-    """decode: the fused kernels convert each row in registers; blocked: one expert at a time
-    dequantized into a reused buffer, then the library product."""
-    (small_groups_everywhere if path == "decode" else large_groups_everywhere)(monkeypatch)
+    """decode-direct: at most two rows per expert, dot products straight from the codes;
+    decode: each weight row converted once into a buffer in L1 and dotted with the expert's
+    rows; blocked: one expert at a time dequantized into a reused buffer, then the library
+    product."""
+    (large_groups_everywhere if path == "blocked" else small_groups_everywhere)(monkeypatch)
     steps = count_quantized_steps(monkeypatch)
+    tokens = 2 if path == "decode-direct" else 23  # 2 tokens, top-3 of 5 experts: at most 2 rows each
     x, weights, ids, q_gate_up, q_down, b_gate_up, b_down = quantized_case(fmt, options, hidden, inter, gen, dtype,
-                                                                           tokens=23, top_k=3, bias=True)
+                                                                           tokens=tokens, top_k=3, bias=True)
     experts = md.ExpertWeights(q_gate_up, q_down, b_gate_up, b_down)
     out = md.moe_mlp(x, weights, ids, experts, backend="numba")
     assert_close(out, expected(x, weights, ids, q_gate_up, q_down, b_gate_up, b_down), dtype)
-    assert bool(steps) == (path == "decode")
+    assert bool(steps) == (path != "blocked")
 
 
 @needs_numba

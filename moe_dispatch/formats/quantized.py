@@ -550,7 +550,7 @@ class MXFP4Weight(QuantizedWeight):
         exponent = exponent.clamp_(-127, 127)
         scaled = w.float() / expand_blocks(powers_of_two(exponent.int()), block, w.shape)
         midpoints = torch.tensor([(a + b) / 2 for a, b in zip(E2M1_VALUES, E2M1_VALUES[1:])], device=w.device)
-        magnitude = torch.bucketize(scaled.abs(), midpoints).to(torch.uint8)
+        magnitude = torch.bucketize(scaled.abs().contiguous(), midpoints).to(torch.uint8)
         codes = magnitude | (scaled < 0).to(torch.uint8) << 3
         return cls(pack_nibbles(codes), (exponent + 127).to(torch.uint8), block, dtype=dtype)
 

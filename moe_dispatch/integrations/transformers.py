@@ -21,10 +21,17 @@ norm: slower, and exactly the model's computation.
 
 from_transformers / to_transformers move a whole MoE block - router, experts and shared
 experts - into our MoE layer and back.
+
+quantize_experts_(model, format) quantizes every experts module's weights for inference, and
+load_quantized_experts_(model, checkpoint) puts a quantized checkpoint's experts (DeepSeek-V3
+FP8, gpt-oss MXFP4, GPTQ, AWQ, compressed-tensors) in place of the float ones: each weight
+becomes a FrozenQuantized submodule under the parameter's name, which only moe-dispatch's
+implementation reads (the eager loop indexes a tensor).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -34,7 +41,8 @@ from .. import activations
 from ..activations import CLAMPED_SWIGLU
 from ..backends import BACKEND_NAMES
 from ..experts import ExpertWeights
-from ..layers import MoE
+from ..formats.quantized import QuantizedWeight, quantize
+from ..layers import FrozenQuantized, MoE
 from ..ops import grouped_mm, make_plan, moe_mlp, permute, unpermute
 
 Tensor = torch.Tensor
@@ -125,8 +133,8 @@ def experts_forward(
     hidden_states: [T, H]; top_k_index: [T, k] int; top_k_weights: [T, k] float.
     Returns [T, H] in hidden_states' dtype.
     """
-    fused = fused_experts(experts)
-    w1, w2, b1, b2 = expert_weights(experts)
+    fused = fused_experts(experts, hidden_states.dtype)
+    w1, w2, b1, b2 = expert_weights(experts, hidden_states.dtype)
     ids, weights = top_k_index, top_k_weights
     if getattr(experts, "_is_expert_parallel", False):
         # Expert parallelism marks the slots of other ranks' experts with id num_experts and
@@ -154,41 +162,49 @@ def flag(experts: nn.Module, name: str) -> bool:
     return getattr(experts, name, _FLAG_DEFAULTS[name])
 
 
-def expert_weights(experts: nn.Module) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+def expert_weights(experts: nn.Module, dtype: Optional[torch.dtype] = None) -> tuple:
     """The experts' weights in moe_mlp's layout, as views (no copies).
 
     (w1 [E, N, H], w2 [E, H, I], b1 [E, N] or None, b2 [E, H] or None); N is 2I for
-    gated experts (their gate_up_proj) and I for ungated ones (their up_proj).
+    gated experts (their gate_up_proj) and I for ungated ones (their up_proj). A weight that
+    quantize_experts_ or load_quantized_experts_ made quantized (a FrozenQuantized, held
+    [E, N, K] whatever is_transposed says) comes as a QuantizedWeight for activations of the
+    module's biases' dtype, else `dtype` (default: the default dtype).
     """
     has_gate = flag(experts, "has_gate")
     w1 = experts.gate_up_proj if has_gate else experts.up_proj
     w2 = experts.down_proj
     if flag(experts, "is_transposed"):  # stored [E, in, out]
-        w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
+        w1, w2 = (w if isinstance(w, FrozenQuantized) else w.transpose(1, 2) for w in (w1, w2))
+    if isinstance(w1, FrozenQuantized) or isinstance(w2, FrozenQuantized):
+        floats = [p.dtype for p in experts.parameters(recurse=False) if p.is_floating_point()]
+        dtype = floats[0] if floats else dtype or torch.get_default_dtype()
+        w1, w2 = (w.weight(dtype) if isinstance(w, FrozenQuantized) else w for w in (w1, w2))
     if not flag(experts, "has_bias"):
         return w1, w2, None, None
     b1 = experts.gate_up_proj_bias if has_gate else experts.up_proj_bias
     return w1, w2, b1, experts.down_proj_bias
 
 
-def fused_experts(experts: nn.Module) -> Optional[ExpertWeights]:
-    """The ExpertWeights (views of the module's weights) whose moe_mlp computes exactly what
-    `experts` computes, or None when no registered activation does."""
+def fused_experts(experts: nn.Module, dtype: Optional[torch.dtype] = None) -> Optional[ExpertWeights]:
+    """The ExpertWeights (views of the module's weights; QuantizedWeight where they are
+    quantized, for `dtype` activations as expert_weights says) whose moe_mlp computes exactly
+    what `experts` computes, or None when no registered activation does."""
     if flag(experts, "has_post_expert_norm"):
         return None
     act = _activation_name(getattr(experts, "act_fn", None))
     if not flag(experts, "has_gate"):
-        return None if act is None else ExpertWeights(*expert_weights(experts), act)
+        return None if act is None else ExpertWeights(*expert_weights(experts, dtype), act)
     known = _transformers()
     gate = getattr(experts._apply_gate, "__func__", None)
     if gate is None:
         return None
     if gate is known.gpt_oss_gate and (experts.alpha, experts.limit) == CLAMPED_SWIGLU.params:
-        return ExpertWeights(*expert_weights(experts), CLAMPED_SWIGLU, interleaved=True)
+        return ExpertWeights(*expert_weights(experts, dtype), CLAMPED_SWIGLU, interleaved=True)
     glu = activations.glu(act)
     if gate is not known.default_gate or not flag(experts, "is_concatenated") or glu is None:
         return None
-    return ExpertWeights(*expert_weights(experts), glu)
+    return ExpertWeights(*expert_weights(experts, dtype), glu)
 
 
 def _activation_name(act) -> Optional[str]:
@@ -221,8 +237,80 @@ def _composed_forward(experts, x, weights, ids, expert_tensors, backend) -> Tens
 
 def _grouped_linear(rows, w, b, owner, plan, backend) -> Tensor:
     """rows [R, in] @ w[e].T (+ b[e]) for the expert e that owns each row; w: [E, out, in]."""
-    y = grouped_mm(rows, w.transpose(1, 2), plan.offsets, backend=backend)
+    y = grouped_mm(rows, w.mT, plan.offsets, backend=backend)  # .mT: a tensor's or a QuantizedWeight's
     return y if b is None else y + b[owner]
+
+
+# ---- quantized experts ---------------------------------------------------------------------
+
+
+def _experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every experts module (@use_experts_implementation sets its flags)."""
+    found = [(name, m) for name, m in model.named_modules() if hasattr(m, "has_gate") and hasattr(m, "down_proj")]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no experts module (@use_experts_implementation)")
+    return found
+
+
+def _hold_quantized(experts: nn.Module, w1: QuantizedWeight, w2: QuantizedWeight) -> None:
+    """Replace the module's float weights by FrozenQuantized submodules of the same names:
+    buffers that .to(device) moves and .to(dtype) leaves as they are."""
+    names = ("gate_up_proj" if flag(experts, "has_gate") else "up_proj", "down_proj")
+    for name, weight in zip(names, (w1, w2)):
+        old = getattr(experts, name)
+        transposed = flag(experts, "is_transposed") and not isinstance(old, FrozenQuantized)
+        expected = old.transpose(1, 2).shape if transposed else old.shape
+        if tuple(weight.shape) != tuple(expected):
+            raise ValueError(f"{name} must be [E, out, in] = {tuple(expected)}, got a {weight.format} weight of shape "
+                             f"{tuple(weight.shape)}")
+        _replace(experts, name, FrozenQuantized(weight))
+
+
+def _replace(module: nn.Module, name: str, frozen: FrozenQuantized) -> None:
+    """A parameter replaced by a submodule of the same name (setattr alone refuses)."""
+    delattr(module, name)
+    setattr(module, name, frozen)
+
+
+def quantize_experts_(model: nn.Module, format: str, *, group_size: Optional[int] = None,
+                      symmetric: bool = True) -> nn.Module:
+    """Quantize every experts module's weights in place, for inference with
+    experts_implementation="moe_dispatch" (formats.quantized.quantize's options); biases,
+    routers and the rest of the model stay as they are. Returns the model."""
+    with torch.no_grad():
+        for name, experts in _experts_modules(model):
+            w1, w2, _, _ = expert_weights(experts)
+            if isinstance(w1, QuantizedWeight):
+                raise ValueError(f"{name} is already {w1.format}; quantize the float model once")
+            _hold_quantized(experts, *(quantize(w, format, group_size=group_size, symmetric=symmetric)
+                                       for w in (w1, w2)))
+    return model
+
+
+def load_quantized_experts_(model: nn.Module, checkpoint, format: Optional[str] = None, **options) -> nn.Module:
+    """Put a quantized checkpoint's experts in place of every experts module's weights (the
+    module named "{prefix}.experts" reads the tensors under that name; checkpoints.read_experts
+    takes `checkpoint`, `format` and the options), biases included. On a CPU transformers
+    loads FP8 and MXFP4 checkpoints dequantized to bfloat16: this gives back their bytes.
+    Returns the model."""
+    from .checkpoints import read_experts
+
+    with torch.no_grad():
+        for name, experts in _experts_modules(model):
+            if not name.endswith(".experts"):
+                raise ValueError(f"experts module {name!r}: its checkpoint tensors' prefix is not known")
+            read = read_experts(checkpoint, name.removesuffix(".experts"), format, **options)
+            if read.interleaved != getattr(fused_experts(experts), "interleaved", False):
+                raise ValueError(f"{name} and the checkpoint lay gate and up rows out differently")
+            _hold_quantized(experts, read.w_gate_up, read.w_down)
+            _, _, b1, b2 = expert_weights(experts)
+            for ours, theirs, what in ((b1, read.b_gate_up, "gate_up bias"), (b2, read.b_down, "down bias")):
+                if (ours is None) != (theirs is None):
+                    raise ValueError(f"{name} {'has' if ours is not None else 'has no'} {what}, the checkpoint "
+                                     f"{'has none' if theirs is None else 'has one'}")
+                if ours is not None:
+                    ours.copy_(theirs)
+    return model
 
 
 # ---- MoE <-> transformers MoE blocks -------------------------------------------------------
@@ -340,14 +428,20 @@ def _tensor_pairs(layer: MoE, block: nn.Module, config: dict) -> list[tuple[Tens
 def from_transformers(block: nn.Module, *, backend: str = "auto") -> MoE:
     """A new MoE computing what a transformers MoE block computes, with copies of its weights.
 
-    The layer takes the dtype and device of the block's expert weights.
+    The layer takes the dtype and device of the block's expert weights (of its router when they
+    are quantized: quantized experts stay quantized, as FrozenQuantized copies).
     """
     config = _block_config(block)
     weight = block.experts.down_proj
+    if isinstance(weight, FrozenQuantized):
+        weight = getattr(block, _BLOCKS[type(block).__name__][0]).weight
     layer = MoE(**config, backend=backend, device=weight.device, dtype=weight.dtype)
+    for ours, theirs in _quantized_names(layer, block.experts):
+        _replace(layer, ours, copy.deepcopy(getattr(block.experts, theirs)))
     with torch.no_grad():
         for ours, theirs in _tensor_pairs(layer, block, config):
-            ours.copy_(theirs)
+            if not isinstance(theirs, QuantizedWeight):
+                ours.copy_(theirs)
     return layer
 
 
@@ -358,10 +452,25 @@ def to_transformers(layer: MoE, block: nn.Module) -> nn.Module:
     differing = [f"{key}: layer {mine[key]!r}, block {value!r}" for key, value in config.items() if mine[key] != value]
     if differing:
         raise ValueError(f"the layer and the {type(block).__name__} differ in " + "; ".join(differing))
+    quantized = _quantized_names(layer, block.experts)
+    if any(not isinstance(getattr(layer, ours), FrozenQuantized) for ours, _ in quantized):
+        raise ValueError(f"the {type(block).__name__}'s experts are quantized and the layer's are not: quantize_ the "
+                         f"layer the same way, or copy into a float block")
+    for ours, theirs in quantized:
+        _replace(block.experts, theirs, copy.deepcopy(getattr(layer, ours)))
     with torch.no_grad():
         for ours, theirs in _tensor_pairs(layer, block, config):
-            theirs.copy_(ours)
+            if not isinstance(theirs, QuantizedWeight):
+                theirs.copy_(ours)
     return block
 
 
-__all__ = ["register", "experts_forward", "expert_weights", "fused_experts", "from_transformers", "to_transformers"]
+def _quantized_names(layer: MoE, experts: nn.Module) -> list[tuple[str, str]]:
+    """(the layer's name, the experts module's name) of each weight quantized on either side."""
+    names = zip(("w_gate_up", "w_down"), ("gate_up_proj" if flag(experts, "has_gate") else "up_proj", "down_proj"))
+    return [(ours, theirs) for ours, theirs in names
+            if isinstance(getattr(layer, ours), FrozenQuantized) or isinstance(getattr(experts, theirs), FrozenQuantized)]
+
+
+__all__ = ["register", "experts_forward", "expert_weights", "fused_experts", "quantize_experts_",
+           "load_quantized_experts_", "from_transformers", "to_transformers"]
