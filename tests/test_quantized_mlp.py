@@ -184,10 +184,19 @@ def test_activations_of_another_dtype_are_refused_by_name(gen):
 
 
 def test_compiled_moe_mlp_carries_quantized_weights(gen):
-    x, weights, ids, q_gate_up, q_down, _, _ = quantized_case("int4", {"group_size": 32}, 64, 32, gen, torch.float32)
-    experts = md.ExpertWeights(q_gate_up, q_down)
-    compiled = torch.compile(lambda x, w, i: md.moe_mlp(x, w, i, experts), fullgraph=True, backend="aot_eager")
-    assert_close(compiled(x, weights, ids), expected(x, weights, ids, q_gate_up, q_down))
+    """One compiled function over weights of two formats and block sizes (two layers of a
+    model, say): the second call recompiles, and a block size dynamo made symbolic must not
+    break the spec string."""
+    torch._dynamo.reset()
+
+    def step(x, weights, ids, experts):
+        return md.moe_mlp(x, weights, ids, experts)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for fmt, options in (("int4", {"group_size": 32}), ("int8", {"group_size": 64})):
+        x, weights, ids, q_gate_up, q_down, _, _ = quantized_case(fmt, options, 64, 64, gen, torch.float32)
+        out = compiled(x, weights, ids, md.ExpertWeights(q_gate_up, q_down))
+        assert_close(out, expected(x, weights, ids, q_gate_up, q_down))
 
 
 # ---- the MoE layer ---------------------------------------------------------------------------
@@ -252,7 +261,7 @@ def test_grouped_mm_multiplies_by_the_transposed_quantized_weight(fmt, options, 
     (grad,) = torch.autograd.grad(out, xs, dy)
     assert_close(grad, torch.cat([dy[s:t].double() @ dense[e] for e, (s, t) in enumerate(zip([0, 3, 3, 7],
                                                                                                 [3, 3, 7, 10]))]))
-    torch._dynamo.reset()  # a fresh graph per format: a block size that changes between calls turns symbolic
+    torch._dynamo.reset()  # each case recompiles this lambda: nine would pass dynamo's recompile limit
     compiled = torch.compile(lambda a: md.grouped_mm(a, q.mT, offsets, backend=backend), fullgraph=True,
                              backend="aot_eager")
     assert_close(compiled(xs), reference)

@@ -87,6 +87,9 @@ class QuantizedWeight(StoredWeight):
         if zeros is not None:
             self.zeros = zeros.contiguous()
         self.block, self._dtype = (rows, columns), dtype
+        # flatten's spec, made here: under torch.compile a block size that differs between calls
+        # of one function turns symbolic, and no string can be formatted from it there
+        self._spec = f"{rows},{columns},{str(dtype).removeprefix('torch.')}"
 
     # ---- what it holds -------------------------------------------------------------------
 
@@ -164,7 +167,7 @@ class QuantizedWeight(StoredWeight):
 
     def flatten(self) -> tuple[list[Tensor], str]:
         tensors = [self.codes, self.scales] + ([] if self.zeros is None else [self.zeros])
-        return tensors, f"{self.block[0]},{self.block[1]},{str(self.dtype).removeprefix('torch.')}"
+        return tensors, self._spec
 
     @classmethod
     def unflatten(cls, tensors: list[Tensor], meta: str) -> "QuantizedWeight":
