@@ -167,6 +167,34 @@ def run_python(code: str, env: dict, timeout: float = 600) -> str:
 # ---- numba: which path runs ------------------------------------------------------------------
 
 
+def count_decode_steps(monkeypatch, kernels: str = "mlp") -> list:
+    """Record the name of each fused decode step the numba backend runs through its kernel
+    module `kernels` ("mlp", or "quantized_kernels" for quantized experts), from a plan or from
+    the ids; a step from the ids that declined (too many rows per expert) does not count. The
+    backend's reference to the module is replaced by a proxy, so the compiled kernels keep
+    calling each other as they are."""
+    import moe_dispatch.backends.numba_backend as nb
+
+    module, calls = getattr(nb, kernels), []
+
+    class Spy:
+        def __getattr__(self, name):
+            kernel = getattr(module, name)
+            if name not in ("moe_mlp_decode", "moe_mlp_decode_ids"):
+                return kernel
+
+            def call(*args):
+                status = kernel(*args)
+                if status != nb.mlp.NOT_DECODE:
+                    calls.append(name)
+                return status
+
+            return call
+
+    monkeypatch.setattr(nb, kernels, Spy())
+    return calls
+
+
 def small_groups_everywhere(monkeypatch):
     """Every expert counts as small: Numba kernels for all groups, decode for moe_mlp."""
     import moe_dispatch.backends.numba_backend as nb

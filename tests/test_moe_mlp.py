@@ -10,8 +10,9 @@ import torch
 import moe_dispatch as md
 from cases import CASES, Case
 from conftest import (FLOAT_DTYPES, HAS_CUDA, HAS_NUMBA, HAS_TRITON, NUMBA_DTYPES, TUNED_DTYPES, assert_close,
-                      expert_weights, large_groups_everywhere, needs_numba, needs_triton, output_and_grads, randn,
-                      random_ids, random_weights, skip_if_unsupported, small_groups_everywhere)
+                      count_decode_steps, expert_weights, large_groups_everywhere, needs_numba, needs_triton,
+                      output_and_grads, randn, random_ids, random_weights, skip_if_unsupported,
+                      small_groups_everywhere)
 from conftest import TRITON_DEVICE as DEVICE
 from moe_dispatch import ops
 from moe_dispatch.activations import ACTIVATIONS
@@ -168,26 +169,6 @@ def test_relu_has_no_gradient_at_zero(backend, gen):
 # ---- numba: each path against the reference ------------------------------------------------
 
 
-def count_decode_calls(monkeypatch) -> list:
-    """Record each fused decode step that ran, from a plan or from the ids (still calling the
-    kernels), so a test can see which path ran; a step from the ids that declined (too many
-    rows per expert) does not count."""
-    calls = []
-
-    def spy(name, original):
-        def call(*args):
-            status = original(*args)
-            if status != nb.mlp.NOT_DECODE:
-                calls.append(name)
-            return status
-
-        return call
-
-    for name in ("moe_mlp_decode", "moe_mlp_decode_ids"):
-        monkeypatch.setattr(nb.mlp, name, spy(name, getattr(nb.mlp, name)))
-    return calls
-
-
 PATHS = ["decode", "decode-quad", "blas", "strided"]
 
 
@@ -207,7 +188,7 @@ def force_path(path, monkeypatch):
 
 def check_moe_mlp(case, dtype, path, activation, bias, gen, monkeypatch, interleaved=False):
     layout = force_path(path, monkeypatch)
-    decode_calls = count_decode_calls(monkeypatch)
+    decode_calls = count_decode_steps(monkeypatch)
     x = torch.randn(case.tokens, case.hidden, generator=gen).to(dtype)
     ids = case.ids(gen)
     weights = random_weights(case.tokens, case.top_k, gen)
@@ -277,7 +258,7 @@ def test_nojit_moe_mlp_paths(dtype, path, gen, monkeypatch):
 @needs_numba
 def test_decode_is_chosen_by_rows_per_expert(gen, monkeypatch):
     """Default thresholds: a decode step is fused, a long prefill goes blocked."""
-    decode_calls = count_decode_calls(monkeypatch)
+    decode_calls = count_decode_steps(monkeypatch)
     E, H, I = 4, 256, 128
     w_gate_up, w_down, _, _ = expert_weights(E, H, I, gen)
     limit = nb.fused_rows_limit(torch.float32, nb.mlp_flops_per_row(w_gate_up, w_down))
@@ -312,7 +293,7 @@ def test_onednn_serves_float32_from_fewer_rows_than_blas():
 def test_small_batch_plans_inside_the_decode_step(gen, monkeypatch):
     """Without autograd a small batch runs plan and experts in one Numba call; a call that
     needs gradients, or brings its own plan, takes the plan's arrays."""
-    calls = count_decode_calls(monkeypatch)
+    calls = count_decode_steps(monkeypatch)
     E, H, I, T = 8, 16, 8, 3
     w_gate_up, w_down, _, _ = expert_weights(E, H, I, gen)
     x, weights, ids = torch.randn(T, H, generator=gen), random_weights(T, 2, gen), random_ids(T, 2, E, gen)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import moe_dispatch as md
-from conftest import (CPU_BACKENDS, TOLERANCE, assert_close, expert_weights, large_groups_everywhere, needs_numba,
-                      random_ids, random_weights, small_groups_everywhere)
+from conftest import (CPU_BACKENDS, TOLERANCE, assert_close, count_decode_steps, expert_weights,
+                      large_groups_everywhere, needs_numba, random_ids, random_weights, small_groups_everywhere)
 from moe_dispatch.formats.quantized import quantized_formats
 from reference import naive_moe_mlp
 
@@ -63,31 +63,6 @@ def test_the_reference_backend_equals_itself_on_the_dequantized_weights(gen):
     assert torch.equal(out, md.moe_mlp(x, weights, ids, q_gate_up.dequantize(), q_down.dequantize(), backend="torch"))
 
 
-def count_quantized_steps(monkeypatch) -> list:
-    """Record each quantized decode step the numba backend ran (from a plan or from the ids);
-    a step from the ids that declined (too many rows per expert) does not count."""
-    import moe_dispatch.backends.numba_backend as nb
-
-    calls, kernels = [], nb.quantized_kernels
-
-    class Spy:
-        def __getattr__(self, name):
-            kernel = getattr(kernels, name)
-            if name not in ("moe_mlp_decode", "moe_mlp_decode_ids"):
-                return kernel
-
-            def call(*args):
-                status = kernel(*args)
-                if status != nb.mlp.NOT_DECODE:
-                    calls.append(name)
-                return status
-
-            return call
-
-    monkeypatch.setattr(nb, "quantized_kernels", Spy())
-    return calls
-
-
 @needs_numba
 @pytest.mark.parametrize("path", ["decode-direct", "decode", "blocked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
@@ -98,7 +73,7 @@ def test_numba_paths_read_the_packed_codes(fmt, options, hidden, inter, dtype, p
     rows; blocked: one expert at a time dequantized into a reused buffer, then the library
     product."""
     (large_groups_everywhere if path == "blocked" else small_groups_everywhere)(monkeypatch)
-    steps = count_quantized_steps(monkeypatch)
+    steps = count_decode_steps(monkeypatch, "quantized_kernels")
     tokens = 2 if path == "decode-direct" else 23  # 2 tokens, top-3 of 5 experts: at most 2 rows each
     x, weights, ids, q_gate_up, q_down, b_gate_up, b_down = quantized_case(fmt, options, hidden, inter, gen, dtype,
                                                                            tokens=tokens, top_k=3, bias=True)

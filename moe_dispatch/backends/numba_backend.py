@@ -288,6 +288,17 @@ class ExpertMatrices:
         return self.matrices[e], bias_e, self.packed and self.packed.expert(self.weight, e)
 
 
+def decode_kernels(x: Tensor, experts: ExpertWeights) -> Optional[tuple]:
+    """(the decode step's kernel module, the experts as its kernels read them), or None where
+    the fused kernels cannot read them: a float weight beside a quantized one, or float weights
+    whose K is not contiguous (the blocked path's library products read any strides)."""
+    if all(isinstance(w, QuantizedWeight) for w in (experts.w_gate_up, experts.w_down)):
+        return quantized_kernels, quantized_experts(x, experts)
+    if not is_quantized(experts) and all(dense(w).is_contiguous() for w in (experts.w_gate_up, experts.w_down)):
+        return mlp, decode_experts(x, experts)
+    return None
+
+
 def decode_tiles(hidden: int) -> mlp.DecodeTiles:
     return mlp.DecodeTiles(BLOCK_NK, QUAD_ROWS, down_block(hidden))
 
@@ -402,17 +413,9 @@ class NumbaBackend(Backend):
         check_offsets(bounds, plan.num_rows)
         active = int(np.count_nonzero(np.diff(bounds)))
         rows_limit = fused_rows_limit(x.dtype, mlp_flops_per_row(experts.w_gate_up, experts.w_down))
-        decode = active and plan.num_rows <= rows_limit * active
-        if is_quantized(experts):
-            # The quantized kernels read both weights quantized; a float one beside a quantized
-            # one goes through the library products.
-            if decode and all(isinstance(w, QuantizedWeight) for w in (experts.w_gate_up, experts.w_down)):
-                return self._moe_mlp_decode_quantized(x, weights, bounds, plan, experts, save_for_backward)
-            return self._moe_mlp_blocked(x, weights, bounds, plan, experts, save_for_backward)
-        # The fused kernels read K-contiguous weights; other layouts take the blocked path,
-        # whose library products read any strides.
-        if decode and dense(experts.w_gate_up).is_contiguous() and dense(experts.w_down).is_contiguous():
-            return self._moe_mlp_decode(x, weights, bounds, plan, experts, save_for_backward)
+        kernels = decode_kernels(x, experts) if active and plan.num_rows <= rows_limit * active else None
+        if kernels is not None:
+            return self._moe_mlp_decode(x, weights, bounds, plan, experts, kernels, save_for_backward)
         return self._moe_mlp_blocked(x, weights, bounds, plan, experts, save_for_backward)
 
     def _moe_mlp_blocked(self, x, weights, bounds, plan, experts, save_for_backward) -> tuple[Tensor, Tensor]:
@@ -472,29 +475,16 @@ class NumbaBackend(Backend):
         row_weight[torch.from_numpy(slots).reshape(-1).long()] = weights.detach().reshape(-1).to(row_weight.dtype)
         return row_weight
 
-    def _moe_mlp_decode(self, x, weights, bounds, plan, experts, save_for_backward) -> tuple[Tensor, Tensor]:
+    def _moe_mlp_decode(self, x, weights, bounds, plan, experts, kernels, save_for_backward) -> tuple[Tensor, Tensor]:
         # One call into Numba for the whole step: every torch operation here costs tens of
         # microseconds when a decode step starts with cold caches.
         h = x.new_empty(plan.num_rows if save_for_backward else 0, experts.w_gate_up.shape[1])
         out = x.new_empty(x.shape)
         rows, slots = int32_array(plan.token_of_row), int32_array(plan.row_of_slot)
-        status = mlp.moe_mlp_decode(
+        module, kernel_experts = kernels
+        status = module.moe_mlp_decode(
             as_array(x.contiguous()), scalars_array(weights, x.dtype), bounds, rows, slots,
-            decode_experts(x, experts), decode_tiles(x.shape[1]), save_for_backward, as_array(h), as_array(out),
-        )
-        if status != mlp.DECODE_OK:  # the kernel refused an index array before reading through it
-            check_indices("token_of_row", rows, x.shape[0])
-            check_indices("row_of_slot", slots, rows.shape[0])
-        return out, h
-
-    def _moe_mlp_decode_quantized(self, x, weights, bounds, plan, experts, save_for_backward):
-        h = x.new_empty(plan.num_rows if save_for_backward else 0, experts.w_gate_up.shape[1])
-        out = x.new_empty(x.shape)
-        rows, slots = int32_array(plan.token_of_row), int32_array(plan.row_of_slot)
-        status = quantized_kernels.moe_mlp_decode(
-            as_array(x.contiguous()), scalars_array(weights, x.dtype), bounds, rows, slots,
-            quantized_experts(x, experts), BLOCK_NK, down_block(x.shape[1]), save_for_backward, as_array(h),
-            as_array(out),
+            kernel_experts, decode_tiles(x.shape[1]), save_for_backward, as_array(h), as_array(out),
         )
         if status != mlp.DECODE_OK:  # the kernel refused an index array before reading through it
             check_indices("token_of_row", rows, x.shape[0])
@@ -510,17 +500,12 @@ class NumbaBackend(Backend):
         rows_limit = fused_rows_limit(x.dtype, mlp_flops_per_row(experts.w_gate_up, experts.w_down))
         common = (as_array(x.contiguous()), scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(),
                   experts.num_experts, rows_limit)
-        out = x.new_empty(x.shape)
-        if is_quantized(experts):
-            if not all(isinstance(w, QuantizedWeight) for w in (experts.w_gate_up, experts.w_down)):
-                return None
-            status = quantized_kernels.moe_mlp_decode_ids(*common, quantized_experts(x, experts), BLOCK_NK,
-                                                          down_block(x.shape[1]), as_array(out))
-        elif dense(experts.w_gate_up).is_contiguous() and dense(experts.w_down).is_contiguous():
-            status = mlp.moe_mlp_decode_ids(*common, decode_experts(x, experts), decode_tiles(x.shape[1]),
-                                            as_array(out))
-        else:
+        kernels = decode_kernels(x, experts)
+        if kernels is None:
             return None
+        out = x.new_empty(x.shape)
+        module, kernel_experts = kernels
+        status = module.moe_mlp_decode_ids(*common, kernel_experts, decode_tiles(x.shape[1]), as_array(out))
         if status == mlp.NOT_DECODE:
             return None
         if status:

@@ -316,10 +316,9 @@ def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weigh
 
 
 @njit(cache=True)
-def moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, experts, block_gate_up, block_down, save_h, h,
-                   out):
-    """mlp.moe_mlp_decode on QuantizedExperts, with the tasks' column blocks given: the whole
-    step in one call. Returns DECODE_OK, or BAD_INDEX (nothing computed)."""
+def moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, experts, tiles, save_h, h, out):
+    """mlp.moe_mlp_decode on QuantizedExperts (tiles: mlp.DecodeTiles, its column blocks): the
+    whole step in one call. Returns DECODE_OK, or BAD_INDEX (nothing computed)."""
     ok, x_wide, row_weight, active = decode_inputs(x, weights, offsets, token_of_row, row_of_slot,
                                                    experts.w_gate_up.split)
     if not ok:
@@ -327,21 +326,21 @@ def moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, experts, bloc
     inter = experts.w_down.depth
     a = np.zeros((token_of_row.shape[0], inter), dtype=np.float32)
     gate_up_act(x_wide, token_of_row, experts.w_gate_up, experts.b_gate_up, experts.has_b_gate_up, offsets, active,
-                inter, experts.act, block_gate_up, save_h, h, experts.w_down.split, a)
+                inter, experts.act, tiles.block_gate_up, save_h, h, experts.w_down.split, a)
     down_combine(a, experts.w_down, experts.b_down, experts.has_b_down, offsets, active, token_of_row, row_weight,
-                 block_down, out)
+                 tiles.block_down, out)
     return DECODE_OK
 
 
 @njit(cache=True)
-def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, experts, block_gate_up, block_down, out):
+def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, experts, tiles, out):
     """mlp.moe_mlp_decode_ids on QuantizedExperts: the plan and the step in one call. Returns
     decode_plan's status: nothing is computed unless it is 0."""
     status, offsets, token_of_row, row_of_slot = decode_plan(ids, num_experts, rows_limit)
     if status:
         return status
     # save_h a runtime false, so that moe_mlp_decode compiles once for both entry points
-    moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, experts, block_gate_up, block_down, status != 0,
+    moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, experts, tiles, status != 0,
                    np.empty((0, experts.w_gate_up.codes.shape[1]), dtype=out.dtype), out)
     return 0
 
