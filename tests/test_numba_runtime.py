@@ -250,6 +250,22 @@ def test_a_damaged_compile_cache_is_a_miss_with_one_warning(kind, tmp_path, monk
     assert again(1) == 2 and again.stats.cache_hits and not again.stats.cache_misses
 
 
+@pytest.mark.skipif(not JIT, reason="nothing is cached without the JIT")
+def test_an_edit_to_any_kernel_module_recompiles_every_kernel(tmp_path, monkeypatch):
+    """A kernel holds the code of what it calls from other modules: the cache is stale when any
+    of them changes, not only its own file."""
+    from moe_dispatch.kernels.numba import caching
+
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
+    assert caching.njit(cache=True)(_add_one)(1) == 2
+    stamp = caching._kernels_stamp()
+    assert {"packed_dots.py", "quantized.py", "caching.py"} <= {name for name, _, _ in stamp}
+    edited = tuple((name, mtime + (name == "packed_dots.py"), size) for name, mtime, size in stamp)
+    monkeypatch.setattr(caching, "_kernels_stamp", lambda: edited)
+    after_edit = caching.njit(cache=True)(_add_one)
+    assert after_edit(1) == 2 and after_edit.stats.cache_misses and not after_edit.stats.cache_hits
+
+
 def test_every_cached_kernel_heals_its_cache():
     from numba.core.dispatcher import Dispatcher
 

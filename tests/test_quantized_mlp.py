@@ -16,13 +16,16 @@ from reference import naive_moe_mlp
 
 # (format, quantize options, hidden, intermediate): the 4-bit formats and int8 groups need K
 # (H for w_gate_up, I for w_down) in whole groups; fp8 and per-channel int8 take any size,
-# and odd ones check the partial blocks.
+# and odd ones check the partial blocks. On 16-bit activations the Numba decode step reads K
+# in chunks of 32 (kernels/numba/packed_dots.py) where K and the groups allow, and the float
+# kernels elsewhere (int8-channel, fp8-partial-blocks).
 FORMATS = [
     pytest.param("int8", {}, 33, 19, id="int8-channel"),
     pytest.param("int8", {"group_size": 32}, 64, 32, id="int8-g32"),
     pytest.param("int4", {"group_size": 32}, 64, 32, id="int4-g32"),
     pytest.param("int4", {"group_size": 64, "symmetric": False}, 128, 64, id="int4-g64-zero-points"),
     pytest.param("fp8", {}, 136, 19, id="fp8-partial-blocks"),
+    pytest.param("fp8", {}, 160, 96, id="fp8-chunks"),
     pytest.param("mxfp4", {}, 64, 32, id="mxfp4"),
 ]
 
@@ -81,6 +84,21 @@ def test_numba_paths_read_the_packed_codes(fmt, options, hidden, inter, dtype, p
     out = md.moe_mlp(x, weights, ids, experts, backend="numba")
     assert_close(out, expected(x, weights, ids, q_gate_up, q_down, b_gate_up, b_down), dtype)
     assert bool(steps) == (path != "blocked")
+
+
+@needs_numba
+@pytest.mark.parametrize("fmt,options", [("int4", {"group_size": 32}), ("mxfp4", {}), ("fp8", {})])
+def test_numba_decode_carries_a_value_that_is_not_finite_as_the_reference_does(fmt, options, gen,
+                                                                                 monkeypatch):
+    """Integers cannot carry an infinity: a step whose activations hold one takes the float
+    kernels, and its token comes out as the reference's."""
+    small_groups_everywhere(monkeypatch)
+    x, weights, ids, q_gate_up, q_down, _, _ = quantized_case(fmt, options, 64, 32, gen, torch.bfloat16, tokens=3)
+    x[1, 3] = float("inf")
+    out = md.moe_mlp(x, weights, ids, q_gate_up, q_down, backend="numba")
+    ref = md.moe_mlp(x, weights, ids, q_gate_up, q_down, backend="torch")
+    assert torch.equal(out.isfinite(), ref.isfinite()) and not out[1].isfinite().any()
+    assert_close(out[[0, 2]], expected(x, weights, ids, q_gate_up, q_down)[[0, 2]], torch.bfloat16)
 
 
 @needs_numba

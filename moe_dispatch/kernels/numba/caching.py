@@ -1,4 +1,5 @@
-"""numba.njit for the kernels: its on-disk compile cache treats a damaged file as a miss.
+"""numba.njit for the kernels: its on-disk compile cache treats a damaged file as a miss, and
+an edit to any kernel module as a change to every kernel.
 
 Every kernel is compiled with cache=True, into $NUMBA_CACHE_DIR or the __pycache__ next to its
 source. Numba unpickles whatever the files hold (numba/core/caching.py: the index in
@@ -8,10 +9,16 @@ index or data file that a killed process or a full disk left truncated or garble
 load is a miss: one warning, the kernel compiles again, and saving it rewrites the broken files
 (a garbled index reads as empty, so the save writes a new one; a garbled data file's entry is
 overwritten in place).
+
+Numba stamps a kernel's cache with its own source file's time and size, but a kernel compiles
+the functions it calls from other modules into itself: an edit there left it running the old
+code. The stamp here covers every module of this directory.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 
 import numba
@@ -40,11 +47,18 @@ class _HealingCacheFile(IndexDataCacheFile):
             return {}
 
 
+@functools.cache
+def _kernels_stamp() -> tuple:
+    """The time and size of every kernel module: what a compiled kernel may hold the code of."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return tuple((name, os.stat(os.path.join(here, name)).st_mtime, os.stat(os.path.join(here, name)).st_size)
+                 for name in sorted(os.listdir(here)) if name.endswith(".py"))
+
+
 class _HealingCache(FunctionCache):
     def __init__(self, py_func):
         super().__init__(py_func)
-        self._cache_file = _HealingCacheFile(self._cache_path, self._impl.filename_base,
-                                             self._impl.locator.get_source_stamp())
+        self._cache_file = _HealingCacheFile(self._cache_path, self._impl.filename_base, _kernels_stamp())
 
     def load_overload(self, sig, target_context):
         try:

@@ -1,13 +1,20 @@
 """The expert MLP on quantized weights (moe_dispatch/formats/quantized.py), read as packed.
 
-Each kernel task turns the weight rows it needs into float32 two rows at a time, in buffers
-that stay in L1, then dots them with every row of its expert: the codes are read once per
-step, never a dense copy of the experts. A row's conversion is one loop per scale group
-over contiguous bytes, shifts and masks that vectorize: e4m3 and e2m1 codes are moved into
-the bits of a float16 (whose conversion to float32 is one instruction) and rescaled by a
-power of two; the group's scale multiplies once per element, fetched once per group.
-4-bit rows come out split (even elements, then odd), the layout the split activations of
-grouped_mm.py meet with contiguous loads.
+Each kernel task takes the weight rows it needs two at a time and dots them with every row of
+its expert: the codes are read once per step, never a dense copy of the experts.
+
+Where K and the scale groups come in whole chunks of 32 (every real model), the dot products
+are packed_dots.py's vector code: fp8 codes against the float activations, int8, int4 and
+mxfp4 codes against the activations quantized to int16 once per step (16-bit activations
+only: float32 ones keep the float path, whose answer is exact in float32).
+
+Elsewhere, a float path: each weight row turned into float32 in a buffer that stays in L1,
+or, for experts with few rows, dotted straight from the codes. A row's conversion is one
+loop per scale group over contiguous bytes, shifts and masks that vectorize: e4m3 and e2m1
+codes are moved into the bits of a float16 (whose conversion to float32 is one instruction)
+and rescaled by a power of two; the group's scale multiplies once per element, fetched once
+per group. 4-bit rows come out split (even elements, then odd), the layout the split
+activations of grouped_mm.py meet with contiguous loads.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from numba import prange
 from .activations import FusedActivation
 from .caching import njit
 from .grouped_mm import FASTMATH
+from .packed_dots import e2m1_dots, e4m3_dots, int4_dots, int8_dots, quantize_rows, reads_chunks
 from .mlp import BAD_INDEX, DECODE_OK, decode_inputs, decode_plan, gate_up_epilogue
 from .scalars import half_value, narrow, pow2
 
@@ -229,9 +237,78 @@ def dot_pair_codes(w, e, n_a, n_b, src):
     return total_a, total_b
 
 
-# Rows per expert up to which the kernels dot straight from the codes; above, each weight row
-# is converted once into a buffer and dotted with every row. Not mxfp4: its e2m1 conversion
-# costs as much either way, and the buffers' loops run faster.
+@njit(cache=True, inline="always")
+def packed_int_dots(w, e, n_a, n_b, ints, rows, start, count, out):
+    """out[0, j], out[1, j] = rows n_a and n_b of expert e's values . ints[rows[start + j]] for
+    j < count, for int8, int4 and mxfp4 weights and int16 activations before their scales
+    (packed_dots.py)."""
+    s_a, s_b = n_a // w.rows, n_b // w.rows
+    if w.fmt == INT8:
+        int8_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, s_a, s_b, ints, rows, start, count, w.group,
+                  out)
+    elif w.fmt == INT4:
+        int4_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, s_a, s_b, ints, rows, start, count, w.group,
+                  out)
+    else:
+        e2m1_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, s_a, s_b, ints, rows, start, count, w.group,
+                  out)
+
+
+class PackedInputs(NamedTuple):
+    """The activations as packed_dots.py's kernels read them, when a step takes them."""
+
+    taken: bool
+    ints: np.ndarray  # [rows, K] int16 in element order for int8, int4 and mxfp4; [0, 0] for fp8
+    scales: np.ndarray  # [rows] float32: the int16 rows' scales
+
+
+@njit(cache=True)
+def packed_inputs(w, x, src, split):
+    """Whether a decode step on activations x takes packed_dots.py's kernels for w, whose
+    kernels read src [rows, K] float32 (split when split), and what they read: fp8 weights read src itself; int8,
+    int4 and mxfp4 ones src quantized to int16, where x is 16-bit (float32 activations keep
+    the float path) and src finite. K and w's groups must come in whole chunks."""
+    no_ints = np.empty((0, 0), dtype=np.int16)
+    if not reads_chunks(w.depth, w.group):
+        return PackedInputs(False, no_ints, np.empty(0, dtype=np.float32))
+    if w.fmt == FP8:
+        return PackedInputs(True, no_ints, np.empty(0, dtype=np.float32))
+    if x.itemsize != 2:
+        return PackedInputs(False, no_ints, np.empty(0, dtype=np.float32))
+    ints, scales = np.empty((src.shape[0], w.depth), dtype=np.int16), np.empty(src.shape[0], dtype=np.float32)
+    return PackedInputs(quantize_rows(src, split, ints, scales), ints, scales)
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def expert_dots(w, e, n_a, n_b, src, source_rows, packed, start, direct, row_a, row_b, dots):
+    """dots[0, q], dots[1, q] = (row n_a of expert e's values . src[source_rows[start + q]], row
+    n_b's . it) for q < dots.shape[1], by the step's path: packed_dots.py's kernels when the
+    packed inputs are taken, else the float dot products from the codes (direct) or from the
+    weight rows converted into row_a and row_b."""
+    count = dots.shape[1]
+    if packed.taken and w.fmt == FP8:
+        e4m3_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, n_a // w.rows, n_b // w.rows, src, source_rows,
+                  start, count, w.group, dots)
+    elif packed.taken:
+        packed_int_dots(w, e, n_a, n_b, packed.ints, source_rows, start, count, dots)
+        for q in range(count):
+            scale = packed.scales[source_rows[start + q]]
+            dots[0, q] *= scale
+            dots[1, q] *= scale
+    else:
+        if not direct:
+            dequantize_pair(w, e, n_a, n_b, row_a, row_b)
+        for q in range(count):
+            if direct:
+                dots[0, q], dots[1, q] = dot_pair_codes(w, e, n_a, n_b, src[source_rows[start + q]])
+            else:
+                dots[0, q], dots[1, q] = _dot_pair(row_a, row_b, src[source_rows[start + q]])
+
+
+# Rows per expert up to which the float path dots straight from the codes; above, each weight
+# row is converted once into a buffer and dotted with every row. Not mxfp4: its e2m1
+# conversion costs as much either way, and the buffers' loops run faster. (packed_dots.py
+# converts each chunk once in registers for up to four rows at a time: it needs no buffer.)
 DIRECT_ROWS = 2
 
 
@@ -251,9 +328,11 @@ def _dot_pair(row_a, row_b, src):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, act, block, save_h, h, split_a, a):
-    """mlp.gate_up_act on a QuantizedRows w [E, W, H]: x [T, H] float32 (split when w.split);
-    the rest as there. Grid: A * ceil(I / block) tasks, one per (expert, block of columns)."""
+def gate_up_act(x, packed, token_of_row, w, bias, has_bias, offsets, experts, inter, act, block, save_h, h, split_a,
+                a):
+    """mlp.gate_up_act on a QuantizedRows w [E, W, H]: x [T, H] float32 (split when w.split),
+    packed its PackedInputs; the rest as there. Grid: A * ceil(I / block) tasks, one per
+    (expert, block of columns)."""
     num_blocks = (inter + block - 1) // block
     step, shift = act.step, act.shift
     for task in prange(experts.shape[0] * num_blocks):
@@ -261,55 +340,49 @@ def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, act
         i0 = (task % num_blocks) * block
         start, end = offsets[e], offsets[e + 1]
         dots = np.zeros((2, end - start), dtype=np.float32)
-        row_a, row_b = np.empty(w.depth, dtype=np.float32), np.empty(w.depth, dtype=np.float32)
+        direct = reads_directly(w, end - start)
+        buffered = 0 if direct or packed.taken else w.depth
+        row_a, row_b = np.empty(buffered, dtype=np.float32), np.empty(buffered, dtype=np.float32)
         # Gated: column i's gate row with its up row. Plain: columns i and i + 1.
         for i in range(i0, min(i0 + block, inter), 1 if act.gated else 2):
             col_a, col_b = (i * step, i * step + shift) if act.gated else (i, min(i + 1, inter - 1))
-            direct = reads_directly(w, end - start)
-            if not direct:
-                dequantize_pair(w, e, col_a, col_b, row_a, row_b)
+            expert_dots(w, e, col_a, col_b, x, token_of_row, packed, start, direct, row_a, row_b, dots)
             for q in range(end - start):
-                src = x[token_of_row[start + q]]
-                if direct:
-                    dots[0, q], dots[1, q] = dot_pair_codes(w, e, col_a, col_b, src)
-                else:
-                    dots[0, q], dots[1, q] = _dot_pair(row_a, row_b, src)
                 gate_up_epilogue(dots, 0, q, start + q, e, i, col_a, col_b, bias, has_bias, save_h, h, act, inter,
                                  split_a, a)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weight, block, out):
-    """mlp.down_combine on a QuantizedRows w [E, H, I]: a [R, I] float32 (split when w.split);
-    the rest as there. Grid: ceil(H / block) tasks, each owning a block of output columns."""
+def down_combine(a, packed, w, bias, has_bias, offsets, experts, token_of_row, row_weight, block, out):
+    """mlp.down_combine on a QuantizedRows w [E, H, I]: a [R, I] float32 (split when w.split),
+    packed its PackedInputs; the rest as there. Grid: ceil(H / block) tasks, each owning a block
+    of output columns."""
     num_tokens, hidden = out.shape
     num_blocks = (hidden + block - 1) // block
+    rows = np.arange(a.shape[0], dtype=np.int32)
     for task in prange(num_blocks):
         c0 = task * block
         width = min(block, hidden - c0)
         acc = np.zeros((num_tokens, width), dtype=np.float32)
-        row_c, row_d = np.empty(w.depth, dtype=np.float32), np.empty(w.depth, dtype=np.float32)
+        buffered = 0 if packed.taken else w.depth
+        row_c, row_d = np.empty(buffered, dtype=np.float32), np.empty(buffered, dtype=np.float32)
         # Columns s and s + half of the block together: two sequential streams of rows, as
         # mlp.down_combine reads them.
         half = (width + 1) // 2
         for ei in range(experts.shape[0]):
             e = experts[ei]
             start, end = offsets[e], offsets[e + 1]
+            dots = np.empty((2, end - start), dtype=np.float32)
+            direct = reads_directly(w, end - start)
             for s in range(half):
                 c = c0 + s
                 d = c + half if s + half < width else c  # an odd width's last row pairs with itself
-                direct = reads_directly(w, end - start)
-                if not direct:
-                    dequantize_pair(w, e, c, d, row_c, row_d)
+                expert_dots(w, e, c, d, a, rows, packed, start, direct, row_c, row_d, dots)
                 for q in range(end - start):
-                    if direct:
-                        v_c, v_d = dot_pair_codes(w, e, c, d, a[start + q])
-                    else:
-                        v_c, v_d = _dot_pair(row_c, row_d, a[start + q])
                     t, weight = token_of_row[start + q], row_weight[start + q]
-                    acc[t, c - c0] += weight * (v_c + bias[e, c] if has_bias else v_c)
+                    acc[t, c - c0] += weight * (dots[0, q] + bias[e, c] if has_bias else dots[0, q])
                     if d != c:
-                        acc[t, d - c0] += weight * (v_d + bias[e, d] if has_bias else v_d)
+                        acc[t, d - c0] += weight * (dots[1, q] + bias[e, d] if has_bias else dots[1, q])
         for t in range(num_tokens):
             for c in range(width):
                 out[t, c0 + c] = narrow(acc[t, c], out.dtype)
@@ -319,16 +392,17 @@ def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weigh
 def moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, experts, tiles, save_h, h, out):
     """mlp.moe_mlp_decode on QuantizedExperts (tiles: mlp.DecodeTiles, its column blocks): the
     whole step in one call. Returns DECODE_OK, or BAD_INDEX (nothing computed)."""
-    ok, x_wide, row_weight, active = decode_inputs(x, weights, offsets, token_of_row, row_of_slot,
-                                                   experts.w_gate_up.split)
+    w_gate_up, w_down = experts.w_gate_up, experts.w_down
+    ok, x_wide, row_weight, active = decode_inputs(x, weights, offsets, token_of_row, row_of_slot, w_gate_up.split)
     if not ok:
         return BAD_INDEX
-    inter = experts.w_down.depth
+    inter = w_down.depth
     a = np.zeros((token_of_row.shape[0], inter), dtype=np.float32)
-    gate_up_act(x_wide, token_of_row, experts.w_gate_up, experts.b_gate_up, experts.has_b_gate_up, offsets, active,
-                inter, experts.act, tiles.block_gate_up, save_h, h, experts.w_down.split, a)
-    down_combine(a, experts.w_down, experts.b_down, experts.has_b_down, offsets, active, token_of_row, row_weight,
-                 tiles.block_down, out)
+    gate_up_act(x_wide, packed_inputs(w_gate_up, x, x_wide, w_gate_up.split), token_of_row, w_gate_up,
+                experts.b_gate_up, experts.has_b_gate_up, offsets, active, inter, experts.act, tiles.block_gate_up,
+                save_h, h, w_down.split, a)
+    down_combine(a, packed_inputs(w_down, x, a, w_down.split), w_down, experts.b_down, experts.has_b_down,
+                 offsets, active, token_of_row, row_weight, tiles.block_down, out)
     return DECODE_OK
 
 

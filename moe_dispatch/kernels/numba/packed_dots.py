@@ -1,0 +1,500 @@
+"""Dot products of two rows of packed weight codes with a few activation rows, written as LLVM
+vector code (Numba intrinsics): what a decode step spends its time on.
+
+Converting each code to float32 with scalar-looking loops left LLVM three or more
+instructions per 16 weights, which made a 4-bit decode step compute-bound at a fifth of the
+memory's speed. Here each 32 codes are converted in registers and meet every activation row
+of a pass before the next 32 are read:
+
+- int8, int4 and e2m1 codes become 16-bit integers (int8: a sign extension; 4-bit: a mask and
+  a shift that leave each byte's two codes in one 32-bit lane, in element order; e2m1: a
+  16-entry table lookup, its values doubled to be integers) and one multiply-add of 16-bit
+  pairs into 32-bit lanes (x86's pmaddwd) takes 32 of them against activations quantized to
+  int16. The 32-bit sums turn into float32 once per scale group, where its scale multiplies.
+- e4m3 codes become float16 bits (sign, exponent and mantissa shifted into place, worth 2^-8
+  of the value, subnormals included) and float32 in one conversion, then fused multiply-adds
+  against the float32 activations.
+
+The activation rows of the integer formats are quantized once per step, one scale per row (its
+largest magnitude over 32767): each element moves by at most 2^-16 of the row's largest, which
+leaves the dot products' error well below the rounding of bfloat16 or float16 activations.
+
+Each function below is plain Python (numpy), which is what NUMBA_DISABLE_JIT=1 runs, with an
+overload that compiles the vector code in its place. x86 CPUs with AVX2 get pmaddwd and pshufb;
+other CPUs get the same arithmetic in generic vector IR, which LLVM lowers as it can.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from .caching import njit
+
+CHUNK = 32  # codes converted per step
+INT_LANES = CHUNK // 2  # int32 lanes of one pmaddwd
+# Elements summed in int32 lanes before a flush to float32: each lane adds two products per
+# chunk, |int8 code * int16| <= 128 * 32767, so 2048 elements keep a lane below 2^30.
+FLUSH = 2048
+INT16_MAX = 32767
+E2M1_DOUBLED = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
+# Activation rows per pass over the codes: each chunk of two weight rows, once converted,
+# meets this many; 2 x 4 sums and as many partial sums still fit AVX-512's registers.
+ROWS_PER_PASS = 4
+
+
+@njit(cache=True, inline="always")
+def reads_chunks(depth, group):
+    """Whether rows of this depth and scale group size can take these kernels."""
+    return depth % CHUNK == 0 and group % CHUNK == 0
+
+
+@njit(cache=True)
+def quantize_rows(src, split, out, scales):
+    """out[r] = src[r] / scales[r] rounded to int16, scales[r] = max |src[r]| / 32767; src
+    [R, K] float32, split (the 4-bit kernels' layout: even elements, then odd) when split, out
+    in element order. Returns False, leaving the rest undefined, when a row holds a value that
+    is not finite: integers cannot carry it, and the float path must compute it."""
+    depth = src.shape[1]
+    half = depth // 2
+    for r in range(src.shape[0]):
+        row = src[r]
+        peak, poison = np.float32(0.0), np.float32(0.0)
+        for k in range(depth):
+            peak = max(peak, abs(row[k]))
+            poison += row[k] * np.float32(0.0)  # NaN from an infinity or a NaN, which max skips
+        if not np.isfinite(poison):
+            return False
+        scales[r] = peak / np.float32(INT16_MAX)
+        inverse = np.float32(INT16_MAX) / peak if peak > 0 else np.float32(0.0)
+        for k in range(depth):
+            col = (k % 2) * half + k // 2 if split else k
+            out[r, k] = np.int16(np.rint(row[col] * inverse))
+    return True
+
+
+# ---- the definition, in numpy ----------------------------------------------------------------
+
+
+def _code_values(fmt, codes, zeros, has_zeros, group):
+    """The values of a row of codes in element order (e2m1 doubled, e4m3 exact)."""
+    if fmt == "int8":
+        return codes.view(np.int8).astype(np.int64)
+    if fmt == "e4m3":
+        import torch  # the definition of e4m3 is torch's float8_e4m3fn
+
+        return torch.from_numpy(codes.copy()).view(torch.float8_e4m3fn).double().numpy()
+    nibbles = np.stack([codes & 15, codes >> 4], axis=1).reshape(-1).astype(np.int64)
+    if fmt == "e2m1":
+        return E2M1_DOUBLED[nibbles].astype(np.int64)
+    zero = np.repeat(zeros.astype(np.int64), group)[: nibbles.shape[0]] if has_zeros else 8
+    return nibbles - zero
+
+
+def _scale_values(scales):
+    if scales.dtype == np.uint8:  # e8m0
+        return np.ldexp(np.float32(1.0), scales.astype(np.int32) - 127).astype(np.float32)
+    return scales
+
+
+def _dots(fmt, codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
+    starts = np.arange(0, x.shape[1], group)
+    for i, (n, s) in enumerate(((n_a, s_a), (n_b, s_b))):
+        values = _code_values(fmt, codes[e, n], zeros[e, s] if has_zeros else None, has_zeros, group)
+        for j in range(count):
+            activations = x[rows[start + j]].astype(np.float32).astype(values.dtype)
+            per_group = np.add.reduceat(values * activations, starts).astype(np.float32)
+            total = np.dot(per_group, _scale_values(scales[e, s])[: per_group.shape[0]])
+            out[i, j] = np.float32(total * (0.5 if fmt == "e2m1" else 1.0))
+
+
+def int8_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
+    """out[0, j] = sum_g scales[e, s_a, g] * (codes[e, n_a] . x[rows[start + j]] over group g),
+    out[1, j] the same for n_b and s_b, for j < count: codes the int8 bytes [E, N, K], scales
+    [E, *, ceil(K/group)] float32 (or e8m0 bytes, uint8), x int16 [T, K], rows int32, out
+    float32 [2, >= count]; K and group multiples of CHUNK. The zeros arguments are unused (the
+    4-bit formats' signature)."""
+    _dots("int8", codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out)
+
+
+def int4_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
+    """int8_dots for 4-bit codes [E, N, K/2] (low nibble first) less their zero points: zeros
+    uint8 like scales when has_zeros, else 8."""
+    _dots("int4", codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out)
+
+
+def e2m1_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
+    """int8_dots for e2m1 codes [E, N, K/2] (low nibble first)."""
+    _dots("e2m1", codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out)
+
+
+def e4m3_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
+    """int8_dots for e4m3 codes [E, N, K] against float activations x [T, K] (float32, or
+    float64 rounded to float32)."""
+    _dots("e4m3", codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out)
+
+
+# ---- the vector code -------------------------------------------------------------------------
+
+I8, I16, I32, F16, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.HalfType(), ir.FloatType()
+
+
+def _vec(element, n=CHUNK):
+    return ir.VectorType(element, n)
+
+
+def _const(element, values, n=CHUNK):
+    return ir.Constant(_vec(element, n), list(values) if hasattr(values, "__len__") else [values] * n)
+
+
+def _broadcast(builder, value, n):
+    v = builder.insert_element(ir.Constant(_vec(value.type, n), ir.Undefined), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(v, v, _const(I32, 0, n))
+
+
+def _load(builder, data, index, vector_type):
+    return builder.load(builder.bitcast(builder.gep(data, [index]), vector_type.as_pointer()), align=1)
+
+
+def _intrinsic_call(builder, name, result, operands):
+    fn = builder.module.declare_intrinsic(name, fnty=ir.FunctionType(result, [o.type for o in operands]))
+    return builder.call(fn, operands)
+
+
+def _chunk_bytes(builder, data, chunk, count):
+    return _load(builder, data, builder.mul(chunk, ir.Constant(chunk.type, count)), _vec(I8, count))
+
+
+_EVEN, _ODD = _const(I32, range(0, CHUNK, 2), INT_LANES), _const(I32, range(1, CHUNK, 2), INT_LANES)
+
+
+def _int8_values(builder, data, chunk, zero, cpu):
+    return builder.sext(_chunk_bytes(builder, data, chunk, CHUNK), _vec(I16))
+
+
+def _nibble_words(builder, data, chunk):
+    """32 4-bit codes as 16-bit words in element order: each byte widened to a 32-bit lane
+    holding its low nibble in the lane's low 16 bits and its high nibble in the high 16 bits
+    (a mask and a shift, no shuffle)."""
+    wide = builder.zext(_chunk_bytes(builder, data, chunk, INT_LANES), _vec(I32, INT_LANES))
+    low = builder.and_(wide, _const(I32, 0x0F, INT_LANES))
+    high = builder.shl(builder.and_(wide, _const(I32, 0xF0, INT_LANES)), _const(I32, 12, INT_LANES))
+    return builder.bitcast(builder.or_(low, high), _vec(I16))
+
+
+def _int4_values(builder, data, chunk, zero, cpu):
+    return builder.sub(_nibble_words(builder, data, chunk), zero)
+
+
+# e2m1 doubled, plus 12 to be unsigned: a table lookup on bytes yields each value in its word's
+# low byte, and 0 in the high byte, whose index has its top bit set; less 12, the value.
+E2M1_TABLE = (E2M1_DOUBLED.astype(np.int32) + 12).tolist()
+E2M1_OFFSET = 12
+
+
+def _table_lookup(builder, table, indices, cpu):
+    """table[indices & 15] for each byte of indices, 0 where a byte's top bit is set: pshufb on
+    each 128 bits, the 16-byte table repeated."""
+    width = indices.type.count
+    if "+avx512bw" in cpu:
+        name, step = "llvm.x86.avx512.pshuf.b.512", 64
+    else:
+        name, step = "llvm.x86.avx2.pshuf.b", 32
+    parts = [_intrinsic_call(builder, name, _vec(I8, step),
+                             [_const(I8, table * (step // 16), step),
+                              builder.shuffle_vector(indices, indices, _const(I32, range(i, i + step), step))])
+             for i in range(0, width, step)]
+    while len(parts) > 1:
+        parts = [builder.shuffle_vector(parts[i], parts[i + 1], _const(I32, range(2 * parts[i].type.count),
+                                                                       2 * parts[i].type.count))
+                 for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def _e2m1_values(builder, data, chunk, zero, cpu):
+    words = _nibble_words(builder, data, chunk)
+    if "+avx512bw" in cpu or "+avx2" in cpu:
+        indices = builder.bitcast(builder.or_(words, _const(I16, 0x8000)), _vec(I8, 2 * CHUNK))
+        values = builder.bitcast(_table_lookup(builder, E2M1_TABLE, indices, cpu), _vec(I16))
+        return builder.sub(values, _const(I16, E2M1_OFFSET))
+    magnitude = builder.and_(words, _const(I16, 7))  # doubled: 0, 1, 2, 3, then 4, 6, 8, 12
+
+    def below(limit):
+        return builder.icmp_unsigned("<", magnitude, _const(I16, limit))
+
+    twice = builder.sub(builder.shl(magnitude, _const(I16, 1)), _const(I16, 4))
+    four_times = builder.sub(builder.shl(magnitude, _const(I16, 2)), _const(I16, 16))
+    value = builder.select(below(4), magnitude, builder.select(below(6), twice, four_times))
+    negative = builder.icmp_unsigned("!=", builder.and_(words, _const(I16, 8)), _const(I16, 0))
+    return builder.select(negative, builder.neg(value), value)
+
+
+def _e4m3_values(builder, data, chunk, zero, cpu):
+    wide = builder.zext(_chunk_bytes(builder, data, chunk, CHUNK), _vec(I16))
+    sign = builder.shl(builder.and_(wide, _const(I16, 0x80)), _const(I16, 8))
+    rest = builder.shl(builder.and_(wide, _const(I16, 0x7F)), _const(I16, 7))
+    return builder.fpext(builder.bitcast(builder.or_(sign, rest), _vec(F16)), _vec(F32))
+
+
+def _multiply_add_pairs(builder, a, b, cpu):
+    """[a[2i] * b[2i] + a[2i+1] * b[2i+1] for i < 16] as int32: pmaddwd."""
+    if "+avx512bw" in cpu:
+        return _intrinsic_call(builder, "llvm.x86.avx512.pmaddw.d.512", _vec(I32, INT_LANES), [a, b])
+    if "+avx2" in cpu:
+        halves = [_const(I32, range(0, INT_LANES), INT_LANES), _const(I32, range(INT_LANES, CHUNK), INT_LANES)]
+        parts = [_intrinsic_call(builder, "llvm.x86.avx2.pmadd.wd", _vec(I32, INT_LANES // 2),
+                                 [builder.shuffle_vector(a, a, h), builder.shuffle_vector(b, b, h)]) for h in halves]
+        return builder.shuffle_vector(parts[0], parts[1], _const(I32, range(INT_LANES), INT_LANES))
+
+    def products(select):
+        return builder.mul(*(builder.sext(builder.shuffle_vector(v, v, select), _vec(I32, INT_LANES)) for v in (a, b)))
+
+    return builder.add(products(_EVEN), products(_ODD))
+
+
+class _IntegerKind:
+    """int8, int4 and e2m1 codes against int16 activations: 32-bit partial sums."""
+
+    lanes = INT_LANES
+    partial_type = _vec(I32, INT_LANES)
+    activation_types = (types.int16,)
+
+    def __init__(self, values, result_factor=1.0):
+        self.values, self.result_factor = values, result_factor
+
+    def load_x(self, builder, row, element, offset):
+        return _load(builder, row, offset, _vec(I16))
+
+    def step(self, builder, partial, w, x, cpu):
+        return builder.add(partial, _multiply_add_pairs(builder, w, x, cpu))
+
+    def to_float(self, builder, partial):
+        return builder.sitofp(partial, _vec(F32, INT_LANES))
+
+
+class _FloatKind:
+    """e4m3 codes against float activations: float32 partial sums."""
+
+    lanes = CHUNK
+    partial_type = _vec(F32, CHUNK)
+    activation_types = (types.float32, types.float64)
+    values = staticmethod(_e4m3_values)
+    result_factor = 256.0  # the codes as float16 bits are worth 2^-8 of their value
+
+    def load_x(self, builder, row, element, offset):
+        x = _load(builder, row, offset, _vec(element))
+        return x if element == F32 else builder.fptrunc(x, _vec(F32))
+
+    def step(self, builder, partial, w, x, cpu):
+        return builder.fadd(partial, builder.fmul(w, x, flags=("fast",)), flags=("fast",))
+
+    def to_float(self, builder, partial):
+        return partial
+
+
+_KINDS = {"int8": _IntegerKind(_int8_values), "int4": _IntegerKind(_int4_values),
+          "e2m1": _IntegerKind(_e2m1_values, 0.5), "e4m3": _FloatKind()}
+
+
+def _group_scale(builder, scales, g):
+    scale = builder.load(builder.gep(scales, [g]))
+    if scale.type == F32:
+        return scale
+    # e8m0: 2^(s - 127), which for s = 0 is the subnormal 2^-127
+    exponent = builder.zext(scale, I32)
+    bits = builder.select(builder.icmp_unsigned("==", exponent, ir.Constant(I32, 0)), ir.Constant(I32, 0x400000),
+                          builder.shl(exponent, ir.Constant(I32, 23)))
+    return builder.bitcast(bits, F32)
+
+
+def _group_zero(builder, fmt, zeros, has_zeros, g):
+    if fmt != "int4":
+        return None
+    stored = builder.load(builder.gep(zeros, [builder.select(has_zeros, g, ir.Constant(g.type, 0))]))
+    zero = builder.select(has_zeros, builder.zext(stored, I16), ir.Constant(I16, 8))
+    return _broadcast(builder, zero, CHUNK)
+
+
+INDEX_ARGUMENTS = (4, 5, 6, 7, 8, 11, 12, 13)  # e, n_a, n_b, s_a, s_b, start, count, group
+
+
+class _Operands:
+    """The intrinsic's arguments as LLVM values: the two weight rows', their scale rows' and
+    zero rows' addresses, the activations and where the sums go. The arguments are whole
+    arrays and indices, not views: a view costs a reference count, more than a short row."""
+
+    def __init__(self, context, builder, sig, args):
+        args = [context.cast(builder, v, t, types.intp) if i in INDEX_ARGUMENTS else v
+                for i, (v, t) in enumerate(zip(args, sig.args))]
+        (codes, scales, zeros, self.has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, self.num_rows, self.group,
+         out) = args
+        array = {i: context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 2, 9, 10, 14)}
+        index = self.group.type
+
+        def row_start(i, e, n):  # element [e, n, 0] of a C-contiguous 3-d array
+            _, rows_, width = cgutils.unpack_tuple(builder, array[i].shape, 3)
+            return builder.gep(array[i].data, [builder.mul(builder.add(builder.mul(e, rows_), n), width)])
+
+        self.codes = [row_start(0, e, n) for n in (n_a, n_b)]
+        self.scales = [row_start(1, e, s) for s in (s_a, s_b)]
+        # the dummy zeros array holds one element: its start, when there are none
+        self.zeros = [row_start(2, builder.select(self.has_zeros, e, ir.Constant(index, 0)),
+                                builder.select(self.has_zeros, s, ir.Constant(index, 0))) for s in (s_a, s_b)]
+        self.x = array[9].data
+        self.x_element = context.get_value_type(sig.args[9].dtype)
+        self.depth = cgutils.unpack_tuple(builder, array[9].shape, 2)[1]
+        self.rows = builder.gep(array[10].data, [start])
+        self.out = array[14].data
+        self.out_width = cgutils.unpack_tuple(builder, array[14].shape, 2)[1]
+
+
+def _min(builder, a, b):
+    return builder.select(builder.icmp_signed("<", a, b), a, b)
+
+
+def _emit_pass(builder, fmt, cpu, ops, first, count):
+    """The code for count activation rows from the first-th of ops.rows: every group, span and
+    chunk, then the sums stored in ops.out."""
+    kind = _KINDS[fmt]
+    index = ops.depth.type
+    pairs = [(r, j) for r in range(2) for j in range(count)]
+    partials = {p: cgutils.alloca_once(builder, kind.partial_type) for p in pairs}
+    sums = {p: cgutils.alloca_once(builder, _vec(F32, kind.lanes)) for p in pairs}
+    for p in pairs:
+        builder.store(ir.Constant(kind.partial_type, None), partials[p])
+        builder.store(_const(F32, 0.0, kind.lanes), sums[p])
+    x_rows = []
+    for j in range(count):
+        row = builder.sext(builder.load(builder.gep(ops.rows, [builder.add(first, ir.Constant(index, j))])), index)
+        x_rows.append(builder.gep(ops.x, [builder.mul(row, ops.depth)]))
+    group = ops.group
+    num_groups = builder.udiv(builder.add(ops.depth, builder.sub(group, ir.Constant(index, 1))), group)
+    long_groups = builder.icmp_signed(">", group, ir.Constant(index, FLUSH))
+    with cgutils.for_range(builder, num_groups) as group_loop:
+        g = group_loop.index
+        k0 = builder.mul(g, group)
+        k1 = _min(builder, builder.add(k0, group), ops.depth)
+        scales = [_group_scale(builder, ops.scales[r], g) for r in range(2)]
+        zeros = [_group_zero(builder, fmt, ops.zeros[r], ops.has_zeros, g) for r in range(2)]
+        first_chunk = builder.udiv(k0, ir.Constant(index, CHUNK))
+
+        def flush():
+            for r, j in pairs:
+                partial = kind.to_float(builder, builder.load(partials[r, j]))
+                scaled = builder.fmul(partial, _broadcast(builder, scales[r], kind.lanes), flags=("fast",))
+                builder.store(builder.fadd(builder.load(sums[r, j]), scaled, flags=("fast",)), sums[r, j])
+                builder.store(ir.Constant(kind.partial_type, None), partials[r, j])
+
+        with cgutils.for_range(builder, builder.udiv(builder.sub(k1, k0), ir.Constant(index, CHUNK))) as c:
+            chunk = builder.add(first_chunk, c.index)
+            offset = builder.mul(chunk, ir.Constant(index, CHUNK))
+            xs = [kind.load_x(builder, x_row, ops.x_element, offset) for x_row in x_rows]
+            for r in range(2):
+                w = kind.values(builder, ops.codes[r], chunk, zeros[r], cpu)
+                for j in range(count):
+                    builder.store(kind.step(builder, builder.load(partials[r, j]), w, xs[j], cpu), partials[r, j])
+            # a group longer than FLUSH elements flushes on the way too
+            span_done = builder.icmp_unsigned("==", builder.and_(builder.add(c.index, ir.Constant(index, 1)),
+                                                                 ir.Constant(index, FLUSH // CHUNK - 1)),
+                                              ir.Constant(index, 0))
+            with builder.if_then(builder.and_(long_groups, span_done), likely=False):
+                flush()
+        flush()
+    for r, j in pairs:
+        v = builder.load(sums[r, j])
+        n = kind.lanes
+        while n > 1:
+            n //= 2
+            v = builder.fadd(builder.shuffle_vector(v, v, _const(I32, range(n), n)),
+                             builder.shuffle_vector(v, v, _const(I32, range(n, 2 * n), n)))
+        total = builder.fmul(builder.extract_element(v, ir.Constant(I32, 0)), ir.Constant(F32, kind.result_factor))
+        column = builder.add(first, ir.Constant(index, j))
+        builder.store(total, builder.gep(ops.out, [builder.add(builder.mul(ir.Constant(index, r), ops.out_width),
+                                                               column)]))
+
+
+# Group sizes the code is specialized for: a group's trip count known, LLVM unrolls its chunks
+# and drops the loop (1.6x for mxfp4's groups of 32). Other sizes take the general code.
+GROUP_SIZES = (32, 64, 128)
+
+
+def _emit_group_sizes(builder, fmt, cpu, ops, sizes):
+    """The passes, in a copy per group size of sizes (one compare each) and one for the rest."""
+    if not sizes:
+        _emit_passes(builder, fmt, cpu, ops)
+        return
+    size = ir.Constant(ops.group.type, sizes[0])
+    with builder.if_else(builder.icmp_signed("==", ops.group, size)) as (known, other):
+        with known:
+            general, ops.group = ops.group, size
+            _emit_passes(builder, fmt, cpu, ops)
+            ops.group = general
+        with other:
+            _emit_group_sizes(builder, fmt, cpu, ops, sizes[1:])
+
+
+def _emit_passes(builder, fmt, cpu, ops):
+    """Passes of ROWS_PER_PASS activation rows, then of 2 and 1 for the rest."""
+    index = ops.num_rows.type
+    per_pass = ir.Constant(index, ROWS_PER_PASS)
+    full = builder.udiv(ops.num_rows, per_pass)
+    with cgutils.for_range(builder, full) as passes:
+        _emit_pass(builder, fmt, cpu, ops, builder.mul(passes.index, per_pass), ROWS_PER_PASS)
+    done = builder.mul(full, per_pass)
+    count = ROWS_PER_PASS // 2
+    while count:
+        fits = builder.icmp_signed(">=", builder.sub(ops.num_rows, done), ir.Constant(index, count))
+        with builder.if_then(fits):
+            _emit_pass(builder, fmt, cpu, ops, done, count)
+        done = builder.select(fits, builder.add(done, ir.Constant(index, count)), done)
+        count //= 2
+
+
+def dots_intrinsic(fmt, cpu_features=None):
+    """The vector code of int8_dots (fmt "int8"), int4_dots, e2m1_dots or e4m3_dots, for the
+    CPU features given (a "+avx2,+avx512bw,..." string), by default those Numba compiles for."""
+    kind = _KINDS[fmt]
+
+    @intrinsic
+    def dots(typingctx, codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
+        arrays = ((codes, 3), (scales, 3), (zeros, 3), (x, 2), (rows, 1), (out, 2))
+        if not all(isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" for a, ndim in arrays):
+            return None
+        if (scales.dtype not in (types.float32, types.uint8) or x.dtype not in kind.activation_types
+                or rows.dtype != types.int32 or out.dtype != types.float32):
+            return None
+        indices = (e, n_a, n_b, s_a, s_b, start, count, group)
+        if not all(isinstance(i, types.Integer) for i in indices):
+            return None
+        signature = types.void(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group,
+                               out)
+
+        def codegen(context, builder, sig, args):
+            cpu = cpu_features if cpu_features is not None else context.codegen()._get_host_cpu_features()
+            ops = _Operands(context, builder, sig, args)
+            _emit_group_sizes(builder, fmt, cpu, ops, list(GROUP_SIZES))
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return dots
+
+
+def _compiled(fmt):
+    kernel = dots_intrinsic(fmt)
+
+    def typer(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
+        return lambda codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out: kernel(
+            codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out)
+
+    return typer
+
+
+# inline: as calls, the array arguments cost a reference count each, more than short rows' work
+overload(int8_dots, inline="always")(_compiled("int8"))
+overload(int4_dots, inline="always")(_compiled("int4"))
+overload(e2m1_dots, inline="always")(_compiled("e2m1"))
+overload(e4m3_dots, inline="always")(_compiled("e4m3"))

@@ -1,0 +1,124 @@
+"""The vector kernels of moe_dispatch/kernels/numba/packed_dots.py, which dot packed weight
+codes with activation rows: compiled for this CPU, for a CPU with AVX2 only and for no x86
+features at all (the generic vector code), against their numpy definition, and that against
+the format's own dequantization in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import moe_dispatch as md
+from conftest import needs_numba
+
+pytestmark = needs_numba
+
+# (fmt of the kernel, the format's quantize options, K): int8 per channel with K past a flush
+# span; a group of 32 and one of 64 with zero points; fp8's 128-column block over K = 96 (one
+# partial block).
+CASES = [
+    pytest.param("int8", "int8", {}, 2112, id="int8-channel"),
+    pytest.param("int8", "int8", {"group_size": 32}, 96, id="int8-g32"),
+    pytest.param("int4", "int4", {"group_size": 32}, 96, id="int4-g32"),
+    pytest.param("int4", "int4", {"group_size": 64, "symmetric": False}, 128, id="int4-g64-zero-points"),
+    pytest.param("e2m1", "mxfp4", {}, 96, id="mxfp4"),
+    pytest.param("e4m3", "fp8", {}, 96, id="fp8"),
+]
+# None: the features Numba compiles for; then an AVX2-only x86 CPU; then none
+FEATURES = [pytest.param(None, id="host"), pytest.param("+avx2", id="avx2"), pytest.param("", id="generic")]
+
+
+def kernel_inputs(fmt, quantize_format, options, depth, gen, num_tokens=6):
+    """Two weight rows quantized, their operands as the kernels read them, activations, and the
+    two rows dequantized in float64."""
+    w = torch.randn(1, 2, depth, generator=gen)
+    q = md.quantize(w, quantize_format, **options)
+    zeros = q.zeros.numpy() if q.zeros is not None else np.zeros((1, 1, 1), dtype=np.uint8)
+    codes = q.codes.view(torch.uint8).numpy()
+    if fmt == "e4m3":
+        x = torch.randn(num_tokens, depth, generator=gen).numpy()
+    else:
+        x = torch.randint(-32767, 32768, (num_tokens, depth), generator=gen, dtype=torch.int16).numpy()
+    # expert 0's rows 0 and 1, and their scale rows (fp8's cover 128 rows)
+    operands = (codes, q.scales.numpy(), zeros, q.zeros is not None, 0, 0, 1, 0, 1 // q.block[0], x)
+    return operands, q.dequantize(torch.float64)[0].numpy(), q.block[1]
+
+
+def compiled(fmt, features):
+    from numba import njit
+
+    from moe_dispatch.kernels.numba.packed_dots import dots_intrinsic
+
+    kernel = dots_intrinsic(fmt, features)
+
+    @njit
+    def run(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
+        kernel(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out)
+
+    return run
+
+
+@pytest.mark.parametrize("features", FEATURES)
+@pytest.mark.parametrize("fmt,quantize_format,options,depth", CASES)
+def test_the_vector_code_computes_the_definition(fmt, quantize_format, options, depth, features, gen):
+    from moe_dispatch.kernels.numba import packed_dots
+
+    operands, dense, group = kernel_inputs(fmt, quantize_format, options, depth, gen)
+    definition = getattr(packed_dots, f"{fmt}_dots")
+    run = compiled(fmt, features)
+    for count in (1, 2, 3, 7):  # passes of 4, 2 and 1 rows
+        start = 2  # the rows from rows[start]; out wider than count
+        rows = torch.randint(0, 6, (start + count,), generator=gen, dtype=torch.int32).numpy()
+        out, expected = np.full((2, count + 1), np.nan, np.float32), np.full((2, count + 1), np.nan, np.float32)
+        run(*operands, rows, start, count, group, out)
+        definition(*operands, rows, start, count, group, expected)
+        assert np.isnan(out[:, count]).all()  # nothing written past count
+        out, expected, rows = out[:, :count], expected[:, :count], rows[start:]
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+        # and the definition is the format's: the dequantized rows times the activations
+        truth = dense @ operands[-1][rows].astype(np.float64).T
+        np.testing.assert_allclose(expected, truth, rtol=1e-5, atol=1e-5 * np.abs(truth).max())
+
+
+def test_float64_activations_meet_e4m3_codes_as_float32(gen):
+    operands, dense, group = kernel_inputs("e4m3", "fp8", {}, 96, gen)
+    x64 = operands[-1].astype(np.float64)
+    rows = np.arange(6, dtype=np.int32)
+    out = np.empty((2, 6), np.float32)
+    compiled("e4m3", None)(*operands[:-1], x64, rows, 0, 6, group, out)
+    np.testing.assert_allclose(out, dense @ x64.T, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_rows_rounds_each_row_to_int16_on_its_own_scale(gen):
+    from moe_dispatch.kernels.numba.packed_dots import quantize_rows
+
+    src = (torch.randn(3, 64, generator=gen) * torch.tensor([[1e-3], [1.0], [1e3]])).numpy()
+    src[1, 5] = 0.0
+    for split in (False, True):
+        ints, scales = np.empty((3, 64), np.int16), np.empty(3, np.float32)
+        assert quantize_rows(src, split, ints, scales)
+        in_order = src
+        if split:  # the stored layout: even elements, then odd
+            in_order = np.empty_like(src)
+            in_order[:, 0::2], in_order[:, 1::2] = src[:, :32], src[:, 32:]
+        np.testing.assert_allclose(ints * scales[:, None], in_order, rtol=0, atol=0.51 * scales.max())
+        assert np.abs(ints).max() == 32767
+        np.testing.assert_allclose(scales, np.abs(src).max(axis=1) / 32767, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_quantize_rows_refuses_a_row_that_is_not_finite(bad, gen):
+    from moe_dispatch.kernels.numba.packed_dots import quantize_rows
+
+    src = torch.randn(2, 32, generator=gen).numpy()
+    src[1, 7] = bad
+    assert not quantize_rows(src, False, np.empty((2, 32), np.int16), np.empty(2, np.float32))
+
+
+def test_a_zero_row_quantizes_to_zeros():
+    from moe_dispatch.kernels.numba.packed_dots import quantize_rows
+
+    ints, scales = np.ones((1, 32), np.int16), np.ones(1, np.float32)
+    assert quantize_rows(np.zeros((1, 32), np.float32), False, ints, scales)
+    assert not ints.any() and scales[0] == 0
