@@ -41,7 +41,8 @@ def bench_tables(records: list) -> list:
                  f"I={first['intermediate_size']}")
         what = f"{op} {'forward+backward' if backward else 'forward'}{' (CUDA graph replays)' if cuda_graph else ''}"
         label = preset if scale == 1.0 else f"{preset} at scale {scale:g}"
-        table = Table(title=f"{label} ({shape}), {what}, {dtype}, {routing} routing", title_justify="left")
+        table = Table(title=f"{label} ({shape}), {what}, {dtype}, {routing} routing", title_justify="left",
+                      caption=_skipped(first.get("skipped", {})), caption_justify="left")
         for column in ("backend", "tokens", "median ms", "tokens/s", "TFLOP/s", "GB/s", "roofline"):
             table.add_column(column, justify="left" if column == "backend" else "right")
         peers = list(dict.fromkeys(name for r in rows for name in r["peers"]))
@@ -54,6 +55,14 @@ def bench_tables(records: list) -> list:
             table.add_row(*cells)
         tables.append(table)
     return tables
+
+
+def _skipped(skipped: dict) -> Optional[str]:
+    """The peers left out and why, those with one reason together."""
+    by_reason: dict = {}
+    for name, why in skipped.items():
+        by_reason.setdefault(why, []).append(name)
+    return "; ".join(f"skipped {', '.join(names)}: {why}" for why, names in by_reason.items()) or None
 
 
 PEER_NOTE = ("vs X: X's median time / this backend's (above 1 = faster than X); vs bound: the time the "
