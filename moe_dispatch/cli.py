@@ -271,7 +271,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _check_float_experts_fit(spec) -> None:
-    from .benchmarking.cases import dense_bytes, fits_in_memory
+    from .benchmarking.costs import dense_bytes
+    from .benchmarking.memory import fits_in_memory
 
     for preset in spec.presets:
         short = fits_in_memory(dense_bytes(preset, spec.dtype), spec.device)
@@ -282,17 +283,18 @@ def _check_float_experts_fit(spec) -> None:
 
 
 def _memory_line(records: list) -> str:
-    """The process's peak memory, what it held before the last preset's experts were made and
-    what they hold."""
+    """The process's resident memory before the last preset's experts were made, its peak while
+    they were made and over the run, and what the experts hold."""
     last = records[-1] if records else {}
-    peak, before, held = (last.get(name) for name in ("peak_memory_bytes", "memory_before_bytes", "stored_bytes"))
+    before, made, peak, held = (last.get(name) for name in ("memory_before_bytes", "peak_memory_made_bytes",
+                                                            "peak_memory_bytes", "stored_bytes"))
     if peak is None:
         return "peak resident memory unknown here"
-    line = f"peak resident memory {_bytes(peak)}"
-    if before is not None:
-        line = f"resident memory {_bytes(before)} before the experts were made, at most {_bytes(peak)} since " \
-               f"(+{_bytes(peak - before)})"
-    return line + ("" if held is None else f"; the experts hold {_bytes(held)}")
+    if before is None:
+        return f"peak resident memory {_bytes(peak)}"
+    return (f"resident memory {_bytes(before)} before the experts were made, at most +{_bytes(made - before)} while "
+            f"making them (they hold {_bytes(held)}) and +{_bytes(peak - before)} over the run (the peers' weights "
+            f"and the kernels' buffers included)")
 
 
 def _bytes(n: float) -> str:

@@ -19,7 +19,7 @@ import moe_dispatch.benchmarking.bench as bench_module
 import moe_dispatch.benchmarking.roofline as roofline_module
 from moe_dispatch import cache_files
 from moe_dispatch import backends, moe_mlp, quantize
-import moe_dispatch.benchmarking.cases as cases_module
+import moe_dispatch.benchmarking.memory as memory_module
 from moe_dispatch.benchmarking.bench import BenchSpec, backend_call, prepare
 from moe_dispatch.benchmarking.cases import ROUTINGS, make_experts, make_ids, make_inputs, make_layer, quantized_experts
 from moe_dispatch.benchmarking.costs import Work
@@ -240,7 +240,7 @@ def test_quantized_bench_experts_are_made_in_their_format(fmt):
 
 
 def test_bench_skips_the_peers_whose_float_copy_does_not_fit(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(cases_module, "available_memory", lambda device: 10**6)
+    monkeypatch.setattr(memory_module, "available_memory", lambda device: 10**6)
     out_json = tmp_path / "r.json"
     argv = ["bench", *TINY_V3, "--weights", "int4", "--backend", "torch", "--json", str(out_json)]
     assert main(argv) == 0

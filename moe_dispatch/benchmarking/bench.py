@@ -19,10 +19,12 @@ import torch
 from .. import ops
 from ..layers import MoE
 from .cases import (
-    Experts, Inputs, dense_bytes, dequantized, distinct_experts, fits_in_memory, make_experts, make_inputs,
-    make_layer, peak_resident_memory, quantized_experts, reset_peak_memory, resident_memory,
+    Experts, Inputs, dequantized, distinct_experts, make_experts, make_inputs, make_layer, quantized_experts,
 )
-from .costs import Work, gate_up_width, grouped_mm_work, layer_work, moe_mlp_work, permute_work, unpermute_work
+from .costs import (
+    Work, dense_bytes, gate_up_width, grouped_mm_work, layer_work, moe_mlp_work, permute_work, unpermute_work,
+)
+from .memory import fits_in_memory, peak_resident_memory, reset_peak_memory, resident_memory
 from .peers import (
     FLOAT_PEERS, MEASURED_ONLY, OP_PEERS, PeerUnavailable, check_torch_grouped_mm, moe_peer, peer_call,
     torch_gather_permute, torch_gather_unpermute, torch_grouped_mm_fn, training_step,
@@ -215,7 +217,7 @@ def make_record(spec: BenchSpec, batch: Batch, work: Work, roofline: Roofline, b
         "bound_ms": bound_ms, "bound": bound_kind, "roofline": bound_ms / ms if ms > 0 else float("nan"),
         "peers": dict(peer_ms),
         "speedup": {name: (p / ms if p is not None and ms > 0 else None) for name, p in peer_ms.items()},
-        # the memory the experts hold, and the process's peak since they were made (memory_before_bytes)
+        # the memory the experts hold, and the process's peak since before they were made
         "stored_bytes": batch.experts.expert_bytes() * preset.num_experts, "peak_memory_bytes": peak_resident_memory(),
         **context,
     }
@@ -231,8 +233,9 @@ def run_bench(spec: BenchSpec, roofline: Roofline, advance: Callable[[str], None
         memory_before = resident_memory()
         experts, float_experts = build_experts(spec, preset)
         layer = make_layer(experts, spec.seed) if "layer" in spec.ops else None
+        memory = {"memory_before_bytes": memory_before, "peak_memory_made_bytes": peak_resident_memory()}
         for op in spec.ops:
-            yield from _run_op(spec, op, experts, float_experts, layer, roofline, advance, warn, memory_before)
+            yield from _run_op(spec, op, experts, float_experts, layer, roofline, advance, warn, memory)
         del experts, float_experts, layer
         if spec.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -240,8 +243,8 @@ def run_bench(spec: BenchSpec, roofline: Roofline, advance: Callable[[str], None
 
 def _run_op(spec: BenchSpec, op: str, experts: Experts, float_experts: Union[Experts, str], layer: Optional[MoE],
             roofline: Roofline, advance: Callable[[str], None], warn: Callable[[str], None],
-            memory_before: Optional[int]) -> Iterator[dict]:
-    """run_bench's records of one op."""
+            memory: dict) -> Iterator[dict]:
+    """run_bench's records of one op; memory: the records' fields on the process's memory."""
     preset = experts.preset
     peers = build_peers(spec, op, experts, float_experts)
     skipped = {name: peer for name, peer in peers.items() if isinstance(peer, str)}
@@ -270,4 +273,4 @@ def _run_op(spec: BenchSpec, op: str, experts: Experts, float_experts: Union[Exp
             for backend in spec.backends:
                 if times.get(backend):
                     yield make_record(spec, batch, work, roofline, backend, times[backend], peer_ms,
-                                      {"skipped": skipped, "memory_before_bytes": memory_before})
+                                      {"skipped": skipped, **memory})

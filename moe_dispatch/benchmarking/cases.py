@@ -5,7 +5,6 @@ routed inputs for a preset, built the same way wherever they are timed.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -16,7 +15,6 @@ from ..experts import ExpertWeights
 from ..formats import FORMATS
 from ..formats.quantized import QuantizedWeight, quantize
 from ..layers import MoE
-from .costs import expert_bytes
 from .presets import Preset
 
 Tensor = torch.Tensor
@@ -172,74 +170,6 @@ def dequantized(experts: Experts) -> Experts:
     return Experts(experts.preset, experts.weights.dense())
 
 
-def dense_bytes(preset: Preset, dtype: torch.dtype) -> int:
-    """The bytes of the preset's experts as float weights of dtype."""
-    return preset.num_experts * expert_bytes(preset, dtype)
-
-
-def fits_in_memory(nbytes: float, device: torch.device) -> Optional[str]:
-    """None when nbytes fit on the device beside what it holds now (a fifth of what is free
-    kept for the work around them), else how much is needed and free."""
-    available = available_memory(device)
-    if available is None or nbytes <= 0.8 * available:
-        return None
-    return f"{nbytes / 1e9:.1f} GB, {available / 1e9:.1f} GB available"
-
-
-def resident_memory() -> Optional[int]:
-    """The bytes this process holds in memory now, or None where unknown (Linux's VmRSS)."""
-    return _status_bytes("VmRSS")
-
-
-def reset_peak_memory() -> None:
-    """Start this process's peak resident memory over from what it holds now (Linux: the
-    VmHWM that peak_resident_memory reads; elsewhere the peak stays the whole process's)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_resident_memory() -> Optional[int]:
-    """The most bytes this process has held in memory since reset_peak_memory (Linux's VmHWM;
-    elsewhere ru_maxrss, since it started), or None where unknown."""
-    peak = _status_bytes("VmHWM")
-    if peak is not None:
-        return peak
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
-
-
-def _status_bytes(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def available_memory(device: torch.device) -> Optional[int]:
-    """Bytes that can be allocated on the device now without swapping, or None when unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def make_layer(experts: Experts, seed: int = 0) -> MoE:
     """The preset's whole MoE layer around `experts` (shared, not copied): its router, its
     correction bias (sigmoid scoring; drawn from U(-0.1, 0.1), so that it shifts the choice)
@@ -250,7 +180,7 @@ def make_layer(experts: Experts, seed: int = 0) -> MoE:
     layer = MoE.from_experts(experts.weights, preset.top_k, **options)
     gen = _generator(experts.device, seed + 4)
     with torch.no_grad():
-        for module in filter(None, (layer.router, layer.shared_experts)):
+        for module in [m for m in (layer.router, layer.shared_experts) if m is not None]:
             for p in module.parameters():
                 p.copy_(_uniform(p.shape, p.shape[1], p.dtype, p.device, gen))
         if preset.scoring == "sigmoid":

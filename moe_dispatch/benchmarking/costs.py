@@ -43,6 +43,11 @@ def expert_bytes(preset: Preset, dtype: torch.dtype) -> int:
     return params * element_size(dtype)
 
 
+def dense_bytes(preset: Preset, dtype: torch.dtype) -> int:
+    """The bytes of all the preset's experts as float weights of dtype."""
+    return preset.num_experts * expert_bytes(preset, dtype)
+
+
 def moe_mlp_work(preset: Preset, num_tokens: int, touched: int, dtype: torch.dtype,
                  backward: bool = False, bytes_per_expert: Optional[float] = None) -> Work:
     """The routed experts of one layer for T tokens that touch `touched` distinct experts;

@@ -66,7 +66,8 @@ def _skipped(skipped: dict) -> Optional[str]:
 
 
 PEER_NOTE = ("vs X: X's median time / this backend's (above 1 = faster than X); vs bound: the time the "
-             "distinct experts' bytes take at the measured bandwidth. ")
+             "distinct experts' bytes (a layer's: with its router's and shared experts') take at the measured "
+             "bandwidth. ")
 ROOFLINE_NOTE = ("roofline: the least time this work can take here (max of bytes / bandwidth and FLOPs / "
                  "matmul peak) over the measured time, mem(ory) or com(pute) bound.")
 

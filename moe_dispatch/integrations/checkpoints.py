@@ -51,7 +51,7 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 class _Tensors:
     """name -> tensor over dicts, safe_open handles or shard files; a tensor is loaded when
     asked for. A shard file is opened when first asked for and closed when another one is:
-    reading in the order of `rank` opens each once and keeps one mapped at a time; the
+    reading in the order of `rank` opens each once and keeps one open at a time; the
     tensors named to read_along (small ones, asked for later) are read when their shard is."""
 
     def __init__(self, checkpoint):
@@ -116,7 +116,11 @@ class _Tensors:
                 raise FileNotFoundError(f"the shard {path} is missing (the index puts {name!r} there)")
             from safetensors import safe_open
 
-            handle = safe_open(path, "pt").__enter__()
+            try:  # each tensor read into memory of its own: no page of the shard stays mapped while it is open
+                handle = safe_open(path, "pt", backend="pread")
+            except TypeError:  # an older safetensors maps the file: the pages read count as resident till closed
+                handle = safe_open(path, "pt")
+            handle.__enter__()
             self._open = (path, handle)
             for along in [n for n in self._along if self.where.get(n) == path]:
                 self._read[along] = handle.get_tensor(along)
