@@ -16,7 +16,7 @@ import argparse
 import torch
 
 import moe_dispatch as md
-from moe_dispatch.benchmarking.cases import make_experts, make_inputs, quantized_experts
+from moe_dispatch.benchmarking.cases import make_experts, make_inputs, quantize_experts
 from moe_dispatch.benchmarking.presets import get_preset
 from moe_dispatch.benchmarking.roofline import get_roofline
 from moe_dispatch.benchmarking.timing import measure_many, median
@@ -41,7 +41,7 @@ def main() -> None:
     bf16 = make_experts(preset, torch.bfloat16, device)
     formats = {"bfloat16": bf16}
     for fmt in args.formats.split(","):
-        formats[fmt] = quantized_experts(bf16, fmt)[0]
+        formats[fmt] = quantize_experts(bf16, fmt)
     print(f"{preset.describe()}, {args.backend}, {torch.get_num_threads()} threads, read {roofline.read_gbps:.1f} GB/s")
     print(f"{'T':>5} {'weights':9} {'bits/w':>6} {'median ms':>10} {'vs bf16':>8} {'bound ms':>9} {'/ bound':>8} "
           f"{'error vs bf16':>13}")

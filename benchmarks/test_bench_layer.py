@@ -9,7 +9,7 @@ import torch
 from bench_setup import BACKENDS, DTYPE, shape_params
 from moe_dispatch import MoE
 from moe_dispatch.benchmarking.cases import make_inputs
-from moe_dispatch.benchmarking.costs import Work, moe_mlp_work
+from moe_dispatch.benchmarking.costs import layer_work
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
@@ -20,8 +20,7 @@ def test_layer(run_benchmark, device, preset, tokens, backend, backward):
     x = make_inputs(preset, tokens, DTYPE, device).x
     with torch.no_grad():
         touched = int((layer(x, return_aux=True)[1].counts > 0).sum())
-    shared = 6.0 * tokens * preset.hidden_size * preset.n_shared_experts * preset.intermediate_size
-    work = moe_mlp_work(preset, tokens, touched, DTYPE, backward) + Work(shared * (3 if backward else 1), 0.0)
+    work = layer_work(preset, tokens, touched, DTYPE, backward)
     if backward:
         x = x.detach().requires_grad_()
         grad = torch.randn_like(x)

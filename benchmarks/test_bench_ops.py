@@ -11,7 +11,9 @@ from moe_dispatch.benchmarking.bench import (
 from moe_dispatch.benchmarking.cases import make_experts
 from moe_dispatch.benchmarking.peers import MEASURED_ONLY, OP_PEERS
 
-IMPLEMENTATIONS = [(op, name) for op in OPS for name in BACKENDS + [p for p in OP_PEERS[op] if p not in MEASURED_ONLY]]
+# the whole layer has a file of its own (test_bench_layer.py)
+IMPLEMENTATIONS = [(op, name) for op in OPS if op != "layer"
+                   for name in BACKENDS + [p for p in OP_PEERS[op] if p not in MEASURED_ONLY]]
 _experts_cache: dict = {}
 
 
@@ -27,13 +29,13 @@ def experts_for(preset, device):
 @pytest.mark.parametrize("preset, tokens", shape_params())
 def test_op(run_benchmark, device, op, implementation, preset, tokens):
     peers = [] if implementation in BACKENDS else [implementation]
-    spec = BenchSpec([preset], [tokens], DTYPE, [], peers, device, op=op)
+    spec = BenchSpec([preset], [tokens], DTYPE, [], peers, device, ops=(op,))
     experts = experts_for(preset, device)
-    batch = prepare(spec, experts, tokens)
+    batch = prepare(spec, experts, tokens, op)
     if implementation in BACKENDS:
         call = backend_call(spec, batch, implementation)
     else:
-        peer = build_peers(spec, experts)[implementation]
+        peer = build_peers(spec, op, experts, experts)[implementation]
         if isinstance(peer, str):
             pytest.skip(peer)
         call = op_peer_call(spec, batch, implementation, peer)

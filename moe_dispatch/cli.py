@@ -154,19 +154,29 @@ def parse_backends(text: str, device: torch.device) -> list:
     return list(dict.fromkeys(resolve_backend(device, n) for n in names))
 
 
-def parse_peers(text: Optional[str], op: str) -> list:
+def parse_ops(text: str) -> list:
+    from .benchmarking.bench import OPS
+
+    return _listed(text, OPS, "--op", f"{', '.join(OPS)} (several separated by commas)")
+
+
+def parse_peers(text: Optional[str], ops: list) -> list:
     from .benchmarking.peers import OP_PEERS
 
-    valid = OP_PEERS[op]
+    valid = list(dict.fromkeys(p for op in ops for p in OP_PEERS[op]))
     if text is None:
-        return list(valid)
+        return valid
     if text == "none":
         return []
+    return _listed(text, valid, "peer", f"{', '.join(valid)}, none (the peers of --op {','.join(ops)})")
+
+
+def _listed(text: str, valid, what: str, choices: str) -> list:
+    """The comma-separated names of text, each once, all in valid; else a UsageError listing the choices."""
     names = [n for n in text.split(",") if n]
     unknown = [n for n in names if n not in valid]
     if unknown or not names:
-        raise UsageError(f"unknown peer {', '.join(map(repr, unknown)) or '(none)'} for --op {op}; "
-                         f"choose from {', '.join(valid)}, none")
+        raise UsageError(f"unknown {what} {', '.join(map(repr, unknown)) or '(none)'}; choose from {choices}")
     return list(dict.fromkeys(names))
 
 
@@ -212,19 +222,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     device = parse_device(args.device)
     set_threads(args.threads)
-    if args.backward and args.op != "moe_mlp":
+    ops = parse_ops(args.op)
+    if args.backward and ops != ["moe_mlp"]:
         raise UsageError(f"--backward times moe_mlp only, not --op {args.op}")
-    if args.weights and args.op != "moe_mlp":
-        raise UsageError(f"--weights {args.weights} quantizes moe_mlp's experts, not --op {args.op}'s operands")
+    others = [op for op in ops if op not in ("moe_mlp", "layer")]
+    if args.weights and others:
+        raise UsageError(f"--weights {args.weights} quantizes the experts of moe_mlp and layer, not --op "
+                         f"{','.join(others)}'s operands")
     if args.cuda_graph and (device.type != "cuda" or args.backward):
         raise UsageError("--cuda-graph times forward calls on a CUDA device: "
                          + ("drop --backward" if device.type == "cuda" else f"not on {device.type}"))
     spec = BenchSpec(
         presets=parse_presets(args.preset, args.scale, device), tokens=parse_tokens(args.tokens, device),
         dtype=DTYPES[args.dtype], backends=parse_backends(args.backend, device),
-        peers=parse_peers(args.compare, args.op), device=device, routing=args.routing, backward=args.backward,
-        op=args.op, budget_s=args.budget, cuda_graph=args.cuda_graph, weights=args.weights,
+        peers=parse_peers(args.compare, ops), device=device, routing=args.routing, backward=args.backward,
+        ops=tuple(ops), budget_s=args.budget, cuda_graph=args.cuda_graph, weights=args.weights,
     )
+    if not args.weights:
+        _check_float_experts_fit(spec)
     out, err = _console()
     records, interrupted = [], False
     start = time.perf_counter()
@@ -235,7 +250,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for preset in spec.presets:
             out.print(f"preset {preset.describe()}")
         weights = f" activations, {args.weights} weights (the peers: dequantized)" if args.weights else ""
-        out.print(f"{spec.op}, {args.dtype}{weights}, {spec.routing} routing, tokens {','.join(map(str, spec.tokens))}, "
+        out.print(f"{', '.join(spec.ops)}, {args.dtype}{weights}, {spec.routing} routing, tokens {','.join(map(str, spec.tokens))}, "
                   f"backends {', '.join(spec.backends)}, peers {', '.join(spec.peers) or 'none'}")
         with _progress(err) as progress:
             task = progress.add_task("starting", total=spec.steps())
@@ -248,11 +263,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
     print_tables(records, out)
-    out.print(f"{len(records)} results in {time.perf_counter() - start:.0f} s")
+    out.print(f"{len(records)} results in {time.perf_counter() - start:.0f} s; {_memory_line(records)}")
     if interrupted:
         err.print(f"interrupted: showing the {len(records)} results so far")
     _write_outputs(args, records, out)
     return EXIT_INTERRUPTED if interrupted else 0
+
+
+def _check_float_experts_fit(spec) -> None:
+    from .benchmarking.costs import dense_bytes
+    from .benchmarking.memory import fits_in_memory
+
+    for preset in spec.presets:
+        short = fits_in_memory(dense_bytes(preset, spec.dtype), spec.device)
+        if short:
+            raise UsageError(f"{preset.label}'s experts in {str(spec.dtype).removeprefix('torch.')} do not fit: "
+                             f"{short}; --weights fp8 or int8 holds them in half the bytes, int4 or mxfp4 in a "
+                             f"quarter")
+
+
+def _memory_line(records: list) -> str:
+    """The process's resident memory before the last preset's experts were made, its peak while
+    they were made and over the run, and what the experts hold."""
+    last = records[-1] if records else {}
+    before, made, peak, held = (last.get(name) for name in ("memory_before_bytes", "peak_memory_made_bytes",
+                                                            "peak_memory_bytes", "stored_bytes"))
+    if peak is None:
+        return "peak resident memory unknown here"
+    if before is None:
+        return f"peak resident memory {_bytes(peak)}"
+    return (f"resident memory {_bytes(before)} before the experts were made, at most +{_bytes(made - before)} while "
+            f"making them (they hold {_bytes(held)}) and +{_bytes(peak - before)} over the run (the peers' weights "
+            f"and the kernels' buffers included)")
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def _write_outputs(args, records: list, out) -> None:
@@ -422,8 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--routing", choices=ROUTINGS, default="uniform",
                        help="uniform; skewed: half the tokens on one expert; zipf: popular experts")
     bench.add_argument("--backward", action="store_true", help="time forward and backward")
-    bench.add_argument("--op", choices=OPS, default="moe_mlp",
-                       help="the fused experts, moe_mlp (default), or one op; op peers: "
+    bench.add_argument("--op", default="moe_mlp", metavar="OP,...",
+                       help="the fused experts, moe_mlp (default); layer, the whole MoE layer (router, routing, "
+                            "routed and shared experts); or one op; several separated by commas: "
+                            f"{', '.join(OPS)}. Peers: "
                             + "; ".join(f"{op}: {', '.join(p)}" for op, p in OP_PEERS.items() if op != "moe_mlp"))
     bench.add_argument("--cuda-graph", action="store_true",
                        help="time replays of a CUDA graph of each call, as servers run decode (CUDA, forward); "

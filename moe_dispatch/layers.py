@@ -154,19 +154,29 @@ class MoE(nn.Module):
             raise ValueError("MoE keeps gate rows, then up rows; experts.interleaved must be False "
                              "(experts.gate_then_up() reorders them)")
         b_gate_up, b_down = experts.b_gate_up, experts.b_down
+        device, dtype = experts.w_gate_up.device, experts.w_gate_up.dtype
+        # Built on the meta device: the constructor's own float experts (DeepSeek-V3's take 22.5 GB
+        # in bfloat16) would be allocated and initialised only to be replaced by `experts`.
         layer = cls(experts.hidden_size, experts.intermediate_size, experts.num_experts, top_k,
                     activation=experts.activation.name, bias=b_gate_up is not None or b_down is not None,
-                    device=experts.w_gate_up.device, dtype=experts.w_gate_up.dtype, **options)
+                    device="meta", dtype=dtype, **options)
         for name, tensor in (("w_gate_up", experts.w_gate_up), ("w_down", experts.w_down), ("b_gate_up", b_gate_up),
                              ("b_down", b_down)):
             if tensor is None and getattr(layer, name) is not None:  # one bias given: the other starts at 0
-                getattr(layer, name).data.zero_()
+                setattr(layer, name, nn.Parameter(torch.zeros(getattr(layer, name).shape, device=device, dtype=dtype)))
             elif isinstance(tensor, QuantizedWeight):
                 delattr(layer, name)
                 setattr(layer, name, FrozenQuantized(tensor))
             elif tensor is not None:
                 tensor = formats.dense(tensor)
                 setattr(layer, name, nn.Parameter(tensor.detach(), requires_grad=tensor.requires_grad))
+        for module in (layer.router, layer.shared_experts):  # made and initialised as the constructor does
+            if module is not None:
+                module.to_empty(device=device)
+                for linear in module.modules():
+                    if isinstance(linear, nn.Linear):
+                        linear.reset_parameters()
+        layer.expert_bias = torch.zeros_like(layer.expert_bias, device=device)
         return layer
 
     @torch.no_grad()

@@ -18,8 +18,10 @@ import torch
 import moe_dispatch.benchmarking.bench as bench_module
 import moe_dispatch.benchmarking.roofline as roofline_module
 from moe_dispatch import cache_files
-from moe_dispatch import backends, moe_mlp
-from moe_dispatch.benchmarking.cases import ROUTINGS, make_experts, make_ids, make_inputs
+from moe_dispatch import backends, moe_mlp, quantize
+import moe_dispatch.benchmarking.memory as memory_module
+from moe_dispatch.benchmarking.bench import BenchSpec, backend_call, prepare
+from moe_dispatch.benchmarking.cases import ROUTINGS, make_experts, make_ids, make_inputs, make_layer, quantized_experts
 from moe_dispatch.benchmarking.costs import Work
 from moe_dispatch.benchmarking.peers import moe_peer, peer_call
 from moe_dispatch.benchmarking import summary
@@ -187,6 +189,68 @@ def test_bench_quantized_weights_count_their_bytes(tmp_path, capsys):
     assert "int4 weights" in capsys.readouterr().out
     for r, float_record_bytes in zip(records, float_bytes):  # 4.25-4.5 bits a weight against bfloat16's 16
         assert 0.2 < r["bytes"] / float_record_bytes < 0.4 and r["peers"]["torch-grouped-mm"] > 0
+
+
+# deepseek-v3 at H=128, I=32: its 256 experts, groups, correction bias and shared expert, tiny
+TINY_V3 = ["--preset", "deepseek-v3", "--scale", str(1 / 56), "--tokens", "1,4", "--device", "cpu", "--budget", "0.005"]
+
+
+def test_bench_times_the_whole_layer_beside_the_experts(tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    argv = ["bench", *TINY_V3, "--op", "moe_mlp,layer", "--weights", "fp8", "--backend", "torch", "--compare",
+            "dense,bound", "--json", str(out_json)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "moe_mlp forward" in text and "layer forward" in text and "before the experts were made" in text
+    records = json.loads(out_json.read_text())
+    assert [(r["op"], r["tokens"]) for r in records] == [("moe_mlp", 1), ("moe_mlp", 4), ("layer", 1), ("layer", 4)]
+    assert set(records[0]["peers"]) == {"dense", "bound"} and set(records[2]["peers"]) == {"bound"}
+    # T=1 reaches 8 experts either way; the layer reads the router's and the shared expert's bfloat16
+    # weights besides (E*H + 3*H*I elements)
+    assert records[0]["experts_touched"] == records[2]["experts_touched"] == 8
+    assert records[2]["bytes"] - records[0]["bytes"] == 2 * (256 * 128 + 3 * 128 * 32)
+    assert records[0]["stored_bytes"] == 256 * 3 * 128 * 32 + 256 * 4 * (1 + 1)  # fp8 codes, a scale per block
+
+
+def test_bench_layer_is_deepseek_v3s_around_the_same_experts():
+    preset = get_preset("deepseek-v3", 1 / 56)
+    experts = quantized_experts(preset, "int4", torch.bfloat16, CPU)
+    layer = make_layer(experts)
+    assert (layer.scoring, layer.n_groups, layer.topk_groups, layer.routed_scaling) == ("sigmoid", 8, 4, 2.5)
+    assert layer.shared_experts is not None and bool(layer.expert_bias.abs().min() > 0)
+    assert layer.w_gate_up.codes.data_ptr() == experts.weights.w_gate_up.codes.data_ptr()  # no copy
+    spec = BenchSpec([preset], [5], torch.bfloat16, ["torch", "numba"], [], CPU, ops=("layer",), weights="int4")
+    batch = prepare(spec, experts, 5, "layer", layer)
+    torch.testing.assert_close(backend_call(spec, batch, "numba")(), backend_call(spec, batch, "torch")(),
+                               rtol=4e-2, atol=4e-2)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8", "mxfp4"])
+def test_quantized_bench_experts_are_made_in_their_format(fmt):
+    """Directly in the format, with quantize's block, values spread over nn.Linear's U(-b, b)."""
+    preset = get_preset("olmoe-1b-7b", 1 / 16)  # H=128, I=64: int4 groups of 128 and 64
+    experts = quantized_experts(preset, fmt, torch.float32, CPU, seed=5)
+    for w, fan_in in ((experts.weights.w_gate_up, 128), (experts.weights.w_down, 64)):
+        assert w.format == fmt and w.shape[2] == fan_in
+        assert w.block == quantize(torch.randn(1, 8, fan_in), fmt, group_size=fan_in if fmt == "int4" else None).block
+        values = w.dequantize(torch.float32)
+        bound = 1 / fan_in ** 0.5
+        assert float(values.abs().max()) <= bound * 1.0001 and float(values.std()) > bound / 5
+        assert not torch.equal(values[0], values[1])  # every expert its own codes
+
+
+def test_bench_skips_the_peers_whose_float_copy_does_not_fit(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(memory_module, "available_memory", lambda device: 10**6)
+    out_json = tmp_path / "r.json"
+    argv = ["bench", *TINY_V3, "--weights", "int4", "--backend", "torch", "--json", str(out_json)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "skipped hf-eager, hf-grouped-mm, torch-grouped-mm: needs the experts dequantized to bfloat16" in out
+    for r in json.loads(out_json.read_text()):
+        assert set(r["skipped"]) == {"hf-eager", "hf-grouped-mm", "torch-grouped-mm"}
+        assert r["peers"]["dense"] > 0 and r["peers"]["hf-eager"] is None
+    # float experts that cannot fit: a one-line error pointing at the formats
+    one_line_error(capsys, ["bench", *TINY_V3], "do not fit", "--weights fp8")
 
 
 def test_bench_backward_ops_and_routings(tmp_path):

@@ -12,6 +12,7 @@ on the dequantized weights. No weights are downloaded.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import moe_dispatch as md  # noqa: E402
 from conftest import assert_close  # noqa: E402
-from moe_dispatch.integrations.checkpoints import detect_format, read_experts  # noqa: E402
+from moe_dispatch.integrations.checkpoints import detect_format, read_deepseek_v3_layer, read_experts  # noqa: E402
 from moe_dispatch.layers import FrozenQuantized  # noqa: E402
 
 PREFIX = "model.layers.3.mlp"
@@ -210,6 +211,103 @@ def test_bad_options_are_named(options, message, gen):
     tensors, _ = _checkpoint("gptq", gen)
     with pytest.raises(ValueError, match=message):
         read_experts(tensors, PREFIX, **options)
+
+
+# ---- a DeepSeek-V3 checkpoint directory -------------------------------------------------------
+
+V3_LAYER, V3_E, V3_H, V3_I = 3, 8, 192, 128
+V3_CONFIG = dict(n_routed_experts=V3_E, num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                 norm_topk_prob=True, n_shared_experts=1, first_k_dense_replace=1, scoring_func="sigmoid")
+
+
+def _v3_directory(tmp_path, gen):
+    """A DeepSeek-V3-style directory: config.json, two shards and their index, layer 3's router
+    (bfloat16 weight, float32 bias), FP8 routed and shared experts (H=192: partial 128-blocks),
+    and the float64 reference layer on the dequantized values."""
+    prefix = f"model.layers.{V3_LAYER}.mlp"
+    tensors = {f"{prefix}.gate.weight": torch.randn(V3_E, V3_H, generator=gen).bfloat16(),
+               f"{prefix}.gate.e_score_correction_bias": torch.rand(V3_E, generator=gen) / 4,
+               "model.layers.2.mlp.down_proj.weight": torch.randn(V3_H, V3_H, generator=gen).bfloat16()}  # another layer
+    dense = {}
+    for proj, shape in (("gate_proj", (V3_E + 1, V3_I, V3_H)), ("up_proj", (V3_E + 1, V3_I, V3_H)),
+                        ("down_proj", (V3_E + 1, V3_H, V3_I))):
+        q = md.quantize(torch.randn(shape, generator=gen) / 8, "fp8")  # expert V3_E: the shared one
+        dense[proj] = q.dequantize(torch.float64)
+        for e in range(V3_E + 1):
+            name = f"{prefix}.shared_experts.{proj}" if e == V3_E else f"{prefix}.experts.{e}.{proj}"
+            tensors.update({f"{name}.{n}": t for n, t in _fp8(q, e).items()})
+    names = sorted(tensors, key=lambda n: (not n.startswith(f"{prefix}.gate"), n))  # as the files hold them
+    shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, held in shards.items():
+        save_file({n: tensors[n].contiguous() for n in held}, tmp_path / file)
+    weight_map = {n: file for file, held in shards.items() for n in held}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(json.dumps(V3_CONFIG))
+
+    experts = md.ExpertWeights(torch.cat([dense["gate_proj"][:V3_E], dense["up_proj"][:V3_E]], 1),
+                               dense["down_proj"][:V3_E])
+    reference = md.MoE.from_experts(experts, 2, scoring="sigmoid", n_groups=4, topk_groups=2, routed_scaling=2.5,
+                                    n_shared_experts=1, backend="torch")
+    with torch.no_grad():
+        reference.router.weight.copy_(tensors[f"{prefix}.gate.weight"])
+        reference.expert_bias.copy_(tensors[f"{prefix}.gate.e_score_correction_bias"])
+        reference.shared_experts.gate_up.weight.copy_(torch.cat([dense["gate_proj"][V3_E], dense["up_proj"][V3_E]]))
+        reference.shared_experts.down.weight.copy_(dense["down_proj"][V3_E])
+    return tensors, weight_map, reference
+
+
+def test_a_deepseek_v3_layer_is_read_shard_by_shard_as_its_dequantized_layer(backend, gen, tmp_path, monkeypatch):
+    tensors, weight_map, reference = _v3_directory(tmp_path, gen)
+    opened = []
+    real_open = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda path, *a, **k: opened.append(path.name) or real_open(path, *a,
+                                                                                                           **k))
+    layer = read_deepseek_v3_layer(tmp_path, V3_LAYER, dtype=torch.float32, backend=backend)
+    assert sorted(opened) == sorted(set(weight_map.values()))  # each shard opened once
+
+    # the routed experts hold the checkpoint's FP8 codes and scales, no float copy
+    assert isinstance(layer.w_gate_up, FrozenQuantized) and isinstance(layer.w_down, FrozenQuantized)
+    assert not [name for name, p in layer.named_parameters() if p.dim() == 3]
+    codes = sum(t.nbytes for name, t in tensors.items() if ".experts." in name and name.endswith(".weight"))
+    assert layer.w_gate_up.codes.nbytes + layer.w_down.codes.nbytes == codes
+    assert (layer.top_k, layer.n_groups, layer.topk_groups, layer.routed_scaling) == (2, 4, 2, 2.5)
+
+    x = torch.randn(3, 4, V3_H, generator=gen)
+    with torch.no_grad():
+        assert_close(layer(x), reference.double()(x.double()), torch.float32)
+
+
+@pytest.mark.parametrize("damage, error, message", [
+    ("shard", FileNotFoundError, r"shard .*model-00002-of-00002\.safetensors is missing"),
+    ("scale", KeyError, r"model\.layers\.3\.mlp\.experts\.5\.up_proj\.weight_scale_inv"),
+    ("shape", ValueError, r"model\.layers\.3\.mlp\.experts\.6\.down_proj is .*\(1, 191, 128\).*, unlike"),
+    ("router", ValueError, r"model\.layers\.3\.mlp\.gate\.weight must have shape \(8, 192\)"),
+    ("config", KeyError, r"config\.json has no 'num_experts_per_tok'"),
+    ("dense layer", ValueError, "layer 0 is a dense MLP"),
+])
+def test_a_damaged_deepseek_v3_directory_names_what_is_wrong(damage, error, message, gen, tmp_path):
+    tensors, weight_map, _ = _v3_directory(tmp_path, gen)
+    layer = 0 if damage == "dense layer" else V3_LAYER
+    if damage == "shard":
+        (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    elif damage == "config":
+        (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in V3_CONFIG.items()
+                                                          if k != "num_experts_per_tok"}))
+    elif damage != "dense layer":
+        name = {"scale": f"model.layers.{V3_LAYER}.mlp.experts.5.up_proj.weight_scale_inv",
+                "shape": f"model.layers.{V3_LAYER}.mlp.experts.6.down_proj.weight",
+                "router": f"model.layers.{V3_LAYER}.mlp.gate.weight"}[damage]
+        file = weight_map[name]
+        held = {n: tensors[n] for n, f in weight_map.items() if f == file and n != name}
+        if damage != "scale":  # one row fewer
+            held[name] = tensors[name][:-1]
+        save_file({n: t.contiguous() for n, t in held.items()}, tmp_path / file)
+        if damage == "scale":
+            del weight_map[name]
+            (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(error, match=message):
+        read_deepseek_v3_layer(tmp_path, layer)
 
 
 # ---- transformers models ---------------------------------------------------------------------

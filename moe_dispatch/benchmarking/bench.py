@@ -1,22 +1,32 @@
 """The benchmark runner behind `moe-dispatch bench` and benchmarks/.
 
-For every preset and token count it builds one routed batch, times each backend and each
-peer on it (warm-up outside the timed region, medians), and yields one record per backend
-with the peers' times, the work done and the roofline fraction.
+For every preset it builds the experts once (in a quantized format: directly, expert by
+expert, never as float weights), then for every op and token count one routed batch; it
+times each backend and each peer on it (warm-up outside the timed region, medians), and
+yields one record per backend with the peers' times, the work done and the roofline fraction.
+The ops: moe_mlp (the routed experts), layer (the whole MoE layer: router, routing, routed
+and shared experts) or one of grouped_mm, permute, unpermute.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
 from .. import ops
-from .cases import Experts, Inputs, distinct_experts, make_experts, make_inputs, quantized_experts
-from .costs import Work, gate_up_width, grouped_mm_work, moe_mlp_work, permute_work, unpermute_work
+from ..layers import MoE
+from .cases import (
+    Experts, Inputs, dequantized, distinct_experts, make_experts, make_inputs, make_layer, quantized_experts,
+)
+from .costs import (
+    Work, dense_bytes, gate_up_width, grouped_mm_work, layer_work, moe_mlp_work, permute_work, unpermute_work,
+)
+from .memory import fits_in_memory, peak_resident_memory, reset_peak_memory, resident_memory
 from .peers import (
-    MEASURED_ONLY, OP_PEERS, PeerUnavailable, check_torch_grouped_mm, moe_peer, peer_call,
+    FLOAT_PEERS, MEASURED_ONLY, OP_PEERS, PeerUnavailable, check_torch_grouped_mm, moe_peer, peer_call,
     torch_gather_permute, torch_gather_unpermute, torch_grouped_mm_fn, training_step,
 )
 from .presets import Preset
@@ -36,35 +46,64 @@ class BenchSpec:
     device: torch.device
     routing: str = "uniform"
     backward: bool = False
-    op: str = "moe_mlp"
+    ops: tuple = ("moe_mlp",)  # each timed in a table of its own, on the same experts
     budget_s: float = 0.3  # timed seconds per measurement (at least 3 calls)
     seed: int = 0
     cuda_graph: bool = False  # time replays of a CUDA graph of each call (forward, CUDA only)
-    weights: Optional[str] = None  # a quantized format for the backends' experts (moe_mlp); the peers
-    # run the same values dequantized to dtype
+    weights: Optional[str] = None  # a quantized format for the backends' experts (moe_mlp, layer); the
+    # peers run the same values dequantized to dtype, where they fit in memory
+
+    def peers_of(self, op: str) -> list:
+        """The peers asked for that run alongside op."""
+        return [p for p in self.peers if p in OP_PEERS[op]]
 
     def steps(self) -> int:
         """Measurements the run will make (for progress bars)."""
-        timed_peers = [p for p in self.peers if p not in MEASURED_ONLY]
-        return len(self.presets) * len(self.tokens) * (len(self.backends) + len(timed_peers))
+        timed = sum(len(self.backends) + len([p for p in self.peers_of(op) if p not in MEASURED_ONLY])
+                    for op in self.ops)
+        return len(self.presets) * len(self.tokens) * timed
 
 
 @dataclass
 class Batch:
-    """One routed batch and what each op needs from it."""
+    """One routed batch and what its op needs from it."""
 
+    op: str
     experts: Experts
     inputs: Inputs
     touched: int
+    layer: Optional[MoE] = None
     plan: Optional[object] = None
     xs: Optional[torch.Tensor] = None
     ys: Optional[torch.Tensor] = None
 
 
-def prepare(spec: BenchSpec, experts: Experts, num_tokens: int) -> Batch:
+def build_experts(spec: BenchSpec, preset) -> tuple[Experts, Union[Experts, str]]:
+    """(the experts the backends run, the same as float weights for the peers or why they
+    cannot have them). Quantized experts are made in their format directly; their float copy
+    only when a peer asks for it and it fits in memory."""
+    if not spec.weights:
+        experts = make_experts(preset, spec.dtype, spec.device, spec.seed, requires_grad=spec.backward)
+        return experts, experts
+    experts = quantized_experts(preset, spec.weights, spec.dtype, spec.device, spec.seed)
+    if not any(p in FLOAT_PEERS for op in spec.ops for p in spec.peers_of(op)):
+        return experts, "no peer asked for them"
+    short = fits_in_memory(dense_bytes(preset, spec.dtype), spec.device)
+    if short:
+        return experts, f"needs the experts dequantized to {str(spec.dtype).removeprefix('torch.')}: {short}"
+    return experts, dequantized(experts)
+
+
+def prepare(spec: BenchSpec, experts: Experts, num_tokens: int, op: str = "moe_mlp",
+            layer: Optional[MoE] = None) -> Batch:
+    """The batch of num_tokens for op; layer: the MoE around the experts, for op "layer"."""
     inputs = make_inputs(experts.preset, num_tokens, spec.dtype, spec.device, spec.routing, spec.seed)
-    batch = Batch(experts, inputs, distinct_experts(inputs.ids))
-    if spec.op != "moe_mlp":
+    if op == "layer":  # the layer's own router chooses the experts
+        with torch.no_grad():
+            counts = layer(inputs.x, return_aux=True)[1].counts
+        return Batch(op, experts, inputs, int((counts > 0).sum()), layer=layer)
+    batch = Batch(op, experts, inputs, distinct_experts(inputs.ids))
+    if op != "moe_mlp":
         plan = ops.make_plan(inputs.ids, experts.preset.num_experts, backend="torch")
         batch.plan = plan
         batch.xs = ops.permute(inputs.x, plan, backend="torch")
@@ -75,12 +114,14 @@ def prepare(spec: BenchSpec, experts: Experts, num_tokens: int) -> Batch:
 def work_of(spec: BenchSpec, batch: Batch) -> Work:
     preset, t = batch.experts.preset, batch.inputs.num_tokens
     rows = t * preset.top_k
-    if spec.op == "moe_mlp":
-        stored = batch.experts.expert_bytes() if spec.weights else None
+    stored = batch.experts.expert_bytes() if spec.weights else None
+    if batch.op == "moe_mlp":
         return moe_mlp_work(preset, t, batch.touched, spec.dtype, spec.backward, stored)
-    if spec.op == "grouped_mm":
+    if batch.op == "layer":
+        return layer_work(preset, t, batch.touched, spec.dtype, spec.backward, stored)
+    if batch.op == "grouped_mm":
         return grouped_mm_work(rows, preset.hidden_size, gate_up_width(preset), batch.touched, spec.dtype)
-    if spec.op == "permute":
+    if batch.op == "permute":
         return permute_work(rows, preset.hidden_size, spec.dtype)
     return unpermute_work(t, rows, preset.hidden_size, spec.dtype)
 
@@ -97,7 +138,11 @@ def backend_call(spec: BenchSpec, batch: Batch, backend: str) -> Callable[[], ob
     """A no-argument callable running the op once on `backend`, through the public API."""
     x, weights, ids = batch.inputs.x, batch.inputs.weights, batch.inputs.ids
     experts = batch.experts.weights
-    if spec.op == "moe_mlp":
+    if batch.op == "layer":
+        layer = copy.copy(batch.layer)  # the same weights, run on `backend`
+        layer.backend = backend
+        return _no_grad(lambda: layer(x))
+    if batch.op == "moe_mlp":
         def forward(x, weights, ids):
             return ops.moe_mlp(x, weights, ids, experts, backend=backend)
 
@@ -105,23 +150,28 @@ def backend_call(spec: BenchSpec, batch: Batch, backend: str) -> Callable[[], ob
             return training_step(forward, batch.inputs, batch.experts.trained())
         return _no_grad(lambda: forward(x, weights, ids))
     plan = batch.plan
-    if spec.op == "grouped_mm":
+    if batch.op == "grouped_mm":
         w = experts.w_gate_up.transpose(1, 2)
         return _no_grad(lambda: ops.grouped_mm(batch.xs, w, plan.offsets, backend=backend))
-    if spec.op == "permute":
+    if batch.op == "permute":
         return _no_grad(lambda: ops.permute(x, plan, backend=backend))
     return _no_grad(lambda: ops.unpermute(batch.ys, plan, weights, backend=backend))
 
 
-def build_peers(spec: BenchSpec, experts: Experts) -> dict:
-    """name -> Peer (moe_mlp) or True (op-level peers that need no state) or the reason it cannot run."""
+def build_peers(spec: BenchSpec, op: str, experts: Experts, float_experts: Union[Experts, str]) -> dict:
+    """name -> Peer (moe_mlp) or True (op-level peers that need no state) or the reason it
+    cannot run; float_experts: the experts as float weights, or why there are none."""
     built = {}
-    for name in spec.peers:
+    for name in spec.peers_of(op):
         if name in MEASURED_ONLY:
             continue
+        if name in FLOAT_PEERS and isinstance(float_experts, str):
+            built[name] = float_experts
+            continue
         try:
-            if spec.op == "moe_mlp":
-                built[name] = moe_peer(name, experts, trainable=spec.backward)
+            if op == "moe_mlp":
+                built[name] = moe_peer(name, float_experts if name in FLOAT_PEERS else experts,
+                                       trainable=spec.backward)
             else:
                 if name == "torch-grouped-mm":
                     check_torch_grouped_mm(spec.dtype, spec.device)
@@ -132,14 +182,14 @@ def build_peers(spec: BenchSpec, experts: Experts) -> dict:
 
 
 def op_peer_call(spec: BenchSpec, batch: Batch, name: str, peer) -> Callable[[], object]:
-    if spec.op == "moe_mlp":
+    if batch.op == "moe_mlp":
         return peer_call(peer, batch.inputs, spec.backward)
     plan = batch.plan
-    if spec.op == "grouped_mm":
+    if batch.op == "grouped_mm":
         gmm, w = torch_grouped_mm_fn(), batch.experts.weights.w_gate_up.transpose(1, 2)
         ends = plan.offsets[1:].clone()  # torch's offs: the end of each group, in its own buffer
         return _no_grad(lambda: gmm(batch.xs, w, offs=ends))
-    if spec.op == "permute":
+    if batch.op == "permute":
         return _no_grad(lambda: torch_gather_permute(batch.inputs.x, plan.token_of_row))
     return _no_grad(lambda: torch_gather_unpermute(batch.ys, plan.row_of_slot, batch.inputs.weights))
 
@@ -149,12 +199,13 @@ def _rate(amount: float, ms: float, unit: float) -> float:
 
 
 def make_record(spec: BenchSpec, batch: Batch, work: Work, roofline: Roofline, backend: str, times: list,
-                peer_ms: dict) -> dict:
+                peer_ms: dict, context: dict) -> dict:
+    """One result; context: the run's fields for every record (skipped peers, memory before the experts)."""
     preset: Preset = batch.experts.preset
     ms = median(times)
     bound_ms, bound_kind = roofline.bound(work, spec.dtype)
     return {
-        "op": spec.op, "preset": preset.name, "scale": preset.scale, "num_experts": preset.num_experts,
+        "op": batch.op, "preset": preset.name, "scale": preset.scale, "num_experts": preset.num_experts,
         "top_k": preset.top_k, "hidden_size": preset.hidden_size, "intermediate_size": preset.intermediate_size,
         "backend": backend, "device": roofline.device, "dtype": str(spec.dtype).removeprefix("torch."),
         "weights": spec.weights,
@@ -166,45 +217,60 @@ def make_record(spec: BenchSpec, batch: Batch, work: Work, roofline: Roofline, b
         "bound_ms": bound_ms, "bound": bound_kind, "roofline": bound_ms / ms if ms > 0 else float("nan"),
         "peers": dict(peer_ms),
         "speedup": {name: (p / ms if p is not None and ms > 0 else None) for name, p in peer_ms.items()},
+        # the memory the experts hold, and the process's peak since before they were made
+        "stored_bytes": batch.experts.expert_bytes() * preset.num_experts, "peak_memory_bytes": peak_resident_memory(),
+        **context,
     }
 
 
 def run_bench(spec: BenchSpec, roofline: Roofline, advance: Callable[[str], None] = lambda label: None,
               warn: Callable[[str], None] = lambda message: None) -> Iterator[dict]:
-    """Yield one record per (preset, tokens, backend). The backends and peers of a batch are
+    """Yield one record per (preset, op, tokens, backend). The backends and peers of a batch are
     timed in turns (measure_many); interrupting (KeyboardInterrupt) still yields the batch's
     records from the samples taken so far."""
     for preset in spec.presets:
-        experts = make_experts(preset, spec.dtype, spec.device, spec.seed, requires_grad=spec.backward)
-        peer_experts = experts
-        if spec.weights:
-            experts, peer_experts = quantized_experts(experts, spec.weights)
-        peers = build_peers(spec, peer_experts)
-        for name, peer in peers.items():
-            if isinstance(peer, str):
-                warn(f"{preset.label}: peer {name} skipped: {peer}")
-        for num_tokens in spec.tokens:
-            batch = prepare(spec, experts, num_tokens)
-            work = work_of(spec, batch)
-            calls = {backend: backend_call(spec, batch, backend) for backend in spec.backends}
-            for name in spec.peers:
-                if name not in MEASURED_ONLY and not isinstance(peers[name], str):
-                    calls[name] = op_peer_call(spec, batch, name, peers[name])
-            times, failed = {}, {}
-            try:
-                if spec.cuda_graph:
-                    calls = capture_cuda_graphs(calls, spec.device, failed=failed)
-                measure_many(calls, spec.device, budget_s=spec.budget_s, times=times, failed=failed,
-                             on_start=lambda name: advance(f"{preset.label} T={num_tokens} {name}"))
-                for name, why in failed.items():
-                    warn(f"{preset.label} T={num_tokens}: {name} failed and is left out: {why}")
-            finally:  # on Ctrl-C too: what was measured so far
-                peer_ms = {name: (roofline.memory_ms(work) if name in MEASURED_ONLY
-                                  else median(times[name]) if times.get(name) else None)
-                           for name in spec.peers}
-                for backend in spec.backends:
-                    if times.get(backend):
-                        yield make_record(spec, batch, work, roofline, backend, times[backend], peer_ms)
-        del experts, peers
+        reset_peak_memory()
+        memory_before = resident_memory()
+        experts, float_experts = build_experts(spec, preset)
+        layer = make_layer(experts, spec.seed) if "layer" in spec.ops else None
+        memory = {"memory_before_bytes": memory_before, "peak_memory_made_bytes": peak_resident_memory()}
+        for op in spec.ops:
+            yield from _run_op(spec, op, experts, float_experts, layer, roofline, advance, warn, memory)
+        del experts, float_experts, layer
         if spec.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _run_op(spec: BenchSpec, op: str, experts: Experts, float_experts: Union[Experts, str], layer: Optional[MoE],
+            roofline: Roofline, advance: Callable[[str], None], warn: Callable[[str], None],
+            memory: dict) -> Iterator[dict]:
+    """run_bench's records of one op; memory: the records' fields on the process's memory."""
+    preset = experts.preset
+    peers = build_peers(spec, op, experts, float_experts)
+    skipped = {name: peer for name, peer in peers.items() if isinstance(peer, str)}
+    for name, why in skipped.items():
+        warn(f"{preset.label}: peer {name} skipped: {why}")
+    for num_tokens in spec.tokens:
+        batch = prepare(spec, experts, num_tokens, op, layer)
+        work = work_of(spec, batch)
+        calls = {backend: backend_call(spec, batch, backend) for backend in spec.backends}
+        for name, peer in peers.items():
+            if name not in skipped:
+                calls[name] = op_peer_call(spec, batch, name, peer)
+        times, failed = {}, {}
+        label = f"{preset.label} {op} T={num_tokens}"
+        try:
+            if spec.cuda_graph:
+                calls = capture_cuda_graphs(calls, spec.device, failed=failed)
+            measure_many(calls, spec.device, budget_s=spec.budget_s, times=times, failed=failed,
+                         on_start=lambda name: advance(f"{label} {name}"))
+            for name, why in failed.items():
+                warn(f"{label}: {name} failed and is left out: {why}")
+        finally:  # on Ctrl-C too: what was measured so far
+            peer_ms = {name: (roofline.memory_ms(work) if name in MEASURED_ONLY
+                              else median(times[name]) if times.get(name) else None)
+                       for name in spec.peers_of(op)}
+            for backend in spec.backends:
+                if times.get(backend):
+                    yield make_record(spec, batch, work, roofline, backend, times[backend], peer_ms,
+                                      {"skipped": skipped, **memory})

@@ -43,6 +43,11 @@ def expert_bytes(preset: Preset, dtype: torch.dtype) -> int:
     return params * element_size(dtype)
 
 
+def dense_bytes(preset: Preset, dtype: torch.dtype) -> int:
+    """The bytes of all the preset's experts as float weights of dtype."""
+    return preset.num_experts * expert_bytes(preset, dtype)
+
+
 def moe_mlp_work(preset: Preset, num_tokens: int, touched: int, dtype: torch.dtype,
                  backward: bool = False, bytes_per_expert: Optional[float] = None) -> Work:
     """The routed experts of one layer for T tokens that touch `touched` distinct experts;
@@ -55,6 +60,18 @@ def moe_mlp_work(preset: Preset, num_tokens: int, touched: int, dtype: torch.dty
     if backward:
         return Work(3 * flops, 3 * weights + 3 * activations)
     return Work(flops, weights + activations)
+
+
+def layer_work(preset: Preset, num_tokens: int, touched: int, dtype: torch.dtype, backward: bool = False,
+               bytes_per_expert: Optional[float] = None) -> Work:
+    """The whole MoE layer: the routed experts (moe_mlp_work), the router's GEMM and the shared
+    experts (a SwiGLU MLP of width n_shared * I), their weights float of dtype."""
+    h, e, size = preset.hidden_size, preset.num_experts, element_size(dtype)
+    shared = preset.n_shared_experts * preset.intermediate_size
+    work = Work(2.0 * num_tokens * h * (e + 3 * shared), (e + 3 * shared) * h * size)
+    if backward:
+        work = Work(3 * work.flops, 3 * work.bytes)
+    return moe_mlp_work(preset, num_tokens, touched, dtype, backward, bytes_per_expert) + work
 
 
 def dense_flops(preset: Preset, num_tokens: int) -> float:

@@ -12,6 +12,9 @@ same routed inputs:
 - dense: a dense SwiGLU MLP of width k*I, the same active FLOPs with no routing at all.
 - bound: not run; the bytes of the distinct experts touched over the measured bandwidth.
 
+Quantized experts give the first three a dequantized copy, when it fits in memory.
+The whole layer (op "layer") is compared with its bound only.
+
 Op-level peers (grouped_mm, permute, unpermute) are torch's own kernels for the same op.
 """
 
@@ -35,8 +38,11 @@ OP_PEERS = {
     "grouped_mm": ("torch-grouped-mm", "bound"),
     "permute": ("torch-gather", "bound"),
     "unpermute": ("torch-gather", "bound"),
+    "layer": ("bound",),
 }
 MEASURED_ONLY = ("bound",)  # computed from the roofline, never run
+# The peers that run the experts' float weights (of quantized experts: a dequantized copy)
+FLOAT_PEERS = ("hf-eager", "hf-grouped-mm", "torch-grouped-mm")
 
 
 @dataclass

@@ -41,7 +41,8 @@ def bench_tables(records: list) -> list:
                  f"I={first['intermediate_size']}")
         what = f"{op} {'forward+backward' if backward else 'forward'}{' (CUDA graph replays)' if cuda_graph else ''}"
         label = preset if scale == 1.0 else f"{preset} at scale {scale:g}"
-        table = Table(title=f"{label} ({shape}), {what}, {dtype}, {routing} routing", title_justify="left")
+        table = Table(title=f"{label} ({shape}), {what}, {dtype}, {routing} routing", title_justify="left",
+                      caption=_skipped(first.get("skipped", {})), caption_justify="left")
         for column in ("backend", "tokens", "median ms", "tokens/s", "TFLOP/s", "GB/s", "roofline"):
             table.add_column(column, justify="left" if column == "backend" else "right")
         peers = list(dict.fromkeys(name for r in rows for name in r["peers"]))
@@ -56,8 +57,17 @@ def bench_tables(records: list) -> list:
     return tables
 
 
+def _skipped(skipped: dict) -> Optional[str]:
+    """The peers left out and why, those with one reason together."""
+    by_reason: dict = {}
+    for name, why in skipped.items():
+        by_reason.setdefault(why, []).append(name)
+    return "; ".join(f"skipped {', '.join(names)}: {why}" for why, names in by_reason.items()) or None
+
+
 PEER_NOTE = ("vs X: X's median time / this backend's (above 1 = faster than X); vs bound: the time the "
-             "distinct experts' bytes take at the measured bandwidth. ")
+             "distinct experts' bytes (a layer's: with its router's and shared experts') take at the measured "
+             "bandwidth. ")
 ROOFLINE_NOTE = ("roofline: the least time this work can take here (max of bytes / bandwidth and FLOPs / "
                  "matmul peak) over the measured time, mem(ory) or com(pute) bound.")
 
