@@ -59,6 +59,13 @@ class QuantizedExperts(NamedTuple):
     act: FusedActivation
 
 
+@njit(cache=True, inline="always")
+def scale_row(w, n):
+    """The row of w's scales that weight row n takes: most formats have a scale row per weight
+    row, and a division per dot product cost a fifth of a short one."""
+    return n if w.rows == 1 else n // w.rows
+
+
 # Each conversion takes two weight rows in one loop: two streams of codes in flight, as the
 # kernels of mlp.py read two bfloat16 rows (int8 decode steps ran 1.3x faster than one row at
 # a time).
@@ -130,7 +137,7 @@ def dequantize_pair(w, e, n_a, n_b, out_a, out_b):
     4-bit formats). One loop per scale group over separate input and output runs: what LLVM
     vectorizes."""
     codes_a, codes_b = w.codes[e, n_a], w.codes[e, n_b]
-    row_a, row_b = n_a // w.rows, n_b // w.rows
+    row_a, row_b = scale_row(w, n_a), scale_row(w, n_b)
     if not w.split:
         group = w.group
         for g in range(w.scales.shape[2]):
@@ -197,7 +204,7 @@ def dot_pair_codes(w, e, n_a, n_b, src):
     """(row n_a of expert e's values . src, row n_b's . src), the rows never written out; src
     [K] float32, split for the 4-bit formats. Each group's partial sums scaled once."""
     codes_a, codes_b = w.codes[e, n_a], w.codes[e, n_b]
-    row_a, row_b = n_a // w.rows, n_b // w.rows
+    row_a, row_b = scale_row(w, n_a), scale_row(w, n_b)
     total_a, total_b = np.float32(0.0), np.float32(0.0)
     if not w.split:
         group = w.group
@@ -242,7 +249,7 @@ def packed_int_dots(w, e, n_a, n_b, ints, rows, start, count, out):
     """out[0, j], out[1, j] = rows n_a and n_b of expert e's values . ints[rows[start + j]] for
     j < count, for int8, int4 and mxfp4 weights and int16 activations before their scales
     (packed_dots.py)."""
-    s_a, s_b = n_a // w.rows, n_b // w.rows
+    s_a, s_b = scale_row(w, n_a), scale_row(w, n_b)
     if w.fmt == INT8:
         int8_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, s_a, s_b, ints, rows, start, count, w.group,
                   out)
@@ -287,7 +294,8 @@ def expert_dots(w, e, n_a, n_b, src, source_rows, packed, start, direct, row_a, 
     weight rows converted into row_a and row_b."""
     count = dots.shape[1]
     if packed.taken and w.fmt == FP8:
-        e4m3_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, n_a // w.rows, n_b // w.rows, src, source_rows,
+        e4m3_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, scale_row(w, n_a), scale_row(w, n_b), src,
+                  source_rows,
                   start, count, w.group, dots)
     elif packed.taken:
         packed_int_dots(w, e, n_a, n_b, packed.ints, source_rows, start, count, dots)
