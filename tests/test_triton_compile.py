@@ -1,5 +1,5 @@
 """The Triton kernels compiled for sm_80, sm_86 and sm_120 (about 100 KB of shared memory) and
-sm_90 without a GPU, by the ptxas and cuobjdump that ship with Triton: they catch what the
+sm_90 (sm_89 too for the quantized formats) without a GPU, by the ptxas and cuobjdump that ship with Triton: they catch what the
 interpreter accepts and the compiler rejects, and spills or serialized loads no CPU test can see."""
 
 import json
@@ -136,6 +136,41 @@ COMPILE_GEMMS = COMPILE_HELPERS + textwrap.dedent("""
     print(json.dumps(report))
 """)
 
+# each quantized format's kernels (kernels/triton/quantized.py) with the default bf16 tiles, on every
+# GPU generation the formats must run on: int8 per channel, int4 g128 and mxfp4 (two codes a
+# byte), fp8 in 128x128 blocks, each decoded from its bytes (no float8 type on sm_80/86). GEMM1 of
+# a prefill (gated, the codes read as q.mT), the activation backward (q as it is: the other
+# orientation) and the decode down kernel.
+COMPILE_QUANTIZED = COMPILE_HELPERS + textwrap.dedent("""
+    from moe_dispatch.kernels.triton.quantized import FORMAT_CODES
+    ARCHS = ((80, configs.SMALL_SMEM), (86, configs.SMALL_SMEM), (89, configs.SMALL_SMEM), (90, configs.LARGE_SMEM),
+             (120, configs.SMALL_SMEM))
+    # (format, SCALE_ROWS, SCALE_COLS, the scales' pointer type)
+    FORMATS = (("int8", 1, 0, "*fp32"), ("int4", 1, 128, "*fp32"), ("fp8", 128, 128, "*fp32"), ("mxfp4", 1, 32, "*u8"))
+    common = dict(PRECISION="ieee", UPCAST=False, EVEN_K=True, w_zeros_ptr=None)
+    report = []
+    for arch, budget in ARCHS:
+        for fmt, scale_rows, scale_cols, scale_type in FORMATS:
+            types = dict(pointers, w_ptr="*u8", w_scales_ptr=scale_type)
+            quantized = dict(common, W_FORMAT=FORMAT_CODES[fmt], SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols)
+
+            def check(fn, kernel, config, own_types=(), **flags):
+                tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+                report.append((arch, budget, fmt, kernel, str(config),
+                               *compiled(fn, arch, dict(types, **dict(own_types)), {**quantized, **tile, **flags},
+                                         config)))
+
+            up = configs.gemm_tiles(1024, True, 2, budget)[0]
+            check(grouped_gemm.grouped_gemm_kernel, "gemm1", up, Q_T=True, E_PAD=64, GROUP_M=grouped_gemm.GROUP_M,
+                  SPLIT_K=1, **activation_args(SWIGLU), ws_ptr=None, slot_of_row_ptr=None, weight_of_row_ptr=None)
+            backward = configs.act_backward_tiles(1024, 2, budget)[0]
+            check(grouped_gemm.grouped_gemm_act_backward_kernel, "act_backward", backward, {"stride_wk": "i32"},
+                  Q_T=False, stride_wn=1, E_PAD=64, GROUP_M=grouped_gemm.GROUP_M, **activation_args(SWIGLU))
+            down = configs.decode_tiles(7168, 1, False, 2, budget, 132)[0]
+            check(decode.decode_down_kernel, "decode_down", down, Q_T=True, BLOCK_T=decode.MAX_TOKENS, S_PAD=128)
+    print(json.dumps(report))
+""")
+
 # every other kernel, with the constants of a DeepSeek-V3 layer (E = 256, H = 7168)
 COMPILE_OTHERS = COMPILE_HELPERS + textwrap.dedent("""
     from moe_dispatch.kernels.triton import permute, plan
@@ -196,6 +231,18 @@ def test_default_configs_compile_for_consumer_gpus_and_hopper():
         assert ahead > 0 or stages < 3, (arch, fma, config)
     assert sum(row[4] for row in report) == 2
     assert sum(row[2] for row in report) == 48
+
+
+def test_quantized_kernels_compile_for_every_format_and_gpu_generation():
+    # every format on sm_80, 86, 89, 90 and 120 with the default tiles: within the shared memory
+    # of the GPU (printed, per config), no spill inside a loop, and the tensor cores multiply
+    report = _compile_report(COMPILE_QUANTIZED)
+    assert len(report) == 5 * 4 * 3
+    for arch, budget, fmt, kernel, config, shared, stack, loop_spills, mma, _, ahead in report:
+        print(f"sm_{arch} {fmt:5} {kernel:12} {shared / 1024:5.1f} KB shared, {stack} B stack  {config}")
+        assert 0 < shared <= budget, (arch, fmt, kernel, config, shared)
+        assert loop_spills == 0, (arch, fmt, kernel, config, loop_spills)
+        assert mma != "none", (arch, fmt, kernel, mma)
 
 
 def test_every_other_kernel_compiles_for_consumer_gpus_and_hopper():
