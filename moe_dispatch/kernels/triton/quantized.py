@@ -43,6 +43,17 @@ def _pow2(exponent):
 
 
 @triton.jit
+def _minifloat(code, EXPONENT_BITS: tl.constexpr, MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """float32 value of each sign-exponent-mantissa code (the sign bit on top); exponent 0 is
+    subnormal. e4m3fn's NaN is the caller's."""
+    exponent = (code >> MANTISSA_BITS) & ((1 << EXPONENT_BITS) - 1)
+    implicit_one = (exponent > 0).to(tl.int32) << MANTISSA_BITS
+    significand = (code & ((1 << MANTISSA_BITS) - 1)) + implicit_one
+    magnitude = significand.to(tl.float32) * _pow2(tl.maximum(exponent, 1) - BIAS - MANTISSA_BITS)
+    return tl.where((code >> (EXPONENT_BITS + MANTISSA_BITS)) != 0, -magnitude, magnitude)
+
+
+@triton.jit
 def code_values(code, FORMAT: tl.constexpr):
     """float32 value of each int32 code (a byte, or a nibble for the 4-bit formats), before
     its block's scale; int4's zero point is subtracted by the caller."""
@@ -51,18 +62,10 @@ def code_values(code, FORMAT: tl.constexpr):
     elif FORMAT == INT4:
         value = code.to(tl.float32)
     elif FORMAT == FP8:
-        # e4m3fn: 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal, and
-        # S.1111.111 is NaN (there is no infinity)
-        exponent = (code >> 3) & 15
-        normal = (exponent > 0).to(tl.int32)
-        magnitude = ((code & 7) + 8 * normal).to(tl.float32) * _pow2(tl.maximum(exponent, 1) - 10)
-        value = tl.where((code & 127) == 127, float("nan"), tl.where(code >= 128, -magnitude, magnitude))
+        # e4m3fn: S.1111.111 is NaN, and there is no infinity
+        value = tl.where((code & 127) == 127, float("nan"), _minifloat(code, 4, 3, 7))
     else:
-        # e2m1: 2 exponent bits (bias 1), 1 mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 the sign
-        exponent = (code >> 1) & 3
-        normal = (exponent > 0).to(tl.int32)
-        magnitude = ((code & 1) + 2 * normal).to(tl.float32) * _pow2(tl.maximum(exponent, 1) - 2)
-        value = tl.where(code >= 8, -magnitude, magnitude)
+        value = _minifloat(code, 2, 1, 1)  # e2m1: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives
     return value
 
 
