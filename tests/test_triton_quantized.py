@@ -15,6 +15,7 @@ from moe_dispatch.formats import FORMATS
 from moe_dispatch.formats.quantized import QuantizedWeight
 from moe_dispatch.kernels.triton import decode as kdecode
 from moe_dispatch.kernels.triton import grouped_gemm as kgemm
+from moe_dispatch.kernels.triton import quantized as kquantized
 from moe_dispatch.kernels.triton.tiles import TileConfig
 from reference import naive_moe_mlp
 
@@ -122,6 +123,23 @@ def test_kernels_dequantize_every_code_exactly(fmt, transposed, tiles, gen, neve
     eye = torch.eye(size).repeat(2, 1)
     never_dequantized()
     out = md.grouped_mm(eye, q.mT if transposed else q, torch.tensor([0, size, 2 * size]), backend="triton")
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("transposed", [True, False], ids=["q.mT", "q"])
+def test_fp8_through_the_float8_type_is_exact_too(transposed, gen, never_dequantized, monkeypatch):
+    """sm_89 and newer convert e4m3 with the GPU's own instruction (FP8_NATIVE), which the
+    interpreter emulates: the same values as the bits rebuilt (fp8's NaNs aside, as above)."""
+    monkeypatch.setattr(kquantized, "native_fp8", lambda device: True)
+    monkeypatch.setattr(triton_tuning, "INTERPRETER", WIDE)
+    q = every_code("fp8", 2, 136, 40, gen)
+    assert kquantized.weight_operand(q.mT).meta["W_FORMAT"] == kquantized.FP8_NATIVE
+    expected = q.dequantize(torch.float32)
+    expected = torch.cat([m.T for m in expected]) if transposed else expected.flatten(0, 1)
+    size = 40 if transposed else 136
+    never_dequantized()
+    out = md.grouped_mm(torch.eye(size).repeat(2, 1), q.mT if transposed else q, torch.tensor([0, size, 2 * size]),
+                        backend="triton")
     assert torch.equal(out, expected)
 
 

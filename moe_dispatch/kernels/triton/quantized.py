@@ -8,8 +8,9 @@ rounded once to the activations' dtype (dequantize's definition), right before t
 active experts' bytes are read, and no dense copy is made.
 
 Every format decodes from its bytes with integer operations and float32 arithmetic, so no GPU
-generation lacks an instruction for one: fp8 e4m3 needs no native float8 type (sm_89+), e2m1
-codes and e8m0 scales need none anywhere.
+generation lacks an instruction for one: e2m1 codes and e8m0 scales need none anywhere, and fp8
+e4m3 goes through the GPU's float8 conversion only where it has one (sm_89 and newer,
+FP8_NATIVE), and is rebuilt from its bits elsewhere (sm_80/86, the interpreter).
 
 The scales' block columns are a power of two (or span all of K), so that a tile aligned to its
 own width holds whole blocks or lies inside one: its scales load as [rows, blocks] and spread
@@ -31,6 +32,7 @@ INT8 = tl.constexpr(1)
 INT4 = tl.constexpr(2)
 FP8 = tl.constexpr(3)
 MXFP4 = tl.constexpr(4)
+FP8_NATIVE = tl.constexpr(5)  # fp8 through the float8e4nv type (sm_89+)
 FORMAT_CODES = {"int8": 1, "int4": 2, "fp8": 3, "mxfp4": 4}
 # 2^-127, the value of e8m0's byte 0: a float32 subnormal, which no exponent field makes
 E8M0_ZERO_BYTE = tl.constexpr(2.0 ** -127)
@@ -64,6 +66,8 @@ def code_values(code, FORMAT: tl.constexpr):
     elif FORMAT == FP8:
         # e4m3fn: S.1111.111 is NaN, and there is no infinity
         value = tl.where((code & 127) == 127, float("nan"), _minifloat(code, 4, 3, 7))
+    elif FORMAT == FP8_NATIVE:
+        value = code.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
     else:
         value = _minifloat(code, 2, 1, 1)  # e2m1: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives
     return value
@@ -196,6 +200,11 @@ def kernel_reads(w: QuantizedWeight) -> bool:
     return w.format in FORMAT_CODES and not rows & (rows - 1) and (not columns & (columns - 1) or columns >= w.shape[2])
 
 
+def native_fp8(device: torch.device) -> bool:
+    """Whether the GPU converts float8 e4m3 itself (sm_89 and newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def weight_operand(w) -> WeightOperand:
     """w: a float tensor [E, K, N] (any strides), or a quantized weight read as one: q.mT
     (Transposed) or q itself (kernel_reads(q))."""
@@ -206,7 +215,8 @@ def weight_operand(w) -> WeightOperand:
     q = w.weight if q_t else w
     rows, columns = q.block
     codes = q.codes.view(torch.uint8)
-    meta = dict(W_FORMAT=FORMAT_CODES[q.format], SCALE_ROWS=rows, SCALE_COLS=0 if columns >= q.shape[2] else columns,
+    code = FP8_NATIVE.value if q.format == "fp8" and native_fp8(q.device) else FORMAT_CODES[q.format]
+    meta = dict(W_FORMAT=code, SCALE_ROWS=rows, SCALE_COLS=0 if columns >= q.shape[2] else columns,
                 Q_T=q_t)
     stride_k, stride_n = (1, codes.stride(1)) if q_t else (codes.stride(1), 1)
     return WeightOperand(codes, q.scales, q.zeros, w.shape, codes.stride(0), stride_k, stride_n, q.scales.stride(0),
