@@ -233,3 +233,11 @@ def test_tuning_keys_name_the_format(gen, monkeypatch):
     for weight in (w, md.quantize(w, "int4", group_size=32), md.quantize(w, "mxfp4")):
         md.grouped_mm(xs, weight.mT, offsets, backend="triton")
     assert len(set(keys)) == 3 and "@int41x32" in keys[1] and "@mxfp41x32" in keys[2], keys
+
+
+def test_every_format_is_read_natively():
+    """`moe-dispatch info` lists the formats a backend's kernels read (native_formats)."""
+    from moe_dispatch.backends import get_backend
+    from moe_dispatch.formats.quantized import quantized_formats
+
+    assert sorted(get_backend("triton").native_formats) == sorted(quantized_formats())
