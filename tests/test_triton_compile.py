@@ -1,6 +1,7 @@
 """The Triton kernels compiled for sm_80, sm_86 and sm_120 (about 100 KB of shared memory) and
-sm_90 (sm_89 too for the quantized formats) without a GPU, by the ptxas and cuobjdump that ship with Triton: they catch what the
-interpreter accepts and the compiler rejects, and spills or serialized loads no CPU test can see."""
+sm_90 (and sm_89 for the quantized formats) without a GPU, by the ptxas and cuobjdump that ship
+with Triton: they catch what the interpreter accepts and the compiler rejects, and spills or
+serialized loads no CPU test can see."""
 
 import json
 import textwrap
@@ -47,8 +48,9 @@ COMPILE_HELPERS = textwrap.dedent("""
         return int(re.search(r"STACK:(\\d+)", usage.stdout).group(1)), loop_spills, mma, tma
 
     # arguments real launches pass as constants: K-contiguous weights, no TMA descriptor, gate
-    # columns one after another
-    FIXED = {"stride_wk": 1, "stride_ak": 1, "w_desc": None, "gate_step": 1}
+    # columns one after another, float weights (no scales: W_FORMAT 0)
+    FIXED = {"stride_wk": 1, "stride_ak": 1, "w_desc": None, "gate_step": 1, "w_scales_ptr": None,
+             "w_zeros_ptr": None, "W_FORMAT": 0, "SCALE_ROWS": 1, "SCALE_COLS": 0, "Q_T": False}
 
     def compiled(fn, arch, pointers, constants, config):
         # a parameter in constants is a constant (None: a pointer the launch leaves out); ints

@@ -232,7 +232,7 @@ def test_tuning_keys_name_the_format(gen, monkeypatch):
     w = torch.randn(2, 16, 64, generator=gen)
     for weight in (w, md.quantize(w, "int4", group_size=32), md.quantize(w, "mxfp4")):
         md.grouped_mm(xs, weight.mT, offsets, backend="triton")
-    assert len(set(keys)) == 3 and "@int41x32" in keys[1] and "@mxfp41x32" in keys[2], keys
+    assert len(set(keys)) == 3 and "@int4-1x32|" in keys[1] and "@mxfp4-1x32|" in keys[2], keys
 
 
 def test_every_format_is_read_natively():

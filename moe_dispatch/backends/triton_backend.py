@@ -197,7 +197,8 @@ def _key(kind: str, t: Tensor, num_experts: int, num_rows: int, k_dim: int, n_co
     return f"{kind}|{dtype_tag(t.dtype, t.device)}|E{num_experts}|R{shape_bucket(num_rows)}|K{k_dim}|N{n_cols}"
 
 
-def _gemm(kind: str, a: Tensor, w: Tensor, offsets: Tensor, **fusions):
+def _gemm(kind: str, a: Tensor, w, offsets: Tensor, **fusions):
+    """gemm.grouped_gemm, tuned; w: [E, K, N] float, or a quantized weight read as one (q.mT or q)."""
     num_rows = fusions["a_rows"].shape[0] if fusions.get("a_rows") is not None else a.shape[0]
     num_experts, k_dim, n_cols = w.shape
     activation = fusions.get("activation")

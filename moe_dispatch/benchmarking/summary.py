@@ -3,9 +3,9 @@
     python -m moe_dispatch.benchmarking.summary RESULTS.json [MORE.json ...] [--markdown]
 
 Targets (docs/benchmarks.md): the fused experts at least 1.3x faster than the torch._grouped_mm
-pipeline at every T (quantized experts: 1.2x, the pipeline on their dequantized values); decode (T <= 16) within 1.5x of the bandwidth bound; the grouped GEMM at
-least 0.9x torch._grouped_mm's TFLOP/s for T >= 1024; permute and unpermute at least 70% of the
-measured copy bandwidth.
+pipeline at every T (quantized experts: 1.2x, the pipeline on their dequantized values); decode
+(T <= 16) within 1.5x of the bandwidth bound; the grouped GEMM at least 0.9x torch._grouped_mm's
+TFLOP/s for T >= 1024; permute and unpermute at least 70% of the measured copy bandwidth.
 """
 
 from __future__ import annotations

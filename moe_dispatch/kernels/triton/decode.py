@@ -177,8 +177,8 @@ def decode_up(
 ) -> tuple[torch.Tensor, Routes, torch.Tensor]:
     """(act: [T*k * MAX_TOKENS, N] x's dtype, routes, ok: [1] bool). x: [T, K] with
     T <= MAX_TOKENS; ids, weights: [T, k]; w: [E, K, NW] any strides, gate and up columns where
-    gate_columns says (see grouped_gemm), or a quantized q.mT; bias: [E, NW]. Only the owners' tiles of act are
-    written."""
+    gate_columns says (see grouped_gemm), or a quantized q.mT; bias: [E, NW]. Only the owners'
+    tiles of act are written."""
     x, ids, weights = x if x.stride(-1) == 1 else x.contiguous(), ids.contiguous(), weights.contiguous()
     num_tokens, top_k = ids.shape
     operand = weight_operand(w)

@@ -368,7 +368,8 @@ def tma_can_read(w, gate_step: int = 1) -> bool:
     """Whether w: [E, K, NW] can be read through the TMA as [E * NW, K] rows: a float tensor, K
     contiguous, each expert's columns one after another (gate columns not interleaved with up
     ones), rows 16-byte aligned."""
-    return (isinstance(w, torch.Tensor) and gate_step == 1 and w.transpose(1, 2).is_contiguous() and (w.shape[1] * w.element_size()) % 16 == 0
+    return (isinstance(w, torch.Tensor) and gate_step == 1 and w.transpose(1, 2).is_contiguous()
+            and (w.shape[1] * w.element_size()) % 16 == 0
             and w.data_ptr() % 16 == 0)
 
 

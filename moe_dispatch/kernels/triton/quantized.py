@@ -86,8 +86,8 @@ def _block_values(ptr, block_rows, row_ok, col0, col_end, stride_sr,
         values = tl.load(ptr + row_off + col0 // SCALE_COLS, mask=row_ok[:, None], other=0)
     else:
         blocks = col0 // SCALE_COLS + tl.arange(0, BLOCK_COLS // SCALE_COLS)
-        values = tl.load(ptr + row_off + blocks[None, :], mask=row_ok[:, None] & (blocks * SCALE_COLS < col_end)[None, :],
-                         other=0)
+        in_range = (blocks * SCALE_COLS < col_end)[None, :]
+        values = tl.load(ptr + row_off + blocks[None, :], mask=row_ok[:, None] & in_range, other=0)
     return values
 
 
@@ -109,7 +109,7 @@ def dequantized_tile(
     codes_ptr,  # one expert's codes [N, K or K/2] uint8
     scales_ptr, zeros_ptr, scale_off,  # scales and zero points (or None) of all experts; this one's offset in them
     rows, row_ok,  # [R] rows of q to read (any indices)
-    col0, col_end,  # the tile's columns are col0 + arange(BLOCK_COLS), col0 a multiple of BLOCK_COLS; those >= col_end read 0
+    col0, col_end,  # columns col0 + arange(BLOCK_COLS), col0 a multiple of BLOCK_COLS; those >= col_end read 0
     stride_cr, stride_sr,  # row strides of the codes (bytes) and of the scales and zero points
     DTYPE: tl.constexpr, BLOCK_COLS: tl.constexpr,
     FORMAT: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr,
@@ -130,7 +130,8 @@ def dequantized_tile(
     value = code_values(code, FORMAT)
     block_rows = rows // SCALE_ROWS
     if zeros_ptr is not None:
-        zero = _block_values(zeros_ptr + scale_off, block_rows, row_ok, col0, col_end, stride_sr, BLOCK_COLS, SCALE_COLS)
+        zero = _block_values(zeros_ptr + scale_off, block_rows, row_ok, col0, col_end, stride_sr, BLOCK_COLS,
+                             SCALE_COLS)
         value -= _spread(zero.to(tl.float32), BLOCK_COLS)
     elif FORMAT == INT4:
         value -= 8.0  # symmetric
@@ -229,4 +230,4 @@ def format_tag(w) -> str:
     q = w.weight if isinstance(w, Transposed) else w
     if not isinstance(q, QuantizedWeight):
         return ""
-    return f"{q.format}{q.block[0]}x{q.block[1]}{'z' if q.zeros is not None else ''}"
+    return f"{q.format}-{q.block[0]}x{q.block[1]}{'z' if q.zeros is not None else ''}"
