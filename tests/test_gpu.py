@@ -1,5 +1,5 @@
 """What only a GPU shows, on the Triton backend: no host sync in a training step, CUDA graph
-capture, bitwise determinism, bad expert ids reported at the next sync, tuned configs kept on
+capture (both with quantized experts too), bitwise determinism, bad expert ids reported at the next sync, tuned configs kept on
 disk, and the ops end to end in every dtype. All of it skips without CUDA."""
 
 import json
@@ -82,9 +82,12 @@ def test_gpu_quantized_experts_in_bfloat16(fmt, gen):
                  naive_grouped_mm(xs.cpu(), dense[0].transpose(1, 2), offsets.tolist()), torch.bfloat16)
 
 
-def _layer_and_input(gen, tokens=300):
+def _layer_and_input(gen, tokens=300, weights=None):
+    """A bf16 layer (its experts quantized to the format `weights`, when given) and an input."""
     torch.manual_seed(0)
     layer = md.MoE(256, 128, 16, 4, bias=True, backend="triton", device="cuda", dtype=torch.bfloat16)
+    if weights is not None:
+        layer.quantize_(weights)
     x = randn(tokens, 256, gen=gen, dtype=torch.bfloat16, device="cuda")
     return layer, x
 
@@ -92,8 +95,9 @@ def _layer_and_input(gen, tokens=300):
 @pytest.mark.usefixtures("pinned_configs")
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_gpu_layer_never_syncs_with_the_host(gen):
-    layer, x = _layer_and_input(gen)
+@pytest.mark.parametrize("weights", [None, "int4"], ids=["bf16", "int4"])
+def test_gpu_layer_never_syncs_with_the_host(weights, gen):
+    layer, x = _layer_and_input(gen, weights=weights)
     x.requires_grad_()
     layer(x).float().square().sum().backward()  # compile outside the checked region
     torch.cuda.synchronize()
@@ -108,9 +112,10 @@ def test_gpu_layer_never_syncs_with_the_host(gen):
 @pytest.mark.usefixtures("pinned_configs")
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("weights", [None, "mxfp4"], ids=["bf16", "mxfp4"])
 @pytest.mark.parametrize("tokens", [300, 4], ids=["planned", "decode"])
-def test_gpu_layer_forward_captures_in_a_cuda_graph(tokens, gen):
-    layer, x = _layer_and_input(gen, tokens)
+def test_gpu_layer_forward_captures_in_a_cuda_graph(tokens, weights, gen):
+    layer, x = _layer_and_input(gen, tokens, weights)
     static_x = x.clone()
     with torch.no_grad():
         stream = torch.cuda.Stream()
