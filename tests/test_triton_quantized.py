@@ -241,3 +241,16 @@ def test_every_format_is_read_natively():
     from moe_dispatch.formats.quantized import quantized_formats
 
     assert sorted(get_backend("triton").native_formats) == sorted(quantized_formats())
+
+
+def test_a_weight_of_other_blocks_is_dequantized_instead(gen):
+    """Blocks of 48 columns (no power of two) do not tile: the kernels take the dense values."""
+    from moe_dispatch.formats.quantized import Int8Weight
+
+    q = md.quantize(torch.randn(2, 16, 96, generator=gen) / 8, "int8", group_size=32)
+    odd = Int8Weight(q.codes, torch.rand(2, 16, 2, generator=gen) + 0.5, (1, 48), dtype=torch.float32)
+    assert not kquantized.kernel_reads(odd) and kquantized.kernel_reads(q)
+    xs, offsets = torch.randn(5, 96, generator=gen), torch.tensor([0, 2, 5])
+    dense = odd.dequantize(torch.float64)
+    expected = torch.cat([xs[:2].double() @ dense[0].T, xs[2:].double() @ dense[1].T])
+    assert_close(md.grouped_mm(xs, odd.mT, offsets, backend="triton"), expected)
