@@ -108,22 +108,27 @@ def every_code(fmt, num_experts, rows, cols, gen) -> QuantizedWeight:
     return cls(codes.view(cls.code_dtype), scales, block, zeros=zeros, dtype=torch.float32)
 
 
+def assert_read_exactly(q, transposed, never_dequantized):
+    """One-hot rows times the weight give its values, which must be dequantize's to the bit:
+    rows of the identity times q.mT give q[e].T (the forward's reading), times q give q[e] (the
+    input gradient's)."""
+    num_experts, rows, cols = q.shape
+    expected = q.dequantize(torch.float32)
+    expected = torch.cat(list(expected.mT)) if transposed else expected.flatten(0, 1)
+    size = cols if transposed else rows
+    offsets = torch.arange(num_experts + 1) * size
+    never_dequantized()
+    out = md.grouped_mm(torch.eye(size).repeat(num_experts, 1), q.mT if transposed else q, offsets, backend="triton")
+    assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("tiles", TILES, indirect=True)
 @pytest.mark.parametrize("transposed", [True, False], ids=["q.mT", "q"])
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8", "mxfp4"])
 def test_kernels_dequantize_every_code_exactly(fmt, transposed, tiles, gen, never_dequantized):
-    """One-hot rows times the weight give its values, which must be dequantize's to the bit:
-    rows of the identity times q.mT give q[e].T (the forward's reading), times q give q[e] (the
-    input gradient's), tails and fp8's partial blocks included."""
+    """Both readings of every code, tails and fp8's partial blocks included."""
     rows, cols = (136, 40) if fmt == "fp8" else (20, 64)
-    q = every_code(fmt, 2, rows, cols, gen)
-    expected = q.dequantize(torch.float32)
-    expected = torch.cat([m.T for m in expected]) if transposed else expected.flatten(0, 1)
-    size = cols if transposed else rows
-    eye = torch.eye(size).repeat(2, 1)
-    never_dequantized()
-    out = md.grouped_mm(eye, q.mT if transposed else q, torch.tensor([0, size, 2 * size]), backend="triton")
-    assert torch.equal(out, expected)
+    assert_read_exactly(every_code(fmt, 2, rows, cols, gen), transposed, never_dequantized)
 
 
 @pytest.mark.parametrize("transposed", [True, False], ids=["q.mT", "q"])
@@ -134,13 +139,7 @@ def test_fp8_through_the_float8_type_is_exact_too(transposed, gen, never_dequant
     monkeypatch.setattr(triton_tuning, "INTERPRETER", WIDE)
     q = every_code("fp8", 2, 136, 40, gen)
     assert kquantized.weight_operand(q.mT).meta["W_FORMAT"] == kquantized.FP8_NATIVE
-    expected = q.dequantize(torch.float32)
-    expected = torch.cat([m.T for m in expected]) if transposed else expected.flatten(0, 1)
-    size = 40 if transposed else 136
-    never_dequantized()
-    out = md.grouped_mm(torch.eye(size).repeat(2, 1), q.mT if transposed else q, torch.tensor([0, size, 2 * size]),
-                        backend="triton")
-    assert torch.equal(out, expected)
+    assert_read_exactly(q, transposed, never_dequantized)
 
 
 # ---- grouped_mm, moe_mlp and the backward --------------------------------------------------------
