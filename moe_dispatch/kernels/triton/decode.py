@@ -147,9 +147,9 @@ def decode_down_kernel(
         # tl.where joins a scalar condition to a block mask, here and below: the interpreter's &
         # gives int32 there, and it rejects a scalar mask for a block
         w = weight_tile(w_ptr + expert * stride_we, w_scales_ptr, w_zeros_ptr, expert * stride_wse, k0 + ks,
-                        tl.where(expert_ok, k_ok, False), cols, tl.where(expert_ok, col_ok, False), k0,
-                        tl.where(expert_ok, K, 0), 0, N, stride_wk, stride_wn, stride_wsr, act_ptr.dtype.element_ty,
-                        BLOCK_K, BLOCK_N, W_FORMAT, SCALE_ROWS, SCALE_COLS, Q_T)
+                        tl.where(expert_ok, k_ok, False), cols, tl.where(expert_ok, col_ok, False), k0, K, 0, N,
+                        stride_wk, stride_wn, stride_wsr, act_ptr.dtype.element_ty, BLOCK_K, BLOCK_N, EVEN_K,
+                        W_FORMAT, SCALE_ROWS, SCALE_COLS, Q_T)
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)

@@ -130,7 +130,7 @@ def mainloop(
         elif W_FORMAT != FLOAT:
             w = weight_tile(w_ptr, w_scales_ptr, w_zeros_ptr, scale_off, k0 + ks, k_ok, cols, col_ok, k0, k_hi, n0,
                             n_end, stride_wk, stride_wn, stride_wsr, a_ptr.dtype.element_ty, BLOCK_K, BLOCK_N,
-                            W_FORMAT, SCALE_ROWS, SCALE_COLS, Q_T)
+                            EVEN_K, W_FORMAT, SCALE_ROWS, SCALE_COLS, Q_T)
         else:
             w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
@@ -143,7 +143,8 @@ def mainloop(
             elif W_FORMAT != FLOAT:
                 w2 = weight_tile(w_ptr, w_scales_ptr, w_zeros_ptr, scale_off, k0 + ks, k_ok, cols + second_shift,
                                  col_ok, k0, k_hi, n0, n_end, stride_wk, stride_wn, stride_wsr,
-                                 a_ptr.dtype.element_ty, BLOCK_K, BLOCK_N, W_FORMAT, SCALE_ROWS, SCALE_COLS, Q_T)
+                                 a_ptr.dtype.element_ty, BLOCK_K, BLOCK_N, EVEN_K, W_FORMAT, SCALE_ROWS, SCALE_COLS,
+                                 Q_T)
             else:
                 w2 = tl.load(w2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             if UPCAST:

@@ -112,18 +112,26 @@ def dequantized_tile(
     col0, col_end,  # columns col0 + arange(BLOCK_COLS), col0 a multiple of BLOCK_COLS; those >= col_end read 0
     stride_cr, stride_sr,  # row strides of the codes (bytes) and of the scales and zero points
     DTYPE: tl.constexpr, BLOCK_COLS: tl.constexpr,
-    FORMAT: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr,
+    FORMAT: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, EVEN_COLS: tl.constexpr,
 ):
-    """[R, BLOCK_COLS] DTYPE: q[rows, col0 : col0 + BLOCK_COLS] of one expert, dequantized."""
+    """[R, BLOCK_COLS] DTYPE: q[rows, col0 : col0 + BLOCK_COLS] of one expert, dequantized.
+    EVEN_COLS: the tile lies before col_end, so the loads need no column mask (which would keep
+    them from vectorizing along the codes' contiguous columns)."""
     cols = col0 + tl.arange(0, BLOCK_COLS)
-    mask = row_ok[:, None] & (cols < col_end)[None, :]
+    if EVEN_COLS:
+        mask = row_ok[:, None]
+    else:
+        mask = row_ok[:, None] & (cols < col_end)[None, :]
     code_rows = codes_ptr + rows.to(tl.int64)[:, None] * stride_cr
     if (FORMAT == INT4) or (FORMAT == MXFP4):
         # two codes a byte, the even column low: a contiguous load of half the width, then
         # the nibbles interleaved (K is even for these formats)
         pairs = col0 // 2 + tl.arange(0, BLOCK_COLS // 2)
-        packed = tl.load(code_rows + pairs[None, :], mask=row_ok[:, None] & (2 * pairs < col_end)[None, :],
-                         other=0).to(tl.int32)
+        if EVEN_COLS:
+            pair_mask = row_ok[:, None]
+        else:
+            pair_mask = row_ok[:, None] & (2 * pairs < col_end)[None, :]
+        packed = tl.load(code_rows + pairs[None, :], mask=pair_mask, other=0).to(tl.int32)
         code = tl.interleave(packed & 15, packed >> 4)
     else:
         code = tl.load(code_rows + cols[None, :], mask=mask, other=0).to(tl.int32)
@@ -149,21 +157,21 @@ def weight_tile(
     ks, k_ok, cols, col_ok,  # the tile's K indices (k0 + arange(BLOCK_K)), N indices, and where they are in range
     k0, k_end, n0, n_end,  # ks < k_end; a quantized W not Q_T also needs cols = n0 + arange(BLOCK_N), < n_end
     stride_wk, stride_wn, stride_sr,
-    DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr,
     W_FORMAT: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, Q_T: tl.constexpr,
 ):
     """[BLOCK_K, BLOCK_N] W[ks, cols] of one expert, 0 where masked: a float W's own values
     (stride_wk, stride_wn any), a quantized one's dequantized to DTYPE (q's row stride:
-    stride_wn when Q_T, else stride_wk)."""
+    stride_wn when Q_T, else stride_wk). EVEN_K: the K-block is full (no K mask)."""
     if W_FORMAT == FLOAT:
         w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
     elif Q_T:
         w = tl.trans(dequantized_tile(w_ptr, w_scales_ptr, w_zeros_ptr, scale_off, cols, col_ok, k0, k_end,
-                                      stride_wn, stride_sr, DTYPE, BLOCK_K, W_FORMAT, SCALE_ROWS, SCALE_COLS))
+                                      stride_wn, stride_sr, DTYPE, BLOCK_K, W_FORMAT, SCALE_ROWS, SCALE_COLS, EVEN_K))
     else:
         w = dequantized_tile(w_ptr, w_scales_ptr, w_zeros_ptr, scale_off, ks, k_ok, n0, n_end, stride_wk, stride_sr,
-                             DTYPE, BLOCK_N, W_FORMAT, SCALE_ROWS, SCALE_COLS)
+                             DTYPE, BLOCK_N, W_FORMAT, SCALE_ROWS, SCALE_COLS, False)
     return w
 
 
