@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The check to run on a lent GPU, in under 8 minutes, from the repository root or anywhere:
+# The check to run on a lent GPU, in under 10 minutes, from the repository root or anywhere:
 #
 #   bash benchmarks/gpu_check.sh            # the real thing: CUDA, full-size shapes, triton backend
 #   bash benchmarks/gpu_check.sh --device cpu --scale 0.02 --tokens 1,16 --backend torch --skip-tests
@@ -10,7 +10,10 @@
 # the torch._grouped_mm pipeline, transformers' experts (eager loop and grouped_mm) and a dense MLP
 # of the same active FLOPs, 4. the grouped GEMM against torch._grouped_mm (T >= 1024) and permute /
 # unpermute against the copy bandwidth, 5. decode (T <= 16) again as CUDA graph replays, the way servers
-# run it, against the peers that can be captured, 6. a compact table checked against the targets, printed last.
+# run it, against the peers that can be captured, 6. quantized experts (weight-only, bf16 activations):
+# DeepSeek-V3 in fp8, gpt-oss-20b in mxfp4, Qwen3-30B-A3B in int4 (groups of 128) and int8, decode and a
+# T=4096 prefill, as CUDA graph replays, against the same values dequantized through torch._grouped_mm and
+# the bound of the format's bytes, 7. a compact table checked against the targets, printed last.
 #
 # Works without installing the package (PYTHONPATH is the repository). Every step has a time cap;
 # a step that reaches it is interrupted (SIGINT) and keeps the results it has, so the table at the
@@ -50,7 +53,7 @@ DECODE_TOKENS=$(pick "$TOKENS" "x <= 16" min)
 
 step() { echo; echo "=== [$((SECONDS - START)) s] $*"; }
 # capped SECONDS COMMAND...: SIGINT at the cap (the command keeps what it has), SIGKILL 10 s later.
-# The caps add up to 465 s, so the whole check ends within 8 minutes.
+# The caps add up to 575 s, so the whole check ends within 10 minutes.
 capped() { local cap=$1; shift; timeout -k 10 -s INT "$cap" "$@"; local rc=$?; [ $rc -eq 0 ] || echo "(exit $rc)"; }
 MOE="$PY -m moe_dispatch.cli"
 
@@ -105,6 +108,18 @@ else
   echo "skipped: CUDA graphs need --device cuda"
 fi
 
+# The quantized runs: decode and, on a GPU, a prefill of 4096 tokens. Default tiles (no autotuning):
+# tuning each format's new keys would not fit the caps. DeepSeek-V3's 256 experts take longest to make.
+QUANT_TOKENS=$DECODE_TOKENS GRAPH=""
+if [ "$DEVICE" = cuda ]; then QUANT_TOKENS="$DECODE_TOKENS,4096" GRAPH=--cuda-graph; fi
+for run in deepseek-v3:fp8:35 gpt-oss-20b:mxfp4:25 qwen3-30b-a3b:int4:25 qwen3-30b-a3b:int8:25; do
+  IFS=: read -r preset format cap <<< "$run"
+  step "quantized experts: $preset, $format weights, bf16 activations, T in $QUANT_TOKENS ${GRAPH:+(CUDA graphs)}"
+  capped "$cap" env MOE_DISPATCH_AUTOTUNE=0 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 \
+    --backend "$BACKEND" --weights "$format" --preset "$preset" --tokens "$QUANT_TOKENS" $GRAPH \
+    --compare torch-grouped-mm,bound --budget 0.1 --json "$RESULTS/quantized_$format.json"
+done
+
 step "autotuning winners (kernel kind: tile configs chosen, how many keys)"
 "$PY" - "$MOE_DISPATCH_CACHE_DIR" <<'PY'
 import collections, json, pathlib, sys
@@ -122,4 +137,4 @@ PY
 
 step "summary ($((SECONDS - START)) s in all; JSON in $RESULTS)"
 "$PY" -m moe_dispatch.benchmarking.summary "$RESULTS"/moe_mlp.json "$RESULTS"/grouped_mm.json \
-  "$RESULTS"/permute.json "$RESULTS"/unpermute.json "$RESULTS"/decode_graph.json
+  "$RESULTS"/permute.json "$RESULTS"/unpermute.json "$RESULTS"/decode_graph.json "$RESULTS"/quantized_*.json

@@ -350,6 +350,8 @@ def _record(op="moe_mlp", tokens=128, ms=1.0, roofline=0.5, **peers):
     (_record(tokens=17, ms=9.0, bound=1.0), []),  # not decode: no bound target
     (_record(ms=1.0, **{"torch-grouped-mm": 1.31}), [(">= 1.3x t-gmm", True)]),
     (_record(ms=1.0, **{"torch-grouped-mm": 1.2}), [(">= 1.3x t-gmm", False)]),
+    # quantized experts: against the pipeline on their dequantized values
+    ({**_record(ms=1.0, **{"torch-grouped-mm": 1.25}), "weights": "int4"}, [(">= 1.2x t-gmm", True)]),
     (_record("grouped_mm", 1024, 1.0, **{"torch-grouped-mm": 0.91}), [(">= 0.9x t-gmm", True)]),
     (_record("grouped_mm", 512, 1.0, **{"torch-grouped-mm": 0.5}), []),  # below 1024 tokens: none
     (_record("permute", roofline=0.71), [(">= 70% copy bw", True)]),

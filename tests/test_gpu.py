@@ -1,5 +1,5 @@
 """What only a GPU shows, on the Triton backend: no host sync in a training step, CUDA graph
-capture, bitwise determinism, bad expert ids reported at the next sync, tuned configs kept on
+capture (both with quantized experts too), bitwise determinism, bad expert ids reported at the next sync, tuned configs kept on
 disk, and the ops end to end in every dtype. All of it skips without CUDA."""
 
 import json
@@ -53,21 +53,41 @@ def test_gpu_ops_match_the_reference(case, dtype, gen):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_gpu_quantized_experts_in_bfloat16(fmt, gen):
-    """The Triton backend on quantized experts (their dequantized values, for now), bf16 tl.dot."""
-    w_gate_up, w_down, _, _ = expert_weights(6, 128, 64, gen, torch.float32, device="cuda")
+    """The Triton kernels on each format's codes with bf16 activations (a bf16 tl.dot): the
+    planned forward and its backward (x, routing weights, biases), the decode forward, and
+    grouped_mm on q.mT; fp8 with a partial 128-column block (H = 192)."""
+    hidden, inter, experts = 192, 64, 6
+    w_gate_up, w_down, b_gate_up, b_down = expert_weights(experts, hidden, inter, gen, torch.float32, bias=True,
+                                                          bias_dtype=torch.bfloat16, device="cuda")
     q_gate_up, q_down = (md.quantize(w, fmt, group_size=64 if fmt == "int4" else None, dtype=torch.bfloat16)
                          for w in (w_gate_up, w_down))
-    ids = torch.stack([torch.arange(40) % 6, (torch.arange(40) + 1) % 6], dim=1)
-    x = randn(40, 128, gen=gen, dtype=torch.bfloat16, device="cuda")
-    weights = random_weights(40, 2, gen).cuda()
-    out = md.moe_mlp(x, weights, ids.cuda(), q_gate_up, q_down, backend="triton")
-    assert_close(out, naive_moe_mlp(x.cpu(), weights.cpu(), ids, q_gate_up.dequantize(torch.float64).cpu(),
-                                    q_down.dequantize(torch.float64).cpu()), torch.bfloat16)
+    dense = [q.dequantize(torch.float64).cpu() for q in (q_gate_up, q_down)]
+    for tokens in (5, 40):  # the decode kernels without autograd, the planned path with it
+        ids = torch.stack([torch.arange(tokens) % experts, (torch.arange(tokens) + 1) % experts], dim=1)
+        leaves = [t.detach().clone().requires_grad_(tokens == 40) for t in (
+            randn(tokens, hidden, gen=gen, dtype=torch.bfloat16, device="cuda"),
+            random_weights(tokens, 2, gen).cuda(), b_gate_up, b_down)]
+        out = md.moe_mlp(leaves[0], leaves[1], ids.cuda(), md.ExpertWeights(q_gate_up, q_down, *leaves[2:]),
+                         backend="triton")
+        cpu = [t.detach().cpu().double().requires_grad_() for t in leaves]
+        expected = naive_moe_mlp(cpu[0], cpu[1], ids, *dense, cpu[2], cpu[3])
+        assert_close(out, expected, torch.bfloat16)
+    dy = randn(*out.shape, gen=gen, dtype=torch.bfloat16, scale=hidden**-0.5, device="cuda")  # gradients of order one
+    for grad, want in zip(torch.autograd.grad(out, leaves, dy),
+                          torch.autograd.grad(expected, cpu, dy.cpu().double())):
+        assert_close(grad, want, torch.bfloat16)
+    offsets = torch.tensor([0, 10, 10, 25, 30, 40, 40], device="cuda")  # experts 1 and 5 empty
+    xs = randn(40, hidden, gen=gen, dtype=torch.bfloat16, device="cuda")
+    assert_close(md.grouped_mm(xs, q_gate_up.mT, offsets, backend="triton"),
+                 naive_grouped_mm(xs.cpu(), dense[0].transpose(1, 2), offsets.tolist()), torch.bfloat16)
 
 
-def _layer_and_input(gen, tokens=300):
+def _layer_and_input(gen, tokens=300, weights=None):
+    """A bf16 layer (its experts quantized to the format `weights`, when given) and an input."""
     torch.manual_seed(0)
     layer = md.MoE(256, 128, 16, 4, bias=True, backend="triton", device="cuda", dtype=torch.bfloat16)
+    if weights is not None:
+        layer.quantize_(weights)
     x = randn(tokens, 256, gen=gen, dtype=torch.bfloat16, device="cuda")
     return layer, x
 
@@ -75,8 +95,9 @@ def _layer_and_input(gen, tokens=300):
 @pytest.mark.usefixtures("pinned_configs")
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_gpu_layer_never_syncs_with_the_host(gen):
-    layer, x = _layer_and_input(gen)
+@pytest.mark.parametrize("weights", [None, "int4"], ids=["bf16", "int4"])
+def test_gpu_layer_never_syncs_with_the_host(weights, gen):
+    layer, x = _layer_and_input(gen, weights=weights)
     x.requires_grad_()
     layer(x).float().square().sum().backward()  # compile outside the checked region
     torch.cuda.synchronize()
@@ -91,9 +112,10 @@ def test_gpu_layer_never_syncs_with_the_host(gen):
 @pytest.mark.usefixtures("pinned_configs")
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("weights", [None, "mxfp4"], ids=["bf16", "mxfp4"])
 @pytest.mark.parametrize("tokens", [300, 4], ids=["planned", "decode"])
-def test_gpu_layer_forward_captures_in_a_cuda_graph(tokens, gen):
-    layer, x = _layer_and_input(gen, tokens)
+def test_gpu_layer_forward_captures_in_a_cuda_graph(tokens, weights, gen):
+    layer, x = _layer_and_input(gen, tokens, weights)
     static_x = x.clone()
     with torch.no_grad():
         stream = torch.cuda.Stream()

@@ -1,6 +1,7 @@
 """The Triton kernels compiled for sm_80, sm_86 and sm_120 (about 100 KB of shared memory) and
-sm_90 without a GPU, by the ptxas and cuobjdump that ship with Triton: they catch what the
-interpreter accepts and the compiler rejects, and spills or serialized loads no CPU test can see."""
+sm_90 (and sm_89 for the quantized formats) without a GPU, by the ptxas and cuobjdump that ship
+with Triton: they catch what the interpreter accepts and the compiler rejects, and spills or
+serialized loads no CPU test can see."""
 
 import json
 import textwrap
@@ -47,8 +48,9 @@ COMPILE_HELPERS = textwrap.dedent("""
         return int(re.search(r"STACK:(\\d+)", usage.stdout).group(1)), loop_spills, mma, tma
 
     # arguments real launches pass as constants: K-contiguous weights, no TMA descriptor, gate
-    # columns one after another
-    FIXED = {"stride_wk": 1, "stride_ak": 1, "w_desc": None, "gate_step": 1}
+    # columns one after another, float weights (no scales: W_FORMAT 0)
+    FIXED = {"stride_wk": 1, "stride_ak": 1, "w_desc": None, "gate_step": 1, "w_scales_ptr": None,
+             "w_zeros_ptr": None, "W_FORMAT": 0, "SCALE_ROWS": 1, "SCALE_COLS": 0, "Q_T": False}
 
     def compiled(fn, arch, pointers, constants, config):
         # a parameter in constants is a constant (None: a pointer the launch leaves out); ints
@@ -136,6 +138,42 @@ COMPILE_GEMMS = COMPILE_HELPERS + textwrap.dedent("""
     print(json.dumps(report))
 """)
 
+# each quantized format's kernels (kernels/triton/quantized.py) with the default bf16 tiles, on every
+# GPU generation the formats must run on: int8 per channel, int4 g128 and mxfp4 (two codes a
+# byte), fp8 in 128x128 blocks (from its bits on sm_80/86, which have no float8 type). GEMM1 of
+# a prefill (gated, the codes read as q.mT), the activation backward (q as it is: the other
+# orientation) and the decode down kernel.
+COMPILE_QUANTIZED = COMPILE_HELPERS + textwrap.dedent("""
+    from moe_dispatch.kernels.triton.quantized import FORMAT_CODES, FP8_NATIVE
+    ARCHS = ((80, configs.SMALL_SMEM), (86, configs.SMALL_SMEM), (89, configs.SMALL_SMEM), (90, configs.LARGE_SMEM),
+             (120, configs.SMALL_SMEM))
+    # (format, SCALE_ROWS, SCALE_COLS, the scales' pointer type)
+    FORMATS = (("int8", 1, 0, "*fp32"), ("int4", 1, 128, "*fp32"), ("fp8", 128, 128, "*fp32"), ("mxfp4", 1, 32, "*u8"))
+    common = dict(PRECISION="ieee", UPCAST=False, EVEN_K=True, w_zeros_ptr=None)
+    report = []
+    for arch, budget in ARCHS:
+        for fmt, scale_rows, scale_cols, scale_type in FORMATS:
+            types = dict(pointers, w_ptr="*u8", w_scales_ptr=scale_type)
+            code = FP8_NATIVE.value if fmt == "fp8" and arch >= 89 else FORMAT_CODES[fmt]
+            quantized = dict(common, W_FORMAT=code, SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols)
+
+            def check(fn, kernel, config, own_types=(), **flags):
+                tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+                report.append((arch, budget, fmt, kernel, str(config),
+                               *compiled(fn, arch, dict(types, **dict(own_types)), {**quantized, **tile, **flags},
+                                         config)))
+
+            up = configs.gemm_tiles(1024, True, 2, budget)[0]
+            check(grouped_gemm.grouped_gemm_kernel, "gemm1", up, Q_T=True, E_PAD=64, GROUP_M=grouped_gemm.GROUP_M,
+                  SPLIT_K=1, **activation_args(SWIGLU), ws_ptr=None, slot_of_row_ptr=None, weight_of_row_ptr=None)
+            backward = configs.act_backward_tiles(1024, 2, budget)[0]
+            check(grouped_gemm.grouped_gemm_act_backward_kernel, "act_backward", backward, {"stride_wk": "i32"},
+                  Q_T=False, stride_wn=1, E_PAD=64, GROUP_M=grouped_gemm.GROUP_M, **activation_args(SWIGLU))
+            down = configs.decode_tiles(7168, 1, False, 2, budget, 132)[0]
+            check(decode.decode_down_kernel, "decode_down", down, Q_T=True, BLOCK_T=decode.MAX_TOKENS, S_PAD=128)
+    print(json.dumps(report))
+""")
+
 # every other kernel, with the constants of a DeepSeek-V3 layer (E = 256, H = 7168)
 COMPILE_OTHERS = COMPILE_HELPERS + textwrap.dedent("""
     from moe_dispatch.kernels.triton import permute, plan
@@ -196,6 +234,18 @@ def test_default_configs_compile_for_consumer_gpus_and_hopper():
         assert ahead > 0 or stages < 3, (arch, fma, config)
     assert sum(row[4] for row in report) == 2
     assert sum(row[2] for row in report) == 48
+
+
+def test_quantized_kernels_compile_for_every_format_and_gpu_generation():
+    # every format on sm_80, 86, 89, 90 and 120 with the default tiles: within the shared memory
+    # of the GPU (printed, per config), no spill at all, and the tensor cores multiply
+    report = _compile_report(COMPILE_QUANTIZED)
+    assert len(report) == 5 * 4 * 3
+    for arch, budget, fmt, kernel, config, shared, stack, loop_spills, mma, _, ahead in report:
+        print(f"sm_{arch} {fmt:5} {kernel:12} {shared / 1024:5.1f} KB shared, {stack} B stack  {config}")
+        assert 0 < shared <= budget, (arch, fmt, kernel, config, shared)
+        assert stack == 0 and loop_spills == 0, (arch, fmt, kernel, config, stack, loop_spills)
+        assert mma != "none", (arch, fmt, kernel, mma)
 
 
 def test_every_other_kernel_compiles_for_consumer_gpus_and_hopper():

@@ -14,13 +14,16 @@ from typing import Optional
 import torch
 import triton
 
+from .. import formats
 from .. import validation as check
 from ..experts import ExpertWeights
+from ..formats.quantized import QuantizedWeight
 from ..kernels.triton import decode
 from ..kernels.triton import grouped_gemm as gemm
 from ..kernels.triton import permute as move
 from ..kernels.triton import plan as plan_kernels
 from ..kernels.triton import wgrad
+from ..kernels.triton.quantized import FORMAT_CODES, format_tag, kernel_reads
 from ..plan import DispatchPlan
 from .base import Backend, ExpertGrads
 from .triton_tuning import (
@@ -38,8 +41,20 @@ def _kernels_interpreted() -> bool:
     return isinstance(plan_kernels.plan_count_kernel, triton.runtime.interpreter.InterpretedFunction)
 
 
+def kernel_weight(w: formats.Weight):
+    """w [E, N, K] as the kernels take it: a quantized weight as it is (its codes are read and
+    dequantized in registers), any other as its float values."""
+    return w if isinstance(w, QuantizedWeight) and kernel_reads(w) else formats.dense(w)
+
+
+def kernel_weights(experts: ExpertWeights) -> tuple:
+    """(w_gate_up, w_down, b_gate_up, b_down) with the weights as kernel_weight gives them."""
+    return kernel_weight(experts.w_gate_up), kernel_weight(experts.w_down), experts.b_gate_up, experts.b_down
+
+
 class TritonBackend(Backend):
     name = "triton"
+    native_formats = tuple(FORMAT_CODES)
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if device.type == "cuda":
@@ -71,6 +86,11 @@ class TritonBackend(Backend):
     def grouped_mm_wgrad(self, a: Tensor, b: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
         return _wgrad(a, b, offsets, num_experts)
 
+    def grouped_mm_quantized(self, a: Tensor, w: QuantizedWeight, offsets: Tensor, transposed: bool) -> Tensor:
+        """The grouped GEMM on w's codes: by w[e].T (q.mT, transposed) or by w[e]; no host sync."""
+        w = kernel_weight(w)
+        return _gemm("mm", a, w.mT if transposed else w, offsets)[0]
+
     # ---- fused composites ------------------------------------------------------------
     def unpermute_backward(self, dy, ys, token_of_row, row_of_slot, weights):
         if weights is None:
@@ -80,14 +100,14 @@ class TritonBackend(Backend):
     def moe_mlp(self, x, weights, plan, experts, save_for_backward):
         """GEMM1 gathers x's rows and applies the activation; GEMM2 scales by the routing
         weight and scatters to slot order; a fixed-order float32 sum over k combines."""
-        w_gate_up, w_down, b_gate_up, b_down = experts.dense().tensors()
+        w_gate_up, w_down, b_gate_up, b_down = kernel_weights(experts)
         slot_of_row, weight_of_row = move.invert_rows(plan.row_of_slot, weights)
         act, h = _gemm(
-            "up", x, w_gate_up.transpose(1, 2), plan.offsets, bias=b_gate_up, a_rows=plan.token_of_row,
+            "up", x, w_gate_up.mT, plan.offsets, bias=b_gate_up, a_rows=plan.token_of_row,
             activation=experts.activation, gate_columns=experts.gate_up_columns, store_h=save_for_backward,
         )
         slots, _ = _gemm(
-            "down", act, w_down.transpose(1, 2), plan.offsets, bias=b_down, slot_of_row=slot_of_row,
+            "down", act, w_down.mT, plan.offsets, bias=b_down, slot_of_row=slot_of_row,
             weight_of_row=weight_of_row,
         )
         out = move.combine(slots, plan.row_of_slot, None, slot_major=True)
@@ -95,14 +115,14 @@ class TritonBackend(Backend):
 
     def moe_mlp_from_ids(self, x, weights, ids, experts):
         """The decode forward, up to decode.MAX_TOKENS tokens: two kernels, no plan."""
-        w_gate_up, w_down, b_gate_up, b_down = experts.dense().tensors()
+        w_gate_up, w_down, b_gate_up, b_down = kernel_weights(experts)
         num_experts, activation = experts.num_experts, experts.activation
         if not 0 < x.shape[0] <= decode.MAX_TOKENS or 0 in w_down.shape:
             return None
         check.expert_id_values(ids, num_experts)  # CPU, or MOE_DISPATCH_CHECKS=1: a ValueError naming the id
-        w1, w2 = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
-        key = _key(f"dec_up:{_fusion_flags(experts, b_gate_up)}", x, num_experts, x.shape[0], w1.shape[1],
-                   w1.shape[2])
+        w1, w2 = w_gate_up.mT, w_down.mT
+        key = _key(f"dec_up:{_fusion_flags(experts, b_gate_up)}{_format_flag(w1)}", x, num_experts, x.shape[0],
+                   w1.shape[1], w1.shape[2])
         act, routes, ok = TUNER.run(
             key,
             lambda: decode_candidates(w_down.shape[2], min(ids.numel(), num_experts), activation.gated, x.dtype,
@@ -113,7 +133,8 @@ class TritonBackend(Backend):
         )
         if ids.is_cuda:
             torch._assert_async(ok, _BAD_IDS)  # a bad id's slot was skipped; fails at the next sync
-        key = _key("dec_down:b" if b_down is not None else "dec_down:", x, num_experts, x.shape[0], *w2.shape[1:])
+        key = _key(f"dec_down:{'b' if b_down is not None else ''}{_format_flag(w2)}", x, num_experts, x.shape[0],
+                   *w2.shape[1:])
         return TUNER.run(
             key,
             lambda: decode_candidates(w2.shape[2], 1, False, x.dtype, x.device),
@@ -122,12 +143,12 @@ class TritonBackend(Backend):
         )
 
     def moe_mlp_backward(self, dy, x, weights, plan, experts, h):
-        w_gate_up, w_down, b_gate_up, b_down = experts.dense().tensors()
+        w_gate_up, w_down, b_gate_up, b_down = kernel_weights(experts)
         offsets, token_of_row, row_of_slot = plan.offsets, plan.token_of_row, plan.row_of_slot
         num_experts = experts.num_experts
         slot_of_row, weight_of_row = move.invert_rows(row_of_slot, weights)
-        key = _key(f"act_bwd:{_fusion_flags(experts)}", dy, num_experts, plan.num_rows, w_down.shape[1],
-                   w_down.shape[2])
+        key = _key(f"act_bwd:{_fusion_flags(experts)}{_format_flag(w_down)}", dy, num_experts, plan.num_rows,
+                   w_down.shape[1], w_down.shape[2])
         dh, act, dweights = TUNER.run(
             key,
             lambda: act_backward_candidates(plan.num_rows, num_experts, dy.dtype, dy.device),
@@ -137,13 +158,15 @@ class TritonBackend(Backend):
             ),
             dy.device,
         )
-        # d w_down[e] = (weight * dy[token]).T @ act(h), over e's rows
-        dw_down = _wgrad(dy, act, offsets, num_experts, a_rows=token_of_row, a_scale=weight_of_row)
+        # d w_down[e] = (weight * dy[token]).T @ act(h), over e's rows; none for a frozen (quantized) weight
+        dw_down = (_wgrad(dy, act, offsets, num_experts, a_rows=token_of_row, a_scale=weight_of_row)
+                   if formats.trainable(experts.w_down) else None)
         db_down = (
             wgrad.expert_sums(dy, offsets, num_experts, rows=token_of_row, scale=weight_of_row)
             if b_down is not None else None
         )
-        dw_gate_up = _wgrad(dh, x, offsets, num_experts, b_rows=token_of_row)
+        dw_gate_up = (_wgrad(dh, x, offsets, num_experts, b_rows=token_of_row)
+                      if formats.trainable(experts.w_gate_up) else None)
         db_gate_up = wgrad.expert_sums(dh, offsets, num_experts) if b_gate_up is not None else None
         dx_slots, _ = _gemm("dx", dh, w_gate_up, offsets, slot_of_row=slot_of_row)
         dx = move.combine(dx_slots, row_of_slot, None, slot_major=True)
@@ -164,11 +187,18 @@ def _fusion_flags(experts: ExpertWeights, bias: Optional[Tensor] = None) -> str:
         "b" if bias is not None else "")
 
 
+def _format_flag(w) -> str:
+    """The part of a tuning key that names a quantized weight's format (quantized.format_tag)."""
+    tag = format_tag(w)
+    return f"@{tag}" if tag else ""
+
+
 def _key(kind: str, t: Tensor, num_experts: int, num_rows: int, k_dim: int, n_cols: int) -> str:
     return f"{kind}|{dtype_tag(t.dtype, t.device)}|E{num_experts}|R{shape_bucket(num_rows)}|K{k_dim}|N{n_cols}"
 
 
-def _gemm(kind: str, a: Tensor, w: Tensor, offsets: Tensor, **fusions):
+def _gemm(kind: str, a: Tensor, w, offsets: Tensor, **fusions):
+    """gemm.grouped_gemm, tuned; w: [E, K, N] float, or a quantized weight read as one (q.mT or q)."""
     num_rows = fusions["a_rows"].shape[0] if fusions.get("a_rows") is not None else a.shape[0]
     num_experts, k_dim, n_cols = w.shape
     activation = fusions.get("activation")
@@ -176,7 +206,7 @@ def _gemm(kind: str, a: Tensor, w: Tensor, offsets: Tensor, **fusions):
     used = {name for name, value in fusions.items() if value is not None and value is not False}
     step = fusions.get("gate_columns", (1, 0))[0]
     flags = ("g" if gated else "") + ("i" if step == 2 else "") + "".join(
-        code for name, code in _FUSION_CODES.items() if name in used)
+        code for name, code in _FUSION_CODES.items() if name in used) + _format_flag(w)
     key = _key(f"{kind}:{flags}", a, num_experts, num_rows, k_dim, n_cols)
     n_out = n_cols // 2 if gated else n_cols
 

@@ -19,6 +19,7 @@ import triton.language as tl
 from ...activations import Activation
 from .activations import activate
 from .grouped_gemm import activation_args, mainloop
+from .quantized import weight_operand, weight_tile
 from .tiles import TileConfig, dot_precision, dot_upcast
 
 # The most tokens the decode kernels take: one tile of rows, the least tl.dot accepts.
@@ -38,16 +39,18 @@ def decode_up_kernel(
     ids_ptr,  # [T, k] int, contiguous
     weights_ptr,  # [T, k] float, contiguous
     w_ptr,  # [E, K, NW] any strides (w_gate_up transposed); GATED: NW = 2N, gate column i at
-    #         i * gate_step, its up column at that + up_shift
+    #         i * gate_step, its up column at that + up_shift; a quantized one's codes (W_FORMAT)
+    w_scales_ptr, w_zeros_ptr,  # a quantized W's scales and zero points (quantized.WeightOperand)
     bias_ptr,  # [E, NW] (None: no bias)
     act_ptr,  # [T*k * MAX_TOKENS, N] out: row s * MAX_TOKENS + t: act(h) of token t, owner s's expert
     owner_ptr, route_weights_ptr,  # out: Routes
     ok_ptr,  # [1] bool out: every id in [0, E)
     num_tokens, top_k, K, N, num_experts, gate_step, up_shift,
-    stride_xm, stride_we, stride_wk, stride_wn, stride_be, stride_am,
+    stride_xm, stride_we, stride_wk, stride_wn, stride_wse, stride_wsr, stride_be, stride_am,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, S_PAD: tl.constexpr,
     K_PAD: tl.constexpr, ACT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, GATED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    W_FORMAT: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, Q_T: tl.constexpr,
 ):
     """Grid: (T*k, cdiv(N, BLOCK_N))."""
     slot = tl.program_id(0)
@@ -78,8 +81,9 @@ def decode_up_kernel(
     expert = expert.to(tl.int64)
     acc, acc2 = mainloop(
         x_ptr, tokens.to(tl.int64) * stride_xm, tokens < num_tokens, w_ptr + expert * stride_we, cols * gate_step,
-        col_ok, up_shift, stride_wk, stride_wn, 0, K, None, 0, BLOCK_T, BLOCK_N, BLOCK_K, GATED, PRECISION, UPCAST,
-        EVEN_K,
+        col_ok, up_shift, w_scales_ptr, w_zeros_ptr, expert * stride_wse, pid_n * BLOCK_N, N, stride_wk, stride_wn,
+        stride_wsr, 0, K, None, 0, BLOCK_T, BLOCK_N, BLOCK_K, GATED, PRECISION, UPCAST, EVEN_K, W_FORMAT, SCALE_ROWS,
+        SCALE_COLS, Q_T,
     )
     if bias_ptr is not None:
         b_ptrs = bias_ptr + expert * stride_be + cols * gate_step
@@ -98,13 +102,15 @@ def decode_down_kernel(
     act_ptr,  # [T*k * MAX_TOKENS, K] the up kernel's tiles (K = I)
     ids_ptr,  # [T, k] int, contiguous
     owner_ptr, route_weights_ptr,  # Routes, from the up kernel
-    w_ptr,  # [E, K, N] any strides (w_down transposed: N = H)
+    w_ptr,  # [E, K, N] any strides (w_down transposed: N = H); a quantized one's codes (W_FORMAT)
+    w_scales_ptr, w_zeros_ptr,  # a quantized W's scales and zero points (quantized.WeightOperand)
     bias_ptr,  # [E, N] (None: no bias)
     out_ptr,  # [T, N] out
     num_slots, num_tokens, K, N, num_experts,
-    stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om,
+    stride_am, stride_we, stride_wk, stride_wn, stride_wse, stride_wsr, stride_be, stride_om,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, S_PAD: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    W_FORMAT: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, Q_T: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_N),). out[t] = sum over the owner slots s, in order, of
     route_weights[s, t] * (act[s * MAX_TOKENS + t] @ w_down[ids[s]].T + b_down[ids[s]])."""
@@ -140,9 +146,10 @@ def decode_down_kernel(
         a = tl.load(act_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :], mask=k_ok[None, :], other=0.0)
         # tl.where joins a scalar condition to a block mask, here and below: the interpreter's &
         # gives int32 there, and it rejects a scalar mask for a block
-        w = tl.load(w_ptr + expert * stride_we + (k0 + ks).to(tl.int64)[:, None] * stride_wk
-                    + cols.to(tl.int64)[None, :] * stride_wn,
-                    mask=tl.where(expert_ok, k_ok[:, None] & col_ok[None, :], False), other=0.0)
+        w = weight_tile(w_ptr + expert * stride_we, w_scales_ptr, w_zeros_ptr, expert * stride_wse, k0 + ks,
+                        tl.where(expert_ok, k_ok, False), cols, tl.where(expert_ok, col_ok, False), k0, K, 0, N,
+                        stride_wk, stride_wn, stride_wsr, act_ptr.dtype.element_ty, BLOCK_K, BLOCK_N, EVEN_K,
+                        W_FORMAT, SCALE_ROWS, SCALE_COLS, Q_T)
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -165,16 +172,17 @@ def decode_down_kernel(
 
 
 def decode_up(
-    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w, bias: Optional[torch.Tensor],
     activation: Activation, gate_columns: tuple[int, int], config: TileConfig,
 ) -> tuple[torch.Tensor, Routes, torch.Tensor]:
     """(act: [T*k * MAX_TOKENS, N] x's dtype, routes, ok: [1] bool). x: [T, K] with
     T <= MAX_TOKENS; ids, weights: [T, k]; w: [E, K, NW] any strides, gate and up columns where
-    gate_columns says (see grouped_gemm); bias: [E, NW]. Only the owners' tiles of act are
-    written."""
+    gate_columns says (see grouped_gemm), or a quantized q.mT; bias: [E, NW]. Only the owners'
+    tiles of act are written."""
     x, ids, weights = x if x.stride(-1) == 1 else x.contiguous(), ids.contiguous(), weights.contiguous()
     num_tokens, top_k = ids.shape
-    num_experts, k_dim, w_cols = w.shape
+    operand = weight_operand(w)
+    num_experts, k_dim, w_cols = operand.shape
     n_cols = w_cols // 2 if activation.gated else w_cols
     device = x.device
     act = torch.empty(ids.numel() * MAX_TOKENS, n_cols, dtype=x.dtype, device=device)
@@ -182,35 +190,36 @@ def decode_up(
                     torch.empty(ids.numel(), MAX_TOKENS, dtype=torch.float32, device=device))
     ok = torch.empty(1, dtype=torch.bool, device=device)
     decode_up_kernel[(ids.numel(), triton.cdiv(n_cols, config.block_n))](
-        x, ids, weights, w, bias, act, *routes, ok,
+        x, ids, weights, operand.data, operand.scales, operand.zeros, bias, act, *routes, ok,
         num_tokens, top_k, k_dim, n_cols, num_experts, *gate_columns,
-        x.stride(0), w.stride(0), w.stride(1), w.stride(2), bias.stride(0) if bias is not None else 0, act.stride(0),
+        x.stride(0), *operand.strides, bias.stride(0) if bias is not None else 0, act.stride(0),
         BLOCK_T=MAX_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         # the slots of a full tile of tokens, whatever T: one compile serves every decode batch size
         S_PAD=triton.next_power_of_2(MAX_TOKENS * top_k), K_PAD=triton.next_power_of_2(top_k),
         PRECISION=dot_precision(x.dtype, device), UPCAST=dot_upcast(x.dtype, device),
         EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
-        **activation_args(activation),
+        **activation_args(activation), **operand.meta,
     )
     return act, routes, ok
 
 
 def decode_down(
-    act: torch.Tensor, ids: torch.Tensor, routes: Routes, w: torch.Tensor, bias: Optional[torch.Tensor],
+    act: torch.Tensor, ids: torch.Tensor, routes: Routes, w, bias: Optional[torch.Tensor],
     config: TileConfig,
 ) -> torch.Tensor:
     """out: [T, N] act's dtype, the weighted sum over each token's experts. act, routes:
-    decode_up's; ids: [T, k]; w: [E, K, N] any strides; bias: [E, N]."""
-    num_experts, k_dim, n_cols = w.shape
+    decode_up's; ids: [T, k]; w: [E, K, N] any strides, or a quantized q.mT; bias: [E, N]."""
+    operand = weight_operand(w)
+    num_experts, k_dim, n_cols = operand.shape
     out = torch.empty(ids.shape[0], n_cols, dtype=act.dtype, device=act.device)
     decode_down_kernel[(triton.cdiv(n_cols, config.block_n),)](
-        act, ids.contiguous(), *routes, w, bias, out,
+        act, ids.contiguous(), *routes, operand.data, operand.scales, operand.zeros, bias, out,
         ids.numel(), ids.shape[0], k_dim, n_cols, num_experts,
-        act.stride(0), w.stride(0), w.stride(1), w.stride(2), bias.stride(0) if bias is not None else 0,
-        out.stride(0),
+        act.stride(0), *operand.strides, bias.stride(0) if bias is not None else 0, out.stride(0),
         BLOCK_T=MAX_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         S_PAD=triton.next_power_of_2(MAX_TOKENS * ids.shape[1]),
         PRECISION=dot_precision(act.dtype, act.device), UPCAST=dot_upcast(act.dtype, act.device),
         EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
+        **operand.meta,
     )
     return out

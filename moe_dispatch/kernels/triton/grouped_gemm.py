@@ -33,6 +33,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ...activations import IDENTITY, Activation
 from .activations import activate, activate_grad
 from .indices import gathered, load_index
+from .quantized import FLOAT, weight_operand, weight_tile
 from .tiles import TileConfig, dot_precision, dot_upcast, expert_block
 
 # M-tiles that sweep the N-tiles together: 8 tiles of 128 rows x 7168 bf16 are 15 MB of L2.
@@ -90,10 +91,12 @@ def expert_tile(offsets_ptr, num_m_tiles, num_rows, num_experts, N, BLOCK_M: tl.
 def mainloop(
     a_ptr, a_off, a_ok,  # A rows: int64 offsets [BM], validity [BM]; columns contiguous
     w_ptr, cols, col_ok, second_shift,  # W of one expert; columns [BN]; TWO also reads cols + second_shift
-    stride_wk, stride_wn, k_lo, k_hi,
+    w_scales_ptr, w_zeros_ptr, scale_off, n0, n_end,  # a quantized W (quantized.weight_tile)
+    stride_wk, stride_wn, stride_wsr, k_lo, k_hi,
     w_desc, w_row,  # W as [E * NW, K] rows through the TMA (None: pointers); this tile's first row
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TWO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    W_FORMAT: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, Q_T: tl.constexpr,
 ):
     """float32 acc [BM, BN] = A[:, k_lo:k_hi] @ W[k_lo:k_hi, cols] (and acc2 for cols + shift).
 
@@ -102,6 +105,7 @@ def mainloop(
     vectorizing along a contiguous K).
     w_desc: weight tiles come through the TMA, which fills rows and columns past the tensor with
     zeros; rows past this expert's columns belong to the next one, and the epilogue masks them.
+    W_FORMAT: a quantized W's tiles are dequantized in registers (quantized.weight_tile).
     """
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_off[:, None] + (k_lo + ks)[None, :]
@@ -123,6 +127,10 @@ def mainloop(
         a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
         if w_desc is not None:
             w = tl.trans(w_desc.load([w_row, k0]))
+        elif W_FORMAT != FLOAT:
+            w = weight_tile(w_ptr, w_scales_ptr, w_zeros_ptr, scale_off, k0 + ks, k_ok, cols, col_ok, k0, k_hi, n0,
+                            n_end, stride_wk, stride_wn, stride_wsr, a_ptr.dtype.element_ty, BLOCK_K, BLOCK_N,
+                            EVEN_K, W_FORMAT, SCALE_ROWS, SCALE_COLS, Q_T)
         else:
             w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
@@ -132,6 +140,11 @@ def mainloop(
         if TWO:
             if w_desc is not None:
                 w2 = tl.trans(w_desc.load([w_row + second_shift, k0]))
+            elif W_FORMAT != FLOAT:
+                w2 = weight_tile(w_ptr, w_scales_ptr, w_zeros_ptr, scale_off, k0 + ks, k_ok, cols + second_shift,
+                                 col_ok, k0, k_hi, n0, n_end, stride_wk, stride_wn, stride_wsr,
+                                 a_ptr.dtype.element_ty, BLOCK_K, BLOCK_N, EVEN_K, W_FORMAT, SCALE_ROWS, SCALE_COLS,
+                                 Q_T)
             else:
                 w2 = tl.load(w2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             if UPCAST:
@@ -170,7 +183,8 @@ def grouped_gemm_kernel(
     # pointers (None: that fusion is compiled out)
     a_ptr,  # [S, K]            rows gathered through a_rows_ptr when given, else [R, K]
     a_rows_ptr,  # [R] int32    source row of each expert-sorted row
-    w_ptr,  # [E, K, NW]        any strides; NW = 2N when GATED else N
+    w_ptr,  # [E, K, NW]        any strides; NW = 2N when GATED else N; a quantized W's codes (W_FORMAT)
+    w_scales_ptr, w_zeros_ptr,  # a quantized W's scales and zero points (quantized.WeightOperand)
     w_desc,  # a TMA descriptor of W as [E * NW, K] (K contiguous), blocks [BLOCK_N, BLOCK_K]
     bias_ptr,  # [E, NW]
     offsets_ptr,  # [E+1] int   expert e owns rows offsets[e]:offsets[e+1]
@@ -183,11 +197,12 @@ def grouped_gemm_kernel(
     num_rows, num_a_rows, num_out_rows, K, N, num_experts, num_m_tiles,
     gate_step, up_shift,  # GATED: W's gate column i is i * gate_step, its up column that + up_shift
     # strides
-    stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om, stride_hm,
+    stride_am, stride_we, stride_wk, stride_wn, stride_wse, stride_wsr, stride_be, stride_om, stride_hm,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, ACT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
     GATED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    W_FORMAT: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, Q_T: tl.constexpr,
 ):
     """Grid: (num_m_tiles * cdiv(N, BLOCK_N), SPLIT_K), num_m_tiles = m_tile_bound(R, E, BLOCK_M)."""
     expert, pid_n, rows, row_ok, cols, col_ok = expert_tile(offsets_ptr, num_m_tiles, num_rows, num_experts, N,
@@ -203,8 +218,9 @@ def grouped_gemm_kernel(
     k_hi = tl.minimum(K, k_lo + k_per_split)
     acc, acc2 = mainloop(
         a_ptr, src.to(tl.int64) * stride_am, a_ok, w_ptr + expert.to(tl.int64) * stride_we, cols * gate_step, col_ok,
-        up_shift, stride_wk, stride_wn, k_lo, k_hi, w_desc, expert * (2 * N if GATED else N) + pid_n * BLOCK_N,
-        BLOCK_M, BLOCK_N, BLOCK_K, GATED, PRECISION, UPCAST, EVEN_K,
+        up_shift, w_scales_ptr, w_zeros_ptr, expert.to(tl.int64) * stride_wse, pid_n * BLOCK_N, N,
+        stride_wk, stride_wn, stride_wsr, k_lo, k_hi, w_desc, expert * (2 * N if GATED else N) + pid_n * BLOCK_N,
+        BLOCK_M, BLOCK_N, BLOCK_K, GATED, PRECISION, UPCAST, EVEN_K, W_FORMAT, SCALE_ROWS, SCALE_COLS, Q_T,
     )
     if bias_ptr is not None:
         if pid_k == 0:
@@ -260,7 +276,8 @@ def splitk_reduce_kernel(
 def grouped_gemm_act_backward_kernel(
     dy_ptr,  # [T, K]           rows gathered through token_of_row (K = H)
     token_of_row_ptr,  # [R] int32
-    w_ptr,  # [E, K, N]         w_down [E, H, I] read as K=H, N=I
+    w_ptr,  # [E, K, N]         w_down [E, H, I] read as K=H, N=I; a quantized one's codes (W_FORMAT)
+    w_scales_ptr, w_zeros_ptr,  # a quantized w_down's scales and zero points (quantized.WeightOperand)
     bias_ptr,  # [E, K]         b_down (None: no bias): its term of d(routing weight)
     offsets_ptr,  # [E+1] int
     h_ptr,  # [R, NW]           the forward's pre-activation, NW = 2N when GATED: gate columns, then up
@@ -269,10 +286,12 @@ def grouped_gemm_act_backward_kernel(
     act_ptr,  # [R, N] out      act(h), the input of the down projection
     drow_ptr,  # [cdiv(N, BLOCK_N), R] float32 out: per-tile parts of d loss / d routing weight
     num_rows, num_tokens, K, N, num_experts, num_m_tiles, gate_step, up_shift,
-    stride_dym, stride_we, stride_wk, stride_wn, stride_be, stride_hm, stride_dhm, stride_actm,
+    stride_dym, stride_we, stride_wk, stride_wn, stride_wse, stride_wsr, stride_be, stride_hm, stride_dhm,
+    stride_actm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
     GROUP_M: tl.constexpr, ACT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, GATED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    W_FORMAT: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, Q_T: tl.constexpr,
 ):
     """Grid: (num_m_tiles * cdiv(N, BLOCK_N),), num_m_tiles = m_tile_bound(R, E, BLOCK_M).
 
@@ -286,7 +305,9 @@ def grouped_gemm_act_backward_kernel(
     src, src_ok = load_index(token_of_row_ptr, rows, row_ok, num_tokens)
     dy_off = src.to(tl.int64) * stride_dym
     g, _ = mainloop(dy_ptr, dy_off, src_ok, w_ptr + expert.to(tl.int64) * stride_we, cols, col_ok, N,
-                    stride_wk, stride_wn, 0, K, None, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, PRECISION, UPCAST, EVEN_K)
+                    w_scales_ptr, w_zeros_ptr, expert.to(tl.int64) * stride_wse, pid_n * BLOCK_N, N,
+                    stride_wk, stride_wn, stride_wsr, 0, K, None, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, PRECISION,
+                    UPCAST, EVEN_K, W_FORMAT, SCALE_ROWS, SCALE_COLS, Q_T)
 
     # ---- the activation and its gradient, from the saved h (stores early: fewer live registers)
     mask = row_ok[:, None] & col_ok[None, :]
@@ -344,15 +365,16 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def tma_can_read(w: torch.Tensor, gate_step: int = 1) -> bool:
-    """Whether w: [E, K, NW] can be read through the TMA as [E * NW, K] rows: K contiguous,
-    each expert's columns one after another (gate columns not interleaved with up ones), rows
-    16-byte aligned."""
-    return (gate_step == 1 and w.transpose(1, 2).is_contiguous() and (w.shape[1] * w.element_size()) % 16 == 0
+def tma_can_read(w, gate_step: int = 1) -> bool:
+    """Whether w: [E, K, NW] can be read through the TMA as [E * NW, K] rows: a float tensor, K
+    contiguous, each expert's columns one after another (gate columns not interleaved with up
+    ones), rows 16-byte aligned."""
+    return (isinstance(w, torch.Tensor) and gate_step == 1 and w.transpose(1, 2).is_contiguous()
+            and (w.shape[1] * w.element_size()) % 16 == 0
             and w.data_ptr() % 16 == 0)
 
 
-def weight_descriptor(w: torch.Tensor, config: TileConfig, gate_step: int = 1) -> Optional[TensorDescriptor]:
+def weight_descriptor(w, config: TileConfig, gate_step: int = 1) -> Optional[TensorDescriptor]:
     """A TMA descriptor of w as [E * NW, K] rows, blocks [BLOCK_N, BLOCK_K], when config asks
     for TMA and tma_can_read(w), else None (the kernel then loads W through pointers)."""
     if not (config.tma and tma_can_read(w, gate_step)):
@@ -379,7 +401,7 @@ def activation_args(activation: Optional[Activation]) -> dict:
 
 def grouped_gemm(
     a: torch.Tensor,
-    w: torch.Tensor,
+    w,
     offsets: torch.Tensor,
     config: TileConfig,
     *,
@@ -396,7 +418,8 @@ def grouped_gemm(
 
     a: [R, K], or [S, K] gathered through a_rows: [R] int32
     w: [E, K, NW] any strides; NW = 2N for a gated activation, whose gate column i is
-       i * gate_columns[0] and up column that + gate_columns[1] (ExpertWeights.gate_up_columns)
+       i * gate_columns[0] and up column that + gate_columns[1] (ExpertWeights.gate_up_columns);
+       or a quantized weight read as one: q.mT, or q (quantized.weight_operand)
     offsets: [E+1] int32/int64; bias: [E, NW]; activation: applied in the epilogue (None: none)
     slot_of_row: [R] int32: out is [R, N] in slot order (row r stored at slot_of_row[r])
     weight_of_row: [R] float32: each row's result scaled by it
@@ -405,7 +428,8 @@ def grouped_gemm(
     """
     a = _row_major(a)
     num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
-    num_experts, k_dim, w_cols = w.shape
+    operand = weight_operand(w)
+    num_experts, k_dim, w_cols = operand.shape
     act = activation_args(activation)
     n_cols = w_cols // 2 if act["GATED"] else w_cols
     out = a.new_empty(num_rows, n_cols) if out is None else out
@@ -419,14 +443,15 @@ def grouped_gemm(
     # the epilogue's pointers: to the split-K reduction when K is split
     epilogue_h, epilogue_slots, epilogue_weights = (None, None, None) if split > 1 else (h, slot_of_row, weight_of_row)
     grouped_gemm_kernel[(m_tiles * triton.cdiv(n_cols, bn), split)](
-        a, a_rows, w, weight_descriptor(w, config, gate_step), bias, offsets, out, epilogue_h, epilogue_slots,
-        epilogue_weights, ws,
+        a, a_rows, operand.data, operand.scales, operand.zeros, weight_descriptor(w, config, gate_step), bias, offsets,
+        out, epilogue_h, epilogue_slots, epilogue_weights, ws,
         num_rows, a.shape[0], num_rows, k_dim, n_cols, num_experts, m_tiles, gate_step, up_shift,
-        a.stride(0), w.stride(0), w.stride(1), w.stride(2), bias.stride(0) if bias is not None else 0,
+        a.stride(0), *operand.strides, bias.stride(0) if bias is not None else 0,
         out.stride(0), h.stride(0) if h is not None else 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config.block_k, E_PAD=expert_block(num_experts), GROUP_M=GROUP_M,
         SPLIT_K=split, PRECISION=dot_precision(a.dtype, a.device), UPCAST=dot_upcast(a.dtype, a.device),
         EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages, **act,
+        **operand.meta,
     )
     if split > 1:
         splitk_reduce_kernel[(triton.cdiv(num_rows, bm), triton.cdiv(n_cols, bn))](
@@ -440,7 +465,7 @@ def grouped_gemm(
 def grouped_gemm_act_backward(
     dy: torch.Tensor,
     token_of_row: torch.Tensor,
-    w_down: torch.Tensor,
+    w_down,
     b_down: Optional[torch.Tensor],
     offsets: torch.Tensor,
     h: torch.Tensor,
@@ -452,7 +477,7 @@ def grouped_gemm_act_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward through the down projection and the activation.
 
-    dy: [T, H]; token_of_row: [R] int32; w_down: [E, H, I] any strides; b_down: [E, H] or None;
+    dy: [T, H]; token_of_row: [R] int32; w_down: [E, H, I] any strides, or quantized; b_down: [E, H] or None;
     h: [R, 2I or I] saved pre-activation, gate columns then up columns (grouped_gemm's);
     weight_of_row: [R] float32; row_of_slot: [T, k] int32.
     Returns dh: [R, 2I or I] dy's dtype, in w_gate_up's column order (gate_columns: see
@@ -461,7 +486,8 @@ def grouped_gemm_act_backward(
     """
     dy, h = _row_major(dy), _row_major(h)
     num_rows = token_of_row.shape[0]
-    num_experts, k_dim, n_cols = w_down.shape
+    operand = weight_operand(w_down)
+    num_experts, k_dim, n_cols = operand.shape
     dh = dy.new_empty(h.shape)
     act = dy.new_empty(num_rows, n_cols)
     dweights = torch.zeros(row_of_slot.shape, dtype=torch.float32, device=dy.device)
@@ -472,14 +498,14 @@ def grouped_gemm_act_backward(
     m_tiles = m_tile_bound(num_rows, num_experts, bm)
     parts = torch.empty(n_tiles, num_rows, dtype=torch.float32, device=dy.device)
     grouped_gemm_act_backward_kernel[(m_tiles * n_tiles,)](
-        dy, token_of_row, w_down, b_down, offsets, h, weight_of_row, dh, act, parts,
-        num_rows, dy.shape[0], k_dim, n_cols, num_experts, m_tiles, *gate_columns,
-        dy.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2),
-        b_down.stride(0) if b_down is not None else 0, h.stride(0), dh.stride(0), act.stride(0),
+        dy, token_of_row, operand.data, operand.scales, operand.zeros, b_down, offsets, h, weight_of_row, dh, act,
+        parts, num_rows, dy.shape[0], k_dim, n_cols, num_experts, m_tiles, *gate_columns,
+        dy.stride(0), *operand.strides, b_down.stride(0) if b_down is not None else 0, h.stride(0), dh.stride(0),
+        act.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config.block_k, E_PAD=expert_block(num_experts), GROUP_M=GROUP_M,
         PRECISION=dot_precision(dy.dtype, dy.device), UPCAST=dot_upcast(dy.dtype, dy.device),
         EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
-        **activation_args(activation),
+        **activation_args(activation), **operand.meta,
     )
     block = 256
     row_parts_to_slots_kernel[(triton.cdiv(row_of_slot.numel(), block),)](
