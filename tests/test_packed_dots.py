@@ -122,3 +122,38 @@ def test_a_zero_row_quantizes_to_zeros():
     ints, scales = np.ones((1, 32), np.int16), np.ones(1, np.float32)
     assert quantize_rows(np.zeros((1, 32), np.float32), False, ints, scales)
     assert not ints.any() and scales[0] == 0
+
+
+def compiled_dequantize(fmt, features):
+    from numba import njit
+
+    from moe_dispatch.kernels.numba.packed_dots import dequantize_intrinsic
+
+    kernel = dequantize_intrinsic(fmt, features)
+
+    @njit
+    def run(codes, scales, zeros, has_zeros, e, n, s, group, out):
+        kernel(codes, scales, zeros, has_zeros, e, n, s, group, out)
+
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("features", FEATURES)
+@pytest.mark.parametrize("fmt,quantize_format,options,depth", CASES)
+def test_rows_dequantize_bit_for_bit_as_the_format_does(fmt, quantize_format, options, depth, features, dtype, gen):
+    """The blocked path's conversion: each row in the activations' type, rounded once."""
+    from moe_dispatch.backends.numba_backend import as_array
+    from moe_dispatch.kernels.numba import packed_dots
+
+    w = torch.randn(1, 2, depth, generator=gen)
+    q = md.quantize(w, quantize_format, **options)
+    zeros = q.zeros.numpy() if q.zeros is not None else np.zeros((1, 1, 1), dtype=np.uint8)
+    operands = (q.codes.view(torch.uint8).numpy(), q.scales.numpy(), zeros, q.zeros is not None, 0)
+    expected = q.dequantize(dtype)[0]
+    run, definition = compiled_dequantize(fmt, features), getattr(packed_dots, f"{fmt}_dequantize")
+    for n in range(2):
+        out, defined = torch.full((depth,), float("nan"), dtype=dtype), torch.empty(depth, dtype=dtype)
+        run(*operands, n, n // q.block[0], q.block[1], as_array(out))
+        definition(*operands, n, n // q.block[0], q.block[1], as_array(defined))
+        assert torch.equal(out, expected[n]) and torch.equal(defined, expected[n])

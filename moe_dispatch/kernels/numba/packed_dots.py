@@ -333,16 +333,11 @@ class _Operands:
          out) = args
         array = {i: context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 2, 9, 10, 14)}
         index = self.group.type
-
-        def row_start(i, e, n):  # element [e, n, 0] of a C-contiguous 3-d array
-            _, rows_, width = cgutils.unpack_tuple(builder, array[i].shape, 3)
-            return builder.gep(array[i].data, [builder.mul(builder.add(builder.mul(e, rows_), n), width)])
-
-        self.codes = [row_start(0, e, n) for n in (n_a, n_b)]
-        self.scales = [row_start(1, e, s) for s in (s_a, s_b)]
+        self.codes = [_row_start(builder, array[0], e, n) for n in (n_a, n_b)]
+        self.scales = [_row_start(builder, array[1], e, s) for s in (s_a, s_b)]
         # the dummy zeros array holds one element: its start, when there are none
-        self.zeros = [row_start(2, builder.select(self.has_zeros, e, ir.Constant(index, 0)),
-                                builder.select(self.has_zeros, s, ir.Constant(index, 0))) for s in (s_a, s_b)]
+        self.zeros = [_row_start(builder, array[2], builder.select(self.has_zeros, e, ir.Constant(index, 0)),
+                                 builder.select(self.has_zeros, s, ir.Constant(index, 0))) for s in (s_a, s_b)]
         self.x = array[9].data
         self.x_element = context.get_value_type(sig.args[9].dtype)
         self.depth = cgutils.unpack_tuple(builder, array[9].shape, 2)[1]
@@ -514,3 +509,131 @@ overload(int8_dots, inline="always")(_compiled("int8"))
 overload(int4_dots, inline="always")(_compiled("int4"))
 overload(e2m1_dots, inline="always")(_compiled("e2m1"))
 overload(e4m3_dots, inline="always")(_compiled("e4m3"))
+
+
+# ---- whole rows dequantized, for the blocked path's library products ----------------------------
+
+
+def _dequantize(fmt, codes, scales, zeros, has_zeros, e, n, s, group, out):
+    values = _code_values(fmt, codes[e, n], zeros[e, s] if has_zeros else None, has_zeros, group).astype(np.float32)
+    if fmt == "e2m1":
+        values *= np.float32(0.5)
+    row = values * np.repeat(_scale_values(scales[e, s]), group)[: values.shape[0]]
+    if out.dtype == np.uint16:  # bfloat16 bits, rounded to nearest even as torch rounds
+        bits = row.view(np.uint32).astype(np.uint64)
+        out[:] = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    elif out.dtype == np.int16:  # float16 bits
+        out[:] = row.astype(np.float16).view(np.int16)
+    else:
+        out[:] = row
+
+
+def int8_dequantize(codes, scales, zeros, has_zeros, e, n, s, group, out):
+    """out[k] = codes[e, n, k] * scales[e, s, k // group] in out's type (float32, or bfloat16
+    or float16 bits as uint16 or int16), rounded once: what QuantizedWeight.dequantize gives.
+    K and group multiples of CHUNK; zeros as for int8_dots."""
+    _dequantize("int8", codes, scales, zeros, has_zeros, e, n, s, group, out)
+
+
+def int4_dequantize(codes, scales, zeros, has_zeros, e, n, s, group, out):
+    """int8_dequantize for 4-bit codes, less their zero points."""
+    _dequantize("int4", codes, scales, zeros, has_zeros, e, n, s, group, out)
+
+
+def e2m1_dequantize(codes, scales, zeros, has_zeros, e, n, s, group, out):
+    """int8_dequantize for e2m1 codes."""
+    _dequantize("e2m1", codes, scales, zeros, has_zeros, e, n, s, group, out)
+
+
+def e4m3_dequantize(codes, scales, zeros, has_zeros, e, n, s, group, out):
+    """int8_dequantize for e4m3 codes."""
+    _dequantize("e4m3", codes, scales, zeros, has_zeros, e, n, s, group, out)
+
+
+def _stored(builder, values, element, bfloat16):
+    """<32 x float> values as out's elements: float32, or bfloat16 (rounded to nearest even,
+    in integers) or float16 bits."""
+    if element == F32:
+        return values
+    if not bfloat16:
+        return builder.bitcast(builder.fptrunc(values, _vec(F16)), _vec(I16))
+    bits = builder.bitcast(values, _vec(I32))
+    odd = builder.and_(builder.lshr(bits, _const(I32, 16)), _const(I32, 1))
+    rounded = builder.add(builder.add(bits, _const(I32, 0x7FFF)), odd)
+    return builder.trunc(builder.lshr(rounded, _const(I32, 16)), _vec(I16))
+
+
+def dequantize_intrinsic(fmt, cpu_features=None):
+    """The vector code of int8_dequantize (fmt "int8"), int4_dequantize, e2m1_dequantize or
+    e4m3_dequantize."""
+    kind = _KINDS[fmt]
+
+    @intrinsic
+    def dequantize(typingctx, codes, scales, zeros, has_zeros, e, n, s, group, out):
+        arrays = ((codes, 3), (scales, 3), (zeros, 3), (out, 1))
+        if not all(isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" for a, ndim in arrays):
+            return None
+        if (scales.dtype not in (types.float32, types.uint8)
+                or out.dtype not in (types.float32, types.uint16, types.int16)):
+            return None
+        signature = types.void(codes, scales, zeros, has_zeros, e, n, s, group, out)
+
+        def codegen(context, builder, sig, args):
+            cpu = cpu_features if cpu_features is not None else context.codegen()._get_host_cpu_features()
+            index = types.intp
+            e_, n_, s_, group_ = (context.cast(builder, args[i], sig.args[i], index) for i in (4, 5, 6, 7))
+            has_zeros = args[3]
+            arrays = {i: context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 2, 8)}
+            codes_row = _row_start(builder, arrays[0], e_, n_)
+            scales_row = _row_start(builder, arrays[1], e_, s_)
+            zero_index = ir.Constant(e_.type, 0)
+            zeros_row = _row_start(builder, arrays[2], builder.select(has_zeros, e_, zero_index),
+                                   builder.select(has_zeros, s_, zero_index))
+            out = arrays[8].data
+            element = context.get_value_type(sig.args[8].dtype)
+            bfloat16 = sig.args[8].dtype == types.uint16
+            depth = cgutils.unpack_tuple(builder, arrays[8].shape, 1)[0]
+            num_groups = builder.udiv(builder.add(depth, builder.sub(group_, ir.Constant(e_.type, 1))), group_)
+            factor = ir.Constant(F32, kind.result_factor)
+            with cgutils.for_range(builder, num_groups) as group_loop:
+                g = group_loop.index
+                scale = builder.fmul(_group_scale(builder, scales_row, g), factor)
+                zero = _group_zero(builder, fmt, zeros_row, has_zeros, g)
+                k0 = builder.mul(g, group_)
+                k1 = _min(builder, builder.add(k0, group_), depth)
+                first = builder.udiv(k0, ir.Constant(e_.type, CHUNK))
+                with cgutils.for_range(builder, builder.udiv(builder.sub(k1, k0), ir.Constant(e_.type, CHUNK))) as c:
+                    chunk = builder.add(first, c.index)
+                    w = kind.values(builder, codes_row, chunk, zero, cpu)
+                    floats = w if w.type.element == F32 else builder.sitofp(w, _vec(F32))
+                    values = builder.fmul(floats, _broadcast(builder, scale, CHUNK))
+                    stored = _stored(builder, values, element, bfloat16)
+                    target = builder.gep(out, [builder.mul(chunk, ir.Constant(e_.type, CHUNK))])
+                    builder.store(stored, builder.bitcast(target, stored.type.as_pointer()), align=1)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return dequantize
+
+
+def _row_start(builder, array, e, n):
+    """The address of element [e, n, 0] of a C-contiguous 3-d array."""
+    _, rows, width = cgutils.unpack_tuple(builder, array.shape, 3)
+    return builder.gep(array.data, [builder.mul(builder.add(builder.mul(e, rows), n), width)])
+
+
+def _compiled_dequantize(fmt):
+    kernel = dequantize_intrinsic(fmt)
+
+    def typer(codes, scales, zeros, has_zeros, e, n, s, group, out):
+        return lambda codes, scales, zeros, has_zeros, e, n, s, group, out: kernel(
+            codes, scales, zeros, has_zeros, e, n, s, group, out)
+
+    return typer
+
+
+overload(int8_dequantize, inline="always")(_compiled_dequantize("int8"))
+overload(int4_dequantize, inline="always")(_compiled_dequantize("int4"))
+overload(e2m1_dequantize, inline="always")(_compiled_dequantize("e2m1"))
+overload(e4m3_dequantize, inline="always")(_compiled_dequantize("e4m3"))

@@ -27,7 +27,8 @@ from numba import prange
 from .activations import FusedActivation
 from .caching import njit
 from .grouped_mm import FASTMATH
-from .packed_dots import e2m1_dots, e4m3_dots, int4_dots, int8_dots, quantize_rows, reads_chunks
+from .packed_dots import (e2m1_dequantize, e2m1_dots, e4m3_dequantize, e4m3_dots, int4_dequantize, int4_dots,
+                          int8_dequantize, int8_dots, quantize_rows, reads_chunks)
 from .mlp import BAD_INDEX, DECODE_OK, decode_inputs, decode_plan, gate_up_epilogue
 from .scalars import half_value, narrow, pow2
 
@@ -430,17 +431,38 @@ def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, experts, tiles,
 ROWS_PER_TASK = 64
 
 
+@njit(cache=True, inline="always")
+def dequantize_row(w, e, n, out):
+    """out[:] = row n of expert e's values, in out's type (packed_dots.py; K and the groups in
+    whole chunks)."""
+    s = scale_row(w, n)
+    if w.fmt == INT8:
+        int8_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, out)
+    elif w.fmt == INT4:
+        int4_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, out)
+    elif w.fmt == MXFP4:
+        e2m1_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, out)
+    else:
+        e4m3_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, out)
+
+
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def dequantize_experts(w, experts, out):
-    """out[i] = the values of expert experts[i] of w, [N, K] in out's type (16-bit as bits).
-    Grid: tasks of ROWS_PER_TASK rows of one expert."""
+    """out[i] = the values of expert experts[i] of w, [N, K] in out's type (16-bit as bits):
+    packed_dots.py's vector code where K and the groups come in whole chunks, else the float
+    path. Grid: tasks of ROWS_PER_TASK rows of one expert."""
     out_features = w.codes.shape[1]
     blocks = (out_features + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     half = w.depth // 2
+    chunks = reads_chunks(w.depth, w.group)
     for task in prange(experts.shape[0] * blocks):
         i, n0 = task // blocks, (task % blocks) * ROWS_PER_TASK
-        rows = np.empty((2, w.depth), dtype=np.float32)
         n1 = min(n0 + ROWS_PER_TASK, out_features)
+        if chunks:
+            for n in range(n0, n1):
+                dequantize_row(w, experts[i], n, out[i, n])
+            continue
+        rows = np.empty((2, w.depth), dtype=np.float32)
         for n in range(n0, n1, 2):
             m = min(n + 1, n1 - 1)  # an odd count's last row pairs with itself
             dequantize_pair(w, experts[i], n, m, rows[0], rows[1])
