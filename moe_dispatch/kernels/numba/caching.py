@@ -51,8 +51,8 @@ class _HealingCacheFile(IndexDataCacheFile):
 def _kernels_stamp() -> tuple:
     """The time and size of every kernel module: what a compiled kernel may hold the code of."""
     here = os.path.dirname(os.path.abspath(__file__))
-    return tuple((name, os.stat(os.path.join(here, name)).st_mtime, os.stat(os.path.join(here, name)).st_size)
-                 for name in sorted(os.listdir(here)) if name.endswith(".py"))
+    stats = {name: os.stat(os.path.join(here, name)) for name in sorted(os.listdir(here)) if name.endswith(".py")}
+    return tuple((name, stat.st_mtime, stat.st_size) for name, stat in stats.items())
 
 
 class _HealingCache(FunctionCache):

@@ -318,6 +318,19 @@ def _group_zero(builder, fmt, zeros, has_zeros, g):
     return _broadcast(builder, zero, CHUNK)
 
 
+def _row_start(builder, array, e, n):
+    """The address of element [e, n, 0] of a C-contiguous 3-d array."""
+    _, rows, width = cgutils.unpack_tuple(builder, array.shape, 3)
+    return builder.gep(array.data, [builder.mul(builder.add(builder.mul(e, rows), n), width)])
+
+
+def _zeros_row(builder, array, has_zeros, e, s):
+    """The address of zero-point row [e, s]; the dummy zeros array's one element when there are
+    none (has_zeros false)."""
+    nothing = ir.Constant(e.type, 0)
+    return _row_start(builder, array, builder.select(has_zeros, e, nothing), builder.select(has_zeros, s, nothing))
+
+
 INDEX_ARGUMENTS = (4, 5, 6, 7, 8, 11, 12, 13)  # e, n_a, n_b, s_a, s_b, start, count, group
 
 
@@ -332,12 +345,9 @@ class _Operands:
         (codes, scales, zeros, self.has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, self.num_rows, self.group,
          out) = args
         array = {i: context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 2, 9, 10, 14)}
-        index = self.group.type
         self.codes = [_row_start(builder, array[0], e, n) for n in (n_a, n_b)]
         self.scales = [_row_start(builder, array[1], e, s) for s in (s_a, s_b)]
-        # the dummy zeros array holds one element: its start, when there are none
-        self.zeros = [_row_start(builder, array[2], builder.select(self.has_zeros, e, ir.Constant(index, 0)),
-                                 builder.select(self.has_zeros, s, ir.Constant(index, 0))) for s in (s_a, s_b)]
+        self.zeros = [_zeros_row(builder, array[2], self.has_zeros, e, s) for s in (s_a, s_b)]
         self.x = array[9].data
         self.x_element = context.get_value_type(sig.args[9].dtype)
         self.depth = cgutils.unpack_tuple(builder, array[9].shape, 2)[1]
@@ -365,8 +375,8 @@ def _prefetch(builder, data, offset):
 
 
 def _emit_pass(builder, fmt, cpu, ops, first, count):
-    """The code for count activation rows from the first-th of ops.rows: every group, span and
-    chunk, then the sums stored in ops.out."""
+    """The code for count activation rows from the first-th of ops.rows: every group and its
+    chunks, then the sums stored in ops.out."""
     kind = _KINDS[fmt]
     index = ops.depth.type
     pairs = [(r, j) for r in range(2) for j in range(count)]
@@ -586,9 +596,7 @@ def dequantize_intrinsic(fmt, cpu_features=None):
             arrays = {i: context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 2, 8)}
             codes_row = _row_start(builder, arrays[0], e_, n_)
             scales_row = _row_start(builder, arrays[1], e_, s_)
-            zero_index = ir.Constant(e_.type, 0)
-            zeros_row = _row_start(builder, arrays[2], builder.select(has_zeros, e_, zero_index),
-                                   builder.select(has_zeros, s_, zero_index))
+            zeros_row = _zeros_row(builder, arrays[2], has_zeros, e_, s_)
             out = arrays[8].data
             element = context.get_value_type(sig.args[8].dtype)
             bfloat16 = sig.args[8].dtype == types.uint16
@@ -615,12 +623,6 @@ def dequantize_intrinsic(fmt, cpu_features=None):
         return signature, codegen
 
     return dequantize
-
-
-def _row_start(builder, array, e, n):
-    """The address of element [e, n, 0] of a C-contiguous 3-d array."""
-    _, rows, width = cgutils.unpack_tuple(builder, array.shape, 3)
-    return builder.gep(array.data, [builder.mul(builder.add(builder.mul(e, rows), n), width)])
 
 
 def _compiled_dequantize(fmt):
