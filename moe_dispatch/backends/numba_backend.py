@@ -9,10 +9,11 @@ Two paths, chosen per call from the rows each active expert receives:
   decode  (few rows per expert): Numba kernels that read each active expert's weights
           once, parallel over (expert, block of output columns); the MLP is fused (gather
           in GEMM1's loads, activation in its epilogue, routing weight and combine in GEMM2's).
-  blocked (many rows): one expert at a time through reused buffers: its rows gathered from
-          x, a library product for both GEMMs (cpu_matmul: oneDNN, or BLAS; weights packed
-          for oneDNN with formats/onednn.py), the activation between them, the weighted rows
-          added into a float32 output. grouped_mm likewise sends large groups to those products.
+  blocked (many rows): the experts side by side, each on one thread (expert_threads.py),
+          through buffers reused from expert to expert: its rows gathered from x, a library
+          product for both GEMMs (cpu_matmul: oneDNN, or BLAS; weights packed for oneDNN
+          with formats/onednn.py), the activation between them; then one combine of the
+          rows. grouped_mm likewise sends large groups to those products.
 Numba's threads follow torch.get_num_threads() unless NUMBA_NUM_THREADS is set. The
 threading layer is Numba's choice (NUMBA_THREADING_LAYER); docs/cpu.md measures the
 layers beside torch's OpenMP pool and says when to pick workqueue.
@@ -45,6 +46,7 @@ from ..kernels.numba.activations import fused
 from ..plan import DispatchPlan
 from .base import Backend
 from .cpu_matmul import matmul_into, onednn_float32, takes_grouped_mm
+from .expert_threads import Task, expert_tasks, run_tasks
 
 Tensor = torch.Tensor
 
@@ -265,26 +267,27 @@ def is_quantized(experts: ExpertWeights) -> bool:
 class ExpertMatrices:
     """Each expert's [K, N] matrix of a weight [E, N, K], as the blocked path's library products
     read it: a view of a float weight (with its oneDNN-packed copy, when it has one), or a
-    quantized expert dequantized into one buffer reused from expert to expert, so that no
-    dense copy of the experts is ever made."""
+    quantized expert dequantized into its thread's buffer, reused from expert to expert, so
+    that no dense copy of the experts is ever made."""
 
-    def __init__(self, w, dtype: torch.dtype, save_for_backward: bool):
+    def __init__(self, w, dtype: torch.dtype, save_for_backward: bool, threads: int):
         self.quantized = isinstance(w, QuantizedWeight)
         if self.quantized:
             self.rows = quantized_rows(w)
-            self.buffer = torch.empty(w.shape[1:], dtype=dtype)
-            self.buffer_array = as_array(self.buffer)[None]
+            self.buffers = [torch.empty(w.shape[1:], dtype=dtype) for _ in range(threads)]
         else:
             self.weight = dense(w)
             self.matrices = self.weight.transpose(1, 2)
             self.packed = packed_experts(w, save_for_backward)
 
-    def bias_between(self, e: int, bias: Optional[Tensor]) -> tuple:
-        """matmul_into's (b, bias, packed) for expert e: its [K, N] matrix, bias[e], its packed copy."""
+    def bias_between(self, e: int, bias: Optional[Tensor], slot: int) -> tuple:
+        """matmul_into's (b, bias, packed) for expert e on the thread of this slot: its [K, N]
+        matrix, bias[e], its packed copy."""
         bias_e = None if bias is None else bias[e]
         if self.quantized:
-            quantized_kernels.dequantize_experts(self.rows, np.array([e], dtype=np.int32), self.buffer_array)
-            return self.buffer.T, bias_e, None
+            buffer = self.buffers[slot]
+            quantized_kernels.dequantize_experts(self.rows, np.array([e], dtype=np.int32), as_array(buffer)[None])
+            return buffer.T, bias_e, None
         return self.matrices[e], bias_e, self.packed and self.packed.expert(self.weight, e)
 
 
@@ -361,9 +364,13 @@ class NumbaBackend(Backend):
         if large and not small.size and bias is None and takes_grouped_mm(group_flops, a, w):
             return torch._grouped_mm(a, w, offs=torch.from_numpy(bounds[1:]))
         out = a.new_empty(a.shape[0], w.shape[2])
-        for e in large:
-            start, end = int(bounds[e]), int(bounds[e + 1])
+
+        def multiply(task: Task, slot: int) -> None:
+            e, start, end = task
             matmul_into(out[start:end], a[start:end], w[e], None if bias is None else bias[e])
+
+        threads = torch.get_num_threads()
+        run_tasks(expert_tasks(bounds, threads, large), multiply, threads)
         if small.size:
             src = split_array(a) if is_packed(w_rows) else as_array(a)
             gmm.grouped_mm_nk(src, weights_array(w_rows), scalars_array(bias, a.dtype), bias is not None,
@@ -379,12 +386,14 @@ class NumbaBackend(Backend):
         if takes_grouped_mm(group_flops, a.T, b):  # zeros for experts without rows, as below
             return torch._grouped_mm(a.T, b, offs=torch.from_numpy(bounds[1:]))
         out = a.new_empty(num_experts, a.shape[1], b.shape[1])
-        for e in range(num_experts):
-            start, end = int(bounds[e]), int(bounds[e + 1])
-            if start == end:
-                out[e].zero_()
-            else:
-                matmul_into(out[e], a[start:end].T, b[start:end], None)
+        out[np.diff(bounds) == 0] = 0
+
+        def multiply(task: Task, slot: int) -> None:
+            e, start, end = task
+            matmul_into(out[e], a[start:end].T, b[start:end], None)
+
+        threads = torch.get_num_threads()
+        run_tasks(expert_tasks(bounds, threads, split=False), multiply, threads)
         return out
 
     # ---- composites ------------------------------------------------------------------
@@ -419,35 +428,39 @@ class NumbaBackend(Backend):
         return self._moe_mlp_blocked(x, weights, bounds, plan, experts, save_for_backward)
 
     def _moe_mlp_blocked(self, x, weights, bounds, plan, experts, save_for_backward) -> tuple[Tensor, Tensor]:
-        """One expert at a time, library products for both GEMMs, through buffers sized for the
-        largest expert and reused: T*k-row intermediates would be fresh memory on every call,
-        and their page faults cost as much as the eager loop's whole lead (docs/cpu.md)."""
+        """The experts side by side (expert_threads.py), each thread through its own buffers,
+        sized for the largest task and reused: T*k-row intermediates would be fresh memory on
+        every call, and their page faults cost as much as the eager loop's whole lead
+        (docs/cpu.md). The rows' outputs meet in one combine."""
         num_rows, hidden = plan.num_rows, x.shape[1]
         b_gate_up, b_down = experts.b_gate_up, experts.b_down
         inter, width = experts.intermediate_size, experts.w_gate_up.shape[1]
         rows = int32_array(plan.token_of_row)
         check_indices("token_of_row", rows, x.shape[0])
-        counts = np.diff(bounds)
-        most = int(counts.max()) if counts.size else 0
+        slots = int32_array(plan.row_of_slot)
+        check_indices("row_of_slot", slots, num_rows)
+        threads = torch.get_num_threads()
+        tasks = expert_tasks(bounds, threads)
+        most = max((task.end - task.start for task in tasks), default=0)
         h_all = x.new_empty(num_rows if save_for_backward else 0, width)
-        x_e, h_e, a_e, o_e = (x.new_empty(most, n) for n in (hidden, width, inter, hidden))
-        row_weight_array = self._row_weights(weights, plan.row_of_slot, num_rows, x.dtype).numpy()
-        out = torch.zeros(x.shape[0], hidden, dtype=acc_dtype(x.dtype))
-        out_array, o_array = out.numpy(), as_array(o_e)
+        o_all = x.new_empty(num_rows, hidden)
+        buffers = [[x.new_empty(most, n) for n in (hidden, width, inter)] for _ in range(min(threads, len(tasks)))]
         token = torch.from_numpy(rows).long()
-        w1, w2 = (ExpertMatrices(w, x.dtype, save_for_backward) for w in (experts.w_gate_up, experts.w_down))
-        # A few microseconds of views per expert add up over 64 experts: each is taken once.
-        for e in np.flatnonzero(counts).tolist():
-            start, end = int(bounds[e]), int(bounds[e + 1])
-            n = end - start
-            x_n, a_n, o_n = x_e[:n], a_e[:n], o_e[:n]
+        w1, w2 = (ExpertMatrices(w, x.dtype, save_for_backward, len(buffers)) for w in (experts.w_gate_up, experts.w_down))
+
+        def expert_mlp(task: Task, slot: int) -> None:
+            e, start, end = task
+            x_n, h_n, a_n = (buffer[:end - start] for buffer in buffers[slot])
             torch.index_select(x, 0, token[start:end], out=x_n)
-            h = h_all[start:end] if save_for_backward else h_e[:n]
-            matmul_into(h, x_n, *w1.bias_between(e, b_gate_up))
+            h = h_all[start:end] if save_for_backward else h_n
+            matmul_into(h, x_n, *w1.bias_between(e, b_gate_up, slot))
             a_n.copy_(activate(h, experts.activation, experts.interleaved))
-            matmul_into(o_n, a_n, *w2.bias_between(e, b_down))
-            perm.add_weighted_rows(o_array[:n], rows[start:end], row_weight_array[start:end], out_array)
-        return out.to(x.dtype), h_all
+            matmul_into(o_all[start:end], a_n, *w2.bias_between(e, b_down, slot))
+
+        run_tasks(tasks, expert_mlp, threads)
+        out = x.new_empty(x.shape)
+        perm.combine(as_array(o_all), slots, scalars_array(weights, x.dtype), as_array(out))
+        return out, h_all
 
     @launcher
     def moe_mlp_backward_rows(self, h, g, dyp, w_row, activation, interleaved=False):
@@ -465,15 +478,6 @@ class NumbaBackend(Backend):
             as_array(a), as_array(dh), as_array(do), d_row.numpy(),
         )
         return a, d_row, dh, do
-
-    @staticmethod
-    def _row_weights(weights, row_of_slot, num_rows, dtype) -> Tensor:
-        """The routing weight of each row [R], in dtype's accumulator type."""
-        slots = int32_array(row_of_slot)
-        check_indices("row_of_slot", slots, num_rows)
-        row_weight = torch.empty(num_rows, dtype=acc_dtype(dtype))
-        row_weight[torch.from_numpy(slots).reshape(-1).long()] = weights.detach().reshape(-1).to(row_weight.dtype)
-        return row_weight
 
     def _moe_mlp_decode(self, x, weights, bounds, plan, experts, kernels, save_for_backward) -> tuple[Tensor, Tensor]:
         # One call into Numba for the whole step: every torch operation here costs tens of

@@ -97,25 +97,3 @@ def combine_backward(dy, ys, row_of_slot, weights, dys, dweights):
                 dot += g * widen(ys[r, n])
                 dys[r, n] = narrow(w * g, dys.dtype)
             dweights[t, j] = dot
-
-
-# Columns per add_weighted_rows task: a cache line's worth of float32 or more per row.
-ADD_COLUMNS = 64
-
-
-@njit(cache=True, parallel=True)
-def add_weighted_rows(rows, token_of_row, row_weight, out):
-    """out[token_of_row[i]] += row_weight[i] * rows[i], in out's float32 (float64).
-
-    rows: [n, N] (16-bit as bits); token_of_row: [n] int32; row_weight: [n] float32; out: [T, N].
-    Grid: one task per block of ADD_COLUMNS columns, each walking every row in order: a token
-    that picks one expert twice (duplicate ids) has two rows adding into its output row.
-    """
-    width = rows.shape[1]
-    for task in prange((width + ADD_COLUMNS - 1) // ADD_COLUMNS):
-        c0 = task * ADD_COLUMNS
-        for i in range(rows.shape[0]):
-            t = token_of_row[i]
-            w = row_weight[i]
-            for n in range(c0, min(c0 + ADD_COLUMNS, width)):
-                out[t, n] += w * widen(rows[i, n])

@@ -429,8 +429,6 @@ def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, experts, tiles,
     return 0
 
 
-ROWS_PER_TASK = 64
-
 
 @njit(cache=True, inline="always")
 def dequantize_row(w, e, n, out):
@@ -447,25 +445,21 @@ def dequantize_row(w, e, n, out):
         e4m3_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, out)
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
 def dequantize_experts(w, experts, out):
     """out[i] = the values of expert experts[i] of w, [N, K] in out's type (16-bit as bits):
     packed_dots.py's vector code where K and the groups come in whole chunks, else the float
-    path. Grid: tasks of ROWS_PER_TASK rows of one expert."""
-    out_features = w.codes.shape[1]
-    blocks = (out_features + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    path. One thread, without the GIL: the blocked path's threads each dequantize their own
+    expert (backends/expert_threads.py)."""
     half = w.depth // 2
-    chunks = reads_chunks(w.depth, w.group)
-    for task in prange(experts.shape[0] * blocks):
-        i, n0 = task // blocks, (task % blocks) * ROWS_PER_TASK
-        n1 = min(n0 + ROWS_PER_TASK, out_features)
-        if chunks:
-            for n in range(n0, n1):
+    rows = np.empty((2, w.depth), dtype=np.float32)
+    for i in range(experts.shape[0]):
+        if reads_chunks(w.depth, w.group):
+            for n in range(w.codes.shape[1]):
                 dequantize_row(w, experts[i], n, out[i, n])
             continue
-        rows = np.empty((2, w.depth), dtype=np.float32)
-        for n in range(n0, n1, 2):
-            m = min(n + 1, n1 - 1)  # an odd count's last row pairs with itself
+        for n in range(0, w.codes.shape[1], 2):
+            m = min(n + 1, w.codes.shape[1] - 1)  # an odd count's last row pairs with itself
             dequantize_pair(w, experts[i], n, m, rows[0], rows[1])
             for p in range(2 if m != n else 1):
                 row, target = rows[p], out[i, n + p]
