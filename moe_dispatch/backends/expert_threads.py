@@ -19,45 +19,65 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-# No task's rows exceed a (2 * threads)-th of the step's, down to this many: smaller blocks
-# would read the expert's weights once more per block for little balance.
-MIN_SPLIT_ROWS = 64
+# A task holds about a (4 * threads)-th of the step's rows, at least this many: enough tasks
+# for a thread slowed by another process to take fewer, few enough that each one's fixed
+# cost (a dozen torch calls) stays small beside its products.
+MIN_TASK_ROWS = 64
+# Experts with fewer rows go together in runs (one torch._grouped_mm per run saves a dozen
+# torch calls per expert); larger ones, whose calls cost little beside their products, alone:
+# a run's product comes out in fresh memory and is copied, which a lone expert's is not.
+RUN_ROWS = 128
 
 
 class Task(NamedTuple):
-    expert: int
+    first: int  # the experts first:last (one, or a run of consecutive ones)
+    last: int
     start: int  # the task's rows, start:end, in the plan's order
     end: int
 
 
 def expert_tasks(bounds: np.ndarray, threads: int, experts: Optional[Sequence[int]] = None,
-                 split: bool = True) -> list[Task]:
-    """The tasks of the experts with rows (or of these experts), largest first; with split, an
-    expert of more rows than a (2 * threads)-th of all the tasks' becomes blocks of that many."""
+                 whole_experts: bool = False) -> list[Task]:
+    """The tasks of the experts with rows (or of these experts, in ascending order), largest
+    first. A block is a (4 * threads)-th of the rows, at least MIN_TASK_ROWS: consecutive
+    experts of fewer than RUN_ROWS rows go together up to a block, an expert with more than two blocks is
+    cut into equal parts of about one (each part reads the expert's weights again, so only
+    where one thread would otherwise hold up the rest). whole_experts: one task per expert."""
     counts = np.diff(bounds)
-    experts = np.flatnonzero(counts).tolist() if experts is None else experts
-    rows = int(sum(counts[e] for e in experts))
-    block = max(MIN_SPLIT_ROWS, -(-rows // (2 * threads)))
-    tasks = []
+    experts = np.flatnonzero(counts).tolist() if experts is None else [e for e in experts if counts[e]]
+    block = max(MIN_TASK_ROWS, -(-int(sum(counts[e] for e in experts)) // (4 * threads)))
+    tasks: list[Task] = []
+    grouping = False  # whether tasks[-1] is a run that may take the next expert
     for e in experts:
         start, end = int(bounds[e]), int(bounds[e + 1])
-        step = block if split else end - start
-        tasks.extend(Task(e, s, min(s + step, end)) for s in range(start, end, step))
+        if whole_experts:
+            tasks.append(Task(e, e + 1, start, end))
+        elif end - start > 2 * block:
+            cuts = np.linspace(start, end, -(-(end - start) // block) + 1).round().astype(int).tolist()
+            tasks.extend(Task(e, e + 1, s, t) for s, t in zip(cuts, cuts[1:]))
+            grouping = False
+        elif grouping and end - start < RUN_ROWS and tasks[-1].end == start and end - tasks[-1].start <= block:
+            tasks[-1] = tasks[-1]._replace(last=e + 1, end=end)
+        else:
+            tasks.append(Task(e, e + 1, start, end))
+            grouping = end - start < RUN_ROWS
     tasks.sort(key=lambda task: task.start - task.end)
     return tasks
 
 
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
 def _workers(count: int) -> ThreadPoolExecutor:
     """The pool of helper threads, grown to at least count."""
-    global _pool
+    global _pool, _pool_size
     with _pool_lock:
-        if _pool is None or _pool._max_workers < count:
+        if _pool is None or _pool_size < count:
             if _pool is not None:
                 _pool.shutdown(wait=False)
+            _pool_size = count
             # each thread's OpenMP thread count is its own: oneDNN reads the calling thread's
             _pool = ThreadPoolExecutor(count, thread_name_prefix="moe-dispatch-experts",
                                        initializer=torch.set_num_threads, initargs=(1,))

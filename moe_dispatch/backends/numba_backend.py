@@ -290,6 +290,28 @@ class ExpertMatrices:
             return buffer.T, bias_e, None
         return self.matrices[e], bias_e, self.packed and self.packed.expert(self.weight, e)
 
+    def multiply(self, out: Tensor, a: Tensor, task: Task, bounds: np.ndarray, bias: Optional[Tensor],
+                 slot: int) -> None:
+        """out = the task's rows a [n, K] times their experts' matrices (+ bias): a run of
+        experts in one torch._grouped_mm where it serves them (a dozen fewer torch calls per
+        expert, a third of a step of 128 small experts), else expert by expert."""
+        first, last, start, end = task
+        if last - first > 1 and not self.quantized and not self.packed:  # a run holds whole experts
+            matrices = self.matrices[first:last]
+            if takes_grouped_mm(2 * a.shape[0] * a.shape[1] * out.shape[1] / (last - first), a, matrices):
+                offs = torch.from_numpy((bounds[first + 1:last + 1] - start).astype(np.int32))
+                out.copy_(torch._grouped_mm(a, matrices, offs=offs))
+                if bias is not None:
+                    counts = torch.from_numpy(np.diff(bounds[first:last + 1]).astype(np.int64))
+                    out += bias[first:last].to(out.dtype).repeat_interleave(counts, dim=0)
+                return
+        row = 0
+        for e in range(first, last):
+            count = min(end, int(bounds[e + 1])) - max(start, int(bounds[e]))
+            if count > 0:
+                matmul_into(out[row:row + count], a[row:row + count], *self.bias_between(e, bias, slot))
+                row += count
+
 
 def decode_kernels(x: Tensor, experts: ExpertWeights) -> Optional[tuple]:
     """(the decode step's kernel module, the experts as its kernels read them), or None where
@@ -366,8 +388,10 @@ class NumbaBackend(Backend):
         out = a.new_empty(a.shape[0], w.shape[2])
 
         def multiply(task: Task, slot: int) -> None:
-            e, start, end = task
-            matmul_into(out[start:end], a[start:end], w[e], None if bias is None else bias[e])
+            for e in range(task.first, task.last):
+                start, end = max(task.start, int(bounds[e])), min(task.end, int(bounds[e + 1]))
+                if start < end:
+                    matmul_into(out[start:end], a[start:end], w[e], None if bias is None else bias[e])
 
         threads = torch.get_num_threads()
         run_tasks(expert_tasks(bounds, threads, large), multiply, threads)
@@ -389,11 +413,11 @@ class NumbaBackend(Backend):
         out[np.diff(bounds) == 0] = 0
 
         def multiply(task: Task, slot: int) -> None:
-            e, start, end = task
+            e, _, start, end = task
             matmul_into(out[e], a[start:end].T, b[start:end], None)
 
         threads = torch.get_num_threads()
-        run_tasks(expert_tasks(bounds, threads, split=False), multiply, threads)
+        run_tasks(expert_tasks(bounds, threads, whole_experts=True), multiply, threads)
         return out
 
     # ---- composites ------------------------------------------------------------------
@@ -449,13 +473,13 @@ class NumbaBackend(Backend):
         w1, w2 = (ExpertMatrices(w, x.dtype, save_for_backward, len(buffers)) for w in (experts.w_gate_up, experts.w_down))
 
         def expert_mlp(task: Task, slot: int) -> None:
-            e, start, end = task
+            start, end = task.start, task.end
             x_n, h_n, a_n = (buffer[:end - start] for buffer in buffers[slot])
             torch.index_select(x, 0, token[start:end], out=x_n)
             h = h_all[start:end] if save_for_backward else h_n
-            matmul_into(h, x_n, *w1.bias_between(e, b_gate_up, slot))
+            w1.multiply(h, x_n, task, bounds, b_gate_up, slot)
             a_n.copy_(activate(h, experts.activation, experts.interleaved))
-            matmul_into(o_all[start:end], a_n, *w2.bias_between(e, b_down, slot))
+            w2.multiply(o_all[start:end], a_n, task, bounds, b_down, slot)
 
         run_tasks(tasks, expert_mlp, threads)
         out = x.new_empty(x.shape)
