@@ -87,9 +87,9 @@ def test_gpu_quantized_experts_in_bfloat16(fmt, gen):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_gpu_fp8_w8a8_in_bfloat16(gen):
     """fp8 experts at precision "w8a8" with bf16 activations (float8 dots from sm_89 on, float16
-    ones below): the reference's w8a8 within bf16's rounding, through moe_mlp (T = 5, which the
-    decode kernels decline, and T = 300) and grouped_mm (experts 1 and 5 empty); the error
-    against the unquantized float64 layer within tests/test_w8a8.py's bound (5%)."""
+    ones below): the reference's w8a8 within bf16's rounding, through grouped_mm (experts 1 and 5
+    empty) and moe_mlp (T = 5, which the decode kernels decline, and T = 300); the error
+    against the unquantized float64 layer within tests/test_w8a8.py's bound (MLP_ERROR, 8%)."""
     hidden, inter, experts = 192, 64, 6  # H: a whole 128-column group and a partial one
     w_gate_up, w_down, _, _ = expert_weights(experts, hidden, inter, gen, torch.float32, device="cuda")
     q_gate_up, q_down = (md.quantize(w, "fp8", dtype=torch.bfloat16, precision="w8a8") for w in (w_gate_up, w_down))
@@ -98,9 +98,12 @@ def test_gpu_fp8_w8a8_in_bfloat16(gen):
         x = randn(tokens, hidden, gen=gen, dtype=torch.bfloat16, device="cuda")
         weights = random_weights(tokens, 2, gen).cuda()
         out = md.moe_mlp(x, weights, ids, q_gate_up, q_down, backend="triton")
-        assert_close(out, md.moe_mlp(x, weights, ids, q_gate_up, q_down, backend="torch"), torch.bfloat16)
+        # the fused GEMM1's activation comes from float32 sums, the reference's from h in bf16: an
+        # activation one ulp apart may round to another e4m3 value (tests/test_w8a8.py, ACT_ROUNDING)
+        expected = md.moe_mlp(x, weights, ids, q_gate_up, q_down, backend="torch").cpu().double()
+        assert float((out.cpu().double() - expected).norm() / expected.norm()) < 0.05
         exact = naive_moe_mlp(*(t.cpu() for t in (x, weights, ids, w_gate_up, w_down)))
-        assert float((out.cpu().double() - exact).norm() / exact.norm()) < 0.05
+        assert float((out.cpu().double() - exact).norm() / exact.norm()) < 0.08
     offsets = torch.tensor([0, 10, 10, 25, 30, 40, 40], device="cuda")
     xs = randn(40, hidden, gen=gen, dtype=torch.bfloat16, device="cuda")
     assert_close(md.grouped_mm(xs, q_gate_up.mT, offsets, backend="triton"),

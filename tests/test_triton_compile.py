@@ -175,10 +175,10 @@ COMPILE_QUANTIZED = COMPILE_HELPERS + textwrap.dedent("""
             check(decode.decode_down_kernel, "decode_down", down, Q_T=True, BLOCK_T=decode.MAX_TOKENS, S_PAD=128)
             if fmt == "fp8":
                 w8a8 = {"a_ptr": "*u8", "a_scales_ptr": "*fp32", "stride_asm": "i32"}
-                check(grouped_gemm.grouped_gemm_kernel, "gemm1_w8a8", up, w8a8, Q_T=True, E_PAD=64,
+                check(grouped_gemm.grouped_gemm_kernel, "gemm1_w8a8", configs.w8a8_tiles([up], True)[0], w8a8, Q_T=True, E_PAD=64,
                       GROUP_M=grouped_gemm.GROUP_M, SPLIT_K=1, **activation_args(SWIGLU), ws_ptr=None,
                       slot_of_row_ptr=None, weight_of_row_ptr=None)
-                down = configs.gemm_tiles(1024, False, 2, budget)[0]
+                down = configs.w8a8_tiles(configs.gemm_tiles(1024, False, 2, budget), False)[0]
                 check(grouped_gemm.grouped_gemm_kernel, "gemm2_w8a8", down, w8a8, Q_T=True, E_PAD=64,
                       GROUP_M=grouped_gemm.GROUP_M, SPLIT_K=1, **activation_args(None), a_rows_ptr=None, h_ptr=None,
                       ws_ptr=None)

@@ -22,10 +22,17 @@ DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float16,
 # Triton against the reference's w8a8: the same quantized activations and products, summed in
 # another order (float32), then rounded once to the dtype
 SAME_DEFINITION = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3)}
-# The w8a8 result against the float64 product of the unquantized operands, relative (norm of the
-# error over norm of the result) on Gaussian activations and weights: e4m3 keeps 3 mantissa bits
-# of each operand (about 3% each, RMS). Measured: 3.3-3.7% (grouped_mm), 3.6-4.1% (moe_mlp).
-W8A8_ERROR = 0.05
+# The w8a8 result against the float64 result of the unquantized operands, relative (norm of the
+# error over norm of the result): e4m3 keeps 3 mantissa bits of each operand. Measured over six
+# seeds: grouped_mm on Gaussian activations and weights 3.6-3.8% (fp8 weights alone 2.6-2.7%),
+# moe_mlp (SwiGLU, uniform weights as nn.Linear's) 5.6-7.1% (fp8 weights alone 4.4-5.5%).
+GEMM_ERROR, MLP_ERROR = 0.05, 0.08
+# moe_mlp in float16/bfloat16: the fused GEMM1 computes the activation from its float32 sums, the
+# reference from h rounded to the dtype (as for weight-only weights); an activation that differs
+# by one ulp may round to the next e4m3 value, or move its group's scale, in GEMM2's input. The
+# relative error against the reference this leaves (float16: 0.07-0.8% over four seeds) is
+# bounded here; tests/test_gpu.py allows bfloat16's 8 times coarser rounding 5%.
+ACT_ROUNDING = {torch.float16: 0.02, torch.bfloat16: 0.05}
 # The interpreter's 16-wide tiles take eight K-steps per 128-column block; 64-wide ones two, with
 # K split in two (partials of whole blocks summed by the reduction kernel)
 TILES = [pytest.param(triton_tuning.INTERPRETER, id="tiles16"),
@@ -33,7 +40,7 @@ TILES = [pytest.param(triton_tuning.INTERPRETER, id="tiles16"),
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected).norm() / expected.norm())
+    return float((actual.detach().double() - expected).norm() / expected.norm())
 
 
 def grouped_case(dtype, gen, transposed_out=136, k_dim=200):
@@ -111,7 +118,7 @@ def test_moe_mlp_w8a8_on_the_cpu_backends(backend, gen):
     x, weights, ids, experts, w_gate_up, w_down = mlp_case(torch.float32, gen)
     out = md.moe_mlp(x, weights, ids, experts, backend=backend)
     assert_close(out, md.moe_mlp(x, weights, ids, experts, backend="torch"), torch.float32)
-    assert relative_error(out, naive_moe_mlp(x, weights, ids, w_gate_up, w_down)) < W8A8_ERROR
+    assert relative_error(out, naive_moe_mlp(x, weights, ids, w_gate_up, w_down)) < MLP_ERROR
 
 
 def mlp_case(dtype, gen):
@@ -159,7 +166,7 @@ def test_triton_quantizes_activations_to_the_references_bytes(dtype, gen):
 @pytest.mark.parametrize("tiles", TILES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_grouped_mm_w8a8(dtype, tiles, gen):
-    """Against the reference's w8a8 (tight) and the unquantized float64 product (W8A8_ERROR); the
+    """Against the reference's w8a8 (tight) and the unquantized float64 product (GEMM_ERROR); the
     input's gradient is the weight-only product's (the straight-through rounding)."""
     xs, w, q, offsets = grouped_case(dtype, gen)
     xs.requires_grad_()
@@ -167,7 +174,7 @@ def test_triton_grouped_mm_w8a8(dtype, tiles, gen):
     out = md.grouped_mm(xs, q.mT, offsets, backend="triton")
     assert out.dtype == dtype
     torch.testing.assert_close(out, expected, rtol=SAME_DEFINITION[dtype][0], atol=SAME_DEFINITION[dtype][1])
-    assert relative_error(out, per_expert(xs.detach(), w, offsets)) < W8A8_ERROR
+    assert relative_error(out, per_expert(xs.detach(), w, offsets)) < GEMM_ERROR
     dy = torch.randn(out.shape, generator=gen).to(dtype)
     (grad,) = torch.autograd.grad(out, xs, dy)
     assert_close(grad, per_expert(dy, q.dequantize(torch.float64).mT, offsets), dtype)
@@ -188,9 +195,9 @@ def test_triton_moe_mlp_w8a8(dtype, gen, monkeypatch):
         assert out.dtype == dtype
         if dtype == torch.float32:
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-        else:  # a one-ulp difference in the activation's float16 output may round to another e4m3 value
-            assert_close(out, expected, dtype)
-    assert relative_error(out, naive_moe_mlp(x, weights, ids, w_gate_up, w_down)) < W8A8_ERROR
+        else:
+            assert relative_error(out, expected.double()) < ACT_ROUNDING[dtype]
+    assert relative_error(out, naive_moe_mlp(x, weights, ids, w_gate_up, w_down)) < MLP_ERROR
 
 
 @needs_triton

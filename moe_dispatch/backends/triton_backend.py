@@ -28,7 +28,8 @@ from ..kernels.triton.quantized import FORMAT_CODES, format_tag, kernel_reads
 from ..plan import DispatchPlan
 from .base import Backend, ExpertGrads
 from .triton_tuning import (
-    TUNER, act_backward_candidates, decode_candidates, dtype_tag, gemm_candidates, shape_bucket, wgrad_candidates,
+    TUNER, act_backward_candidates, decode_candidates, dtype_tag, gemm_candidates, shape_bucket, w8a8_tiles,
+    wgrad_candidates,
 )
 
 Tensor = torch.Tensor
@@ -227,9 +228,12 @@ def _gemm(kind: str, a, w, offsets: Tensor, **fusions):
 
     def candidates():  # TMA candidates only for weights the TMA can read (else they repeat another)
         # w8a8 multiplies 8-bit codes on the tensor cores whatever the activations' dtype: the
-        # 16-bit tiles (whose K-steps all divide 128) fit its operands with room to spare
-        dtype = torch.float16 if w8a8_input else a.dtype
-        found = gemm_candidates(num_rows, num_experts, k_dim, n_out, gated, dtype, a.device)
+        # 16-bit tiles fit its operands with room to spare
+        if w8a8_input:
+            found = w8a8_tiles(gemm_candidates(num_rows, num_experts, k_dim, n_out, gated, torch.float16, a.device),
+                               gated)
+        else:
+            found = gemm_candidates(num_rows, num_experts, k_dim, n_out, gated, a.dtype, a.device)
         return found if gemm.tma_can_read(w, step) else [c for c in found if not c.tma]
 
     return TUNER.run(key, candidates, lambda config: gemm.grouped_gemm(a, w, offsets, config, **fusions), a.device)

@@ -92,6 +92,17 @@ def expert_tile(offsets_ptr, num_m_tiles, num_rows, num_experts, N, BLOCK_M: tl.
 
 
 @triton.jit
+def k_in_range(ks, k_hi, EVEN_K: tl.constexpr):
+    """Which K indices of a step lie below k_hi; all when EVEN_K, so that loads need no K mask
+    (which would keep them from vectorizing along a contiguous K)."""
+    if EVEN_K:
+        k_ok = tl.full(ks.shape, True, tl.int1)
+    else:
+        k_ok = ks < k_hi
+    return k_ok
+
+
+@triton.jit
 def mainloop(
     a_ptr, a_off, a_ok,  # A rows: int64 offsets [BM], validity [BM]; columns contiguous
     w_ptr, cols, col_ok, second_shift,  # W of one expert; columns [BN]; TWO also reads cols + second_shift
@@ -124,10 +135,7 @@ def mainloop(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            k_ok = tl.full((BLOCK_K,), True, tl.int1)
-        else:
-            k_ok = (k0 + ks) < k_hi
+        k_ok = k_in_range(k0 + ks, k_hi, EVEN_K)
         a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
         if w_desc is not None:
             w = tl.trans(w_desc.load([w_row, k0]))
@@ -163,16 +171,15 @@ def mainloop(
 @triton.jit
 def w8a8_step(
     a, a_scale,  # this K-step's A operand [BM, BK] (fp8_operand) and A's scales of its block [BM]
-    w_ptr, w_scales_ptr, scale_off, cols, col_ok, ks, k_ok, k0,  # one expert's codes q [N, K] (read as q.mT)
-    stride_wn, stride_wsr, W_FORMAT: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr,
-    UPCAST: tl.constexpr,
+    w_ptr, w_scales_ptr, scale_off, cols, col_ok, ks, k_ok, k_block,  # one expert's codes q [N, K] (read as
+    stride_wn, stride_wsr, W_FORMAT: tl.constexpr, SCALE_ROWS: tl.constexpr, UPCAST: tl.constexpr,  # q.mT)
 ):
     """float32 [BM, BN]: a @ W[ks, cols], times a_scale and the weight's scale of each column's
-    block. A K-step lies in one block of SCALE_COLS = 128 columns (BLOCK_K divides it)."""
+    block in the K-block k_block (the K-step lies in one: BLOCK_K divides 128)."""
     code = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
                    other=0)
     w = tl.trans(fp8_operand(code, W_FORMAT, UPCAST))
-    scale_ptrs = w_scales_ptr + scale_off + (cols // SCALE_ROWS).to(tl.int64) * stride_wsr + k0 // SCALE_COLS
+    scale_ptrs = w_scales_ptr + scale_off + (cols // SCALE_ROWS).to(tl.int64) * stride_wsr + k_block
     w_scale = tl.load(scale_ptrs, mask=col_ok, other=0.0)
     return tl.dot(a, w, input_precision="ieee") * a_scale[:, None] * w_scale[None, :]
 
@@ -195,18 +202,19 @@ def w8a8_mainloop(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            k_ok = tl.full((BLOCK_K,), True, tl.int1)
-        else:
-            k_ok = (k0 + ks) < k_hi
+        k_ok = k_in_range(k0 + ks, k_hi, EVEN_K)
         a = fp8_operand(tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0), W_FORMAT, UPCAST)
-        # the activations' groups are the weight's K-blocks
-        a_scale = tl.load(a_scales_ptr + a_scale_off + k0 // SCALE_COLS, mask=a_ok, other=0.0)
-        acc += w8a8_step(a, a_scale, w_ptr, w_scales_ptr, scale_off, cols, col_ok, k0 + ks, k_ok, k0, stride_wn,
-                         stride_wsr, W_FORMAT, SCALE_ROWS, SCALE_COLS, UPCAST)
+        # the activations' groups are the weight's K-blocks (SCALE_COLS 0: K <= 128, one block)
+        if SCALE_COLS == 0:
+            k_block = 0
+        else:
+            k_block = k0 // SCALE_COLS
+        a_scale = tl.load(a_scales_ptr + a_scale_off + k_block, mask=a_ok, other=0.0)
+        acc += w8a8_step(a, a_scale, w_ptr, w_scales_ptr, scale_off, cols, col_ok, k0 + ks, k_ok, k_block, stride_wn,
+                         stride_wsr, W_FORMAT, SCALE_ROWS, UPCAST)
         if TWO:
             acc2 += w8a8_step(a, a_scale, w_ptr, w_scales_ptr, scale_off, cols + second_shift, col_ok, k0 + ks, k_ok,
-                              k0, stride_wn, stride_wsr, W_FORMAT, SCALE_ROWS, SCALE_COLS, UPCAST)
+                              k_block, stride_wn, stride_wsr, W_FORMAT, SCALE_ROWS, UPCAST)
         a_ptrs += BLOCK_K
     return acc, acc2
 
@@ -535,7 +543,8 @@ def _w8a8_scales(a: Fp8Rows, operand, config: TileConfig) -> torch.Tensor:
     """a's scales, once the weight operand is one a w8a8 product reads: fp8 codes as q.mT with
     128-column blocks, in K-steps that divide 128; else a ValueError naming what is not."""
     meta = operand.meta
-    if meta["W_FORMAT"] not in (FP8.value, FP8_NATIVE.value) or not meta["Q_T"] or meta["SCALE_COLS"] != GROUP:
+    # SCALE_COLS 0: one block spans K (K <= 128)
+    if meta["W_FORMAT"] not in (FP8.value, FP8_NATIVE.value) or not meta["Q_T"] or meta["SCALE_COLS"] not in (0, GROUP):
         raise ValueError(f"quantized activations (w8a8) multiply an fp8 weight in blocks of {GROUP} columns read "
                          f"as q.mT; got weight meta {meta}")
     if GROUP % config.block_k:
