@@ -12,7 +12,7 @@
 # unpermute against the copy bandwidth, 5. decode (T <= 16) again as CUDA graph replays, the way servers
 # run it, against the peers that can be captured, 6. quantized experts (weight-only, bf16 activations):
 # DeepSeek-V3 in fp8, gpt-oss-20b in mxfp4, Qwen3-30B-A3B in int4 (groups of 128) and int8, decode and a
-# T=4096 prefill, as CUDA graph replays, against the same values dequantized through torch._grouped_mm and
+# T=4096 prefill, and DeepSeek-V3's fp8 at precision w8a8 (activations quantized too), as CUDA graph replays, against the same values dequantized through torch._grouped_mm and
 # the bound of the format's bytes, 7. a compact table checked against the targets, printed last.
 #
 # Works without installing the package (PYTHONPATH is the repository). Every step has a time cap;
@@ -112,12 +112,15 @@ fi
 # tuning each format's new keys would not fit the caps. DeepSeek-V3's 256 experts take longest to make.
 QUANT_TOKENS=$DECODE_TOKENS GRAPH=""
 if [ "$DEVICE" = cuda ]; then QUANT_TOKENS="$DECODE_TOKENS,4096" GRAPH=--cuda-graph; fi
-for run in deepseek-v3:fp8:35 gpt-oss-20b:mxfp4:25 qwen3-30b-a3b:int4:25 qwen3-30b-a3b:int8:25; do
-  IFS=: read -r preset format cap <<< "$run"
-  step "quantized experts: $preset, $format weights, bf16 activations, T in $QUANT_TOKENS ${GRAPH:+(CUDA graphs)}"
+# A run's fourth field is the precision (default weight-only).
+for run in deepseek-v3:fp8:35 deepseek-v3:fp8:30:w8a8 gpt-oss-20b:mxfp4:25 qwen3-30b-a3b:int4:25 \
+           qwen3-30b-a3b:int8:25; do
+  IFS=: read -r preset format cap precision <<< "$run"
+  name=$format${precision:+_$precision} precision=${precision:-weight-only}
+  step "quantized experts: $preset, $format weights $precision, bf16 activations, T in $QUANT_TOKENS ${GRAPH:+(CUDA graphs)}"
   capped "$cap" env MOE_DISPATCH_AUTOTUNE=0 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 \
-    --backend "$BACKEND" --weights "$format" --preset "$preset" --tokens "$QUANT_TOKENS" $GRAPH \
-    --compare torch-grouped-mm,bound --budget 0.1 --json "$RESULTS/quantized_$format.json"
+    --backend "$BACKEND" --weights "$format" --precision "$precision" --preset "$preset" --tokens "$QUANT_TOKENS" \
+    $GRAPH --compare torch-grouped-mm,bound --budget 0.1 --json "$RESULTS/quantized_$name.json"
 done
 
 step "autotuning winners (kernel kind: tile configs chosen, how many keys)"

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .benchmarking.presets import DEFAULT_PRESET, DEFAULT_SCALE, DEFAULT_TOKENS, DTYPES
-from .formats.quantized import quantized_formats
+from .formats.quantized import PRECISIONS, quantized_formats
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -226,6 +226,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.backward and ops != ["moe_mlp"]:
         raise UsageError(f"--backward times moe_mlp only, not --op {args.op}")
     others = [op for op in ops if op not in ("moe_mlp", "layer")]
+    if args.precision != "weight-only" and args.weights != "fp8":
+        raise UsageError(f"--precision {args.precision} takes --weights fp8 (DeepSeek-V3's recipe), not "
+                         f"{args.weights or 'float weights'}")
     if args.weights and others:
         raise UsageError(f"--weights {args.weights} quantizes the experts of moe_mlp and layer, not --op "
                          f"{','.join(others)}'s operands")
@@ -237,6 +240,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dtype=DTYPES[args.dtype], backends=parse_backends(args.backend, device),
         peers=parse_peers(args.compare, ops), device=device, routing=args.routing, backward=args.backward,
         ops=tuple(ops), budget_s=args.budget, cuda_graph=args.cuda_graph, weights=args.weights,
+        precision=args.precision,
     )
     if not args.weights:
         _check_float_experts_fit(spec)
@@ -249,7 +253,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out.print(f"roofline: {_roofline_line(roofline)}")
         for preset in spec.presets:
             out.print(f"preset {preset.describe()}")
-        weights = f" activations, {args.weights} weights (the peers: dequantized)" if args.weights else ""
+        precision = f" {args.precision}" if args.precision != "weight-only" else ""
+        weights = f" activations, {args.weights} weights{precision} (the peers: dequantized)" if args.weights else ""
         out.print(f"{', '.join(spec.ops)}, {args.dtype}{weights}, {spec.routing} routing, tokens {','.join(map(str, spec.tokens))}, "
                   f"backends {', '.join(spec.backends)}, peers {', '.join(spec.peers) or 'none'}")
         with _progress(err) as progress:
@@ -463,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--weights", choices=quantized_formats(), metavar="FORMAT",
                        help=f"quantize the experts' weights: {', '.join(quantized_formats())} (default: float "
                             "weights of --dtype); the peers run the dequantized values")
+    bench.add_argument("--precision", choices=PRECISIONS, default="weight-only",
+                       help="how quantized experts multiply: weight-only (default), or w8a8 for --weights fp8 (the "
+                            "activations quantized per token per 128 columns too, DeepSeek-V3's recipe)")
     bench.add_argument("--compare", metavar="PEER,...",
                        help=f"peers (default all): {', '.join(OP_PEERS['moe_mlp'])}; none for no peers")
     bench.add_argument("--routing", choices=ROUTINGS, default="uniform",

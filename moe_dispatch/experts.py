@@ -11,7 +11,7 @@ from . import activations, formats
 from . import validation as check
 from .activations import Activation
 from .formats import StoredWeight, Weight
-from .formats.quantized import QuantizedWeight
+from .formats.quantized import QuantizedWeight, w8a8
 
 Tensor = torch.Tensor
 
@@ -51,6 +51,11 @@ class ExpertWeights:
     @property
     def intermediate_size(self) -> int:
         return self.w_down.shape[2]
+
+    @property
+    def quantizes_activations(self) -> bool:
+        """Whether a weight multiplies its activations quantized (precision "w8a8")."""
+        return w8a8(self.w_gate_up) or w8a8(self.w_down)
 
     @property
     def gate_up_columns(self) -> tuple[int, int]:
@@ -127,5 +132,6 @@ def _take_rows(w: Weight, order: Tensor) -> Weight:
             raise ValueError(f"w_gate_up is {w.format} with blocks of {w.block[0]} rows: its interleaved gate and up "
                              f"rows share scales and cannot be reordered")
         zeros = None if w.zeros is None else w.zeros[:, order]
-        return type(w)(w.codes[:, order], w.scales[:, order], w.block, zeros=zeros, dtype=w.dtype)
+        return type(w)(w.codes[:, order], w.scales[:, order], w.block, zeros=zeros, dtype=w.dtype,
+                       precision=w.precision)
     return formats.dense(w)[:, order]

@@ -52,18 +52,20 @@ class FrozenQuantized(nn.Module):
     """A quantized expert weight as a layer holds it: its codes, scales and zero points are
     buffers (state_dict saves and loads them; .to(device) moves them), never cast by
     .to(dtype) or .half(): they keep their own types, and the weight multiplies activations
-    of whatever dtype the layer has."""
+    of whatever dtype the layer has. Its precision ("weight-only" or "w8a8") is the weight's, like
+    its format not saved in the state dict."""
 
     def __init__(self, weight: QuantizedWeight):
         super().__init__()
-        self.format, self.block = weight.format, weight.block
+        self.format, self.block, self.precision = weight.format, weight.block, weight.precision
         self.register_buffer("codes", weight.codes)
         self.register_buffer("scales", weight.scales)
         self.register_buffer("zeros", weight.zeros)
 
     def weight(self, dtype: torch.dtype) -> QuantizedWeight:
         """The weight, for activations of dtype (views of the buffers, no copy)."""
-        return FORMATS[self.format](self.codes, self.scales, self.block, zeros=self.zeros, dtype=dtype)
+        return FORMATS[self.format](self.codes, self.scales, self.block, zeros=self.zeros, dtype=dtype,
+                                    precision=self.precision)
 
     @property
     def shape(self) -> torch.Size:
@@ -77,7 +79,7 @@ class FrozenQuantized(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"format={self.format!r}, shape={tuple(self.shape)}, block={self.block}"
+        return f"format={self.format!r}, shape={tuple(self.shape)}, block={self.block}, precision={self.precision!r}"
 
 
 class MoE(nn.Module):
@@ -180,15 +182,16 @@ class MoE(nn.Module):
         return layer
 
     @torch.no_grad()
-    def quantize_(self, format: str, *, group_size: Optional[int] = None, symmetric: bool = True) -> "MoE":
-        """Quantize the experts' weights in place (formats.quantized.quantize's options); they
-        become frozen buffers, the biases, router and shared experts stay as they are.
-        Returns the layer."""
+    def quantize_(self, format: str, *, group_size: Optional[int] = None, symmetric: bool = True,
+                  precision: str = "weight-only") -> "MoE":
+        """Quantize the experts' weights in place (formats.quantized.quantize's options;
+        precision="w8a8" for fp8 quantizes the activations too); they become frozen buffers, the
+        biases, router and shared experts stay as they are. Returns the layer."""
         for name in ("w_gate_up", "w_down"):
             weight = getattr(self, name)
             if isinstance(weight, FrozenQuantized):
                 raise ValueError(f"{name} is already {weight.format}; quantize the float layer once")
-            quantized = quantize(weight, format, group_size=group_size, symmetric=symmetric)
+            quantized = quantize(weight, format, group_size=group_size, symmetric=symmetric, precision=precision)
             delattr(self, name)
             setattr(self, name, FrozenQuantized(quantized))
         return self

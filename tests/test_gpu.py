@@ -82,6 +82,34 @@ def test_gpu_quantized_experts_in_bfloat16(fmt, gen):
                  naive_grouped_mm(xs.cpu(), dense[0].transpose(1, 2), offsets.tolist()), torch.bfloat16)
 
 
+@pytest.mark.usefixtures("pinned_configs")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_fp8_w8a8_in_bfloat16(gen):
+    """fp8 experts at precision "w8a8" with bf16 activations (float8 dots from sm_89 on, float16
+    ones below): the reference's w8a8 within bf16's rounding, through grouped_mm (experts 1 and 5
+    empty) and moe_mlp (T = 5, which the decode kernels decline, and T = 300); the error
+    against the unquantized float64 layer within tests/test_w8a8.py's bound (MLP_ERROR, 8%)."""
+    hidden, inter, experts = 192, 64, 6  # H: a whole 128-column group and a partial one
+    w_gate_up, w_down, _, _ = expert_weights(experts, hidden, inter, gen, torch.float32, device="cuda")
+    q_gate_up, q_down = (md.quantize(w, "fp8", dtype=torch.bfloat16, precision="w8a8") for w in (w_gate_up, w_down))
+    for tokens in (5, 300):
+        ids = torch.stack([torch.arange(tokens) % experts, (torch.arange(tokens) + 1) % experts], dim=1).cuda()
+        x = randn(tokens, hidden, gen=gen, dtype=torch.bfloat16, device="cuda")
+        weights = random_weights(tokens, 2, gen).cuda()
+        out = md.moe_mlp(x, weights, ids, q_gate_up, q_down, backend="triton")
+        # the fused GEMM1's activation comes from float32 sums, the reference's from h in bf16: an
+        # activation one ulp apart may round to another e4m3 value (tests/test_w8a8.py, ACT_ROUNDING)
+        expected = md.moe_mlp(x, weights, ids, q_gate_up, q_down, backend="torch").cpu().double()
+        assert float((out.cpu().double() - expected).norm() / expected.norm()) < 0.05
+        exact = naive_moe_mlp(*(t.cpu() for t in (x, weights, ids, w_gate_up, w_down)))
+        assert float((out.cpu().double() - exact).norm() / exact.norm()) < 0.08
+    offsets = torch.tensor([0, 10, 10, 25, 30, 40, 40], device="cuda")
+    xs = randn(40, hidden, gen=gen, dtype=torch.bfloat16, device="cuda")
+    assert_close(md.grouped_mm(xs, q_gate_up.mT, offsets, backend="triton"),
+                 md.grouped_mm(xs, q_gate_up.mT, offsets, backend="torch"), torch.bfloat16)
+
+
 def _layer_and_input(gen, tokens=300, weights=None):
     """A bf16 layer (its experts quantized to the format `weights`, when given) and an input."""
     torch.manual_seed(0)

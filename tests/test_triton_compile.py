@@ -36,7 +36,7 @@ COMPILE_HELPERS = textwrap.dedent("""
             f.flush()
             usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True)
             sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True)
-        mma = next((op for op in ("HGMMA", "HMMA") if re.search(rf"\\b{op}\\.", sass.stdout)), "none")
+        mma = next((op for op in ("HGMMA", "QGMMA", "HMMA", "QMMA") if re.search(rf"\\b{op}\\.", sass.stdout)), "none")
         tma = re.search(r"\\bUTMALDG\\b", sass.stdout) is not None
         # local-memory accesses (spilled registers) between a backward branch and its target
         code = [(int(m.group(1), 16), line) for line in sass.stdout.splitlines()
@@ -50,7 +50,8 @@ COMPILE_HELPERS = textwrap.dedent("""
     # arguments real launches pass as constants: K-contiguous weights, no TMA descriptor, gate
     # columns one after another, float weights (no scales: W_FORMAT 0)
     FIXED = {"stride_wk": 1, "stride_ak": 1, "w_desc": None, "gate_step": 1, "w_scales_ptr": None,
-             "w_zeros_ptr": None, "W_FORMAT": 0, "SCALE_ROWS": 1, "SCALE_COLS": 0, "Q_T": False}
+             "w_zeros_ptr": None, "W_FORMAT": 0, "SCALE_ROWS": 1, "SCALE_COLS": 0, "Q_T": False,
+             "a_scales_ptr": None, "stride_asm": 1}
 
     def compiled(fn, arch, pointers, constants, config):
         # a parameter in constants is a constant (None: a pointer the launch leaves out); ints
@@ -142,7 +143,8 @@ COMPILE_GEMMS = COMPILE_HELPERS + textwrap.dedent("""
 # GPU generation the formats must run on: int8 per channel, int4 g128 and mxfp4 (two codes a
 # byte), fp8 in 128x128 blocks (from its bits on sm_80/86, which have no float8 type). GEMM1 of
 # a prefill (gated, the codes read as q.mT), the activation backward (q as it is: the other
-# orientation) and the decode down kernel.
+# orientation) and the decode down kernel; for fp8 also both GEMMs of w8a8 (the activations' codes
+# and scales read too: float8 dots on sm_89 and newer, float16 ones on sm_80/86).
 COMPILE_QUANTIZED = COMPILE_HELPERS + textwrap.dedent("""
     from moe_dispatch.kernels.triton.quantized import FORMAT_CODES, FP8_NATIVE
     ARCHS = ((80, configs.SMALL_SMEM), (86, configs.SMALL_SMEM), (89, configs.SMALL_SMEM), (90, configs.LARGE_SMEM),
@@ -171,6 +173,15 @@ COMPILE_QUANTIZED = COMPILE_HELPERS + textwrap.dedent("""
                   Q_T=False, stride_wn=1, E_PAD=64, GROUP_M=grouped_gemm.GROUP_M, **activation_args(SWIGLU))
             down = configs.decode_tiles(7168, 1, False, 2, budget, 132)[0]
             check(decode.decode_down_kernel, "decode_down", down, Q_T=True, BLOCK_T=decode.MAX_TOKENS, S_PAD=128)
+            if fmt == "fp8":
+                w8a8 = {"a_ptr": "*u8", "a_scales_ptr": "*fp32", "stride_asm": "i32"}
+                check(grouped_gemm.grouped_gemm_kernel, "gemm1_w8a8", configs.w8a8_tiles([up], True)[0], w8a8, Q_T=True, E_PAD=64,
+                      GROUP_M=grouped_gemm.GROUP_M, SPLIT_K=1, **activation_args(SWIGLU), ws_ptr=None,
+                      slot_of_row_ptr=None, weight_of_row_ptr=None)
+                down = configs.w8a8_tiles(configs.gemm_tiles(1024, False, 2, budget), False)[0]
+                check(grouped_gemm.grouped_gemm_kernel, "gemm2_w8a8", down, w8a8, Q_T=True, E_PAD=64,
+                      GROUP_M=grouped_gemm.GROUP_M, SPLIT_K=1, **activation_args(None), a_rows_ptr=None, h_ptr=None,
+                      ws_ptr=None)
     print(json.dumps(report))
 """)
 
@@ -238,14 +249,18 @@ def test_default_configs_compile_for_consumer_gpus_and_hopper():
 
 def test_quantized_kernels_compile_for_every_format_and_gpu_generation():
     # every format on sm_80, 86, 89, 90 and 120 with the default tiles: within the shared memory
-    # of the GPU (printed, per config), no spill at all, and the tensor cores multiply
+    # of the GPU (printed, per config), no spill at all, and the tensor cores multiply: fp8's
+    # w8a8 GEMMs in float8 (QMMA, Hopper's QGMMA) from sm_89 on, in float16 (HMMA) below
     report = _compile_report(COMPILE_QUANTIZED)
-    assert len(report) == 5 * 4 * 3
+    assert len(report) == 5 * (4 * 3 + 2)
     for arch, budget, fmt, kernel, config, shared, stack, loop_spills, mma, _, ahead in report:
-        print(f"sm_{arch} {fmt:5} {kernel:12} {shared / 1024:5.1f} KB shared, {stack} B stack  {config}")
+        print(f"sm_{arch} {fmt:5} {kernel:12} {shared / 1024:5.1f} KB shared, {stack} B stack, {mma}  {config}")
         assert 0 < shared <= budget, (arch, fmt, kernel, config, shared)
         assert stack == 0 and loop_spills == 0, (arch, fmt, kernel, config, stack, loop_spills)
-        assert mma != "none", (arch, fmt, kernel, mma)
+        if kernel.endswith("w8a8"):
+            assert mma == ("HMMA" if arch < 89 else "QGMMA" if arch == 90 else "QMMA"), (arch, kernel, config, mma)
+        else:
+            assert mma != "none", (arch, fmt, kernel, mma)
 
 
 def test_every_other_kernel_compiles_for_consumer_gpus_and_hopper():

@@ -19,9 +19,10 @@ from .. import formats
 from ..activations import Activation, activate, activate_backward, upcast
 from ..plan import DispatchPlan, expert_of_row
 
+from ..formats.quantized import QuantizedWeight, fp8_activation_values, w8a8
+
 if TYPE_CHECKING:
     from ..experts import ExpertWeights
-    from ..formats.quantized import QuantizedWeight
 
 Tensor = torch.Tensor
 
@@ -75,7 +76,9 @@ class Backend:
         """grouped_mm with a quantized weight w [E, N, K]: a [R, K] -> [R, N] by w[e].T
         (transposed, the forward), or a [R, N] -> [R, K] by w[e] (its input's gradient). Each
         expert with rows is dequantized on its own, never all at once; the offsets are read
-        on the host (a sync on GPUs)."""
+        on the host (a sync on GPUs). A w8a8 weight's forward product is w8a8_mm's."""
+        if transposed and w8a8(w):
+            return w8a8_mm(a, w, offsets)
         out = a.new_empty(a.shape[0], w.shape[2] if not transposed else w.shape[1])
         bounds = offsets.tolist()
         for e, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -111,13 +114,19 @@ class Backend:
         h is GEMM1's output before the activation, the one tensor the backward keeps; its
         column order is the backend's own (what its moe_mlp_backward reads).
         """
-        w_gate_up, w_down, b_gate_up, b_down = experts.tensors()
         xs = self.permute(x, plan.token_of_row)
-        h = self.grouped_mm(xs, w_gate_up.transpose(1, 2), plan.offsets, b_gate_up)
+        h = self._experts_mm(xs, experts.w_gate_up, plan.offsets, experts.b_gate_up)
         a = activate(h, experts.activation, experts.interleaved).to(x.dtype)
-        o = self.grouped_mm(a, w_down.transpose(1, 2), plan.offsets, b_down)
+        o = self._experts_mm(a, experts.w_down, plan.offsets, experts.b_down)
         out = self.unpermute(o, plan.row_of_slot, weights)
         return out, (h if save_for_backward else h[:0])
+
+    def _experts_mm(self, a: Tensor, w, offsets: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """a [R, K] @ w[e].T + bias[e] over each expert's rows, w [E, N, K] any weight: a w8a8
+        one by w8a8_mm, any other on its dense values."""
+        if w8a8(w):
+            return w8a8_mm(a, w, offsets, bias)
+        return self.grouped_mm(a, formats.dense(w).transpose(1, 2), offsets, bias)
 
     def moe_mlp_backward(
         self, dy: Tensor, x: Tensor, weights: Tensor, plan: DispatchPlan, experts: ExpertWeights, h: Tensor
@@ -161,6 +170,21 @@ class Backend:
         dh = activate_backward(h, g * w_row, activation, interleaved).to(dyp.dtype)
         do = (upcast(dyp) * w_row).to(dyp.dtype)
         return a.to(dyp.dtype), d_row, dh, do
+
+
+def w8a8_mm(a: Tensor, w: QuantizedWeight, offsets: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """The definition of a w8a8 product, a [R, K] @ w[e].T (+ bias[e]) over each expert's rows
+    -> [R, N] in a's dtype: a's rows quantized per 128 columns (fp8_activation_values), multiplied
+    by w[e]'s dequantized float32 values in float32, the bias added, rounded once. One expert is
+    dequantized at a time; the offsets are read on the host (a sync on GPUs)."""
+    values = fp8_activation_values(a)
+    out = a.new_empty(a.shape[0], w.shape[1])
+    bounds = offsets.tolist()
+    for e, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if start < end:
+            y = values[start:end] @ w[e].dequantize(torch.float32)[0].T
+            out[start:end] = y if bias is None else y + upcast(bias[e])
+    return out
 
 
 def row_weights(weights: Tensor, row_of_slot: Tensor) -> Tensor:

@@ -442,6 +442,8 @@ class NumbaBackend(Backend):
     def moe_mlp(
         self, x: Tensor, weights: Tensor, plan: DispatchPlan, experts: ExpertWeights, save_for_backward: bool
     ) -> tuple[Tensor, Tensor]:
+        if experts.quantizes_activations:  # no Numba kernel does: the reference's definition (base.w8a8_mm)
+            return super().moe_mlp(x, weights, plan, experts, save_for_backward)
         bounds = int32_array(plan.offsets)
         check_offsets(bounds, plan.num_rows)
         active = int(np.count_nonzero(np.diff(bounds)))
@@ -523,7 +525,7 @@ class NumbaBackend(Backend):
     def moe_mlp_from_ids(self, x, weights, ids, experts):
         # Tried on as many slots as the serial plan serves; the kernel builds the plan, then
         # declines when the experts receive more rows than the fused kernels take.
-        if not 0 < ids.numel() <= plan_kernels.MIN_SLOTS_PER_CHUNK:
+        if not 0 < ids.numel() <= plan_kernels.MIN_SLOTS_PER_CHUNK or experts.quantizes_activations:
             return None
         rows_limit = fused_rows_limit(x.dtype, mlp_flops_per_row(experts.w_gate_up, experts.w_down))
         common = (as_array(x.contiguous()), scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(),

@@ -17,17 +17,19 @@ import triton
 from .. import formats
 from .. import validation as check
 from ..experts import ExpertWeights
-from ..formats.quantized import QuantizedWeight
+from ..formats.quantized import QuantizedWeight, w8a8
 from ..kernels.triton import decode
 from ..kernels.triton import grouped_gemm as gemm
 from ..kernels.triton import permute as move
 from ..kernels.triton import plan as plan_kernels
 from ..kernels.triton import wgrad
+from ..kernels.triton.fp8_rows import Fp8Rows, quantize_rows
 from ..kernels.triton.quantized import FORMAT_CODES, format_tag, kernel_reads
 from ..plan import DispatchPlan
 from .base import Backend, ExpertGrads
 from .triton_tuning import (
-    TUNER, act_backward_candidates, decode_candidates, dtype_tag, gemm_candidates, shape_bucket, wgrad_candidates,
+    TUNER, act_backward_candidates, decode_candidates, dtype_tag, gemm_candidates, shape_bucket, w8a8_tiles,
+    wgrad_candidates,
 )
 
 Tensor = torch.Tensor
@@ -87,7 +89,10 @@ class TritonBackend(Backend):
         return _wgrad(a, b, offsets, num_experts)
 
     def grouped_mm_quantized(self, a: Tensor, w: QuantizedWeight, offsets: Tensor, transposed: bool) -> Tensor:
-        """The grouped GEMM on w's codes: by w[e].T (q.mT, transposed) or by w[e]; no host sync."""
+        """The grouped GEMM on w's codes: by w[e].T (q.mT, transposed) or by w[e]; no host sync.
+        A w8a8 weight's forward product takes a quantized (fp8_rows)."""
+        if transposed and w8a8(w):
+            return _gemm("mm", quantize_rows(a), w.mT, offsets)[0]
         w = kernel_weight(w)
         return _gemm("mm", a, w.mT if transposed else w, offsets)[0]
 
@@ -99,25 +104,29 @@ class TritonBackend(Backend):
 
     def moe_mlp(self, x, weights, plan, experts, save_for_backward):
         """GEMM1 gathers x's rows and applies the activation; GEMM2 scales by the routing
-        weight and scatters to slot order; a fixed-order float32 sum over k combines."""
+        weight and scatters to slot order; a fixed-order float32 sum over k combines. A w8a8
+        weight's input is quantized first (fp8_rows): x's T rows, which GEMM1 gathers as it
+        would x's."""
         w_gate_up, w_down, b_gate_up, b_down = kernel_weights(experts)
         slot_of_row, weight_of_row = move.invert_rows(plan.row_of_slot, weights)
         act, h = _gemm(
-            "up", x, w_gate_up.mT, plan.offsets, bias=b_gate_up, a_rows=plan.token_of_row,
+            "up", _input(x, w_gate_up), w_gate_up.mT, plan.offsets, bias=b_gate_up, a_rows=plan.token_of_row,
             activation=experts.activation, gate_columns=experts.gate_up_columns, store_h=save_for_backward,
         )
         slots, _ = _gemm(
-            "down", act, w_down.mT, plan.offsets, bias=b_down, slot_of_row=slot_of_row,
+            "down", _input(act, w_down), w_down.mT, plan.offsets, bias=b_down, slot_of_row=slot_of_row,
             weight_of_row=weight_of_row,
         )
         out = move.combine(slots, plan.row_of_slot, None, slot_major=True)
         return out, (h if save_for_backward else x.new_empty(0, w_gate_up.shape[1]))
 
     def moe_mlp_from_ids(self, x, weights, ids, experts):
-        """The decode forward, up to decode.MAX_TOKENS tokens: two kernels, no plan."""
+        """The decode forward, up to decode.MAX_TOKENS tokens: two kernels, no plan. Weight-only:
+        w8a8 experts take the planned path (a decode step is bound by the weights' bytes, which
+        w8a8 does not change)."""
         w_gate_up, w_down, b_gate_up, b_down = kernel_weights(experts)
         num_experts, activation = experts.num_experts, experts.activation
-        if not 0 < x.shape[0] <= decode.MAX_TOKENS or 0 in w_down.shape:
+        if not 0 < x.shape[0] <= decode.MAX_TOKENS or 0 in w_down.shape or experts.quantizes_activations:
             return None
         check.expert_id_values(ids, num_experts)  # CPU, or MOE_DISPATCH_CHECKS=1: a ValueError naming the id
         w1, w2 = w_gate_up.mT, w_down.mT
@@ -187,6 +196,11 @@ def _fusion_flags(experts: ExpertWeights, bias: Optional[Tensor] = None) -> str:
         "b" if bias is not None else "")
 
 
+def _input(a: Tensor, w):
+    """A GEMM's input a for the weight w: quantized (fp8_rows) when w is w8a8, else a itself."""
+    return quantize_rows(a) if w8a8(w) else a
+
+
 def _format_flag(w) -> str:
     """The part of a tuning key that names a quantized weight's format (quantized.format_tag)."""
     tag = format_tag(w)
@@ -197,8 +211,9 @@ def _key(kind: str, t: Tensor, num_experts: int, num_rows: int, k_dim: int, n_co
     return f"{kind}|{dtype_tag(t.dtype, t.device)}|E{num_experts}|R{shape_bucket(num_rows)}|K{k_dim}|N{n_cols}"
 
 
-def _gemm(kind: str, a: Tensor, w, offsets: Tensor, **fusions):
-    """gemm.grouped_gemm, tuned; w: [E, K, N] float, or a quantized weight read as one (q.mT or q)."""
+def _gemm(kind: str, a, w, offsets: Tensor, **fusions):
+    """gemm.grouped_gemm, tuned; w: [E, K, N] float, or a quantized weight read as one (q.mT or q);
+    a: a tensor, or an Fp8Rows for a w8a8 weight's product."""
     num_rows = fusions["a_rows"].shape[0] if fusions.get("a_rows") is not None else a.shape[0]
     num_experts, k_dim, n_cols = w.shape
     activation = fusions.get("activation")
@@ -207,11 +222,18 @@ def _gemm(kind: str, a: Tensor, w, offsets: Tensor, **fusions):
     step = fusions.get("gate_columns", (1, 0))[0]
     flags = ("g" if gated else "") + ("i" if step == 2 else "") + "".join(
         code for name, code in _FUSION_CODES.items() if name in used) + _format_flag(w)
-    key = _key(f"{kind}:{flags}", a, num_experts, num_rows, k_dim, n_cols)
+    w8a8_input = isinstance(a, Fp8Rows)
+    key = _key(f"{kind}:{flags}{'@w8a8' if w8a8_input else ''}", a, num_experts, num_rows, k_dim, n_cols)
     n_out = n_cols // 2 if gated else n_cols
 
     def candidates():  # TMA candidates only for weights the TMA can read (else they repeat another)
-        found = gemm_candidates(num_rows, num_experts, k_dim, n_out, gated, a.dtype, a.device)
+        # w8a8 multiplies 8-bit codes on the tensor cores whatever the activations' dtype: the
+        # 16-bit tiles fit its operands with room to spare
+        if w8a8_input:
+            found = w8a8_tiles(gemm_candidates(num_rows, num_experts, k_dim, n_out, gated, torch.float16, a.device),
+                               gated)
+        else:
+            found = gemm_candidates(num_rows, num_experts, k_dim, n_out, gated, a.dtype, a.device)
         return found if gemm.tma_can_read(w, step) else [c for c in found if not c.tma]
 
     return TUNER.run(key, candidates, lambda config: gemm.grouped_gemm(a, w, offsets, config, **fusions), a.device)

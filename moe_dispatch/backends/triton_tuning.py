@@ -108,6 +108,15 @@ def gemm_tiles(rows_per_expert: float, two: bool, elem_bytes: int, budget: int,
     return candidates
 
 
+def w8a8_tiles(tiles: list[TileConfig], two: bool) -> list[TileConfig]:
+    """A w8a8 GEMM's tiles: the 16-bit ones (their K-steps divide 128) with at least 8 warps,
+    and at most 64 columns for two accumulators. On sm_80/86 both operands' e4m3 codes are
+    decoded in registers: 4 warps' 64x128 tile spills (216 bytes a thread on sm_80), and so
+    does the gated one with 8 warps (192 bytes on sm_86) or 16 (8 bytes on sm_80)."""
+    return list(dict.fromkeys(replace(c, num_warps=max(c.num_warps, 8), block_n=min(c.block_n, 64) if two else
+                                      c.block_n) for c in tiles))
+
+
 def decode_tiles(n_cols: int, programs_per_tile: int, two: bool, elem_bytes: int, budget: int,
                  sms: int, fma: bool = False) -> list[TileConfig]:
     """Tile candidates for the decode kernels (kernels/triton/decode.py), the default first.

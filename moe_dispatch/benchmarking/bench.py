@@ -52,6 +52,7 @@ class BenchSpec:
     cuda_graph: bool = False  # time replays of a CUDA graph of each call (forward, CUDA only)
     weights: Optional[str] = None  # a quantized format for the backends' experts (moe_mlp, layer); the
     # peers run the same values dequantized to dtype, where they fit in memory
+    precision: str = "weight-only"  # the quantized experts' (QuantizedWeight.precision): "w8a8" for fp8
 
     def peers_of(self, op: str) -> list:
         """The peers asked for that run alongside op."""
@@ -85,7 +86,7 @@ def build_experts(spec: BenchSpec, preset) -> tuple[Experts, Union[Experts, str]
     if not spec.weights:
         experts = make_experts(preset, spec.dtype, spec.device, spec.seed, requires_grad=spec.backward)
         return experts, experts
-    experts = quantized_experts(preset, spec.weights, spec.dtype, spec.device, spec.seed)
+    experts = quantized_experts(preset, spec.weights, spec.dtype, spec.device, spec.seed, spec.precision)
     if not any(p in FLOAT_PEERS for op in spec.ops for p in spec.peers_of(op)):
         return experts, "no peer asked for them"
     short = fits_in_memory(dense_bytes(preset, spec.dtype), spec.device)
@@ -208,7 +209,8 @@ def make_record(spec: BenchSpec, batch: Batch, work: Work, roofline: Roofline, b
         "op": batch.op, "preset": preset.name, "scale": preset.scale, "num_experts": preset.num_experts,
         "top_k": preset.top_k, "hidden_size": preset.hidden_size, "intermediate_size": preset.intermediate_size,
         "backend": backend, "device": roofline.device, "dtype": str(spec.dtype).removeprefix("torch."),
-        "weights": spec.weights,
+        # the format, and the precision when not weight-only: "fp8-w8a8"
+        "weights": spec.weights if spec.precision == "weight-only" else f"{spec.weights}-{spec.precision}",
         "tokens": batch.inputs.num_tokens, "routing": spec.routing, "backward": spec.backward,
         "cuda_graph": spec.cuda_graph,
         "ms": ms, "repeats": len(times), "tokens_per_s": _rate(batch.inputs.num_tokens, ms, 1.0),

@@ -101,7 +101,8 @@ def make_experts(preset: Preset, dtype: torch.dtype, device, seed: int = 0, requ
 _LARGEST_CODE = {"int8": 127.0, "int4": 8.0, "fp8": 448.0, "mxfp4": 6.0}
 
 
-def quantized_experts(preset: Preset, format: str, dtype: torch.dtype, device, seed: int = 0) -> Experts:
+def quantized_experts(preset: Preset, format: str, dtype: torch.dtype, device, seed: int = 0,
+                      precision: str = "weight-only") -> Experts:
     """The preset's experts made directly in a quantized format, one expert at a time, so that
     no float copy of them ever exists (DeepSeek-V3's take 11 GB in fp8, 22.5 GB in bfloat16):
     peak memory is the format's bytes plus one expert's temporaries.
@@ -110,7 +111,7 @@ def quantized_experts(preset: Preset, format: str, dtype: torch.dtype, device, s
     to e4m3), every block's scale is bound / the largest code value times U(0.5, 1) (mxfp4:
     the largest power of two up to bound / 6), bound = 1/sqrt(fan_in) as in make_experts; the block
     is quantize's for the format (int4: groups of 128, or the largest of 64 and 32 that
-    divides a scaled-down K); dtype: the activations'."""
+    divides a scaled-down K); dtype: the activations'; precision: the weights' (QuantizedWeight)."""
     if format not in _LARGEST_CODE:
         raise ValueError(f"format must be one of {tuple(_LARGEST_CODE)}, got {format!r}")
     device = torch.device(device)
@@ -131,7 +132,7 @@ def quantized_experts(preset: Preset, format: str, dtype: torch.dtype, device, s
             scales = torch.full(grid, 127 + math.floor(math.log2(scale)), dtype=torch.uint8, device=device)
         else:
             scales = torch.empty(grid, device=device).uniform_(0.5 * scale, scale, generator=gen)
-        return cls(codes, scales, block, dtype=dtype)
+        return cls(codes, scales, block, dtype=dtype, precision=precision)
 
     w_gate_up, w_down = weight(width, h), weight(h, i)
     b_gate_up = _uniform((e, width), h, dtype, device, gen) if preset.bias else None

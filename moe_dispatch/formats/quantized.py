@@ -1,4 +1,4 @@
-"""Quantized expert weights (weight-only): int8, int4, fp8 with 128x128 blocks, and mxfp4.
+"""Quantized expert weights: int8, int4, fp8 with 128x128 blocks, and mxfp4.
 
 A QuantizedWeight holds [E, N, K] (K the input dim) as codes and float scales over blocks of
 `block` = (rows, columns): element (e, n, k) is worth
@@ -20,6 +20,13 @@ Checkpoints come in through QuantizedWeight's importers: from_fp8_blocks (DeepSe
 from_mxfp4 (gpt-oss), from_gptq, from_awq and from_compressed_tensors; each rearranges the
 checkpoint's packed codes into this layout without widening them (docs/formats.md).
 
+A weight's `precision` says how its products treat the activations: "weight-only" (every
+format: the activations multiply the dequantized weight in their own dtype) or "w8a8" (fp8
+only, DeepSeek-V3's recipe): each activation row is quantized per 128 columns to e4m3 with a
+float32 scale (fp8_activations), and the product of both operands' values is summed in float32
+and rounded once. w8a8 applies to the forward products x @ q[e].T; the input's gradient
+dy @ q[e] stays weight-only (the activations' rounding passes the gradient straight through).
+
 Quantized weights are frozen: a gradient reaches x, the routing weights and the biases, never
 the codes or scales (fine-tuning around frozen quantized experts, as QLoRA does).
 """
@@ -40,6 +47,10 @@ GROUP_SIZES = (32, 64, 128)
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # e2m1 magnitudes by code (bit 3 is the sign)
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+WEIGHT_ONLY, W8A8 = "weight-only", "w8a8"
+PRECISIONS = (WEIGHT_ONLY, W8A8)
+# w8a8's activation groups: columns of a row that share one scale, as the weight's K-blocks
+ACTIVATION_GROUP = 128
 
 
 class QuantizedWeight(StoredWeight):
@@ -48,7 +59,9 @@ class QuantizedWeight(StoredWeight):
     codes: [E, N, K] (8-bit formats) or [E, N, K/2] uint8 (4-bit: two per byte, even element low);
     scales: [E, ceil(N/rows), ceil(K/columns)] (float32; uint8 e8m0 for mxfp4);
     zeros: int4's zero points, uint8 like scales, or None (zero 8);
-    block: (rows, columns) each scale covers; dtype: the activations' dtype it multiplies.
+    block: (rows, columns) each scale covers; dtype: the activations' dtype it multiplies;
+    precision: "weight-only", or "w8a8" (fp8 in 128x128 blocks: the activations quantized per
+    row per 128 columns too; see the module's docstring).
     """
 
     trainable = False
@@ -58,7 +71,7 @@ class QuantizedWeight(StoredWeight):
     codes_per_byte: ClassVar[int] = 1
 
     def __init__(self, codes: Tensor, scales: Tensor, block: tuple[int, int], *, zeros: Optional[Tensor] = None,
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype = torch.bfloat16, precision: str = WEIGHT_ONLY):
         check.tensor("codes", codes, ndim=3)
         if codes.dtype != self.code_dtype:
             raise TypeError(f"{self.format} codes must be {self.code_dtype}, got {codes.dtype}")
@@ -67,6 +80,11 @@ class QuantizedWeight(StoredWeight):
         rows, columns = block
         check.positive_int("block rows", rows)
         check.positive_int("block columns", columns)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == W8A8 and (self.format != "fp8" or block != (ACTIVATION_GROUP, ACTIVATION_GROUP)):
+            raise ValueError(f"precision='w8a8' takes fp8 weights in DeepSeek-V3's 128x128 blocks (128 columns: the "
+                             f"activations' groups); got {self.format} with block {block}")
         num_experts, out_features, packed = codes.shape
         in_features = packed * self.codes_per_byte
         grid = (num_experts, -(-out_features // rows), -(-in_features // columns))
@@ -86,10 +104,10 @@ class QuantizedWeight(StoredWeight):
         self.codes, self.scales, self.zeros = codes.contiguous(), scales.contiguous(), zeros
         if zeros is not None:
             self.zeros = zeros.contiguous()
-        self.block, self._dtype = (rows, columns), dtype
+        self.block, self._dtype, self.precision = (rows, columns), dtype, precision
         # flatten's spec, made here: under torch.compile a block size that differs between calls
         # of one function turns symbolic, and no string can be formatted from it there
-        self._spec = f"{rows},{columns},{str(dtype).removeprefix('torch.')}"
+        self._spec = f"{rows},{columns},{str(dtype).removeprefix('torch.')},{precision}"
 
     # ---- what it holds -------------------------------------------------------------------
 
@@ -124,18 +142,22 @@ class QuantizedWeight(StoredWeight):
         """The experts `experts` (an int or a slice) as a QuantizedWeight of views."""
         pick = slice(experts, experts + 1 or None) if isinstance(experts, int) else experts  # -1 is the last
         zeros = None if self.zeros is None else self.zeros[pick]
-        return type(self)(self.codes[pick], self.scales[pick], self.block, zeros=zeros, dtype=self.dtype)
+        return type(self)(self.codes[pick], self.scales[pick], self.block, zeros=zeros, dtype=self.dtype,
+                          precision=self.precision)
 
     @property
     def mT(self) -> "Transposed":
         """The weight read as [E, K, N], as Tensor.mT: grouped_mm(xs, q.mT, offsets) = xs @ w[e].T per group."""
         return Transposed(self)
 
-    def to(self, dtype: Optional[torch.dtype] = None, device=None) -> "QuantizedWeight":
-        """The same codes for activations of `dtype`, or moved to `device`."""
+    def to(self, dtype: Optional[torch.dtype] = None, device=None, *,
+           precision: Optional[str] = None) -> "QuantizedWeight":
+        """The same codes for activations of `dtype`, moved to `device`, or multiplying them at
+        another `precision` ("weight-only" or "w8a8")."""
         move = (lambda t: t) if device is None else (lambda t: None if t is None else t.to(device))
         return type(self)(move(self.codes), move(self.scales), self.block, zeros=move(self.zeros),
-                          dtype=self.dtype if dtype is None else dtype)
+                          dtype=self.dtype if dtype is None else dtype,
+                          precision=self.precision if precision is None else precision)
 
     # ---- values ------------------------------------------------------------------------------
 
@@ -171,13 +193,15 @@ class QuantizedWeight(StoredWeight):
 
     @classmethod
     def unflatten(cls, tensors: list[Tensor], meta: str) -> "QuantizedWeight":
-        rows, columns, dtype = meta.split(",")
+        rows, columns, dtype, precision = meta.split(",")
         zeros = tensors[2] if len(tensors) > 2 else None
-        return cls(tensors[0], tensors[1], (int(rows), int(columns)), zeros=zeros, dtype=getattr(torch, dtype))
+        return cls(tensors[0], tensors[1], (int(rows), int(columns)), zeros=zeros, dtype=getattr(torch, dtype),
+                   precision=precision)
 
     def __repr__(self) -> str:
+        precision = f"precision={self.precision!r}, " if self.precision != WEIGHT_ONLY else ""
         return (f"{type(self).__name__}(shape={tuple(self.shape)}, block={self.block}, dtype={self.dtype}, "
-                f"{self.bits_per_weight:.2f} bits/weight)")
+                f"{precision}{self.bits_per_weight:.2f} bits/weight)")
 
     # ---- quantizing a float weight --------------------------------------------------------
 
@@ -191,16 +215,18 @@ class QuantizedWeight(StoredWeight):
     # rearranges the packed codes without ever widening them to floats.
 
     @staticmethod
-    def from_fp8_blocks(weight, scale_inv, *, dtype: torch.dtype = torch.bfloat16) -> "FP8Weight":
+    def from_fp8_blocks(weight, scale_inv, *, dtype: torch.dtype = torch.bfloat16,
+                        precision: str = WEIGHT_ONLY) -> "FP8Weight":
         """DeepSeek-V3's experts as shipped: weight [E, N, K] float8_e4m3fn and its multipliers
         scale_inv [E, ceil(N/128), ceil(K/128)] (float32; bfloat16/float16 are widened, exactly).
-        w = weight * scale_inv of its 128x128 block; edge blocks are partial."""
+        w = weight * scale_inv of its 128x128 block; edge blocks are partial. precision="w8a8"
+        multiplies activations quantized as DeepSeek-V3 does (see the module's docstring)."""
         weight = _expect("weight", weight, (torch.float8_e4m3fn,), 3, layout="[E, N, K]")
         num_experts, out_features, in_features = weight.shape
         rows, columns = FP8Weight.BLOCK
         grid = (num_experts, -(-out_features // rows), -(-in_features // columns))
         scale_inv = _expect("scale_inv", scale_inv, _FLOAT_SCALES, grid, layout="[E, ceil(N/128), ceil(K/128)]")
-        return FP8Weight(weight, scale_inv.float(), FP8Weight.BLOCK, dtype=dtype)
+        return FP8Weight(weight, scale_inv.float(), FP8Weight.BLOCK, dtype=dtype, precision=precision)
 
     @staticmethod
     def from_mxfp4(blocks, scales, *, dtype: torch.dtype = torch.bfloat16) -> "MXFP4Weight":
@@ -521,9 +547,35 @@ class FP8Weight(QuantizedWeight):
     def quantize(cls, w, group_size, symmetric, dtype):
         if group_size not in (None, 128) or not symmetric:
             raise ValueError("fp8 weights take DeepSeek-V3's symmetric 128x128 blocks (group_size=None or 128)")
-        scales = _safe(block_amax(w, cls.BLOCK) / cls.MAX)
-        scaled = w.float() / expand_blocks(scales, cls.BLOCK, w.shape)
-        return cls(scaled.clamp_(-cls.MAX, cls.MAX).to(torch.float8_e4m3fn), scales, cls.BLOCK, dtype=dtype)
+        return cls(*e4m3_blocks(w, cls.BLOCK), cls.BLOCK, dtype=dtype)
+
+
+def e4m3_blocks(w: Tensor, block: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """w [E, N, K] as (float8_e4m3fn codes [E, N, K], float32 scales [E, ceil(N/rows), ceil(K/columns)]):
+    each block's largest magnitude maps to 448, each element rounds to the nearest e4m3 value
+    (ties to even); an all-zero block gets scale 1."""
+    scales = _safe(block_amax(w, block) / FP8Weight.MAX)
+    scaled = w.float() / expand_blocks(scales, block, w.shape)
+    return scaled.clamp_(-FP8Weight.MAX, FP8Weight.MAX).to(torch.float8_e4m3fn), scales
+
+
+def fp8_activations(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [R, K] as w8a8 multiplies it, DeepSeek-V3's activation quantization: each row's groups of
+    128 columns in e4m3 with a float32 scale, the group's largest magnitude / 448 (e4m3_blocks):
+    (codes [R, K] float8_e4m3fn, scales [R, ceil(K/128)] float32)."""
+    codes, scales = e4m3_blocks(x[None], (1, ACTIVATION_GROUP))
+    return codes[0], scales[0]
+
+
+def fp8_activation_values(x: Tensor) -> Tensor:
+    """float32 [R, K]: the values w8a8 multiplies in x's place, fp8_activations' codes times their scales."""
+    codes, scales = fp8_activations(x)
+    return codes.float() * expand_blocks(scales[None], (1, ACTIVATION_GROUP), codes[None].shape)[0]
+
+
+def w8a8(w) -> bool:
+    """Whether w (a weight of any kind) multiplies its activations quantized (precision "w8a8")."""
+    return isinstance(w, QuantizedWeight) and w.precision == W8A8
 
 
 class MXFP4Weight(QuantizedWeight):
@@ -559,12 +611,13 @@ class MXFP4Weight(QuantizedWeight):
 
 
 def quantize(w: Tensor, format: str, *, group_size: Optional[int] = None, symmetric: bool = True,
-             dtype: Optional[torch.dtype] = None) -> QuantizedWeight:
+             dtype: Optional[torch.dtype] = None, precision: str = WEIGHT_ONLY) -> QuantizedWeight:
     """w [E, N, K] float (K the input dim) quantized to `format`, rounding to nearest.
 
     group_size: int8 None (per output channel) or 32/64/128; int4 32/64/128 (default 128);
     fp8 128x128 blocks; mxfp4 32. symmetric=False gives int4 a zero point per group.
     dtype: the activations' dtype it will multiply (default w's, when bfloat16/float16/float32).
+    precision: "weight-only", or "w8a8" for fp8 (the activations quantized too, DeepSeek-V3's way).
     """
     check.floating("w", w, ndim=3)
     cls = FORMATS.get(format)
@@ -573,7 +626,8 @@ def quantize(w: Tensor, format: str, *, group_size: Optional[int] = None, symmet
     if dtype is None:
         dtype = w.dtype if w.dtype in _ACTIVATION_DTYPES else torch.float32
     with torch.no_grad():
-        return cls.quantize(w.detach(), group_size, symmetric, dtype)
+        q = cls.quantize(w.detach(), group_size, symmetric, dtype)
+    return q if precision == WEIGHT_ONLY else q.to(precision=precision)
 
 
 def quantized_formats() -> tuple[str, ...]:

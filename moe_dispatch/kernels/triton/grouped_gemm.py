@@ -16,6 +16,9 @@ out[r] = epilogue(A[row(r)] @ W[e(r)] + bias[e(r)]) for the rows r of each exper
 - Programs run GROUP_M M-tiles at a time across all N-tiles, so those rows of A stay in L2
   while the weight columns stream past once: A is read from memory about once, not once
   per N-tile.
+- w8a8 (an fp8 W with its activations quantized, A given as fp8_rows.Fp8Rows): A's e4m3 codes
+  and W's multiply as they are, each K-step's partial product scaled by A's row scales and W's
+  block scales (w8a8_mainloop).
 - Split-K (the decode variant): with few rows there are too few tiles to fill the GPU,
   so K is split over SPLIT_K programs that write float32 partials, and a second kernel
   sums them in a fixed order and applies the same epilogue.
@@ -32,8 +35,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ...activations import IDENTITY, Activation
 from .activations import activate, activate_grad
+from .fp8_rows import GROUP, Fp8Rows
 from .indices import gathered, load_index
-from .quantized import FLOAT, weight_operand, weight_tile
+from .quantized import FLOAT, FP8, FP8_NATIVE, fp8_operand, weight_operand, weight_tile
 from .tiles import TileConfig, dot_precision, dot_upcast, expert_block
 
 # M-tiles that sweep the N-tiles together: 8 tiles of 128 rows x 7168 bf16 are 15 MB of L2.
@@ -88,6 +92,17 @@ def expert_tile(offsets_ptr, num_m_tiles, num_rows, num_experts, N, BLOCK_M: tl.
 
 
 @triton.jit
+def k_in_range(ks, k_hi, EVEN_K: tl.constexpr):
+    """Which K indices of a step lie below k_hi; all when EVEN_K, so that loads need no K mask
+    (which would keep them from vectorizing along a contiguous K)."""
+    if EVEN_K:
+        k_ok = tl.full(ks.shape, True, tl.int1)
+    else:
+        k_ok = ks < k_hi
+    return k_ok
+
+
+@triton.jit
 def mainloop(
     a_ptr, a_off, a_ok,  # A rows: int64 offsets [BM], validity [BM]; columns contiguous
     w_ptr, cols, col_ok, second_shift,  # W of one expert; columns [BN]; TWO also reads cols + second_shift
@@ -120,10 +135,7 @@ def mainloop(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            k_ok = tl.full((BLOCK_K,), True, tl.int1)
-        else:
-            k_ok = (k0 + ks) < k_hi
+        k_ok = k_in_range(k0 + ks, k_hi, EVEN_K)
         a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
         if w_desc is not None:
             w = tl.trans(w_desc.load([w_row, k0]))
@@ -157,6 +169,57 @@ def mainloop(
 
 
 @triton.jit
+def w8a8_step(
+    a, a_scale,  # this K-step's A operand [BM, BK] (fp8_operand) and A's scales of its block [BM]
+    w_ptr, w_scales_ptr, scale_off, cols, col_ok, ks, k_ok, k_block,  # one expert's codes q [N, K] (read as
+    stride_wn, stride_wsr, W_FORMAT: tl.constexpr, SCALE_ROWS: tl.constexpr, UPCAST: tl.constexpr,  # q.mT)
+):
+    """float32 [BM, BN]: a @ W[ks, cols], times a_scale and the weight's scale of each column's
+    block in the K-block k_block (the K-step lies in one: BLOCK_K divides 128)."""
+    code = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                   other=0)
+    w = tl.trans(fp8_operand(code, W_FORMAT, UPCAST))
+    scale_ptrs = w_scales_ptr + scale_off + (cols // SCALE_ROWS).to(tl.int64) * stride_wsr + k_block
+    w_scale = tl.load(scale_ptrs, mask=col_ok, other=0.0)
+    return tl.dot(a, w, input_precision="ieee") * a_scale[:, None] * w_scale[None, :]
+
+
+@triton.jit
+def w8a8_mainloop(
+    a_ptr, a_off, a_ok,  # A's e4m3 codes (uint8): int64 row offsets [BM], validity [BM]; columns contiguous
+    a_scales_ptr, a_scale_off,  # A's scales [rows, cdiv(K, 128)] float32: int64 row offsets [BM]
+    w_ptr, cols, col_ok, second_shift,  # one expert's fp8 codes q [N, K] read as q.mT; TWO: cols + second_shift too
+    w_scales_ptr, scale_off, stride_wn, stride_wsr, k_lo, k_hi,  # its scales at scale_off; q's row stride
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TWO: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, W_FORMAT: tl.constexpr, SCALE_ROWS: tl.constexpr,
+    SCALE_COLS: tl.constexpr,
+):
+    """mainloop's (acc, acc2) for a w8a8 product: the codes of A and W multiplied by tl.dot in
+    float8 (W_FORMAT FP8_NATIVE: sm_89 and newer), else in float16 (float32 under the
+    interpreter, UPCAST), exact either way; each K-step's part scaled, summed in float32."""
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_off[:, None] + (k_lo + ks)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_ok = k_in_range(k0 + ks, k_hi, EVEN_K)
+        a = fp8_operand(tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0), W_FORMAT, UPCAST)
+        # the activations' groups are the weight's K-blocks (SCALE_COLS 0: K <= 128, one block)
+        if SCALE_COLS == 0:
+            k_block = 0
+        else:
+            k_block = k0 // SCALE_COLS
+        a_scale = tl.load(a_scales_ptr + a_scale_off + k_block, mask=a_ok, other=0.0)
+        acc += w8a8_step(a, a_scale, w_ptr, w_scales_ptr, scale_off, cols, col_ok, k0 + ks, k_ok, k_block, stride_wn,
+                         stride_wsr, W_FORMAT, SCALE_ROWS, UPCAST)
+        if TWO:
+            acc2 += w8a8_step(a, a_scale, w_ptr, w_scales_ptr, scale_off, cols + second_shift, col_ok, k0 + ks, k_ok,
+                              k_block, stride_wn, stride_wsr, W_FORMAT, SCALE_ROWS, UPCAST)
+        a_ptrs += BLOCK_K
+    return acc, acc2
+
+
+@triton.jit
 def epilogue(
     acc, acc2, rows, row_ok, cols, col_ok, n_cols,
     out_ptr, stride_om, h_ptr, stride_hm, slot_of_row_ptr, weight_of_row_ptr, num_out_rows,
@@ -183,6 +246,7 @@ def grouped_gemm_kernel(
     # pointers (None: that fusion is compiled out)
     a_ptr,  # [S, K]            rows gathered through a_rows_ptr when given, else [R, K]
     a_rows_ptr,  # [R] int32    source row of each expert-sorted row
+    a_scales_ptr,  # [S or R, cdiv(K, 128)] float32: A holds e4m3 codes (uint8), W is w8a8 fp8 (None: float A)
     w_ptr,  # [E, K, NW]        any strides; NW = 2N when GATED else N; a quantized W's codes (W_FORMAT)
     w_scales_ptr, w_zeros_ptr,  # a quantized W's scales and zero points (quantized.WeightOperand)
     w_desc,  # a TMA descriptor of W as [E * NW, K] (K contiguous), blocks [BLOCK_N, BLOCK_K]
@@ -197,7 +261,7 @@ def grouped_gemm_kernel(
     num_rows, num_a_rows, num_out_rows, K, N, num_experts, num_m_tiles,
     gate_step, up_shift,  # GATED: W's gate column i is i * gate_step, its up column that + up_shift
     # strides
-    stride_am, stride_we, stride_wk, stride_wn, stride_wse, stride_wsr, stride_be, stride_om, stride_hm,
+    stride_am, stride_asm, stride_we, stride_wk, stride_wn, stride_wse, stride_wsr, stride_be, stride_om, stride_hm,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, ACT: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
@@ -216,12 +280,20 @@ def grouped_gemm_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
-    acc, acc2 = mainloop(
-        a_ptr, src.to(tl.int64) * stride_am, a_ok, w_ptr + expert.to(tl.int64) * stride_we, cols * gate_step, col_ok,
-        up_shift, w_scales_ptr, w_zeros_ptr, expert.to(tl.int64) * stride_wse, pid_n * BLOCK_N, N,
-        stride_wk, stride_wn, stride_wsr, k_lo, k_hi, w_desc, expert * (2 * N if GATED else N) + pid_n * BLOCK_N,
-        BLOCK_M, BLOCK_N, BLOCK_K, GATED, PRECISION, UPCAST, EVEN_K, W_FORMAT, SCALE_ROWS, SCALE_COLS, Q_T,
-    )
+    if a_scales_ptr is not None:
+        acc, acc2 = w8a8_mainloop(
+            a_ptr, src.to(tl.int64) * stride_am, a_ok, a_scales_ptr, src.to(tl.int64) * stride_asm,
+            w_ptr + expert.to(tl.int64) * stride_we, cols * gate_step, col_ok, up_shift, w_scales_ptr,
+            expert.to(tl.int64) * stride_wse, stride_wn, stride_wsr, k_lo, k_hi,
+            BLOCK_M, BLOCK_N, BLOCK_K, GATED, UPCAST, EVEN_K, W_FORMAT, SCALE_ROWS, SCALE_COLS,
+        )
+    else:
+        acc, acc2 = mainloop(
+            a_ptr, src.to(tl.int64) * stride_am, a_ok, w_ptr + expert.to(tl.int64) * stride_we, cols * gate_step,
+            col_ok, up_shift, w_scales_ptr, w_zeros_ptr, expert.to(tl.int64) * stride_wse, pid_n * BLOCK_N, N,
+            stride_wk, stride_wn, stride_wsr, k_lo, k_hi, w_desc, expert * (2 * N if GATED else N) + pid_n * BLOCK_N,
+            BLOCK_M, BLOCK_N, BLOCK_K, GATED, PRECISION, UPCAST, EVEN_K, W_FORMAT, SCALE_ROWS, SCALE_COLS, Q_T,
+        )
     if bias_ptr is not None:
         if pid_k == 0:
             b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + cols * gate_step
@@ -400,7 +472,7 @@ def activation_args(activation: Optional[Activation]) -> dict:
 
 
 def grouped_gemm(
-    a: torch.Tensor,
+    a,
     w,
     offsets: torch.Tensor,
     config: TileConfig,
@@ -416,24 +488,27 @@ def grouped_gemm(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(out, h) for the rows of each expert times its weight, with the fused prologue/epilogue.
 
-    a: [R, K], or [S, K] gathered through a_rows: [R] int32
+    a: [R, K], or [S, K] gathered through a_rows: [R] int32; or either as an Fp8Rows (the
+       activations quantized for a w8a8 fp8 weight w, read as q.mT; config.block_k divides 128)
     w: [E, K, NW] any strides; NW = 2N for a gated activation, whose gate column i is
        i * gate_columns[0] and up column that + gate_columns[1] (ExpertWeights.gate_up_columns);
        or a quantized weight read as one: q.mT, or q (quantized.weight_operand)
     offsets: [E+1] int32/int64; bias: [E, NW]; activation: applied in the epilogue (None: none)
     slot_of_row: [R] int32: out is [R, N] in slot order (row r stored at slot_of_row[r])
     weight_of_row: [R] float32: each row's result scaled by it
-    out: [R, N] a's dtype, preallocated (rows may have any stride)
-    Returns out: [R, N] a's dtype; h: [R, NW] a's dtype, gate columns then up columns (store_h), or None.
+    out: [R, N] the activations' dtype, preallocated (rows may have any stride)
+    Returns out: [R, N] the activations' dtype; h: [R, NW] the same, gate columns then up columns
+    (store_h), or None.
     """
-    a = _row_major(a)
-    num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
     operand = weight_operand(w)
+    dtype = a.dtype  # the activations' (an Fp8Rows keeps it)
+    a, a_scales = (a.codes, _w8a8_scales(a, operand, config)) if isinstance(a, Fp8Rows) else (_row_major(a), None)
+    num_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
     num_experts, k_dim, w_cols = operand.shape
     act = activation_args(activation)
     n_cols = w_cols // 2 if act["GATED"] else w_cols
-    out = a.new_empty(num_rows, n_cols) if out is None else out
-    h = a.new_empty(num_rows, w_cols) if store_h else None
+    out = torch.empty(num_rows, n_cols, dtype=dtype, device=a.device) if out is None else out
+    h = torch.empty(num_rows, w_cols, dtype=dtype, device=a.device) if store_h else None
     if num_rows == 0 or n_cols == 0:
         return out, h
     bm, bn, split = config.block_m, config.block_n, config.split_k
@@ -443,13 +518,15 @@ def grouped_gemm(
     # the epilogue's pointers: to the split-K reduction when K is split
     epilogue_h, epilogue_slots, epilogue_weights = (None, None, None) if split > 1 else (h, slot_of_row, weight_of_row)
     grouped_gemm_kernel[(m_tiles * triton.cdiv(n_cols, bn), split)](
-        a, a_rows, operand.data, operand.scales, operand.zeros, weight_descriptor(w, config, gate_step), bias, offsets,
-        out, epilogue_h, epilogue_slots, epilogue_weights, ws,
+        a, a_rows, a_scales, operand.data, operand.scales, operand.zeros, weight_descriptor(w, config, gate_step), bias,
+        offsets, out, epilogue_h, epilogue_slots, epilogue_weights, ws,
         num_rows, a.shape[0], num_rows, k_dim, n_cols, num_experts, m_tiles, gate_step, up_shift,
-        a.stride(0), *operand.strides, bias.stride(0) if bias is not None else 0,
-        out.stride(0), h.stride(0) if h is not None else 0,
+        a.stride(0), a_scales.stride(0) if a_scales is not None else 0, *operand.strides,
+        bias.stride(0) if bias is not None else 0, out.stride(0), h.stride(0) if h is not None else 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config.block_k, E_PAD=expert_block(num_experts), GROUP_M=GROUP_M,
-        SPLIT_K=split, PRECISION=dot_precision(a.dtype, a.device), UPCAST=dot_upcast(a.dtype, a.device),
+        SPLIT_K=split, PRECISION=dot_precision(dtype, a.device),
+        # the interpreter multiplies float8 codes (w8a8) in float32 too, whatever the activations' dtype
+        UPCAST=dot_upcast(dtype, a.device) or (a_scales is not None and a.device.type != "cuda"),
         EVEN_K=k_dim % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages, **act,
         **operand.meta,
     )
@@ -460,6 +537,19 @@ def grouped_gemm(
             SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, **act,
         )
     return out, h
+
+
+def _w8a8_scales(a: Fp8Rows, operand, config: TileConfig) -> torch.Tensor:
+    """a's scales, once the weight operand is one a w8a8 product reads: fp8 codes as q.mT with
+    128-column blocks, in K-steps that divide 128; else a ValueError naming what is not."""
+    meta = operand.meta
+    # SCALE_COLS 0: one block spans K (K <= 128)
+    if meta["W_FORMAT"] not in (FP8.value, FP8_NATIVE.value) or not meta["Q_T"] or meta["SCALE_COLS"] not in (0, GROUP):
+        raise ValueError(f"quantized activations (w8a8) multiply an fp8 weight in blocks of {GROUP} columns read "
+                         f"as q.mT; got weight meta {meta}")
+    if GROUP % config.block_k:
+        raise ValueError(f"a w8a8 product takes K-steps that divide {GROUP}; got block_k={config.block_k}")
+    return a.scales
 
 
 def grouped_gemm_act_backward(

@@ -12,6 +12,9 @@ generation lacks an instruction for one: e2m1 codes and e8m0 scales need none an
 e4m3 goes through the GPU's float8 conversion only where it has one (sm_89 and newer,
 FP8_NATIVE), and is rebuilt from its bits elsewhere (sm_80/86, the interpreter).
 
+A w8a8 product (fp8 weights, activations quantized by fp8_rows.py) multiplies the codes of both
+operands as they are (fp8_operand) and scales each K-step's partial product instead.
+
 The scales' block columns are a power of two (or span all of K), so that a tile aligned to its
 own width holds whole blocks or lies inside one: its scales load as [rows, blocks] and spread
 over the columns, instead of one gather per element.
@@ -71,6 +74,20 @@ def code_values(code, FORMAT: tl.constexpr):
     else:
         value = _minifloat(code, 2, 1, 1)  # e2m1: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives
     return value
+
+
+@triton.jit
+def fp8_operand(code, FORMAT: tl.constexpr, UPCAST: tl.constexpr):
+    """A tile of uint8 e4m3 codes as tl.dot multiplies it, unscaled: float8e4nv where the GPU
+    has the type (FORMAT FP8_NATIVE), else the values rebuilt from the bits, exact in float16
+    (float32 under the interpreter, UPCAST)."""
+    if FORMAT == FP8_NATIVE:
+        operand = code.to(tl.float8e4nv, bitcast=True)
+    elif UPCAST:
+        operand = code_values(code.to(tl.int32), FP8)
+    else:
+        operand = code_values(code.to(tl.int32), FP8).to(tl.float16)
+    return operand
 
 
 @triton.jit
