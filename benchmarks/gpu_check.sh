@@ -84,7 +84,7 @@ step "roofline"
 capped 30 $MOE info --device "$DEVICE"
 
 step "fused experts (moe_mlp), bf16, $BACKEND vs peers"
-capped 170 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" \
+capped 140 $MOE bench --device "$DEVICE" --scale "$SCALE" --dtype bfloat16 --backend "$BACKEND" \
   --preset mixtral-8x7b deepseek-v3 qwen3-30b-a3b olmoe-1b-7b --tokens "$TOKENS" \
   --compare torch-grouped-mm,hf-eager,hf-grouped-mm,dense,bound --budget 0.1 --json "$RESULTS/moe_mlp.json"
 
