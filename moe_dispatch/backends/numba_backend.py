@@ -59,9 +59,9 @@ Tensor = torch.Tensor
 # at most the limit.
 FUSED_LIMITS = {
     "onednn": {torch.float32: (16, 27e6), torch.float64: (192, 0),
-               torch.bfloat16: (8, 30e6), torch.float16: (16, 27e6)},
+               torch.bfloat16: (8, 20e6), torch.float16: (16, 27e6)},
     "blas": {torch.float32: (192, 0), torch.float64: (192, 0),
-             torch.bfloat16: (8, 30e6), torch.float16: (128, 0)},
+             torch.bfloat16: (8, 20e6), torch.float16: (128, 0)},
 }
 
 
