@@ -17,9 +17,8 @@ import torch
 
 from .. import formats
 from ..activations import Activation, activate, activate_backward, upcast
-from ..plan import DispatchPlan, expert_of_row
-
 from ..formats.quantized import QuantizedWeight, fp8_activation_values, w8a8
+from ..plan import DispatchPlan, expert_of_row
 
 if TYPE_CHECKING:
     from ..experts import ExpertWeights

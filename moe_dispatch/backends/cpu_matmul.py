@@ -50,9 +50,13 @@ def _onednn_float32(choice: str) -> bool:
     return choice == "onednn" or onednn_available() and platform.machine().lower() in ("x86_64", "amd64")
 
 
+def _library_setting() -> str:
+    return os.environ.get("MOE_DISPATCH_CPU_MATMUL", "auto")
+
+
 def onednn_float32() -> bool:
     """Whether float32 products (and float16 ones, computed in float32) go to oneDNN."""
-    return _onednn_float32(os.environ.get("MOE_DISPATCH_CPU_MATMUL", "auto"))
+    return _onednn_float32(_library_setting())
 
 
 # Below this many FLOPs a product gains less from oneDNN's faster loops than its call costs over
@@ -140,7 +144,6 @@ def takes_grouped_mm(group_flops: float, *operands: Tensor) -> bool:
     through float32 here, see matmul_into) in the layouts of _grouped_mm_layout; float32 where
     BLAS would compute it anyway (torch._grouped_mm calls BLAS, not oneDNN) or, unless
     MOE_DISPATCH_CPU_MATMUL names a library, computes it as fast (MKL on Intel)."""
-    chosen = os.environ.get("MOE_DISPATCH_CPU_MATMUL", "auto") != "auto"
-    float32_too = not onednn_serves(group_flops) or not chosen and blas_is_mkl_on_intel()
+    float32_too = not onednn_serves(group_flops) or _library_setting() == "auto" and blas_is_mkl_on_intel()
     dtypes = (torch.float32, torch.bfloat16) if float32_too else (torch.bfloat16,)
     return all(t.dtype in dtypes and _grouped_mm_layout(t) for t in operands) and _grouped_mm_on_cpu()

@@ -1,5 +1,5 @@
-"""The blocked path's experts side by side: each thread takes whole experts (or blocks of a
-large expert's rows) and runs their library products on one core.
+"""The blocked path's experts side by side: each thread takes tasks (an expert, a run of small
+consecutive ones, or a part of a large one's rows) and runs their library products on one core.
 
 Split over two threads, the product of one expert's few dozen rows runs no faster than on one
 (the threads meet at the end of every product, a few hundred times per step), and where another
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,9 +40,10 @@ def expert_tasks(bounds: np.ndarray, threads: int, experts: Optional[Sequence[in
                  whole_experts: bool = False) -> list[Task]:
     """The tasks of the experts with rows (or of these experts, in ascending order), largest
     first. A block is a (4 * threads)-th of the rows, at least MIN_TASK_ROWS: consecutive
-    experts of fewer than RUN_ROWS rows go together up to a block, an expert with more than two blocks is
-    cut into equal parts of about one (each part reads the expert's weights again, so only
-    where one thread would otherwise hold up the rest). whole_experts: one task per expert."""
+    experts of fewer than RUN_ROWS rows go together up to a block, an expert with more than
+    two blocks is cut into equal parts of about one (each part reads the expert's weights
+    again, so only where one thread would otherwise hold up the rest). whole_experts: one task
+    per expert."""
     counts = np.diff(bounds)
     experts = np.flatnonzero(counts).tolist() if experts is None else [e for e in experts if counts[e]]
     block = max(MIN_TASK_ROWS, -(-int(sum(counts[e] for e in experts)) // (4 * threads)))
@@ -63,6 +64,15 @@ def expert_tasks(bounds: np.ndarray, threads: int, experts: Optional[Sequence[in
             grouping = end - start < RUN_ROWS
     tasks.sort(key=lambda task: task.start - task.end)
     return tasks
+
+
+def expert_rows(task: Task, bounds: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    """(e, start, end) for each expert with rows in the task: its rows start:end in the plan's
+    order, within the task's."""
+    for e in range(task.first, task.last):
+        start, end = max(task.start, int(bounds[e])), min(task.end, int(bounds[e + 1]))
+        if start < end:
+            yield e, start, end
 
 
 _pool: Optional[ThreadPoolExecutor] = None

@@ -46,7 +46,7 @@ from ..kernels.numba.activations import fused
 from ..plan import DispatchPlan
 from .base import Backend
 from .cpu_matmul import matmul_into, onednn_float32, takes_grouped_mm
-from .expert_threads import Task, expert_tasks, run_tasks
+from .expert_threads import Task, expert_rows, expert_tasks, run_tasks
 
 Tensor = torch.Tensor
 
@@ -295,7 +295,7 @@ class ExpertMatrices:
         """out = the task's rows a [n, K] times their experts' matrices (+ bias): a run of
         experts in one torch._grouped_mm where it serves them (a dozen fewer torch calls per
         expert, a third of a step of 128 small experts), else expert by expert."""
-        first, last, start, end = task
+        first, last, start, _ = task
         if last - first > 1 and not self.quantized and not self.packed:  # a run holds whole experts
             matrices = self.matrices[first:last]
             if takes_grouped_mm(2 * a.shape[0] * a.shape[1] * out.shape[1] / (last - first), a, matrices):
@@ -305,12 +305,9 @@ class ExpertMatrices:
                     counts = torch.from_numpy(np.diff(bounds[first:last + 1]).astype(np.int64))
                     out += bias[first:last].to(out.dtype).repeat_interleave(counts, dim=0)
                 return
-        row = 0
-        for e in range(first, last):
-            count = min(end, int(bounds[e + 1])) - max(start, int(bounds[e]))
-            if count > 0:
-                matmul_into(out[row:row + count], a[row:row + count], *self.bias_between(e, bias, slot))
-                row += count
+        for e, begin, stop in expert_rows(task, bounds):
+            rows = slice(begin - start, stop - start)
+            matmul_into(out[rows], a[rows], *self.bias_between(e, bias, slot))
 
 
 def decode_kernels(x: Tensor, experts: ExpertWeights) -> Optional[tuple]:
@@ -388,10 +385,8 @@ class NumbaBackend(Backend):
         out = a.new_empty(a.shape[0], w.shape[2])
 
         def multiply(task: Task, slot: int) -> None:
-            for e in range(task.first, task.last):
-                start, end = max(task.start, int(bounds[e])), min(task.end, int(bounds[e + 1]))
-                if start < end:
-                    matmul_into(out[start:end], a[start:end], w[e], None if bias is None else bias[e])
+            for e, start, end in expert_rows(task, bounds):
+                matmul_into(out[start:end], a[start:end], w[e], None if bias is None else bias[e])
 
         threads = torch.get_num_threads()
         run_tasks(expert_tasks(bounds, threads, large), multiply, threads)
@@ -472,7 +467,8 @@ class NumbaBackend(Backend):
         o_all = x.new_empty(num_rows, hidden)
         buffers = [[x.new_empty(most, n) for n in (hidden, width, inter)] for _ in range(min(threads, len(tasks)))]
         token = torch.from_numpy(rows).long()
-        w1, w2 = (ExpertMatrices(w, x.dtype, save_for_backward, len(buffers)) for w in (experts.w_gate_up, experts.w_down))
+        w1, w2 = (ExpertMatrices(w, x.dtype, save_for_backward, len(buffers))
+                  for w in (experts.w_gate_up, experts.w_down))
 
         def expert_mlp(task: Task, slot: int) -> None:
             start, end = task.start, task.end
