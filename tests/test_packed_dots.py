@@ -157,3 +157,26 @@ def test_rows_dequantize_bit_for_bit_as_the_format_does(fmt, quantize_format, op
         run(*operands, n, n // q.block[0], q.block[1], as_array(out))
         definition(*operands, n, n // q.block[0], q.block[1], as_array(defined))
         assert torch.equal(out, expected[n]) and torch.equal(defined, expected[n])
+
+
+@pytest.mark.parametrize("features", FEATURES)
+@pytest.mark.parametrize("fmt,quantize_format,options,depth", CASES)
+def test_rows_whose_values_are_subnormal_dequantize_bit_for_bit(fmt, quantize_format, options, depth, features, gen):
+    """Scales so small that the values fall below float32's normal range (bfloat16's too): the
+    rounding keeps them as torch does, where a hardware conversion would flush them to zero."""
+    from moe_dispatch.backends.numba_backend import as_array
+
+    q = md.quantize(torch.randn(1, 2, depth, generator=gen), quantize_format, **options)
+    if q.scales.dtype == torch.uint8:  # e8m0: 2^-127 .. 2^-124
+        q.scales.copy_(torch.randint(0, 4, q.scales.shape, generator=gen, dtype=torch.uint8))
+    else:  # scales whose products are subnormal, after a normal one where there are several
+        q.scales.mul_(2.0 ** -120).view(-1)[min(1, q.scales.numel() - 1):].mul_(2.0 ** -10)
+    zeros = q.zeros.numpy() if q.zeros is not None else np.zeros((1, 1, 1), dtype=np.uint8)
+    operands = (q.codes.view(torch.uint8).numpy(), q.scales.numpy(), zeros, q.zeros is not None, 0)
+    expected = q.dequantize(torch.bfloat16)[0]
+    assert (expected.float().abs() < torch.finfo(torch.float32).tiny).any() and expected.float().abs().max() > 0
+    run = compiled_dequantize(fmt, features)
+    for n in range(2):
+        out = torch.full((depth,), float("nan"), dtype=torch.bfloat16)
+        run(*operands, n, n // q.block[0], q.block[1], as_array(out))
+        assert torch.equal(out, expected[n])
