@@ -15,14 +15,16 @@ from conftest import needs_numba
 pytestmark = needs_numba
 
 # (fmt of the kernel, the format's quantize options, K): int8 per channel with K past a flush
-# span; a group of 32 and one of 64 with zero points; fp8's 128-column block over K = 96 (one
-# partial block).
+# span; 4-bit groups of 32 (two to a step of 64 codes) with and without zero points, of 64 and
+# of 128; fp8's 128-column block over K = 96 (one partial block).
 CASES = [
     pytest.param("int8", "int8", {}, 2112, id="int8-channel"),
     pytest.param("int8", "int8", {"group_size": 32}, 96, id="int8-g32"),
-    pytest.param("int4", "int4", {"group_size": 32}, 96, id="int4-g32"),
+    pytest.param("int4", "int4", {"group_size": 32}, 192, id="int4-g32"),
+    pytest.param("int4", "int4", {"group_size": 32, "symmetric": False}, 192, id="int4-g32-zero-points"),
     pytest.param("int4", "int4", {"group_size": 64, "symmetric": False}, 128, id="int4-g64-zero-points"),
-    pytest.param("e2m1", "mxfp4", {}, 96, id="mxfp4"),
+    pytest.param("int4", "int4", {"group_size": 128}, 256, id="int4-g128"),
+    pytest.param("e2m1", "mxfp4", {}, 192, id="mxfp4"),
     pytest.param("e4m3", "fp8", {}, 96, id="fp8"),
 ]
 # None: the features Numba compiles for; then an AVX2-only x86 CPU; then none
@@ -43,6 +45,17 @@ def kernel_inputs(fmt, quantize_format, options, depth, gen, num_tokens=6):
     # expert 0's rows 0 and 1, and their scale rows (fp8's cover 128 rows)
     operands = (codes, q.scales.numpy(), zeros, q.zeros is not None, 0, 0, 1, 0, 1 // q.block[0], x)
     return operands, q.dequantize(torch.float64)[0].numpy(), q.block[1]
+
+
+def in_element_order(fmt, x):
+    """Activation rows as the kernel of fmt reads them, back in element order."""
+    from moe_dispatch.kernels.numba.packed_dots import wide_order
+
+    if fmt not in ("int4", "e2m1"):
+        return x
+    ordered = np.empty_like(x)
+    ordered[:, wide_order(x.shape[1])] = x
+    return ordered
 
 
 def compiled(fmt, features):
@@ -77,7 +90,7 @@ def test_the_vector_code_computes_the_definition(fmt, quantize_format, options, 
         out, expected, rows = out[:, :count], expected[:, :count], rows[start:]
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
         # and the definition is the format's: the dequantized rows times the activations
-        truth = dense @ operands[-1][rows].astype(np.float64).T
+        truth = dense @ in_element_order(fmt, operands[-1][rows]).astype(np.float64).T
         np.testing.assert_allclose(expected, truth, rtol=1e-5, atol=1e-5 * np.abs(truth).max())
 
 
@@ -93,16 +106,19 @@ def test_float64_activations_meet_e4m3_codes_as_float32(gen):
 def test_quantize_rows_rounds_each_row_to_int16_on_its_own_scale(gen):
     from moe_dispatch.kernels.numba.packed_dots import quantize_rows
 
-    src = (torch.randn(3, 64, generator=gen) * torch.tensor([[1e-3], [1.0], [1e3]])).numpy()
+    from moe_dispatch.kernels.numba.packed_dots import wide_order
+
+    src = (torch.randn(3, 128, generator=gen) * torch.tensor([[1e-3], [1.0], [1e3]])).numpy()
     src[1, 5] = 0.0
     for split in (False, True):
-        ints, scales = np.empty((3, 64), np.int16), np.empty(3, np.float32)
+        ints, scales = np.empty((3, 128), np.int16), np.empty(3, np.float32)
         assert quantize_rows(src, split, ints, scales)
-        in_order = src
-        if split:  # the stored layout: even elements, then odd
+        expected = src
+        if split:  # src: even elements, then odd; ints: the 4-bit kernels' layout
             in_order = np.empty_like(src)
-            in_order[:, 0::2], in_order[:, 1::2] = src[:, :32], src[:, 32:]
-        np.testing.assert_allclose(ints * scales[:, None], in_order, rtol=0, atol=0.51 * scales.max())
+            in_order[:, 0::2], in_order[:, 1::2] = src[:, :64], src[:, 64:]
+            expected = in_order[:, wide_order(128)]
+        np.testing.assert_allclose(ints * scales[:, None], expected, rtol=0, atol=0.51 * scales.max())
         assert np.abs(ints).max() == 32767
         np.testing.assert_allclose(scales, np.abs(src).max(axis=1) / 32767, rtol=1e-6)
 

@@ -6,11 +6,16 @@ instructions per 16 weights, which made a 4-bit decode step compute-bound at a f
 memory's speed. Here each 32 codes are converted in registers and meet every activation row
 of a pass before the next 32 are read:
 
-- int8, int4 and e2m1 codes become 16-bit integers (int8: a sign extension; 4-bit: a mask and
-  a shift that leave each byte's two codes in one 32-bit lane, in element order; e2m1: a
-  16-entry table lookup, its values doubled to be integers) and one multiply-add of 16-bit
-  pairs into 32-bit lanes (x86's pmaddwd) takes 32 of them against activations quantized to
-  int16. The 32-bit sums turn into float32 once per scale group, where its scale multiplies.
+- int8, int4 and e2m1 codes become 16-bit integers (int8: a sign extension of 32 bytes; 4-bit:
+  32 bytes, 64 codes, split into their low nibbles (the even elements) and their high ones
+  (the odd), less the zero point (int4) or looked up in a 16-entry table of e2m1's values
+  doubled (pshufb), then sign-extended) and one multiply-add of 16-bit pairs into 32-bit
+  lanes (x86's pmaddwd, fused with the add where the CPU has AVX512-VNNI) takes 32 of them
+  against activations quantized to int16. The 4-bit kernels' activation rows come in the
+  same order, each 64 elements' 32 even ones then their 32 odd ones (wide_order), which
+  spares every step the shuffles of an element-order unpacking: half the instructions per
+  code. The 32-bit sums turn into float32 once per scale group, where its scale multiplies
+  (for groups of 32 a step's lanes hold two groups: lanes 0-7 the first 32 elements).
 - e4m3 codes become float16 bits (sign, exponent and mantissa shifted into place, worth 2^-8
   of the value, subnormals included) and float32 in one conversion, then fused multiply-adds
   against the float32 activations.
@@ -26,6 +31,8 @@ other CPUs get the same arithmetic in generic vector IR, which LLVM lowers as it
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -34,10 +41,12 @@ from numba.extending import intrinsic, overload
 
 from .caching import njit
 
-CHUNK = 32  # codes converted per step
+CHUNK = 32  # bytes of codes read per step: 32 int8 or e4m3 codes
+WIDE = 2 * CHUNK  # 4-bit codes per step
 INT_LANES = CHUNK // 2  # int32 lanes of one pmaddwd
 # Elements summed in int32 lanes before a flush to float32: each lane adds two products per
-# chunk, |int8 code * int16| <= 128 * 32767, so 2048 elements keep a lane below 2^30.
+# int8 step, |int8 code * int16| <= 128 * 32767 (four per 4-bit step, |code| <= 15), so 2048
+# elements keep a lane below 2^30.
 FLUSH = 2048
 INT16_MAX = 32767
 E2M1_DOUBLED = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
@@ -52,11 +61,27 @@ def reads_chunks(depth, group):
     return depth % CHUNK == 0 and group % CHUNK == 0
 
 
+@njit(cache=True, inline="always")
+def reads_wide_chunks(depth, group):
+    """Whether 4-bit rows of this depth and scale group size can take the dot products: K in
+    whole steps of 64, groups of 32 or whole steps."""
+    return depth % WIDE == 0 and (group == CHUNK or group % WIDE == 0)
+
+
+def wide_order(depth):
+    """The element of a row of depth (a multiple of WIDE) at each position of the 4-bit
+    kernels' activation layout: each 64 elements' even ones, then their odd ones."""
+    k = np.arange(depth)
+    p = k % WIDE
+    return k - p + 2 * (p % CHUNK) + p // CHUNK
+
+
 @njit(cache=True)
 def quantize_rows(src, split, out, scales):
     """out[r] = src[r] / scales[r] rounded to int16, scales[r] = max |src[r]| / 32767; src
-    [R, K] float32, split (the 4-bit kernels' layout: even elements, then odd) when split, out
-    in element order. Returns False, leaving the rest undefined, when a row holds a value that
+    [R, K] float32. split: src holds each row's even elements, then its odd ones, and out
+    takes the 4-bit kernels' layout (wide_order; K a multiple of WIDE); else both are in
+    element order. Returns False, leaving the rest undefined, when a row holds a value that
     is not finite: integers cannot carry it, and the float path must compute it."""
     depth = src.shape[1]
     half = depth // 2
@@ -71,7 +96,8 @@ def quantize_rows(src, split, out, scales):
         scales[r] = peak / np.float32(INT16_MAX)
         inverse = np.float32(INT16_MAX) / peak if peak > 0 else np.float32(0.0)
         for k in range(depth):
-            col = (k % 2) * half + k // 2 if split else k
+            # wide_order's element 64b + 2p (+ 1 if odd) is src[32b + p] (+ half)
+            col = (k % WIDE // CHUNK) * half + k // WIDE * CHUNK + k % CHUNK if split else k
             out[r, k] = np.int16(np.rint(row[col] * inverse))
     return True
 
@@ -102,10 +128,13 @@ def _scale_values(scales):
 
 def _dots(fmt, codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
     starts = np.arange(0, x.shape[1], group)
+    in_order = np.arange(x.shape[1])
+    if fmt in ("int4", "e2m1"):
+        in_order[wide_order(x.shape[1])] = in_order.copy()
     for i, (n, s) in enumerate(((n_a, s_a), (n_b, s_b))):
         values = _code_values(fmt, codes[e, n], zeros[e, s] if has_zeros else None, has_zeros, group)
         for j in range(count):
-            activations = x[rows[start + j]].astype(np.float32).astype(values.dtype)
+            activations = x[rows[start + j]][in_order].astype(np.float32).astype(values.dtype)
             per_group = np.add.reduceat(values * activations, starts).astype(np.float32)
             total = np.dot(per_group, _scale_values(scales[e, s])[: per_group.shape[0]])
             out[i, j] = np.float32(total * (0.5 if fmt == "e2m1" else 1.0))
@@ -121,13 +150,13 @@ def int8_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, s
 
 
 def int4_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
-    """int8_dots for 4-bit codes [E, N, K/2] (low nibble first) less their zero points: zeros
-    uint8 like scales when has_zeros, else 8."""
+    """int8_dots for 4-bit codes [E, N, K/2] (low nibble first) less their zero points (zeros
+    uint8 like scales when has_zeros, else 8), x in wide_order; reads_wide_chunks(K, group)."""
     _dots("int4", codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out)
 
 
 def e2m1_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
-    """int8_dots for e2m1 codes [E, N, K/2] (low nibble first)."""
+    """int4_dots for e2m1 codes [E, N, K/2] (low nibble first)."""
     _dots("e2m1", codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out)
 
 
@@ -187,7 +216,7 @@ _EVEN, _ODD = _const(I32, range(0, CHUNK, 2), INT_LANES), _const(I32, range(1, C
 
 
 def _int8_values(builder, data, chunk, zero, cpu):
-    return builder.sext(_chunk_bytes(builder, data, chunk, CHUNK), _vec(I16))
+    return [builder.sext(_chunk_bytes(builder, data, chunk, CHUNK), _vec(I16))]
 
 
 def _nibble_words(builder, data, chunk):
@@ -200,58 +229,62 @@ def _nibble_words(builder, data, chunk):
     return builder.bitcast(builder.or_(low, high), _vec(I16))
 
 
+def _nibbles(builder, data, chunk):
+    """A step's 32 bytes as their low nibbles (64 codes' even ones) and their high nibbles (the
+    odd ones), each <32 x i8>."""
+    codes = _chunk_bytes(builder, data, chunk, CHUNK)
+    return [builder.and_(codes, _const(I8, 0x0F)), builder.lshr(codes, _const(I8, 4))]
+
+
 def _int4_values(builder, data, chunk, zero, cpu):
-    return builder.sub(_nibble_words(builder, data, chunk), zero)
+    return [builder.sext(builder.sub(n, zero), _vec(I16)) for n in _nibbles(builder, data, chunk)]
 
 
-# e2m1 doubled, plus 12 to be unsigned: a byte table lookup on the words turns a word holding a
-# code c into T[c] + 256 * T[0] (its high byte is 0), which less 12 + 256 * 12 is the value.
-E2M1_TABLE = (E2M1_DOUBLED.astype(np.int32) + 12).tolist()
-E2M1_OFFSET = 12 + 256 * 12
+def _e2m1_doubled(builder, codes):
+    """e2m1 codes (each below 16) as their values doubled, in the codes' integer type."""
+    kind = codes.type
 
+    def const(value):
+        return ir.Constant(kind, [value] * kind.count)
 
-def _table_lookup(builder, table, indices, cpu):
-    """table[indices] for each byte of indices (each below 16): pshufb on each 128 bits, the
-    16-byte table repeated."""
-    width = indices.type.count
-    if "+avx512bw" in cpu:
-        name, step = "llvm.x86.avx512.pshuf.b.512", 64
-    else:
-        name, step = "llvm.x86.avx2.pshuf.b", 32
-    parts = [_intrinsic_call(builder, name, _vec(I8, step),
-                             [_const(I8, table * (step // 16), step),
-                              builder.shuffle_vector(indices, indices, _const(I32, range(i, i + step), step))])
-             for i in range(0, width, step)]
-    while len(parts) > 1:
-        parts = [builder.shuffle_vector(parts[i], parts[i + 1], _const(I32, range(2 * parts[i].type.count),
-                                                                       2 * parts[i].type.count))
-                 for i in range(0, len(parts), 2)]
-    return parts[0]
+    magnitude = builder.and_(codes, const(7))  # doubled: 0, 1, 2, 3, then 4, 6, 8, 12
+
+    def below(limit):
+        return builder.icmp_unsigned("<", magnitude, const(limit))
+
+    twice = builder.sub(builder.shl(magnitude, const(1)), const(4))
+    four_times = builder.sub(builder.shl(magnitude, const(2)), const(16))
+    value = builder.select(below(4), magnitude, builder.select(below(6), twice, four_times))
+    negative = builder.icmp_unsigned("!=", builder.and_(codes, const(8)), const(0))
+    return builder.select(negative, builder.neg(value), value)
 
 
 def _e2m1_values(builder, data, chunk, zero, cpu):
-    words = _nibble_words(builder, data, chunk)
-    if "+avx512bw" in cpu or "+avx2" in cpu:
-        indices = builder.bitcast(words, _vec(I8, 2 * CHUNK))
-        values = builder.bitcast(_table_lookup(builder, E2M1_TABLE, indices, cpu), _vec(I16))
-        return builder.sub(values, _const(I16, E2M1_OFFSET))
-    magnitude = builder.and_(words, _const(I16, 7))  # doubled: 0, 1, 2, 3, then 4, 6, 8, 12
-
-    def below(limit):
-        return builder.icmp_unsigned("<", magnitude, _const(I16, limit))
-
-    twice = builder.sub(builder.shl(magnitude, _const(I16, 1)), _const(I16, 4))
-    four_times = builder.sub(builder.shl(magnitude, _const(I16, 2)), _const(I16, 16))
-    value = builder.select(below(4), magnitude, builder.select(below(6), twice, four_times))
-    negative = builder.icmp_unsigned("!=", builder.and_(words, _const(I16, 8)), _const(I16, 0))
-    return builder.select(negative, builder.neg(value), value)
+    values = []
+    for codes in _nibbles(builder, data, chunk):
+        if "+avx2" in cpu:  # pshufb: each byte looked up in the 16-byte table (in both halves)
+            doubled = _intrinsic_call(builder, "llvm.x86.avx2.pshuf.b", _vec(I8),
+                                      [_const(I8, E2M1_DOUBLED.tolist() * 2), codes])
+        else:
+            doubled = _e2m1_doubled(builder, codes)
+        values.append(builder.sext(doubled, _vec(I16)))
+    return values
 
 
 def _e4m3_values(builder, data, chunk, zero, cpu):
     wide = builder.zext(_chunk_bytes(builder, data, chunk, CHUNK), _vec(I16))
     sign = builder.shl(builder.and_(wide, _const(I16, 0x80)), _const(I16, 8))
     rest = builder.shl(builder.and_(wide, _const(I16, 0x7F)), _const(I16, 7))
-    return builder.fpext(builder.bitcast(builder.or_(sign, rest), _vec(F16)), _vec(F32))
+    return [builder.fpext(builder.bitcast(builder.or_(sign, rest), _vec(F16)), _vec(F32))]
+
+
+def _ordered_values(builder, fmt, data, chunk, zero, cpu):
+    """32 codes from element 32 * chunk on, in element order, as the dequantization reads them:
+    16-bit integers (zero: int4's, <32 x i16>), or float32 for e4m3."""
+    if fmt in ("int8", "e4m3"):
+        return _KINDS[fmt].values(builder, data, chunk, zero, cpu)[0]
+    words = _nibble_words(builder, data, chunk)
+    return builder.sub(words, zero) if fmt == "int4" else _e2m1_doubled(builder, words)
 
 
 def _multiply_add_pairs(builder, a, b, cpu):
@@ -271,20 +304,24 @@ def _multiply_add_pairs(builder, a, b, cpu):
 
 
 class _IntegerKind:
-    """int8, int4 and e2m1 codes against int16 activations: 32-bit partial sums."""
+    """int8, int4 and e2m1 codes against int16 activations: 32-bit partial sums. values gives
+    a step's codes as vectors of 32, load_x the activations they meet, in the same order."""
 
     lanes = INT_LANES
     partial_type = _vec(I32, INT_LANES)
     activation_types = (types.int16,)
 
-    def __init__(self, values, result_factor=1.0):
-        self.values, self.result_factor = values, result_factor
+    def __init__(self, values, result_factor=1.0, span=CHUNK):
+        self.values, self.result_factor, self.span = values, result_factor, span
 
     def load_x(self, builder, row, element, offset):
-        return _load(builder, row, offset, _vec(I16))
+        return [_load(builder, row, builder.add(offset, ir.Constant(offset.type, h)), _vec(I16))
+                for h in range(0, self.span, CHUNK)]
 
-    def step(self, builder, partial, w, x, cpu):
-        return builder.add(partial, _multiply_add_pairs(builder, w, x, cpu))
+    def step(self, builder, partial, ws, xs, cpu):
+        for w, x in zip(ws, xs):
+            partial = builder.add(partial, _multiply_add_pairs(builder, w, x, cpu))
+        return partial
 
     def to_float(self, builder, partial):
         return builder.sitofp(partial, _vec(F32, INT_LANES))
@@ -294,6 +331,7 @@ class _FloatKind:
     """e4m3 codes against float activations: float32 partial sums."""
 
     lanes = CHUNK
+    span = CHUNK
     partial_type = _vec(F32, CHUNK)
     activation_types = (types.float32, types.float64)
     values = staticmethod(_e4m3_values)
@@ -301,17 +339,17 @@ class _FloatKind:
 
     def load_x(self, builder, row, element, offset):
         x = _load(builder, row, offset, _vec(element))
-        return x if element == F32 else builder.fptrunc(x, _vec(F32))
+        return [x if element == F32 else builder.fptrunc(x, _vec(F32))]
 
-    def step(self, builder, partial, w, x, cpu):
-        return builder.fadd(partial, builder.fmul(w, x, flags=("fast",)), flags=("fast",))
+    def step(self, builder, partial, ws, xs, cpu):
+        return builder.fadd(partial, builder.fmul(ws[0], xs[0], flags=("fast",)), flags=("fast",))
 
     def to_float(self, builder, partial):
         return partial
 
 
-_KINDS = {"int8": _IntegerKind(_int8_values), "int4": _IntegerKind(_int4_values),
-          "e2m1": _IntegerKind(_e2m1_values, 0.5), "e4m3": _FloatKind()}
+_KINDS = {"int8": _IntegerKind(_int8_values), "int4": _IntegerKind(_int4_values, span=WIDE),
+          "e2m1": _IntegerKind(_e2m1_values, 0.5, WIDE), "e4m3": _FloatKind()}
 
 
 def _group_scale(builder, scales, g):
@@ -325,12 +363,16 @@ def _group_scale(builder, scales, g):
     return builder.bitcast(bits, F32)
 
 
-def _group_zero(builder, fmt, zeros, has_zeros, g):
-    if fmt != "int4":
-        return None
+def _group_zero(builder, zeros, has_zeros, g):
+    """Group g's int4 zero point, uint8: its own, or 8."""
     stored = builder.load(builder.gep(zeros, [builder.select(has_zeros, g, ir.Constant(g.type, 0))]))
-    zero = builder.select(has_zeros, builder.zext(stored, I16), ir.Constant(I16, 8))
-    return _broadcast(builder, zero, CHUNK)
+    return builder.select(has_zeros, stored, ir.Constant(I8, 8))
+
+
+def _halves(builder, make, groups, n):
+    """<n x t>: make(groups[0]) in the first half of the lanes, make(groups[1]) in the second."""
+    low, high = (_broadcast(builder, make(g), n // 2) for g in groups)
+    return builder.shuffle_vector(low, high, _const(I32, range(n), n))
 
 
 def _row_start(builder, array, e, n):
@@ -375,9 +417,8 @@ def _min(builder, a, b):
     return builder.select(builder.icmp_signed("<", a, b), a, b)
 
 
-# Bytes of codes each chunk reads, and how far ahead of it to ask for them: the hardware's
-# prefetchers alone left one core reading e4m3 rows from memory at 8 GB/s, 12 GB/s with this.
-CODE_BYTES = {"int8": CHUNK, "int4": CHUNK // 2, "e2m1": CHUNK // 2, "e4m3": CHUNK}
+# How far ahead of each step's 32 bytes of codes to ask for them: the hardware's prefetchers
+# alone left one core reading e4m3 rows from memory at 8 GB/s, 12 GB/s with this.
 PREFETCH_BYTES = 2048
 
 
@@ -404,37 +445,44 @@ def _emit_pass(builder, fmt, cpu, ops, first, count):
     for j in range(count):
         row = builder.sext(builder.load(builder.gep(ops.rows, [builder.add(first, ir.Constant(index, j))])), index)
         x_rows.append(builder.gep(ops.x, [builder.mul(row, ops.depth)]))
-    group = ops.group
-    num_groups = builder.udiv(builder.add(ops.depth, builder.sub(group, ir.Constant(index, 1))), group)
+    group, span = ops.group, ir.Constant(index, kind.span)
+    # a flush per group, or per step where a 4-bit step holds two groups of 32
+    stride = builder.select(builder.icmp_signed(">", group, span), group, span)
+    num_groups = builder.udiv(builder.add(ops.depth, builder.sub(stride, ir.Constant(index, 1))), stride)
     long_groups = builder.icmp_signed(">", group, ir.Constant(index, FLUSH))
     with cgutils.for_range(builder, num_groups) as group_loop:
-        g = group_loop.index
-        k0 = builder.mul(g, group)
-        k1 = _min(builder, builder.add(k0, group), ops.depth)
-        scales = [_group_scale(builder, ops.scales[r], g) for r in range(2)]
-        zeros = [_group_zero(builder, fmt, ops.zeros[r], ops.has_zeros, g) for r in range(2)]
-        first_chunk = builder.udiv(k0, ir.Constant(index, CHUNK))
+        k0 = builder.mul(group_loop.index, stride)
+        k1 = _min(builder, builder.add(k0, stride), ops.depth)
+        # the groups of the first and second half of a step's lanes
+        halves = [builder.udiv(k0, group)]
+        halves.append(halves[0] if kind.span == CHUNK else
+                      builder.udiv(builder.add(k0, ir.Constant(index, kind.span // 2)), group))
+        scales = [_halves(builder, functools.partial(_group_scale, builder, ops.scales[r]), halves, kind.lanes)
+                  for r in range(2)]
+        zeros = [_halves(builder, functools.partial(_group_zero, builder, ops.zeros[r], ops.has_zeros), halves, CHUNK)
+                 if fmt == "int4" else None for r in range(2)]
+        first_chunk = builder.udiv(k0, span)
 
         def flush():
             for r, j in pairs:
                 partial = kind.to_float(builder, builder.load(partials[r, j]))
-                scaled = builder.fmul(partial, _broadcast(builder, scales[r], kind.lanes), flags=("fast",))
+                scaled = builder.fmul(partial, scales[r], flags=("fast",))
                 builder.store(builder.fadd(builder.load(sums[r, j]), scaled, flags=("fast",)), sums[r, j])
                 builder.store(ir.Constant(kind.partial_type, None), partials[r, j])
 
-        with cgutils.for_range(builder, builder.udiv(builder.sub(k1, k0), ir.Constant(index, CHUNK))) as c:
+        with cgutils.for_range(builder, builder.udiv(builder.sub(k1, k0), span)) as c:
             chunk = builder.add(first_chunk, c.index)
-            offset = builder.mul(chunk, ir.Constant(index, CHUNK))
+            offset = builder.mul(chunk, span)
             xs = [kind.load_x(builder, x_row, ops.x_element, offset) for x_row in x_rows]
             for r in range(2):
-                _prefetch(builder, ops.codes[r], builder.add(builder.mul(chunk, ir.Constant(index, CODE_BYTES[fmt])),
+                _prefetch(builder, ops.codes[r], builder.add(builder.mul(chunk, ir.Constant(index, CHUNK)),
                                                              ir.Constant(index, PREFETCH_BYTES)))
                 w = kind.values(builder, ops.codes[r], chunk, zeros[r], cpu)
                 for j in range(count):
                     builder.store(kind.step(builder, builder.load(partials[r, j]), w, xs[j], cpu), partials[r, j])
             # a group longer than FLUSH elements flushes on the way too
             span_done = builder.icmp_unsigned("==", builder.and_(builder.add(c.index, ir.Constant(index, 1)),
-                                                                 ir.Constant(index, FLUSH // CHUNK - 1)),
+                                                                 ir.Constant(index, FLUSH // kind.span - 1)),
                                               ir.Constant(index, 0))
             with builder.if_then(builder.and_(long_groups, span_done), likely=False):
                 flush()
@@ -473,20 +521,19 @@ def _emit_group_sizes(builder, fmt, cpu, ops, sizes):
 
 
 def _emit_passes(builder, fmt, cpu, ops):
-    """Passes of ROWS_PER_PASS activation rows, then of 2 and 1 for the rest."""
+    """Passes of ROWS_PER_PASS activation rows, then one pass of the rest: each pass converts
+    the codes again, and an expert of three rows in passes of two and one cost 1.4x one of
+    three (a decode step's experts mostly hold one to four rows)."""
     index = ops.num_rows.type
     per_pass = ir.Constant(index, ROWS_PER_PASS)
     full = builder.udiv(ops.num_rows, per_pass)
     with cgutils.for_range(builder, full) as passes:
         _emit_pass(builder, fmt, cpu, ops, builder.mul(passes.index, per_pass), ROWS_PER_PASS)
     done = builder.mul(full, per_pass)
-    count = ROWS_PER_PASS // 2
-    while count:
-        fits = builder.icmp_signed(">=", builder.sub(ops.num_rows, done), ir.Constant(index, count))
-        with builder.if_then(fits):
+    rest = builder.sub(ops.num_rows, done)
+    for count in range(ROWS_PER_PASS - 1, 0, -1):
+        with builder.if_then(builder.icmp_signed("==", rest, ir.Constant(index, count))):
             _emit_pass(builder, fmt, cpu, ops, done, count)
-        done = builder.select(fits, builder.add(done, ir.Constant(index, count)), done)
-        count //= 2
 
 
 def dots_intrinsic(fmt, cpu_features=None):
@@ -605,8 +652,7 @@ def _group_table(builder, fmt, zero, scale, element, bfloat16):
     16 words are the values' bits."""
     codes = range(CODES_4BIT)
     if fmt == "int4":
-        first = builder.extract_element(zero, ir.Constant(I32, 0))
-        ints = builder.sub(_const(I16, codes, CODES_4BIT), _broadcast(builder, first, CODES_4BIT))
+        ints = builder.sub(_const(I16, codes, CODES_4BIT), _broadcast(builder, zero, CODES_4BIT))
         values = builder.sitofp(ints, _vec(F32, CODES_4BIT))
     else:
         values = _const(F32, [float(v) for v in E2M1_DOUBLED], CODES_4BIT)
@@ -628,7 +674,7 @@ def _lookup(builder, table, data, chunk):
     return builder.shuffle_vector(parts[0], parts[1], _const(I32, range(CHUNK)))
 
 
-# The smallest magnitude of a nonzero code as kind.values gives it (e4m3's as float16 bits:
+# The smallest magnitude of a nonzero code as _ordered_values gives it (e4m3's as float16 bits:
 # its smallest subnormal, 2^-9, worth 2^-8 of it).
 SMALLEST_CODE = {"int8": 1.0, "int4": 1.0, "e2m1": 1.0, "e4m3": 2.0 ** -17}
 FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
@@ -652,10 +698,10 @@ def _store(builder, values, target):
     builder.store(values, builder.bitcast(target, values.type.as_pointer()), align=1)
 
 
-def _store_values(builder, kind, fmt, data, chunk, zero, scale, element, bfloat16, cpu, target):
+def _store_values(builder, fmt, data, chunk, zero, scale, element, bfloat16, cpu, target):
     """The chunk's 32 codes converted, scaled and stored at target in out's type; to bfloat16
     by AVX512-BF16's conversion where the group's values allow it (_all_normal)."""
-    w = kind.values(builder, data, chunk, zero, cpu)
+    w = _ordered_values(builder, fmt, data, chunk, None if zero is None else _broadcast(builder, zero, CHUNK), cpu)
     floats = w if w.type.element == F32 else builder.sitofp(w, _vec(F32))
     values = builder.fmul(floats, _broadcast(builder, scale, CHUNK))
     if not (bfloat16 and "+avx512bf16" in cpu):
@@ -701,7 +747,7 @@ def dequantize_intrinsic(fmt, cpu_features=None):
             with cgutils.for_range(builder, num_groups) as group_loop:
                 g = group_loop.index
                 scale = builder.fmul(_group_scale(builder, scales_row, g), factor)
-                zero = _group_zero(builder, fmt, zeros_row, has_zeros, g)
+                zero = builder.zext(_group_zero(builder, zeros_row, has_zeros, g), I16) if fmt == "int4" else None
                 table = _group_table(builder, fmt, zero, scale, element, bfloat16) if _looks_up(fmt, cpu) else None
                 k0 = builder.mul(g, group_)
                 k1 = _min(builder, builder.add(k0, group_), depth)
@@ -712,7 +758,7 @@ def dequantize_intrinsic(fmt, cpu_features=None):
                     if table is not None:
                         _store(builder, _lookup(builder, table, codes_row, chunk), target)
                     else:
-                        _store_values(builder, kind, fmt, codes_row, chunk, zero, scale, element, bfloat16, cpu,
+                        _store_values(builder, fmt, codes_row, chunk, zero, scale, element, bfloat16, cpu,
                                       target)
             return context.get_dummy_value()
 

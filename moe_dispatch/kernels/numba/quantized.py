@@ -3,10 +3,11 @@
 Each kernel task takes the weight rows it needs two at a time and dots them with every row of
 its expert: the codes are read once per step, never a dense copy of the experts.
 
-Where K and the scale groups come in whole chunks of 32 (every real model), the dot products
-are packed_dots.py's vector code: fp8 codes against the float activations, int8, int4 and
-mxfp4 codes against the activations quantized to int16 once per step (16-bit activations
-only: float32 ones keep the float path, whose answer is exact in float32).
+Where K and the scale groups come in whole steps of 32 codes, 64 for the 4-bit formats (every
+real model), the dot products are packed_dots.py's vector code: fp8 codes against the float
+activations, int8, int4 and mxfp4 codes against the activations quantized to int16 once per
+step (16-bit activations only: float32 ones keep the float path, whose answer is exact in
+float32).
 
 Elsewhere, a float path: each weight row turned into float32 in a buffer that stays in L1,
 or, for experts with few rows, dotted straight from the codes. A row's conversion is one
@@ -28,7 +29,7 @@ from .activations import FusedActivation
 from .caching import njit
 from .grouped_mm import FASTMATH
 from .packed_dots import (e2m1_dequantize, e2m1_dots, e4m3_dequantize, e4m3_dots, int4_dequantize, int4_dots,
-                          int8_dequantize, int8_dots, quantize_rows, reads_chunks)
+                          int8_dequantize, int8_dots, quantize_rows, reads_chunks, reads_wide_chunks)
 from .mlp import BAD_INDEX, DECODE_OK, decode_inputs, decode_plan, gate_up_epilogue
 from .scalars import half_value, narrow, pow2
 
@@ -267,7 +268,7 @@ class PackedInputs(NamedTuple):
     """The activations as packed_dots.py's kernels read them, when a step takes them."""
 
     taken: bool
-    ints: np.ndarray  # [rows, K] int16 in element order for int8, int4 and mxfp4; [0, 0] for fp8
+    ints: np.ndarray  # [rows, K] int16 for int8 (element order), int4 and mxfp4 (wide_order); [0, 0] for fp8
     scales: np.ndarray  # [rows] float32: the int16 rows' scales
 
 
@@ -277,9 +278,9 @@ def packed_inputs(w, x, src, split):
     kernels read src [rows, K] float32 (split when split), and what they read: fp8 weights
     read src itself; int8, int4 and mxfp4 ones src quantized to int16, where x is 16-bit
     (float32 activations keep the float path) and src finite. K and w's groups must come in
-    whole chunks."""
+    whole steps (reads_chunks, and reads_wide_chunks for the 4-bit formats)."""
     no_ints = np.empty((0, 0), dtype=np.int16)
-    if not reads_chunks(w.depth, w.group):
+    if not reads_chunks(w.depth, w.group) or w.split and not reads_wide_chunks(w.depth, w.group):
         return PackedInputs(False, no_ints, np.empty(0, dtype=np.float32))
     if w.fmt == FP8:
         return PackedInputs(True, no_ints, np.empty(0, dtype=np.float32))
