@@ -20,6 +20,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
+from .bf16_dots import bf16_dots
 from .caching import njit
 from .scalars import acc_zero, acc_zeros, bf16_pair, narrow, widen
 
@@ -38,11 +39,14 @@ def dot_rows_pair(src, index, gather, start, end, w_a, w_b, out):
     row = index[start + i] when gather, else start + i. Float32 sums (float64 for float64 src).
 
     w_a, w_b: weight rows of src's depth K; or bfloat16 rows packed as uint32 words (K / 2 of
-    them), and then src is float32 in the split layout. Two weight rows stream through one
-    loop: twice the loads in flight, which a bandwidth-bound decode step needs. Pass a row twice
-    for one dot product.
+    them), and then src is float32 in the split layout, or bfloat16 bits (uint16) in element
+    order (bf16_dots.py; K a multiple of its STEP). Two weight rows stream through one loop:
+    twice the loads in flight, which a bandwidth-bound decode step needs. Pass a row twice for
+    one dot product.
     """
-    if w_a.dtype == np.uint32:
+    if src.dtype == np.uint16 and w_a.dtype == np.uint32:
+        bf16_dots(src, index, gather, start, end, w_a, w_b, out)
+    elif w_a.dtype == np.uint32:
         _dot_rows_pair_packed(src, index, gather, start, end, w_a, w_b, out)
     else:
         _dot_rows_pair_plain(src, index, gather, start, end, w_a, w_b, out)
@@ -53,9 +57,13 @@ def dot_rows_quad(src, index, gather, start, end, w0, w1, w2, w3, out):
 
     More multiply-adds per load, for steps that many rows per expert make compute-bound
     (gate_up_act's quad); where streaming the weights bounds a step, two rows stream faster.
-    Plain rows go as two pairs.
+    Plain rows, and bfloat16 activations (whose kernel meets four activation rows with each
+    pair), go as two pairs.
     """
-    if w0.dtype == np.uint32:
+    if src.dtype == np.uint16 and w0.dtype == np.uint32:
+        bf16_dots(src, index, gather, start, end, w0, w1, out[:2])
+        bf16_dots(src, index, gather, start, end, w2, w3, out[2:])
+    elif w0.dtype == np.uint32:
         _dot_rows_quad_packed(src, index, gather, start, end, w0, w1, w2, w3, out)
     else:
         _dot_rows_pair_plain(src, index, gather, start, end, w0, w1, out[:2])
@@ -64,12 +72,21 @@ def dot_rows_quad(src, index, gather, start, end, w0, w1, w2, w3, out):
 
 @overload(dot_rows_pair, inline="always")
 def _dot_rows_pair(src, index, gather, start, end, w_a, w_b, out):
-    kernel = _dot_rows_pair_packed if w_a.dtype == types.uint32 else _dot_rows_pair_plain
+    if src.dtype == types.uint16 and w_a.dtype == types.uint32:  # bfloat16 activations: bf16_dots.py
+        kernel = bf16_dots
+    else:
+        kernel = _dot_rows_pair_packed if w_a.dtype == types.uint32 else _dot_rows_pair_plain
     return lambda src, index, gather, start, end, w_a, w_b, out: kernel(src, index, gather, start, end, w_a, w_b, out)
 
 
 @overload(dot_rows_quad, inline="always")
 def _dot_rows_quad(src, index, gather, start, end, w0, w1, w2, w3, out):
+    if src.dtype == types.uint16 and w0.dtype == types.uint32:  # bf16_dots meets four rows with each pair
+        def pairs(src, index, gather, start, end, w0, w1, w2, w3, out):
+            bf16_dots(src, index, gather, start, end, w0, w1, out[:2])
+            bf16_dots(src, index, gather, start, end, w2, w3, out[2:])
+
+        return pairs
     if w0.dtype == types.uint32:
         return lambda src, index, gather, start, end, w0, w1, w2, w3, out: _dot_rows_quad_packed(
             src, index, gather, start, end, w0, w1, w2, w3, out

@@ -17,6 +17,7 @@ import numpy as np
 from numba import prange
 
 from .activations import FusedActivation, activate
+from .bf16_dots import STEP, TAKES_BF16_DOTS
 from .caching import njit
 from .grouped_mm import FASTMATH, dot_rows_pair, dot_rows_quad, split_col
 from .plan import make_plan_serial
@@ -65,7 +66,8 @@ def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, act
                 split_a, a):
     """h[r] = x[token_of_row[r]] @ w[e].T + bias[e] and a[r] = act(h[r]) for the rows of each e.
 
-    x: [T, H], float32 (float64), split when w is packed; token_of_row: [R] int32;
+    x: [T, H], float32 (float64), split when w is packed, or bfloat16 bits (uint16) for
+    packed w where the dot products take them (bf16_dots.py); token_of_row: [R] int32;
     w: [E, W, H] (or packed); bias: [E, W] float32 (read when has_bias); offsets: [E+1] int32;
     experts: [A] int32, the experts with rows; inter: I; act: FusedActivation (gated: W = 2I,
     gate row i at i * act.step, up row at i * act.step + act.shift); block: even; quad: gated
@@ -111,7 +113,8 @@ def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, act
 def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weight, block, out):
     """out[t] = sum over the rows r of token t of row_weight[r] * (a[r] @ w[e].T + bias[e]).
 
-    a: [R, I] float32 (float64), split when w is packed; w: [E, H, I] (or packed);
+    a: [R, I] float32 (float64), split when w is packed, or bfloat16 bits as for
+    gate_up_act's x; w: [E, H, I] (or packed);
     bias: [E, H] float32 (read when has_bias); offsets: [E+1] int32; experts: [A] int32;
     token_of_row: [R] int32; row_weight: [R] float32; block: columns per task;
     out: [T, H] (the weights' type). Grid: ceil(H / block) tasks, each owning a block of
@@ -218,19 +221,44 @@ def _decode_step(x, weights, offsets, token_of_row, row_of_slot, experts, tiles,
     save_h); out: [T, H] out (x's type). Returns DECODE_OK, or BAD_INDEX when an index falls
     outside its range (and then computes nothing).
     """
+    # Packed bfloat16 weights meet bfloat16 activations in bf16_dots where the CPU multiplies
+    # them in one instruction: x as it is, and the GEMM2 input rounded to bfloat16 once, as the
+    # blocked path and the reference round it.
+    hidden = x.shape[1]
+    inter = experts.w_down.shape[2] * 2 if experts.down_packed else experts.w_down.shape[2]
+    bf16_gate_up = TAKES_BF16_DOTS and experts.gate_up_packed and hidden % STEP == 0
+    bf16_down = TAKES_BF16_DOTS and experts.down_packed and inter % STEP == 0
     ok, x_wide, row_weight, active = decode_inputs(x, weights, offsets, token_of_row, row_of_slot,
-                                                   experts.gate_up_packed)
+                                                   experts.gate_up_packed and not bf16_gate_up)
     if not ok:
         return BAD_INDEX
     num_rows, num_active = token_of_row.shape[0], active.shape[0]
-    inter = experts.w_down.shape[2] * 2 if experts.down_packed else experts.w_down.shape[2]
     quad = experts.gate_up_packed and num_rows >= tiles.quad_rows * num_active
+    split_a = experts.down_packed and not bf16_down
     a = acc_zeros((num_rows, inter), weights.dtype)
-    gate_up_act(x_wide, token_of_row, experts.w_gate_up, experts.b_gate_up, experts.has_b_gate_up, offsets, active,
-                inter, experts.act, tiles.block_gate_up, quad, save_h, h, experts.down_packed, a)
-    down_combine(a, experts.w_down, experts.b_down, experts.has_b_down, offsets, active, token_of_row, row_weight,
-                 tiles.block_down, out)
+    if bf16_gate_up:
+        gate_up_act(x, token_of_row, experts.w_gate_up, experts.b_gate_up, experts.has_b_gate_up, offsets, active,
+                    inter, experts.act, tiles.block_gate_up, quad, save_h, h, split_a, a)
+    else:
+        gate_up_act(x_wide, token_of_row, experts.w_gate_up, experts.b_gate_up, experts.has_b_gate_up, offsets,
+                    active, inter, experts.act, tiles.block_gate_up, quad, save_h, h, split_a, a)
+    if bf16_down:
+        down_combine(bfloat16_bits(a), experts.w_down, experts.b_down, experts.has_b_down, offsets, active,
+                     token_of_row, row_weight, tiles.block_down, out)
+    else:
+        down_combine(a, experts.w_down, experts.b_down, experts.has_b_down, offsets, active, token_of_row,
+                     row_weight, tiles.block_down, out)
     return DECODE_OK
+
+
+@njit(cache=True)
+def bfloat16_bits(a):
+    """a [R, I] float32 rounded to bfloat16, as bits."""
+    bits = np.empty(a.shape, dtype=np.uint16)
+    for r in range(a.shape[0]):
+        for c in range(a.shape[1]):
+            bits[r, c] = narrow(a[r, c], bits.dtype)
+    return bits
 
 
 @njit(cache=True)

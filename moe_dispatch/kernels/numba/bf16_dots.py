@@ -1,0 +1,175 @@
+"""Dot products of bfloat16 weight rows with bfloat16 activation rows, by AVX512-BF16's
+vdpbf16ps: the decode kernels' inner loop where the CPU has it.
+
+Widening bfloat16 weights to float32 (a shift or a mask per element) and multiplying in
+float32 kept one core at about 6 G weights/s in a decode step of a few rows per expert, so
+that two cores, not the memory, set the pace. vdpbf16ps multiplies 32 pairs of bfloat16 and
+adds them into 16 float32 sums in one instruction, reading the weights' and the activations'
+own bits: each step of 64 bytes of two weight rows meets up to four activation rows, with no
+conversion at all.
+
+Like oneDNN's bfloat16 products on the same processors (which torch's CPU matmul and the
+blocked path call), the instruction reads subnormal inputs as zero and flushes subnormal
+products: a difference only for values below 1e-38.
+
+bf16_dots is plain Python (numpy), which NUMBA_DISABLE_JIT=1 runs, with an overload that
+compiles the vector code in its place: vdpbf16ps where the CPU has AVX512-BF16, else the same
+sums widened to float32 in generic vector IR (correct everywhere; the decode kernels take
+these dot products only where TAKES_BF16_DOTS).
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.registry import cpu_target
+from numba.extending import intrinsic, overload
+
+from .packed_dots import BF16, F32, I16, I32, PREFETCH_BYTES, ROWS_PER_PASS, _const, _intrinsic_call, _load, _prefetch, \
+    _vec
+
+STEP = 32  # elements of each row per step: 64 bytes
+
+
+def _cpu_features() -> str:
+    return cpu_target.target_context.codegen()._get_host_cpu_features()
+
+
+def _dot_instruction(cpu: str) -> bool:
+    # LLVM 17 gave the intrinsic bfloat operands; earlier ones took integer vectors.
+    return "+avx512bf16" in cpu and llvm.llvm_version_info[0] >= 17
+
+
+# Whether the CPU Numba compiles for multiplies bfloat16 pairs in one instruction: where it
+# does, the decode kernels take bf16_dots on the activations' own bits (kernels/numba/mlp.py).
+TAKES_BF16_DOTS = _dot_instruction(_cpu_features())
+
+
+def bf16_dots(src, index, gather, start, end, w_a, w_b, out):
+    """out[0, i] = src[row] . w_a and out[1, i] = src[row] . w_b for i < end - start, where
+    row = index[start + i] when gather, else start + i: src [rows, K] uint16 (bfloat16 bits),
+    w_a and w_b [K/2] uint32 (two bfloat16 each, the lower address first), K a multiple of
+    STEP; float32 sums in out [>= 2, >= end - start]."""
+    def widened(bits):
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+
+    for i in range(end - start):
+        row = index[start + i] if gather else start + i
+        x = widened(src[row])
+        for j, w in enumerate((w_a, w_b)):
+            out[j, i] = np.float32(np.dot(widened(w.view(np.uint16)), x))
+
+
+class _Operands:
+    def __init__(self, context, builder, sig, args):
+        arrays = {i: context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 5, 6, 7)}
+        index = types.intp
+        self.gather = args[2]
+        self.start, self.end = (context.cast(builder, args[i], sig.args[i], index) for i in (3, 4))
+        self.src = builder.bitcast(arrays[0].data, I16.as_pointer())
+        self.depth = cgutils.unpack_tuple(builder, arrays[0].shape, 2)[1]
+        self.index = arrays[1].data
+        self.weights = [builder.bitcast(arrays[i].data, I16.as_pointer()) for i in (5, 6)]
+        self.out = arrays[7].data
+        self.out_width = cgutils.unpack_tuple(builder, arrays[7].shape, 2)[1]
+
+    def row(self, builder, i):
+        """Where activation row i of this call starts."""
+        position = builder.add(self.start, i)
+        gathered = builder.sext(builder.load(builder.gep(self.index, [position])), position.type)
+        return builder.gep(self.src, [builder.mul(builder.select(self.gather, gathered, position), self.depth)])
+
+
+def _emit_pass(builder, cpu, ops, first, count):
+    """count activation rows from the first-th: every step of the two weight rows, then the
+    sums into ops.out."""
+    fast = _dot_instruction(cpu)
+    acc_type = _vec(F32, STEP // 2 if fast else STEP)
+    index = ops.depth.type
+    rows = [ops.row(builder, builder.add(first, ir.Constant(index, j))) for j in range(count)]
+    sums = {}
+    for r in range(2):
+        for j in range(count):
+            sums[r, j] = cgutils.alloca_once(builder, acc_type)
+            builder.store(ir.Constant(acc_type, None), sums[r, j])
+    with cgutils.for_range(builder, builder.udiv(ops.depth, ir.Constant(index, STEP))) as steps:
+        offset = builder.mul(steps.index, ir.Constant(index, STEP))
+        ws = []
+        for weights in ops.weights:
+            _prefetch(builder, weights, builder.add(offset, ir.Constant(index, PREFETCH_BYTES // 2)))
+            ws.append(_load(builder, weights, offset, _vec(I16, STEP)))
+        for j, row in enumerate(rows):
+            x = _load(builder, row, offset, _vec(I16, STEP))
+            for r, w in enumerate(ws):
+                builder.store(_multiply_add(builder, builder.load(sums[r, j]), w, x, fast), sums[r, j])
+    for (r, j), acc in sums.items():
+        v = builder.load(acc)
+        n = v.type.count
+        while n > 1:
+            n //= 2
+            v = builder.fadd(builder.shuffle_vector(v, v, _const(I32, range(n), n)),
+                             builder.shuffle_vector(v, v, _const(I32, range(n, 2 * n), n)))
+        column = builder.add(first, ir.Constant(index, j))
+        target = builder.gep(ops.out, [builder.add(builder.mul(ir.Constant(index, r), ops.out_width), column)])
+        builder.store(builder.extract_element(v, ir.Constant(I32, 0)), target)
+
+
+def _multiply_add(builder, acc, w, x, fast):
+    """acc plus the products of the 32 bfloat16 (as bits) of w and x."""
+    if fast:
+        pair = _vec(BF16, STEP)
+        return _intrinsic_call(builder, "llvm.x86.avx512bf16.dpbf16ps.512", acc.type,
+                               [acc, builder.bitcast(w, pair), builder.bitcast(x, pair)])
+
+    def widened(bits):
+        shifted = builder.shl(builder.zext(bits, _vec(I32, STEP)), _const(I32, 16, STEP))
+        return builder.bitcast(shifted, _vec(F32, STEP))
+
+    return builder.fadd(acc, builder.fmul(widened(w), widened(x), flags=("fast",)), flags=("fast",))
+
+
+def bf16_dots_intrinsic(cpu_features=None):
+    """The vector code of bf16_dots, for the CPU features given (a "+avx512bf16,..." string),
+    by default those Numba compiles for."""
+
+    @intrinsic
+    def dots(typingctx, src, index, gather, start, end, w_a, w_b, out):
+        arrays = ((src, 2, types.uint16), (index, 1, types.int32), (w_a, 1, types.uint32), (w_b, 1, types.uint32),
+                  (out, 2, types.float32))
+        if not all(isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" and a.dtype == dtype
+                   for a, ndim, dtype in arrays):
+            return None
+        if not all(isinstance(i, types.Integer) for i in (start, end)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            cpu = cpu_features if cpu_features is not None else _cpu_features()
+            ops = _Operands(context, builder, sig, args)
+            index = ops.depth.type
+            num = builder.sub(ops.end, ops.start)
+            per_pass = ir.Constant(index, ROWS_PER_PASS)
+            full = builder.udiv(num, per_pass)
+            with cgutils.for_range(builder, full) as passes:
+                _emit_pass(builder, cpu, ops, builder.mul(passes.index, per_pass), ROWS_PER_PASS)
+            done = builder.mul(full, per_pass)
+            rest = builder.sub(num, done)
+            for count in range(ROWS_PER_PASS - 1, 0, -1):
+                with builder.if_then(builder.icmp_signed("==", rest, ir.Constant(index, count))):
+                    _emit_pass(builder, cpu, ops, done, count)
+            return context.get_dummy_value()
+
+        return types.void(src, index, gather, start, end, w_a, w_b, out), codegen
+
+    return dots
+
+
+_kernel = bf16_dots_intrinsic()
+
+
+@overload(bf16_dots, inline="always")
+def _bf16_dots(src, index, gather, start, end, w_a, w_b, out):
+    return lambda src, index, gather, start, end, w_a, w_b, out: _kernel(src, index, gather, start, end, w_a, w_b,
+                                                                          out)
