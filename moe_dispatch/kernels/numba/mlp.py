@@ -6,7 +6,8 @@ Decode runs in two parallel passes, each reading every active expert's weights o
   down_combine: GEMM2 with the routing weight and the combine in its epilogue.
 Weights are in the layout of transformers 5 experts (K contiguous): w_gate_up [E, W, H]
 with W = 2I (gate rows, then up rows) or I, w_down [E, H, I]; packed bfloat16 weights
-take their activations in the split layout (see grouped_mm.py).
+take their activations in the split layout (see grouped_mm.py), or, where the CPU has
+AVX512-BF16 and K comes in whole steps, as bfloat16 bits (bf16_dots.py).
 """
 
 from __future__ import annotations
@@ -210,8 +211,8 @@ def moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, experts, tile
 @njit(cache=True)
 def _decode_step(x, weights, offsets, token_of_row, row_of_slot, experts, tiles, save_h, h, out):
     """The whole decode step in one call from Python: check the plan's index arrays, widen x
-    (split when the weights are packed), scatter the routing weights to rows, then
-    gate_up_act and down_combine. Each operation Python runs costs tens of microseconds
+    (split when the weights are packed; packed weights that take bf16_dots read x as it is),
+    scatter the routing weights to rows, then gate_up_act and down_combine. Each operation Python runs costs tens of microseconds
     when a step starts with cold caches, as a decode step between other layers does; here
     they cost a loop each.
 
