@@ -28,8 +28,8 @@ from numba.core import cgutils
 from numba.core.registry import cpu_target
 from numba.extending import intrinsic, overload
 
-from .packed_dots import BF16, F32, I16, I32, PREFETCH_BYTES, ROWS_PER_PASS, _const, _intrinsic_call, _load, _prefetch, \
-    _vec
+from .packed_dots import BF16, F32, I16, I32, PREFETCH_BYTES, _const, _intrinsic_call, _load, _prefetch, _vec, \
+    emit_row_passes, horizontal_sum
 
 STEP = 32  # elements of each row per step: 64 bytes
 
@@ -106,15 +106,9 @@ def _emit_pass(builder, cpu, ops, first, count):
             for r, w in enumerate(ws):
                 builder.store(_multiply_add(builder, builder.load(sums[r, j]), w, x, fast), sums[r, j])
     for (r, j), acc in sums.items():
-        v = builder.load(acc)
-        n = v.type.count
-        while n > 1:
-            n //= 2
-            v = builder.fadd(builder.shuffle_vector(v, v, _const(I32, range(n), n)),
-                             builder.shuffle_vector(v, v, _const(I32, range(n, 2 * n), n)))
         column = builder.add(first, ir.Constant(index, j))
         target = builder.gep(ops.out, [builder.add(builder.mul(ir.Constant(index, r), ops.out_width), column)])
-        builder.store(builder.extract_element(v, ir.Constant(I32, 0)), target)
+        builder.store(horizontal_sum(builder, builder.load(acc)), target)
 
 
 def _multiply_add(builder, acc, w, x, fast):
@@ -148,17 +142,8 @@ def bf16_dots_intrinsic(cpu_features=None):
         def codegen(context, builder, sig, args):
             cpu = cpu_features if cpu_features is not None else _cpu_features()
             ops = _Operands(context, builder, sig, args)
-            index = ops.depth.type
-            num = builder.sub(ops.end, ops.start)
-            per_pass = ir.Constant(index, ROWS_PER_PASS)
-            full = builder.udiv(num, per_pass)
-            with cgutils.for_range(builder, full) as passes:
-                _emit_pass(builder, cpu, ops, builder.mul(passes.index, per_pass), ROWS_PER_PASS)
-            done = builder.mul(full, per_pass)
-            rest = builder.sub(num, done)
-            for count in range(ROWS_PER_PASS - 1, 0, -1):
-                with builder.if_then(builder.icmp_signed("==", rest, ir.Constant(index, count))):
-                    _emit_pass(builder, cpu, ops, done, count)
+            emit_row_passes(builder, builder.sub(ops.end, ops.start),
+                            lambda first, count: _emit_pass(builder, cpu, ops, first, count))
             return context.get_dummy_value()
 
         return types.void(src, index, gather, start, end, w_a, w_b, out), codegen

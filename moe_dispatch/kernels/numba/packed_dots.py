@@ -171,7 +171,6 @@ def e4m3_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, s
 I8, I16, I32, F16, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.HalfType(), ir.FloatType()
 
 
-
 class _BFloat16Type(ir.types._BaseFloatType):
     """LLVM's bfloat, which llvmlite does not name."""
 
@@ -488,13 +487,7 @@ def _emit_pass(builder, fmt, cpu, ops, first, count):
                 flush()
         flush()
     for r, j in pairs:
-        v = builder.load(sums[r, j])
-        n = kind.lanes
-        while n > 1:
-            n //= 2
-            v = builder.fadd(builder.shuffle_vector(v, v, _const(I32, range(n), n)),
-                             builder.shuffle_vector(v, v, _const(I32, range(n, 2 * n), n)))
-        total = builder.fmul(builder.extract_element(v, ir.Constant(I32, 0)), ir.Constant(F32, kind.result_factor))
+        total = builder.fmul(horizontal_sum(builder, builder.load(sums[r, j])), ir.Constant(F32, kind.result_factor))
         column = builder.add(first, ir.Constant(index, j))
         builder.store(total, builder.gep(ops.out, [builder.add(builder.mul(ir.Constant(index, r), ops.out_width),
                                                                column)]))
@@ -520,20 +513,34 @@ def _emit_group_sizes(builder, fmt, cpu, ops, sizes):
             _emit_group_sizes(builder, fmt, cpu, ops, sizes[1:])
 
 
-def _emit_passes(builder, fmt, cpu, ops):
-    """Passes of ROWS_PER_PASS activation rows, then one pass of the rest: each pass converts
-    the codes again, and an expert of three rows in passes of two and one cost 1.4x one of
-    three (a decode step's experts mostly hold one to four rows)."""
-    index = ops.num_rows.type
+def horizontal_sum(builder, v):
+    """The sum of a float vector's lanes, halving it in each step."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        v = builder.fadd(builder.shuffle_vector(v, v, _const(I32, range(n), n)),
+                         builder.shuffle_vector(v, v, _const(I32, range(n, 2 * n), n)))
+    return builder.extract_element(v, ir.Constant(I32, 0))
+
+
+def emit_row_passes(builder, num_rows, emit_pass):
+    """emit_pass(first, count) for passes of ROWS_PER_PASS activation rows, then one pass of
+    the rest: each pass reads the weights again, and an expert of three rows in passes of two
+    and one cost 1.4x one of three (a decode step's experts mostly hold one to four rows)."""
+    index = num_rows.type
     per_pass = ir.Constant(index, ROWS_PER_PASS)
-    full = builder.udiv(ops.num_rows, per_pass)
+    full = builder.udiv(num_rows, per_pass)
     with cgutils.for_range(builder, full) as passes:
-        _emit_pass(builder, fmt, cpu, ops, builder.mul(passes.index, per_pass), ROWS_PER_PASS)
+        emit_pass(builder.mul(passes.index, per_pass), ROWS_PER_PASS)
     done = builder.mul(full, per_pass)
-    rest = builder.sub(ops.num_rows, done)
+    rest = builder.sub(num_rows, done)
     for count in range(ROWS_PER_PASS - 1, 0, -1):
         with builder.if_then(builder.icmp_signed("==", rest, ir.Constant(index, count))):
-            _emit_pass(builder, fmt, cpu, ops, done, count)
+            emit_pass(done, count)
+
+
+def _emit_passes(builder, fmt, cpu, ops):
+    emit_row_passes(builder, ops.num_rows, lambda first, count: _emit_pass(builder, fmt, cpu, ops, first, count))
 
 
 def dots_intrinsic(fmt, cpu_features=None):
