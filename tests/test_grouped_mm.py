@@ -178,10 +178,14 @@ def spy_torch_grouped_mm(monkeypatch) -> list:
 def test_large_groups_of_aligned_operands_take_torch_grouped_mm(dtype, layout, matmul_library, gen, monkeypatch):
     """One torch._grouped_mm call instead of a loop over experts, where this torch has a CPU
     one and the operands suit it (bfloat16, or float32 where BLAS computes it; 16-byte
-    strides); the loop otherwise."""
+    strides) and no AMX tiles take them (bfloat16 weights in nn.Linear's layout, on a CPU with
+    AMX-BF16); the loop otherwise."""
+    from moe_dispatch.kernels.numba.tile_products import tiles_available
+
     large_groups_everywhere(monkeypatch)
     # probed before the spy counts
-    grouped = cm._grouped_mm_on_cpu() and (
+    tiles = dtype == torch.bfloat16 and layout == "nk" and tiles_available()
+    grouped = cm._grouped_mm_on_cpu() and not tiles and (
         dtype == torch.bfloat16 or dtype == torch.float32 and matmul_library == "blas"
     )
     calls = spy_torch_grouped_mm(monkeypatch)
