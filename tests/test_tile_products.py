@@ -90,8 +90,8 @@ def test_the_blocked_path_on_tiles_matches_the_reference(gen):
 
 
 def test_grouped_mm_on_tiles_matches_the_reference(gen):
-    """Groups of 0 to 150 rows (tiles up to TILE_ROWS, the library beyond), the weight passed as
-    nn.Linear storage transposed, which the tiles read in place."""
+    """Groups of 0 to 150 rows, the weight passed as nn.Linear storage transposed, which the
+    tiles read in place."""
     import moe_dispatch as md
 
     tiles()

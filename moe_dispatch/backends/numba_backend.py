@@ -44,6 +44,7 @@ from ..kernels.numba import plan as plan_kernels
 from ..kernels.numba import quantized as quantized_kernels
 from ..kernels.numba import tile_products
 from ..kernels.numba.activations import FusedActivation, fused
+from ..kernels.numba.bf16_dots import STEP as BF16_STEP
 from ..kernels.numba.bf16_dots import TAKES_BF16_DOTS
 from ..plan import DispatchPlan
 from .base import Backend
@@ -71,11 +72,27 @@ FUSED_LIMITS = {
 }
 
 
-def fused_rows_limit(dtype: torch.dtype, flops_per_row: int) -> float:
+def fused_rows_limit(dtype: torch.dtype, flops_per_row: int, on_tiles: bool = False) -> float:
     """Rows per expert up to which the Numba kernels serve an expert whose every row costs
-    flops_per_row."""
+    flops_per_row; on_tiles: its blocked products run on AMX tiles, whose fixed cost per
+    expert is small (bfloat16 experts of H=512, I=192 at 32 rows: 9.4 ms blocked against 20
+    for the fused kernels; at 8 rows the fused kernels still win)."""
     small_group_rows, blocked_expert_flops = FUSED_LIMITS["onednn" if onednn_float32() else "blas"][dtype]
-    return max(small_group_rows, blocked_expert_flops / max(flops_per_row, 1))
+    return small_group_rows if on_tiles else max(small_group_rows, blocked_expert_flops / max(flops_per_row, 1))
+
+
+# Rows per expert up to which the fused kernels serve bfloat16 experts that widen their
+# weights (H or I off vdpbf16ps's steps) where the blocked path runs on tiles: gpt-oss-20b
+# x0.25 (H = I = 720) at 8 rows, 6.4 ms blocked against 8.5 fused; at 4, 5.5 against 7.1.
+WIDENING_ROWS_BESIDE_TILES = 6
+
+
+def mlp_rows_limit(x: Tensor, experts: ExpertWeights) -> float:
+    """fused_rows_limit of the expert MLP."""
+    tiles = not is_quantized(experts) and all(on_tiles(dense(w)) for w in (experts.w_gate_up, experts.w_down))
+    limit = fused_rows_limit(x.dtype, mlp_flops_per_row(experts.w_gate_up, experts.w_down), tiles)
+    dots = TAKES_BF16_DOTS and (experts.w_down.shape[1] % BF16_STEP == 0 and experts.intermediate_size % BF16_STEP == 0)
+    return limit if not tiles or dots else min(limit, WIDENING_ROWS_BESIDE_TILES)
 
 
 def mlp_flops_per_row(w_gate_up: Tensor, w_down: Tensor) -> int:
@@ -270,24 +287,16 @@ def is_quantized(experts: ExpertWeights) -> bool:
     return isinstance(experts.w_gate_up, QuantizedWeight) or isinstance(experts.w_down, QuantizedWeight)
 
 
-# Rows per expert up to which the AMX tile products beat oneDNN's (which reorders the weight
-# first but then multiplies faster: measured on one core, 1.5-1.8x oneDNN's speed at 64 rows,
-# 0.9-1.3x at 128, 0.7-0.9x at 256).
-TILE_ROWS = 128
+def on_tiles(w: Tensor) -> bool:
+    """Whether the AMX tile products take w [E, N, K]: contiguous bfloat16, N in whole tiles,
+    K even, and AMX here."""
+    return (w.dtype == torch.bfloat16 and is_packed(w) and tile_products.fits(w.shape[2], w.shape[1])
+            and tile_products.tiles_available())
 
 
 def tile_words(w: Tensor) -> Optional[np.ndarray]:
-    """w [E, N, K] as the AMX tile products read it (uint32 pairs of bfloat16), or None where
-    they do not run: not bfloat16, not contiguous, N not in whole tiles, K odd, or no AMX here."""
-    if not (w.dtype == torch.bfloat16 and is_packed(w) and tile_products.fits(w.shape[2], w.shape[1])):
-        return None
-    return weights_array(w) if tile_products.tiles_available() else None
-
-
-def takes_tiles(task: Task) -> bool:
-    """Whether the tile products serve this task: a run of small experts, or up to TILE_ROWS
-    rows of one."""
-    return task.last - task.first > 1 or task.end - task.start <= TILE_ROWS
+    """w as the tile products read it (uint32 pairs of bfloat16), or None where they do not."""
+    return weights_array(w) if on_tiles(w) else None
 
 
 def tile_multiply(out: Tensor, a: Tensor, words: np.ndarray, task: Task, bounds: np.ndarray,
@@ -320,8 +329,8 @@ class ExpertMatrices:
         else:
             self.weight = dense(w)
             self.matrices = self.weight.transpose(1, 2)
-            self.packed = packed_experts(w, save_for_backward)
             self.words = tile_words(self.weight)
+            self.packed = None if self.words is not None else packed_experts(w, save_for_backward)
 
     def bias_between(self, e: int, bias: Optional[Tensor], slot: int) -> tuple:
         """matmul_into's (b, bias, packed) for expert e on the thread of this slot: its [K, N]
@@ -335,10 +344,11 @@ class ExpertMatrices:
 
     def multiply(self, out: Tensor, a: Tensor, task: Task, bounds: np.ndarray, bias: Optional[Tensor],
                  slot: int) -> None:
-        """out = the task's rows a [n, K] times their experts' matrices (+ bias): a run of
-        experts in one torch._grouped_mm where it serves them (a dozen fewer torch calls per
-        expert, a third of a step of 128 small experts), else expert by expert."""
-        if self.words is not None and takes_tiles(task):
+        """out = the task's rows a [n, K] times their experts' matrices (+ bias): on AMX tiles
+        where they take the weight, else a run of experts in one torch._grouped_mm where it
+        serves them (a dozen fewer torch calls per expert, a third of a step of 128 small
+        experts), else expert by expert."""
+        if self.words is not None:
             tile_multiply(out, a, self.words, task, bounds, bias)
             return
         first, last, start, _ = task
@@ -423,16 +433,16 @@ class NumbaBackend(Backend):
         bounds = int32_array(offsets)
         check_offsets(bounds, a.shape[0])
         w_rows = rows_of_k_view(w)
-        limit = fused_rows_limit(a.dtype, 2 * w.shape[1] * w.shape[2]) if w_rows is not None else 0
-        small, large = experts_by_size(bounds, limit)
         words = tile_words(w_rows) if w_rows is not None else None
+        limit = fused_rows_limit(a.dtype, 2 * w.shape[1] * w.shape[2], words is not None) if w_rows is not None else 0
+        small, large = experts_by_size(bounds, limit)
         group_flops = 2 * a.shape[0] * w.shape[1] * w.shape[2] / max(len(large), 1)
         if large and not small.size and bias is None and words is None and takes_grouped_mm(group_flops, a, w):
             return torch._grouped_mm(a, w, offs=torch.from_numpy(bounds[1:]))
         out = a.new_empty(a.shape[0], w.shape[2])
 
         def multiply(task: Task, slot: int) -> None:
-            if words is not None and takes_tiles(task):
+            if words is not None:
                 tile_multiply(out[task.start:task.end], a[task.start:task.end], words, task, bounds, bias)
                 return
             for e, start, end in expert_rows(task, bounds):
@@ -492,7 +502,7 @@ class NumbaBackend(Backend):
         bounds = int32_array(plan.offsets)
         check_offsets(bounds, plan.num_rows)
         active = int(np.count_nonzero(np.diff(bounds)))
-        rows_limit = fused_rows_limit(x.dtype, mlp_flops_per_row(experts.w_gate_up, experts.w_down))
+        rows_limit = mlp_rows_limit(x, experts)
         kernels = decode_kernels(x, experts) if active and plan.num_rows <= rows_limit * active else None
         if kernels is not None:
             return self._moe_mlp_decode(x, weights, bounds, plan, experts, kernels, save_for_backward)
@@ -530,7 +540,7 @@ class NumbaBackend(Backend):
             start, end = task.start, task.end
             x_n, h_n, a_n = (buffer[:end - start] for buffer in buffers[slot])
             torch.index_select(x, 0, token[start:end], out=x_n)
-            if epilogue and takes_tiles(task):
+            if epilogue:
                 tile_multiply(a_n, x_n, w1.words, task, bounds, b_gate_up, act, inter, experts.interleaved)
             else:
                 h = h_all[start:end] if save_for_backward else h_n
@@ -582,7 +592,7 @@ class NumbaBackend(Backend):
         # declines when the experts receive more rows than the fused kernels take.
         if not 0 < ids.numel() <= plan_kernels.MIN_SLOTS_PER_CHUNK or experts.quantizes_activations:
             return None
-        rows_limit = fused_rows_limit(x.dtype, mlp_flops_per_row(experts.w_gate_up, experts.w_down))
+        rows_limit = mlp_rows_limit(x, experts)
         common = (as_array(x.contiguous()), scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(),
                   experts.num_experts, rows_limit)
         kernels = decode_kernels(x, experts)
