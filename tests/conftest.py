@@ -199,14 +199,14 @@ def small_groups_everywhere(monkeypatch):
     """Every expert counts as small: Numba kernels for all groups, decode for moe_mlp."""
     import moe_dispatch.backends.numba_backend as nb
 
-    monkeypatch.setattr(nb, "fused_rows_limit", lambda dtype, flops_per_row: 10**9)
+    monkeypatch.setattr(nb, "fused_rows_limit", lambda *_: 10**9)
 
 
 def large_groups_everywhere(monkeypatch):
     """Every expert with rows counts as large: BLAS for all groups, the blocked moe_mlp."""
     import moe_dispatch.backends.numba_backend as nb
 
-    monkeypatch.setattr(nb, "fused_rows_limit", lambda dtype, flops_per_row: 0)
+    monkeypatch.setattr(nb, "fused_rows_limit", lambda *_: 0)
 
 
 @pytest.fixture(params=["onednn", "blas"])

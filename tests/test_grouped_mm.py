@@ -148,7 +148,7 @@ def test_nojit_grouped_mm_bias_and_wgrad(layout, gen, monkeypatch):
 
 @needs_numba
 def test_an_expert_with_as_many_rows_as_the_limit_is_a_small_group(gen, monkeypatch):
-    monkeypatch.setattr(nb, "fused_rows_limit", lambda dtype, flops_per_row: 3)
+    monkeypatch.setattr(nb, "fused_rows_limit", lambda *_: 3)
     offsets = torch.tensor([0, 3, 5, 9], dtype=torch.int32)  # 3 rows, 2 (small) and 4 (large)
     xs, w = torch.randn(9, 8, generator=gen), weights_in("nk", 3, 8, 6, torch.float32, gen)
     assert_close(md.grouped_mm(xs, w, offsets, backend="numba"), naive_grouped_mm(xs, w, offsets))

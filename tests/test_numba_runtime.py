@@ -168,7 +168,7 @@ def test_kernels_under_boundscheck(tmp_path):
             return (out, unpermute(o, plan, weights, backend=backend), *grads)
 
         for small in (10**9, 0):
-            nb.fused_rows_limit = lambda dtype, flops_per_row, small=small: small
+            nb.fused_rows_limit = lambda *_, small=small: small
             for dtype in (torch.float32, torch.bfloat16):
                 inputs = (torch.randn(T, H, generator=g), torch.rand(T, k, generator=g).softmax(-1),
                           torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5,
@@ -201,7 +201,7 @@ def test_quantized_kernels_under_boundscheck(tmp_path):
             q1 = md.quantize(torch.randn(E, 2 * I, H, generator=g) / H**0.5, fmt, **options)
             q2 = md.quantize(torch.randn(E, H, I, generator=g) / I**0.5, fmt, **options)
             for T, small in ((2, 10**9), (13, 10**9), (13, 0)):  # direct, buffered, blocked
-                nb.fused_rows_limit = lambda dtype, flops_per_row, small=small: small
+                nb.fused_rows_limit = lambda *_, small=small: small
                 ids = torch.rand(T, E, generator=g).topk(k, -1).indices
                 x, weights = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g).softmax(-1)
                 want = md.moe_mlp(x.double(), weights.double(), ids, q1.dequantize(torch.float64),

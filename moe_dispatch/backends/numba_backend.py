@@ -72,27 +72,34 @@ FUSED_LIMITS = {
 }
 
 
-def fused_rows_limit(dtype: torch.dtype, flops_per_row: int, on_tiles: bool = False) -> float:
+# Rows per expert up to which the fused kernels serve bfloat16 experts that widen their
+# weights (K off vdpbf16ps's steps of 32) where the blocked path runs on tiles: gpt-oss-20b
+# x0.25 (H = I = 720) at 8 rows, 6.4 ms blocked against 8.5 fused; at 4, 5.5 against 7.1.
+WIDENING_ROWS_BESIDE_TILES = 6
+
+
+def fused_rows_limit(dtype: torch.dtype, flops_per_row: int, on_tiles: bool = False, widens: bool = False) -> float:
     """Rows per expert up to which the Numba kernels serve an expert whose every row costs
     flops_per_row; on_tiles: its blocked products run on AMX tiles, whose fixed cost per
     expert is small (bfloat16 experts of H=512, I=192 at 32 rows: 9.4 ms blocked against 20
-    for the fused kernels; at 8 rows the fused kernels still win)."""
+    for the fused kernels; at 8 rows the fused kernels still win), fewer where the kernels
+    widen its bfloat16 weights rather than take bf16_dots (widens)."""
     small_group_rows, blocked_expert_flops = FUSED_LIMITS["onednn" if onednn_float32() else "blas"][dtype]
-    return small_group_rows if on_tiles else max(small_group_rows, blocked_expert_flops / max(flops_per_row, 1))
+    if on_tiles:
+        return min(small_group_rows, WIDENING_ROWS_BESIDE_TILES) if widens else small_group_rows
+    return max(small_group_rows, blocked_expert_flops / max(flops_per_row, 1))
 
 
-# Rows per expert up to which the fused kernels serve bfloat16 experts that widen their
-# weights (H or I off vdpbf16ps's steps) where the blocked path runs on tiles: gpt-oss-20b
-# x0.25 (H = I = 720) at 8 rows, 6.4 ms blocked against 8.5 fused; at 4, 5.5 against 7.1.
-WIDENING_ROWS_BESIDE_TILES = 6
+def takes_bf16_dots(*depths: int) -> bool:
+    """Whether the fused kernels multiply bfloat16 weights of these K by bf16_dots."""
+    return TAKES_BF16_DOTS and all(depth % BF16_STEP == 0 for depth in depths)
 
 
 def mlp_rows_limit(x: Tensor, experts: ExpertWeights) -> float:
     """fused_rows_limit of the expert MLP."""
     tiles = not is_quantized(experts) and all(on_tiles(dense(w)) for w in (experts.w_gate_up, experts.w_down))
-    limit = fused_rows_limit(x.dtype, mlp_flops_per_row(experts.w_gate_up, experts.w_down), tiles)
-    dots = TAKES_BF16_DOTS and (experts.w_down.shape[1] % BF16_STEP == 0 and experts.intermediate_size % BF16_STEP == 0)
-    return limit if not tiles or dots else min(limit, WIDENING_ROWS_BESIDE_TILES)
+    widens = not takes_bf16_dots(experts.w_gate_up.shape[2], experts.intermediate_size)
+    return fused_rows_limit(x.dtype, mlp_flops_per_row(experts.w_gate_up, experts.w_down), tiles, widens)
 
 
 def mlp_flops_per_row(w_gate_up: Tensor, w_down: Tensor) -> int:
@@ -434,7 +441,8 @@ class NumbaBackend(Backend):
         check_offsets(bounds, a.shape[0])
         w_rows = rows_of_k_view(w)
         words = tile_words(w_rows) if w_rows is not None else None
-        limit = fused_rows_limit(a.dtype, 2 * w.shape[1] * w.shape[2], words is not None) if w_rows is not None else 0
+        limit = (fused_rows_limit(a.dtype, 2 * w.shape[1] * w.shape[2], words is not None, not takes_bf16_dots(w.shape[1]))
+                 if w_rows is not None else 0)
         small, large = experts_by_size(bounds, limit)
         group_flops = 2 * a.shape[0] * w.shape[1] * w.shape[2] / max(len(large), 1)
         if large and not small.size and bias is None and words is None and takes_grouped_mm(group_flops, a, w):
