@@ -325,7 +325,7 @@ class ExpertMatrices:
     it: a bfloat16 weight as it is on AMX tiles (tile_multiply); a view of a float weight for
     the library (with its oneDNN-packed copy, when it has one); or a quantized expert
     dequantized into its thread's buffer, reused from expert to expert, so that no dense copy
-    of the experts is ever made."""
+    of the experts is ever made (and multiplied on tiles where they take the buffer)."""
 
     def __init__(self, w, dtype: torch.dtype, save_for_backward: bool, threads: int):
         self.quantized = isinstance(w, QuantizedWeight)
@@ -333,6 +333,7 @@ class ExpertMatrices:
         if self.quantized:
             self.rows = quantized_rows(w)
             self.buffers = [torch.empty(w.shape[1:], dtype=dtype) for _ in range(threads)]
+            self.buffer_words = [tile_words(buffer[None]) for buffer in self.buffers]
         else:
             self.weight = dense(w)
             self.matrices = self.weight.transpose(1, 2)
@@ -344,10 +345,14 @@ class ExpertMatrices:
         matrix, bias[e], its packed copy."""
         bias_e = None if bias is None else bias[e]
         if self.quantized:
-            buffer = self.buffers[slot]
-            quantized_kernels.dequantize_experts(self.rows, np.array([e], dtype=np.int32), as_array(buffer)[None])
-            return buffer.T, bias_e, None
+            return self.dequantized(e, slot).T, bias_e, None
         return self.matrices[e], bias_e, self.packed and self.packed.expert(self.weight, e)
+
+    def dequantized(self, e: int, slot: int) -> Tensor:
+        """Quantized expert e, dequantized into the buffer of this slot's thread."""
+        buffer = self.buffers[slot]
+        quantized_kernels.dequantize_experts(self.rows, np.array([e], dtype=np.int32), as_array(buffer)[None])
+        return buffer
 
     def multiply(self, out: Tensor, a: Tensor, task: Task, bounds: np.ndarray, bias: Optional[Tensor],
                  slot: int) -> None:
@@ -370,7 +375,13 @@ class ExpertMatrices:
                 return
         for e, begin, stop in expert_rows(task, bounds):
             rows = slice(begin - start, stop - start)
-            matmul_into(out[rows], a[rows], *self.bias_between(e, bias, slot))
+            if self.quantized and self.buffer_words[slot] is not None:  # bfloat16 on tiles
+                self.dequantized(e, slot)
+                count = stop - begin
+                tile_multiply(out[rows], a[rows], self.buffer_words[slot], Task(0, 1, 0, count),
+                              np.array([0, count], dtype=np.int32), None if bias is None else bias[e:e + 1])
+            else:
+                matmul_into(out[rows], a[rows], *self.bias_between(e, bias, slot))
 
 
 def decode_kernels(x: Tensor, experts: ExpertWeights) -> Optional[tuple]:
