@@ -182,10 +182,9 @@ def test_quantized_experts_on_tiles_match_their_dequantized_weights(fmt, options
     tiles()
     large_groups_everywhere(monkeypatch)
     tokens, hidden, inter, num_experts = 40, 128, 64, 4
-    q1 = md.quantize(torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden ** 0.5, fmt, dtype=torch.bfloat16,
-                     **options)
-    q2 = md.quantize(torch.randn(num_experts, hidden, inter, generator=gen) / inter ** 0.5, fmt, dtype=torch.bfloat16,
-                     **options)
+    q1, q2 = (md.quantize(torch.randn(num_experts, n, k, generator=gen) / k ** 0.5, fmt, dtype=torch.bfloat16,
+                          **options)
+              for n, k in ((2 * inter, hidden), (hidden, inter)))
     x = torch.randn(tokens, hidden, generator=gen).bfloat16()
     ids = torch.randint(0, num_experts, (tokens, 2), generator=gen)
     weights = torch.rand(tokens, 2, generator=gen)

@@ -452,7 +452,8 @@ class NumbaBackend(Backend):
         check_offsets(bounds, a.shape[0])
         w_rows = rows_of_k_view(w)
         words = tile_words(w_rows) if w_rows is not None else None
-        limit = (fused_rows_limit(a.dtype, 2 * w.shape[1] * w.shape[2], words is not None, not takes_bf16_dots(w.shape[1]))
+        flops_per_row = 2 * w.shape[1] * w.shape[2]
+        limit = (fused_rows_limit(a.dtype, flops_per_row, words is not None, not takes_bf16_dots(w.shape[1]))
                  if w_rows is not None else 0)
         small, large = experts_by_size(bounds, limit)
         group_flops = 2 * a.shape[0] * w.shape[1] * w.shape[2] / max(len(large), 1)

@@ -41,7 +41,7 @@ from numba.extending import intrinsic
 
 from .activations import CLAMPED_SWIGLU, SWIGLU, FusedActivation
 from .caching import njit
-from .packed_dots import BF16, F32, I8, I32, _const, _prefetch, _vec
+from .packed_dots import BF16, F32, I8, I32, _broadcast, _const, _intrinsic_call, _prefetch, _vec
 
 TILE = 16  # rows of a tile, and float32 columns of a sum tile
 DEPTH = 32  # bfloat16 elements of K per tile step: 64 bytes per tile row
@@ -54,6 +54,7 @@ CHUNK_ROWS = 256  # at most, with their sums for 32 weight rows (32 KB) beside t
 SLICE_PAIRS = 128
 
 _I64 = ir.IntType(64)
+_VOID = ir.VoidType()
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
 
 
@@ -101,11 +102,6 @@ def tail_config(depth: int) -> np.ndarray:
     return tile_config(depth // 2 % TILE or TILE)
 
 
-def _call(builder, name, operands=()):
-    fn = builder.module.declare_intrinsic(name, fnty=ir.FunctionType(ir.VoidType(), [o.type for o in operands]))
-    builder.call(fn, operands)
-
-
 def _tile(number):
     return ir.Constant(I8, number)
 
@@ -143,7 +139,7 @@ def _transposed(builder, rows):
 def _configure(typingctx, config):
     def codegen(context, builder, sig, args):
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        _call(builder, "llvm.x86.ldtilecfg", [builder.bitcast(data, I8.as_pointer())])
+        _intrinsic_call(builder, "llvm.x86.ldtilecfg", _VOID, [builder.bitcast(data, I8.as_pointer())])
         return context.get_dummy_value()
 
     return types.void(config), codegen
@@ -152,7 +148,7 @@ def _configure(typingctx, config):
 @intrinsic
 def _release(typingctx):
     def codegen(context, builder, sig, args):
-        _call(builder, "llvm.x86.tilerelease")
+        _intrinsic_call(builder, "llvm.x86.tilerelease", _VOID, [])
         return context.get_dummy_value()
 
     return types.void(), codegen
@@ -212,11 +208,12 @@ def _block_intrinsic(w_tiles, x_tiles):
                 with then:
                     for s in range(w_tiles):
                         for t in range(x_tiles):
-                            _call(builder, "llvm.x86.tileloadd64", [_tile(sums[s][t]), *sums_at(s, t)])
+                            _intrinsic_call(builder, "llvm.x86.tileloadd64", _VOID,
+                                            [_tile(sums[s][t]), *sums_at(s, t)])
                 with otherwise:
                     for s in range(w_tiles):
                         for t in range(x_tiles):
-                            _call(builder, "llvm.x86.tilezero", [_tile(sums[s][t])])
+                            _intrinsic_call(builder, "llvm.x86.tilezero", _VOID, [_tile(sums[s][t])])
             pairs_per_step = ir.Constant(_I64, DEPTH // 2)
             with cgutils.for_range(builder, steps) as loop:
                 k = builder.add(first, builder.mul(loop.index, pairs_per_step))
@@ -229,15 +226,16 @@ def _block_intrinsic(w_tiles, x_tiles):
                 # still reading the tile it overwrites)
                 for s in range(w_tiles):
                     at, stride = _at(context, builder, sig.args[0], w, w_rows[s], k)
-                    _call(builder, "llvm.x86.tileloadd64", [_tile(w_tile[s]), at, stride])
+                    _intrinsic_call(builder, "llvm.x86.tileloadd64", _VOID, [_tile(w_tile[s]), at, stride])
                     for t in range(x_tiles):
                         if s == 0:
                             at, stride = _at(context, builder, sig.args[3], packed, k, ir.Constant(_I64, TILE * t))
-                            _call(builder, "llvm.x86.tileloadd64", [_tile(x_tile[t]), at, stride])
-                        _call(builder, "llvm.x86.tdpbf16ps", [_tile(sums[s][t]), _tile(w_tile[s]), _tile(x_tile[t])])
+                            _intrinsic_call(builder, "llvm.x86.tileloadd64", _VOID, [_tile(x_tile[t]), at, stride])
+                        _intrinsic_call(builder, "llvm.x86.tdpbf16ps", _VOID,
+                                        [_tile(sums[s][t]), _tile(w_tile[s]), _tile(x_tile[t])])
             for s in range(w_tiles):
                 for t in range(x_tiles):
-                    _call(builder, "llvm.x86.tilestored64", [_tile(sums[s][t]), *sums_at(s, t)])
+                    _intrinsic_call(builder, "llvm.x86.tilestored64", _VOID, [_tile(sums[s][t]), *sums_at(s, t)])
             return context.get_dummy_value()
 
         return types.void(w, n, second, packed, m, out, first, steps, accumulate), codegen
@@ -245,7 +243,8 @@ def _block_intrinsic(w_tiles, x_tiles):
     return block
 
 
-_block_2x2, _block_2x1, _block_1x2, _block_1x1 = (_block_intrinsic(*shape) for shape in ((2, 2), (2, 1), (1, 2), (1, 1)))
+_block_2x2, _block_2x1, _block_1x2, _block_1x1 = (_block_intrinsic(w_tiles, x_tiles)
+                                                  for w_tiles, x_tiles in ((2, 2), (2, 1), (1, 2), (1, 1)))
 
 
 def _result_rows(context, builder, sums_type, sums, row, column, bias_type, bias, has_bias, n):
@@ -284,46 +283,39 @@ def _store(typingctx, sums, row, column, count, bias, has_bias, out, m, n):
     return types.void(sums, row, column, count, bias, has_bias, out, m, n), codegen
 
 
-def _splat(value, n=TILE):
-    return ir.Constant(_vec(F32, n), [value] * n)
-
-
 def _exp(builder, x):
     """e^x of a float32 vector, within 2 ulp (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2,
     a degree-7 polynomial for e^r, 2^n applied as two halves so that results below 2^-126
     come out subnormal and above 2^128 infinite, as expf's); a NaN passes."""
     n_lanes = x.type.count
-    lo, hi = builder.fcmp_ordered("<", x, _splat(-104.0, n_lanes)), builder.fcmp_ordered(">", x, _splat(89.0, n_lanes))
-    clamped = builder.select(hi, _splat(89.0, n_lanes), builder.select(lo, _splat(-104.0, n_lanes), x))
-    scaled = builder.fmul(clamped, _splat(1.4426950408889634, n_lanes))
-    rounded = _intrinsic_result(builder, "llvm.rint", scaled)
-    r = builder.fsub(builder.fsub(clamped, builder.fmul(rounded, _splat(0.693359375, n_lanes))),
-                     builder.fmul(rounded, _splat(-2.12194440e-4, n_lanes)))
-    poly = _splat(1.9875691500e-4, n_lanes)
+
+    def lanes(value, element=F32):
+        return _const(element, value, n_lanes)
+
+    lo, hi = builder.fcmp_ordered("<", x, lanes(-104.0)), builder.fcmp_ordered(">", x, lanes(89.0))
+    clamped = builder.select(hi, lanes(89.0), builder.select(lo, lanes(-104.0), x))
+    scaled = builder.fmul(clamped, lanes(1.4426950408889634))
+    rounded = _intrinsic_call(builder, f"llvm.rint.v{n_lanes}f32", scaled.type, [scaled])
+    r = builder.fsub(builder.fsub(clamped, builder.fmul(rounded, lanes(0.693359375))),
+                     builder.fmul(rounded, lanes(-2.12194440e-4)))
+    poly = lanes(1.9875691500e-4)
     for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        poly = builder.fadd(builder.fmul(poly, r), _splat(c, n_lanes))
-    e_r = builder.fadd(builder.fadd(builder.fmul(poly, builder.fmul(r, r)), r), _splat(1.0, n_lanes))
-    n = builder.fptosi(builder.select(builder.fcmp_unordered("uno", x, x), _splat(0.0, n_lanes), rounded),
+        poly = builder.fadd(builder.fmul(poly, r), lanes(c))
+    e_r = builder.fadd(builder.fadd(builder.fmul(poly, builder.fmul(r, r)), r), lanes(1.0))
+    n = builder.fptosi(builder.select(builder.fcmp_unordered("uno", x, x), lanes(0.0), rounded),
                        _vec(I32, n_lanes))
-    half = builder.ashr(n, ir.Constant(_vec(I32, n_lanes), [1] * n_lanes))
+    half = builder.ashr(n, lanes(1, I32))
     result = e_r
     for part in (half, builder.sub(n, half)):
-        power = builder.shl(builder.add(part, ir.Constant(_vec(I32, n_lanes), [127] * n_lanes)),
-                            ir.Constant(_vec(I32, n_lanes), [23] * n_lanes))
+        power = builder.shl(builder.add(part, lanes(127, I32)), lanes(23, I32))
         result = builder.fmul(result, builder.bitcast(power, x.type))
     return builder.select(builder.fcmp_unordered("uno", x, x), x, result)
 
 
-def _intrinsic_result(builder, name, value):
-    """The intrinsic of one float vector operand: name.v<n>f32(value)."""
-    fn = builder.module.declare_intrinsic(f"{name}.v{value.type.count}f32",
-                                          fnty=ir.FunctionType(value.type, [value.type]))
-    return builder.call(fn, [value])
-
-
 def _sigmoid_times(builder, z, y):
     """y * sigmoid(z) as y / (1 + e^-z): e^-z overflowing to infinity gives y's signed zero."""
-    return builder.fdiv(y, builder.fadd(_splat(1.0), _exp(builder, builder.fsub(_splat(-0.0), z))))
+    negated = builder.fsub(_const(F32, -0.0, TILE), z)
+    return builder.fdiv(y, builder.fadd(_const(F32, 1.0, TILE), _exp(builder, negated)))
 
 
 def _swiglu(builder, g, u, alpha, limit):
@@ -334,11 +326,11 @@ def _clamped_swiglu(builder, g, u, alpha, limit):
     """gpt-oss's: the gate clamped from above, up within +-limit (NaN passes both, as torch's
     clamp passes it), (up + 1) * gate * sigmoid(alpha * gate)."""
     gate = builder.select(builder.fcmp_ordered(">", g, limit), limit, g)
-    neg = builder.fsub(_splat(-0.0), limit)
+    neg = builder.fsub(_const(F32, -0.0, TILE), limit)
     up = builder.select(builder.fcmp_ordered(">", u, limit), limit,
                         builder.select(builder.fcmp_ordered("<", u, neg), neg, u))
     glu = _sigmoid_times(builder, builder.fmul(alpha, gate), gate)
-    return builder.fmul(builder.fadd(up, _splat(1.0)), glu)
+    return builder.fmul(builder.fadd(up, _const(F32, 1.0, TILE)), glu)
 
 
 # The gated activations the tile products apply in their epilogue (the others run between the
@@ -359,8 +351,8 @@ def _store_activated(typingctx, sums, column, count, bias, has_bias, row, second
             context, builder, sig, args)
         fields = sig.args[8].types  # FusedActivation's: code, p0, p1, ...
         code = context.cast(builder, builder.extract_value(act, 0), fields[0], types.intp)
-        alpha, limit = (_broadcast_float(builder, context.cast(builder, builder.extract_value(act, i), fields[i],
-                                                               types.float32)) for i in (1, 2))
+        alpha, limit = (_broadcast(builder, context.cast(builder, builder.extract_value(act, i), fields[i],
+                                                               types.float32), TILE) for i in (1, 2))
         vector = _vec(F32, TILE)
         tiles = []
         for s, first in enumerate((row, builder.add(row, second))):
@@ -382,11 +374,6 @@ def _store_activated(typingctx, sums, column, count, bias, has_bias, row, second
         return context.get_dummy_value()
 
     return types.void(sums, column, count, bias, has_bias, row, second, interleaved, act, out, m, n), codegen
-
-
-def _broadcast_float(builder, value):
-    v = builder.insert_element(ir.Constant(_vec(F32, TILE), None), value, ir.Constant(I32, 0))
-    return builder.shuffle_vector(v, v, _const(I32, 0, TILE))
 
 
 @njit(cache=True, nogil=True, inline="always")
