@@ -3,6 +3,7 @@ medians: whether a change made anything slower.
 
     python benchmarks/compare_revisions.py HEAD~1                    # that commit against the working tree
     python benchmarks/compare_revisions.py v1 --new v2 --preset qwen3-30b-a3b --tokens 1,64
+    python benchmarks/compare_revisions.py HEAD~1 --dtypes bfloat16 --weights int4,fp8   # quantized experts
 
 The old revision is checked out into a temporary worktree. One worker process per revision
 builds the same inputs (a preset's shape, seeded), warms every point up (JIT compiles outside
@@ -47,6 +48,8 @@ for line in sys.stdin:
         width = 2 * i if preset.activation in ("swiglu", "geglu", "clamped_swiglu") else i
         w_gate_up = (torch.randn(e, width, h, generator=gen) * h**-0.5).to(dtype)
         w_down = (torch.randn(e, h, i, generator=gen) * i**-0.5).to(dtype)
+        if command["weights"] != "dense":  # round to nearest, each format's default groups
+            w_gate_up, w_down = (md.quantize(w, command["weights"], dtype=dtype) for w in (w_gate_up, w_down))
         t = command["tokens"]
         x = torch.randn(t, h, generator=gen).to(dtype)
         ids = torch.rand(t, e, generator=gen).topk(k, dim=-1).indices
@@ -99,12 +102,13 @@ def main() -> int:
     parser.add_argument("--tokens", default="1,16,512")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--backends", default="numba,torch")
+    parser.add_argument("--weights", default="dense", help="dense, or quantized formats: int8,int4,fp8,mxfp4")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--rounds", type=int, default=15, help="turns of each side per point")
     parser.add_argument("--seconds", type=float, default=0.2, help="about how long a burst lasts")
     args = parser.parse_args()
-    points = [(backend, dtype, int(t)) for backend in args.backends.split(",") for dtype in args.dtypes.split(",")
-              for t in args.tokens.split(",")]
+    points = [(backend, dtype, weights, int(t)) for backend in args.backends.split(",")
+              for dtype in args.dtypes.split(",") for weights in args.weights.split(",") for t in args.tokens.split(",")]
     times: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
         old_tree = Path(scratch) / "old"
@@ -117,12 +121,12 @@ def main() -> int:
                             args.new], check=True, capture_output=True)
         workers = {"old": Worker(old_tree, args.threads), "new": Worker(new_tree, args.threads)}
         try:
-            for backend, dtype, tokens in points:
-                key = f"{backend}-{dtype}-{tokens}"
+            for backend, dtype, weights, tokens in points:
+                key = f"{backend}-{dtype}-{weights}-{tokens}"
                 print(f"{key}: warming up", file=sys.stderr, flush=True)
                 for worker in workers.values():
-                    worker.ask(do="setup", key=key, preset=args.preset, scale=args.scale, dtype=dtype, tokens=tokens,
-                               backend=backend, warmup_s=2.0)
+                    worker.ask(do="setup", key=key, preset=args.preset, scale=args.scale, dtype=dtype, weights=weights,
+                               tokens=tokens, backend=backend, warmup_s=2.0)
                 one = statistics.median(workers["new"].ask(do="time", key=key, reps=5)["times"])
                 reps = max(1, int(args.seconds / max(one, 1e-6)))
                 for round_ in range(args.rounds):
@@ -139,12 +143,12 @@ def main() -> int:
     title = (f"moe_mlp, {args.preset} at scale {args.scale:g}, {args.threads} threads: {args.old} against "
              f"{args.new or 'the working tree'}, median of {args.rounds} alternating bursts")
     table = Table(title=title, title_justify="left")
-    for column in ("backend", "dtype", "tokens", "old ms", "new ms", "old / new"):
-        table.add_column(column, justify="left" if column in ("backend", "dtype") else "right")
-    for backend, dtype, tokens in points:
-        key = f"{backend}-{dtype}-{tokens}"
+    for column in ("backend", "dtype", "weights", "tokens", "old ms", "new ms", "old / new"):
+        table.add_column(column, justify="left" if column in ("backend", "dtype", "weights") else "right")
+    for backend, dtype, weights, tokens in points:
+        key = f"{backend}-{dtype}-{weights}-{tokens}"
         old, new = (1e3 * statistics.median(times[(key, side)]) for side in ("old", "new"))
-        table.add_row(backend, dtype, str(tokens), f"{old:.3f}", f"{new:.3f}", f"{old / new:.2f}x")
+        table.add_row(backend, dtype, weights, str(tokens), f"{old:.3f}", f"{new:.3f}", f"{old / new:.2f}x")
     Console(width=200).print(table)
     return 0
 

@@ -148,8 +148,8 @@ def compiled_dequantize(fmt, features):
     kernel = dequantize_intrinsic(fmt, features)
 
     @njit
-    def run(codes, scales, zeros, has_zeros, e, n, s, group, out):
-        kernel(codes, scales, zeros, has_zeros, e, n, s, group, out)
+    def run(codes, scales, zeros, has_zeros, e, n, s, group, first, out):
+        kernel(codes, scales, zeros, has_zeros, e, n, s, group, first, out)
 
     return run
 
@@ -158,7 +158,8 @@ def compiled_dequantize(fmt, features):
 @pytest.mark.parametrize("features", FEATURES)
 @pytest.mark.parametrize("fmt,quantize_format,options,depth", CASES)
 def test_rows_dequantize_bit_for_bit_as_the_format_does(fmt, quantize_format, options, depth, features, dtype, gen):
-    """The blocked path's conversion: each row in the activations' type, rounded once."""
+    """The blocked path's conversion: each row in the activations' type, rounded once; whole,
+    and a slice from one chunk in (inside the first group where groups are longer)."""
     from moe_dispatch.backends.numba_backend import as_array
     from moe_dispatch.kernels.numba import packed_dots
 
@@ -168,11 +169,14 @@ def test_rows_dequantize_bit_for_bit_as_the_format_does(fmt, quantize_format, op
     operands = (q.codes.view(torch.uint8).numpy(), q.scales.numpy(), zeros, q.zeros is not None, 0)
     expected = q.dequantize(dtype)[0]
     run, definition = compiled_dequantize(fmt, features), getattr(packed_dots, f"{fmt}_dequantize")
+    group = q.block[1]
     for n in range(2):
-        out, defined = torch.full((depth,), float("nan"), dtype=dtype), torch.empty(depth, dtype=dtype)
-        run(*operands, n, n // q.block[0], q.block[1], as_array(out))
-        definition(*operands, n, n // q.block[0], q.block[1], as_array(defined))
-        assert torch.equal(out, expected[n]) and torch.equal(defined, expected[n])
+        for start, stop in ((0, depth), (32, min(depth, group + 64))):
+            out = torch.full((stop - start,), float("nan"), dtype=dtype)
+            defined = torch.empty(stop - start, dtype=dtype)
+            run(*operands, n, n // q.block[0], group, start, as_array(out))
+            definition(*operands, n, n // q.block[0], group, start, as_array(defined))
+            assert torch.equal(out, expected[n, start:stop]) and torch.equal(defined, expected[n, start:stop])
 
 
 @pytest.mark.parametrize("features", FEATURES)
@@ -194,5 +198,5 @@ def test_rows_whose_values_are_subnormal_dequantize_bit_for_bit(fmt, quantize_fo
     run = compiled_dequantize(fmt, features)
     for n in range(2):
         out = torch.full((depth,), float("nan"), dtype=torch.bfloat16)
-        run(*operands, n, n // q.block[0], q.block[1], as_array(out))
+        run(*operands, n, n // q.block[0], q.block[1], 0, as_array(out))
         assert torch.equal(out, expected[n])

@@ -172,23 +172,76 @@ def test_the_vector_exp_is_expf(gen):
     assert out[x == 0].tolist() == [1.0, 1.0]
 
 
-@pytest.mark.parametrize("fmt, options", [("int4", dict(group_size=32)), ("fp8", {})])
-def test_quantized_experts_on_tiles_match_their_dequantized_weights(fmt, options, gen, monkeypatch):
-    """The blocked path dequantizes each quantized expert into a bfloat16 buffer and multiplies
-    it on tiles: the answer is the reference's on the dequantized weights."""
+QUANTIZED = [
+    pytest.param("int8", {}, id="int8-channel"),
+    pytest.param("int8", dict(group_size=64), id="int8-g64"),
+    pytest.param("int4", dict(group_size=32, symmetric=False), id="int4-g32-zero-points"),
+    pytest.param("int4", dict(group_size=128), id="int4-g128"),
+    pytest.param("fp8", {}, id="fp8"),
+    pytest.param("mxfp4", {}, id="mxfp4"),
+]
+
+
+@pytest.mark.parametrize("fmt, options", QUANTIZED)
+def test_quantized_weights_multiply_as_their_dequantized_bfloat16(fmt, options, gen):
+    """A quantized weight's slices are dequantized to bfloat16 as the tiles reach them: the
+    products, plain and activated, are bit for bit those of the dequantized weight in place.
+    K = 384: a whole slice and a shorter one; 192 rows: fp8's 128-row scale blocks, gate and
+    up rows in different ones."""
     import moe_dispatch as md
+    from moe_dispatch import activations
+    from moe_dispatch.backends.numba_backend import quantized_rows
+    from moe_dispatch.kernels.numba.activations import fused
+
+    tp = tiles()
+    depth, inter = 384, 96
+    counts = [3, 40, 0, 17]
+    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    num_rows, num_experts = int(bounds[-1]), len(counts)
+    a = torch.randn(num_rows, depth, generator=gen).bfloat16()
+    q = md.quantize(torch.randn(num_experts, 2 * inter, depth, generator=gen) / depth ** 0.5, fmt,
+                    dtype=torch.bfloat16, **options)
+    assert tp.fits_quantized(depth, 2 * inter, q.block[1])
+    bias = torch.randn(num_experts, 2 * inter, generator=gen).float().numpy()
+    dense = words(q.dequantize(torch.bfloat16))
+    for name, interleaved in ((None, False), ("swiglu", False), ("clamped_swiglu", True)):
+        act = name and activations.get(name)
+        fn = fused(act, activations.gate_up_columns(act, interleaved, inter)) if act else tp.PRODUCT
+        width = inter if act else 2 * inter
+        out, truth = (torch.full((num_rows, width), float("nan"), dtype=torch.bfloat16) for _ in range(2))
+        for w, result in ((quantized_rows(q), out), (dense, truth)):
+            tp.expert_products(words(a), w, bounds, 0, num_experts, 0, num_rows, bits(result), bias, True,
+                               tp.scratch(depth), tp.tail_config(depth), fn, inter, interleaved)
+        assert torch.equal(out, truth), name
+
+
+@pytest.mark.parametrize("fmt, options", QUANTIZED[2:])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_quantized_experts_on_tiles_match_their_dequantized_weights(fmt, options, grad, gen, monkeypatch):
+    """The blocked path multiplies quantized experts on tiles, never dequantizing a whole
+    expert (SwiGLU in GEMM1's epilogue at inference; GEMM1's output kept for autograd): the
+    answer is the reference's on the dequantized weights, and so is the gradient of x."""
+    import moe_dispatch as md
+    import moe_dispatch.backends.numba_backend as nb
     from conftest import large_groups_everywhere
 
     tiles()
     large_groups_everywhere(monkeypatch)
-    tokens, hidden, inter, num_experts = 40, 128, 64, 4
+    monkeypatch.setattr(nb.ExpertMatrices, "dequantized", None)  # a whole expert dequantized would fail
+    tokens, hidden, inter, num_experts = 40, 384, 128, 4
     q1, q2 = (md.quantize(torch.randn(num_experts, n, k, generator=gen) / k ** 0.5, fmt, dtype=torch.bfloat16,
                           **options)
               for n, k in ((2 * inter, hidden), (hidden, inter)))
-    x = torch.randn(tokens, hidden, generator=gen).bfloat16()
+    x = torch.randn(tokens, hidden, generator=gen).bfloat16().requires_grad_(grad)
     ids = torch.randint(0, num_experts, (tokens, 2), generator=gen)
     weights = torch.rand(tokens, 2, generator=gen)
     out = md.moe_mlp(x, weights, ids, q1, q2, backend="numba")
-    ref = md.moe_mlp(x.double(), weights.double(), ids, q1.dequantize(torch.bfloat16).double(),
+    x64 = x.detach().double().requires_grad_(grad)
+    ref = md.moe_mlp(x64, weights.double(), ids, q1.dequantize(torch.bfloat16).double(),
                      q2.dequantize(torch.bfloat16).double(), backend="torch")
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+    if grad:
+        dy = torch.randn(tokens, hidden, generator=gen)
+        out.backward(dy.bfloat16())
+        ref.backward(dy.bfloat16().double())
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-2, atol=2e-2)

@@ -306,15 +306,24 @@ def tile_words(w: Tensor) -> Optional[np.ndarray]:
     return weights_array(w) if on_tiles(w) else None
 
 
-def tile_multiply(out: Tensor, a: Tensor, words: np.ndarray, task: Task, bounds: np.ndarray,
+def quantized_tiles(w: QuantizedWeight, dtype: torch.dtype) -> Optional[quantized_kernels.QuantizedRows]:
+    """w as the tile products read it for activations of dtype (each slice dequantized to
+    bfloat16 as they reach it), or None where they do not take it."""
+    fits = dtype == torch.bfloat16 and tile_products.fits_quantized(w.shape[2], w.shape[1], w.block[1])
+    return quantized_rows(w) if fits and tile_products.tiles_available() else None
+
+
+def tile_multiply(out: Tensor, a: Tensor, w_tiles, task: Task, bounds: np.ndarray,
                   bias: Optional[Tensor], act: FusedActivation = tile_products.PRODUCT, inter: int = 0,
                   interleaved: bool = False) -> None:
     """out = the task's rows a [n, K] times their experts' weights (+ bias), on AMX tiles
-    (tile_words(w) = words): one call for the task's experts, no copy of their weights. With
-    act (one of tile_products.EPILOGUES), out [n, inter] = that activation of the product."""
+    (w_tiles: tile_words(w) or quantized_tiles(w)): one call for the task's experts, no copy
+    of their weights. With act (one of tile_products.EPILOGUES), out [n, inter] = that
+    activation of the product."""
     first, last, start, end = task
-    bias32 = np.zeros((1, words.shape[1]), dtype=np.float32) if bias is None else bias[first:last].float().numpy()
-    tile_products.expert_products(a.view(torch.int32).numpy().view(np.uint32), words, bounds, first, last, start,
+    width = w_tiles.shape[1] if isinstance(w_tiles, np.ndarray) else w_tiles.codes.shape[1]
+    bias32 = np.zeros((1, width), dtype=np.float32) if bias is None else bias[first:last].float().numpy()
+    tile_products.expert_products(a.view(torch.int32).numpy().view(np.uint32), w_tiles, bounds, first, last, start,
                                   end, as_array(out), bias32, bias is not None,
                                   tile_products.scratch(a.shape[1]), tile_products.tail_config(a.shape[1]),
                                   act, inter, interleaved)
@@ -322,23 +331,23 @@ def tile_multiply(out: Tensor, a: Tensor, words: np.ndarray, task: Task, bounds:
 
 class ExpertMatrices:
     """Each expert's [K, N] matrix of a weight [E, N, K], as the blocked path's products read
-    it: a bfloat16 weight as it is on AMX tiles (tile_multiply); a view of a float weight for
-    the library (with its oneDNN-packed copy, when it has one); or a quantized expert
-    dequantized into its thread's buffer, reused from expert to expert, so that no dense copy
-    of the experts is ever made (and multiplied on tiles where they take the buffer)."""
+    it: on AMX tiles (tile_multiply), a bfloat16 weight as it is and a quantized one
+    dequantized slice by slice as the tiles reach it; else a view of a float weight for the
+    library (with its oneDNN-packed copy, when it has one), or a quantized expert dequantized
+    into its thread's buffer, reused from expert to expert. No dense copy of the experts is
+    ever made."""
 
     def __init__(self, w, dtype: torch.dtype, save_for_backward: bool, threads: int):
         self.quantized = isinstance(w, QuantizedWeight)
-        self.words = None
         if self.quantized:
             self.rows = quantized_rows(w)
-            self.buffers = [torch.empty(w.shape[1:], dtype=dtype) for _ in range(threads)]
-            self.buffer_words = [tile_words(buffer[None]) for buffer in self.buffers]
+            self.tiles = quantized_tiles(w, dtype)
+            self.buffers = [torch.empty(w.shape[1:], dtype=dtype) for _ in range(threads if self.tiles is None else 0)]
         else:
             self.weight = dense(w)
             self.matrices = self.weight.transpose(1, 2)
-            self.words = tile_words(self.weight)
-            self.packed = None if self.words is not None else packed_experts(w, save_for_backward)
+            self.tiles = tile_words(self.weight)
+            self.packed = None if self.tiles is not None else packed_experts(w, save_for_backward)
 
     def bias_between(self, e: int, bias: Optional[Tensor], slot: int) -> tuple:
         """matmul_into's (b, bias, packed) for expert e on the thread of this slot: its [K, N]
@@ -360,8 +369,8 @@ class ExpertMatrices:
         where they take the weight, else a run of experts in one torch._grouped_mm where it
         serves them (a dozen fewer torch calls per expert, a third of a step of 128 small
         experts), else expert by expert."""
-        if self.words is not None:
-            tile_multiply(out, a, self.words, task, bounds, bias)
+        if self.tiles is not None:
+            tile_multiply(out, a, self.tiles, task, bounds, bias)
             return
         first, last, start, _ = task
         if last - first > 1 and not self.quantized and not self.packed:  # a run holds whole experts
@@ -375,13 +384,7 @@ class ExpertMatrices:
                 return
         for e, begin, stop in expert_rows(task, bounds):
             rows = slice(begin - start, stop - start)
-            if self.quantized and self.buffer_words[slot] is not None:  # bfloat16 on tiles
-                self.dequantized(e, slot)
-                count = stop - begin
-                tile_multiply(out[rows], a[rows], self.buffer_words[slot], Task(0, 1, 0, count),
-                              np.array([0, count], dtype=np.int32), None if bias is None else bias[e:e + 1])
-            else:
-                matmul_into(out[rows], a[rows], *self.bias_between(e, bias, slot))
+            matmul_into(out[rows], a[rows], *self.bias_between(e, bias, slot))
 
 
 def decode_kernels(x: Tensor, experts: ExpertWeights) -> Optional[tuple]:
@@ -552,7 +555,7 @@ class NumbaBackend(Backend):
 
         activation = activations.get(experts.activation)
         # AMX tiles apply SwiGLU in GEMM1's epilogue (where no autograd wants GEMM1's output)
-        epilogue = (w1.words is not None and not save_for_backward and inter % tile_products.TILE == 0
+        epilogue = (w1.tiles is not None and not save_for_backward and inter % tile_products.TILE == 0
                     and activation.code in tile_products.EPILOGUES)
         act = fused(activation, activations.gate_up_columns(activation, experts.interleaved, inter))
 
@@ -561,7 +564,7 @@ class NumbaBackend(Backend):
             x_n, h_n, a_n = (buffer[:end - start] for buffer in buffers[slot])
             torch.index_select(x, 0, token[start:end], out=x_n)
             if epilogue:
-                tile_multiply(a_n, x_n, w1.words, task, bounds, b_gate_up, act, inter, experts.interleaved)
+                tile_multiply(a_n, x_n, w1.tiles, task, bounds, b_gate_up, act, inter, experts.interleaved)
             else:
                 h = h_all[start:end] if save_for_backward else h_n
                 w1.multiply(h, x_n, task, bounds, b_gate_up, slot)

@@ -593,11 +593,11 @@ overload(e4m3_dots, inline="always")(_compiled("e4m3"))
 # ---- whole rows dequantized, for the blocked path's library products ----------------------------
 
 
-def _dequantize(fmt, codes, scales, zeros, has_zeros, e, n, s, group, out):
+def _dequantize(fmt, codes, scales, zeros, has_zeros, e, n, s, group, first, out):
     values = _code_values(fmt, codes[e, n], zeros[e, s] if has_zeros else None, has_zeros, group).astype(np.float32)
     if fmt == "e2m1":
         values *= np.float32(0.5)
-    row = values * np.repeat(_scale_values(scales[e, s]), group)[: values.shape[0]]
+    row = (values * np.repeat(_scale_values(scales[e, s]), group)[: values.shape[0]])[first:first + out.shape[0]]
     if out.dtype == np.uint16:  # bfloat16 bits, rounded to nearest even as torch rounds
         bits = row.view(np.uint32).astype(np.uint64)
         out[:] = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
@@ -607,26 +607,27 @@ def _dequantize(fmt, codes, scales, zeros, has_zeros, e, n, s, group, out):
         out[:] = row
 
 
-def int8_dequantize(codes, scales, zeros, has_zeros, e, n, s, group, out):
-    """out[k] = codes[e, n, k] * scales[e, s, k // group] in out's type (float32, or bfloat16
-    or float16 bits as uint16 or int16), rounded once: what QuantizedWeight.dequantize gives.
-    K and group multiples of CHUNK; zeros as for int8_dots."""
-    _dequantize("int8", codes, scales, zeros, has_zeros, e, n, s, group, out)
+def int8_dequantize(codes, scales, zeros, has_zeros, e, n, s, group, first, out):
+    """out[i] = codes[e, n, k] * scales[e, s, k // group] for k = first + i, in out's type
+    (float32, or bfloat16 or float16 bits as uint16 or int16), rounded once: what
+    QuantizedWeight.dequantize gives. K, group, first and len(out) multiples of CHUNK,
+    first + len(out) at most K; zeros as for int8_dots."""
+    _dequantize("int8", codes, scales, zeros, has_zeros, e, n, s, group, first, out)
 
 
-def int4_dequantize(codes, scales, zeros, has_zeros, e, n, s, group, out):
+def int4_dequantize(codes, scales, zeros, has_zeros, e, n, s, group, first, out):
     """int8_dequantize for 4-bit codes, less their zero points."""
-    _dequantize("int4", codes, scales, zeros, has_zeros, e, n, s, group, out)
+    _dequantize("int4", codes, scales, zeros, has_zeros, e, n, s, group, first, out)
 
 
-def e2m1_dequantize(codes, scales, zeros, has_zeros, e, n, s, group, out):
+def e2m1_dequantize(codes, scales, zeros, has_zeros, e, n, s, group, first, out):
     """int8_dequantize for e2m1 codes."""
-    _dequantize("e2m1", codes, scales, zeros, has_zeros, e, n, s, group, out)
+    _dequantize("e2m1", codes, scales, zeros, has_zeros, e, n, s, group, first, out)
 
 
-def e4m3_dequantize(codes, scales, zeros, has_zeros, e, n, s, group, out):
+def e4m3_dequantize(codes, scales, zeros, has_zeros, e, n, s, group, first, out):
     """int8_dequantize for e4m3 codes."""
-    _dequantize("e4m3", codes, scales, zeros, has_zeros, e, n, s, group, out)
+    _dequantize("e4m3", codes, scales, zeros, has_zeros, e, n, s, group, first, out)
 
 
 def _stored(builder, values, element, bfloat16):
@@ -727,40 +728,44 @@ def dequantize_intrinsic(fmt, cpu_features=None):
     kind = _KINDS[fmt]
 
     @intrinsic
-    def dequantize(typingctx, codes, scales, zeros, has_zeros, e, n, s, group, out):
+    def dequantize(typingctx, codes, scales, zeros, has_zeros, e, n, s, group, first, out):
         arrays = ((codes, 3), (scales, 3), (zeros, 3), (out, 1))
         if not all(isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" for a, ndim in arrays):
             return None
         if (scales.dtype not in (types.float32, types.uint8)
                 or out.dtype not in (types.float32, types.uint16, types.int16)):
             return None
-        signature = types.void(codes, scales, zeros, has_zeros, e, n, s, group, out)
+        signature = types.void(codes, scales, zeros, has_zeros, e, n, s, group, first, out)
 
         def codegen(context, builder, sig, args):
             cpu = cpu_features if cpu_features is not None else context.codegen()._get_host_cpu_features()
             index = types.intp
-            e_, n_, s_, group_ = (context.cast(builder, args[i], sig.args[i], index) for i in (4, 5, 6, 7))
+            e_, n_, s_, group_, first_ = (context.cast(builder, args[i], sig.args[i], index) for i in (4, 5, 6, 7, 8))
             has_zeros = args[3]
-            arrays = {i: context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 2, 8)}
+            arrays = {i: context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 2, 9)}
             codes_row = _row_start(builder, arrays[0], e_, n_)
             scales_row = _row_start(builder, arrays[1], e_, s_)
             zeros_row = _zeros_row(builder, arrays[2], has_zeros, e_, s_)
-            out = arrays[8].data
-            element = context.get_value_type(sig.args[8].dtype)
-            bfloat16 = sig.args[8].dtype == types.uint16
-            depth = cgutils.unpack_tuple(builder, arrays[8].shape, 1)[0]
-            num_groups = builder.udiv(builder.add(depth, builder.sub(group_, ir.Constant(e_.type, 1))), group_)
+            # out[0] is element first: out's address less first elements, indexed by k
+            out = builder.gep(arrays[9].data, [builder.neg(first_)])
+            element = context.get_value_type(sig.args[9].dtype)
+            bfloat16 = sig.args[9].dtype == types.uint16
+            end = builder.add(first_, cgutils.unpack_tuple(builder, arrays[9].shape, 1)[0])
+            first_group = builder.udiv(first_, group_)
+            one = ir.Constant(e_.type, 1)
+            num_groups = builder.sub(builder.udiv(builder.add(end, builder.sub(group_, one)), group_), first_group)
             factor = ir.Constant(F32, kind.result_factor)
             with cgutils.for_range(builder, num_groups) as group_loop:
-                g = group_loop.index
+                g = builder.add(first_group, group_loop.index)
                 scale = builder.fmul(_group_scale(builder, scales_row, g), factor)
                 zero = builder.zext(_group_zero(builder, zeros_row, has_zeros, g), I16) if fmt == "int4" else None
                 table = _group_table(builder, fmt, zero, scale, element, bfloat16) if _looks_up(fmt, cpu) else None
-                k0 = builder.mul(g, group_)
-                k1 = _min(builder, builder.add(k0, group_), depth)
-                first = builder.udiv(k0, ir.Constant(e_.type, CHUNK))
+                group_start = builder.mul(g, group_)
+                k0 = builder.select(builder.icmp_unsigned("<", group_start, first_), first_, group_start)
+                k1 = _min(builder, builder.add(group_start, group_), end)
+                chunk_start = builder.udiv(k0, ir.Constant(e_.type, CHUNK))
                 with cgutils.for_range(builder, builder.udiv(builder.sub(k1, k0), ir.Constant(e_.type, CHUNK))) as c:
-                    chunk = builder.add(first, c.index)
+                    chunk = builder.add(chunk_start, c.index)
                     target = builder.gep(out, [builder.mul(chunk, ir.Constant(e_.type, CHUNK))])
                     if table is not None:
                         _store(builder, _lookup(builder, table, codes_row, chunk), target)
@@ -777,9 +782,9 @@ def dequantize_intrinsic(fmt, cpu_features=None):
 def _compiled_dequantize(fmt):
     kernel = dequantize_intrinsic(fmt)
 
-    def typer(codes, scales, zeros, has_zeros, e, n, s, group, out):
-        return lambda codes, scales, zeros, has_zeros, e, n, s, group, out: kernel(
-            codes, scales, zeros, has_zeros, e, n, s, group, out)
+    def typer(codes, scales, zeros, has_zeros, e, n, s, group, first, out):
+        return lambda codes, scales, zeros, has_zeros, e, n, s, group, first, out: kernel(
+            codes, scales, zeros, has_zeros, e, n, s, group, first, out)
 
     return typer
 

@@ -432,18 +432,18 @@ def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, experts, tiles,
 
 
 @njit(cache=True, inline="always")
-def dequantize_row(w, e, n, out):
-    """out[:] = row n of expert e's values, in out's type (packed_dots.py; K and the groups in
-    whole chunks)."""
+def dequantize_row(w, e, n, first, out):
+    """out[:] = elements first:first + len(out) of row n of expert e's values, in out's type
+    (packed_dots.py; K, the groups, first and len(out) in whole chunks)."""
     s = scale_row(w, n)
     if w.fmt == INT8:
-        int8_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, out)
+        int8_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, first, out)
     elif w.fmt == INT4:
-        int4_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, out)
+        int4_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, first, out)
     elif w.fmt == MXFP4:
-        e2m1_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, out)
+        e2m1_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, first, out)
     else:
-        e4m3_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, out)
+        e4m3_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, first, out)
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
@@ -457,7 +457,7 @@ def dequantize_experts(w, experts, out):
     for i in range(experts.shape[0]):
         if reads_chunks(w.depth, w.group):
             for n in range(w.codes.shape[1]):
-                dequantize_row(w, experts[i], n, out[i, n])
+                dequantize_row(w, experts[i], n, 0, out[i, n])
             continue
         for n in range(0, w.codes.shape[1], 2):
             m = min(n + 1, w.codes.shape[1] - 1)  # an odd count's last row pairs with itself

@@ -37,11 +37,12 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.core.registry import cpu_target
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from .activations import CLAMPED_SWIGLU, SWIGLU, FusedActivation
 from .caching import njit
-from .packed_dots import BF16, F32, I8, I32, _broadcast, _const, _intrinsic_call, _prefetch, _vec
+from .packed_dots import BF16, F32, I8, I32, _broadcast, _const, _intrinsic_call, _prefetch, _vec, reads_chunks
+from .quantized import dequantize_row
 
 TILE = 16  # rows of a tile, and float32 columns of a sum tile
 DEPTH = 32  # bfloat16 elements of K per tile step: 64 bytes per tile row
@@ -186,8 +187,9 @@ def _pack(typingctx, src, row, column, count, lanes, dst, dst_row, dst_column):
 
 
 def _block_intrinsic(w_tiles, x_tiles):
-    """sums[16 s + i, m + 16 t + j] (+)= w[n + s * second + i, k] . a[m + 16 t + j, k] over
-    the pairs k of steps * 16 from first, for s < w_tiles, t < x_tiles: w [N, K/2] and packed
+    """sums[16 s + i, m + 16 t + j] (+)= w[n + s * second + i, k - first + w_first] .
+    a[m + 16 t + j, k] over the pairs k of steps * 16 from first, for s < w_tiles, t < x_tiles:
+    w [N, K/2] (or the slice of it from pair w_first on that _weight_slice made) and packed
     [K/2 rounded up to 16, 32] (the pairs of the activation rows m:m + 32, transposed by
     _pack) as uint32; the sums start from zero, or from what sums holds when accumulate."""
     sums = [[_SUMS + 2 * s + t for t in range(x_tiles)] for s in range(w_tiles)]
@@ -195,13 +197,13 @@ def _block_intrinsic(w_tiles, x_tiles):
     x_tile = [_ACTIVATIONS + t for t in range(x_tiles)]
 
     @intrinsic
-    def block(typingctx, w, n, second, packed, m, out, first, steps, accumulate):
+    def block(typingctx, w, n, second, w_first, packed, m, out, first, steps, accumulate):
         def codegen(context, builder, sig, args):
-            w, n, second, packed, m, out, first, steps, accumulate = _indices(context, builder, sig, args)
+            w, n, second, w_first, packed, m, out, first, steps, accumulate = _indices(context, builder, sig, args)
             w_rows = [n, builder.add(n, second)]
 
             def sums_at(s, t):
-                return _at(context, builder, sig.args[5], out, ir.Constant(_I64, TILE * s),
+                return _at(context, builder, sig.args[6], out, ir.Constant(_I64, TILE * s),
                            builder.add(m, ir.Constant(_I64, TILE * t)))
 
             with builder.if_else(accumulate) as (then, otherwise):
@@ -216,8 +218,9 @@ def _block_intrinsic(w_tiles, x_tiles):
                             _intrinsic_call(builder, "llvm.x86.tilezero", _VOID, [_tile(sums[s][t])])
             pairs_per_step = ir.Constant(_I64, DEPTH // 2)
             with cgutils.for_range(builder, steps) as loop:
-                k = builder.add(first, builder.mul(loop.index, pairs_per_step))
-                ahead, _ = _at(context, builder, sig.args[3], packed, builder.add(k, pairs_per_step),
+                step = builder.mul(loop.index, pairs_per_step)
+                k, w_k = builder.add(first, step), builder.add(w_first, step)
+                ahead, _ = _at(context, builder, sig.args[4], packed, builder.add(k, pairs_per_step),
                                ir.Constant(_I64, 0))
                 for line in range(0, x_tiles * TILE * 4 * TILE, 64):
                     _prefetch(builder, ahead, ir.Constant(_I64, line))
@@ -225,11 +228,11 @@ def _block_intrinsic(w_tiles, x_tiles):
                 # products in flight (tiles are not renamed: a load waits for the products
                 # still reading the tile it overwrites)
                 for s in range(w_tiles):
-                    at, stride = _at(context, builder, sig.args[0], w, w_rows[s], k)
+                    at, stride = _at(context, builder, sig.args[0], w, w_rows[s], w_k)
                     _intrinsic_call(builder, "llvm.x86.tileloadd64", _VOID, [_tile(w_tile[s]), at, stride])
                     for t in range(x_tiles):
                         if s == 0:
-                            at, stride = _at(context, builder, sig.args[3], packed, k, ir.Constant(_I64, TILE * t))
+                            at, stride = _at(context, builder, sig.args[4], packed, k, ir.Constant(_I64, TILE * t))
                             _intrinsic_call(builder, "llvm.x86.tileloadd64", _VOID, [_tile(x_tile[t]), at, stride])
                         _intrinsic_call(builder, "llvm.x86.tdpbf16ps", _VOID,
                                         [_tile(sums[s][t]), _tile(w_tile[s]), _tile(x_tile[t])])
@@ -238,7 +241,7 @@ def _block_intrinsic(w_tiles, x_tiles):
                     _intrinsic_call(builder, "llvm.x86.tilestored64", _VOID, [_tile(sums[s][t]), *sums_at(s, t)])
             return context.get_dummy_value()
 
-        return types.void(w, n, second, packed, m, out, first, steps, accumulate), codegen
+        return types.void(w, n, second, w_first, packed, m, out, first, steps, accumulate), codegen
 
     return block
 
@@ -377,27 +380,89 @@ def _store_activated(typingctx, sums, column, count, bias, has_bias, row, second
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _blocks(w, n, second, chunk, padded, sums, k, steps, two_w):
-    """The pairs k:k + 16 steps of the weight rows n:n + 16 and (two_w) n + second:n + second
-    + 16 against every block of the chunk's rows, into sums (added to what they hold from
-    k > 0)."""
+def _blocks(w, e, n, second, chunk, padded, sums, k, steps, two_w, values, next_n, next_k):
+    """The pairs k:k + 16 steps of expert e's weight rows n:n + 16 and (two_w) n + second:n +
+    second + 16 against every block of the chunk's rows, into sums (added to what they hold
+    from k > 0); the blocks reach the slice of rows next_n and pairs next_k next."""
+    rows, n, second, w_k = _weight_slice(w, e, n, second, two_w, k, steps * TILE, values, next_n, next_k)
     for m in range(0, padded, 2 * TILE):
         x = chunk[m // (2 * TILE)]
         if not two_w:
             if padded - m >= 2 * TILE:
-                _block_1x2(w, n, second, x, m, sums, k, steps, k > 0)
+                _block_1x2(rows, n, second, w_k, x, m, sums, k, steps, k > 0)
             else:
-                _block_1x1(w, n, second, x, m, sums, k, steps, k > 0)
+                _block_1x1(rows, n, second, w_k, x, m, sums, k, steps, k > 0)
         elif padded - m >= 2 * TILE:
-            _block_2x2(w, n, second, x, m, sums, k, steps, k > 0)
+            _block_2x2(rows, n, second, w_k, x, m, sums, k, steps, k > 0)
         else:
-            _block_2x1(w, n, second, x, m, sums, k, steps, k > 0)
+            _block_2x1(rows, n, second, w_k, x, m, sums, k, steps, k > 0)
+
+
+def _weight_slice(w, e, n, second, two_w, k, pairs, values, next_n, next_k):
+    """(rows, n, second, w_k): where the blocks read the pairs k:k + pairs of expert e's
+    weight rows n:n + 16 and (two_w) n + second:n + second + 16: in place for a bfloat16
+    weight (uint32 [E, N, K/2]); for a quantized one (QuantizedRows), dequantized into values
+    (uint32 [32, SLICE_PAIRS]: 16 KB that stay in the L1 cache while the tiles read them),
+    with the codes of the slice the tiles reach next (rows from next_n, pairs from next_k)
+    asked for: a slice's few lines per row are too short a stream for the hardware's
+    prefetchers, and without the hint each slice waited on its codes."""
+
+
+@overload(_weight_slice)
+def _weight_slice_overload(w, e, n, second, two_w, k, pairs, values, next_n, next_k):
+    if isinstance(w, types.Array):
+        return lambda w, e, n, second, two_w, k, pairs, values, next_n, next_k: (w[e], n, second, k)
+
+    def dequantized(w, e, n, second, two_w, k, pairs, values, next_n, next_k):
+        row_bytes = w.codes.shape[2]
+        span, ahead = row_bytes * 2 * pairs // w.depth, row_bytes * 2 * next_k // w.depth
+        for i in range(TILE):
+            _prefetch_bytes(w.codes, e, next_n + i, ahead, span)
+            if two_w:
+                _prefetch_bytes(w.codes, e, next_n + second + i, ahead, span)
+        bits = values.view(np.uint16)
+        for i in range(TILE):
+            dequantize_row(w, e, n + i, 2 * k, bits[i, :2 * pairs])
+            if two_w:
+                dequantize_row(w, e, n + second + i, 2 * k, bits[TILE + i, :2 * pairs])
+        return values, 0, TILE, 0
+
+    return dequantized
+
+
+@intrinsic
+def _prefetch_bytes(typingctx, codes, e, n, first, count):
+    """A hint to bring codes[e, n, first:first + count] (uint8 [E, N, B]) into the caches, line
+    by line; never a fault, wherever it points."""
+    def codegen(context, builder, sig, args):
+        codes, e, n, first, count = _indices(context, builder, sig, args)
+        array = context.make_array(sig.args[0])(context, builder, codes)
+        _, rows, width = cgutils.unpack_tuple(builder, array.shape, 3)
+        start = builder.add(builder.mul(builder.add(builder.mul(e, rows), n), width), first)
+        line = ir.Constant(_I64, 64)
+        lines = builder.udiv(builder.add(count, ir.Constant(_I64, 63)), line)
+        with cgutils.for_range(builder, lines) as loop:
+            _prefetch(builder, array.data, builder.add(start, builder.mul(loop.index, line)))
+        return context.get_dummy_value()
+
+    return types.void(codes, e, n, first, count), codegen
+
+
+def _width(w):
+    """N of a weight as expert_products takes it."""
+
+
+@overload(_width, inline="always")
+def _width_overload(w):
+    if isinstance(w, types.Array):
+        return lambda w: w.shape[1]
+    return lambda w: w.codes.shape[1]
 
 
 @njit(cache=True, nogil=True)
-def _expert_product(a, w, out, bias, has_bias, packed, sums, tail_config, act, inter, interleaved):
+def _expert_product(a, w, e, out, bias, has_bias, packed, sums, tail_config, act, inter, interleaved, values):
     rows, pairs = a.shape
-    width = w.shape[0]
+    width = _width(w)
     whole = pairs // TILE * TILE  # pairs in whole steps; the rest in one step of tail_config
     depth = -(-pairs // TILE) * TILE
     block_words = depth * 2 * TILE  # one block of 32 activation rows, transposed
@@ -418,12 +483,17 @@ def _expert_product(a, w, out, bias, has_bias, packed, sums, tail_config, act, i
                       m % (2 * TILE))
         for column in range(0, inter if gated else width, step):
             n = 2 * column if gated and interleaved else column
+            next_n = n + (2 * step if gated and interleaved else step)
             two_w = gated or width - n >= 2 * TILE
             for k in range(0, whole, SLICE_PAIRS):
-                _blocks(w, n, second, chunk, padded, sums, k, min(SLICE_PAIRS, whole - k) // TILE, two_w)
+                steps = min(SLICE_PAIRS, whole - k) // TILE
+                if k + SLICE_PAIRS < pairs:
+                    _blocks(w, e, n, second, chunk, padded, sums, k, steps, two_w, values, n, k + SLICE_PAIRS)
+                else:
+                    _blocks(w, e, n, second, chunk, padded, sums, k, steps, two_w, values, next_n, 0)
             if whole < pairs:
                 _configure(tail_config)
-                _blocks(w, n, second, chunk, padded, sums, whole, 1, two_w)
+                _blocks(w, e, n, second, chunk, padded, sums, whole, 1, two_w, values, next_n, 0)
                 _configure(_CONFIG)
             for m in range(0, padded, TILE):
                 if gated:
@@ -439,7 +509,9 @@ def expert_products(a, w, bounds, first, last, start, stop, out, bias, has_bias,
                     interleaved):
     """out[r - start] = a[r - start] @ w[e].T (+ bias[e - first]) for each expert e in
     first:last and each of its rows r in bounds[e]:bounds[e + 1] within start:stop; a
-    [stop - start, K/2] and w [E, N, K/2] as uint32 (pairs of bfloat16), out [stop - start, N]
+    [stop - start, K/2] and w [E, N, K/2] as uint32 (pairs of bfloat16), or w a quantized
+    weight (quantized.QuantizedRows, K and its groups in whole chunks: fits_quantized), its
+    32-row slices dequantized to bfloat16 as the tiles reach them; out [stop - start, N]
     as uint16 (bfloat16 bits), bias [last - first, N] float32 (read when has_bias, else a
     [1, N] stand-in); N a multiple of 16, K even; tail_config: tail_config(K). packed: uint32
     scratch of at least 32 * K/2 elements, rounded up to 16 pairs (scratch()). With act (a
@@ -448,18 +520,25 @@ def expert_products(a, w, bounds, first, last, start, stop, out, bias, has_bias,
     inter then the rest, or interleaved; inter a multiple of 16); act.code 0: the product.
     Call only where tiles_available()."""
     sums = np.empty((2 * TILE, CHUNK_ROWS), dtype=np.float32)
+    values = np.empty((2 * TILE, SLICE_PAIRS), dtype=np.uint32)
     _configure(_CONFIG)
     for e in range(first, last):
         begin, end = max(bounds[e], start) - start, min(bounds[e + 1], stop) - start
         if end > begin:
-            _expert_product(a[begin:end], w[e], out[begin:end], bias[e - first if has_bias else 0], has_bias,
-                            packed, sums, tail_config, act, inter, interleaved)
+            _expert_product(a[begin:end], w, e, out[begin:end], bias[e - first if has_bias else 0], has_bias,
+                            packed, sums, tail_config, act, inter, interleaved, values)
     _release()
 
 
 def fits(depth: int, width: int) -> bool:
     """Whether expert_products takes weights [N=width, K=depth]."""
     return depth % 2 == 0 and width % TILE == 0 and depth > 0
+
+
+def fits_quantized(depth: int, width: int, group: int) -> bool:
+    """Whether expert_products takes a quantized weight [N=width, K=depth] in groups of group
+    along K: its slices dequantize by whole chunks."""
+    return fits(depth, width) and reads_chunks(depth, group)
 
 
 _scratch = threading.local()
