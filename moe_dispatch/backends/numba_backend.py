@@ -76,15 +76,25 @@ FUSED_LIMITS = {
 # weights (K off vdpbf16ps's steps of 32) where the blocked path runs on tiles: gpt-oss-20b
 # x0.25 (H = I = 720) at 8 rows, 6.4 ms blocked against 8.5 fused; at 4, 5.5 against 7.1.
 WIDENING_ROWS_BESIDE_TILES = 6
+# Rows per expert up to which the quantized decode kernels serve experts whose blocked
+# products dequantize their slices onto AMX tiles, by format: where the two paths' times
+# cross on olmoe-1b-7b x0.5 (both read each weight once, so the size of the experts moves the
+# crossing little). int8 at 12 rows: 9.9 ms fused, 14.7 on tiles; at 24 rows 18.6 and 16.0;
+# fp8 at 8 rows 14.3 and 16.8, at 12 rows 22.0 and 17.0 (2026-12-03).
+QUANTIZED_ROWS_BESIDE_TILES = {"int8": 18, "int4": 12, "mxfp4": 10, "fp8": 9}
 
 
-def fused_rows_limit(dtype: torch.dtype, flops_per_row: int, on_tiles: bool = False, widens: bool = False) -> float:
+def fused_rows_limit(dtype: torch.dtype, flops_per_row: int, on_tiles: bool = False, widens: bool = False,
+                     formats: tuple[str, ...] = ()) -> float:
     """Rows per expert up to which the Numba kernels serve an expert whose every row costs
     flops_per_row; on_tiles: its blocked products run on AMX tiles, whose fixed cost per
     expert is small (bfloat16 experts of H=512, I=192 at 32 rows: 9.4 ms blocked against 20
     for the fused kernels; at 8 rows the fused kernels still win), fewer where the kernels
-    widen its bfloat16 weights rather than take bf16_dots (widens)."""
+    widen its bfloat16 weights rather than take bf16_dots (widens), or by its quantized
+    weights' formats."""
     small_group_rows, blocked_expert_flops = FUSED_LIMITS["onednn" if onednn_float32() else "blas"][dtype]
+    if on_tiles and formats:
+        return min(QUANTIZED_ROWS_BESIDE_TILES[fmt] for fmt in formats)
     if on_tiles:
         return min(small_group_rows, WIDENING_ROWS_BESIDE_TILES) if widens else small_group_rows
     return max(small_group_rows, blocked_expert_flops / max(flops_per_row, 1))
@@ -97,9 +107,15 @@ def takes_bf16_dots(*depths: int) -> bool:
 
 def mlp_rows_limit(x: Tensor, experts: ExpertWeights) -> float:
     """fused_rows_limit of the expert MLP."""
-    tiles = not is_quantized(experts) and all(on_tiles(dense(w)) for w in (experts.w_gate_up, experts.w_down))
+    weights = (experts.w_gate_up, experts.w_down)
+    formats = ()
+    if is_quantized(experts):
+        tiles = all(isinstance(w, QuantizedWeight) and takes_quantized_tiles(w, x.dtype) for w in weights)
+        formats = tuple(w.format for w in weights if isinstance(w, QuantizedWeight))
+    else:
+        tiles = all(on_tiles(dense(w)) for w in weights)
     widens = not takes_bf16_dots(experts.w_gate_up.shape[2], experts.intermediate_size)
-    return fused_rows_limit(x.dtype, mlp_flops_per_row(experts.w_gate_up, experts.w_down), tiles, widens)
+    return fused_rows_limit(x.dtype, mlp_flops_per_row(*weights), tiles, widens, formats)
 
 
 def mlp_flops_per_row(w_gate_up: Tensor, w_down: Tensor) -> int:
@@ -306,11 +322,16 @@ def tile_words(w: Tensor) -> Optional[np.ndarray]:
     return weights_array(w) if on_tiles(w) else None
 
 
+def takes_quantized_tiles(w: QuantizedWeight, dtype: torch.dtype) -> bool:
+    """Whether the tile products take w for activations of dtype (each slice dequantized to
+    bfloat16 as they reach it)."""
+    return (dtype == torch.bfloat16 and tile_products.fits_quantized(w.shape[2], w.shape[1], w.block[1])
+            and tile_products.tiles_available())
+
+
 def quantized_tiles(w: QuantizedWeight, dtype: torch.dtype) -> Optional[quantized_kernels.QuantizedRows]:
-    """w as the tile products read it for activations of dtype (each slice dequantized to
-    bfloat16 as they reach it), or None where they do not take it."""
-    fits = dtype == torch.bfloat16 and tile_products.fits_quantized(w.shape[2], w.shape[1], w.block[1])
-    return quantized_rows(w) if fits and tile_products.tiles_available() else None
+    """w as the tile products read it for activations of dtype, or None where they do not."""
+    return quantized_rows(w) if takes_quantized_tiles(w, dtype) else None
 
 
 def tile_multiply(out: Tensor, a: Tensor, w_tiles, task: Task, bounds: np.ndarray,
