@@ -342,11 +342,12 @@ def tile_multiply(out: Tensor, a: Tensor, w_tiles, task: Task, bounds: np.ndarra
     of their weights. With act (one of tile_products.EPILOGUES), out [n, inter] = that
     activation of the product."""
     first, last, start, end = task
-    width = w_tiles.shape[1] if isinstance(w_tiles, np.ndarray) else w_tiles.codes.shape[1]
+    quantized = not isinstance(w_tiles, np.ndarray)
+    width = w_tiles.codes.shape[1] if quantized else w_tiles.shape[1]
     bias32 = np.zeros((1, width), dtype=np.float32) if bias is None else bias[first:last].float().numpy()
     tile_products.expert_products(a.view(torch.int32).numpy().view(np.uint32), w_tiles, bounds, first, last, start,
                                   end, as_array(out), bias32, bias is not None,
-                                  tile_products.scratch(a.shape[1]), tile_products.tail_config(a.shape[1]),
+                                  tile_products.scratch(a.shape[1], quantized), tile_products.tail_config(a.shape[1]),
                                   act, inter, interleaved)
 
 
