@@ -105,6 +105,13 @@ def test_grouped_mm_on_tiles_matches_the_reference(gen):
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
 
 
+def routed_rows(depth: int, gen) -> tuple[np.ndarray, torch.Tensor]:
+    """The bounds of four experts of 3, 40, 0 and 17 rows (one and two activation tiles, a
+    tail, an empty expert), and their rows [60, depth] in bfloat16."""
+    bounds = np.concatenate([[0], np.cumsum([3, 40, 0, 17])]).astype(np.int32)
+    return bounds, torch.randn(int(bounds[-1]), depth, generator=gen).bfloat16()
+
+
 ACTIVATED = [("swiglu", False), ("swiglu", True), ("clamped_swiglu", True), ("clamped_swiglu", False)]
 
 
@@ -118,10 +125,8 @@ def test_the_activation_epilogue_computes_the_gated_activation(name, interleaved
 
     tp = tiles()
     depth, inter = 96, 48
-    counts = [3, 40, 0, 17]
-    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    num_rows, num_experts = int(bounds[-1]), len(counts)
-    a = torch.randn(num_rows, depth, generator=gen).bfloat16()
+    bounds, a = routed_rows(depth, gen)
+    num_rows, num_experts = a.shape[0], len(bounds) - 1
     w = (3 * torch.randn(num_experts, 2 * inter, depth, generator=gen) / depth ** 0.5).bfloat16()
     bias = torch.randn(num_experts, 2 * inter, generator=gen).bfloat16()
     act = activations.get(name)
@@ -195,10 +200,8 @@ def test_quantized_weights_multiply_as_their_dequantized_bfloat16(fmt, options, 
 
     tp = tiles()
     depth, inter = 384, 96
-    counts = [3, 40, 0, 17]
-    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    num_rows, num_experts = int(bounds[-1]), len(counts)
-    a = torch.randn(num_rows, depth, generator=gen).bfloat16()
+    bounds, a = routed_rows(depth, gen)
+    num_rows, num_experts = a.shape[0], len(bounds) - 1
     q = md.quantize(torch.randn(num_experts, 2 * inter, depth, generator=gen) / depth ** 0.5, fmt,
                     dtype=torch.bfloat16, **options)
     assert tp.fits_quantized(depth, 2 * inter, q.block[1])
