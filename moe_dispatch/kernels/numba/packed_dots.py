@@ -706,6 +706,16 @@ def _store(builder, values, target):
     builder.store(values, builder.bitcast(target, values.type.as_pointer()), align=1)
 
 
+def _to_bfloat16(builder, values):
+    """<32 x float> values rounded to bfloat16 bits by AVX512-BF16's two-source conversion:
+    one instruction, where LLVM lowers a fptrunc to two and a shuffle (the shuffle port bounds
+    int8's and e4m3's dequantization)."""
+    halves = [builder.shuffle_vector(values, values, _const(I32, range(h, h + INT_LANES), INT_LANES))
+              for h in (0, INT_LANES)]
+    both = _intrinsic_call(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", _vec(BF16), halves[::-1])
+    return builder.bitcast(both, _vec(I16))
+
+
 def _store_values(builder, fmt, data, chunk, zero, scale, element, bfloat16, cpu, target):
     """The chunk's 32 codes converted, scaled and stored at target in out's type; to bfloat16
     by AVX512-BF16's conversion where the group's values allow it (_all_normal)."""
@@ -717,7 +727,7 @@ def _store_values(builder, fmt, data, chunk, zero, scale, element, bfloat16, cpu
         return
     with builder.if_else(_all_normal(builder, fmt, scale), likely=True) as (normal, other):
         with normal:
-            _store(builder, builder.bitcast(builder.fptrunc(values, _vec(BF16)), _vec(I16)), target)
+            _store(builder, _to_bfloat16(builder, values), target)
         with other:
             _store(builder, _stored(builder, values, element, bfloat16), target)
 

@@ -1,6 +1,7 @@
 """Products of bfloat16 activation rows with bfloat16 expert weights on AMX tiles (Intel's
 Advanced Matrix Extensions, Xeon from Sapphire Rapids on): the blocked path's products,
-with no copy of the weights, and SwiGLU applied in GEMM1's epilogue.
+with no copy of the weights, and SwiGLU applied in GEMM1's epilogue. Quantized weights take
+the same loop, each slice of weights dequantized to bfloat16 into L1 as the tiles reach it.
 
 oneDNN multiplies bfloat16 on the same tiles, but first reorders each expert's [N, K] weight
 into its own layout, on every call: at 16-128 rows per expert that copy costs about what the
