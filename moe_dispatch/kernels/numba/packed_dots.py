@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 
+import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -712,7 +713,9 @@ def _to_bfloat16(builder, values):
     int8's and e4m3's dequantization)."""
     halves = [builder.shuffle_vector(values, values, _const(I32, range(h, h + INT_LANES), INT_LANES))
               for h in (0, INT_LANES)]
-    both = _intrinsic_call(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", _vec(BF16), halves[::-1])
+    # LLVM 17 gave the intrinsic a bfloat result; earlier ones an integer vector
+    result = _vec(BF16) if llvm.llvm_version_info[0] >= 17 else _vec(I16)
+    both = _intrinsic_call(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", result, halves[::-1])
     return builder.bitcast(both, _vec(I16))
 
 
