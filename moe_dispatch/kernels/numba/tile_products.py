@@ -59,6 +59,9 @@ SLICE_PAIRS = 128
 # (olmoe-1b-7b x0.5 at 512 rows per expert: int8 1.05x, fp8 1.10x faster; bfloat16 gained
 # nothing from them).
 QUANTIZED_CHUNK_BYTES, QUANTIZED_CHUNK_ROWS = 2 * CHUNK_BYTES, 2 * CHUNK_ROWS
+# Every buffer a tile reads or writes starts on a cache line: a tile row from a line's middle
+# is two lines' load (NumPy's large buffers start 16 bytes past a page, Numba's 32 past a line).
+LINE = 64
 
 _I64 = ir.IntType(64)
 _VOID = ir.VoidType()
@@ -521,6 +524,13 @@ def _expert_product(a, w, e, out, bias, has_bias, packed, sums, tail_config, act
                         _store(sums, TILE * s, m, min(TILE, count - m), bias, has_bias, out, first + m, n + TILE * s)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _on_lines(flat, rows, columns):
+    """flat's elements from its first cache line's start, as a C-contiguous [rows, columns]."""
+    skip = (LINE - flat.ctypes.data % LINE) % LINE // flat.itemsize
+    return flat[skip:skip + rows * columns].reshape((rows, columns))
+
+
 @njit(cache=True, nogil=True)
 def expert_products(a, w, bounds, first, last, start, stop, out, bias, has_bias, packed, tail_config, act, inter,
                     interleaved):
@@ -536,8 +546,8 @@ def expert_products(a, w, bounds, first, last, start, stop, out, bias, has_bias,
     the product instead (gate and up columns as gate_up_columns lays them out: the first
     inter then the rest, or interleaved; inter a multiple of 16); act.code 0: the product.
     Call only where tiles_available()."""
-    sums = np.empty((2 * TILE, _chunk_rows(w)), dtype=np.float32)
-    values = np.empty((2 * TILE, SLICE_PAIRS), dtype=np.uint32)
+    sums = _on_lines(np.empty(2 * TILE * _chunk_rows(w) + LINE, dtype=np.float32), 2 * TILE, _chunk_rows(w))
+    values = _on_lines(np.empty(2 * TILE * SLICE_PAIRS + LINE, dtype=np.uint32), 2 * TILE, SLICE_PAIRS)
     _configure(_CONFIG)
     for e in range(first, last):
         begin, end = max(bounds[e], start) - start, min(bounds[e + 1], stop) - start
@@ -566,5 +576,7 @@ def scratch(depth: int, quantized: bool = False) -> np.ndarray:
     size = max((QUANTIZED_CHUNK_BYTES if quantized else CHUNK_BYTES) // 4, 2 * TILE * -(-depth // DEPTH) * TILE)
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.size < size:
-        buffer = _scratch.buffer = np.empty(size, dtype=np.uint32)
+        buffer = np.empty(size + LINE // 4, dtype=np.uint32)
+        skip = (LINE - buffer.ctypes.data % LINE) % LINE // 4
+        buffer = _scratch.buffer = buffer[skip:skip + size]
     return buffer
