@@ -329,16 +329,11 @@ def takes_quantized_tiles(w: QuantizedWeight, dtype: torch.dtype) -> bool:
             and tile_products.tiles_available())
 
 
-def quantized_tiles(w: QuantizedWeight, dtype: torch.dtype) -> Optional[quantized_kernels.QuantizedRows]:
-    """w as the tile products read it for activations of dtype, or None where they do not."""
-    return quantized_rows(w) if takes_quantized_tiles(w, dtype) else None
-
-
 def tile_multiply(out: Tensor, a: Tensor, w_tiles, task: Task, bounds: np.ndarray,
                   bias: Optional[Tensor], act: FusedActivation = tile_products.PRODUCT, inter: int = 0,
                   interleaved: bool = False) -> None:
     """out = the task's rows a [n, K] times their experts' weights (+ bias), on AMX tiles
-    (w_tiles: tile_words(w) or quantized_tiles(w)): one call for the task's experts, no copy
+    (w_tiles: tile_words(w), or quantized_rows(w) where takes_quantized_tiles): one call for the task's experts, no copy
     of their weights. With act (one of tile_products.EPILOGUES), out [n, inter] = that
     activation of the product."""
     first, last, start, end = task
@@ -363,7 +358,7 @@ class ExpertMatrices:
         self.quantized = isinstance(w, QuantizedWeight)
         if self.quantized:
             self.rows = quantized_rows(w)
-            self.tiles = quantized_tiles(w, dtype)
+            self.tiles = self.rows if takes_quantized_tiles(w, dtype) else None
             self.buffers = [torch.empty(w.shape[1:], dtype=dtype) for _ in range(threads if self.tiles is None else 0)]
         else:
             self.weight = dense(w)

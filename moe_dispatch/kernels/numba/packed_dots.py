@@ -591,7 +591,7 @@ overload(e2m1_dots, inline="always")(_compiled("e2m1"))
 overload(e4m3_dots, inline="always")(_compiled("e4m3"))
 
 
-# ---- whole rows dequantized, for the blocked path's library products ----------------------------
+# ---- rows dequantized, for the blocked path (library products, AMX tiles) ------------------------
 
 
 def _dequantize(fmt, codes, scales, zeros, has_zeros, e, n, s, group, first, out):

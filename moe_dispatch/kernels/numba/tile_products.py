@@ -42,7 +42,8 @@ from numba.extending import intrinsic, overload
 
 from .activations import CLAMPED_SWIGLU, SWIGLU, FusedActivation
 from .caching import njit
-from .packed_dots import BF16, F32, I8, I32, _broadcast, _const, _intrinsic_call, _prefetch, _vec, reads_chunks
+from .packed_dots import (BF16, F32, I8, I32, _broadcast, _const, _intrinsic_call, _prefetch, _row_start, _vec,
+                          reads_chunks)
 from .quantized import dequantize_row
 
 TILE = 16  # rows of a tile, and float32 columns of a sum tile
@@ -445,13 +446,11 @@ def _prefetch_bytes(typingctx, codes, e, n, first, count):
     by line; never a fault, wherever it points."""
     def codegen(context, builder, sig, args):
         codes, e, n, first, count = _indices(context, builder, sig, args)
-        array = context.make_array(sig.args[0])(context, builder, codes)
-        _, rows, width = cgutils.unpack_tuple(builder, array.shape, 3)
-        start = builder.add(builder.mul(builder.add(builder.mul(e, rows), n), width), first)
-        line = ir.Constant(_I64, 64)
-        lines = builder.udiv(builder.add(count, ir.Constant(_I64, 63)), line)
+        row = _row_start(builder, context.make_array(sig.args[0])(context, builder, codes), e, n)
+        line = ir.Constant(_I64, LINE)
+        lines = builder.udiv(builder.add(count, ir.Constant(_I64, LINE - 1)), line)
         with cgutils.for_range(builder, lines) as loop:
-            _prefetch(builder, array.data, builder.add(start, builder.mul(loop.index, line)))
+            _prefetch(builder, row, builder.add(first, builder.mul(loop.index, line)))
         return context.get_dummy_value()
 
     return types.void(codes, e, n, first, count), codegen
@@ -525,10 +524,10 @@ def _expert_product(a, w, e, out, bias, has_bias, packed, sums, tail_config, act
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _on_lines(flat, rows, columns):
-    """flat's elements from its first cache line's start, as a C-contiguous [rows, columns]."""
+def _on_lines(flat, size):
+    """size of flat's elements (flat holds LINE bytes more), from its first cache line's start."""
     skip = (LINE - flat.ctypes.data % LINE) % LINE // flat.itemsize
-    return flat[skip:skip + rows * columns].reshape((rows, columns))
+    return flat[skip:skip + size]
 
 
 @njit(cache=True, nogil=True)
@@ -546,8 +545,11 @@ def expert_products(a, w, bounds, first, last, start, stop, out, bias, has_bias,
     the product instead (gate and up columns as gate_up_columns lays them out: the first
     inter then the rest, or interleaved; inter a multiple of 16); act.code 0: the product.
     Call only where tiles_available()."""
-    sums = _on_lines(np.empty(2 * TILE * _chunk_rows(w) + LINE, dtype=np.float32), 2 * TILE, _chunk_rows(w))
-    values = _on_lines(np.empty(2 * TILE * SLICE_PAIRS + LINE, dtype=np.uint32), 2 * TILE, SLICE_PAIRS)
+    chunk_rows = _chunk_rows(w)
+    sums = _on_lines(np.empty(2 * TILE * chunk_rows + LINE, dtype=np.float32),
+                     2 * TILE * chunk_rows).reshape((2 * TILE, chunk_rows))
+    values = _on_lines(np.empty(2 * TILE * SLICE_PAIRS + LINE, dtype=np.uint32),
+                       2 * TILE * SLICE_PAIRS).reshape((2 * TILE, SLICE_PAIRS))
     _configure(_CONFIG)
     for e in range(first, last):
         begin, end = max(bounds[e], start) - start, min(bounds[e + 1], stop) - start
@@ -576,7 +578,5 @@ def scratch(depth: int, quantized: bool = False) -> np.ndarray:
     size = max((QUANTIZED_CHUNK_BYTES if quantized else CHUNK_BYTES) // 4, 2 * TILE * -(-depth // DEPTH) * TILE)
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.size < size:
-        buffer = np.empty(size + LINE // 4, dtype=np.uint32)
-        skip = (LINE - buffer.ctypes.data % LINE) % LINE // 4
-        buffer = _scratch.buffer = buffer[skip:skip + size]
+        buffer = _scratch.buffer = _on_lines(np.empty(size + LINE // 4, dtype=np.uint32), size)
     return buffer
