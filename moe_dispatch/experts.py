@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Union
+from typing import Callable, Hashable, Iterable, Optional, TypeVar, Union
 
 import torch
 
@@ -14,6 +14,22 @@ from .formats import StoredWeight, Weight
 from .formats.quantized import QuantizedWeight, w8a8
 
 Tensor = torch.Tensor
+Derived = TypeVar("Derived")
+
+
+def stamp(tensors: Iterable[Optional[Tensor]]) -> Optional[tuple]:
+    """What changes when one of these tensors changes: its storage, shape, type or (through
+    its version counter) any write in place. None where a write would go unseen: an inference
+    tensor counts no versions."""
+    marks = []
+    for t in tensors:
+        if t is None:
+            marks.append(None)
+        elif t.is_inference():
+            return None
+        else:
+            marks.append((id(t), t.data_ptr(), t.dtype, t.shape, t.stride(), t._version))
+    return tuple(marks)
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,25 @@ class ExpertWeights:
     def __post_init__(self):
         object.__setattr__(self, "activation", activations.get(self.activation))
         check.expert_weights(self)
+        object.__setattr__(self, "_derived", {})
+
+    def __getstate__(self) -> dict:  # a copy starts with nothing derived
+        return {name: value for name, value in self.__dict__.items() if name != "_derived"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _derived={})
+
+    def derived(self, key: Hashable, make: Callable[[], Derived]) -> Derived:
+        """make(), kept under key while these experts' tensors stay as they are (stamp): what a
+        backend derives from them (the arrays its kernels read, a bias widened to float32) once,
+        not on every call, where a decode step's Python costs as much as its kernels."""
+        mark = stamp(self._tensors())
+        kept = self._derived.get(key)
+        if mark is None or kept is None or kept[0] != mark:
+            kept = (mark, make())
+            if mark is not None:
+                self._derived[key] = kept
+        return kept[1]
 
     @property
     def num_experts(self) -> int:
@@ -95,10 +130,13 @@ class ExpertWeights:
         """(tensors, spec): the weights' tensors, then the biases present; unflatten inverts it."""
         gate_up, gate_up_spec = formats.flatten(self.w_gate_up)
         down, down_spec = formats.flatten(self.w_down)
-        biases = [b for b in (self.b_gate_up, self.b_down) if b is not None]
         spec = "|".join([self.activation.name, str(int(self.interleaved)), str(len(gate_up)), gate_up_spec, down_spec,
                          str(int(self.b_gate_up is not None)), str(int(self.b_down is not None))])
-        return gate_up + down + biases, spec
+        return self._tensors(), spec
+
+    def _tensors(self) -> list[Tensor]:
+        return [*formats.tensors(self.w_gate_up), *formats.tensors(self.w_down),
+                *(b for b in (self.b_gate_up, self.b_down) if b is not None)]
 
     def flat_grads(self, grads) -> list[Optional[Tensor]]:
         """A gradient for each tensor of flatten(), in its order, from grads (an ExpertGrads): a

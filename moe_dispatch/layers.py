@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from . import activations, formats
 from . import validation as check
 from .backends import BACKEND_NAMES
-from .experts import ExpertWeights
+from .experts import ExpertWeights, stamp
 from .formats import FORMATS
 from .formats.quantized import QuantizedWeight, quantize
 from .ops import make_plan, moe_mlp
@@ -19,6 +20,9 @@ from .plan import DispatchPlan
 from .routing import route
 
 Tensor = torch.Tensor
+# Each MoE layer's last ExpertWeights, under what it was made from (MoE.experts); beside the
+# layer rather than in it, so that copies and pickles of the layer carry none.
+_LAYER_EXPERTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 class MoEAux(NamedTuple):
@@ -199,8 +203,23 @@ class MoE(nn.Module):
     @property
     def experts(self) -> ExpertWeights:
         """The layer's experts as one ExpertWeights (views of its parameters; quantized weights
-        for activations of the router's dtype)."""
+        for activations of the router's dtype). The same object from call to call while the
+        tensors stay as they are, so that what a backend derives from it is kept (a decode
+        step's Python costs as much as its kernels)."""
         dtype = self.router.weight.dtype
+        if torch.compiler.is_compiling():
+            return self._make_experts(dtype)
+        parts = [t for w in (self.w_gate_up, self.w_down)
+                 for t in ((w.codes, w.scales, w.zeros) if isinstance(w, FrozenQuantized) else (w,))]
+        mark = stamp([*parts, self.b_gate_up, self.b_down])
+        key = None if mark is None else (dtype, self.activation, mark)
+        kept = _LAYER_EXPERTS.get(self)
+        if key is None or kept is None or kept[0] != key:
+            kept = (key, self._make_experts(dtype))
+            _LAYER_EXPERTS[self] = kept
+        return kept[1]
+
+    def _make_experts(self, dtype: torch.dtype) -> ExpertWeights:
         w_gate_up, w_down = (w.weight(dtype) if isinstance(w, FrozenQuantized) else w
                              for w in (self.w_gate_up, self.w_down))
         return ExpertWeights(w_gate_up, w_down, self.b_gate_up, self.b_down, self.activation)

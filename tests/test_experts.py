@@ -2,6 +2,8 @@
 (moe_dispatch.formats): what moe_mlp, MoE and every backend receive. The numba section checks
 that the backend reads a declared OneDNNPacked weight's packed copies."""
 
+import copy
+
 import pytest
 import torch
 
@@ -105,6 +107,77 @@ def test_routed_experts_is_the_step_a_subclass_overrides(gen):
     layer = Recording(H, I, E, K)
     layer(torch.randn(2, 3, H, generator=gen))
     assert calls == [(6, H)]
+
+
+# ---- what a backend derives from the experts, kept while they stay as they are -----------------
+
+
+def test_derived_is_kept_until_a_tensor_changes(gen):
+    w_gate_up, w_down, b_gate_up, b_down = expert_weights(E, H, I, gen, bias=True)
+    experts = ExpertWeights(w_gate_up, w_down, b_gate_up, b_down)
+    made = []
+
+    def derived():
+        return experts.derived("key", lambda: made.append(1) or len(made))
+
+    assert (derived(), derived()) == (1, 1)
+    assert experts.derived("other key", lambda: "other") == "other"
+    b_down.add_(1.0)  # a write in place
+    assert derived() == 2
+    w_gate_up.data = w_gate_up.data.clone()  # other storage
+    assert (derived(), derived()) == (3, 3)
+    for copied in (copy.copy(experts), copy.deepcopy(experts)):
+        assert copied.derived("key", lambda: "fresh") == "fresh"
+    with torch.inference_mode():
+        frozen = ExpertWeights(*(t.clone() for t in (w_gate_up, w_down)))
+    made.clear()
+    assert [frozen.derived("key", lambda: made.append(1) or len(made)) for _ in range(2)] == [1, 2]  # never kept
+
+
+def test_a_layer_keeps_its_experts_until_its_tensors_change(gen):
+    layer = md.MoE(H, I, E, K, bias=True, backend="torch")
+    experts = layer.experts
+    assert layer.experts is experts
+    with torch.no_grad():
+        layer.b_down.add_(1.0)
+    assert layer.experts is not experts
+    experts = layer.experts
+    layer.activation = "geglu"
+    assert layer.experts is not experts and layer.experts.activation.name == "geglu"
+    layer.activation = "swiglu"
+    experts = layer.experts
+    layer.to(torch.bfloat16)
+    assert layer.experts is not experts and layer.experts.w_gate_up.dtype == torch.bfloat16
+    experts = layer.experts
+    layer.quantize_("int8")
+    assert layer.experts is not experts and layer.experts.w_gate_up.format == "int8"
+    assert copy.deepcopy(layer).experts.w_gate_up.codes is not layer.experts.w_gate_up.codes
+
+
+@needs_numba
+@pytest.mark.parametrize("fmt", [None, "int8", "int4"], ids=["bf16", "int8", "int4"])
+def test_a_decode_step_sees_weights_written_in_place(fmt, gen):
+    """The numba decode step keeps the arrays its kernels read (a bias widened to float32 among
+    them): a layer whose weights are written in place, or loaded, computes with the new ones."""
+    hidden, inter = 64, 32  # int4's groups are 32 and more
+
+    def make_layer():
+        layer = md.MoE(hidden, inter, E, K, bias=True, backend="numba").to(torch.bfloat16)
+        return layer.quantize_(fmt, group_size=32 if fmt == "int4" else None) if fmt else layer
+
+    layer, other = make_layer(), make_layer()
+    x = torch.randn(2, hidden, generator=gen).to(torch.bfloat16)
+    with torch.no_grad():
+        layer(x)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), other(x))
+        for module in (layer, other):
+            module.b_gate_up.mul_(2.0)
+            module.router.weight.mul_(-1.0)
+        out = layer(x)
+        assert torch.equal(out, other(x))
+        weights, ids = md.route(layer.router_logits(x), K)
+        assert_close(out, md.moe_mlp(x, weights, ids, layer.experts.dense(), backend="torch"))
 
 
 # ---- OneDNNPacked: a declared storage format ---------------------------------------------------

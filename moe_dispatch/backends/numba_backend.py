@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numba
 import numpy as np
@@ -419,6 +419,20 @@ def decode_tiles(hidden: int) -> mlp.DecodeTiles:
     return mlp.DecodeTiles(BLOCK_NK, QUAD_ROWS, down_block(hidden))
 
 
+class DecodeSetup(NamedTuple):
+    """What a decode step derives from the experts alone, once (ExpertWeights.derived)."""
+
+    rows_limit: float  # mlp_rows_limit
+    kernels: Optional[tuple]  # decode_kernels
+    tiles: mlp.DecodeTiles
+
+
+def decode_setup(x: Tensor, experts: ExpertWeights) -> DecodeSetup:
+    """The DecodeSetup of experts for activations of x's dtype."""
+    return experts.derived(("numba decode", x.dtype), lambda: DecodeSetup(
+        mlp_rows_limit(x, experts), decode_kernels(x, experts), decode_tiles(experts.hidden_size)))
+
+
 class NumbaBackend(Backend):
     name = "numba"
     refuses_bad_ids = True  # the counting sort counts them, and make_plan raises
@@ -542,10 +556,9 @@ class NumbaBackend(Backend):
         bounds = int32_array(plan.offsets)
         check_offsets(bounds, plan.num_rows)
         active = int(np.count_nonzero(np.diff(bounds)))
-        rows_limit = mlp_rows_limit(x, experts)
-        kernels = decode_kernels(x, experts) if active and plan.num_rows <= rows_limit * active else None
-        if kernels is not None:
-            return self._moe_mlp_decode(x, weights, bounds, plan, experts, kernels, save_for_backward)
+        setup = decode_setup(x, experts)
+        if setup.kernels is not None and active and plan.num_rows <= setup.rows_limit * active:
+            return self._moe_mlp_decode(x, weights, bounds, plan, experts, setup, save_for_backward)
         return self._moe_mlp_blocked(x, weights, bounds, plan, experts, save_for_backward)
 
     def _moe_mlp_blocked(self, x, weights, bounds, plan, experts, save_for_backward) -> tuple[Tensor, Tensor]:
@@ -610,16 +623,16 @@ class NumbaBackend(Backend):
         )
         return a, d_row, dh, do
 
-    def _moe_mlp_decode(self, x, weights, bounds, plan, experts, kernels, save_for_backward) -> tuple[Tensor, Tensor]:
+    def _moe_mlp_decode(self, x, weights, bounds, plan, experts, setup, save_for_backward) -> tuple[Tensor, Tensor]:
         # One call into Numba for the whole step: every torch operation here costs tens of
         # microseconds when a decode step starts with cold caches.
+        module, kernel_experts = setup.kernels
         h = x.new_empty(plan.num_rows if save_for_backward else 0, experts.w_gate_up.shape[1])
         out = x.new_empty(x.shape)
         rows, slots = int32_array(plan.token_of_row), int32_array(plan.row_of_slot)
-        module, kernel_experts = kernels
         status = module.moe_mlp_decode(
             as_array(x.contiguous()), scalars_array(weights, x.dtype), bounds, rows, slots,
-            kernel_experts, decode_tiles(x.shape[1]), save_for_backward, as_array(h), as_array(out),
+            kernel_experts, setup.tiles, save_for_backward, as_array(h), as_array(out),
         )
         if status != mlp.DECODE_OK:  # the kernel refused an index array before reading through it
             check_indices("token_of_row", rows, x.shape[0])
@@ -632,15 +645,15 @@ class NumbaBackend(Backend):
         # declines when the experts receive more rows than the fused kernels take.
         if not 0 < ids.numel() <= plan_kernels.MIN_SLOTS_PER_CHUNK or experts.quantizes_activations:
             return None
-        rows_limit = mlp_rows_limit(x, experts)
-        common = (as_array(x.contiguous()), scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(),
-                  experts.num_experts, rows_limit)
-        kernels = decode_kernels(x, experts)
-        if kernels is None:
+        setup = decode_setup(x, experts)
+        if setup.kernels is None:
             return None
         out = x.new_empty(x.shape)
-        module, kernel_experts = kernels
-        status = module.moe_mlp_decode_ids(*common, kernel_experts, decode_tiles(x.shape[1]), as_array(out))
+        module, kernel_experts = setup.kernels
+        status = module.moe_mlp_decode_ids(
+            as_array(x.contiguous()), scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(),
+            experts.num_experts, setup.rows_limit, kernel_experts, setup.tiles, as_array(out),
+        )
         if status == mlp.NOT_DECODE:
             return None
         if status:
