@@ -54,21 +54,27 @@ for line in sys.stdin:
         x = torch.randn(t, h, generator=gen).to(dtype)
         ids = torch.rand(t, e, generator=gen).topk(k, dim=-1).indices
         weights = torch.rand(t, k, generator=gen).softmax(-1)
-        args = (x, weights, ids, w_gate_up, w_down)
+        # the experts declared once, as a layer holds them (a revision before ExpertWeights: tensors)
+        if hasattr(md, "ExpertWeights"):
+            experts = (md.ExpertWeights(w_gate_up, w_down, activation=preset.activation),)
+            options = {}
+        else:
+            experts, options = (w_gate_up, w_down), {"activation": preset.activation}
+        args = (x, weights, ids, *experts)
         key = command["key"]
-        points[key] = (args, preset.activation, command["backend"])
+        points[key] = (args, options, command["backend"])
         with torch.no_grad():
             start = time.perf_counter()
             while time.perf_counter() - start < command["warmup_s"]:
-                md.moe_mlp(*args, activation=preset.activation, backend=command["backend"])
+                md.moe_mlp(*args, **options, backend=command["backend"])
         print(json.dumps({"ok": key}), flush=True)
     else:
-        args, activation, backend = points[command["key"]]
+        args, options, backend = points[command["key"]]
         times = []
         with torch.no_grad():
             for _ in range(command["reps"]):
                 start = time.perf_counter()
-                md.moe_mlp(*args, activation=activation, backend=backend)
+                md.moe_mlp(*args, **options, backend=backend)
                 times.append(time.perf_counter() - start)
         print(json.dumps({"times": times}), flush=True)
 '''
