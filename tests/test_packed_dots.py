@@ -94,6 +94,23 @@ def test_the_vector_code_computes_the_definition(fmt, quantize_format, options, 
         np.testing.assert_allclose(expected, truth, rtol=1e-5, atol=1e-5 * np.abs(truth).max())
 
 
+@pytest.mark.parametrize("features", FEATURES)
+def test_e8m0_scales_down_to_the_subnormal_one_scale_the_dots(features, gen):
+    """mxfp4 scales of 2^-127 (e8m0's code 0, a subnormal float32) to 2^-124, one per group of
+    32 and two to a step: the sums still come out as the definition's."""
+    from moe_dispatch.kernels.numba import packed_dots
+
+    operands, _, group = kernel_inputs("e2m1", "mxfp4", {}, 192, gen)
+    operands[1][:] = torch.randint(0, 4, operands[1].shape, generator=gen, dtype=torch.uint8).numpy()
+    assert (operands[1] == 0).any()
+    rows = np.arange(6, dtype=np.int32)
+    out, expected = (np.empty((2, 6), np.float32) for _ in range(2))
+    compiled("e2m1", features)(*operands, rows, 0, 6, group, out)
+    packed_dots.e2m1_dots(*operands, rows, 0, 6, group, expected)
+    assert np.abs(expected).min() > np.finfo(np.float32).tiny  # normal sums: the relative check holds
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+
+
 def test_float64_activations_meet_e4m3_codes_as_float32(gen):
     operands, dense, group = kernel_inputs("e4m3", "fp8", {}, 96, gen)
     x64 = operands[-1].astype(np.float64)

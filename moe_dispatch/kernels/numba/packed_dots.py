@@ -352,15 +352,24 @@ _KINDS = {"int8": _IntegerKind(_int8_values), "int4": _IntegerKind(_int4_values,
           "e2m1": _IntegerKind(_e2m1_values, 0.5, WIDE), "e4m3": _FloatKind()}
 
 
+def _e8m0_values(builder, codes):
+    """e8m0 scale codes (an i8 or a vector of them) as float32: 2^(s - 127), which for s = 0
+    is the subnormal 2^-127."""
+    count = getattr(codes.type, "count", None)
+    wide, real = (I32, F32) if count is None else (_vec(I32, count), _vec(F32, count))
+
+    def const(value):
+        return ir.Constant(wide, value if count is None else [value] * count)
+
+    exponents = builder.zext(codes, wide)
+    bits = builder.select(builder.icmp_unsigned("==", exponents, const(0)), const(0x400000),
+                          builder.shl(exponents, const(23)))
+    return builder.bitcast(bits, real)
+
+
 def _group_scale(builder, scales, g):
     scale = builder.load(builder.gep(scales, [g]))
-    if scale.type == F32:
-        return scale
-    # e8m0: 2^(s - 127), which for s = 0 is the subnormal 2^-127
-    exponent = builder.zext(scale, I32)
-    bits = builder.select(builder.icmp_unsigned("==", exponent, ir.Constant(I32, 0)), ir.Constant(I32, 0x400000),
-                          builder.shl(exponent, ir.Constant(I32, 23)))
-    return builder.bitcast(bits, F32)
+    return scale if scale.type == F32 else _e8m0_values(builder, scale)
 
 
 def _group_zero(builder, zeros, has_zeros, g):
@@ -373,6 +382,16 @@ def _halves(builder, make, groups, n):
     """<n x t>: make(groups[0]) in the first half of the lanes, make(groups[1]) in the second."""
     low, high = (_broadcast(builder, make(g), n // 2) for g in groups)
     return builder.shuffle_vector(low, high, _const(I32, range(n), n))
+
+
+def _step_scales(builder, scales, g, n):
+    """<n x float>: the scales of groups g and g + 1 (a 4-bit step of two groups of 32), one
+    per half of the lanes, from one load of both: mxfp4's every step needs them, and building
+    each from a scalar cost as much as the step's multiply-adds at a decode step's few rows."""
+    pair = builder.load(builder.bitcast(builder.gep(scales, [g]), _vec(scales.type.pointee, 2).as_pointer()), align=1)
+    if pair.type.element == I8:
+        pair = _e8m0_values(builder, pair)
+    return builder.shuffle_vector(pair, pair, _const(I32, [0] * (n // 2) + [1] * (n // 2), n))
 
 
 def _row_start(builder, array, e, n):
@@ -457,8 +476,11 @@ def _emit_pass(builder, fmt, cpu, ops, first, count):
         halves = [builder.udiv(k0, group)]
         halves.append(halves[0] if kind.span == CHUNK else
                       builder.udiv(builder.add(k0, ir.Constant(index, kind.span // 2)), group))
-        scales = [_halves(builder, functools.partial(_group_scale, builder, ops.scales[r]), halves, kind.lanes)
-                  for r in range(2)]
+        if isinstance(group, ir.Constant) and kind.span == 2 * group.constant:
+            scales = [_step_scales(builder, ops.scales[r], halves[0], kind.lanes) for r in range(2)]
+        else:
+            scales = [_halves(builder, functools.partial(_group_scale, builder, ops.scales[r]), halves, kind.lanes)
+                      for r in range(2)]
         zeros = [_halves(builder, functools.partial(_group_zero, builder, ops.zeros[r], ops.has_zeros), halves, CHUNK)
                  if fmt == "int4" else None for r in range(2)]
         first_chunk = builder.udiv(k0, span)
