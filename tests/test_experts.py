@@ -180,6 +180,19 @@ def test_a_decode_step_sees_weights_written_in_place(fmt, gen):
         assert_close(out, md.moe_mlp(x, weights, ids, layer.experts.dense(), backend="torch"))
 
 
+@needs_numba
+def test_the_kept_decode_setup_follows_a_replaced_row_limit(gen, monkeypatch):
+    """What the numba backend keeps on the experts follows fused_rows_limit, which the tests
+    replace to force a path."""
+    import moe_dispatch.backends.numba_backend as nb
+
+    experts = ExpertWeights(*expert_weights(E, H, I, gen)[:2])
+    x = torch.randn(T, H, generator=gen)
+    assert nb.decode_setup(x, experts) is nb.decode_setup(x, experts)
+    large_groups_everywhere(monkeypatch)
+    assert nb.decode_setup(x, experts).rows_limit == 0
+
+
 # ---- OneDNNPacked: a declared storage format ---------------------------------------------------
 
 

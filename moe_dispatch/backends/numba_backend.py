@@ -428,8 +428,11 @@ class DecodeSetup(NamedTuple):
 
 
 def decode_setup(x: Tensor, experts: ExpertWeights) -> DecodeSetup:
-    """The DecodeSetup of experts for activations of x's dtype."""
-    return experts.derived(("numba decode", x.dtype), lambda: DecodeSetup(
+    """The DecodeSetup of experts for activations of x's dtype. Its row limit follows the
+    matmul library setting too, and fused_rows_limit itself (which tests replace to force a
+    path): both are in the key."""
+    key = ("numba decode", x.dtype, onednn_float32(), fused_rows_limit)
+    return experts.derived(key, lambda: DecodeSetup(
         mlp_rows_limit(x, experts), decode_kernels(x, experts), decode_tiles(experts.hidden_size)))
 
 
