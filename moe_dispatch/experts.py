@@ -32,6 +32,17 @@ def stamp(tensors: Iterable[Optional[Tensor]]) -> Optional[tuple]:
     return tuple(marks)
 
 
+def kept(store: dict, slot: Hashable, mark: Optional[tuple], make: Callable[[], Derived]) -> Derived:
+    """What store holds at slot if it was made under mark, else make(), kept there under mark
+    (never where mark is None: a change that would go unseen)."""
+    entry = store.get(slot)
+    if mark is None or entry is None or entry[0] != mark:
+        entry = (mark, make())
+        if mark is not None:
+            store[slot] = entry
+    return entry[1]
+
+
 @dataclass(frozen=True)
 class ExpertWeights:
     """The weights of E expert MLPs, expert(v) = w_down[e] @ act(w_gate_up[e] @ v + b_gate_up[e]) + b_down[e].
@@ -55,6 +66,9 @@ class ExpertWeights:
     def __post_init__(self):
         object.__setattr__(self, "activation", activations.get(self.activation))
         check.expert_weights(self)
+        # the tensors that hold the experts (fixed, as the fields are): what derived watches
+        object.__setattr__(self, "_held", (*formats.tensors(self.w_gate_up), *formats.tensors(self.w_down),
+                                           *(b for b in (self.b_gate_up, self.b_down) if b is not None)))
         object.__setattr__(self, "_derived", {})
 
     def __getstate__(self) -> dict:  # a copy starts with nothing derived
@@ -67,13 +81,7 @@ class ExpertWeights:
         """make(), kept under key while these experts' tensors stay as they are (stamp): what a
         backend derives from them (the arrays its kernels read, a bias widened to float32) once,
         not on every call, where a decode step's Python costs as much as its kernels."""
-        mark = stamp(self._tensors())
-        kept = self._derived.get(key)
-        if mark is None or kept is None or kept[0] != mark:
-            kept = (mark, make())
-            if mark is not None:
-                self._derived[key] = kept
-        return kept[1]
+        return kept(self._derived, key, stamp(self._held), make)
 
     @property
     def num_experts(self) -> int:
@@ -132,11 +140,7 @@ class ExpertWeights:
         down, down_spec = formats.flatten(self.w_down)
         spec = "|".join([self.activation.name, str(int(self.interleaved)), str(len(gate_up)), gate_up_spec, down_spec,
                          str(int(self.b_gate_up is not None)), str(int(self.b_down is not None))])
-        return self._tensors(), spec
-
-    def _tensors(self) -> list[Tensor]:
-        return [*formats.tensors(self.w_gate_up), *formats.tensors(self.w_down),
-                *(b for b in (self.b_gate_up, self.b_down) if b is not None)]
+        return list(self._held), spec
 
     def flat_grads(self, grads) -> list[Optional[Tensor]]:
         """A gradient for each tensor of flatten(), in its order, from grads (an ExpertGrads): a

@@ -12,7 +12,7 @@ from torch import nn
 from . import activations, formats
 from . import validation as check
 from .backends import BACKEND_NAMES
-from .experts import ExpertWeights, stamp
+from .experts import ExpertWeights, kept, stamp
 from .formats import FORMATS
 from .formats.quantized import QuantizedWeight, quantize
 from .ops import make_plan, moe_mlp
@@ -212,12 +212,8 @@ class MoE(nn.Module):
         parts = [t for w in (self.w_gate_up, self.w_down)
                  for t in ((w.codes, w.scales, w.zeros) if isinstance(w, FrozenQuantized) else (w,))]
         mark = stamp([*parts, self.b_gate_up, self.b_down])
-        key = None if mark is None else (dtype, self.activation, mark)
-        kept = _LAYER_EXPERTS.get(self)
-        if key is None or kept is None or kept[0] != key:
-            kept = (key, self._make_experts(dtype))
-            _LAYER_EXPERTS[self] = kept
-        return kept[1]
+        return kept(_LAYER_EXPERTS, self, None if mark is None else (dtype, self.activation, mark),
+                    lambda: self._make_experts(dtype))
 
     def _make_experts(self, dtype: torch.dtype) -> ExpertWeights:
         w_gate_up, w_down = (w.weight(dtype) if isinstance(w, FrozenQuantized) else w
