@@ -75,6 +75,9 @@ class FrozenQuantized(nn.Module):
     def shape(self) -> torch.Size:
         return self.weight(torch.float32).shape
 
+    def tensors(self) -> list[Tensor]:
+        return [self.codes, self.scales, self.zeros]
+
     def _apply(self, fn, recurse=True):
         for name, t in self._buffers.items():
             if t is not None:
@@ -210,7 +213,7 @@ class MoE(nn.Module):
         if torch.compiler.is_compiling():
             return self._make_experts(dtype)
         parts = [t for w in (self.w_gate_up, self.w_down)
-                 for t in ((w.codes, w.scales, w.zeros) if isinstance(w, FrozenQuantized) else (w,))]
+                 for t in (w.tensors() if isinstance(w, FrozenQuantized) else (w,))]
         mark = stamp([*parts, self.b_gate_up, self.b_down])
         return kept(_LAYER_EXPERTS, self, None if mark is None else (dtype, self.activation, mark),
                     lambda: self._make_experts(dtype))

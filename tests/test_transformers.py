@@ -297,6 +297,40 @@ def test_every_flag_matches_transformers(case, backend, gen, path_spy):
     assert path_spy[path] == 1 and path_spy["composed" if path == "fused" else "fused"] == 0
 
 
+def test_the_experts_are_kept_until_the_module_changes(backend, gen):
+    """What experts_forward reads off a module is kept (so that what a backend derives from it
+    is too) until a weight is written or replaced, the activation changes, or gradients are
+    asked for after a call under no_grad (whose views of [E, in, out] weights carry none)."""
+    experts = _flag_experts("transposed-bias", gen, "batched_mm")
+    x = torch.randn(5, 12, generator=gen)
+    ids = torch.rand(5, experts.num_experts, generator=gen).topk(2, dim=-1).indices
+    weights = torch.rand(5, 2, generator=gen)
+    ours = integration.register(f"moe_dispatch_{backend}", backend=backend)
+
+    def outputs():
+        with torch.no_grad():
+            experts.config._experts_implementation = "batched_mm"
+            expected = experts(x, ids, weights)
+            experts.config._experts_implementation = ours
+            return experts(x, ids, weights), expected
+
+    assert_close(*outputs())
+    fused = integration._module_experts(experts, x.dtype)[0]
+    assert integration._module_experts(experts, x.dtype)[0] is fused
+    with torch.no_grad():
+        experts.down_proj.mul_(-2.0)
+    assert_close(*outputs())
+    experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach() * 0.5)
+    assert_close(*outputs())
+    experts.act_fn = transformers.activations.GELUActivation()
+    assert_close(*outputs())
+    assert integration._module_experts(experts, x.dtype)[0].activation.name == "geglu"
+    experts.config._experts_implementation = "batched_mm"
+    expected = _experts_outputs_and_grads(experts, x, ids, weights)
+    outputs()  # kept under no_grad
+    _assert_same(_experts_outputs_and_grads(experts, x, ids, weights), expected)
+
+
 def test_expert_parallel_slots_of_other_ranks_add_nothing(backend, gen):
     # Expert parallelism marks the slots of other ranks' experts with id num_experts, weight 0.
     experts = _flag_experts("transposed-bias", gen, "batched_mm")
