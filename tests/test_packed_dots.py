@@ -95,6 +95,23 @@ def test_the_vector_code_computes_the_definition(fmt, quantize_format, options, 
 
 
 @pytest.mark.parametrize("features", FEATURES)
+def test_every_e4m3_code_meets_the_activations_as_its_value(features, gen):
+    """All 254 codes that are numbers (subnormals, both zeros and +-448 among them; NaN's two
+    become zeros) over two weight rows of 128."""
+    from moe_dispatch.kernels.numba import packed_dots
+
+    operands, _, group = kernel_inputs("e4m3", "fp8", {}, 128, gen)
+    codes = np.arange(256, dtype=np.uint8)
+    codes[codes & 0x7F == 0x7F] &= 0x80
+    operands[0][0, :2] = codes.reshape(2, 128)
+    rows = np.arange(6, dtype=np.int32)
+    out, expected = (np.empty((2, 6), np.float32) for _ in range(2))
+    compiled("e4m3", features)(*operands, rows, 0, 6, group, out)
+    packed_dots.e4m3_dots(*operands, rows, 0, 6, group, expected)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("features", FEATURES)
 def test_e8m0_scales_down_to_the_subnormal_one_scale_the_dots(features, gen):
     """mxfp4 scales of 2^-127 (e8m0's code 0, a subnormal float32) to 2^-124, one per group of
     32 and two to a step: the sums still come out as the definition's."""

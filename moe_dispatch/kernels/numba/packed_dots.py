@@ -272,10 +272,11 @@ def _e2m1_values(builder, data, chunk, zero, cpu):
 
 
 def _e4m3_values(builder, data, chunk, zero, cpu):
-    wide = builder.zext(_chunk_bytes(builder, data, chunk, CHUNK), _vec(I16))
-    sign = builder.shl(builder.and_(wide, _const(I16, 0x80)), _const(I16, 8))
-    rest = builder.shl(builder.and_(wide, _const(I16, 0x7F)), _const(I16, 7))
-    return [builder.fpext(builder.bitcast(builder.or_(sign, rest), _vec(F16)), _vec(F32))]
+    # Sign-extended and shifted by 7, a code has its sign in bits 15 and 14 and its exponent and
+    # mantissa in 13..7: clearing bit 14 leaves float16 bits (three instructions per 32 codes).
+    wide = builder.shl(builder.sext(_chunk_bytes(builder, data, chunk, CHUNK), _vec(I16)), _const(I16, 7))
+    bits = builder.and_(wide, _const(I16, 0xBF80 - 0x10000))
+    return [builder.fpext(builder.bitcast(bits, _vec(F16)), _vec(F32))]
 
 
 def _ordered_values(builder, fmt, data, chunk, zero, cpu):
