@@ -65,7 +65,7 @@ Tensor = torch.Tensor
 # the library's 14.1), 8 elsewhere.
 _BF16_ROWS = 10 if TAKES_BF16_DOTS else 8
 FUSED_LIMITS = {
-    "onednn": {torch.float32: (16, 27e6), torch.float64: (192, 0),
+    "onednn": {torch.float32: (24, 16e6), torch.float64: (192, 0),
                torch.bfloat16: (_BF16_ROWS, 20e6), torch.float16: (16, 27e6)},
     "blas": {torch.float32: (192, 0), torch.float64: (192, 0),
              torch.bfloat16: (_BF16_ROWS, 20e6), torch.float16: (128, 0)},
