@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numba
 import numpy as np
@@ -50,6 +50,7 @@ from ..plan import DispatchPlan
 from .base import Backend
 from .cpu_matmul import matmul_into, onednn_float32, takes_grouped_mm
 from .expert_threads import Task, expert_rows, expert_tasks, run_tasks
+from .step_threads import STEP_THREADS
 
 Tensor = torch.Tensor
 
@@ -192,6 +193,17 @@ def as_array(t: Tensor) -> np.ndarray:
     if t.dtype == torch.float16:
         return t.view(torch.int16).numpy()
     return t.numpy()
+
+
+# as_array's NumPy type of each torch type
+_ARRAY_TYPES = {torch.bfloat16: np.uint16, torch.float16: np.int16, torch.float32: np.float32, torch.float64: np.float64}
+
+
+def empty_array(shape: tuple, dtype: torch.dtype) -> tuple[np.ndarray, Tensor]:
+    """A new array as as_array gives a tensor of dtype, and that tensor: NumPy allocates it,
+    which costs a decode step a third of what torch.empty and as_array do on cold caches."""
+    array = np.empty(shape, dtype=_ARRAY_TYPES[dtype])
+    return array, torch.from_numpy(array).view(dtype)
 
 
 def is_packed(w: Tensor) -> bool:
@@ -425,6 +437,19 @@ class DecodeSetup(NamedTuple):
     rows_limit: float  # mlp_rows_limit
     kernels: Optional[tuple]  # decode_kernels
     tiles: mlp.DecodeTiles
+    kind: tuple  # what its time depends on besides the rows (STEP_THREADS)
+
+    def run(self, rows: int, step: Callable[[], int]) -> int:
+        """step(), a decode kernel's call returning its status, on the threads STEP_THREADS
+        gives steps of this kind and about this many rows."""
+        return STEP_THREADS.run((self.kind, rows.bit_length()), step, mlp.DECODE_OK)
+
+
+def step_kind(x: Tensor, experts: ExpertWeights) -> tuple:
+    """The activations' dtype, the experts' sizes and each weight's format or dtype."""
+    weights = (experts.w_gate_up, experts.w_down)
+    return (x.dtype, experts.num_experts, experts.hidden_size, experts.intermediate_size,
+            *(w.format if isinstance(w, QuantizedWeight) else w.dtype for w in weights))
 
 
 def decode_setup(x: Tensor, experts: ExpertWeights) -> DecodeSetup:
@@ -433,7 +458,8 @@ def decode_setup(x: Tensor, experts: ExpertWeights) -> DecodeSetup:
     path): both are in the key."""
     key = ("numba decode", x.dtype, onednn_float32(), fused_rows_limit)
     return experts.derived(key, lambda: DecodeSetup(
-        mlp_rows_limit(x, experts), decode_kernels(x, experts), decode_tiles(experts.hidden_size)))
+        mlp_rows_limit(x, experts), decode_kernels(x, experts), decode_tiles(experts.hidden_size),
+        step_kind(x, experts)))
 
 
 class NumbaBackend(Backend):
@@ -633,10 +659,9 @@ class NumbaBackend(Backend):
         h = x.new_empty(plan.num_rows if save_for_backward else 0, experts.w_gate_up.shape[1])
         out = x.new_empty(x.shape)
         rows, slots = int32_array(plan.token_of_row), int32_array(plan.row_of_slot)
-        status = module.moe_mlp_decode(
-            as_array(x.contiguous()), scalars_array(weights, x.dtype), bounds, rows, slots,
-            kernel_experts, setup.tiles, save_for_backward, as_array(h), as_array(out),
-        )
+        arrays = (as_array(x.contiguous()), scalars_array(weights, x.dtype), bounds, rows, slots,
+                  kernel_experts, setup.tiles, save_for_backward, as_array(h), as_array(out))
+        status = setup.run(plan.num_rows, lambda: module.moe_mlp_decode(*arrays))
         if status != mlp.DECODE_OK:  # the kernel refused an index array before reading through it
             check_indices("token_of_row", rows, x.shape[0])
             check_indices("row_of_slot", slots, rows.shape[0])
@@ -651,12 +676,11 @@ class NumbaBackend(Backend):
         setup = decode_setup(x, experts)
         if setup.kernels is None:
             return None
-        out = x.new_empty(x.shape)
+        out_array, out = empty_array(tuple(x.shape), x.dtype)
         module, kernel_experts = setup.kernels
-        status = module.moe_mlp_decode_ids(
-            as_array(x.contiguous()), scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(),
-            experts.num_experts, setup.rows_limit, kernel_experts, setup.tiles, as_array(out),
-        )
+        arrays = (as_array(x.contiguous()), scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(),
+                  experts.num_experts, setup.rows_limit, kernel_experts, setup.tiles, out_array)
+        status = setup.run(ids.numel(), lambda: module.moe_mlp_decode_ids(*arrays))
         if status == mlp.NOT_DECODE:
             return None
         if status:
