@@ -185,18 +185,16 @@ def launcher(method):
     return wrapped
 
 
+# The NumPy type the kernels read each float type as: 16-bit floats as their bits
+_ARRAY_TYPES = {torch.bfloat16: np.uint16, torch.float16: np.int16, torch.float32: np.float32, torch.float64: np.float64}
+
+
 def as_array(t: Tensor) -> np.ndarray:
     """A zero-copy NumPy view of a CPU tensor; bfloat16 as uint16 bits, float16 as int16 bits."""
     t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    if t.dtype == torch.float16:
-        return t.view(torch.int16).numpy()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16).numpy().view(_ARRAY_TYPES[t.dtype])
     return t.numpy()
-
-
-# as_array's NumPy type of each torch type
-_ARRAY_TYPES = {torch.bfloat16: np.uint16, torch.float16: np.int16, torch.float32: np.float32, torch.float64: np.float64}
 
 
 def empty_array(shape: tuple, dtype: torch.dtype) -> tuple[np.ndarray, Tensor]:
