@@ -31,10 +31,21 @@ CASES = [
 FEATURES = [pytest.param(None, id="host"), pytest.param("+avx2", id="avx2"), pytest.param("", id="generic")]
 
 
+# Pairs of weight rows the kernels take per call, as (n_a, n_b, stride, pairs): GEMM2's two
+# streams (rows p and 3 + p), a plain GEMM1's neighbours (rows 2p and 2p + 1), one pair.
+LAYOUTS = [(0, 3, 1, 3), (0, 1, 2, 3), (4, 1, 0, 1)]
+NUM_WEIGHT_ROWS = 6
+
+
+def layout_rows(n_a, n_b, stride, pairs):
+    """The weight row of each row of the kernels' out, for a layout."""
+    return [n + p * stride for p in range(pairs) for n in (n_a, n_b)]
+
+
 def kernel_inputs(fmt, quantize_format, options, depth, gen, num_tokens=6):
-    """Two weight rows quantized, their operands as the kernels read them, activations, and the
-    two rows dequantized in float64."""
-    w = torch.randn(1, 2, depth, generator=gen)
+    """Six weight rows quantized, the operands before the row layout as the kernels read them,
+    activations, and the rows dequantized in float64."""
+    w = torch.randn(1, NUM_WEIGHT_ROWS, depth, generator=gen)
     q = md.quantize(w, quantize_format, **options)
     zeros = q.zeros.numpy() if q.zeros is not None else np.zeros((1, 1, 1), dtype=np.uint8)
     codes = q.codes.view(torch.uint8).numpy()
@@ -42,9 +53,12 @@ def kernel_inputs(fmt, quantize_format, options, depth, gen, num_tokens=6):
         x = torch.randn(num_tokens, depth, generator=gen).numpy()
     else:
         x = torch.randint(-32767, 32768, (num_tokens, depth), generator=gen, dtype=torch.int16).numpy()
-    # expert 0's rows 0 and 1, and their scale rows (fp8's cover 128 rows)
-    operands = (codes, q.scales.numpy(), zeros, q.zeros is not None, 0, 0, 1, 0, 1 // q.block[0], x)
-    return operands, q.dequantize(torch.float64)[0].numpy(), q.block[1]
+    weights = (codes, q.scales.numpy(), zeros, q.zeros is not None, 0)  # expert 0
+    return weights, q.block[0], x, q.dequantize(torch.float64)[0].numpy(), q.block[1]
+
+
+def operands(weights, per_scale, x, layout=LAYOUTS[0]):
+    return (*weights, *layout, per_scale, x)
 
 
 def in_element_order(fmt, x):
@@ -66,8 +80,8 @@ def compiled(fmt, features):
     kernel = dots_intrinsic(fmt, features)
 
     @njit
-    def run(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
-        kernel(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out)
+    def run(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group, out):
+        kernel(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group, out)
 
     return run
 
@@ -77,20 +91,22 @@ def compiled(fmt, features):
 def test_the_vector_code_computes_the_definition(fmt, quantize_format, options, depth, features, gen):
     from moe_dispatch.kernels.numba import packed_dots
 
-    operands, dense, group = kernel_inputs(fmt, quantize_format, options, depth, gen)
+    weights, per_scale, x, dense, group = kernel_inputs(fmt, quantize_format, options, depth, gen)
     definition = getattr(packed_dots, f"{fmt}_dots")
     run = compiled(fmt, features)
-    for count in (1, 2, 3, 7):  # passes of 4, 2 and 1 rows
-        start = 2  # the rows from rows[start]; out wider than count
+    for count, layout in zip((1, 2, 3, 7), LAYOUTS * 2):  # passes of 4, 2 and 1 rows
+        args = operands(weights, per_scale, x, layout)
+        start = 2  # the rows from rows[start]; out wider than count and longer than the pairs
         rows = torch.randint(0, 6, (start + count,), generator=gen, dtype=torch.int32).numpy()
-        out, expected = np.full((2, count + 1), np.nan, np.float32), np.full((2, count + 1), np.nan, np.float32)
-        run(*operands, rows, start, count, group, out)
-        definition(*operands, rows, start, count, group, expected)
-        assert np.isnan(out[:, count]).all()  # nothing written past count
-        out, expected, rows = out[:, :count], expected[:, :count], rows[start:]
+        height = 2 * layout[3]
+        out, expected = (np.full((height + 1, count + 1), np.nan, np.float32) for _ in range(2))
+        run(*args, rows, start, count, group, out)
+        definition(*args, rows, start, count, group, expected)
+        assert np.isnan(out[:, count]).all() and np.isnan(out[height]).all()  # nothing written past them
+        out, expected, rows = out[:height, :count], expected[:height, :count], rows[start:]
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
         # and the definition is the format's: the dequantized rows times the activations
-        truth = dense @ in_element_order(fmt, operands[-1][rows]).astype(np.float64).T
+        truth = dense[layout_rows(*layout)] @ in_element_order(fmt, x[rows]).astype(np.float64).T
         np.testing.assert_allclose(expected, truth, rtol=1e-5, atol=1e-5 * np.abs(truth).max())
 
 
@@ -100,14 +116,15 @@ def test_every_e4m3_code_meets_the_activations_as_its_value(features, gen):
     become zeros) over two weight rows of 128."""
     from moe_dispatch.kernels.numba import packed_dots
 
-    operands, _, group = kernel_inputs("e4m3", "fp8", {}, 128, gen)
+    weights, per_scale, x, _, group = kernel_inputs("e4m3", "fp8", {}, 128, gen)
     codes = np.arange(256, dtype=np.uint8)
     codes[codes & 0x7F == 0x7F] &= 0x80
-    operands[0][0, :2] = codes.reshape(2, 128)
+    weights[0][0, :2] = codes.reshape(2, 128)
+    args = operands(weights, per_scale, x, (0, 1, 0, 1))
     rows = np.arange(6, dtype=np.int32)
     out, expected = (np.empty((2, 6), np.float32) for _ in range(2))
-    compiled("e4m3", features)(*operands, rows, 0, 6, group, out)
-    packed_dots.e4m3_dots(*operands, rows, 0, 6, group, expected)
+    compiled("e4m3", features)(*args, rows, 0, 6, group, out)
+    packed_dots.e4m3_dots(*args, rows, 0, 6, group, expected)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 
 
@@ -117,24 +134,25 @@ def test_e8m0_scales_down_to_the_subnormal_one_scale_the_dots(features, gen):
     32 and two to a step: the sums still come out as the definition's."""
     from moe_dispatch.kernels.numba import packed_dots
 
-    operands, _, group = kernel_inputs("e2m1", "mxfp4", {}, 192, gen)
-    operands[1][:] = torch.randint(0, 4, operands[1].shape, generator=gen, dtype=torch.uint8).numpy()
-    assert (operands[1] == 0).any()
+    weights, per_scale, x, _, group = kernel_inputs("e2m1", "mxfp4", {}, 192, gen)
+    weights[1][:] = torch.randint(0, 4, weights[1].shape, generator=gen, dtype=torch.uint8).numpy()
+    assert (weights[1] == 0).any()
+    args = operands(weights, per_scale, x)
     rows = np.arange(6, dtype=np.int32)
-    out, expected = (np.empty((2, 6), np.float32) for _ in range(2))
-    compiled("e2m1", features)(*operands, rows, 0, 6, group, out)
-    packed_dots.e2m1_dots(*operands, rows, 0, 6, group, expected)
+    out, expected = (np.empty((6, 6), np.float32) for _ in range(2))
+    compiled("e2m1", features)(*args, rows, 0, 6, group, out)
+    packed_dots.e2m1_dots(*args, rows, 0, 6, group, expected)
     assert np.abs(expected).min() > np.finfo(np.float32).tiny  # normal sums: the relative check holds
     np.testing.assert_allclose(out, expected, rtol=1e-5)
 
 
 def test_float64_activations_meet_e4m3_codes_as_float32(gen):
-    operands, dense, group = kernel_inputs("e4m3", "fp8", {}, 96, gen)
-    x64 = operands[-1].astype(np.float64)
+    weights, per_scale, x, dense, group = kernel_inputs("e4m3", "fp8", {}, 96, gen)
+    x64 = x.astype(np.float64)
     rows = np.arange(6, dtype=np.int32)
-    out = np.empty((2, 6), np.float32)
-    compiled("e4m3", None)(*operands[:-1], x64, rows, 0, 6, group, out)
-    np.testing.assert_allclose(out, dense @ x64.T, rtol=1e-5, atol=1e-5)
+    out = np.empty((6, 6), np.float32)
+    compiled("e4m3", None)(*operands(weights, per_scale, x64), rows, 0, 6, group, out)
+    np.testing.assert_allclose(out, dense[layout_rows(*LAYOUTS[0])] @ x64.T, rtol=1e-5, atol=1e-5)
 
 
 def test_quantize_rows_rounds_each_row_to_int16_on_its_own_scale(gen):

@@ -127,44 +127,57 @@ def _scale_values(scales):
     return scales
 
 
-def _dots(fmt, codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
+def _dots(fmt, codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
+          out):
     starts = np.arange(0, x.shape[1], group)
     in_order = np.arange(x.shape[1])
     if fmt in ("int4", "e2m1"):
         in_order[wide_order(x.shape[1])] = in_order.copy()
-    for i, (n, s) in enumerate(((n_a, s_a), (n_b, s_b))):
-        values = _code_values(fmt, codes[e, n], zeros[e, s] if has_zeros else None, has_zeros, group)
-        for j in range(count):
-            activations = x[rows[start + j]][in_order].astype(np.float32).astype(values.dtype)
-            per_group = np.add.reduceat(values * activations, starts).astype(np.float32)
-            total = np.dot(per_group, _scale_values(scales[e, s])[: per_group.shape[0]])
-            out[i, j] = np.float32(total * (0.5 if fmt == "e2m1" else 1.0))
+    for p in range(pairs):
+        for i, first_row in enumerate((n_a, n_b)):
+            n = first_row + p * stride
+            s = n // per_scale
+            values = _code_values(fmt, codes[e, n], zeros[e, s] if has_zeros else None, has_zeros, group)
+            for j in range(count):
+                activations = x[rows[start + j]][in_order].astype(np.float32).astype(values.dtype)
+                per_group = np.add.reduceat(values * activations, starts).astype(np.float32)
+                total = np.dot(per_group, _scale_values(scales[e, s])[: per_group.shape[0]])
+                out[2 * p + i, j] = np.float32(total * (0.5 if fmt == "e2m1" else 1.0))
 
 
-def int8_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
-    """out[0, j] = sum_g scales[e, s_a, g] * (codes[e, n_a] . x[rows[start + j]] over group g),
-    out[1, j] the same for n_b and s_b, for j < count: codes the int8 bytes [E, N, K], scales
-    [E, *, ceil(K/group)] float32 (or e8m0 bytes, uint8), x int16 [T, K], rows int32, out
-    float32 [2, >= count]; K and group multiples of CHUNK. The zeros arguments are unused (the
-    4-bit formats' signature)."""
-    _dots("int8", codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out)
+def int8_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
+              out):
+    """out[2p, j] = sum_g scales[e, s, g] * (codes[e, n] . x[rows[start + j]] over group g) for
+    n = n_a + p * stride and s = n // per_scale, out[2p + 1, j] the same from n_b, for p <
+    pairs and j < count: codes the int8 bytes [E, N, K], scales [E, *, ceil(K/group)] float32
+    (or e8m0 bytes, uint8), x int16 [T, K], rows int32, out float32 [>= 2 pairs, >= count]; K
+    and group multiples of CHUNK. The zeros arguments are unused (the 4-bit formats'
+    signature)."""
+    _dots("int8", codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
+          out)
 
 
-def int4_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
+def int4_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
+              out):
     """int8_dots for 4-bit codes [E, N, K/2] (low nibble first) less their zero points (zeros
     uint8 like scales when has_zeros, else 8), x in wide_order; reads_wide_chunks(K, group)."""
-    _dots("int4", codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out)
+    _dots("int4", codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
+          out)
 
 
-def e2m1_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
+def e2m1_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
+              out):
     """int4_dots for e2m1 codes [E, N, K/2] (low nibble first)."""
-    _dots("e2m1", codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out)
+    _dots("e2m1", codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
+          out)
 
 
-def e4m3_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
+def e4m3_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
+              out):
     """int8_dots for e4m3 codes [E, N, K] against float activations x [T, K] (float32, or
     float64 rounded to float32)."""
-    _dots("e4m3", codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out)
+    _dots("e4m3", codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
+          out)
 
 
 # ---- the vector code -------------------------------------------------------------------------
@@ -408,29 +421,47 @@ def _zeros_row(builder, array, has_zeros, e, s):
     return _row_start(builder, array, builder.select(has_zeros, e, nothing), builder.select(has_zeros, s, nothing))
 
 
-INDEX_ARGUMENTS = (4, 5, 6, 7, 8, 11, 12, 13)  # e, n_a, n_b, s_a, s_b, start, count, group
+# e, n_a, n_b, stride, pairs, per_scale, start, count, group
+INDEX_ARGUMENTS = (4, 5, 6, 7, 8, 9, 12, 13, 14)
 
 
 class _Operands:
-    """The intrinsic's arguments as LLVM values: the two weight rows', their scale rows' and
-    zero rows' addresses, the activations and where the sums go. The arguments are whole
-    arrays and indices, not views: a view costs a reference count, more than a short row."""
+    """The intrinsic's arguments as LLVM values: the activations, where the sums go and, per
+    pair of weight rows (at_pair), the rows', their scale rows' and zero rows' addresses. The
+    arguments are whole arrays and indices, not views: a view costs a reference count, more
+    than a short row."""
 
     def __init__(self, context, builder, sig, args):
         args = [context.cast(builder, v, t, types.intp) if i in INDEX_ARGUMENTS else v
                 for i, (v, t) in enumerate(zip(args, sig.args))]
-        (codes, scales, zeros, self.has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, self.num_rows, self.group,
-         out) = args
-        array = {i: context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 2, 9, 10, 14)}
-        self.codes = [_row_start(builder, array[0], e, n) for n in (n_a, n_b)]
-        self.scales = [_row_start(builder, array[1], e, s) for s in (s_a, s_b)]
-        self.zeros = [_zeros_row(builder, array[2], self.has_zeros, e, s) for s in (s_a, s_b)]
-        self.x = array[9].data
-        self.x_element = context.get_value_type(sig.args[9].dtype)
-        self.depth = cgutils.unpack_tuple(builder, array[9].shape, 2)[1]
-        self.rows = builder.gep(array[10].data, [start])
-        self.out = array[14].data
-        self.out_width = cgutils.unpack_tuple(builder, array[14].shape, 2)[1]
+        (_, _, _, self.has_zeros, self.e, self.n_a, self.n_b, self.stride, self.pairs, self.per_scale, _, _, start,
+         self.num_rows, self.group, _) = args
+        self.arrays = [context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 2)]
+        x, rows, out = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (10, 11, 15))
+        self.x = x.data
+        self.x_element = context.get_value_type(sig.args[10].dtype)
+        self.depth = cgutils.unpack_tuple(builder, x.shape, 2)[1]
+        self.rows = builder.gep(rows.data, [start])
+        self.out = out.data
+        self.out_width = cgutils.unpack_tuple(builder, out.shape, 2)[1]
+
+    def at_pair(self, builder, p):
+        """Point codes, scales and zeros at the rows of pair p: n_a + p * stride and n_b + p *
+        stride."""
+        rows = [builder.add(n, builder.mul(p, self.stride)) for n in (self.n_a, self.n_b)]
+        scale_rows = [_scale_row(builder, n, self.per_scale) for n in rows]
+        codes, scales, zeros = self.arrays
+        self.codes = [_row_start(builder, codes, self.e, n) for n in rows]
+        self.scales = [_row_start(builder, scales, self.e, s) for s in scale_rows]
+        self.zeros = [_zeros_row(builder, zeros, self.has_zeros, self.e, s) for s in scale_rows]
+
+
+def _scale_row(builder, n, per_scale):
+    """n // per_scale, without a division where each row has its own scales (per_scale 1)."""
+    row = cgutils.alloca_once_value(builder, n)
+    with builder.if_then(builder.icmp_signed("!=", per_scale, ir.Constant(n.type, 1)), likely=False):
+        builder.store(builder.sdiv(n, per_scale), row)
+    return builder.load(row)
 
 
 def _min(builder, a, b):
@@ -451,28 +482,39 @@ def _prefetch(builder, data, offset):
 
 
 def _emit_pass(builder, fmt, cpu, ops, first, count):
-    """The code for count activation rows from the first-th of ops.rows: every group and its
-    chunks, then the sums stored in ops.out."""
-    kind = _KINDS[fmt]
+    """The code for count activation rows from the first-th of ops.rows: for each pair of
+    weight rows, every group and its chunks, then the sums stored in ops.out. The rows' setup
+    is made once for all pairs: a call per pair cost half of a 1024-deep pair's time."""
     index = ops.depth.type
-    pairs = [(r, j) for r in range(2) for j in range(count)]
-    partials = {p: cgutils.alloca_once(builder, kind.partial_type) for p in pairs}
-    sums = {p: cgutils.alloca_once(builder, _vec(F32, kind.lanes)) for p in pairs}
-    for p in pairs:
-        builder.store(ir.Constant(kind.partial_type, None), partials[p])
-        builder.store(_const(F32, 0.0, kind.lanes), sums[p])
     x_rows = []
     for j in range(count):
         row = builder.sext(builder.load(builder.gep(ops.rows, [builder.add(first, ir.Constant(index, j))])), index)
         x_rows.append(builder.gep(ops.x, [builder.mul(row, ops.depth)]))
+    with cgutils.for_range(builder, ops.pairs) as pair_loop:
+        ops.at_pair(builder, pair_loop.index)
+        _emit_pair(builder, fmt, cpu, ops, x_rows, first, pair_loop.index)
+
+
+def _emit_pair(builder, fmt, cpu, ops, x_rows, first, p):
+    """The code for pair p of weight rows (ops.at_pair) against the activation rows at x_rows:
+    every group and its chunks, then the sums stored in rows 2p and 2p + 1 of ops.out."""
+    kind = _KINDS[fmt]
+    index = ops.depth.type
+    count = len(x_rows)
+    slots = [(r, j) for r in range(2) for j in range(count)]  # (weight row, activation row)
+    partials = {q: cgutils.alloca_once(builder, kind.partial_type) for q in slots}
+    sums = {q: cgutils.alloca_once(builder, _vec(F32, kind.lanes)) for q in slots}
+    for q in slots:
+        builder.store(ir.Constant(kind.partial_type, None), partials[q])
+        builder.store(_const(F32, 0.0, kind.lanes), sums[q])
     group, span = ops.group, ir.Constant(index, kind.span)
     # a flush per group, or per step where a 4-bit step holds two groups of 32
-    stride = builder.select(builder.icmp_signed(">", group, span), group, span)
-    num_groups = builder.udiv(builder.add(ops.depth, builder.sub(stride, ir.Constant(index, 1))), stride)
+    flush_span = builder.select(builder.icmp_signed(">", group, span), group, span)
+    num_groups = builder.udiv(builder.add(ops.depth, builder.sub(flush_span, ir.Constant(index, 1))), flush_span)
     long_groups = builder.icmp_signed(">", group, ir.Constant(index, FLUSH))
     with cgutils.for_range(builder, num_groups) as group_loop:
-        k0 = builder.mul(group_loop.index, stride)
-        k1 = _min(builder, builder.add(k0, stride), ops.depth)
+        k0 = builder.mul(group_loop.index, flush_span)
+        k1 = _min(builder, builder.add(k0, flush_span), ops.depth)
         # the groups of the first and second half of a step's lanes
         halves = [builder.udiv(k0, group)]
         halves.append(halves[0] if kind.span == CHUNK else
@@ -487,7 +529,7 @@ def _emit_pass(builder, fmt, cpu, ops, first, count):
         first_chunk = builder.udiv(k0, span)
 
         def flush():
-            for r, j in pairs:
+            for r, j in slots:
                 partial = kind.to_float(builder, builder.load(partials[r, j]))
                 scaled = builder.fmul(partial, scales[r], flags=("fast",))
                 builder.store(builder.fadd(builder.load(sums[r, j]), scaled, flags=("fast",)), sums[r, j])
@@ -510,11 +552,11 @@ def _emit_pass(builder, fmt, cpu, ops, first, count):
             with builder.if_then(builder.and_(long_groups, span_done), likely=False):
                 flush()
         flush()
-    for r, j in pairs:
+    for r, j in slots:
         total = builder.fmul(horizontal_sum(builder, builder.load(sums[r, j])), ir.Constant(F32, kind.result_factor))
+        out_row = builder.add(builder.mul(p, ir.Constant(index, 2)), ir.Constant(index, r))
         column = builder.add(first, ir.Constant(index, j))
-        builder.store(total, builder.gep(ops.out, [builder.add(builder.mul(ir.Constant(index, r), ops.out_width),
-                                                               column)]))
+        builder.store(total, builder.gep(ops.out, [builder.add(builder.mul(out_row, ops.out_width), column)]))
 
 
 # Group sizes the code is specialized for: a group's trip count known, LLVM unrolls its chunks
@@ -573,18 +615,19 @@ def dots_intrinsic(fmt, cpu_features=None):
     kind = _KINDS[fmt]
 
     @intrinsic
-    def dots(typingctx, codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
+    def dots(typingctx, codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count,
+             group, out):
         arrays = ((codes, 3), (scales, 3), (zeros, 3), (x, 2), (rows, 1), (out, 2))
         if not all(isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" for a, ndim in arrays):
             return None
         if (scales.dtype not in (types.float32, types.uint8) or x.dtype not in kind.activation_types
                 or rows.dtype != types.int32 or out.dtype != types.float32):
             return None
-        indices = (e, n_a, n_b, s_a, s_b, start, count, group)
+        indices = (e, n_a, n_b, stride, pairs, per_scale, start, count, group)
         if not all(isinstance(i, types.Integer) for i in indices):
             return None
-        signature = types.void(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group,
-                               out)
+        signature = types.void(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start,
+                               count, group, out)
 
         def codegen(context, builder, sig, args):
             cpu = cpu_features if cpu_features is not None else context.codegen()._get_host_cpu_features()
@@ -600,9 +643,14 @@ def dots_intrinsic(fmt, cpu_features=None):
 def _compiled(fmt):
     kernel = dots_intrinsic(fmt)
 
-    def typer(codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out):
-        return lambda codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out: kernel(
-            codes, scales, zeros, has_zeros, e, n_a, n_b, s_a, s_b, x, rows, start, count, group, out)
+    def typer(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
+              out):
+        def call(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
+                 out):
+            kernel(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
+                   out)
+
+        return call
 
     return typer
 

@@ -248,20 +248,19 @@ def dot_pair_codes(w, e, n_a, n_b, src):
 
 
 @njit(cache=True, inline="always")
-def packed_int_dots(w, e, n_a, n_b, ints, rows, start, count, out):
-    """out[0, j], out[1, j] = rows n_a and n_b of expert e's values . ints[rows[start + j]] for
-    j < count, for int8, int4 and mxfp4 weights and int16 activations before their scales
-    (packed_dots.py)."""
-    s_a, s_b = scale_row(w, n_a), scale_row(w, n_b)
+def packed_int_dots(w, e, n_a, n_b, stride, pairs, ints, rows, start, count, out):
+    """out[2p, j], out[2p + 1, j] = rows n_a + p * stride and n_b + p * stride of expert e's
+    values . ints[rows[start + j]] for p < pairs and j < count, for int8, int4 and mxfp4
+    weights and int16 activations before their scales (packed_dots.py)."""
     if w.fmt == INT8:
-        int8_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, s_a, s_b, ints, rows, start, count, w.group,
-                  out)
+        int8_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, ints, rows, start, count,
+                  w.group, out)
     elif w.fmt == INT4:
-        int4_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, s_a, s_b, ints, rows, start, count, w.group,
-                  out)
+        int4_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, ints, rows, start, count,
+                  w.group, out)
     else:
-        e2m1_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, s_a, s_b, ints, rows, start, count, w.group,
-                  out)
+        e2m1_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, ints, rows, start, count,
+                  w.group, out)
 
 
 class PackedInputs(NamedTuple):
@@ -290,30 +289,35 @@ def packed_inputs(w, x, src, split):
     return PackedInputs(quantize_rows(src, split, ints, scales), ints, scales)
 
 
-@njit(cache=True, fastmath=FASTMATH, inline="always")
-def expert_dots(w, e, n_a, n_b, src, source_rows, packed, start, direct, row_a, row_b, dots):
-    """dots[0, q], dots[1, q] = (row n_a of expert e's values . src[source_rows[start + q]], row
-    n_b's . it) for q < dots.shape[1], by the step's path: packed_dots.py's kernels when the
-    packed inputs are taken, else the float dot products from the codes (direct) or from the
-    weight rows converted into row_a and row_b."""
+# Called, not inlined: it runs once per block of rows, so a call costs little, and one compiled
+# copy serves every call site (inlined at each, the decode kernels ran no faster).
+@njit(cache=True, fastmath=FASTMATH)
+def expert_dots(w, e, n_a, n_b, stride, pairs, src, source_rows, packed, start, direct, row_a, row_b, dots):
+    """dots[2p, q], dots[2p + 1, q] = (row n_a + p * stride of expert e's values .
+    src[source_rows[start + q]], row n_b + p * stride's . it) for p < pairs and q <
+    dots.shape[1], by the step's path: packed_dots.py's kernels when the packed inputs are
+    taken, else the float dot products from the codes (direct) or from the weight rows
+    converted into row_a and row_b."""
     count = dots.shape[1]
     if packed.taken and w.fmt == FP8:
-        e4m3_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, scale_row(w, n_a), scale_row(w, n_b), src,
-                  source_rows, start, count, w.group, dots)
+        e4m3_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, src, source_rows, start,
+                  count, w.group, dots)
     elif packed.taken:
-        packed_int_dots(w, e, n_a, n_b, packed.ints, source_rows, start, count, dots)
+        packed_int_dots(w, e, n_a, n_b, stride, pairs, packed.ints, source_rows, start, count, dots)
         for q in range(count):
             scale = packed.scales[source_rows[start + q]]
-            dots[0, q] *= scale
-            dots[1, q] *= scale
+            for p in range(2 * pairs):
+                dots[p, q] *= scale
     else:
-        if not direct:
-            dequantize_pair(w, e, n_a, n_b, row_a, row_b)
-        for q in range(count):
-            if direct:
-                dots[0, q], dots[1, q] = dot_pair_codes(w, e, n_a, n_b, src[source_rows[start + q]])
-            else:
-                dots[0, q], dots[1, q] = _dot_pair(row_a, row_b, src[source_rows[start + q]])
+        for p in range(pairs):
+            c_a, c_b = n_a + p * stride, n_b + p * stride
+            if not direct:
+                dequantize_pair(w, e, c_a, c_b, row_a, row_b)
+            for q in range(count):
+                if direct:
+                    dots[2 * p, q], dots[2 * p + 1, q] = dot_pair_codes(w, e, c_a, c_b, src[source_rows[start + q]])
+                else:
+                    dots[2 * p, q], dots[2 * p + 1, q] = _dot_pair(row_a, row_b, src[source_rows[start + q]])
 
 
 # Rows per expert up to which the float path dots straight from the codes; above, each weight
@@ -349,17 +353,29 @@ def gate_up_act(x, packed, token_of_row, w, bias, has_bias, offsets, experts, in
     for task in prange(experts.shape[0] * num_blocks):
         e = experts[task // num_blocks]
         i0 = (task % num_blocks) * block
+        columns = min(block, inter - i0)
         start, end = offsets[e], offsets[e + 1]
-        dots = np.zeros((2, end - start), dtype=np.float32)
         direct = reads_directly(w, end - start)
         buffered = 0 if direct or packed.taken else w.depth
         row_a, row_b = np.empty(buffered, dtype=np.float32), np.empty(buffered, dtype=np.float32)
-        # Gated: column i's gate row with its up row. Plain: columns i and i + 1.
-        for i in range(i0, min(i0 + block, inter), 1 if act.gated else 2):
+        # Gated: column i's gate row with its up row. Plain: columns i and i + 1, an odd last
+        # column (block is even: only at the end) with itself.
+        pairs = columns if act.gated else (columns + 1) // 2
+        dots = np.zeros((2 * pairs, end - start), dtype=np.float32)
+        if act.gated:
+            expert_dots(w, e, i0 * step, i0 * step + shift, step, pairs, x, token_of_row, packed, start, direct, row_a,
+                        row_b, dots)
+        else:
+            even = columns // 2
+            expert_dots(w, e, i0, i0 + 1, 2, even, x, token_of_row, packed, start, direct, row_a, row_b, dots)
+            if even < pairs:
+                expert_dots(w, e, inter - 1, inter - 1, 0, 1, x, token_of_row, packed, start, direct, row_a, row_b,
+                            dots[2 * even:])
+        for p in range(pairs):
+            i = i0 + p if act.gated else i0 + 2 * p
             col_a, col_b = (i * step, i * step + shift) if act.gated else (i, min(i + 1, inter - 1))
-            expert_dots(w, e, col_a, col_b, x, token_of_row, packed, start, direct, row_a, row_b, dots)
             for q in range(end - start):
-                gate_up_epilogue(dots, 0, q, start + q, e, i, col_a, col_b, bias, has_bias, save_h, h, act, inter,
+                gate_up_epilogue(dots, 2 * p, q, start + q, e, i, col_a, col_b, bias, has_bias, save_h, h, act, inter,
                                  split_a, a)
 
 
@@ -378,22 +394,25 @@ def down_combine(a, packed, w, bias, has_bias, offsets, experts, token_of_row, r
         buffered = 0 if packed.taken else w.depth
         row_c, row_d = np.empty(buffered, dtype=np.float32), np.empty(buffered, dtype=np.float32)
         # Columns s and s + half of the block together: two sequential streams of rows, as
-        # mlp.down_combine reads them.
-        half = (width + 1) // 2
+        # mlp.down_combine reads them; an odd width's last column pairs with itself.
+        half, even = (width + 1) // 2, width // 2
         for ei in range(experts.shape[0]):
             e = experts[ei]
             start, end = offsets[e], offsets[e + 1]
-            dots = np.empty((2, end - start), dtype=np.float32)
+            dots = np.empty((2 * half, end - start), dtype=np.float32)
             direct = reads_directly(w, end - start)
+            expert_dots(w, e, c0, c0 + half, 1, even, a, rows, packed, start, direct, row_c, row_d, dots)
+            if even < half:
+                expert_dots(w, e, c0 + even, c0 + even, 0, 1, a, rows, packed, start, direct, row_c, row_d,
+                            dots[2 * even:])
             for s in range(half):
                 c = c0 + s
-                d = c + half if s + half < width else c  # an odd width's last row pairs with itself
-                expert_dots(w, e, c, d, a, rows, packed, start, direct, row_c, row_d, dots)
+                d = c + half if s < even else c
                 for q in range(end - start):
                     t, weight = token_of_row[start + q], row_weight[start + q]
-                    acc[t, c - c0] += weight * (dots[0, q] + bias[e, c] if has_bias else dots[0, q])
+                    acc[t, c - c0] += weight * (dots[2 * s, q] + bias[e, c] if has_bias else dots[2 * s, q])
                     if d != c:
-                        acc[t, d - c0] += weight * (dots[1, q] + bias[e, d] if has_bias else dots[1, q])
+                        acc[t, d - c0] += weight * (dots[2 * s + 1, q] + bias[e, d] if has_bias else dots[2 * s + 1, q])
         for t in range(num_tokens):
             for c in range(width):
                 out[t, c0 + c] = narrow(acc[t, c], out.dtype)
