@@ -74,25 +74,34 @@ def onednn_linear(a: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor
     return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
 
 
-def matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], packed: Optional[Tensor] = None) -> None:
-    """out = a @ b (+ bias, broadcast); any strides; packed: b.T in oneDNN's blocked layout
-    (formats/onednn.py), read in b's place. float16 is computed in float32: torch's CPU float16
-    matmul is many times slower than float32 with the conversions counted, and oneDNN has no
-    float16 inner product on processors without AVX512-FP16 (docs/cpu.md, "float16 and BLAS")."""
+def matmul_into(out: Optional[Tensor], a: Tensor, b: Tensor, bias: Optional[Tensor],
+                packed: Optional[Tensor] = None) -> Tensor:
+    """out = a @ b (+ bias, broadcast), returned; any strides; packed: b.T in oneDNN's blocked
+    layout (formats/onednn.py), read in b's place. out None: the product in a new tensor of a's
+    dtype, the one the library returns where it makes one (no copy into a buffer). float16 is
+    computed in float32: torch's CPU float16 matmul is many times slower than float32 with the
+    conversions counted, and oneDNN has no float16 inner product on processors without
+    AVX512-FP16 (docs/cpu.md, "float16 and BLAS")."""
     if packed is not None:
-        out.copy_(onednn_linear(a, packed, None if bias is None else bias.to(a.dtype).expand(b.shape[1]).contiguous()))
-    elif out.dtype in (torch.float32, torch.float16) and onednn_serves(2 * a.shape[0] * a.shape[1] * b.shape[1]):
+        return _stored(out, onednn_linear(a, packed, None if bias is None else
+                                          bias.to(a.dtype).expand(b.shape[1]).contiguous()), a.dtype)
+    if a.dtype in (torch.float32, torch.float16) and onednn_serves(2 * a.shape[0] * a.shape[1] * b.shape[1]):
         a32, w32 = a.float(), b.float().T
         if not (w32.is_contiguous() or w32.T.is_contiguous()):
             w32 = w32.contiguous()  # oneDNN's reference kernel, 1000x slower, takes other strides
         bias32 = None if bias is None else bias.float().expand(b.shape[1]).contiguous()
-        out.copy_(onednn_linear(a32, w32, bias32))
-    elif out.dtype == torch.float16:
-        out.copy_(torch.mm(a.float(), b.float()) if bias is None else torch.addmm(bias.float(), a.float(), b.float()))
-    elif bias is None:
-        torch.mm(a, b, out=out)
-    else:
-        torch.addmm(bias.to(a.dtype), a, b, out=out)
+        return _stored(out, onednn_linear(a32, w32, bias32), a.dtype)
+    if a.dtype == torch.float16:
+        return _stored(out, torch.mm(a.float(), b.float()) if bias is None else
+                       torch.addmm(bias.float(), a.float(), b.float()), a.dtype)
+    if bias is None:
+        return torch.mm(a, b, out=out)
+    return torch.addmm(bias.to(a.dtype), a, b, out=out)
+
+
+def _stored(out: Optional[Tensor], product: Tensor, dtype: torch.dtype) -> Tensor:
+    """product copied into out, or as it is (in dtype) where there is no out."""
+    return product.to(dtype) if out is None else out.copy_(product)
 
 
 @functools.cache

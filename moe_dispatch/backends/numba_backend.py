@@ -391,27 +391,32 @@ class ExpertMatrices:
         return buffer
 
     def multiply(self, out: Tensor, a: Tensor, task: Task, bounds: np.ndarray, bias: Optional[Tensor],
-                 slot: int) -> None:
-        """out = the task's rows a [n, K] times their experts' matrices (+ bias): on AMX tiles
-        where they take the weight, else a run of experts in one torch._grouped_mm where it
-        serves them (a dozen fewer torch calls per expert, a third of a step of 128 small
-        experts), else expert by expert."""
+                 slot: int, scratch: bool = False) -> Tensor:
+        """The task's rows a [n, K] times their experts' matrices (+ bias), returned: on AMX
+        tiles where they take the weight, else a run of experts in one torch._grouped_mm where
+        it serves them (a dozen fewer torch calls per expert, a third of a step of 128 small
+        experts), else expert by expert. In out; or, where out is only scratch, in the tensor
+        the library returns where it makes one (copying it costs about what the activation
+        does)."""
         if self.tiles is not None:
             tile_multiply(out, a, self.tiles, task, bounds, bias)
-            return
+            return out
         first, last, start, _ = task
         if last - first > 1 and not self.quantized and not self.packed:  # a run holds whole experts
             matrices = self.matrices[first:last]
             if takes_grouped_mm(2 * a.shape[0] * a.shape[1] * out.shape[1] / (last - first), a, matrices):
                 offs = torch.from_numpy((bounds[first + 1:last + 1] - start).astype(np.int32))
-                out.copy_(torch._grouped_mm(a, matrices, offs=offs))
+                product = torch._grouped_mm(a, matrices, offs=offs)
                 if bias is not None:
                     counts = torch.from_numpy(np.diff(bounds[first:last + 1]).astype(np.int64))
-                    out += bias[first:last].to(out.dtype).repeat_interleave(counts, dim=0)
-                return
+                    product += bias[first:last].to(out.dtype).repeat_interleave(counts, dim=0)
+                return product if scratch else out.copy_(product)
+        if scratch and last - first == 1:
+            return matmul_into(None, a, *self.bias_between(first, bias, slot))
         for e, begin, stop in expert_rows(task, bounds):
             rows = slice(begin - start, stop - start)
             matmul_into(out[rows], a[rows], *self.bias_between(e, bias, slot))
+        return out
 
 
 def decode_kernels(x: Tensor, experts: ExpertWeights) -> Optional[tuple]:
@@ -592,7 +597,8 @@ class NumbaBackend(Backend):
         """The experts side by side (expert_threads.py), each thread through its own buffers,
         sized for the largest task and reused: T*k-row intermediates would be fresh memory on
         every call, and their page faults cost as much as the eager loop's whole lead
-        (docs/cpu.md). The rows' outputs meet in one combine."""
+        (docs/cpu.md). GEMM1's product where the library returns it in new memory (a task's
+        rows, not T*k) is activated as it is, not copied. The rows' outputs meet in one combine."""
         num_rows, hidden = plan.num_rows, x.shape[1]
         b_gate_up, b_down = experts.b_gate_up, experts.b_down
         inter, width = experts.intermediate_size, experts.w_gate_up.shape[1]
@@ -623,9 +629,10 @@ class NumbaBackend(Backend):
             if epilogue:
                 tile_multiply(a_n, x_n, w1.tiles, task, bounds, b_gate_up, act, inter, experts.interleaved)
             else:
-                h = h_all[start:end] if save_for_backward else h_n
-                w1.multiply(h, x_n, task, bounds, b_gate_up, slot)
-                a_n.copy_(activate(h, activation, experts.interleaved))
+                h = w1.multiply(h_all[start:end] if save_for_backward else h_n, x_n, task, bounds, b_gate_up, slot,
+                                scratch=not save_for_backward)
+                a = activate(h, activation, experts.interleaved)
+                a_n = a if a.dtype == x.dtype else a_n.copy_(a)
             w2.multiply(o_all[start:end], a_n, task, bounds, b_down, slot)
 
         run_tasks(tasks, expert_mlp, threads)
