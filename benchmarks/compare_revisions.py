@@ -27,6 +27,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from moe_dispatch.benchmarking.timing import KEPT_BLOCK_BYTES, KEPT_FREE_BYTES
+
 REPOSITORY = Path(__file__).resolve().parent.parent
 
 # The worker: reads one JSON command per line, answers one JSON line.
@@ -81,8 +83,10 @@ for line in sys.stdin:
 
 
 class Worker:
-    def __init__(self, tree: Path, threads: int):
+    def __init__(self, tree: Path, threads: int, keep_freed_memory: bool):
         env = dict(os.environ, PYTHONPATH=str(tree))
+        if keep_freed_memory:  # timing.keep_freed_memory's settings, through glibc's variables
+            env.update(MALLOC_MMAP_THRESHOLD_=str(KEPT_BLOCK_BYTES), MALLOC_TRIM_THRESHOLD_=str(KEPT_FREE_BYTES))
         self.process = subprocess.Popen([sys.executable, "-c", WORKER, str(threads)], cwd=tree, env=env, text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
@@ -112,6 +116,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--rounds", type=int, default=15, help="turns of each side per point")
     parser.add_argument("--seconds", type=float, default=0.2, help="about how long a burst lasts")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="the workers' malloc keeps freed memory (as `moe-dispatch bench --keep-freed-memory`)")
     args = parser.parse_args()
     points = [(backend, dtype, weights, int(t)) for backend in args.backends.split(",")
               for dtype in args.dtypes.split(",") for weights in args.weights.split(",") for t in args.tokens.split(",")]
@@ -125,7 +131,8 @@ def main() -> int:
             new_tree = Path(scratch) / "new"
             subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "add", "--detach", "--force", str(new_tree),
                             args.new], check=True, capture_output=True)
-        workers = {"old": Worker(old_tree, args.threads), "new": Worker(new_tree, args.threads)}
+        workers = {side: Worker(tree, args.threads, args.keep_freed_memory)
+                   for side, tree in (("old", old_tree), ("new", new_tree))}
         try:
             for backend, dtype, weights, tokens in points:
                 key = f"{backend}-{dtype}-{weights}-{tokens}"

@@ -7,7 +7,8 @@
 #   SCALES=0.25 DTYPES=bfloat16 bash benchmarks/cpu_sweep.sh
 #
 # Settings (environment): SCALES, DTYPES, TOKENS, THREADS (default: torch's), BUDGET (timed
-# seconds per point), RESULTS (the folder for the JSON records), PYTHON.
+# seconds per point), RESULTS (the folder for the JSON records), PYTHON, KEEP_FREED_MEMORY=1
+# (bench's --keep-freed-memory).
 set -euo pipefail
 
 SCALES=${SCALES:-0.25 0.5}
@@ -17,13 +18,14 @@ BUDGET=${BUDGET:-0.5}
 RESULTS=${RESULTS:-sweep-results}
 PY=${PYTHON:-python}
 THREADS=${THREADS:-}
+KEEP_FREED_MEMORY=${KEEP_FREED_MEMORY:-}
 
 mkdir -p "$RESULTS"
 for scale in $SCALES; do
   for dtype in $DTYPES; do
     echo "== --scale $scale --dtype $dtype"
     "$PY" -m moe_dispatch.cli bench --preset all --device cpu --scale "$scale" --tokens "$TOKENS" \
-      --dtype "$dtype" ${THREADS:+--threads "$THREADS"} --budget "$BUDGET" --compare hf-eager,hf-grouped-mm,torch-grouped-mm \
+      --dtype "$dtype" ${THREADS:+--threads "$THREADS"} ${KEEP_FREED_MEMORY:+--keep-freed-memory} --budget "$BUDGET" --compare hf-eager,hf-grouped-mm,torch-grouped-mm \
       --json "$RESULTS/moe_mlp-$dtype-$scale.json" >/dev/null
   done
 done

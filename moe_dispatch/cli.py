@@ -245,11 +245,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.weights:
         _check_float_experts_fit(spec)
     out, err = _console()
+    malloc = "default"
+    if args.keep_freed_memory:
+        from .benchmarking.timing import keep_freed_memory
+
+        if keep_freed_memory():
+            malloc = "keeps freed memory"
+        else:
+            err.print("--keep-freed-memory: this C library's malloc is not glibc's; it runs as configured",
+                      style="yellow")
     records, interrupted = [], False
     start = time.perf_counter()
     try:
         roofline = _roofline(device, err)
-        out.print(f"moe-dispatch bench: {_machine_line(device)}")
+        out.print(f"moe-dispatch bench: {_machine_line(device)}; malloc: {malloc}")
         out.print(f"roofline: {_roofline_line(roofline)}")
         for preset in spec.presets:
             out.print(f"preset {preset.describe()}")
@@ -264,7 +273,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 progress.update(task, description=label, advance=1)
 
             for record in run_bench(spec, roofline, advance=advance, warn=lambda m: err.print(m, style="yellow")):
-                records.append(record)
+                records.append(dict(record, malloc=malloc))
     except KeyboardInterrupt:
         interrupted = True
     print_tables(records, out)
@@ -485,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time replays of a CUDA graph of each call, as servers run decode (CUDA, forward); "
                             "a peer that syncs with the host is left out")
     bench.add_argument("--budget", type=_seconds, default=0.3, metavar="S", help="timed seconds per point (default 0.3)")
+    bench.add_argument("--keep-freed-memory", action="store_true",
+                       help="glibc's malloc keeps freed memory for reuse, as jemalloc and tcmalloc do: times that "
+                            "do not depend on which earlier call returned memory to the system")
     bench.add_argument("--json", metavar="PATH", help="write one record per result")
     bench.add_argument("--plot", metavar="PATH.png", help="plot time against tokens, log-log")
     bench.set_defaults(func=cmd_bench)

@@ -8,6 +8,7 @@ Ctrl-C keeps the results so far. Timings here only need to exist, never to be fa
 from __future__ import annotations
 
 import json
+import platform
 import signal
 import subprocess
 import sys
@@ -167,12 +168,25 @@ def test_bench_json_and_plot(tmp_path, capsys):
     assert [(r["backend"], r["tokens"]) for r in records] == [("torch", 1), ("torch", 4)]
     for r in records:
         assert RECORD_KEYS <= r.keys()
-        assert (r["preset"], r["dtype"], r["routing"]) == ("olmoe-1b-7b", "bfloat16", "uniform")
+        assert (r["preset"], r["dtype"], r["routing"], r["malloc"]) == ("olmoe-1b-7b", "bfloat16", "uniform", "default")
         assert r["ms"] > 0 and r["tflops"] > 0 and r["gbps"] > 0 and r["roofline"] > 0
         assert set(r["peers"]) == {"hf-eager", "hf-grouped-mm", "torch-grouped-mm", "dense", "bound"}
         for name, ms in r["peers"].items():
             assert ms > 0 and r["speedup"][name] == pytest.approx(ms / r["ms"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_keeps_freed_memory_when_asked(tmp_path):
+    """--keep-freed-memory sets glibc's malloc to keep freed memory (in a process of its own here:
+    the setting outlives the call), and the header and every record say so."""
+    out_json = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-m", "moe_dispatch.cli", "bench", *TINY, "--backend", "torch", "--compare",
+                           "none", "--keep-freed-memory", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    malloc = "keeps freed memory" if platform.libc_ver()[0] == "glibc" else "default"
+    assert f"malloc: {malloc}" in done.stdout
+    assert {r["malloc"] for r in json.loads(out_json.read_text())} == {malloc}
 
 
 def test_bench_quantized_weights_count_their_bytes(tmp_path, capsys):
