@@ -211,6 +211,26 @@ def test_grouped_mm_wgrad_group_sizes(dtype, groups, shape, matmul_library, gen,
 
 
 @needs_numba
+@pytest.mark.parametrize("dtype", NUMBA_DTYPES)
+def test_grouped_mm_wgrad_of_large_outputs_goes_expert_by_expert(dtype, gen, monkeypatch):
+    """A weight gradient past huge_pages.MIN_BYTES: one library product per expert into an output
+    asked for on huge pages, never torch._grouped_mm's own memory, and the experts without rows
+    zeroed whatever the new memory held."""
+    from moe_dispatch.backends import huge_pages
+
+    large_groups_everywhere(monkeypatch)
+    monkeypatch.setattr(huge_pages, "MIN_BYTES", 1)
+    monkeypatch.setattr(huge_pages, "new_empty", lambda like, *shape: like.new_full(shape, float("nan")))
+    calls = spy_torch_grouped_mm(monkeypatch)
+    E, rows = 6, 50
+    offsets = offsets_of(random_ids(rows, 1, E - 2, gen), E)  # the last two experts are empty
+    a = torch.randn(rows, 32, generator=gen).to(dtype)
+    b = torch.randn(rows, 16, generator=gen).to(dtype)
+    assert_wgrad(get_backend("numba").grouped_mm_wgrad(a, b, offsets, E), a, b, offsets, dtype)
+    assert calls == []
+
+
+@needs_numba
 def test_torch_grouped_mm_is_offered_only_layouts_it_takes():
     """takes_grouped_mm's layout test is torch's own: a unit stride passes nothing by itself (the
     wgrad of an H=1 layer offered a.T of strides (1, 1), which torch refused). Over unit and

@@ -47,6 +47,7 @@ from ..kernels.numba.activations import FusedActivation, fused
 from ..kernels.numba.bf16_dots import STEP as BF16_STEP
 from ..kernels.numba.bf16_dots import TAKES_BF16_DOTS
 from ..plan import DispatchPlan
+from . import huge_pages
 from .base import Backend
 from .cpu_matmul import matmul_into, onednn_float32, takes_grouped_mm
 from .expert_threads import Task, expert_rows, expert_tasks, run_tasks
@@ -548,10 +549,13 @@ class NumbaBackend(Backend):
         bounds = int32_array(offsets)
         check_offsets(bounds, a.shape[0])
         group_flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] / max(np.count_nonzero(np.diff(bounds)), 1)
-        if takes_grouped_mm(group_flops, a.T, b):  # zeros for experts without rows, as below
+        # a large output on huge pages, which torch._grouped_mm's own cannot ask for
+        small = num_experts * a.shape[1] * b.shape[1] * a.element_size() < huge_pages.MIN_BYTES
+        if small and takes_grouped_mm(group_flops, a.T, b):  # zeros for experts without rows, as below
             return torch._grouped_mm(a.T, b, offs=torch.from_numpy(bounds[1:]))
-        out = a.new_empty(num_experts, a.shape[1], b.shape[1])
-        out[np.diff(bounds) == 0] = 0
+        out = huge_pages.new_empty(a, num_experts, a.shape[1], b.shape[1])
+        # by index: a boolean mask's assignment walks the whole output, 10 ms of a 128 MB one
+        out[torch.from_numpy(np.flatnonzero(np.diff(bounds) == 0))] = 0
 
         def multiply(task: Task, slot: int) -> None:
             e, _, start, end = task
