@@ -293,6 +293,28 @@ def test_only_products_worth_its_call_go_to_onednn(dtype, monkeypatch, gen):
 
 
 @needs_numba
+@pytest.mark.parametrize("as_fast", [False, True], ids=["onednn-faster", "blas-as-fast"])
+def test_float32_into_a_buffer_goes_to_blas_where_it_is_as_fast(as_fast, monkeypatch, gen):
+    """Where BLAS multiplies float32 as fast as oneDNN (MKL on Intel) and no library was named,
+    a product with an out writes it itself instead of through oneDNN's new memory and a copy;
+    one that wants the library's own result keeps oneDNN."""
+    if not cm.onednn_available():
+        pytest.skip("this torch has no oneDNN linear op")
+    monkeypatch.delenv("MOE_DISPATCH_CPU_MATMUL", raising=False)
+    monkeypatch.setattr(cm, "onednn_float32", lambda: True)
+    monkeypatch.setattr(cm, "ONEDNN_MIN_FLOPS", 0)
+    monkeypatch.setattr(cm, "blas_is_mkl_on_intel", lambda: as_fast)
+    calls, real = [], cm.onednn_linear
+    monkeypatch.setattr(cm, "onednn_linear", lambda *args: calls.append(1) or real(*args))
+    a, b = torch.randn(16, 32, generator=gen), torch.randn(32, 8, generator=gen)
+    out = torch.full((16, 8), float("nan"))
+    assert cm.matmul_into(out, a, b, None) is out
+    assert_close(out, a.double() @ b.double())
+    assert_close(cm.matmul_into(None, a, b, None), a.double() @ b.double())
+    assert calls == ([1] if as_fast else [1, 1])
+
+
+@needs_numba
 def test_matmul_into_with_nothing_to_sum(matmul_library):
     out = torch.full((3, 4), float("nan"))
     cm.matmul_into(out, torch.empty(3, 0), torch.empty(0, 4), torch.ones(4))

@@ -29,20 +29,20 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-# mallopt's parameters, and the values keep_freed_memory gives them: glibc's own ceiling for the
-# mmap threshold it adapts (blocks up to this size come from the heap), and a trim threshold far
-# above any step's intermediates.
+# mallopt's parameters, and the values keep_freed_memory gives them (mallopt takes a C int):
+# blocks up to 1 GB come from the heap, whose free top goes back to the system past 1 GB.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-KEPT_BLOCK_BYTES, KEPT_FREE_BYTES = 32 << 20, 1 << 30
+KEPT_BLOCK_BYTES = KEPT_FREE_BYTES = 1 << 30
 
 
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep the memory this process frees for its next allocations, as
-    jemalloc and tcmalloc do: blocks up to 32 MB from the heap, whose free top is not returned
-    to the system below 1 GB. Under glibc's defaults the top is returned whenever it passes 64
-    MB, so whether a call's freed intermediates come back as fresh pages (a page fault each
-    4 KB) depends on the calls before it: a peer allocating 16 MB blocks took 29 ms in one run
-    and 46 in the next (docs/benchmarks.md). False where the C library is not glibc."""
+    jemalloc and tcmalloc do: blocks up to 1 GB from the heap, whose free top is not returned
+    to the system below 1 GB. Under glibc's defaults a block over 32 MB is always new memory
+    and the heap's top goes back whenever it passes 64 MB, so whether a call's intermediates
+    come back as fresh pages (a page fault each 4 KB) depends on the calls before it: a peer
+    allocating 16 MB blocks took 29 ms in one run and 46 in the next (docs/benchmarks.md).
+    False where the C library is not glibc."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
