@@ -88,9 +88,8 @@ def matmul_into(out: Optional[Tensor], a: Tensor, b: Tensor, bias: Optional[Tens
     # oneDNN's product comes out in new memory, copied into out; where BLAS multiplies float32
     # as fast, it writes out itself (a weight gradient's [1024, 1024] per expert: 0.71 ms
     # against 1.15)
-    into_out = out is not None and a.dtype == torch.float32 and blas_as_fast()
     if a.dtype in (torch.float32, torch.float16) and onednn_serves(2 * a.shape[0] * a.shape[1] * b.shape[1]) \
-            and not into_out:
+            and not (out is not None and a.dtype == torch.float32 and blas_as_fast()):
         a32, w32 = a.float(), b.float().T
         if not (w32.is_contiguous() or w32.T.is_contiguous()):
             w32 = w32.contiguous()  # oneDNN's reference kernel, 1000x slower, takes other strides
