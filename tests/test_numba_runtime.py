@@ -3,8 +3,10 @@ bit, thread counts and threading layers, every kernel compiled with bounds check
 on-disk compile cache that a damaged file cannot break."""
 
 import importlib.util
+import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ if not HAS_NUMBA:
 
 import numba  # noqa: E402
 from numba.core.caching import NullCache  # noqa: E402
+from numba.core.registry import cpu_target  # noqa: E402
 
 import moe_dispatch.backends.numba_backend as nb  # noqa: E402
 from moe_dispatch.kernels.numba.scalars import narrow, widen  # noqa: E402
@@ -70,6 +73,50 @@ def test_16_bit_conversions_match_torch_bit_for_bit(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_nojit_16_bit_conversions(dtype):
     check_conversions(dtype, 512)
+
+
+# ---- vector width ------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not JIT, reason="LLVM compiles only under the JIT")
+def test_wide_vectors_reach_llvm_in_the_calling_function_and_a_prange_body():
+    from moe_dispatch.kernels.numba.vector_width import wide_vectors
+
+    @numba.njit(fastmath=True)
+    def dot(a, b):
+        wide_vectors()
+        total = np.float32(0.0)
+        for k in range(a.shape[0]):
+            total += a[k] * b[k]
+        return total
+
+    @numba.njit(parallel=True)
+    def rows_scaled(a, out):
+        for r in numba.prange(a.shape[0]):
+            wide_vectors()
+            for k in range(a.shape[1]):
+                out[r, k] = 2 * a[r, k]
+
+    a = np.arange(64, dtype=np.float32)
+    assert dot(a, a) == np.dot(a, a)
+    out = np.empty((3, 64), dtype=np.float32)
+    rows_scaled(np.stack([a] * 3), out)
+    assert (out == 2 * a).all()
+    attribute = '"prefer-vector-width"="512"'
+    (ir,) = dot.inspect_llvm().values()
+    assert attribute in ir
+    # the prange body, compiled as a function of its own into a library the caller links, holds it too
+    linked = rows_scaled.overloads[rows_scaled.signatures[0]].library._linking_libraries
+    assert any("parfor" in library.name and attribute in library.get_llvm_str() for library in linked)
+    if "+avx512f" in cpu_target.target_context.codegen()._get_host_cpu_features():
+        (asm,) = dot.inspect_asm().values()
+        assert re.search(r"vfmadd\w*ps\s[^\n]*%zmm", asm), "no 512-bit multiply-adds"
+
+
+def test_wide_vectors_is_nothing_in_plain_python():
+    from moe_dispatch.kernels.numba.vector_width import wide_vectors
+
+    assert wide_vectors() is None
 
 
 # ---- threads -----------------------------------------------------------------------------

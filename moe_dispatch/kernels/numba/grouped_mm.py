@@ -23,6 +23,7 @@ from numba.extending import overload
 from .bf16_dots import bf16_dots
 from .caching import njit
 from .scalars import acc_zero, acc_zeros, bf16_pair, narrow, widen
+from .vector_width import wide_vectors
 
 # reassoc/contract let LLVM vectorize the dot products (a sum's order changes, as in any
 # BLAS); no nnan/ninf, so NaN and inf still propagate.
@@ -216,6 +217,7 @@ def grouped_mm_nk(a, w, bias, has_bias, offsets, experts, block, out):
     num_cols = w.shape[1]
     num_blocks = (num_cols + block - 1) // block
     for task in prange(experts.shape[0] * num_blocks):
+        wide_vectors()
         e = experts[task // num_blocks]
         n0 = (task % num_blocks) * block
         start, end = offsets[e], offsets[e + 1]

@@ -23,6 +23,7 @@ from .caching import njit
 from .grouped_mm import FASTMATH, dot_rows_pair, dot_rows_quad, split_col
 from .plan import make_plan_serial
 from .scalars import acc_zeros, narrow, widen
+from .vector_width import wide_vectors
 
 
 class DecodeExperts(NamedTuple):
@@ -81,6 +82,7 @@ def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, act
     num_blocks = (inter + block - 1) // block
     step, shift = act.step, act.shift
     for task in prange(experts.shape[0] * num_blocks):
+        wide_vectors()
         e = experts[task // num_blocks]
         i0 = (task % num_blocks) * block
         width = min(block, inter - i0)
@@ -128,6 +130,7 @@ def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weigh
     for ei in range(experts.shape[0]):
         most_rows = max(most_rows, offsets[experts[ei] + 1] - offsets[experts[ei]])
     for task in prange(num_blocks):
+        wide_vectors()
         c0 = task * block
         width = min(block, hidden - c0)
         acc = acc_zeros((num_tokens, width), a.dtype)

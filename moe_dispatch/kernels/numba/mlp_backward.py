@@ -12,6 +12,7 @@ from numba import prange
 from .activations import activate_and_grad
 from .caching import njit
 from .scalars import acc_zero, narrow, widen
+from .vector_width import wide_vectors
 
 
 @njit(cache=True, parallel=True)
@@ -28,6 +29,7 @@ def backward_rows(h, g, dyp, row_weight, act, a, dh, do, d_row):
     inter = g.shape[1]
     step, shift = act.step, act.shift
     for r in prange(h.shape[0]):
+        wide_vectors()
         w = row_weight[r]
         dot = acc_zero(row_weight.dtype)
         for i in range(inter):

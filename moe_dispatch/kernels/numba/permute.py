@@ -12,6 +12,7 @@ from numba import prange
 
 from .caching import njit
 from .scalars import acc_zero, acc_zeros, narrow, widen
+from .vector_width import wide_vectors
 
 
 @njit(cache=True)
@@ -67,6 +68,7 @@ def combine(ys, row_of_slot, weights, out):
     num_tokens, top_k = row_of_slot.shape
     width = ys.shape[1]
     for t in prange(num_tokens):
+        wide_vectors()
         acc = acc_zeros(width, ys.dtype)
         for j in range(top_k):
             r = row_of_slot[t, j]
@@ -88,6 +90,7 @@ def combine_backward(dy, ys, row_of_slot, weights, dys, dweights):
     num_tokens, top_k = row_of_slot.shape
     width = dy.shape[1]
     for t in prange(num_tokens):
+        wide_vectors()
         for j in range(top_k):
             r = row_of_slot[t, j]
             w = weights[t, j]

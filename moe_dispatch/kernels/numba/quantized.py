@@ -32,6 +32,7 @@ from .packed_dots import (e2m1_dequantize, e2m1_dots, e4m3_dequantize, e4m3_dots
                           int8_dequantize, int8_dots, quantize_rows, reads_chunks, reads_wide_chunks)
 from .mlp import BAD_INDEX, DECODE_OK, decode_inputs, decode_plan, gate_up_epilogue
 from .scalars import half_value, narrow, pow2
+from .vector_width import wide_vectors
 
 INT8, INT4, FP8, MXFP4 = 0, 1, 2, 3
 FORMAT_CODES = {"int8": INT8, "int4": INT4, "fp8": FP8, "mxfp4": MXFP4}
@@ -298,6 +299,7 @@ def expert_dots(w, e, n_a, n_b, stride, pairs, src, source_rows, packed, start, 
     dots.shape[1], by the step's path: packed_dots.py's kernels when the packed inputs are
     taken, else the float dot products from the codes (direct) or from the weight rows
     converted into row_a and row_b."""
+    wide_vectors()
     count = dots.shape[1]
     if packed.taken and w.fmt == FP8:
         e4m3_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, src, source_rows, start,
@@ -334,6 +336,7 @@ def reads_directly(w, num_rows):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _dot_pair(row_a, row_b, src):
+    wide_vectors()
     total_a = np.float32(0.0)
     total_b = np.float32(0.0)
     for k in range(row_a.shape[0]):
@@ -351,6 +354,7 @@ def gate_up_act(x, packed, token_of_row, w, bias, has_bias, offsets, experts, in
     num_blocks = (inter + block - 1) // block
     step, shift = act.step, act.shift
     for task in prange(experts.shape[0] * num_blocks):
+        wide_vectors()
         e = experts[task // num_blocks]
         i0 = (task % num_blocks) * block
         columns = min(block, inter - i0)
@@ -388,6 +392,7 @@ def down_combine(a, packed, w, bias, has_bias, offsets, experts, token_of_row, r
     num_blocks = (hidden + block - 1) // block
     rows = np.arange(a.shape[0], dtype=np.int32)
     for task in prange(num_blocks):
+        wide_vectors()
         c0 = task * block
         width = min(block, hidden - c0)
         acc = np.zeros((num_tokens, width), dtype=np.float32)
@@ -471,6 +476,7 @@ def dequantize_experts(w, experts, out):
     packed_dots.py's vector code where K and the groups come in whole chunks, else the float
     path. One thread, without the GIL: the blocked path's threads each dequantize their own
     expert (backends/expert_threads.py)."""
+    wide_vectors()
     half = w.depth // 2
     rows = np.empty((2, w.depth), dtype=np.float32)
     for i in range(experts.shape[0]):
