@@ -173,8 +173,8 @@ PATHS = ["decode", "decode-quad", "blas", "strided"]
 
 
 def force_path(path, monkeypatch):
-    """decode: the fused kernels; decode-quad: the same with GEMM1 taking gated columns two
-    at a time on packed bfloat16 weights (what many rows per expert get); blas: BLAS per
+    """decode: the fused kernels; decode-quad: the same with both GEMMs reading four weight
+    rows a pass (what many rows per expert get); blas: BLAS per
     expert; strided: transposed weight views, which the Numba kernels do not read: the
     blocked path, BLAS reading the views in place."""
     if path == "decode-quad":

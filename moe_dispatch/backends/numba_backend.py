@@ -67,7 +67,7 @@ Tensor = torch.Tensor
 # the library's 14.1), 8 elsewhere.
 _BF16_ROWS = 10 if TAKES_BF16_DOTS else 8
 FUSED_LIMITS = {
-    "onednn": {torch.float32: (24, 16e6), torch.float64: (192, 0),
+    "onednn": {torch.float32: (40, 24e6), torch.float64: (192, 0),
                torch.bfloat16: (_BF16_ROWS, 20e6), torch.float16: (16, 27e6)},
     "blas": {torch.float32: (192, 0), torch.float64: (192, 0),
              torch.bfloat16: (_BF16_ROWS, 20e6), torch.float16: (128, 0)},
@@ -125,12 +125,12 @@ def mlp_flops_per_row(w_gate_up: Tensor, w_down: Tensor) -> int:
     return 2 * w_gate_up.shape[2] * (w_gate_up.shape[1] + w_down.shape[2])
 
 
-# Rows per active expert from which the decode GEMM1 on packed bfloat16 weights reads four
-# weight rows per pass rather than two (gate_up_act's quad; float32 rows already go two at a
-# time): where many rows make the step compute-bound, not where streaming weights bounds it.
+# Rows per active expert from which the decode GEMMs read four weight rows per pass rather
+# than two (quad): where many rows make the step compute-bound, not where streaming weights
+# bounds it.
 QUAD_ROWS = 8
-# Output columns per task (even: the kernels take columns in pairs): enough tasks to
-# balance threads, enough work to amortize one.
+# Output columns per task (a multiple of 4: the kernels take columns four or two at a time):
+# enough tasks to balance threads, enough work to amortize one.
 BLOCK_NK = 16
 
 
@@ -540,7 +540,7 @@ class NumbaBackend(Backend):
         if small.size:
             src = split_array(a) if is_packed(w_rows) else as_array(a)
             gmm.grouped_mm_nk(src, weights_array(w_rows), scalars_array(bias, a.dtype), bias is not None,
-                              bounds, small, BLOCK_NK, as_array(out))
+                              bounds, small, BLOCK_NK, QUAD_ROWS, as_array(out))
         return out
 
     @launcher

@@ -58,8 +58,8 @@ def dot_rows_quad(src, index, gather, start, end, w0, w1, w2, w3, out):
 
     More multiply-adds per load, for steps that many rows per expert make compute-bound
     (gate_up_act's quad); where streaming the weights bounds a step, two rows stream faster.
-    Plain rows, and bfloat16 activations (whose kernel meets four activation rows with each
-    pair), go as two pairs.
+    bfloat16 activations (whose kernel meets four activation rows with each pair) go as two
+    pairs.
     """
     if src.dtype == np.uint16 and w0.dtype == np.uint32:
         bf16_dots(src, index, gather, start, end, w0, w1, out[:2])
@@ -67,8 +67,7 @@ def dot_rows_quad(src, index, gather, start, end, w0, w1, w2, w3, out):
     elif w0.dtype == np.uint32:
         _dot_rows_quad_packed(src, index, gather, start, end, w0, w1, w2, w3, out)
     else:
-        _dot_rows_pair_plain(src, index, gather, start, end, w0, w1, out[:2])
-        _dot_rows_pair_plain(src, index, gather, start, end, w2, w3, out[2:])
+        _dot_rows_quad_plain(src, index, gather, start, end, w0, w1, w2, w3, out)
 
 
 @overload(dot_rows_pair, inline="always")
@@ -93,11 +92,9 @@ def _dot_rows_quad(src, index, gather, start, end, w0, w1, w2, w3, out):
             src, index, gather, start, end, w0, w1, w2, w3, out
         )
 
-    def plain(src, index, gather, start, end, w0, w1, w2, w3, out):
-        _dot_rows_pair_plain(src, index, gather, start, end, w0, w1, out[:2])
-        _dot_rows_pair_plain(src, index, gather, start, end, w2, w3, out[2:])
-
-    return plain
+    return lambda src, index, gather, start, end, w0, w1, w2, w3, out: _dot_rows_quad_plain(
+        src, index, gather, start, end, w0, w1, w2, w3, out
+    )
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
@@ -130,6 +127,33 @@ def _dot_rows_pair_plain(src, index, gather, start, end, w_a, w_b, out):
             dot_a += xv * widen(w_a[k])
             dot_b += xv * widen(w_b[k])
         out[0, i], out[1, i] = dot_a, dot_b
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _dot_rows_quad_plain(src, index, gather, start, end, w0, w1, w2, w3, out):
+    # Two rows against four weight rows: eight sums per pass, six loads for eight
+    # multiply-adds where two pairs took eight.
+    num = end - start
+    for i in range(0, num - 1, 2):
+        r = index[start + i] if gather else start + i
+        s = index[start + i + 1] if gather else start + i + 1
+        r0 = r1 = r2 = r3 = s0 = s1 = s2 = s3 = acc_zero(src.dtype)
+        for k in range(w0.shape[0]):
+            xr, xs = widen(src[r, k]), widen(src[s, k])
+            v0, v1, v2, v3 = widen(w0[k]), widen(w1[k]), widen(w2[k]), widen(w3[k])
+            r0 += xr * v0
+            r1 += xr * v1
+            r2 += xr * v2
+            r3 += xr * v3
+            s0 += xs * v0
+            s1 += xs * v1
+            s2 += xs * v2
+            s3 += xs * v3
+        out[0, i], out[1, i], out[2, i], out[3, i] = r0, r1, r2, r3
+        out[0, i + 1], out[1, i + 1], out[2, i + 1], out[3, i + 1] = s0, s1, s2, s3
+    if num % 2:
+        _dot_rows_pair_plain(src, index, gather, start + num - 1, end, w0, w1, out[:2, num - 1:])
+        _dot_rows_pair_plain(src, index, gather, start + num - 1, end, w2, w3, out[2:, num - 1:])
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
@@ -206,12 +230,13 @@ def _dot_rows_quad_packed(src, index, gather, start, end, w0, w1, w2, w3, out):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def grouped_mm_nk(a, w, bias, has_bias, offsets, experts, block, out):
+def grouped_mm_nk(a, w, bias, has_bias, offsets, experts, block, quad_rows, out):
     """out[r] = a[r] @ w[e].T (+ bias[e]) for the rows r of every expert e in experts.
 
     a: [R, K], float32 in the split layout when w is packed; w: [E, N, K] (or packed
     [E, N, K/2]); bias: [E, N] float32 (read when has_bias); offsets: [E+1] int32;
-    experts: [A] int32, the experts to compute; block: even; out: [R, N].
+    experts: [A] int32, the experts to compute; block: a multiple of 4; quad_rows: the rows
+    from which an expert's columns go four at a time (dot_rows_quad), else two; out: [R, N].
     Grid: A * ceil(N / block) tasks, one per (expert, block of output columns).
     """
     num_cols = w.shape[1]
@@ -221,12 +246,18 @@ def grouped_mm_nk(a, w, bias, has_bias, offsets, experts, block, out):
         e = experts[task // num_blocks]
         n0 = (task % num_blocks) * block
         start, end = offsets[e], offsets[e + 1]
-        dots = acc_zeros((2, end - start), a.dtype)
-        for n in range(n0, min(n0 + block, num_cols), 2):
-            m = min(n + 1, num_cols - 1)  # the last column of an odd count pairs with itself
-            dot_rows_pair(a, offsets, False, start, end, w[e, n], w[e, m], dots)
-            for i in range(end - start):
-                va = dots[0, i] + bias[e, n] if has_bias else dots[0, i]
-                vb = dots[1, i] + bias[e, m] if has_bias else dots[1, i]
-                out[start + i, n] = narrow(va, out.dtype)
-                out[start + i, m] = narrow(vb, out.dtype)
+        dots = acc_zeros((4, end - start), a.dtype)
+        width = 4 if end - start >= quad_rows else 2
+        for n in range(n0, min(n0 + block, num_cols), width):
+            # the last columns of a count off the width repeat the last one
+            cols = (n, min(n + 1, num_cols - 1), min(n + 2, num_cols - 1), min(n + 3, num_cols - 1))
+            if width == 4:
+                dot_rows_quad(a, offsets, False, start, end, w[e, cols[0]], w[e, cols[1]], w[e, cols[2]],
+                              w[e, cols[3]], dots)
+            else:
+                dot_rows_pair(a, offsets, False, start, end, w[e, cols[0]], w[e, cols[1]], dots)
+            for j in range(width):
+                c = cols[j]
+                for i in range(end - start):
+                    v = dots[j, i] + bias[e, c] if has_bias else dots[j, i]
+                    out[start + i, c] = narrow(v, out.dtype)

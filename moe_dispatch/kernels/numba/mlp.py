@@ -44,7 +44,7 @@ class DecodeTiles(NamedTuple):
     """How the decode kernels cut their work into tasks."""
 
     block_gate_up: int  # intermediate columns per GEMM1 task (even)
-    quad_rows: int  # rows per active expert from which GEMM1 on packed weights reads 4 weight rows a pass
+    quad_rows: int  # rows per active expert from which the GEMMs read 4 weight rows a pass
     block_down: int  # output columns per GEMM2 task
 
 
@@ -112,16 +112,32 @@ def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, act
                                       inter, split_a, a)
 
 
+@njit(cache=True, inline="always")
+def _add_columns(dots, p, c, d, skip, c0, e, start, end, token_of_row, row_weight, bias, has_bias, acc):
+    """acc[t, col - c0] += row_weight * (dots[p or p + 1, q] + bias[e, col]) for the rows q of
+    expert e (token t) and col c (sums dots[p]) and d (dots[p + 1]), each unless it is skip
+    (a part past the block's end) and d unless it is c."""
+    for q in range(end - start):
+        t, weight = token_of_row[start + q], row_weight[start + q]
+        if c != skip:
+            v = dots[p, q] + bias[e, c] if has_bias else dots[p, q]
+            acc[t, c - c0] += weight * v
+        if d != c and d != skip:
+            v = dots[p + 1, q] + bias[e, d] if has_bias else dots[p + 1, q]
+            acc[t, d - c0] += weight * v
+
+
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weight, block, out):
+def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weight, block, quad, out):
     """out[t] = sum over the rows r of token t of row_weight[r] * (a[r] @ w[e].T + bias[e]).
 
     a: [R, I] float32 (float64), split when w is packed, or bfloat16 bits as for
     gate_up_act's x; w: [E, H, I] (or packed);
     bias: [E, H] float32 (read when has_bias); offsets: [E+1] int32; experts: [A] int32;
-    token_of_row: [R] int32; row_weight: [R] float32; block: columns per task;
-    out: [T, H] (the weights' type). Grid: ceil(H / block) tasks, each owning a block of
-    output columns for every token, so no two tasks add into the same element.
+    token_of_row: [R] int32; row_weight: [R] float32; block: columns per task; quad: four
+    weight rows per pass (as gate_up_act's); out: [T, H] (the weights' type). Grid:
+    ceil(H / block) tasks, each owning a block of output columns for every token, so no two
+    tasks add into the same element.
     """
     num_tokens = out.shape[0]
     hidden = w.shape[1]
@@ -136,25 +152,30 @@ def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weigh
         acc = acc_zeros((num_tokens, width), a.dtype)
         # Allocated once per task, not per expert: thousands of small allocations per call
         # cost as much as a small step's dot products.
-        dots = acc_zeros((2, most_rows), a.dtype)
-        # Two streams, each reading half of the block's rows in order: sequential streams keep
+        dots = acc_zeros((4, most_rows), a.dtype)
+        # Streams that each read a part of the block's rows in order: sequential streams keep
         # the hardware prefetcher ahead, better than neighbouring rows (streams that jump at
-        # every step) or four streams (docs/cpu.md, "down_combine").
-        half = (width + 1) // 2
+        # every step). Two halves where reading the weights bounds the step (four quarters read
+        # slower there, docs/cpu.md, "down_combine"), four where many rows make it
+        # compute-bound (quad).
+        streams = 4 if quad else 2
+        part = (width + streams - 1) // streams
         for ei in range(experts.shape[0]):
             e = experts[ei]
             start, end = offsets[e], offsets[e + 1]
-            for s in range(half):
+            for s in range(part):
                 c = c0 + s
-                d = c + half if s + half < width else c  # an odd width's last row pairs with itself
-                dot_rows_pair(a, token_of_row, False, start, end, w[e, c], w[e, d], dots)
-                for q in range(end - start):
-                    t = token_of_row[start + q]
-                    v = dots[0, q] + bias[e, c] if has_bias else dots[0, q]
-                    acc[t, c - c0] += row_weight[start + q] * v
-                    if d != c:
-                        v = dots[1, q] + bias[e, d] if has_bias else dots[1, q]
-                        acc[t, d - c0] += row_weight[start + q] * v
+                # a part past the block's end repeats column c, whose sums it then leaves out
+                d = c + part if s + part < width else c
+                if quad:
+                    f = c + 2 * part if s + 2 * part < width else c
+                    g = c + 3 * part if s + 3 * part < width else c
+                    dot_rows_quad(a, token_of_row, False, start, end, w[e, c], w[e, d], w[e, f], w[e, g], dots)
+                    _add_columns(dots, 2, f, g, c, c0, e, start, end, token_of_row, row_weight, bias, has_bias,
+                                 acc)
+                else:
+                    dot_rows_pair(a, token_of_row, False, start, end, w[e, c], w[e, d], dots)
+                _add_columns(dots, 0, c, d, c - 1, c0, e, start, end, token_of_row, row_weight, bias, has_bias, acc)
         for t in range(num_tokens):
             for c in range(width):
                 out[t, c0 + c] = narrow(acc[t, c], out.dtype)
@@ -237,7 +258,7 @@ def _decode_step(x, weights, offsets, token_of_row, row_of_slot, experts, tiles,
     if not ok:
         return BAD_INDEX
     num_rows, num_active = token_of_row.shape[0], active.shape[0]
-    quad = experts.gate_up_packed and num_rows >= tiles.quad_rows * num_active
+    quad = num_rows >= tiles.quad_rows * num_active
     split_a = experts.down_packed and not bf16_down
     a = acc_zeros((num_rows, inter), weights.dtype)
     if bf16_gate_up:
@@ -248,10 +269,10 @@ def _decode_step(x, weights, offsets, token_of_row, row_of_slot, experts, tiles,
                     active, inter, experts.act, tiles.block_gate_up, quad, save_h, h, split_a, a)
     if bf16_down:
         down_combine(bfloat16_bits(a), experts.w_down, experts.b_down, experts.has_b_down, offsets, active,
-                     token_of_row, row_weight, tiles.block_down, out)
+                     token_of_row, row_weight, tiles.block_down, quad, out)
     else:
         down_combine(a, experts.w_down, experts.b_down, experts.has_b_down, offsets, active, token_of_row,
-                     row_weight, tiles.block_down, out)
+                     row_weight, tiles.block_down, quad, out)
     return DECODE_OK
 
 
