@@ -116,7 +116,7 @@ def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, act
 def _add_columns(dots, p, c, d, skip, c0, e, start, end, token_of_row, row_weight, bias, has_bias, acc):
     """acc[t, col - c0] += row_weight * (dots[p or p + 1, q] + bias[e, col]) for the rows q of
     expert e (token t) and col c (sums dots[p]) and d (dots[p + 1]), each unless it is skip
-    (a part past the block's end) and d unless it is c."""
+    (a part past the block's end; -1 for none) and d unless it is c."""
     for q in range(end - start):
         t, weight = token_of_row[start + q], row_weight[start + q]
         if c != skip:
@@ -175,7 +175,7 @@ def down_combine(a, w, bias, has_bias, offsets, experts, token_of_row, row_weigh
                                  acc)
                 else:
                     dot_rows_pair(a, token_of_row, False, start, end, w[e, c], w[e, d], dots)
-                _add_columns(dots, 0, c, d, c - 1, c0, e, start, end, token_of_row, row_weight, bias, has_bias, acc)
+                _add_columns(dots, 0, c, d, -1, c0, e, start, end, token_of_row, row_weight, bias, has_bias, acc)
         for t in range(num_tokens):
             for c in range(width):
                 out[t, c0 + c] = narrow(acc[t, c], out.dtype)
