@@ -27,8 +27,11 @@ def wide_vectors() -> None:
 @intrinsic
 def _prefer_wide_vectors(typingctx):
     def codegen(context, builder, signature, args):
-        # A string attribute, which llvmlite's attribute set (enum attributes only) prints as given
-        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        # A string attribute, which llvmlite's attribute set (a set that admits enum attributes
+        # only) prints as given. A hint: a llvmlite that keeps its attributes otherwise gets none.
+        attributes = builder.function.attributes
+        if isinstance(attributes, set):
+            set.add(attributes, '"prefer-vector-width"="512"')
         return context.get_dummy_value()
 
     return types.void(), codegen
