@@ -207,6 +207,20 @@ def large_groups_everywhere(monkeypatch):
     import moe_dispatch.backends.numba_backend as nb
 
     monkeypatch.setattr(nb, "fused_rows_limit", lambda *_: 0)
+    monkeypatch.setattr(nb, "REGISTER_TILES_MAX_EXPERT_FLOPS", 0)
+    monkeypatch.setattr(nb, "REGISTER_TILES_BELOW_FLOPS", 0)
+
+
+def register_tiles_everywhere(monkeypatch):
+    """float32 and float64 on register tiles wherever they can go: the expert MLP of experts
+    of any size and the products over weights with N contiguous; the blocked moe_mlp for the
+    other dtypes."""
+    import moe_dispatch.backends.numba_backend as nb
+
+    monkeypatch.setattr(nb, "fused_rows_limit", lambda *_: 0)
+    monkeypatch.setattr(nb, "REGISTER_TILES_MAX_EXPERT_FLOPS", float("inf"))
+    monkeypatch.setattr(nb, "REGISTER_TILES_MAX_DEPTH", 10**9)
+    monkeypatch.setattr(nb, "REGISTER_TILES_BELOW_FLOPS", float("inf"))
 
 
 @pytest.fixture(params=["onednn", "blas"])

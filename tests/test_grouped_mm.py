@@ -13,7 +13,8 @@ import moe_dispatch.backends.cpu_matmul as cm
 from cases import CASES
 from conftest import (FLOAT_DTYPES, HAS_CUDA, HAS_NUMBA, HAS_TRITON, NUMBA_DTYPES, TUNED_DTYPES, assert_close,
                       expert_weights, large_groups_everywhere, needs_numba, needs_triton, output_and_grads, randn,
-                      random_ids, random_weights, skip_if_unsupported, small_groups_everywhere)
+                      random_ids, random_weights, register_tiles_everywhere, skip_if_unsupported,
+                      small_groups_everywhere)
 from conftest import TRITON_DEVICE as DEVICE
 from moe_dispatch.activations import ACTIVATIONS, gate_up_columns
 from moe_dispatch.backends import get_backend
@@ -116,13 +117,19 @@ def assert_wgrad(out, a, b, offsets, dtype=None):
         assert_close(out[e], a[part].double().T @ b[part].double(), dtype)
 
 
+# How each group size is forced; register-tiles: float32 and float64 products over weights with
+# N contiguous, and weight gradients, on register tiles (the rest as large).
+GROUPS = {"small": small_groups_everywhere, "large": large_groups_everywhere,
+          "register-tiles": register_tiles_everywhere}
+
+
 @needs_numba
-@pytest.mark.parametrize("groups", ["small", "large"])
+@pytest.mark.parametrize("groups", list(GROUPS))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("dtype", NUMBA_DTYPES)
+@pytest.mark.parametrize("dtype", [*NUMBA_DTYPES, torch.float64])
 @pytest.mark.parametrize("K", [37, 38], ids=["odd-K", "even-K"])  # even: bfloat16 read as uint32 pairs
 def test_grouped_mm_layouts_and_group_sizes(K, dtype, layout, groups, matmul_library, gen, monkeypatch):
-    (small_groups_everywhere if groups == "small" else large_groups_everywhere)(monkeypatch)
+    GROUPS[groups](monkeypatch)
     E, N, rows = 5, 19, 41
     offsets = offsets_of(random_ids(rows, 1, E, gen), E)
     xs = torch.randn(rows, K, generator=gen).to(dtype)
@@ -199,10 +206,10 @@ def test_large_groups_of_aligned_operands_take_torch_grouped_mm(dtype, layout, m
 
 @needs_numba
 @pytest.mark.parametrize("shape", [(21, 13), (32, 16)], ids=["odd", "aligned"])  # aligned: torch._grouped_mm
-@pytest.mark.parametrize("groups", ["small", "large"])
-@pytest.mark.parametrize("dtype", NUMBA_DTYPES)
+@pytest.mark.parametrize("groups", list(GROUPS))
+@pytest.mark.parametrize("dtype", [*NUMBA_DTYPES, torch.float64])
 def test_grouped_mm_wgrad_group_sizes(dtype, groups, shape, matmul_library, gen, monkeypatch):
-    (small_groups_everywhere if groups == "small" else large_groups_everywhere)(monkeypatch)
+    GROUPS[groups](monkeypatch)
     (M, N), E, rows = shape, 6, 50
     offsets = offsets_of(random_ids(rows, 1, E - 2, gen), E)  # the last two experts are empty
     a = torch.randn(rows, M, generator=gen).to(dtype)

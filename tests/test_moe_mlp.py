@@ -11,8 +11,8 @@ import moe_dispatch as md
 from cases import CASES, Case
 from conftest import (FLOAT_DTYPES, HAS_CUDA, HAS_NUMBA, HAS_TRITON, NUMBA_DTYPES, TUNED_DTYPES, assert_close,
                       count_decode_steps, expert_weights, large_groups_everywhere, needs_numba, needs_triton,
-                      output_and_grads, randn, random_ids, random_weights, skip_if_unsupported,
-                      small_groups_everywhere)
+                      output_and_grads, randn, random_ids, random_weights, register_tiles_everywhere,
+                      skip_if_unsupported, small_groups_everywhere)
 from conftest import TRITON_DEVICE as DEVICE
 from moe_dispatch import ops
 from moe_dispatch.activations import ACTIVATIONS
@@ -169,26 +169,37 @@ def test_relu_has_no_gradient_at_zero(backend, gen):
 # ---- numba: each path against the reference ------------------------------------------------
 
 
-PATHS = ["decode", "decode-quad", "blas", "strided"]
+PATHS = ["decode", "decode-quad", "blas", "strided", "register-tiles"]
 
 
 def force_path(path, monkeypatch):
     """decode: the fused kernels; decode-quad: the same with both GEMMs reading four weight
     rows a pass (what many rows per expert get); blas: BLAS per
     expert; strided: transposed weight views, which the Numba kernels do not read: the
-    blocked path, BLAS reading the views in place."""
+    blocked path, BLAS reading the views in place; register-tiles: the expert MLP on
+    register tiles (float32 and float64; the others blocked)."""
     if path == "decode-quad":
         monkeypatch.setattr(nb, "QUAD_ROWS", 0)
     if path == "blas":
         large_groups_everywhere(monkeypatch)
+    elif path == "register-tiles":
+        register_tiles_everywhere(monkeypatch)
     else:
         small_groups_everywhere(monkeypatch)
     return "transposed" if path == "strided" else "contiguous"
 
 
+def count_register_tile_steps(monkeypatch) -> list:
+    """Record each call of the expert MLP on register tiles."""
+    calls, real = [], nb.expert_tiles.expert_mlp
+    monkeypatch.setattr(nb.expert_tiles, "expert_mlp", lambda *args: calls.append(1) or real(*args))
+    return calls
+
+
 def check_moe_mlp(case, dtype, path, activation, bias, gen, monkeypatch, interleaved=False):
     layout = force_path(path, monkeypatch)
     decode_calls = count_decode_steps(monkeypatch)
+    tile_calls = count_register_tile_steps(monkeypatch)
     x = torch.randn(case.tokens, case.hidden, generator=gen).to(dtype)
     ids = case.ids(gen)
     weights = random_weights(case.tokens, case.top_k, gen)
@@ -203,7 +214,8 @@ def check_moe_mlp(case, dtype, path, activation, bias, gen, monkeypatch, interle
     assert_close(out, expected, dtype)
     # a transposed view of a unit dimension (H=1) is contiguous, and the fused kernels read it
     strided = layout == "transposed" and not (w_gate_up.is_contiguous() and w_down.is_contiguous())
-    assert bool(decode_calls) == (path != "blas" and not strided and case.tokens > 0)
+    assert bool(decode_calls) == (path not in ("blas", "register-tiles") and not strided and case.tokens > 0)
+    assert bool(tile_calls) == (path == "register-tiles" and dtype in nb.REGISTER_TILE_DTYPES and case.tokens > 0)
 
 
 @needs_numba
@@ -310,9 +322,10 @@ def test_small_batch_plans_inside_the_decode_step(gen, monkeypatch):
 
 
 @needs_numba
-@pytest.mark.parametrize("path", ["decode", "blas"])
+@pytest.mark.parametrize("path", ["decode", "blas", "register-tiles"])
 def test_gradients_after_each_forward_path(path, matmul_library, gen, monkeypatch):
-    """The h the decode kernel saves serves the backward as the blocked path's does."""
+    """The h the decode kernel and the register tiles save serve the backward as the blocked
+    path's does."""
     force_path(path, monkeypatch)
     case = CASES[1].values[0]
     ids = case.ids(gen)

@@ -139,44 +139,6 @@ def test_the_activation_epilogue_computes_the_gated_activation(name, interleaved
     torch.testing.assert_close(out.double(), truth, rtol=2 ** -8, atol=0)
 
 
-def test_the_vector_exp_is_expf(gen):
-    """Within 2 ulp of e^x in float64 across float32's range, subnormal results and the
-    overflow to infinity included, and exact at 0, +-inf and NaN."""
-    from llvmlite import ir
-    from numba import njit, types
-    from numba.extending import intrinsic
-
-    tp = tiles()
-
-    @intrinsic
-    def exp16(typingctx, x, out):
-        def codegen(context, builder, sig, args):
-            vector = ir.VectorType(ir.FloatType(), tp.TILE)
-            src, dst = (builder.bitcast(context.make_array(t)(context, builder, v).data, vector.as_pointer())
-                        for t, v in zip(sig.args, args))
-            builder.store(tp._exp(builder, builder.load(src, align=4)), dst, align=4)
-            return context.get_dummy_value()
-
-        return types.void(x, out), codegen
-
-    @njit
-    def run(x, out):
-        for i in range(0, x.size, tp.TILE):
-            exp16(x[i:i + tp.TILE], out[i:i + tp.TILE])
-
-    special = [0.0, -0.0, np.inf, -np.inf, np.nan, 88.72, 88.73, -87.3, -100.0, -103.9, -104.0, -120.0, 1e-30]
-    x = np.concatenate([torch.empty(4096 - len(special)).uniform_(-105, 89, generator=gen).numpy(),
-                        np.array(special)]).astype(np.float32)
-    out = np.empty_like(x)
-    run(x, out)
-    truth = np.exp(x.astype(np.float64))
-    finite = np.isfinite(truth) & (truth < np.finfo(np.float32).max)
-    ulp = np.spacing(truth[finite].astype(np.float32)).astype(np.float64)
-    assert (np.abs(out[finite] - truth[finite]) <= 2 * ulp).all()
-    assert np.isposinf(out[~np.isnan(x) & ~finite]).all() and np.isnan(out[np.isnan(x)]).all()
-    assert out[x == 0].tolist() == [1.0, 1.0]
-
-
 QUANTIZED = [
     pytest.param("int8", {}, id="int8-channel"),
     pytest.param("int8", dict(group_size=64), id="int8-g64"),

@@ -37,6 +37,7 @@ from ..experts import ExpertWeights
 from ..formats import dense
 from ..formats.onednn import packed_experts
 from ..formats.quantized import QuantizedWeight
+from ..kernels.numba import expert_tiles
 from ..kernels.numba import grouped_mm as gmm
 from ..kernels.numba import mlp, mlp_backward
 from ..kernels.numba import permute as perm
@@ -87,13 +88,16 @@ QUANTIZED_ROWS_BESIDE_TILES = {"int8": 18, "int4": 12, "mxfp4": 10, "fp8": 9}
 
 
 def fused_rows_limit(dtype: torch.dtype, flops_per_row: int, on_tiles: bool = False, widens: bool = False,
-                     formats: tuple[str, ...] = ()) -> float:
+                     formats: tuple[str, ...] = (), register_tiles: bool = False) -> float:
     """Rows per expert up to which the Numba kernels serve an expert whose every row costs
     flops_per_row; on_tiles: its blocked products run on AMX tiles, whose fixed cost per
     expert is small (bfloat16 experts of H=512, I=192 at 32 rows: 9.4 ms blocked against 20
     for the fused kernels; at 8 rows the fused kernels still win), fewer where the kernels
     widen its bfloat16 weights rather than take bf16_dots (widens), or by its quantized
-    weights' formats."""
+    weights' formats; register_tiles: the expert MLP on register tiles takes over beyond
+    DOTS_ROWS_BESIDE_REGISTER_TILES."""
+    if register_tiles:
+        return DOTS_ROWS_BESIDE_REGISTER_TILES
     small_group_rows, blocked_expert_flops = FUSED_LIMITS["onednn" if onednn_float32() else "blas"][dtype]
     if on_tiles and formats:
         return min(QUANTIZED_ROWS_BESIDE_TILES[fmt] for fmt in formats)
@@ -117,7 +121,54 @@ def mlp_rows_limit(x: Tensor, experts: ExpertWeights) -> float:
     else:
         tiles = all(on_tiles(dense(w)) for w in weights)
     widens = not takes_bf16_dots(experts.w_gate_up.shape[2], experts.intermediate_size)
-    return fused_rows_limit(x.dtype, mlp_flops_per_row(*weights), tiles, widens, formats)
+    return fused_rows_limit(x.dtype, mlp_flops_per_row(*weights), tiles, widens, formats,
+                            takes_register_tiles(x, experts))
+
+
+# The dtypes of the register tiles (kernels/numba/outer_products.py).
+REGISTER_TILE_DTYPES = (torch.float32, torch.float64)
+# The backward's products run on register tiles for small experts (REGISTER_TILES_MAX_DEPTH
+# below) below this many FLOPs per expert. Against the library's, in the backend (E=16): H=I=64
+# at 64 rows per expert 2.0x (dX) and 2.2x (weight gradient), H=I=256 1.03x and 1.77x; H=I=384
+# at 256 rows (75 MFLOP) 0.76x and 1.46x; of H=512, I=256 (olmoe-1b-7b x0.25, E=64) at 64 rows
+# 0.94x and 0.61x, where an output past 4 MB goes expert by expert to the library's products.
+REGISTER_TILES_BELOW_FLOPS = 32e6
+
+
+def product_on_register_tiles(group_flops: float, a: Tensor, b: Tensor) -> bool:
+    """Whether a grouped product of a [R, K] with b (w [E, K, N], or [R, N] for a weight
+    gradient), group_flops per expert, runs on register tiles."""
+    return (a.dtype in REGISTER_TILE_DTYPES and b.dtype == a.dtype and group_flops < REGISTER_TILES_BELOW_FLOPS
+            and max(a.shape[1], b.shape[-1]) <= REGISTER_TILES_MAX_DEPTH)
+
+
+# Float experts whose H and I are at most REGISTER_TILES_MAX_DEPTH run the expert MLP on
+# register tiles (kernels/numba/expert_tiles.py) beyond DOTS_ROWS_BESIDE_REGISTER_TILES rows
+# per active expert, while an expert's rows cost at most REGISTER_TILES_MAX_EXPERT_FLOPS; the
+# blocked path's library products beyond. Against the paths before them (float32, E=16,
+# top-2, H=I, in turns): H=64 1.10x at 8 rows, 1.29x at 16, 1.87x at 64, 2.43x at 256; H=256
+# 1.07x at 16, 2.30x at 64 and 1.15x at 256 (100 MFLOP an expert); H=384 at 256 rows (226
+# MFLOP) 0.88x. From H=512 they are level at best (olmoe-1b-7b x0.25 0.88-1.03x, gpt-oss-20b
+# x0.25 0.68-0.84x): the dot-product kernels' horizontal sums and the library's calls are paid
+# once per longer row there.
+REGISTER_TILES_MAX_DEPTH = 384
+DOTS_ROWS_BESIDE_REGISTER_TILES = 8
+REGISTER_TILES_MAX_EXPERT_FLOPS = 120e6
+
+
+def takes_register_tiles(x: Tensor, experts: ExpertWeights) -> bool:
+    """Whether the expert MLP on register tiles serves these experts."""
+    weights = (experts.w_gate_up, experts.w_down)
+    small = max(experts.hidden_size, experts.intermediate_size) <= REGISTER_TILES_MAX_DEPTH
+    return (x.dtype in REGISTER_TILE_DTYPES and small
+            and all(isinstance(w, Tensor) and w.dtype == x.dtype and w.is_contiguous() for w in weights))
+
+
+def register_tiles_rows(x: Tensor, experts: ExpertWeights) -> float:
+    """Rows per active expert up to which the expert MLP runs on register tiles (0: never)."""
+    if not takes_register_tiles(x, experts):
+        return 0
+    return REGISTER_TILES_MAX_EXPERT_FLOPS / mlp_flops_per_row(experts.w_gate_up, experts.w_down)
 
 
 def mlp_flops_per_row(w_gate_up: Tensor, w_down: Tensor) -> int:
@@ -439,6 +490,7 @@ class DecodeSetup(NamedTuple):
     """What a decode step derives from the experts alone, once (ExpertWeights.derived)."""
 
     rows_limit: float  # mlp_rows_limit
+    register_rows: float  # register_tiles_rows
     kernels: Optional[tuple]  # decode_kernels
     tiles: mlp.DecodeTiles
     kind: tuple  # what its time depends on besides the rows (STEP_THREADS)
@@ -457,13 +509,13 @@ def step_kind(x: Tensor, experts: ExpertWeights) -> tuple:
 
 
 def decode_setup(x: Tensor, experts: ExpertWeights) -> DecodeSetup:
-    """The DecodeSetup of experts for activations of x's dtype. Its row limit follows the
-    matmul library setting too, and fused_rows_limit itself (which tests replace to force a
-    path): both are in the key."""
-    key = ("numba decode", x.dtype, onednn_float32(), fused_rows_limit)
+    """The DecodeSetup of experts for activations of x's dtype. Its row limits follow the
+    matmul library setting too, and fused_rows_limit itself and the register tiles' limit
+    (which tests replace to force a path): all are in the key."""
+    key = ("numba decode", x.dtype, onednn_float32(), fused_rows_limit, REGISTER_TILES_MAX_EXPERT_FLOPS)
     return experts.derived(key, lambda: DecodeSetup(
-        mlp_rows_limit(x, experts), decode_kernels(x, experts), decode_tiles(experts.hidden_size),
-        step_kind(x, experts)))
+        mlp_rows_limit(x, experts), register_tiles_rows(x, experts), decode_kernels(x, experts),
+        decode_tiles(experts.hidden_size), step_kind(x, experts)))
 
 
 class NumbaBackend(Backend):
@@ -524,6 +576,11 @@ class NumbaBackend(Backend):
                  if w_rows is not None else 0)
         small, large = experts_by_size(bounds, limit)
         group_flops = 2 * a.shape[0] * w.shape[1] * w.shape[2] / max(len(large), 1)
+        if w_rows is None and w.is_contiguous() and product_on_register_tiles(group_flops, a, w):
+            out = a.new_empty(a.shape[0], w.shape[2])
+            gmm.grouped_mm_kn(as_array(a), as_array(w), scalars_array(bias, a.dtype), bias is not None, bounds,
+                              np.flatnonzero(np.diff(bounds)).astype(np.int32), as_array(out))
+            return out
         if large and not small.size and bias is None and words is None and takes_grouped_mm(group_flops, a, w):
             return torch._grouped_mm(a, w, offs=torch.from_numpy(bounds[1:]))
         out = a.new_empty(a.shape[0], w.shape[2])
@@ -545,10 +602,14 @@ class NumbaBackend(Backend):
 
     @launcher
     def grouped_mm_wgrad(self, a: Tensor, b: Tensor, offsets: Tensor, num_experts: int) -> Tensor:
-        # One library product per expert: the [M, N] output is what costs, and it writes it fastest.
         bounds = int32_array(offsets)
         check_offsets(bounds, a.shape[0])
         group_flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] / max(np.count_nonzero(np.diff(bounds)), 1)
+        if product_on_register_tiles(group_flops, a, b):
+            out = a.new_empty(num_experts, a.shape[1], b.shape[1])
+            gmm.grouped_mm_wgrad(as_array(a.contiguous()), as_array(b.contiguous()), bounds, as_array(out))
+            return out
+        # One library product per expert: the [M, N] output is what costs, and it writes it fastest.
         # a large output on huge pages, which torch._grouped_mm's own cannot ask for
         small = num_experts * a.shape[1] * b.shape[1] * a.element_size() < huge_pages.MIN_BYTES
         if small and takes_grouped_mm(group_flops, a.T, b):  # zeros for experts without rows, as below
@@ -595,7 +656,29 @@ class NumbaBackend(Backend):
         setup = decode_setup(x, experts)
         if setup.kernels is not None and active and plan.num_rows <= setup.rows_limit * active:
             return self._moe_mlp_decode(x, weights, bounds, plan, experts, setup, save_for_backward)
+        if active and plan.num_rows <= setup.register_rows * active:
+            return self._moe_mlp_register_tiles(x, weights, bounds, plan, experts, save_for_backward)
         return self._moe_mlp_blocked(x, weights, bounds, plan, experts, save_for_backward)
+
+    def _moe_mlp_register_tiles(self, x, weights, bounds, plan, experts, save_for_backward) -> tuple[Tensor, Tensor]:
+        """Float experts on register tiles (kernels/numba/expert_tiles.py), the rows' outputs
+        met in one combine."""
+        w_gate_up, w_down, b_gate_up, b_down = experts.tensors()
+        rows = int32_array(plan.token_of_row)
+        check_indices("token_of_row", rows, x.shape[0])
+        slots = int32_array(plan.row_of_slot)
+        check_indices("row_of_slot", slots, plan.num_rows)
+        h = x.new_empty(plan.num_rows if save_for_backward else 0, w_gate_up.shape[1])
+        o = x.new_empty(plan.num_rows, x.shape[1])
+        expert_tiles.expert_mlp(
+            as_array(x.contiguous()), rows, as_array(w_gate_up), scalars_array(b_gate_up, x.dtype),
+            b_gate_up is not None, as_array(w_down), scalars_array(b_down, x.dtype), b_down is not None, bounds,
+            fused(experts.activation, experts.gate_up_columns), torch.get_num_threads(), save_for_backward,
+            as_array(h), as_array(o),
+        )
+        out = x.new_empty(x.shape)
+        perm.combine(as_array(o), slots, scalars_array(weights, x.dtype), as_array(out))
+        return out, h
 
     def _moe_mlp_blocked(self, x, weights, bounds, plan, experts, save_for_backward) -> tuple[Tensor, Tensor]:
         """The experts side by side (expert_threads.py), each thread through its own buffers,

@@ -22,12 +22,15 @@ from numba.extending import overload
 
 from .bf16_dots import bf16_dots
 from .caching import njit
+from .outer_products import ROWS, STRIP_BYTES, product_tile, row_offsets, strip_product
 from .scalars import acc_zero, acc_zeros, bf16_pair, narrow, widen
 from .vector_width import wide_vectors
 
 # reassoc/contract let LLVM vectorize the dot products (a sum's order changes, as in any
 # BLAS); no nnan/ninf, so NaN and inf still propagate.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+# Rows of a weight gradient per task: a strip of b's rows (the expert's rows) serves this many.
+BLOCK_WGRAD = 8 * ROWS
 
 @njit(cache=True, inline="always")
 def split_col(col, depth, split):
@@ -261,3 +264,57 @@ def grouped_mm_nk(a, w, bias, has_bias, offsets, experts, block, quad_rows, out)
                 for i in range(end - start):
                     v = dots[j, i] + bias[e, c] if has_bias else dots[j, i]
                     out[start + i, c] = narrow(v, out.dtype)
+
+
+@njit(cache=True, parallel=True)
+def grouped_mm_kn(a, w, bias, has_bias, offsets, experts, out):
+    """out[r] = a[r] @ w[e] (+ bias[e]) for the rows r of every expert e in experts, by
+    register tiles (outer_products.py).
+
+    a: [R, K] float32 or float64; w: [E, K, N] of a's dtype, N contiguous (w_down [E, H, I] in
+    GEMM1's gradient, w_gate_up [E, 2I, H] in x's); bias: [E, N] (read when has_bias);
+    offsets: [E+1] int32; experts: [A] int32; out: [R, N].
+    Grid: A * ceil(N / strip) tasks, one per (expert, strip of columns), each taking the
+    expert's rows against the strip (outer_products.strip_product).
+    """
+    depth, width = w.shape[1], w.shape[2]
+    strip = STRIP_BYTES // a.itemsize
+    strips = (width + strip - 1) // strip
+    flat_a, flat_w, flat_out = a.reshape(-1), w.reshape(-1), out.reshape(-1)
+    for task in prange(experts.shape[0] * strips):
+        e = experts[task // strips]
+        n0 = (task % strips) * strip
+        columns = min(strip, width - n0)
+        start, end = offsets[e], offsets[e + 1]
+        strip_product(flat_a, start * depth, end - start, depth, flat_w, e * depth * width + n0, width, flat_out,
+                      start * width + n0, width, columns)
+        if has_bias:
+            for i in range(start, end):
+                for j in range(n0, n0 + columns):
+                    out[i, j] += bias[e, j]
+
+
+@njit(cache=True, parallel=True)
+def grouped_mm_wgrad(a, b, offsets, out):
+    """out[e] = a[rows of e].T @ b[rows of e] for every expert e, zeros where e has no rows:
+    a weight gradient, by register tiles (outer_products.py).
+
+    a: [R, M], b: [R, N], both float32 or both float64; offsets: [E+1] int32; out: [E, M, N].
+    Grid: E * ceil(M / BLOCK_WGRAD) * ceil(N / strip) tasks, each (expert, block of M, strip
+    of N) taking its block ROWS rows of out at a time; a tile's depth is the expert's rows.
+    """
+    num_experts, height, width = out.shape
+    strip = STRIP_BYTES // a.itemsize
+    strips = (width + strip - 1) // strip
+    blocks = (height + BLOCK_WGRAD - 1) // BLOCK_WGRAD
+    flat_a, flat_b, flat_out = a.reshape(-1), b.reshape(-1), out.reshape(-1)
+    for task in prange(num_experts * blocks * strips):
+        e = task // (blocks * strips)
+        m0 = (task // strips) % blocks * BLOCK_WGRAD
+        n0 = (task % strips) * strip
+        columns = min(strip, width - n0)
+        start, depth = offsets[e], offsets[e + 1] - offsets[e]
+        for m in range(m0, min(m0 + BLOCK_WGRAD, height), ROWS):
+            count = min(ROWS, height - m)
+            product_tile(flat_a, row_offsets(start * height, m, count, 1), count, height, flat_b, start * width + n0,
+                         width, depth, flat_out, (e * height + m) * width + n0, width, columns, False)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from numba import prange
 
-from .activations import activate_and_grad
+from .activations import CLAMPED_SWIGLU, RELU, SILU, SWIGLU, activate_and_grad
 from .caching import njit
-from .scalars import acc_zero, narrow, widen
+from .grouped_mm import FASTMATH
+from .scalars import like, narrow, widen
 from .vector_width import wide_vectors
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
 def backward_rows(h, g, dyp, row_weight, act, a, dh, do, d_row):
     """Per row r, with w = row_weight[r] and g = dy @ w_down[e] (g[r]):
       a[r]     = act(h[r])                         (gated: act(gate, up))
@@ -26,24 +27,56 @@ def backward_rows(h, g, dyp, row_weight, act, a, dh, do, d_row):
     for float64); act: FusedActivation; a: [R, I], dh like h, do like dyp (x's type, 16-bit
     as bits); d_row: [R] like row_weight. Math in float32 (float64). Grid: one task per row.
     """
-    inter = g.shape[1]
-    step, shift = act.step, act.shift
     for r in prange(h.shape[0]):
         wide_vectors()
         w = row_weight[r]
-        dot = acc_zero(row_weight.dtype)
-        for i in range(inter):
-            gi = widen(g[r, i])
-            gate = widen(h[r, i * step])
-            if act.gated:
-                value, d_gate, d_up = activate_and_grad(gate, widen(h[r, i * step + shift]), act)
-                dh[r, i * step] = narrow(gi * w * d_gate, dh.dtype)
-                dh[r, i * step + shift] = narrow(gi * w * d_up, dh.dtype)
-            else:
-                value, d_gate, _ = activate_and_grad(gate, gate, act)
-                dh[r, i] = narrow(gi * w * d_gate, dh.dtype)
-            a[r, i] = narrow(value, a.dtype)
-            dot += gi * value
-        d_row[r] = dot
+        # the same row, its activation's code known within each branch: the loop vectorizes
+        # (GELU's erf does not)
+        if act.code == SWIGLU:
+            d_row[r] = _row(h, g, r, row_weight, act, a, dh)
+        elif act.code == CLAMPED_SWIGLU:
+            d_row[r] = _row(h, g, r, row_weight, act, a, dh)
+        elif act.code == SILU:
+            d_row[r] = _row(h, g, r, row_weight, act, a, dh)
+        elif act.code == RELU:
+            d_row[r] = _row(h, g, r, row_weight, act, a, dh)
+        else:
+            d_row[r] = _row(h, g, r, row_weight, act, a, dh)
         for n in range(dyp.shape[1]):
             do[r, n] = narrow(widen(dyp[r, n]) * w, do.dtype)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _row(h, g, r, row_weight, act, a, dh):
+    """backward_rows' a[r] and dh[r]; returns d_row[r]. Through views of the gate and up
+    columns, indexed by the loop's counter (an index LLVM cannot prove non-negative, i * step +
+    shift, keeps Numba's wraparound in every access), contiguous ones where gates come first:
+    the loop vectorizes (swiglu at H=I=64: 0.19 ms for 1024 rows strided, 0.03 contiguous)."""
+    w = row_weight[r]
+    if act.step == 1:
+        return _row_views(h[r, :], h[r, act.shift:], g[r], w, act, a[r], dh[r, :], dh[r, act.shift:])
+    return _row_views(h[r, ::act.step], h[r, act.shift::act.step], g[r], w, act, a[r], dh[r, ::act.step],
+                      dh[r, act.shift::act.step])
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _row_views(gates, ups, grads, w, act, values, d_gates, d_ups):
+    """_row on its views (ups and d_ups: gates and d_gates for a plain activation)."""
+    dot = like(w, 0.0)
+    if act.gated:
+        for i in range(grads.shape[0]):
+            gi = widen(grads[i])
+            value, d_gate, d_up = activate_and_grad(widen(gates[i]), widen(ups[i]), act, True)
+            d_gates[i] = narrow(gi * w * d_gate, d_gates.dtype)
+            d_ups[i] = narrow(gi * w * d_up, d_ups.dtype)
+            values[i] = narrow(value, values.dtype)
+            dot += gi * value
+    else:
+        for i in range(grads.shape[0]):
+            gi = widen(grads[i])
+            gate = widen(gates[i])
+            value, d_gate, _ = activate_and_grad(gate, gate, act, True)
+            d_gates[i] = narrow(gi * w * d_gate, d_gates.dtype)
+            values[i] = narrow(value, values.dtype)
+            dot += gi * value
+    return dot

@@ -45,6 +45,7 @@ from .caching import njit
 from .packed_dots import (BF16, F32, I8, I32, _broadcast, _const, _intrinsic_call, _prefetch, _row_start, _vec,
                           reads_chunks)
 from .quantized import dequantize_row
+from .vector_math import emit_exp
 
 TILE = 16  # rows of a tile, and float32 columns of a sum tile
 DEPTH = 32  # bfloat16 elements of K per tile step: 64 bytes per tile row
@@ -296,39 +297,10 @@ def _store(typingctx, sums, row, column, count, bias, has_bias, out, m, n):
     return types.void(sums, row, column, count, bias, has_bias, out, m, n), codegen
 
 
-def _exp(builder, x):
-    """e^x of a float32 vector, within 2 ulp (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2,
-    a degree-7 polynomial for e^r, 2^n applied as two halves so that results below 2^-126
-    come out subnormal and above 2^128 infinite, as expf's); a NaN passes."""
-    n_lanes = x.type.count
-
-    def lanes(value, element=F32):
-        return _const(element, value, n_lanes)
-
-    lo, hi = builder.fcmp_ordered("<", x, lanes(-104.0)), builder.fcmp_ordered(">", x, lanes(89.0))
-    clamped = builder.select(hi, lanes(89.0), builder.select(lo, lanes(-104.0), x))
-    scaled = builder.fmul(clamped, lanes(1.4426950408889634))
-    rounded = _intrinsic_call(builder, f"llvm.rint.v{n_lanes}f32", scaled.type, [scaled])
-    r = builder.fsub(builder.fsub(clamped, builder.fmul(rounded, lanes(0.693359375))),
-                     builder.fmul(rounded, lanes(-2.12194440e-4)))
-    poly = lanes(1.9875691500e-4)
-    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        poly = builder.fadd(builder.fmul(poly, r), lanes(c))
-    e_r = builder.fadd(builder.fadd(builder.fmul(poly, builder.fmul(r, r)), r), lanes(1.0))
-    n = builder.fptosi(builder.select(builder.fcmp_unordered("uno", x, x), lanes(0.0), rounded),
-                       _vec(I32, n_lanes))
-    half = builder.ashr(n, lanes(1, I32))
-    result = e_r
-    for part in (half, builder.sub(n, half)):
-        power = builder.shl(builder.add(part, lanes(127, I32)), lanes(23, I32))
-        result = builder.fmul(result, builder.bitcast(power, x.type))
-    return builder.select(builder.fcmp_unordered("uno", x, x), x, result)
-
-
 def _sigmoid_times(builder, z, y):
     """y * sigmoid(z) as y / (1 + e^-z): e^-z overflowing to infinity gives y's signed zero."""
     negated = builder.fsub(_const(F32, -0.0, TILE), z)
-    return builder.fdiv(y, builder.fadd(_const(F32, 1.0, TILE), _exp(builder, negated)))
+    return builder.fdiv(y, builder.fadd(_const(F32, 1.0, TILE), emit_exp(builder, negated)))
 
 
 def _swiglu(builder, g, u, alpha, limit):

@@ -1,0 +1,107 @@
+"""The expert MLP of float32 and float64 experts with dozens of rows each, on register tiles
+(outer_products.py), GEMM1 and GEMM2 computed transposed:
+
+  h^T = w_gate_up[e] @ x_e^T,  a^T = act(h^T),  o^T = w_down[e] @ a^T
+
+so that the weights are read as they are stored (rows of K, the tiles' left operand: one
+element broadcast per multiply-add of a strip of rows) and only the activations are
+transposed: each chunk of up to 128 float32 rows of one expert is gathered from x into x^T,
+and its o^T written back as rows for the combine. The weights stay one copy in their own
+layout, as training updates them, and each is read once per chunk; the chunk's operands
+(x^T, h^T, a^T, o^T) stay in a thread's cache from GEMM1 to GEMM2.
+
+The dot-product kernels (mlp.py) read each weight row once for all of an expert's rows and
+serve the few rows of a decode step; at dozens of rows per expert and a small K their
+horizontal sums and scalar epilogues cost more than the products (H=I=64: 33 GFLOP/s on two
+cores), and the library's products pay a call and a gathered copy per expert.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from .activations import activate_strip
+from .caching import njit
+from .outer_products import STRIP_BYTES, strip_product
+from .vector_width import wide_vectors
+
+# Rows of an expert that go through GEMM1 and GEMM2 together (128 float32): the weights are
+# read once per chunk (olmoe-1b-7b x0.25 ran as fast with chunks of 64, 128 or 256 rows).
+CHUNK_BYTES = 2 * STRIP_BYTES
+LINE = 64  # bytes of a cache line
+BLOCK = 16  # rows transposed together
+
+
+@njit(cache=True)
+def chunks(offsets, size):
+    """(expert, first row) of each chunk of at most size rows of every expert with rows."""
+    count = 0
+    for e in range(offsets.shape[0] - 1):
+        count += (offsets[e + 1] - offsets[e] + size - 1) // size
+    expert, first = np.empty(count, dtype=np.int32), np.empty(count, dtype=np.int32)
+    count = 0
+    for e in range(offsets.shape[0] - 1):
+        for r in range(offsets[e], offsets[e + 1], size):
+            expert[count], first[count] = e, r
+            count += 1
+    return expert, first
+
+
+@njit(cache=True, parallel=True)
+def expert_mlp(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_down, has_b_down, offsets, act,
+               slots, save_h, h, o):
+    """o[r] = w_down[e] @ act(h[r]) + b_down[e] with h[r] = w_gate_up[e] @ x[token_of_row[r]] +
+    b_gate_up[e], for the rows r of every expert e.
+
+    x: [T, H]; token_of_row: [R] int32, checked; w_gate_up: [E, W, H]; w_down: [E, H, I], all
+    float32 or all float64; b_gate_up [E, W], b_down [E, H] (read when has_...); offsets: [E+1]
+    int32, checked; act: FusedActivation (gated: W = 2I); slots: the threads that take the
+    chunks in turns; h: [R, W] out (written when save_h); o: [R, H] out.
+    """
+    hidden, width, inter = x.shape[1], w_gate_up.shape[1], w_down.shape[2]
+    chunk_rows = CHUNK_BYTES // x.itemsize
+    # the chunk's rows one cache line apart from a power of two: rows 1 KB apart fell into four
+    # of L1's sets, and transposing through them missed at every element
+    lead = chunk_rows + LINE // x.itemsize
+    expert, first = chunks(offsets, chunk_rows)
+    slots = max(1, min(slots, expert.shape[0]))
+    scratch = np.empty((slots, (2 * hidden + width + inter) * lead), dtype=x.dtype)
+    flat_gate_up, flat_down = w_gate_up.reshape(-1), w_down.reshape(-1)
+    for slot in prange(slots):
+        wide_vectors()
+        xt = scratch[slot, :hidden * lead]
+        ht = scratch[slot, hidden * lead:(hidden + width) * lead]
+        at = scratch[slot, (hidden + width) * lead:(hidden + width + inter) * lead]
+        ot = scratch[slot, (hidden + width + inter) * lead:]
+        for chunk in range(slot, expert.shape[0], slots):
+            e, r0 = expert[chunk], first[chunk]
+            rows = min(chunk_rows, offsets[e + 1] - r0)
+            for j0 in range(0, rows, BLOCK):
+                for k in range(hidden):
+                    for j in range(j0, min(j0 + BLOCK, rows)):
+                        xt[k * lead + j] = x[token_of_row[r0 + j], k]
+            strip_product(flat_gate_up, e * width * hidden, width, hidden, xt, 0, lead, ht, 0, lead, rows)
+            if has_b_gate_up:
+                for n in range(width):
+                    for j in range(rows):
+                        ht[n * lead + j] += b_gate_up[e, n]
+            if save_h:
+                _to_rows(ht, lead, rows, h, r0, b_gate_up, e, False)
+            for i in range(inter):
+                gate = i * act.step if act.gated else i
+                up = gate + act.shift if act.gated else i
+                activate_strip(ht[gate * lead:], ht[up * lead:], at[i * lead:], rows, act)
+            strip_product(flat_down, e * hidden * inter, hidden, inter, at, 0, lead, ot, 0, lead, rows)
+            _to_rows(ot, lead, rows, o, r0, b_down, e, has_b_down)
+
+
+@njit(cache=True, inline="always")
+def _to_rows(src, lead, rows, dst, r0, bias, e, has_bias):
+    """dst[r0 + j, n] = src[n * lead + j] (+ bias[e, n]) for j < rows, n < dst's columns: a
+    chunk's columns back to rows, BLOCK rows at a time (their lines stay in L1)."""
+    for j0 in range(0, rows, BLOCK):
+        for n in range(dst.shape[1]):
+            add = bias[e, n] if has_bias else bias.dtype.type(0)
+            for j in range(j0, min(j0 + BLOCK, rows)):
+                dst[r0 + j, n] = src[n * lead + j] + add

@@ -1,0 +1,209 @@
+"""A register tile of a matrix product, c[i, j] (+)= sum_k a[i, k] * b[k, j], written as LLVM
+vector code (a Numba intrinsic): the inner loop of the float kernels whose experts have
+enough rows that multiply-adds, not reading the weights, set their pace.
+
+Dot products over K (grouped_mm.py) end each output in a horizontal sum of a vector, and
+loops written over j with the sums in memory load and store them at every k: at K=64 they
+ran at 25-50 GFLOP/s a core where the CPU does over 200. Here up to ROWS rows of a meet a
+strip of up to VECTORS vectors of b's columns (b's rows contiguous: w_down[e] in GEMM1's
+gradient, a chunk of activations transposed, a block of rows in a weight gradient): each k
+loads the strip's vectors once and broadcasts one element of each row of a, the ROWS x VECTORS
+sums stay in registers for the whole depth, and they reach c once.
+
+Where a row of a lies is given per row (a gathered row of x, a weight row, or a column of a
+transposed operand): row i's element k is a[a_rows[i] + k * k_stride]. a, b and c are flat
+(ravelled) arrays of one float dtype; columns past `width` are neither read nor written
+(masked), and a strip narrower than VECTORS vectors runs as many as it needs.
+
+product_tile is plain Python (numpy), which NUMBA_DISABLE_JIT=1 runs, with an overload that
+compiles the vector code in its place."""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from .caching import njit
+from .packed_dots import _broadcast, _intrinsic_call
+
+# A tile's sums: ROWS x VECTORS registers of AVX-512 (24 of its 32; 4 x 4 ran 0.85x as fast
+# at K=512), VECTORS loads and ROWS broadcasts per 24 multiply-adds.
+ROWS = 6
+VECTOR_BYTES = 64
+VECTORS = 4
+STRIP_BYTES = VECTORS * VECTOR_BYTES  # the columns of a tile: 64 float32, 32 float64
+# Rows of b that meet every row of a before the next ones: a strip's 32 KB, in L1 (K=1024,
+# N=512 at 64 rows: 202 GFLOP/s on two cores, 116 with the whole depth at once).
+DEPTH_BLOCK = 128
+# Rows of a whose sums stay in L2 while the depth goes by: 40 tiles, 240 x 256 float32 sums.
+BLOCK_ROWS = 40 * ROWS
+
+
+@njit(cache=True, inline="always")
+def row_offsets(base, first, count, step):
+    """The ROWS offsets base + i * step of rows i = first, first + 1, ... of an operand whose
+    rows are step elements apart, the ones past count repeating the last (never read)."""
+    last = count - 1
+    return (base + first * step, base + (first + min(1, last)) * step, base + (first + min(2, last)) * step,
+            base + (first + min(3, last)) * step, base + (first + min(4, last)) * step,
+            base + (first + min(5, last)) * step)
+
+
+@njit(cache=True, inline="always")
+def gathered_offsets(index, first, count, step):
+    """row_offsets of the rows index[first], index[first + 1], ..."""
+    last = first + count - 1
+    return (index[first] * step, index[min(first + 1, last)] * step, index[min(first + 2, last)] * step,
+            index[min(first + 3, last)] * step, index[min(first + 4, last)] * step,
+            index[min(first + 5, last)] * step)
+
+
+@njit(cache=True, inline="always")
+def strip_product(a, a_start, num_rows, depth, b, b_start, b_stride, c, c_start, c_stride, width):
+    """c[c_start + i * c_stride + j] = sum over k < depth of a[a_start + i * depth + k] *
+    b[b_start + k * b_stride + j] for i < num_rows, j < width: a's rows contiguous.
+
+    BLOCK_ROWS rows of a at a time, whose sums stay in L2 while DEPTH_BLOCK rows of b at a
+    time meet them, a strip of b's columns at a time (in L1) against every row of the block
+    (whose DEPTH_BLOCK elements stay in L2 from strip to strip)."""
+    strip = STRIP_BYTES // a.itemsize
+    for i0 in range(0, num_rows, BLOCK_ROWS):
+        i1 = min(num_rows, i0 + BLOCK_ROWS)
+        for k0 in range(0, depth, DEPTH_BLOCK):
+            for j in range(0, width, strip):
+                for i in range(i0, i1, ROWS):
+                    count = min(ROWS, i1 - i)
+                    product_tile(a, row_offsets(a_start + k0, i, count, depth), count, 1, b,
+                                 b_start + k0 * b_stride + j, b_stride, min(depth - k0, DEPTH_BLOCK), c,
+                                 c_start + i * c_stride + j, c_stride, min(strip, width - j), k0 > 0)
+
+
+def product_tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate):
+    """c[c_start + i * c_stride + j] = (c's value there when accumulate) + sum over k < depth of
+    a[a_rows[i] + k * k_stride] * b[b_start + k * b_stride + j], for i < count <= ROWS and
+    j < width <= STRIP_BYTES / itemsize; a_rows: a tuple of ROWS offsets (the first count
+    read)."""
+    for i in range(count):
+        values = a[a_rows[i] + np.arange(depth) * k_stride].astype(np.float64)
+        block = b[b_start + np.arange(depth)[:, None] * b_stride + np.arange(width)].astype(np.float64)
+        target = c_start + i * c_stride + np.arange(width)
+        total = values @ block
+        c[target] = (c[target] + total) if accumulate else total
+
+
+def _tile_intrinsic():
+    @intrinsic
+    def tile(typingctx, a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width,
+             accumulate):
+        arrays = (a, b, c)
+        if not all(isinstance(x, types.Array) and x.ndim == 1 and x.dtype in (types.float32, types.float64)
+                   for x in arrays) or len({x.dtype for x in arrays}) != 1:
+            return None
+        if not (isinstance(a_rows, types.UniTuple) and a_rows.count == ROWS
+                and isinstance(a_rows.dtype, types.Integer)):
+            return None
+        scalars = (count, k_stride, b_start, b_stride, depth, c_start, c_stride, width)
+        if not all(isinstance(s, types.Integer) for s in scalars):
+            return None
+
+        def codegen(context, builder, sig, args):
+            index = types.intp
+            data = [context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 4, 8)]
+            a_ptr, b_ptr, c_ptr = data
+            dtype = sig.args[0].dtype
+            lanes = VECTOR_BYTES * 8 // dtype.bitwidth
+            vector = ir.VectorType(context.get_data_type(dtype), lanes)
+            rows = [context.cast(builder, r, sig.args[1].dtype, index)
+                    for r in cgutils.unpack_tuple(builder, args[1], ROWS)]
+            (count_, k_stride_, b_start_, b_stride_, depth_, c_start_, c_stride_, width_) = (
+                context.cast(builder, args[i], sig.args[i], index) for i in (2, 3, 5, 6, 7, 9, 10, 11))
+            accumulate_ = context.cast(builder, args[12], sig.args[12], types.boolean)
+            lane = ir.Constant(ir.VectorType(index_type := rows[0].type, lanes), list(range(lanes)))
+            masks = [builder.icmp_signed("<", builder.add(lane, _broadcast(builder, ir.Constant(index_type, v * lanes),
+                                                                           lanes)),
+                                         _broadcast(builder, width_, lanes))
+                     for v in range(VECTORS)]
+            zero = ir.Constant(vector, None)
+            # one loop per (rows, vectors): the vectors a strip of width columns needs
+            vectors = builder.udiv(builder.add(width_, ir.Constant(index_type, lanes - 1)),
+                                   ir.Constant(index_type, lanes))
+            switch_end = builder.append_basic_block("tile.end")
+            switch = builder.switch(count_, switch_end)
+            for n in range(1, ROWS + 1):
+                block = builder.append_basic_block(f"tile.rows{n}")
+                switch.add_case(ir.Constant(index_type, n), block)
+                builder.position_at_end(block)
+                inner = builder.switch(vectors, switch_end)
+                for v in range(1, VECTORS + 1):
+                    case = builder.append_basic_block(f"tile.rows{n}.vectors{v}")
+                    inner.add_case(ir.Constant(index_type, v), case)
+                    builder.position_at_end(case)
+                    _emit_rows(builder, n, vector, masks[:v], zero, a_ptr, rows, k_stride_, b_ptr, b_start_,
+                               b_stride_, depth_, c_ptr, c_start_, c_stride_, accumulate_)
+                    builder.branch(switch_end)
+            builder.position_at_end(switch_end)
+            return context.get_dummy_value()
+
+        return types.void(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width,
+                          accumulate), codegen
+
+    return tile
+
+
+def _vector_name(vector) -> str:
+    return f"v{vector.count}f{64 if isinstance(vector.element, ir.DoubleType) else 32}"
+
+
+def _masked_load(builder, ptr, mask, passthru):
+    vector = passthru.type
+    name = f"llvm.masked.load.{_vector_name(vector)}.p0"
+    return _intrinsic_call(builder, name, vector, [builder.bitcast(ptr, vector.as_pointer()),
+                                                   ir.Constant(ir.IntType(32), 4), mask, passthru])
+
+
+def _masked_store(builder, value, ptr, mask):
+    vector = value.type
+    name = f"llvm.masked.store.{_vector_name(vector)}.p0"
+    _intrinsic_call(builder, name, ir.VoidType(), [value, builder.bitcast(ptr, vector.as_pointer()),
+                                                   ir.Constant(ir.IntType(32), 4), mask])
+
+
+def _emit_rows(builder, n, vector, masks, zero, a_ptr, rows, k_stride, b_ptr, b_start, b_stride, depth, c_ptr,
+               c_start, c_stride, accumulate):
+    lanes = vector.count
+    index_type = rows[0].type
+    sums = [[cgutils.alloca_once_value(builder, zero) for _ in masks] for _ in range(n)]
+    fma = f"llvm.fma.{_vector_name(vector)}"
+    with cgutils.for_range(builder, depth) as loop:
+        k = loop.index
+        b_row = builder.gep(b_ptr, [builder.add(b_start, builder.mul(k, b_stride))])
+        strip = [_masked_load(builder, builder.gep(b_row, [ir.Constant(index_type, v * lanes)]), mask, zero)
+                 for v, mask in enumerate(masks)]
+        step = builder.mul(k, k_stride)
+        for i in range(n):
+            value = _broadcast(builder, builder.load(builder.gep(a_ptr, [builder.add(rows[i], step)])), lanes)
+            for v, b_vector in enumerate(strip):
+                total = builder.load(sums[i][v])
+                builder.store(_intrinsic_call(builder, fma, vector, [value, b_vector, total]), sums[i][v])
+    for i in range(n):
+        c_row = builder.gep(c_ptr, [builder.add(c_start, builder.mul(ir.Constant(index_type, i), c_stride))])
+        for v, mask in enumerate(masks):
+            target = builder.gep(c_row, [ir.Constant(index_type, v * lanes)])
+            total = builder.load(sums[i][v])
+            with builder.if_then(accumulate):
+                builder.store(builder.fadd(total, _masked_load(builder, target, mask, zero)), sums[i][v])
+            _masked_store(builder, builder.load(sums[i][v]), target, mask)
+
+
+_tile = _tile_intrinsic()
+
+
+@overload(product_tile, inline="always")
+def _product_tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width,
+                  accumulate):
+    def impl(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate):
+        _tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate)
+    return impl
