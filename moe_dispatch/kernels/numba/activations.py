@@ -108,20 +108,21 @@ def activate_and_grad(g, u, act, vectorized=False):
 def activate_strip(gate, up, out, count, act):
     """out[j] = activate(gate[j], up[j], act) for j < count (up ignored for a plain activation).
 
-    One loop per common activation, its code known within it, so that LLVM drops the other
-    branches and vectorizes the loop (exp vectorizes; GELU's erf does not)."""
+    The same loop once per common activation, its code known within it, so that LLVM drops the
+    other branches and vectorizes the loop (exp vectorizes; GELU's erf does not)."""
     if act.code == SWIGLU:
-        for j in range(count):
-            out[j] = activate(gate[j], up[j], act, True)
+        _activate_loop(gate, up, out, count, act)
     elif act.code == CLAMPED_SWIGLU:
-        for j in range(count):
-            out[j] = activate(gate[j], up[j], act, True)
+        _activate_loop(gate, up, out, count, act)
     elif act.code == SILU:
-        for j in range(count):
-            out[j] = activate(gate[j], up[j], act, True)
+        _activate_loop(gate, up, out, count, act)
     elif act.code == RELU:
-        for j in range(count):
-            out[j] = activate(gate[j], up[j], act, True)
+        _activate_loop(gate, up, out, count, act)
     else:
-        for j in range(count):
-            out[j] = activate(gate[j], up[j], act, True)
+        _activate_loop(gate, up, out, count, act)
+
+
+@njit(cache=True, inline="always")
+def _activate_loop(gate, up, out, count, act):
+    for j in range(count):
+        out[j] = activate(gate[j], up[j], act, True)
