@@ -45,7 +45,7 @@ def test_a_tile_reads_and_writes_its_rows_and_columns_only(dtype, accumulate):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_strip_products_cross_every_block(dtype, gen):
     """strip_product through grouped_mm's register tiles: K past DEPTH_BLOCK (sums carried from
-    block to block), more rows of w than BLOCK_ROWS, several strips of columns."""
+    block to block), more rows of w than BLOCK_ROWS, several strips of columns; and K=0."""
     import moe_dispatch as md
     from moe_dispatch.backends import get_backend
     from moe_dispatch.kernels.numba.outer_products import BLOCK_ROWS, DEPTH_BLOCK
@@ -60,8 +60,9 @@ def test_strip_products_cross_every_block(dtype, gen):
     import moe_dispatch.backends.numba_backend as nb
 
     assert nb.product_on_register_tiles(1.0, a, w)
-    want = naive_grouped_mm(a, w, offsets) + bias.double()[md.plan.expert_of_row(offsets, a.shape[0])]
-    assert_close(backend.grouped_mm(a, w, offsets, bias), want, dtype)
+    row_bias = bias.double()[md.plan.expert_of_row(offsets, a.shape[0])]
+    assert_close(backend.grouped_mm(a, w, offsets, bias), naive_grouped_mm(a, w, offsets) + row_bias, dtype)
+    assert_close(backend.grouped_mm(a[:, :0], w[:, :0].contiguous(), offsets, bias), row_bias, dtype)  # K=0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

@@ -20,6 +20,7 @@ compiles the vector code in its place."""
 
 from __future__ import annotations
 
+import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -53,15 +54,6 @@ def row_offsets(base, first, count, step):
 
 
 @njit(cache=True, inline="always")
-def gathered_offsets(index, first, count, step):
-    """row_offsets of the rows index[first], index[first + 1], ..."""
-    last = first + count - 1
-    return (index[first] * step, index[min(first + 1, last)] * step, index[min(first + 2, last)] * step,
-            index[min(first + 3, last)] * step, index[min(first + 4, last)] * step,
-            index[min(first + 5, last)] * step)
-
-
-@njit(cache=True, inline="always")
 def strip_product(a, a_start, num_rows, depth, b, b_start, b_stride, c, c_start, c_stride, width):
     """c[c_start + i * c_stride + j] = sum over k < depth of a[a_start + i * depth + k] *
     b[b_start + k * b_stride + j] for i < num_rows, j < width: a's rows contiguous.
@@ -72,7 +64,7 @@ def strip_product(a, a_start, num_rows, depth, b, b_start, b_stride, c, c_start,
     strip = STRIP_BYTES // a.itemsize
     for i0 in range(0, num_rows, BLOCK_ROWS):
         i1 = min(num_rows, i0 + BLOCK_ROWS)
-        for k0 in range(0, depth, DEPTH_BLOCK):
+        for k0 in range(0, max(depth, 1), DEPTH_BLOCK):  # a depth of 0 writes zeros
             for j in range(0, width, strip):
                 for i in range(i0, i1, ROWS):
                     count = min(ROWS, i1 - i)
@@ -157,16 +149,21 @@ def _vector_name(vector) -> str:
     return f"v{vector.count}f{64 if isinstance(vector.element, ir.DoubleType) else 32}"
 
 
+def _pointer_name(vector) -> str:
+    """The name suffix of a pointer to vector: LLVM 15 made pointers opaque."""
+    return "p0" if llvm.llvm_version_info[0] >= 15 else f"p0{_vector_name(vector)}"
+
+
 def _masked_load(builder, ptr, mask, passthru):
     vector = passthru.type
-    name = f"llvm.masked.load.{_vector_name(vector)}.p0"
+    name = f"llvm.masked.load.{_vector_name(vector)}.{_pointer_name(vector)}"
     return _intrinsic_call(builder, name, vector, [builder.bitcast(ptr, vector.as_pointer()),
                                                    ir.Constant(ir.IntType(32), 4), mask, passthru])
 
 
 def _masked_store(builder, value, ptr, mask):
     vector = value.type
-    name = f"llvm.masked.store.{_vector_name(vector)}.p0"
+    name = f"llvm.masked.store.{_vector_name(vector)}.{_pointer_name(vector)}"
     _intrinsic_call(builder, name, ir.VoidType(), [value, builder.bitcast(ptr, vector.as_pointer()),
                                                    ir.Constant(ir.IntType(32), 4), mask])
 
