@@ -126,7 +126,7 @@ GROUPS = {"small": small_groups_everywhere, "large": large_groups_everywhere,
 @needs_numba
 @pytest.mark.parametrize("groups", list(GROUPS))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("dtype", [*NUMBA_DTYPES, torch.float64])
+@pytest.mark.parametrize("dtype", NUMBA_DTYPES)  # float64 on register tiles: test_outer_products.py
 @pytest.mark.parametrize("K", [37, 38], ids=["odd-K", "even-K"])  # even: bfloat16 read as uint32 pairs
 def test_grouped_mm_layouts_and_group_sizes(K, dtype, layout, groups, matmul_library, gen, monkeypatch):
     GROUPS[groups](monkeypatch)
@@ -207,7 +207,7 @@ def test_large_groups_of_aligned_operands_take_torch_grouped_mm(dtype, layout, m
 @needs_numba
 @pytest.mark.parametrize("shape", [(21, 13), (32, 16)], ids=["odd", "aligned"])  # aligned: torch._grouped_mm
 @pytest.mark.parametrize("groups", list(GROUPS))
-@pytest.mark.parametrize("dtype", [*NUMBA_DTYPES, torch.float64])
+@pytest.mark.parametrize("dtype", NUMBA_DTYPES)
 def test_grouped_mm_wgrad_group_sizes(dtype, groups, shape, matmul_library, gen, monkeypatch):
     GROUPS[groups](monkeypatch)
     (M, N), E, rows = shape, 6, 50

@@ -219,8 +219,9 @@ def check_moe_mlp(case, dtype, path, activation, bias, gen, monkeypatch, interle
 
 
 @needs_numba
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("dtype", NUMBA_DTYPES)
+# the register tiles take float32 (float64: test_outer_products.py); other dtypes go blocked there
+@pytest.mark.parametrize("path,dtype", [(path, dtype) for path in PATHS for dtype in NUMBA_DTYPES
+                                        if path != "register-tiles" or dtype == torch.float32])
 @pytest.mark.parametrize("case", CASES)
 def test_moe_mlp_paths_match_reference(case, dtype, path, gen, monkeypatch):
     check_moe_mlp(case, dtype, path, "swiglu", False, gen, monkeypatch)
