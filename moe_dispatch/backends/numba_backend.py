@@ -510,9 +510,10 @@ def step_kind(x: Tensor, experts: ExpertWeights) -> tuple:
 
 def decode_setup(x: Tensor, experts: ExpertWeights) -> DecodeSetup:
     """The DecodeSetup of experts for activations of x's dtype. Its row limits follow the
-    matmul library setting too, and fused_rows_limit itself and the register tiles' limit
+    matmul library setting too, and fused_rows_limit itself and the register tiles' limits
     (which tests replace to force a path): all are in the key."""
-    key = ("numba decode", x.dtype, onednn_float32(), fused_rows_limit, REGISTER_TILES_MAX_EXPERT_FLOPS)
+    key = ("numba decode", x.dtype, onednn_float32(), fused_rows_limit, REGISTER_TILES_MAX_DEPTH,
+           REGISTER_TILES_MAX_EXPERT_FLOPS)
     return experts.derived(key, lambda: DecodeSetup(
         mlp_rows_limit(x, experts), register_tiles_rows(x, experts), decode_kernels(x, experts),
         decode_tiles(experts.hidden_size), step_kind(x, experts)))
