@@ -223,14 +223,23 @@ def register_tiles_everywhere(monkeypatch):
     monkeypatch.setattr(nb, "REGISTER_TILES_BELOW_FLOPS", float("inf"))
 
 
+def skip_without_onednn(dtype: torch.dtype = torch.float32) -> None:
+    """Skip where oneDNN's inner product does not run in dtype: a torch without the op, or
+    bfloat16 on a processor without AVX-512."""
+    import moe_dispatch.backends.cpu_matmul as cm
+
+    if not cm.onednn_available(dtype):
+        pytest.skip(f"oneDNN runs no {dtype} inner product with this torch on this processor")
+
+
 @pytest.fixture(params=["onednn", "blas"])
 def matmul_library(request, monkeypatch):
     """The library of the large groups' float32 and float16 products (cpu_matmul), for
     products of any size (the tests' are far below ONEDNN_MIN_FLOPS)."""
     import moe_dispatch.backends.cpu_matmul as cm
 
-    if request.param == "onednn" and not cm.onednn_available():
-        pytest.skip("this torch has no oneDNN linear op")
+    if request.param == "onednn":
+        skip_without_onednn()
     monkeypatch.setenv("MOE_DISPATCH_CPU_MATMUL", request.param)
     monkeypatch.setattr(cm, "ONEDNN_MIN_FLOPS", 0)
     return request.param

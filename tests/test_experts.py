@@ -9,7 +9,7 @@ import torch
 
 import moe_dispatch as md
 from conftest import CPU_BACKENDS, assert_close, expert_weights, large_groups_everywhere, needs_numba
-from conftest import random_ids, random_weights
+from conftest import random_ids, random_weights, skip_without_onednn
 from moe_dispatch.backends.cpu_matmul import onednn_available
 from moe_dispatch.experts import ExpertWeights
 from moe_dispatch.formats import dense, format_of
@@ -257,6 +257,7 @@ def reorders(monkeypatch):
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_numba_reads_a_declared_packed_weight_without_the_setting(dtype, reorders, gen, monkeypatch):
+    skip_without_onednn(dtype)
     monkeypatch.delenv("MOE_DISPATCH_PACK_WEIGHTS", raising=False)
     large_groups_everywhere(monkeypatch)  # the blocked path: library products
     x, weights, ids = _batch(gen, dtype)

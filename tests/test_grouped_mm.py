@@ -14,7 +14,7 @@ from cases import CASES
 from conftest import (FLOAT_DTYPES, HAS_CUDA, HAS_NUMBA, HAS_TRITON, NUMBA_DTYPES, TUNED_DTYPES, assert_close,
                       expert_weights, large_groups_everywhere, needs_numba, needs_triton, output_and_grads, randn,
                       random_ids, random_weights, register_tiles_everywhere, skip_if_unsupported,
-                      small_groups_everywhere)
+                      skip_without_onednn, small_groups_everywhere)
 from conftest import TRITON_DEVICE as DEVICE
 from moe_dispatch.activations import ACTIVATIONS, gate_up_columns
 from moe_dispatch.backends import get_backend
@@ -286,8 +286,7 @@ def test_matmul_into_any_strides(dtype, bias, matmul_library, gen):
 @needs_numba
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_only_products_worth_its_call_go_to_onednn(dtype, monkeypatch, gen):
-    if not cm.onednn_available():
-        pytest.skip("this torch has no oneDNN linear op")
+    skip_without_onednn()
     monkeypatch.setenv("MOE_DISPATCH_CPU_MATMUL", "onednn")
     calls, real = [], cm.onednn_linear
     monkeypatch.setattr(cm, "onednn_linear", lambda *args: calls.append(1) or real(*args))
@@ -305,8 +304,7 @@ def test_float32_into_a_buffer_goes_to_blas_where_it_is_as_fast(as_fast, monkeyp
     """Where BLAS multiplies float32 as fast as oneDNN (MKL on Intel) and no library was named,
     a product with an out writes it itself instead of through oneDNN's new memory and a copy;
     one that wants the library's own result keeps oneDNN."""
-    if not cm.onednn_available():
-        pytest.skip("this torch has no oneDNN linear op")
+    skip_without_onednn()
     monkeypatch.delenv("MOE_DISPATCH_CPU_MATMUL", raising=False)
     monkeypatch.setattr(cm, "onednn_float32", lambda: True)
     monkeypatch.setattr(cm, "ONEDNN_MIN_FLOPS", 0)

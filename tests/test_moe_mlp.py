@@ -12,7 +12,7 @@ from cases import CASES, Case
 from conftest import (FLOAT_DTYPES, HAS_CUDA, HAS_NUMBA, HAS_TRITON, NUMBA_DTYPES, TUNED_DTYPES, assert_close,
                       count_decode_steps, expert_weights, large_groups_everywhere, needs_numba, needs_triton,
                       output_and_grads, randn, random_ids, random_weights, register_tiles_everywhere,
-                      skip_if_unsupported, small_groups_everywhere)
+                      skip_if_unsupported, skip_without_onednn, small_groups_everywhere)
 from conftest import TRITON_DEVICE as DEVICE
 from moe_dispatch import ops
 from moe_dispatch.activations import ACTIVATIONS
@@ -379,8 +379,7 @@ def test_backward_rows_refuse_disagreeing_shapes(gen):
 
 @pytest.fixture
 def packing_on(monkeypatch):
-    if not cm.onednn_available():
-        pytest.skip("this torch has no oneDNN linear op")
+    skip_without_onednn()
     monkeypatch.setenv("MOE_DISPATCH_PACK_WEIGHTS", "1")
     large_groups_everywhere(monkeypatch)
     packing.clear_packed_weights()
@@ -409,6 +408,7 @@ def check_against_reference(x, weights, ids, w_gate_up, w_down, b_gate_up, b_dow
 @needs_numba
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_packed_weights_match_reference_and_follow_changes(dtype, packing_on, monkeypatch, gen):
+    skip_without_onednn(dtype)
     monkeypatch.setenv("MOE_DISPATCH_CPU_MATMUL", "onednn")
     x, weights, ids, w_gate_up, w_down, b_gate_up, b_down = moe_mlp_case(gen, dtype)
     active = len(ids.unique())
@@ -426,6 +426,7 @@ def test_packed_weights_match_reference_and_follow_changes(dtype, packing_on, mo
 @needs_numba
 def test_views_made_per_call_share_their_parameter_s_packed_copies(packing_on, gen):
     """A model storing [E, H, W] passes a fresh transposed view on every call."""
+    skip_without_onednn(torch.bfloat16)
     x, weights, ids, w_gate_up, w_down, _, _ = moe_mlp_case(gen, torch.bfloat16, bias=False)
     stored = torch.nn.Parameter(w_gate_up.transpose(1, 2).contiguous(), requires_grad=False)
     with torch.no_grad():
@@ -438,6 +439,7 @@ def test_views_made_per_call_share_their_parameter_s_packed_copies(packing_on, g
 
 @needs_numba
 def test_no_packing_for_weights_being_trained(packing_on, gen):
+    skip_without_onednn(torch.bfloat16)
     x, weights, ids, w_gate_up, w_down, b_gate_up, b_down = moe_mlp_case(gen, torch.bfloat16)
     w_gate_up.requires_grad_()
     x.requires_grad_()

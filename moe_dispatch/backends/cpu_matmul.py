@@ -25,13 +25,14 @@ LIBRARIES = ("auto", "onednn", "blas")
 
 
 @functools.cache
-def onednn_available() -> bool:
-    """Whether this torch runs oneDNN's inner product, plain and on packed weights (the ops
-    are internal: tried once rather than trusted by name)."""
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch runs oneDNN's inner product in dtype, plain and on packed weights, on
+    this processor (the ops are internal: tried once rather than trusted by name; bfloat16
+    needs AVX-512, which many laptops' processors lack)."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        one = torch.ones(1, 1)
+        one = torch.ones(1, 1, dtype=dtype)
         onednn_linear(one, one)
         onednn_linear(one, torch.ops.mkldnn._reorder_linear_weight(one))
     except (AttributeError, RuntimeError, TypeError):

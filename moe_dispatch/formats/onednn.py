@@ -45,8 +45,9 @@ class OneDNNPacked(StoredWeight):
         if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"OneDNNPacked holds bfloat16 or float32 CPU weights; got {weight.dtype} on "
                              f"{weight.device}")
-        if not onednn_available():
-            raise ValueError("OneDNNPacked needs oneDNN's linear op, which this build of torch does not have")
+        if not onednn_available(weight.dtype):
+            raise ValueError(f"OneDNNPacked needs oneDNN's {weight.dtype} linear op, which this build of torch "
+                             "or this processor does not run")
         self.weight = weight
 
     @property
@@ -135,7 +136,7 @@ def packed_experts(w: Weight, saving_for_backward: bool) -> Optional[PackedExper
     whose gradient this call computes (trained weights change every step)."""
     if isinstance(w, OneDNNPacked):
         w = w.weight
-    elif not (isinstance(w, Tensor) and packing_enabled() and onednn_available() and not w.is_inference()
+    elif not (isinstance(w, Tensor) and packing_enabled() and onednn_available(w.dtype) and not w.is_inference()
               and (w.dtype == torch.bfloat16 or w.dtype == torch.float32 and onednn_float32())):
         return None
     if saving_for_backward and w.requires_grad or not w.numel():
