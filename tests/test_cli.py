@@ -359,10 +359,13 @@ def _record(op="moe_mlp", tokens=128, ms=1.0, roofline=0.5, **peers):
 
 
 @pytest.mark.parametrize("record, expected", [
-    (_record(tokens=1, ms=1.4, bound=1.0), [("<= 1.5x bound", True)]),
-    (_record(tokens=16, ms=1.6, bound=1.0), [("<= 1.5x bound", False)]),
-    (_record(tokens=17, ms=9.0, bound=1.0), []),  # not decode: no bound target
+    ({**_record(tokens=1, ms=1.4, bound=1.0), "cuda_graph": True}, [("<= 1.5x bound", True)]),
+    ({**_record(tokens=16, ms=1.6, bound=1.0), "cuda_graph": True}, [("<= 1.5x bound", False)]),
+    ({**_record(tokens=17, ms=9.0, bound=1.0), "cuda_graph": True}, []),  # not decode: no bound target
+    (_record(tokens=1, ms=9.0, bound=1.0), []),  # eager: the bound is the graph replays'
     (_record(ms=1.0, **{"torch-grouped-mm": 1.31}), [(">= 1.3x t-gmm", True)]),
+    (_record(ms=1.0, **{"torch-grouped-mm": 1.4, "hf-grouped-mm": 0.99}), [(">= 1.3x t-gmm", True),
+                                                                            ("> hf-gmm", False)]),
     (_record(ms=1.0, **{"torch-grouped-mm": 1.2}), [(">= 1.3x t-gmm", False)]),
     # quantized experts: against the pipeline on their dequantized values
     ({**_record(ms=1.0, **{"torch-grouped-mm": 1.25}), "weights": "int4"}, [(">= 1.2x t-gmm", True)]),

@@ -385,9 +385,9 @@ def _fused_reference(x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, act
     return h, act, slots
 
 
-def _check_epilogues(config, activation, dtype, gen, sizes=(13, 3, 5, 37, 19), interleaved=False):
-    # GEMM1: gathered rows, bias, activation, h stored (in the weight's column order); GEMM2:
-    # bias, routing weight, scatter to slots
+def _check_epilogues(config, activation, dtype, gen, sizes=(13, 3, 5, 37, 19), interleaved=False, down_config=None):
+    # GEMM1: gathered rows, bias, activation, h stored (in the weight's column order); GEMM2
+    # (down_config, else config): bias, routing weight, scatter to slots
     tokens, top_k, experts, hidden, inter = sizes
     ids = random_ids(tokens, top_k, experts, gen).to(DEVICE)
     plan = md.make_plan(ids, experts, backend="triton")
@@ -400,7 +400,7 @@ def _check_epilogues(config, activation, dtype, gen, sizes=(13, 3, 5, 37, 19), i
     act, h = kgemm.grouped_gemm(x, w_gate_up.transpose(1, 2), plan.offsets, config, bias=b_gate_up,
                                 a_rows=plan.token_of_row, activation=ACTIVATIONS[activation],
                                 gate_columns=gate_up_columns(activation, interleaved, inter), store_h=True)
-    slots, _ = kgemm.grouped_gemm(act, w_down.transpose(1, 2), plan.offsets, config, bias=b_down,
+    slots, _ = kgemm.grouped_gemm(act, w_down.transpose(1, 2), plan.offsets, down_config or config, bias=b_down,
                                   slot_of_row=slot_of_row, weight_of_row=weight_of_row)
     ref_h, ref_act, ref_slots = _fused_reference(x, weights, plan, w_gate_up, w_down, b_gate_up, b_down, activation,
                                                  interleaved)
@@ -527,14 +527,15 @@ def test_gpu_every_tuning_candidate_matches(dtype, rows_per_expert, gen, request
     # several M-tiles per expert and a partial last N-tile.
     if dtype == torch.float32:
         request.getfixturevalue("fma_float32")
+    # Each GEMM meets the candidates of its own kind: the gated one's hold two weight tiles.
     budget = configs.shared_memory_budget(DEVICE)
     fma = configs.uses_fma(dtype, DEVICE)
-    candidates = [c for gated in (True, False)
-                  for c in configs.gemm_tiles(rows_per_expert, gated, dtype.itemsize, budget, fma)]
+    up, down = (configs.gemm_tiles(rows_per_expert, gated, dtype.itemsize, budget, fma) for gated in (True, False))
     if rows_per_expert == 1:
-        candidates += [replace(c, split_k=3) for c in configs.gemm_tiles(1, True, dtype.itemsize, budget, fma)]
-    for config in dict.fromkeys(candidates):
+        up, down = ([*tiles, *(replace(c, split_k=3) for c in tiles)] for tiles in (up, down))
+    for up_config, down_config in itertools.zip_longest(up, down):
+        up_config, down_config = up_config or up[0], down_config or down[0]
         try:
-            _check_epilogues(config, "swiglu", dtype, gen, sizes=(300, 2, 3, 256, 200))
+            _check_epilogues(up_config, "swiglu", dtype, gen, sizes=(300, 2, 3, 256, 200), down_config=down_config)
         except AssertionError as exc:
-            raise AssertionError(f"{config}: {exc}") from exc
+            raise AssertionError(f"{up_config}, {down_config}: {exc}") from exc

@@ -180,6 +180,52 @@ def test_tuner_skips_candidates_that_fail_to_compile(tmp_path, monkeypatch):
         assert configs.Tuner(bench).select("k", lambda: options, lambda c: c, tmp_path / "c.json", True) == options[1]
 
 
+def test_run_remembers_a_settled_choice_and_only_that(tmp_path, monkeypatch):
+    """A cached, tuned or pinned config is looked up once per key, device and settings; a
+    default taken while tuning is not allowed (a CUDA graph capture) is asked for again."""
+    asked = []
+    monkeypatch.setattr(configs, "cache_path", lambda device: asked.append(device) or tmp_path / "c.json")
+    monkeypatch.setattr(configs, "cache_stamp", lambda device=None: {"device": "test"})
+    may_tune = [False]
+    monkeypatch.setattr(configs, "_may_tune", lambda: may_tune[0])
+    options = [TileConfig(16, 16, 16), TileConfig(16, 32, 16)]
+    bench, timed = _fake_bench({16: 2.0, 32: 1.0})
+    tuner, gpu = configs.Tuner(bench), torch.device("cuda", 0)
+
+    def run(key="k"):
+        return tuner.run(key, lambda: options, lambda config: config, gpu)
+
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")
+    assert run() == run() == options[0] and len(asked) == 2 and timed == []  # not settled: asked each time
+    may_tune[0] = True
+    assert run() == options[1] and len(timed) == 2  # tuned, then remembered
+    assert run() == run() == options[1] and len(asked) == 3 and len(timed) == 2
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")  # other settings: chosen again, then remembered
+    assert run() == run() == options[0] and len(asked) == 4
+    monkeypatch.setenv(configs.CACHE_DIR_ENV, str(tmp_path / "elsewhere"))
+    assert run() == options[0] and len(asked) == 5
+
+
+def test_an_error_left_on_the_device_is_raised_as_it_came(tmp_path, monkeypatch):
+    """A device-side assert of an earlier kernel fails whatever launches next: no config is to
+    blame, so none is set aside, no fallback runs and no winner is cached."""
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")
+    launched = []
+
+    def launch(config):
+        launched.append(config)
+        raise RuntimeError("Triton Error [CUDA]: device-side assert triggered")
+
+    tuner, big = configs.Tuner(lambda fn: fn()), TileConfig(128, 256, 64, num_warps=8, num_stages=4)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="device-side assert"):
+            tuner.launch("k", big, launch)
+    assert launched == [big, big]
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        tuner.select("k", lambda: [big, configs.SAFE], launch, tmp_path / "c.json", True)
+    assert not (tmp_path / "c.json").exists()
+
+
 def test_split_k_fills_the_gpu_within_its_limits():
     # 2 rows on 8 experts: 8 tiles of 16 x 64 want 33 splits on 132 SMs; each keeps 4 K-blocks
     assert configs._split_k(TileConfig(16, 64, 128), 2, 8, 1024, 256, 132) == 2

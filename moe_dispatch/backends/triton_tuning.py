@@ -17,7 +17,8 @@ autotuner with its on-disk cache, and the compile fallback.
   holds each thread's slices of both operands in registers: its candidates are smaller tiles,
   with short K-steps and more warps, so that ptxas does not spill (_fma_tiles).
 - A candidate that fails to compile or launch (OutOfResources or anything else) is skipped
-  with a warning; the chosen config failing falls back to SAFE, once, with a warning.
+  with a warning; the chosen config failing falls back to SAFE, once, with a warning. An error
+  that an earlier kernel left on the device (a device-side assert) is raised as it came.
 """
 
 from __future__ import annotations
@@ -260,6 +261,15 @@ def _do_bench(fn: Callable[[], object]) -> float:
     return do_bench(fn, warmup=5, rep=20)
 
 
+# CUDA errors that poison the context: every later call fails with them, whatever its config.
+_STICKY_CUDA_ERRORS = ("device-side assert", "illegal memory access", "illegal instruction", "misaligned address",
+                       "unspecified launch failure")
+
+
+def _sticky_cuda_error(exc: Exception) -> bool:
+    return any(text in str(exc) for text in _STICKY_CUDA_ERRORS)
+
+
 class Tuner:
     """Picks a config per key: the cached result, else (when allowed) the fastest candidate.
 
@@ -271,6 +281,8 @@ class Tuner:
         self._lock = threading.Lock()
         self._tables: dict[Path, dict] = {}
         self._failed: set[tuple[str, TileConfig]] = set()
+        # run()'s choices that cannot change, by key, device and the settings they were made under
+        self._settled: dict[tuple, TileConfig] = {}
         self.announced = False  # the notice that a first call pauses to tune was logged (or not wanted)
 
     def run(self, key: str, candidates: Callable[[], list[TileConfig]], launch: Callable[[TileConfig], Result],
@@ -282,8 +294,15 @@ class Tuner:
         """
         if device.type != "cuda":
             return launch(INTERPRETER)
-        config = self.select(key, candidates, launch, cache_path(device), may_tune=_may_tune(),
-                             stamp=cache_stamp(device))
+        # The host's time per launch is what an eager decode step costs: a settled choice skips
+        # the candidates, the cache file's name and its stamp from then on.
+        memo = (key, device, os.environ.get(AUTOTUNE_ENV, "1"), os.environ.get(cache_files.CACHE_DIR_ENV))
+        config = self._settled.get(memo)
+        if config is None:
+            config, settled = self._select(key, candidates, launch, cache_path(device), _may_tune(),
+                                           cache_stamp(device))
+            if settled:
+                self._settled[memo] = config
         return self.launch(key, config, launch)
 
     def select(self, key: str, candidates: Callable[[], list[TileConfig]], launch: Callable[[TileConfig], object],
@@ -291,35 +310,43 @@ class Tuner:
         """The cached config for key in the table at path, else the fastest candidate (persisted),
         else the default candidates()[0] (autotuning off, or tuning not allowed now). stamp:
         what the table must be stamped with (cache_stamp(device); default: no GPU)."""
+        return self._select(key, candidates, launch, path, may_tune, stamp)[0]
+
+    def _select(self, key: str, candidates: Callable[[], list[TileConfig]], launch: Callable[[TileConfig], object],
+                path: Path, may_tune: bool, stamp: Optional[dict]) -> tuple[TileConfig, bool]:
+        """(select's config, whether it is settled: pinned, cached or tuned, not a default
+        taken while tuning is not allowed)."""
         if os.environ.get(AUTOTUNE_ENV, "1") == "0":
-            return candidates()[0]
+            return candidates()[0], True
         stamp = stamp or cache_stamp()
         with self._lock:
             table = self._table(path, stamp)
             if key in table:
                 config = _config(table[key])
                 if config is not None:
-                    return config
+                    return config, True
                 cache_files.warn_once(path, f"the entry for {key} is no tile config; tuning it again")
                 del table[key]
             if not may_tune:
-                return candidates()[0]
+                return candidates()[0], False
             config = self._tune(key, candidates(), launch, path)
             table[key] = asdict(config)
             # Another process may have tuned other keys since this one read the file: keep theirs.
             for other, entry in cache_files.read_stamped(path, stamp).items():
                 table.setdefault(other, entry)
             cache_files.write_stamped(path, stamp, table)
-            return config
+            return config, True
 
     def launch(self, key: str, config: TileConfig, launch: Callable[[TileConfig], Result]) -> Result:
-        """launch(config); if it fails (compile error, out of resources), warn and use SAFE from then on."""
+        """launch(config); if it fails (compile error, out of resources), warn and use SAFE from then on.
+        An error an earlier kernel left on the device (a failed device-side check) is no fault of
+        the config: it is raised as it came."""
         if (key, config) in self._failed:
             config = SAFE
         try:
             return launch(config)
         except Exception as exc:
-            if config == SAFE:
+            if config == SAFE or _sticky_cuda_error(exc):
                 raise
             self._failed.add((key, config))
             warnings.warn(
@@ -339,6 +366,8 @@ class Tuner:
             try:
                 timings.append((self.bench(lambda: launch(config)), config))
             except Exception as exc:  # a candidate that cannot compile here is simply not a winner
+                if _sticky_cuda_error(exc):  # nor could any other: nothing is learnt or cached
+                    raise
                 warnings.warn(f"moe_dispatch: tile config {config} failed for {key}: {exc!r}", stacklevel=4)
         winner = min(timings, key=lambda t: t[0])[1] if timings else SAFE
         LOG.info("moe_dispatch: tuned %s in %.1f s over %d candidates: %s", key, time.perf_counter() - start,
