@@ -199,7 +199,7 @@ COMPILE_OTHERS = COMPILE_HELPERS + textwrap.dedent("""
         (plan.plan_scan_kernel, {}, dict(CB=32, E_PAD=256)),
         (plan.plan_scatter_kernel, {}, dict(SUB=32, E_PAD=256)),
         (permute.gather_rows_kernel, {}, dict(BLOCK_R=rows, BLOCK_W=width)),
-        (permute.combine_kernel, {}, dict(SLOT_MAJOR=False, BLOCK_T=rows, BLOCK_W=width)),
+        (permute.combine_kernel, {}, dict(TOP_K=8, SLOT_MAJOR=False, BLOCK_T=rows, BLOCK_W=width)),
         (permute.combine_backward_kernel, {}, dict(BLOCK_S=rows, BLOCK_W=width)),
         (permute.invert_rows_kernel, {}, dict(BLOCK=256)),
         (grouped_gemm.splitk_reduce_kernel, {}, dict(SPLIT_K=3, BLOCK_M=16, BLOCK_N=64,
