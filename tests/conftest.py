@@ -218,6 +218,7 @@ def register_tiles_everywhere(monkeypatch):
     import moe_dispatch.backends.numba_backend as nb
 
     monkeypatch.setattr(nb, "fused_rows_limit", lambda *_: 0)
+    monkeypatch.setattr(nb, "REGISTER_TILE_DTYPES", (torch.float32, torch.float64))  # AVX2 CPUs too
     monkeypatch.setattr(nb, "REGISTER_TILES_MAX_EXPERT_FLOPS", float("inf"))
     monkeypatch.setattr(nb, "REGISTER_TILES_MAX_DEPTH", 10**9)
     monkeypatch.setattr(nb, "REGISTER_TILES_BELOW_FLOPS", float("inf"))

@@ -39,7 +39,7 @@ from ..formats.onednn import packed_experts
 from ..formats.quantized import QuantizedWeight
 from ..kernels.numba import expert_tiles
 from ..kernels.numba import grouped_mm as gmm
-from ..kernels.numba import mlp, mlp_backward
+from ..kernels.numba import mlp, mlp_backward, outer_products
 from ..kernels.numba import permute as perm
 from ..kernels.numba import plan as plan_kernels
 from ..kernels.numba import quantized as quantized_kernels
@@ -125,8 +125,12 @@ def mlp_rows_limit(x: Tensor, experts: ExpertWeights) -> float:
                             takes_register_tiles(x, experts))
 
 
-# The dtypes of the register tiles (kernels/numba/outer_products.py).
-REGISTER_TILE_DTYPES = (torch.float32, torch.float64)
+# The dtypes of the register tiles (kernels/numba/outer_products.py), on CPUs with AVX-512. On
+# an EPYC with AVX2 only (16 vector registers, tiles of 6 x 2 vectors) the tiles reached 36
+# GFLOP/s a core where the library's product reached 90, and the paths they replace were faster
+# (float32, E=16, top-2, 512 tokens, one thread; H=I=64: forward 1.22x, training 1.79x; H=I=256:
+# forward 1.39x, training level): none there.
+REGISTER_TILE_DTYPES = (torch.float32, torch.float64) if outer_products.VECTOR_BYTES == 64 else ()
 # The backward's products run on register tiles for small experts (REGISTER_TILES_MAX_DEPTH
 # below) below this many FLOPs per expert. Against the library's, in the backend (E=16): H=I=64
 # at 64 rows per expert 2.0x (dX) and 2.2x (weight gradient), H=I=256 1.03x and 1.77x; H=I=384

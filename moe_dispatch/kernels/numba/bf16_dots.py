@@ -25,17 +25,13 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.core.registry import cpu_target
 from numba.extending import intrinsic, overload
 
 from .packed_dots import BF16, F32, I16, I32, PREFETCH_BYTES, _const, _intrinsic_call, _load, _prefetch, _vec, \
     emit_row_passes, horizontal_sum
+from .vector_width import host_cpu_features
 
 STEP = 32  # elements of each row per step: 64 bytes
-
-
-def _cpu_features() -> str:
-    return cpu_target.target_context.codegen()._get_host_cpu_features()
 
 
 def _dot_instruction(cpu: str) -> bool:
@@ -45,7 +41,7 @@ def _dot_instruction(cpu: str) -> bool:
 
 # Whether the CPU Numba compiles for multiplies bfloat16 pairs in one instruction: where it
 # does, the decode kernels take bf16_dots on the activations' own bits (kernels/numba/mlp.py).
-TAKES_BF16_DOTS = _dot_instruction(_cpu_features())
+TAKES_BF16_DOTS = _dot_instruction(host_cpu_features())
 
 
 def bf16_dots(src, index, gather, start, end, w_a, w_b, out):
@@ -140,7 +136,7 @@ def bf16_dots_intrinsic(cpu_features=None):
             return None
 
         def codegen(context, builder, sig, args):
-            cpu = cpu_features if cpu_features is not None else _cpu_features()
+            cpu = cpu_features if cpu_features is not None else host_cpu_features()
             ops = _Operands(context, builder, sig, args)
             emit_row_passes(builder, builder.sub(ops.end, ops.start),
                             lambda first, count: _emit_pass(builder, cpu, ops, first, count))

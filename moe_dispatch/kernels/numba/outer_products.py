@@ -29,13 +29,16 @@ from numba.extending import intrinsic, overload
 
 from .caching import njit
 from .packed_dots import _broadcast, _intrinsic_call
+from .vector_width import widest_vector_bytes
 
-# A tile's sums: ROWS x VECTORS registers of AVX-512 (24 of its 32; 4 x 4 ran 0.85x as fast
-# at K=512), VECTORS loads and ROWS broadcasts per 24 multiply-adds.
+# A tile's sums stay in registers: ROWS x VECTORS of the CPU's widest vectors, 24 of AVX-512's
+# 32 registers (4 x 4 ran 0.85x as fast at K=512), or 12 of AVX2's 16 (6 x 4 of them, twice
+# the registers there are, ran at 30 GFLOP/s a core where the library's product ran at 90);
+# VECTORS loads and ROWS broadcasts per ROWS x VECTORS multiply-adds.
 ROWS = 6
-VECTOR_BYTES = 64
-VECTORS = 4
-STRIP_BYTES = VECTORS * VECTOR_BYTES  # the columns of a tile: 64 float32, 32 float64
+VECTOR_BYTES = widest_vector_bytes()
+VECTORS = 4 if VECTOR_BYTES == 64 else 2
+STRIP_BYTES = VECTORS * VECTOR_BYTES  # the columns of a tile (AVX-512): 64 float32, 32 float64
 # Rows of b that meet every row of a before the next ones: a strip's 32 KB, in L1 (K=1024,
 # N=512 at 64 rows: 202 GFLOP/s on two cores, 116 with the whole depth at once).
 DEPTH_BLOCK = 128

@@ -37,7 +37,6 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.core.registry import cpu_target
 from numba.extending import intrinsic, overload
 
 from .activations import CLAMPED_SWIGLU, SWIGLU, FusedActivation
@@ -46,6 +45,7 @@ from .packed_dots import (BF16, F32, I8, I32, _broadcast, _const, _intrinsic_cal
                           reads_chunks)
 from .quantized import dequantize_row
 from .vector_math import emit_exp
+from .vector_width import host_cpu_features
 
 TILE = 16  # rows of a tile, and float32 columns of a sum tile
 DEPTH = 32  # bfloat16 elements of K per tile step: 64 bytes per tile row
@@ -70,15 +70,11 @@ _VOID = ir.VoidType()
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
 
 
-def _host_features() -> str:
-    return cpu_target.target_context.codegen()._get_host_cpu_features()
-
-
 @functools.cache
 def tiles_available() -> bool:
     """Whether tile_products runs here: a CPU with AMX-BF16 that Numba compiles for, and a
     Linux kernel that grants this process the tile state."""
-    features = _host_features()
+    features = host_cpu_features()
     if numba.config.DISABLE_JIT or "+amx-tile" not in features or "+amx-bf16" not in features:
         return False
     if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):

@@ -16,7 +16,19 @@ functions inlined into them (inline="always"), which become part of the caller.
 from __future__ import annotations
 
 from numba import types
+from numba.core.registry import cpu_target
 from numba.extending import intrinsic, overload
+
+
+def host_cpu_features() -> str:
+    """The features of the CPU Numba compiles for, as LLVM names them: "+avx2,+avx512f,..."."""
+    return cpu_target.target_context.codegen()._get_host_cpu_features()
+
+
+def widest_vector_bytes() -> int:
+    """The bytes of the CPU's widest float vector: AVX-512's 64, else 32 (AVX2's; on Arm, two
+    NEON registers, which LLVM pairs)."""
+    return 64 if "+avx512f" in host_cpu_features() else 32
 
 
 def wide_vectors() -> None:
