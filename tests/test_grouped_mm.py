@@ -184,16 +184,17 @@ def spy_torch_grouped_mm(monkeypatch) -> list:
 @pytest.mark.parametrize("dtype", NUMBA_DTYPES)
 def test_large_groups_of_aligned_operands_take_torch_grouped_mm(dtype, layout, matmul_library, gen, monkeypatch):
     """One torch._grouped_mm call instead of a loop over experts, where this torch has a CPU
-    one and the operands suit it (bfloat16, or float32 where BLAS computes it; 16-byte
-    strides) and no AMX tiles take them (bfloat16 weights in nn.Linear's layout, on a CPU with
-    AMX-BF16); the loop otherwise."""
+    one and the operands suit it (bfloat16 where it is not computed in float32, or float32
+    where BLAS computes it; 16-byte strides) and no AMX tiles take them (bfloat16 weights in
+    nn.Linear's layout, on a CPU with AMX-BF16); the loop otherwise."""
     from moe_dispatch.kernels.numba.tile_products import tiles_available
 
     large_groups_everywhere(monkeypatch)
     # probed before the spy counts
     tiles = dtype == torch.bfloat16 and layout == "nk" and tiles_available()
     grouped = cm._grouped_mm_on_cpu() and not tiles and (
-        dtype == torch.bfloat16 or dtype == torch.float32 and matmul_library == "blas"
+        dtype == torch.bfloat16 and not cm.computes_in_float32(dtype)
+        or dtype == torch.float32 and matmul_library == "blas"
     )
     calls = spy_torch_grouped_mm(monkeypatch)
     E, K, N, rows = 6, 32, 16, 40
@@ -317,6 +318,25 @@ def test_float32_into_a_buffer_goes_to_blas_where_it_is_as_fast(as_fast, monkeyp
     assert_close(out, a.double() @ b.double())
     assert_close(cm.matmul_into(None, a, b, None), a.double() @ b.double())
     assert calls == ([1] if as_fast else [1, 1])
+
+
+@needs_numba
+@pytest.mark.parametrize("onednn_bfloat16", [False, True], ids=["avx2", "avx512"])
+def test_bfloat16_goes_through_float32_where_onednn_has_no_bfloat16(onednn_bfloat16, monkeypatch, gen):
+    """Without AVX-512 torch's own bfloat16 product ran 100x slower than through float32: the
+    library products (and torch._grouped_mm, which calls it) take float32 copies there."""
+    real = cm.onednn_available
+    monkeypatch.setattr(cm, "onednn_available",
+                        lambda dtype=torch.float32: (onednn_bfloat16 if dtype == torch.bfloat16 else real(dtype)))
+    monkeypatch.setenv("MOE_DISPATCH_CPU_MATMUL", "blas")
+    multiplied, real_mm = [], torch.mm
+    monkeypatch.setattr(cm.torch, "mm", lambda a, b, **kw: multiplied.append(a.dtype) or real_mm(a, b, **kw))
+    a, b = torch.randn(8, 32, generator=gen).bfloat16(), torch.randn(32, 16, generator=gen).bfloat16()
+    out = cm.matmul_into(None, a, b, None)
+    assert out.dtype == torch.bfloat16 and multiplied == [torch.bfloat16 if onednn_bfloat16 else torch.float32]
+    assert_close(out, a.double() @ b.double(), torch.bfloat16)
+    assert cm.computes_in_float32(torch.bfloat16) != onednn_bfloat16
+    assert cm.takes_grouped_mm(1.0, a, b.T.contiguous().unsqueeze(0)) == (onednn_bfloat16 and cm._grouped_mm_on_cpu())
 
 
 @needs_numba

@@ -80,28 +80,38 @@ def matmul_into(out: Optional[Tensor], a: Tensor, b: Tensor, bias: Optional[Tens
     """out = a @ b (+ bias, broadcast), returned; any strides; packed: b.T in oneDNN's blocked
     layout (formats/onednn.py), read in b's place. out None: the product in a new tensor of a's
     dtype, the one the library returns where it makes one (no copy into a buffer). float16 is
-    computed in float32: torch's CPU float16 matmul is many times slower than float32 with the
-    conversions counted, and oneDNN has no float16 inner product on processors without
-    AVX512-FP16 (docs/cpu.md, "float16 and BLAS")."""
+    computed in float32 (computes_in_float32), and so is bfloat16 where oneDNN has no bfloat16
+    inner product (no AVX-512)."""
     if packed is not None:
         return _stored(out, onednn_linear(a, packed, None if bias is None else
                                           bias.to(a.dtype).expand(b.shape[1]).contiguous()), a.dtype)
+    widened = computes_in_float32(a.dtype)
     # oneDNN's product comes out in new memory, copied into out; where BLAS multiplies float32
     # as fast, it writes out itself (a weight gradient's [1024, 1024] per expert: 0.71 ms
     # against 1.15)
-    if a.dtype in (torch.float32, torch.float16) and onednn_serves(2 * a.shape[0] * a.shape[1] * b.shape[1]) \
+    if (a.dtype == torch.float32 or widened) and onednn_serves(2 * a.shape[0] * a.shape[1] * b.shape[1]) \
             and not (out is not None and a.dtype == torch.float32 and blas_as_fast()):
         a32, w32 = a.float(), b.float().T
         if not (w32.is_contiguous() or w32.T.is_contiguous()):
             w32 = w32.contiguous()  # oneDNN's reference kernel, 1000x slower, takes other strides
         bias32 = None if bias is None else bias.float().expand(b.shape[1]).contiguous()
         return _stored(out, onednn_linear(a32, w32, bias32), a.dtype)
-    if a.dtype == torch.float16:
+    if widened:
         return _stored(out, torch.mm(a.float(), b.float()) if bias is None else
                        torch.addmm(bias.float(), a.float(), b.float()), a.dtype)
     if bias is None:
         return torch.mm(a, b, out=out)
     return torch.addmm(bias.to(a.dtype), a, b, out=out)
+
+
+def computes_in_float32(dtype: torch.dtype) -> bool:
+    """Whether products of this 16-bit dtype go through float32: float16 always, since torch's
+    CPU float16 matmul is many times slower than float32 with the conversions counted and
+    oneDNN has no float16 inner product without AVX512-FP16 (docs/cpu.md, "float16 and BLAS");
+    bfloat16 where oneDNN has no bfloat16 one (no AVX-512), as torch's own bfloat16 matmul
+    then ran 100x slower than through float32 ([64, 1024] x [1024, 1024]: 141 ms against
+    1.3, on two AVX2 cores)."""
+    return dtype == torch.float16 or dtype == torch.bfloat16 and not onednn_available(torch.bfloat16)
 
 
 def _stored(out: Optional[Tensor], product: Tensor, dtype: torch.dtype) -> Tensor:
@@ -160,10 +170,11 @@ def blas_as_fast() -> bool:
 def takes_grouped_mm(group_flops: float, *operands: Tensor) -> bool:
     """Whether torch._grouped_mm serves these operands, whose groups average group_flops: one
     call in place of a Python loop whose few microseconds per expert are a fifth of a small
-    layer's backward (H=64, E=16). Its CPU version takes float32 and bfloat16 (float16 goes
-    through float32 here, see matmul_into) in the layouts of _grouped_mm_layout; float32 where
-    BLAS would compute it anyway (torch._grouped_mm calls BLAS, not oneDNN) or, unless
-    MOE_DISPATCH_CPU_MATMUL names a library, computes it as fast (MKL on Intel)."""
+    layer's backward (H=64, E=16). Its CPU version takes float32 and bfloat16 in the layouts of
+    _grouped_mm_layout; bfloat16 where it is not computed in float32 here (computes_in_float32);
+    float32 where BLAS would compute it anyway (torch._grouped_mm calls BLAS, not oneDNN) or,
+    unless MOE_DISPATCH_CPU_MATMUL names a library, computes it as fast (MKL on Intel)."""
     float32_too = not onednn_serves(group_flops) or blas_as_fast()
-    dtypes = (torch.float32, torch.bfloat16) if float32_too else (torch.bfloat16,)
+    dtypes = ((torch.float32,) if float32_too else ()) + (
+        () if computes_in_float32(torch.bfloat16) else (torch.bfloat16,))
     return all(t.dtype in dtypes and _grouped_mm_layout(t) for t in operands) and _grouped_mm_on_cpu()
