@@ -174,7 +174,7 @@ def takes_grouped_mm(group_flops: float, *operands: Tensor) -> bool:
     _grouped_mm_layout; bfloat16 where it is not computed in float32 here (computes_in_float32);
     float32 where BLAS would compute it anyway (torch._grouped_mm calls BLAS, not oneDNN) or,
     unless MOE_DISPATCH_CPU_MATMUL names a library, computes it as fast (MKL on Intel)."""
-    float32_too = not onednn_serves(group_flops) or blas_as_fast()
-    dtypes = ((torch.float32,) if float32_too else ()) + (
-        () if computes_in_float32(torch.bfloat16) else (torch.bfloat16,))
+    dtypes = [torch.float32] if not onednn_serves(group_flops) or blas_as_fast() else []
+    if not computes_in_float32(torch.bfloat16):
+        dtypes.append(torch.bfloat16)
     return all(t.dtype in dtypes and _grouped_mm_layout(t) for t in operands) and _grouped_mm_on_cpu()

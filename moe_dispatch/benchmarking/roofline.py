@@ -104,7 +104,7 @@ def _matmul_peak(device: torch.device, dtype: torch.dtype, max_n: int) -> float:
     if device.type == "cpu":
         if dtype.itemsize == 2:
             forms.append(lambda a, b: (a.float() @ b.float()).to(dtype))
-        via = torch.float32 if dtype == torch.float16 else dtype  # as matmul_into computes it
+        via = torch.float32 if cpu_matmul.computes_in_float32(dtype) else dtype  # as matmul_into computes it
         if cpu_matmul.onednn_available(via):
             forms.append(lambda a, b: cpu_matmul.onednn_linear(a.to(via), b.to(via)).to(dtype))
     return max(_square_matmul_tflops(device, dtype, max_n, form) for form in forms)
