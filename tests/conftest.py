@@ -9,8 +9,10 @@ file carry `needs_numba` or `needs_triton`, so the rest of the file runs without
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import zlib
 
@@ -155,13 +157,62 @@ def subprocess_env(drop: str | None = None, **extra: str) -> dict:
     return {**env, **extra}
 
 
+def start_python(code: str, env: dict) -> subprocess.Popen:
+    """Start code in a fresh interpreter from the tests folder (so it can import conftest)."""
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=TESTS, env=env)
+
+
+def python_output(child: subprocess.Popen, timeout: float = 600) -> str:
+    """Wait for a start_python child; assert that it succeeded and return its stdout."""
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    finally:
+        child.kill()  # nothing, unless the wait timed out
+    assert child.returncode == 0, stderr[-3000:]
+    return stdout
+
+
 def run_python(code: str, env: dict, timeout: float = 600) -> str:
-    """Run code in a fresh interpreter from the tests folder (so it can import conftest); assert
-    that it succeeded and return its stdout."""
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            timeout=timeout, cwd=TESTS, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    """Run code in a fresh interpreter from the tests folder; assert that it succeeded and
+    return its stdout."""
+    return python_output(start_python(code, env), timeout)
+
+
+# ---- children started with the session ------------------------------------------------------
+# A test marked early_python(code, env) runs code in a child interpreter started as soon as the
+# tests are collected, so that the child's minutes of compiling overlap the rest of the suite
+# on the machine's other core; the test's early_python fixture waits for its stdout. Each child
+# gets an empty NUMBA_CACHE_DIR of its own, removed with the session.
+
+_EARLY: dict = {}
+
+
+def _skipped(item) -> bool:
+    return any(m.name == "skip" or m.name == "skipif" and (not m.args or m.args[0]) for m in item.iter_markers())
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        marker = item.get_closest_marker("early_python")
+        if marker is not None and not _skipped(item):
+            code, env = marker.args
+            cache = tempfile.mkdtemp(prefix="numba-cache-")
+            _EARLY[item.nodeid] = (start_python(code, subprocess_env(NUMBA_CACHE_DIR=cache, **env)), cache)
+
+
+def pytest_sessionfinish(session):
+    for child, cache in _EARLY.values():
+        child.kill()
+        child.wait()
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.fixture
+def early_python(request) -> str:
+    """The stdout of the test's early_python child (which must succeed)."""
+    child, _ = _EARLY[request.node.nodeid]
+    return python_output(child, timeout=1800)
 
 
 # ---- numba: which path runs ------------------------------------------------------------------

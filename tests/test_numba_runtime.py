@@ -189,13 +189,12 @@ def test_threading_layer_kept_and_concurrent_callers(layer):
 # ---- bounds checking ---------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not JIT, reason="bounds checking is a JIT option")
-def test_kernels_under_boundscheck(tmp_path):
-    """Every kernel, both moe_mlp paths and the backward, compiled with NUMBA_BOUNDSCHECK=1
-    (a fresh cache, so nothing compiled without it is reused): an out-of-bounds access raises
-    IndexError there instead of reading past an array. Unoptimized (NUMBA_OPT=0): the checks
-    are Numba's, made before LLVM optimizes, and the kernels compile in 0.6x the time."""
-    code = """
+# Unoptimized (NUMBA_OPT=0): the checks are Numba's, made before LLVM optimizes, and the
+# kernels compile in 0.6x the time. Each in a fresh cache, so nothing compiled without the checks
+# is reused, and started with the session (conftest.py, early_python): minutes of compiling.
+BOUNDS_CHECKED = {"NUMBA_BOUNDSCHECK": "1", "NUMBA_OPT": "0"}
+
+EVERY_KERNEL = """
         import torch
         import moe_dispatch.backends.numba_backend as nb
         from conftest import assert_close
@@ -230,14 +229,18 @@ def test_kernels_under_boundscheck(tmp_path):
                 for a, b in zip(got[:checked], want[:checked]):
                     assert_close(a, b, dtype)
         print("ok")
-    """
-    assert run_python(code, subprocess_env(NUMBA_BOUNDSCHECK="1", NUMBA_OPT="0", NUMBA_CACHE_DIR=str(tmp_path))).split() == ["ok"]
+"""
 
 
-def test_quantized_kernels_under_boundscheck(tmp_path):
-    """The quantized kernels (formats with zero points, partial blocks and e8m0 scales; direct,
-    buffered and blocked paths) compiled with NUMBA_BOUNDSCHECK=1."""
-    code = """
+@pytest.mark.skipif(not JIT, reason="bounds checking is a JIT option")
+@pytest.mark.early_python(EVERY_KERNEL, BOUNDS_CHECKED)
+def test_kernels_under_boundscheck(early_python):
+    """Every kernel, both moe_mlp paths and the backward, compiled with NUMBA_BOUNDSCHECK=1: an
+    out-of-bounds access raises IndexError there instead of reading past an array."""
+    assert early_python.split() == ["ok"]
+
+
+QUANTIZED_KERNELS = """
         import torch
         import moe_dispatch as md
         import moe_dispatch.backends.numba_backend as nb
@@ -256,8 +259,15 @@ def test_quantized_kernels_under_boundscheck(tmp_path):
                                   q2.dequantize(torch.float64), backend="torch")
                 assert_close(md.moe_mlp(x, weights, ids, q1, q2, backend="numba"), want)
         print("ok")
-    """
-    assert run_python(code, subprocess_env(NUMBA_BOUNDSCHECK="1", NUMBA_OPT="0", NUMBA_CACHE_DIR=str(tmp_path))).split() == ["ok"]
+"""
+
+
+@pytest.mark.skipif(not JIT, reason="bounds checking is a JIT option")
+@pytest.mark.early_python(QUANTIZED_KERNELS, BOUNDS_CHECKED)
+def test_quantized_kernels_under_boundscheck(early_python):
+    """The quantized kernels (formats with zero points, partial blocks and e8m0 scales; direct,
+    buffered and blocked paths) compiled with NUMBA_BOUNDSCHECK=1."""
+    assert early_python.split() == ["ok"]
 
 
 # ---- the on-disk compile cache -------------------------------------------------------------

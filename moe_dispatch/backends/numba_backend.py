@@ -354,9 +354,8 @@ def decode_experts(x: Tensor, experts: ExpertWeights) -> mlp.DecodeExperts:
 def quantized_rows(w: QuantizedWeight) -> quantized_kernels.QuantizedRows:
     """A quantized weight as the Numba kernels read it (zero-copy views)."""
     zeros = _NO_ZEROS if w.zeros is None else w.zeros.numpy()
-    return quantized_kernels.QuantizedRows(
-        w.codes.view(torch.uint8).numpy(), w.scales.numpy(), zeros, quantized_kernels.FORMAT_CODES[w.format],
-        w.block[0], w.block[1], w.zeros is not None, w.codes_per_byte == 2, w.shape[2],
+    return quantized_kernels.ROWS_CLASSES[w.format](
+        w.codes.view(torch.uint8).numpy(), w.scales.numpy(), zeros, w.block[0], w.block[1], w.zeros is not None, w.codes_per_byte == 2, w.shape[2],
     )
 
 
@@ -526,7 +525,7 @@ def decode_setup(x: Tensor, experts: ExpertWeights) -> DecodeSetup:
 class NumbaBackend(Backend):
     name = "numba"
     refuses_bad_ids = True  # the counting sort counts them, and make_plan raises
-    native_formats = tuple(quantized_kernels.FORMAT_CODES)
+    native_formats = tuple(quantized_kernels.ROWS_CLASSES)
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if device.type != "cpu":

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 from numba import prange
+from numba.extending import overload
 
 from .activations import FusedActivation
 from .caching import njit
@@ -34,22 +35,55 @@ from .mlp import BAD_INDEX, DECODE_OK, decode_inputs, decode_plan, gate_up_epilo
 from .scalars import half_value, narrow, pow2
 from .vector_width import wide_vectors
 
-INT8, INT4, FP8, MXFP4 = 0, 1, 2, 3
-FORMAT_CODES = {"int8": INT8, "int4": INT4, "fp8": FP8, "mxfp4": MXFP4}
-
-
 class QuantizedRows(NamedTuple):
-    """A QuantizedWeight as the kernels read it."""
+    """A QuantizedWeight as the kernels read it; its class, one per format (ROWS_CLASSES), says
+    which."""
 
     codes: np.ndarray  # [E, N, K] uint8 (int8 and e4m3 codes as their bytes), [E, N, K/2] for 4-bit
     scales: np.ndarray  # [E, ceil(N/rows), ceil(K/group)] float32, uint8 (e8m0) for mxfp4
     zeros: np.ndarray  # int4 zero points like scales, uint8; [1, 1, 1] when absent (zero 8)
-    fmt: int  # FORMAT_CODES
     rows: int  # output rows per scale
     group: int  # K elements per scale
     has_zeros: bool
     split: bool  # 4-bit: rows come out split, and the activations must arrive so
     depth: int  # K
+
+
+class Int8Rows(QuantizedRows):
+    __slots__ = ()
+
+
+class Int4Rows(QuantizedRows):
+    __slots__ = ()
+
+
+class Fp8Rows(QuantizedRows):
+    __slots__ = ()
+
+
+class Mxfp4Rows(QuantizedRows):
+    __slots__ = ()
+
+
+# A class per format, so that each kernel compiles for one format: its code is a constant there
+# (format_of) and the other formats' branches fall away. Compiled for all four at once, a decode
+# step's first call took 2.8x as long.
+ROWS_CLASSES = {"int8": Int8Rows, "int4": Int4Rows, "fp8": Fp8Rows, "mxfp4": Mxfp4Rows}
+INT8, INT4, FP8, MXFP4 = range(len(ROWS_CLASSES))
+_CODES = {cls: code for code, cls in enumerate(ROWS_CLASSES.values())}
+
+
+def format_of(w):
+    """INT8, INT4, FP8 or MXFP4: the format of w (a QuantizedRows), a constant in compiled code."""
+    return _CODES[type(w)]
+
+
+@overload(format_of, inline="always")
+def _format_of(w):
+    code = _CODES.get(getattr(w, "instance_class", None))
+    if code is None:
+        return None
+    return lambda w: code
 
 
 class QuantizedExperts(NamedTuple):
@@ -142,16 +176,16 @@ def dequantize_pair(w, e, n_a, n_b, out_a, out_b):
     vectorizes."""
     codes_a, codes_b = w.codes[e, n_a], w.codes[e, n_b]
     row_a, row_b = scale_row(w, n_a), scale_row(w, n_b)
-    if not w.split:
+    if format_of(w) == INT8 or format_of(w) == FP8:
         group = w.group
         for g in range(w.scales.shape[2]):
             k0, k1 = g * group, min((g + 1) * group, w.depth)
             s_a, s_b = np.float32(w.scales[e, row_a, g]), np.float32(w.scales[e, row_b, g])
-            if w.fmt == INT8:
+            if format_of(w) == INT8:
                 _int8_values(codes_a[k0:k1], codes_b[k0:k1], s_a, s_b, out_a[k0:k1], out_b[k0:k1])
             else:
                 _e4m3_values(codes_a[k0:k1], codes_b[k0:k1], s_a, s_b, out_a[k0:k1], out_b[k0:k1])
-    elif w.fmt == INT4:
+    elif format_of(w) == INT4:
         half, span = w.depth // 2, w.group // 2
         for g in range(w.scales.shape[2]):
             j0, j1 = g * span, (g + 1) * span
@@ -210,17 +244,17 @@ def dot_pair_codes(w, e, n_a, n_b, src):
     codes_a, codes_b = w.codes[e, n_a], w.codes[e, n_b]
     row_a, row_b = scale_row(w, n_a), scale_row(w, n_b)
     total_a, total_b = np.float32(0.0), np.float32(0.0)
-    if not w.split:
+    if format_of(w) == INT8 or format_of(w) == FP8:
         group = w.group
         for g in range(w.scales.shape[2]):
             k0, k1 = g * group, min((g + 1) * group, w.depth)
-            if w.fmt == INT8:
+            if format_of(w) == INT8:
                 part_a, part_b = _int8_dots(codes_a[k0:k1], codes_b[k0:k1], src[k0:k1])
             else:
                 part_a, part_b = _e4m3_dots(codes_a[k0:k1], codes_b[k0:k1], src[k0:k1])
             total_a += np.float32(w.scales[e, row_a, g]) * part_a
             total_b += np.float32(w.scales[e, row_b, g]) * part_b
-    elif w.fmt == INT4:
+    elif format_of(w) == INT4:
         half, span = w.depth // 2, w.group // 2
         for g in range(w.scales.shape[2]):
             j0, j1 = g * span, (g + 1) * span
@@ -248,20 +282,35 @@ def dot_pair_codes(w, e, n_a, n_b, src):
     return total_a, total_b
 
 
-@njit(cache=True, inline="always")
-def packed_int_dots(w, e, n_a, n_b, stride, pairs, ints, rows, start, count, out):
+def format_dots(w, e, n_a, n_b, stride, pairs, src, ints, rows, start, count, out):
     """out[2p, j], out[2p + 1, j] = rows n_a + p * stride and n_b + p * stride of expert e's
-    values . ints[rows[start + j]] for p < pairs and j < count, for int8, int4 and mxfp4
-    weights and int16 activations before their scales (packed_dots.py)."""
-    if w.fmt == INT8:
-        int8_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, ints, rows, start, count,
-                  w.group, out)
-    elif w.fmt == INT4:
-        int4_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, ints, rows, start, count,
-                  w.group, out)
-    else:
-        e2m1_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, ints, rows, start, count,
-                  w.group, out)
+    values . the activations of row rows[start + j], for p < pairs and j < count, by
+    packed_dots.py's kernel of w's format: fp8 codes against src (float32), the others against
+    ints (int16), before the activations' scales."""
+    x = src if format_of(w) == FP8 else ints
+    _DOTS[format_of(w)](w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, x, rows, start,
+                        count, w.group, out)
+
+
+_DOTS = (int8_dots, int4_dots, e4m3_dots, e2m1_dots)  # by format code
+
+
+@overload(format_dots, inline="always")
+def _format_dots(w, e, n_a, n_b, stride, pairs, src, ints, rows, start, count, out):
+    if getattr(w, "instance_class", None) not in _CODES:
+        return None
+    code = _CODES[w.instance_class]
+    kernel = _DOTS[code]
+
+    def impl(w, e, n_a, n_b, stride, pairs, src, ints, rows, start, count, out):
+        kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, ints, rows, start, count,
+               w.group, out)
+
+    def impl_fp8(w, e, n_a, n_b, stride, pairs, src, ints, rows, start, count, out):
+        kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, src, rows, start, count,
+               w.group, out)
+
+    return impl_fp8 if code == FP8 else impl
 
 
 class PackedInputs(NamedTuple):
@@ -282,7 +331,7 @@ def packed_inputs(w, x, src, split):
     no_ints = np.empty((0, 0), dtype=np.int16)
     if not reads_chunks(w.depth, w.group) or w.split and not reads_wide_chunks(w.depth, w.group):
         return PackedInputs(False, no_ints, np.empty(0, dtype=np.float32))
-    if w.fmt == FP8:
+    if format_of(w) == FP8:
         return PackedInputs(True, no_ints, np.empty(0, dtype=np.float32))
     if x.itemsize != 2:
         return PackedInputs(False, no_ints, np.empty(0, dtype=np.float32))
@@ -301,15 +350,13 @@ def expert_dots(w, e, n_a, n_b, stride, pairs, src, source_rows, packed, start, 
     converted into row_a and row_b."""
     wide_vectors()
     count = dots.shape[1]
-    if packed.taken and w.fmt == FP8:
-        e4m3_dots(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, src, source_rows, start,
-                  count, w.group, dots)
-    elif packed.taken:
-        packed_int_dots(w, e, n_a, n_b, stride, pairs, packed.ints, source_rows, start, count, dots)
-        for q in range(count):
-            scale = packed.scales[source_rows[start + q]]
-            for p in range(2 * pairs):
-                dots[p, q] *= scale
+    if packed.taken:
+        format_dots(w, e, n_a, n_b, stride, pairs, src, packed.ints, source_rows, start, count, dots)
+        if format_of(w) != FP8:  # the int16 activations' scales
+            for q in range(count):
+                scale = packed.scales[source_rows[start + q]]
+                for p in range(2 * pairs):
+                    dots[p, q] *= scale
     else:
         for p in range(pairs):
             c_a, c_b = n_a + p * stride, n_b + p * stride
@@ -331,7 +378,7 @@ DIRECT_ROWS = 2
 
 @njit(cache=True, inline="always")
 def reads_directly(w, num_rows):
-    return num_rows <= DIRECT_ROWS and w.fmt != MXFP4
+    return num_rows <= DIRECT_ROWS and format_of(w) != MXFP4
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -433,12 +480,24 @@ def moe_mlp_decode(x, weights, offsets, token_of_row, row_of_slot, experts, tile
         return BAD_INDEX
     inter = w_down.depth
     a = np.zeros((token_of_row.shape[0], inter), dtype=np.float32)
+    # The kernels write float32 whatever x's type, narrowed below: they compile once per format,
+    # not once per format and dtype (24 s each on a 2-core machine), for one pass over [T, H].
+    h32, out32 = np.empty(h.shape, dtype=np.float32), np.empty(out.shape, dtype=np.float32)
     gate_up_act(x_wide, packed_inputs(w_gate_up, x, x_wide, w_gate_up.split), token_of_row, w_gate_up,
                 experts.b_gate_up, experts.has_b_gate_up, offsets, active, inter, experts.act, tiles.block_gate_up,
-                save_h, h, w_down.split, a)
+                save_h, h32, w_down.split, a)
     down_combine(a, packed_inputs(w_down, x, a, w_down.split), w_down, experts.b_down, experts.has_b_down,
-                 offsets, active, token_of_row, row_weight, tiles.block_down, out)
+                 offsets, active, token_of_row, row_weight, tiles.block_down, out32)
+    _narrow_into(h32, h)
+    _narrow_into(out32, out)
     return DECODE_OK
+
+
+@njit(cache=True, inline="always")
+def _narrow_into(src, dst):
+    for i in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            dst[i, j] = narrow(src[i, j], dst.dtype)
 
 
 @njit(cache=True)
@@ -455,19 +514,25 @@ def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, experts, tiles,
 
 
 
-@njit(cache=True, inline="always")
 def dequantize_row(w, e, n, first, out):
     """out[:] = elements first:first + len(out) of row n of expert e's values, in out's type
     (packed_dots.py; K, the groups, first and len(out) in whole chunks)."""
-    s = scale_row(w, n)
-    if w.fmt == INT8:
-        int8_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, first, out)
-    elif w.fmt == INT4:
-        int4_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, first, out)
-    elif w.fmt == MXFP4:
-        e2m1_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, first, out)
-    else:
-        e4m3_dequantize(w.codes, w.scales, w.zeros, w.has_zeros, e, n, s, w.group, first, out)
+    _DEQUANTIZE[format_of(w)](w.codes, w.scales, w.zeros, w.has_zeros, e, n, scale_row(w, n), w.group, first, out)
+
+
+_DEQUANTIZE = (int8_dequantize, int4_dequantize, e4m3_dequantize, e2m1_dequantize)  # by format code
+
+
+@overload(dequantize_row, inline="always")
+def _dequantize_row(w, e, n, first, out):
+    if getattr(w, "instance_class", None) not in _CODES:
+        return None
+    kernel = _DEQUANTIZE[_CODES[w.instance_class]]
+
+    def impl(w, e, n, first, out):
+        kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n, scale_row(w, n), w.group, first, out)
+
+    return impl
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
