@@ -189,16 +189,21 @@ _EARLY: dict = {}
 
 
 def _skipped(item) -> bool:
+    """Whether a skip mark, or a skipif mark whose condition is true (or a string, which pytest
+    evaluates later), skips item."""
     return any(m.name == "skip" or m.name == "skipif" and (not m.args or m.args[0]) for m in item.iter_markers())
+
+
+def _start_early(item) -> None:
+    code, env = item.get_closest_marker("early_python").args
+    cache = tempfile.mkdtemp(prefix="numba-cache-")
+    _EARLY[item.nodeid] = (start_python(code, subprocess_env(NUMBA_CACHE_DIR=cache, **env)), cache)
 
 
 def pytest_collection_finish(session):
     for item in session.items:
-        marker = item.get_closest_marker("early_python")
-        if marker is not None and not _skipped(item):
-            code, env = marker.args
-            cache = tempfile.mkdtemp(prefix="numba-cache-")
-            _EARLY[item.nodeid] = (start_python(code, subprocess_env(NUMBA_CACHE_DIR=cache, **env)), cache)
+        if item.get_closest_marker("early_python") is not None and not _skipped(item):
+            _start_early(item)
 
 
 def pytest_sessionfinish(session):
@@ -210,7 +215,10 @@ def pytest_sessionfinish(session):
 
 @pytest.fixture
 def early_python(request) -> str:
-    """The stdout of the test's early_python child (which must succeed)."""
+    """The stdout of the test's early_python child (which must succeed), started now if it was
+    not started early."""
+    if request.node.nodeid not in _EARLY:
+        _start_early(request.node)
     child, _ = _EARLY[request.node.nodeid]
     return python_output(child, timeout=1800)
 

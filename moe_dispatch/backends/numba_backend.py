@@ -355,7 +355,8 @@ def quantized_rows(w: QuantizedWeight) -> quantized_kernels.QuantizedRows:
     """A quantized weight as the Numba kernels read it (zero-copy views)."""
     zeros = _NO_ZEROS if w.zeros is None else w.zeros.numpy()
     return quantized_kernels.ROWS_CLASSES[w.format](
-        w.codes.view(torch.uint8).numpy(), w.scales.numpy(), zeros, w.block[0], w.block[1], w.zeros is not None, w.codes_per_byte == 2, w.shape[2],
+        w.codes.view(torch.uint8).numpy(), w.scales.numpy(), zeros, w.block[0], w.block[1], w.zeros is not None,
+        w.codes_per_byte == 2, w.shape[2],
     )
 
 

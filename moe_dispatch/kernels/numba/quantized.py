@@ -67,7 +67,7 @@ class Mxfp4Rows(QuantizedRows):
 
 # A class per format, so that each kernel compiles for one format: its code is a constant there
 # (format_of) and the other formats' branches fall away. Compiled for all four at once, a decode
-# step's first call took 2.8x as long.
+# step's first call took 2.5x as long.
 ROWS_CLASSES = {"int8": Int8Rows, "int4": Int4Rows, "fp8": Fp8Rows, "mxfp4": Mxfp4Rows}
 INT8, INT4, FP8, MXFP4 = range(len(ROWS_CLASSES))
 _CODES = {cls: code for code, cls in enumerate(ROWS_CLASSES.values())}
@@ -396,7 +396,7 @@ def _dot_pair(row_a, row_b, src):
 def gate_up_act(x, packed, token_of_row, w, bias, has_bias, offsets, experts, inter, act, block, save_h, h, split_a,
                 a):
     """mlp.gate_up_act on a QuantizedRows w [E, W, H]: x [T, H] float32 (split when w.split),
-    packed its PackedInputs; the rest as there. Grid: A * ceil(I / block) tasks, one per
+    packed its PackedInputs, h [R, W] float32; the rest as there. Grid: A * ceil(I / block) tasks, one per
     (expert, block of columns)."""
     num_blocks = (inter + block - 1) // block
     step, shift = act.step, act.shift
@@ -433,7 +433,7 @@ def gate_up_act(x, packed, token_of_row, w, bias, has_bias, offsets, experts, in
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def down_combine(a, packed, w, bias, has_bias, offsets, experts, token_of_row, row_weight, block, out):
     """mlp.down_combine on a QuantizedRows w [E, H, I]: a [R, I] float32 (split when w.split),
-    packed its PackedInputs; the rest as there. Grid: ceil(H / block) tasks, each owning a block
+    packed its PackedInputs, out [T, H] float32; the rest as there. Grid: ceil(H / block) tasks, each owning a block
     of output columns."""
     num_tokens, hidden = out.shape
     num_blocks = (hidden + block - 1) // block

@@ -1,0 +1,82 @@
+"""One core's speed at the quantized decode kernels' inner product (kernels/numba/packed_dots.py):
+every pair of weight rows of an expert against 1-4 activation rows, in weights per second.
+
+Each format's codes are made by `quantize` from one float weight of E experts [N, K]; the calls
+cycle through the experts, so that with E * N * K past the last-level cache the codes come from
+memory. A row reads as the weights of one activation row: with more rows per pass, each weight
+meets them all, and rows x weights / s is the multiply-add rate.
+
+    python benchmarks/packed_dots_speed.py                      # every format, 1 and 4 rows
+    python benchmarks/packed_dots_speed.py --rows 1,2,3,4 --formats int4,mxfp4
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from numba import njit
+
+import moe_dispatch as md
+from moe_dispatch.kernels.numba.packed_dots import dots_intrinsic
+
+# (the kernel's code format, quantize's format, its options)
+FORMATS = {"int8": ("int8", "int8", {}), "int4": ("int4", "int4", {"group_size": 128}),
+           "int4-zero-points": ("int4", "int4", {"group_size": 128, "symmetric": False}),
+           "mxfp4": ("e2m1", "mxfp4", {}), "fp8": ("e4m3", "fp8", {})}
+
+
+def timed_kernel(fmt):
+    kernel = dots_intrinsic(fmt)
+
+    @njit
+    def run(codes, scales, zeros, has_zeros, per_scale, x, rows, count, group, out, calls):
+        pairs = codes.shape[1] // 2
+        for call in range(calls):  # rows 2p and 2p + 1 of expert call % E, as a plain GEMM1 reads them
+            kernel(codes, scales, zeros, has_zeros, call % codes.shape[0], 0, 1, 2, pairs, per_scale, x, rows, 0,
+                   count, group, out)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--shape", default="1024,1024", help="N,K of each expert")
+    parser.add_argument("--rows", default="1,4", help="activation rows per call")
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--repeats", type=int, default=7, help="timed bursts; the median is reported")
+    args = parser.parse_args()
+    n, k = (int(v) for v in args.shape.split(","))
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(args.experts, n, k, generator=gen)
+    print(f"{args.experts} experts [{n}, {k}], one thread; G weights/s = weight rows x K / s per activation row set")
+    print(f"{'format':>17} {'rows':>4} {'G weights/s':>12} {'GB/s codes':>11} {'us/expert':>10}")
+    for name in args.formats.split(","):
+        fmt, quantize_format, options = FORMATS[name]
+        q = md.quantize(w, quantize_format, **options)
+        codes = q.codes.view(torch.uint8).numpy()
+        zeros = q.zeros.numpy() if q.zeros is not None else np.zeros((1, 1, 1), np.uint8)
+        operands = (codes, q.scales.numpy(), zeros, q.zeros is not None, q.block[0])
+        run = timed_kernel(fmt)
+        for count in (int(r) for r in args.rows.split(",")):
+            if fmt == "e4m3":
+                x = torch.randn(count, k, generator=gen).numpy()
+            else:
+                x = torch.randint(-32767, 32768, (count, k), generator=gen, dtype=torch.int16).numpy()
+            rows, out = np.arange(count, dtype=np.int32), np.empty((n, count), np.float32)
+            run(*operands, x, rows, count, q.block[1], out, 1)  # compiles
+            calls = max(1, int(0.05 / (1e-9 * n * k * count)))  # about 50 ms a burst at 1 G weights/s
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                run(*operands, x, rows, count, q.block[1], out, calls)
+                times.append((time.perf_counter() - start) / calls)
+            t = float(np.median(times))
+            print(f"{name:>17} {count:>4} {n * k / t / 1e9:>12.1f} {codes[0].nbytes / t / 1e9:>11.1f} {t * 1e6:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
