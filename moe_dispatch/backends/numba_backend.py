@@ -67,8 +67,13 @@ Tensor = torch.Tensor
 # one instruction (kernels/numba/bf16_dots.py; mixtral-8x7b x0.25 at 10 rows: 11.1 ms against
 # the library's 14.1), 8 elsewhere.
 _BF16_ROWS = 10 if TAKES_BF16_DOTS else 8
+# float32 experts up to 24 MFLOP per expert where the kernels have 512-bit vectors, 80 where
+# they have 256 (an AVX2 EPYC, float32, oneDNN: qwen3-30b-a3b x0.25 at 64-128 rows, 38-75 MFLOP,
+# 1.09-1.31x faster in the kernels; olmoe-1b-7b x0.25 at 64 rows 1.39x, at 128 rows, 100 MFLOP,
+# 1.06x slower).
+_FLOAT32_EXPERT_FLOPS = 24e6 if outer_products.VECTOR_BYTES == 64 else 80e6
 FUSED_LIMITS = {
-    "onednn": {torch.float32: (40, 24e6), torch.float64: (192, 0),
+    "onednn": {torch.float32: (40, _FLOAT32_EXPERT_FLOPS), torch.float64: (192, 0),
                torch.bfloat16: (_BF16_ROWS, 20e6), torch.float16: (16, 27e6)},
     "blas": {torch.float32: (192, 0), torch.float64: (192, 0),
              torch.bfloat16: (_BF16_ROWS, 20e6), torch.float16: (128, 0)},
