@@ -78,9 +78,14 @@ def format_of(w):
     return _CODES[type(w)]
 
 
+def _code_of_type(w):
+    """The format code of a Numba type of QuantizedRows, None for other types."""
+    return _CODES.get(getattr(w, "instance_class", None))
+
+
 @overload(format_of, inline="always")
 def _format_of(w):
-    code = _CODES.get(getattr(w, "instance_class", None))
+    code = _code_of_type(w)
     if code is None:
         return None
     return lambda w: code
@@ -297,9 +302,9 @@ _DOTS = (int8_dots, int4_dots, e4m3_dots, e2m1_dots)  # by format code
 
 @overload(format_dots, inline="always")
 def _format_dots(w, e, n_a, n_b, stride, pairs, src, ints, rows, start, count, out):
-    if getattr(w, "instance_class", None) not in _CODES:
+    code = _code_of_type(w)
+    if code is None:
         return None
-    code = _CODES[w.instance_class]
     kernel = _DOTS[code]
 
     def impl(w, e, n_a, n_b, stride, pairs, src, ints, rows, start, count, out):
@@ -396,8 +401,8 @@ def _dot_pair(row_a, row_b, src):
 def gate_up_act(x, packed, token_of_row, w, bias, has_bias, offsets, experts, inter, act, block, save_h, h, split_a,
                 a):
     """mlp.gate_up_act on a QuantizedRows w [E, W, H]: x [T, H] float32 (split when w.split),
-    packed its PackedInputs, h [R, W] float32; the rest as there. Grid: A * ceil(I / block) tasks, one per
-    (expert, block of columns)."""
+    packed its PackedInputs, h [R, W] float32; the rest as there. Grid: A * ceil(I / block)
+    tasks, one per (expert, block of columns)."""
     num_blocks = (inter + block - 1) // block
     step, shift = act.step, act.shift
     for task in prange(experts.shape[0] * num_blocks):
@@ -433,8 +438,8 @@ def gate_up_act(x, packed, token_of_row, w, bias, has_bias, offsets, experts, in
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def down_combine(a, packed, w, bias, has_bias, offsets, experts, token_of_row, row_weight, block, out):
     """mlp.down_combine on a QuantizedRows w [E, H, I]: a [R, I] float32 (split when w.split),
-    packed its PackedInputs, out [T, H] float32; the rest as there. Grid: ceil(H / block) tasks, each owning a block
-    of output columns."""
+    packed its PackedInputs, out [T, H] float32; the rest as there. Grid: ceil(H / block)
+    tasks, each owning a block of output columns."""
     num_tokens, hidden = out.shape
     num_blocks = (hidden + block - 1) // block
     rows = np.arange(a.shape[0], dtype=np.int32)
@@ -525,9 +530,10 @@ _DEQUANTIZE = (int8_dequantize, int4_dequantize, e4m3_dequantize, e2m1_dequantiz
 
 @overload(dequantize_row, inline="always")
 def _dequantize_row(w, e, n, first, out):
-    if getattr(w, "instance_class", None) not in _CODES:
+    code = _code_of_type(w)
+    if code is None:
         return None
-    kernel = _DEQUANTIZE[_CODES[w.instance_class]]
+    kernel = _DEQUANTIZE[code]
 
     def impl(w, e, n, first, out):
         kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n, scale_row(w, n), w.group, first, out)
