@@ -1,7 +1,7 @@
 """The expert activations as the Numba kernels fuse them: one branch per entry of the registry
-(moe_dispatch/activations.py), chosen by its code at run time (the branch sits in an
-epilogue, outside the dot products). Math in the argument's type: float32, float64 for
-float64 inputs.
+(moe_dispatch/activations.py). The activation's class says which (class_constants.py), so a
+kernel compiles the one branch it is called with, and the loops around it vectorize. Math in
+the argument's type: float32, float64 for float64 inputs.
 """
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from ...activations import ACTIVATIONS, Activation
+from ...activations import ACTIVATIONS, IDENTITY, Activation
 from .caching import njit
+from .class_constants import class_constants
 from .scalars import like
 from .vector_math import exp
 
@@ -22,19 +23,35 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 class FusedActivation(NamedTuple):
-    """What a kernel needs to activate GEMM1's output h: the entry's code and constants, and
-    where a gated one's columns lie (gate column i at i * step, up column at i * step + shift)."""
+    """What a kernel needs to activate GEMM1's output h: the entry's constants, and where a
+    gated one's columns lie (gate column i at i * step, up column at i * step + shift). Its
+    class, one per code (FUSED_CLASSES), says which activation: code_of and is_gated."""
 
-    code: int
     p0: float
     p1: float
-    gated: bool
     step: int
     shift: int
 
 
+def _fused_class(name: str) -> type:
+    # a module attribute, which Numba's cache pickles by name
+    cls = type(name, (FusedActivation,), {"__slots__": (), "__module__": __name__, "__qualname__": name})
+    globals()[name] = cls
+    return cls
+
+
+# IDENTITY's stands for the product itself (tile_products.PRODUCT).
+FUSED_CLASSES = {IDENTITY: _fused_class("FusedProduct")} | {
+    a.code: _fused_class("Fused" + a.name.title().replace("_", "")) for a in ACTIVATIONS.values()}
+# code_of(act), is_gated(act): the activation's code and whether it is gated, constants in
+# compiled code
+code_of, code_of_type = class_constants({cls: code for code, cls in FUSED_CLASSES.items()})
+is_gated, _ = class_constants({FUSED_CLASSES[a.code]: a.gated for a in ACTIVATIONS.values()}
+                              | {FUSED_CLASSES[IDENTITY]: False})
+
+
 def fused(activation: Activation, columns: tuple[int, int]) -> FusedActivation:
-    return FusedActivation(activation.code, *activation.params, activation.gated, *columns)
+    return FUSED_CLASSES[activation.code](*activation.params, *columns)
 
 
 @njit(cache=True, inline="always")
@@ -61,7 +78,7 @@ def activate(g, u, act, vectorized=False):
     """act(g) for a plain activation, act(g, u) for a gated one (u is ignored otherwise);
     an exp overflowing to inf gives silu's -0.0 limit. vectorized: called in a loop that
     vectorizes (a constant)."""
-    code, one, half = act.code, like(g, 1.0), like(g, 0.5)
+    code, one, half = code_of(act), like(g, 1.0), like(g, 0.5)
     if code == CLAMPED_SWIGLU:
         alpha, limit = like(g, act.p0), like(g, act.p1)
         gate, up = _clamped(g, u, limit)
@@ -72,14 +89,14 @@ def activate(g, u, act, vectorized=False):
         y = half * g * (one + math.erf(g * like(g, _INV_SQRT2)))
     else:
         y = g if g > 0 else g * like(g, 0.0)
-    return y * u if act.gated else y
+    return y * u if is_gated(act) else y
 
 
 @njit(cache=True, inline="always")
 def activate_and_grad(g, u, act, vectorized=False):
     """(act, d act / dg, d act / du) of activate(g, u, act, vectorized), sharing one exp; d/du
     is 0 for a plain activation."""
-    code, zero, one, half = act.code, like(g, 0.0), like(g, 1.0), like(g, 0.5)
+    code, zero, one, half = code_of(act), like(g, 0.0), like(g, 1.0), like(g, 0.5)
     if code == CLAMPED_SWIGLU:
         alpha, limit = like(g, act.p0), like(g, act.p1)
         gate, up = _clamped(g, u, limit)
@@ -99,30 +116,14 @@ def activate_and_grad(g, u, act, vectorized=False):
         y, d = g, one
     else:
         y, d = g * zero, zero
-    if act.gated:
+    if is_gated(act):
         return y * u, d * u, y
     return y, d, zero
 
 
 @njit(cache=True, inline="always")
 def activate_strip(gate, up, out, count, act):
-    """out[j] = activate(gate[j], up[j], act) for j < count (up ignored for a plain activation).
-
-    The same loop once per common activation, its code known within it, so that LLVM drops the
-    other branches and vectorizes the loop (exp vectorizes; GELU's erf does not)."""
-    if act.code == SWIGLU:
-        _activate_loop(gate, up, out, count, act)
-    elif act.code == CLAMPED_SWIGLU:
-        _activate_loop(gate, up, out, count, act)
-    elif act.code == SILU:
-        _activate_loop(gate, up, out, count, act)
-    elif act.code == RELU:
-        _activate_loop(gate, up, out, count, act)
-    else:
-        _activate_loop(gate, up, out, count, act)
-
-
-@njit(cache=True, inline="always")
-def _activate_loop(gate, up, out, count, act):
+    """out[j] = activate(gate[j], up[j], act) for j < count (up ignored for a plain activation):
+    a loop that vectorizes (exp does; GELU's erf does not)."""
     for j in range(count):
         out[j] = activate(gate[j], up[j], act, True)

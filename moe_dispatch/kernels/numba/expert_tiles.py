@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from .activations import activate_strip
+from .activations import activate_strip, is_gated
 from .caching import njit
 from .outer_products import STRIP_BYTES, strip_product
 from .vector_width import wide_vectors
@@ -89,8 +89,8 @@ def expert_mlp(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_d
             if save_h:
                 _to_rows(ht, lead, rows, h, r0, b_gate_up, e, False)
             for i in range(inter):
-                gate = i * act.step if act.gated else i
-                up = gate + act.shift if act.gated else i
+                gate = i * act.step if is_gated(act) else i
+                up = gate + act.shift if is_gated(act) else i
                 activate_strip(ht[gate * lead:], ht[up * lead:], at[i * lead:], rows, act)
             strip_product(flat_down, e * hidden * inter, hidden, inter, at, 0, lead, ot, 0, lead, rows)
             _to_rows(ot, lead, rows, o, r0, b_down, e, has_b_down)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import prange
 
-from .activations import FusedActivation, activate
+from .activations import FusedActivation, activate, is_gated
 from .bf16_dots import STEP, TAKES_BF16_DOTS
 from .caching import njit
 from .grouped_mm import FASTMATH, dot_rows_pair, dot_rows_quad, split_col
@@ -58,8 +58,8 @@ def gate_up_epilogue(dots, p, q, r, e, i, col_a, col_b, bias, has_bias, save_h, 
         h[r, col_a] = narrow(g, h.dtype)
         h[r, col_b] = narrow(u, h.dtype)
     # one call site of the activation, inlined: gated, one output; plain, one per column
-    for c in range(1 if act.gated else 2):
-        col = i if act.gated else (col_a if c == 0 else col_b)
+    for c in range(1 if is_gated(act) else 2):
+        col = i if is_gated(act) else (col_a if c == 0 else col_b)
         a[r, split_col(col, inter, split_a)] = activate(g if c == 0 else u, u, act)
 
 
@@ -88,7 +88,7 @@ def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, act
         width = min(block, inter - i0)
         start, end = offsets[e], offsets[e + 1]
         dots = acc_zeros((4, end - start), x.dtype)
-        if act.gated and quad:
+        if is_gated(act) and quad:
             # Columns s and s + half of the block together: four weight rows in four
             # sequential streams, faster where many rows make the step compute-bound,
             # slower than two rows when reading the weights bounds it (docs/cpu.md).
@@ -104,8 +104,8 @@ def gate_up_act(x, token_of_row, w, bias, has_bias, offsets, experts, inter, act
                                           has_bias, save_h, h, act, inter, split_a, a)
         else:
             # Gated: column i's gate row with its up row. Plain: columns i and i + 1.
-            for i in range(i0, i0 + width, 1 if act.gated else 2):
-                col_a, col_b = (i * step, i * step + shift) if act.gated else (i, min(i + 1, inter - 1))
+            for i in range(i0, i0 + width, 1 if is_gated(act) else 2):
+                col_a, col_b = (i * step, i * step + shift) if is_gated(act) else (i, min(i + 1, inter - 1))
                 dot_rows_pair(x, token_of_row, True, start, end, w[e, col_a], w[e, col_b], dots)
                 for q in range(end - start):
                     gate_up_epilogue(dots, 0, q, start + q, e, i, col_a, col_b, bias, has_bias, save_h, h, act,

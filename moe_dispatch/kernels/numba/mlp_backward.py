@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from numba import prange
 
-from .activations import CLAMPED_SWIGLU, RELU, SILU, SWIGLU, activate_and_grad
+from .activations import activate_and_grad, is_gated
 from .caching import njit
 from .grouped_mm import FASTMATH
 from .scalars import like, narrow, widen
@@ -30,18 +30,7 @@ def backward_rows(h, g, dyp, row_weight, act, a, dh, do, d_row):
     for r in prange(h.shape[0]):
         wide_vectors()
         w = row_weight[r]
-        # the same row, its activation's code known within each branch: the loop vectorizes
-        # (GELU's erf does not)
-        if act.code == SWIGLU:
-            d_row[r] = _row(h, g, r, row_weight, act, a, dh)
-        elif act.code == CLAMPED_SWIGLU:
-            d_row[r] = _row(h, g, r, row_weight, act, a, dh)
-        elif act.code == SILU:
-            d_row[r] = _row(h, g, r, row_weight, act, a, dh)
-        elif act.code == RELU:
-            d_row[r] = _row(h, g, r, row_weight, act, a, dh)
-        else:
-            d_row[r] = _row(h, g, r, row_weight, act, a, dh)
+        d_row[r] = _row(h, g, r, row_weight, act, a, dh)  # a loop that vectorizes (GELU's erf does not)
         for n in range(dyp.shape[1]):
             do[r, n] = narrow(widen(dyp[r, n]) * w, do.dtype)
 
@@ -63,7 +52,7 @@ def _row(h, g, r, row_weight, act, a, dh):
 def _row_views(gates, ups, grads, w, act, values, d_gates, d_ups):
     """_row on its views (ups and d_ups: gates and d_gates for a plain activation)."""
     dot = like(w, 0.0)
-    if act.gated:
+    if is_gated(act):
         for i in range(grads.shape[0]):
             gi = widen(grads[i])
             value, d_gate, d_up = activate_and_grad(widen(gates[i]), widen(ups[i]), act, True)

@@ -26,8 +26,9 @@ import numpy as np
 from numba import prange
 from numba.extending import overload
 
-from .activations import FusedActivation
+from .activations import FusedActivation, is_gated
 from .caching import njit
+from .class_constants import class_constants
 from .grouped_mm import FASTMATH
 from .packed_dots import (e2m1_dequantize, e2m1_dots, e4m3_dequantize, e4m3_dots, int4_dequantize, int4_dots,
                           int8_dequantize, int8_dots, quantize_rows, reads_chunks, reads_wide_chunks)
@@ -65,30 +66,11 @@ class Mxfp4Rows(QuantizedRows):
     __slots__ = ()
 
 
-# A class per format, so that each kernel compiles for one format: its code is a constant there
-# (format_of) and the other formats' branches fall away. Compiled for all four at once, a decode
-# step's first call took 2.5x as long.
+# A class per format, so that each kernel compiles for one format (class_constants.py).
 ROWS_CLASSES = {"int8": Int8Rows, "int4": Int4Rows, "fp8": Fp8Rows, "mxfp4": Mxfp4Rows}
 INT8, INT4, FP8, MXFP4 = range(len(ROWS_CLASSES))
-_CODES = {cls: code for code, cls in enumerate(ROWS_CLASSES.values())}
-
-
-def format_of(w):
-    """INT8, INT4, FP8 or MXFP4: the format of w (a QuantizedRows), a constant in compiled code."""
-    return _CODES[type(w)]
-
-
-def _code_of_type(w):
-    """The format code of a Numba type of QuantizedRows, None for other types."""
-    return _CODES.get(getattr(w, "instance_class", None))
-
-
-@overload(format_of, inline="always")
-def _format_of(w):
-    code = _code_of_type(w)
-    if code is None:
-        return None
-    return lambda w: code
+# format_of(w): INT8, INT4, FP8 or MXFP4, the format of w (a QuantizedRows)
+format_of, _code_of_type = class_constants({cls: code for code, cls in enumerate(ROWS_CLASSES.values())})
 
 
 class QuantizedExperts(NamedTuple):
@@ -416,9 +398,9 @@ def gate_up_act(x, packed, token_of_row, w, bias, has_bias, offsets, experts, in
         row_a, row_b = np.empty(buffered, dtype=np.float32), np.empty(buffered, dtype=np.float32)
         # Gated: column i's gate row with its up row. Plain: columns i and i + 1, an odd last
         # column (block is even: only at the end) with itself.
-        pairs = columns if act.gated else (columns + 1) // 2
+        pairs = columns if is_gated(act) else (columns + 1) // 2
         dots = np.zeros((2 * pairs, end - start), dtype=np.float32)
-        if act.gated:
+        if is_gated(act):
             expert_dots(w, e, i0 * step, i0 * step + shift, step, pairs, x, token_of_row, packed, start, direct, row_a,
                         row_b, dots)
         else:
@@ -428,8 +410,8 @@ def gate_up_act(x, packed, token_of_row, w, bias, has_bias, offsets, experts, in
                 expert_dots(w, e, inter - 1, inter - 1, 0, 1, x, token_of_row, packed, start, direct, row_a, row_b,
                             dots[2 * even:])
         for p in range(pairs):
-            i = i0 + p if act.gated else i0 + 2 * p
-            col_a, col_b = (i * step, i * step + shift) if act.gated else (i, min(i + 1, inter - 1))
+            i = i0 + p if is_gated(act) else i0 + 2 * p
+            col_a, col_b = (i * step, i * step + shift) if is_gated(act) else (i, min(i + 1, inter - 1))
             for q in range(end - start):
                 gate_up_epilogue(dots, 2 * p, q, start + q, e, i, col_a, col_b, bias, has_bias, save_h, h, act, inter,
                                  split_a, a)

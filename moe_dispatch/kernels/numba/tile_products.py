@@ -39,7 +39,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .activations import CLAMPED_SWIGLU, SWIGLU, FusedActivation
+from ...activations import IDENTITY
+from .activations import CLAMPED_SWIGLU, FUSED_CLASSES, SWIGLU, code_of, code_of_type
 from .caching import njit
 from .packed_dots import (BF16, F32, I8, I32, _broadcast, _const, _intrinsic_call, _prefetch, _row_start, _vec,
                           reads_chunks)
@@ -317,7 +318,7 @@ def _clamped_swiglu(builder, g, u, alpha, limit):
 # The gated activations the tile products apply in their epilogue (the others run between the
 # products, as torch defines them), and the stand-in that asks for the product itself.
 EPILOGUES = {SWIGLU: _swiglu, CLAMPED_SWIGLU: _clamped_swiglu}
-PRODUCT = FusedActivation(0, 0.0, 0.0, False, 1, 0)
+PRODUCT = FUSED_CLASSES[IDENTITY](0.0, 0.0, 1, 0)
 
 
 @intrinsic
@@ -330,10 +331,12 @@ def _store_activated(typingctx, sums, column, count, bias, has_bias, row, second
     def codegen(context, builder, sig, args):
         sums, column, count, bias, has_bias, row, second, interleaved, act, out, m, n = _indices(
             context, builder, sig, args)
-        fields = sig.args[8].types  # FusedActivation's: code, p0, p1, ...
-        code = context.cast(builder, builder.extract_value(act, 0), fields[0], types.intp)
+        fields = sig.args[8].types  # FusedActivation's: p0, p1, step, shift
+        # a code without an epilogue (PRODUCT's, where the caller stores the product instead)
+        # leaves NaN
+        epilogue = EPILOGUES.get(code_of_type(sig.args[8]), lambda *args: _const(F32, float("nan"), TILE))
         alpha, limit = (_broadcast(builder, context.cast(builder, builder.extract_value(act, i), fields[i],
-                                                               types.float32), TILE) for i in (1, 2))
+                                                               types.float32), TILE) for i in (0, 1))
         vector = _vec(F32, TILE)
         tiles = []
         for s, first in enumerate((row, builder.add(row, second))):
@@ -348,9 +351,7 @@ def _store_activated(typingctx, sums, column, count, bias, has_bias, row, second
             gate = builder.select(interleaved, builder.shuffle_vector(first, second_tile, evens), first)
             up = builder.select(interleaved, builder.shuffle_vector(first, second_tile, odds), second_tile)
             with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, i), count)):
-                for fn_code, fn in EPILOGUES.items():
-                    with builder.if_then(builder.icmp_signed("==", code, ir.Constant(_I64, fn_code))):
-                        builder.store(fn(builder, gate, up, alpha, limit), result)
+                builder.store(epilogue(builder, gate, up, alpha, limit), result)
             _store_row(context, builder, sig.args[9], out, m, i, n, count, builder.load(result))
         return context.get_dummy_value()
 
@@ -456,7 +457,7 @@ def _expert_product(a, w, e, out, bias, has_bias, packed, sums, tail_config, act
     chunk_rows = min(sums.shape[1], max(2 * TILE, packed.size // block_words * (2 * TILE)))
     # Blocks of weight rows n:n + 16 and n + second:n + second + 16: 32 consecutive rows, or
     # with an activation, the gate and up rows of 16 columns of its output.
-    gated = act.code != 0
+    gated = code_of(act) != IDENTITY
     step = TILE if gated else 2 * TILE
     second = (TILE if interleaved else inter) if gated else TILE
     for first in range(0, rows, chunk_rows):
@@ -511,7 +512,7 @@ def expert_products(a, w, bounds, first, last, start, stop, out, bias, has_bias,
     scratch of at least 32 * K/2 elements, rounded up to 16 pairs (scratch()). With act (a
     FusedActivation) of a code in EPILOGUES, out [stop - start, inter] gets that activation of
     the product instead (gate and up columns as gate_up_columns lays them out: the first
-    inter then the rest, or interleaved; inter a multiple of 16); act.code 0: the product.
+    inter then the rest, or interleaved; inter a multiple of 16); act PRODUCT: the product.
     Call only where tiles_available()."""
     chunk_rows = _chunk_rows(w)
     sums = _on_lines(np.empty(2 * TILE * chunk_rows + LINE, dtype=np.float32),
