@@ -173,3 +173,14 @@ def test_an_unregistered_activation_is_refused():
                           ACTIVATIONS["geglu"].derivative)
     with pytest.raises(ValueError, match="activation must be one of"):
         activations.get(stranger)
+
+
+@needs_numba
+def test_the_numba_kernels_refuse_an_activation_registered_after_them(monkeypatch):
+    from moe_dispatch.kernels.numba import activations as numba_activations
+
+    late = Activation("late", 1 + max(a.code for a in ACTIVATIONS.values()), False, F.relu,
+                      ACTIVATIONS["relu"].derivative)
+    monkeypatch.setitem(ACTIVATIONS, "late", late)
+    with pytest.raises(ValueError, match=r"no branch for Activation\('late'\), registered after"):
+        numba_activations.fused(late, (1, 0))

@@ -40,7 +40,7 @@ def _fused_class(name: str) -> type:
     return cls
 
 
-# IDENTITY's stands for the product itself (tile_products.PRODUCT).
+# IDENTITY's class stands for no activation: the product itself (tile_products.PRODUCT).
 FUSED_CLASSES = {IDENTITY: _fused_class("FusedProduct")} | {
     a.code: _fused_class("Fused" + a.name.title().replace("_", "")) for a in ACTIVATIONS.values()}
 # code_of(act), is_gated(act): the activation's code and whether it is gated, constants in
@@ -51,6 +51,8 @@ is_gated, _ = class_constants({FUSED_CLASSES[a.code]: a.gated for a in ACTIVATIO
 
 
 def fused(activation: Activation, columns: tuple[int, int]) -> FusedActivation:
+    if activation.code not in FUSED_CLASSES:
+        raise ValueError(f"the numba kernels have no branch for {activation!r}, registered after they were imported")
     return FUSED_CLASSES[activation.code](*activation.params, *columns)
 
 
