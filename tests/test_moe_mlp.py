@@ -297,6 +297,16 @@ def test_fused_rows_limit_grows_for_small_experts(matmul_library):
 
 
 @needs_numba
+def test_bfloat16_experts_widened_for_their_products_stay_fused_longer(monkeypatch):
+    """Where bfloat16 products go through float32, the blocked path converts each expert's
+    weights on every call: large experts too stay in the kernels up to WIDENED_BF16_LIMITS."""
+    for widened in (False, True):
+        monkeypatch.setattr(nb, "computes_in_float32", lambda dtype, w=widened: w or dtype == torch.float16)
+        large = nb.fused_rows_limit(torch.bfloat16, 2 * 4096 * (2 * 14336 + 14336))
+        assert (large == nb.WIDENED_BF16_LIMITS[0]) == widened
+
+
+@needs_numba
 def test_onednn_serves_float32_from_fewer_rows_than_blas():
     for dtype in (torch.float32, torch.float16):
         assert nb.FUSED_LIMITS["onednn"][dtype][0] < nb.FUSED_LIMITS["blas"][dtype][0]

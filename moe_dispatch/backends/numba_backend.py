@@ -50,7 +50,7 @@ from ..kernels.numba.bf16_dots import TAKES_BF16_DOTS
 from ..plan import DispatchPlan
 from . import huge_pages
 from .base import Backend
-from .cpu_matmul import matmul_into, onednn_float32, takes_grouped_mm
+from .cpu_matmul import computes_in_float32, matmul_into, onednn_float32, takes_grouped_mm
 from .expert_threads import Task, expert_rows, expert_tasks, run_tasks
 from .step_threads import STEP_THREADS
 
@@ -78,6 +78,12 @@ FUSED_LIMITS = {
     "blas": {torch.float32: (192, 0), torch.float64: (192, 0),
              torch.bfloat16: (_BF16_ROWS, 20e6), torch.float16: (128, 0)},
 }
+# bfloat16 experts whose blocked products go through float32 (no oneDNN bfloat16 product: no
+# AVX-512) have their weights converted on every call, a fixed cost that grows with the
+# expert: the kernels serve them up to 64 rows (an AVX2 EPYC, 2 threads, in-process against the
+# limits above: at 64 rows olmoe-1b-7b x0.5 111 ms against 127, qwen3-30b-a3b x0.5 167
+# against 192, mixtral-8x7b x0.5 391 against 880; olmoe-1b-7b at 128 rows 225 against 210).
+WIDENED_BF16_LIMITS = (64, 0)
 
 
 # Rows per expert up to which the fused kernels serve bfloat16 experts that widen their
@@ -103,7 +109,9 @@ def fused_rows_limit(dtype: torch.dtype, flops_per_row: int, on_tiles: bool = Fa
     DOTS_ROWS_BESIDE_REGISTER_TILES."""
     if register_tiles:
         return DOTS_ROWS_BESIDE_REGISTER_TILES
-    small_group_rows, blocked_expert_flops = FUSED_LIMITS["onednn" if onednn_float32() else "blas"][dtype]
+    small_group_rows, blocked_expert_flops = (
+        WIDENED_BF16_LIMITS if dtype == torch.bfloat16 and computes_in_float32(dtype)
+        else FUSED_LIMITS["onednn" if onednn_float32() else "blas"][dtype])
     if on_tiles and formats:
         return min(QUANTIZED_ROWS_BESIDE_TILES[fmt] for fmt in formats)
     if on_tiles:
