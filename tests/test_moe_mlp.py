@@ -284,6 +284,25 @@ def test_decode_is_chosen_by_rows_per_expert(gen, monkeypatch):
 
 
 @needs_numba
+def test_a_step_of_more_rows_than_every_expert_takes_skips_the_decode_kernel(gen, monkeypatch):
+    """Beyond the fused kernels' rows per expert with all E active, the ids never reach the
+    decode kernel (whose first call compiles it), and the rows just within still do."""
+    E, H, I = 4, 32, 16
+    w_gate_up, w_down, _, _ = expert_weights(E, H, I, gen)
+    experts = md.ExpertWeights(w_gate_up, w_down)
+    monkeypatch.setattr(nb, "fused_rows_limit", lambda *_, **__: 3)
+    limit = nb.decode_setup(torch.empty(0, H), experts).rows_limit
+    calls = []
+    monkeypatch.setattr(nb.mlp, "moe_mlp_decode_ids", lambda *args: calls.append(args) or nb.mlp.NOT_DECODE)
+    backend = get_backend("numba")
+    for rows, reaches in ((int(limit * E), True), (int(limit * E) + 1, False)):
+        calls.clear()
+        ids = torch.arange(rows).remainder(E).reshape(-1, 1)
+        x, weights = torch.randn(rows, H, generator=gen), torch.ones(rows, 1)
+        assert backend.moe_mlp_from_ids(x, weights, ids, experts) is None and bool(calls) == reaches
+
+
+@needs_numba
 def test_fused_rows_limit_grows_for_small_experts(matmul_library):
     """Small experts feel the blocked path's fixed cost per expert: the fused kernels keep
     them longer, never fewer rows than SMALL_GROUP_ROWS."""
@@ -356,10 +375,19 @@ def test_gradients_after_each_forward_path(path, matmul_library, gen, monkeypatc
         assert_close(got, want, torch.float32)
 
 
+def _backward_rows_cases():
+    """Every activation and layout in float32 and in float64 (whose math is its own); the
+    16-bit types, which differ only in the conversions around float32's math, with a gated
+    and a plain activation (each pair is a compile of its own, about 12 s)."""
+    return [pytest.param(dtype, *case.values, id=f"{str(dtype)[6:]}-{case.id}")
+            for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+            for case in _activations_and_layouts()
+            if dtype.itemsize > 2 or case.id in ("swiglu-interleaved", "gelu")]
+
+
 @needs_numba
 @pytest.mark.nojit
-@pytest.mark.parametrize("activation,interleaved", _activations_and_layouts())
-@pytest.mark.parametrize("dtype", [*NUMBA_DTYPES, torch.float64])
+@pytest.mark.parametrize("dtype,activation,interleaved", _backward_rows_cases())
 def test_backward_rows_match_the_composition_in_float64(dtype, activation, interleaved, gen):
     """The one-pass kernel between the backward's GEMMs against the base backend's torch
     composition of the same, in float64."""

@@ -2,9 +2,15 @@
 bit, thread counts and threading layers, every kernel compiled with bounds checking, and an
 on-disk compile cache that a damaged file cannot break."""
 
+import ast
+import importlib
 import importlib.util
+import inspect
+import pkgutil
 import re
 import sys
+import types
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -268,6 +274,49 @@ def test_quantized_kernels_under_boundscheck(early_python):
     """The quantized kernels (formats with zero points, partial blocks and e8m0 scales; direct,
     buffered and blocked paths) compiled with NUMBA_BOUNDSCHECK=1."""
     assert early_python.split() == ["ok"]
+
+
+def _constant_arguments(module) -> list[str]:
+    """Calls in module's source to a kernel compiled on its own (not inlined) with a constant
+    argument: Numba types a constant by its value, so each value compiles another copy."""
+    from numba.core.dispatcher import Dispatcher
+
+    names = vars(module)
+    found = []
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+            continue
+        callee = names.get(node.func.id)
+        if not isinstance(callee, Dispatcher) or callee.targetoptions.get("inline", "never") != "never":
+            continue
+        for arg in node.args + [keyword.value for keyword in node.keywords]:
+            value = arg.operand if isinstance(arg, ast.UnaryOp) else arg
+            if (isinstance(value, ast.Constant) and value.value is not None
+                    or isinstance(value, ast.Name) and isinstance(names.get(value.id), (bool, int, float))):
+                found.append(f"{module.__name__}:{node.lineno} {node.func.id}(... {ast.unparse(arg)} ...)")
+    return found
+
+
+def test_no_kernel_is_called_with_a_constant_argument():
+    """A quantized decode step's first call compiled its dot kernel four times, once per set of
+    constant arguments (about 8 s each): pass constants as np.int64(...) instead."""
+    import moe_dispatch.kernels.numba as kernels
+
+    modules = [importlib.import_module(f"{kernels.__name__}.{info.name}")
+               for info in pkgutil.iter_modules(kernels.__path__)]
+    assert len(modules) > 10
+    assert [call for module in modules for call in _constant_arguments(module)] == []
+
+
+def test_the_constant_argument_check_finds_one():
+    module = types.ModuleType("sample")
+    module.LIMIT = 4
+    source = "def caller(x):\n    return kernel(x, 2) + kernel(x, -1) + kernel(x, LIMIT) + kernel(x, x)\n"
+    exec(compile(source, "sample", "exec"), vars(module))
+    module.kernel = numba.njit(lambda a, b: a + b)
+    with mock.patch.object(inspect, "getsource", lambda _: source):
+        assert sorted(call.split(" ", 1)[1] for call in _constant_arguments(module)) == [
+            "kernel(... -1 ...)", "kernel(... 2 ...)", "kernel(... LIMIT ...)"]
 
 
 # ---- the on-disk compile cache -------------------------------------------------------------

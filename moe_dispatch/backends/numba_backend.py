@@ -784,7 +784,8 @@ class NumbaBackend(Backend):
         if not 0 < ids.numel() <= plan_kernels.MIN_SLOTS_PER_CHUNK or experts.quantizes_activations:
             return None
         setup = decode_setup(x, experts)
-        if setup.kernels is None:
+        # more rows than the fused kernels take were every expert active: no call (nor compile)
+        if setup.kernels is None or ids.numel() > setup.rows_limit * experts.num_experts:
             return None
         out_array, out = empty_array(tuple(x.shape), x.dtype)
         module, kernel_experts = setup.kernels

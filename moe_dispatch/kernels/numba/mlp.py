@@ -297,8 +297,8 @@ def decode_plan(ids, num_experts, rows_limit):
     offsets = np.empty(num_experts + 1, dtype=np.int32)
     token_of_row = np.empty(num_tokens * top_k, dtype=np.int32)
     row_of_slot = np.empty((num_tokens, top_k), dtype=np.int32)
-    num_bad = make_plan_serial(ids, num_experts, 1, np.empty(num_experts, dtype=np.int32), offsets, token_of_row,
-                               row_of_slot)
+    num_bad = make_plan_serial(ids, num_experts, np.int64(1), np.empty(num_experts, dtype=np.int32), offsets,
+                               token_of_row, row_of_slot)
     if num_bad:
         return num_bad, offsets, token_of_row, row_of_slot
     num_active = 0

@@ -327,7 +327,9 @@ def packed_inputs(w, x, src, split):
 
 
 # Called, not inlined: it runs once per block of rows, so a call costs little, and one compiled
-# copy serves every call site (inlined at each, the decode kernels ran no faster).
+# copy serves every call site (inlined at each, the decode kernels ran no faster). Its callers
+# pass constants as np.int64: Numba types a bare constant by its value and compiles a copy of
+# the callee per value (four copies of ~8 s each in a quantized decode step's first call).
 @njit(cache=True, fastmath=FASTMATH)
 def expert_dots(w, e, n_a, n_b, stride, pairs, src, source_rows, packed, start, direct, row_a, row_b, dots):
     """dots[2p, q], dots[2p + 1, q] = (row n_a + p * stride of expert e's values .
@@ -405,10 +407,10 @@ def gate_up_act(x, packed, token_of_row, w, bias, has_bias, offsets, experts, in
                         row_b, dots)
         else:
             even = columns // 2
-            expert_dots(w, e, i0, i0 + 1, 2, even, x, token_of_row, packed, start, direct, row_a, row_b, dots)
+            expert_dots(w, e, i0, i0 + 1, np.int64(2), even, x, token_of_row, packed, start, direct, row_a, row_b, dots)
             if even < pairs:
-                expert_dots(w, e, inter - 1, inter - 1, 0, 1, x, token_of_row, packed, start, direct, row_a, row_b,
-                            dots[2 * even:])
+                expert_dots(w, e, inter - 1, inter - 1, np.int64(0), np.int64(1), x, token_of_row, packed, start,
+                            direct, row_a, row_b, dots[2 * even:])
         for p in range(pairs):
             i = i0 + p if is_gated(act) else i0 + 2 * p
             col_a, col_b = (i * step, i * step + shift) if is_gated(act) else (i, min(i + 1, inter - 1))
@@ -440,10 +442,10 @@ def down_combine(a, packed, w, bias, has_bias, offsets, experts, token_of_row, r
             start, end = offsets[e], offsets[e + 1]
             dots = np.empty((2 * half, end - start), dtype=np.float32)
             direct = reads_directly(w, end - start)
-            expert_dots(w, e, c0, c0 + half, 1, even, a, rows, packed, start, direct, row_c, row_d, dots)
+            expert_dots(w, e, c0, c0 + half, np.int64(1), even, a, rows, packed, start, direct, row_c, row_d, dots)
             if even < half:
-                expert_dots(w, e, c0 + even, c0 + even, 0, 1, a, rows, packed, start, direct, row_c, row_d,
-                            dots[2 * even:])
+                expert_dots(w, e, c0 + even, c0 + even, np.int64(0), np.int64(1), a, rows, packed, start, direct,
+                            row_c, row_d, dots[2 * even:])
             for s in range(half):
                 c = c0 + s
                 d = c + half if s < even else c
