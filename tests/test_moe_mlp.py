@@ -21,7 +21,6 @@ from moe_dispatch.backends.base import Backend
 from reference import naive_moe_mlp
 
 if HAS_NUMBA:
-    import moe_dispatch.backends.cpu_matmul as cm
     import moe_dispatch.backends.numba_backend as nb
     import moe_dispatch.formats.onednn as packing
 
