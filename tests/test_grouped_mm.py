@@ -310,6 +310,7 @@ def test_float32_into_a_buffer_goes_to_blas_where_it_is_as_fast(as_fast, monkeyp
     monkeypatch.setattr(cm, "onednn_float32", lambda: True)
     monkeypatch.setattr(cm, "ONEDNN_MIN_FLOPS", 0)
     monkeypatch.setattr(cm, "blas_is_mkl_on_intel", lambda: as_fast)
+    monkeypatch.setattr(cm, "mkl_without_avx512", lambda: False)
     calls, real = [], cm.onednn_linear
     monkeypatch.setattr(cm, "onednn_linear", lambda *args: calls.append(1) or real(*args))
     a, b = torch.randn(16, 32, generator=gen), torch.randn(32, 8, generator=gen)
@@ -318,6 +319,32 @@ def test_float32_into_a_buffer_goes_to_blas_where_it_is_as_fast(as_fast, monkeyp
     assert_close(out, a.double() @ b.double())
     assert_close(cm.matmul_into(None, a, b, None), a.double() @ b.double())
     assert calls == ([1] if as_fast else [1, 1])
+
+
+@needs_numba
+@pytest.mark.parametrize("setting", ["auto", "onednn"])
+def test_float32_goes_to_mkl_without_avx512_but_for_wide_outputs(setting, monkeypatch, gen):
+    """On an x86 processor without AVX-512, MKL's float32 products are the faster ones, with or
+    without an out, for outputs of up to BLAS_MAX_COLUMNS; wider ones, or any where oneDNN was
+    named, go to oneDNN. torch._grouped_mm, which calls BLAS too, still takes none: its loop
+    over MKL ran slower than ours there."""
+    skip_without_onednn()
+    monkeypatch.setenv("MOE_DISPATCH_CPU_MATMUL", setting)
+    monkeypatch.setattr(cm, "ONEDNN_MIN_FLOPS", 0)
+    monkeypatch.setattr(cm, "BLAS_MAX_COLUMNS", 8)
+    monkeypatch.setattr(cm, "blas_is_mkl_on_intel", lambda: False)
+    monkeypatch.setattr(cm, "mkl_without_avx512", lambda: True)
+    calls, real = [], cm.onednn_linear
+    monkeypatch.setattr(cm, "onednn_linear", lambda *args: calls.append(args[1].shape[0]) or real(*args))
+    a = torch.randn(16, 32, generator=gen)
+    for columns in (8, 9):
+        b = torch.randn(32, columns, generator=gen)
+        out = torch.full((16, columns), float("nan"))
+        assert cm.matmul_into(out, a, b, None) is out
+        assert_close(out, a.double() @ b.double())
+        assert_close(cm.matmul_into(None, a, b, None), a.double() @ b.double())
+    assert calls == ([9, 9] if setting == "auto" else [8, 8, 9, 9])
+    assert not cm.takes_grouped_mm(1e9, a, torch.randn(1, 32, 8, generator=gen))
 
 
 @needs_numba

@@ -461,6 +461,22 @@ def test_packed_weights_match_reference_and_follow_changes(dtype, packing_on, mo
 
 
 @needs_numba
+def test_float32_weights_mkl_multiplies_are_not_packed(packing_on, monkeypatch, gen):
+    """Without AVX-512 MKL takes float32 products of up to BLAS_MAX_COLUMNS from oneDNN, packed
+    or not: a packed copy of those weights would only cost memory."""
+    import moe_dispatch.backends.cpu_matmul as cm
+
+    monkeypatch.setenv("MOE_DISPATCH_CPU_MATMUL", "auto")
+    monkeypatch.setattr(cm, "onednn_float32", lambda: True)
+    monkeypatch.setattr(packing, "onednn_float32", lambda: True)
+    monkeypatch.setattr(cm, "mkl_without_avx512", lambda: True)
+    monkeypatch.setattr(cm, "BLAS_MAX_COLUMNS", 8)
+    narrow, wide = torch.randn(2, 8, 4, generator=gen), torch.randn(2, 9, 4, generator=gen)
+    assert packing.packed_experts(narrow, saving_for_backward=False) is None
+    assert packing.packed_experts(wide, saving_for_backward=False) is not None
+
+
+@needs_numba
 def test_views_made_per_call_share_their_parameter_s_packed_copies(packing_on, gen):
     """A model storing [E, H, W] passes a fresh transposed view on every call."""
     skip_without_onednn(torch.bfloat16)

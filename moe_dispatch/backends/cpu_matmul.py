@@ -1,13 +1,13 @@
 """The CPU matrix products of the numba backend's large groups, and the library that runs them.
 
-torch's CPU float32 matmul calls MKL, whose sgemm takes a slow code path on x86 processors
-that are not Intel's; oneDNN, the library torch already uses for bfloat16, runs the same
-products about twice as fast there (docs/cpu.md, "Which library multiplies"). oneDNN's float32
-inner product is reached
-through mkldnn::_linear_pointwise, the op torch.compile's CPU freezing path emits; it reads
-any strides of the activations, and of the weights contiguous or transposed ones (other
-weights are copied). MOE_DISPATCH_CPU_MATMUL picks the library: "auto" (oneDNN on x86-64 when
-torch has it), "onednn" or "blas".
+torch's CPU float32 matmul calls MKL, whose sgemm runs AVX2 code at best on x86 processors
+that are not Intel's: on one with AVX-512 oneDNN, the library torch already uses for bfloat16,
+runs the same products about twice as fast; on one without, MKL is the faster of the two for
+all but very wide outputs (docs/cpu.md, "Which library multiplies"). oneDNN's float32 inner
+product is reached through mkldnn::_linear_pointwise, the op torch.compile's CPU freezing path
+emits; it reads any strides of the activations, and of the weights contiguous or transposed
+ones (other weights are copied). MOE_DISPATCH_CPU_MATMUL picks the library: "auto" (oneDNN on
+x86-64 when torch has it, less the products BLAS computes faster there), "onednn" or "blas".
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def matmul_into(out: Optional[Tensor], a: Tensor, b: Tensor, bias: Optional[Tens
     # as fast, it writes out itself (a weight gradient's [1024, 1024] per expert: 0.71 ms
     # against 1.15)
     if (a.dtype == torch.float32 or widened) and onednn_serves(2 * a.shape[0] * a.shape[1] * b.shape[1]) \
-            and not (out is not None and a.dtype == torch.float32 and blas_as_fast()):
+            and not blas_faster(b.shape[1]) and not (out is not None and a.dtype == torch.float32 and blas_as_fast()):
         a32, w32 = a.float(), b.float().T
         if not (w32.is_contiguous() or w32.T.is_contiguous()):
             w32 = w32.contiguous()  # oneDNN's reference kernel, 1000x slower, takes other strides
@@ -165,6 +165,27 @@ def blas_as_fast() -> bool:
     """Whether BLAS computes float32 products as fast as oneDNN here and no library was named
     (MOE_DISPATCH_CPU_MATMUL): MKL on Intel."""
     return _library_setting() == "auto" and blas_is_mkl_on_intel()
+
+
+@functools.cache
+def mkl_without_avx512() -> bool:
+    """Whether torch's BLAS is MKL on an x86 processor without AVX-512, where MKL runs its AVX2
+    code whatever the vendor: the same instructions as oneDNN's, in better tuned loops."""
+    return (torch.backends.mkl.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+            and "AVX512" not in torch.backends.cpu.get_cpu_capability())
+
+
+# Output columns up to which MKL's AVX2 float32 products beat oneDNN's. One thread of an AVX2
+# EPYC, 16-512 rows: K and N of 512-7168 1.05-1.4x (the weight gradients' too), N = 8192 even,
+# N = 10240-14336 (a large expert's gate and up rows) 0.7-0.9x.
+BLAS_MAX_COLUMNS = 8192
+
+
+def blas_faster(columns: int) -> bool:
+    """Whether BLAS computes a float32 product of this many output columns faster than oneDNN
+    here and no library was named (MOE_DISPATCH_CPU_MATMUL): MKL without AVX-512, outputs of
+    up to BLAS_MAX_COLUMNS."""
+    return _library_setting() == "auto" and columns <= BLAS_MAX_COLUMNS and mkl_without_avx512()
 
 
 def takes_grouped_mm(group_flops: float, *operands: Tensor) -> bool:

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .. import validation as check
-from ..backends.cpu_matmul import onednn_available, onednn_float32
+from ..backends.cpu_matmul import blas_faster, onednn_available, onednn_float32
 from . import StoredWeight, Weight
 
 Tensor = torch.Tensor
@@ -132,12 +132,13 @@ def packing_enabled() -> bool:
 def packed_experts(w: Weight, saving_for_backward: bool) -> Optional[PackedExperts]:
     """The packed copies of w's experts the blocked path reads, or None where it reads w itself:
     w declared OneDNNPacked, or with MOE_DISPATCH_PACK_WEIGHTS=1 a plain bfloat16 weight (or
-    float32 where oneDNN computes it) made outside inference mode; never for a weight
+    float32 where oneDNN computes its products) made outside inference mode; never for a weight
     whose gradient this call computes (trained weights change every step)."""
     if isinstance(w, OneDNNPacked):
         w = w.weight
     elif not (isinstance(w, Tensor) and packing_enabled() and onednn_available(w.dtype) and not w.is_inference()
-              and (w.dtype == torch.bfloat16 or w.dtype == torch.float32 and onednn_float32())):
+              and (w.dtype == torch.bfloat16
+                   or w.dtype == torch.float32 and onednn_float32() and not blas_faster(w.shape[1]))):
         return None
     if saving_for_backward and w.requires_grad or not w.numel():
         return None
