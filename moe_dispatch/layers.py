@@ -248,11 +248,9 @@ class MoE(nn.Module):
         """[T, H] -> [T, E] float32, whatever the layer's dtype."""
         return nn.functional.linear(x.float(), self.router.weight.float())
 
-    def forward(self, x: Tensor, return_aux: bool = False):
-        check.floating("x", x)
-        if x.dim() == 0 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
-        flat = x.reshape(-1, self.hidden_size)
+    def routing(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """[T, H] -> the router's logits [T, E] (float32) and each token's routing weights and
+        expert ids [T, top_k]."""
         logits = self.router_logits(flat)
         weights, ids = route(
             logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
@@ -260,6 +258,14 @@ class MoE(nn.Module):
             n_groups=self.n_groups, topk_groups=self.topk_groups, scale=self.routed_scaling,
             backend=self.backend,
         )
+        return logits, weights, ids
+
+    def forward(self, x: Tensor, return_aux: bool = False):
+        check.floating("x", x)
+        if x.dim() == 0 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
+        flat = x.reshape(-1, self.hidden_size)
+        logits, weights, ids = self.routing(flat)
         # the expert counts are needed only for the aux losses; without them moe_mlp makes the plan
         # itself, or skips it (a decode step on the triton and numba backends)
         plan = make_plan(ids, self.num_experts, backend=self.backend) if return_aux else None

@@ -239,6 +239,22 @@ def test_bench_layer_is_deepseek_v3s_around_the_same_experts():
                                rtol=4e-2, atol=4e-2)
 
 
+def test_the_layer_bench_counts_its_experts_without_running_the_layer(monkeypatch):
+    """The experts a layer's batch touches come from its router alone: running the whole layer
+    on its own backend would run (and compile) a backend nobody asked to benchmark."""
+    from moe_dispatch.layers import MoE
+
+    preset = get_preset("deepseek-v3", 1 / 56)
+    experts = make_experts(preset, torch.float32, CPU)
+    layer = make_layer(experts)
+    layer.backend = "numba"
+    monkeypatch.setattr(MoE, "routed_experts", lambda *args: pytest.fail("the layer ran"))
+    spec = BenchSpec([preset], [6], torch.float32, ["torch"], [], CPU, ops=("layer",))
+    batch = prepare(spec, experts, 6, "layer", layer)
+    _, _, ids = layer.routing(batch.inputs.x)
+    assert batch.touched == len(ids.unique()) > 1 and layer.backend == "numba"
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8", "mxfp4"])
 def test_quantized_bench_experts_are_made_in_their_format(fmt):
     """Directly in the format, with quantize's block, values spread over nn.Linear's U(-b, b)."""

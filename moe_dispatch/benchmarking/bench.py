@@ -99,10 +99,13 @@ def prepare(spec: BenchSpec, experts: Experts, num_tokens: int, op: str = "moe_m
             layer: Optional[MoE] = None) -> Batch:
     """The batch of num_tokens for op; layer: the MoE around the experts, for op "layer"."""
     inputs = make_inputs(experts.preset, num_tokens, spec.dtype, spec.device, spec.routing, spec.seed)
-    if op == "layer":  # the layer's own router chooses the experts
+    if op == "layer":  # the layer's own router chooses the experts (routed by the reference,
+        # not by the layer's backend, which may be none of those benchmarked)
+        router = copy.copy(layer)
+        router.backend = "torch"
         with torch.no_grad():
-            counts = layer(inputs.x, return_aux=True)[1].counts
-        return Batch(op, experts, inputs, int((counts > 0).sum()), layer=layer)
+            ids = router.routing(inputs.x)[2]
+        return Batch(op, experts, inputs, distinct_experts(ids), layer=layer)
     batch = Batch(op, experts, inputs, distinct_experts(inputs.ids))
     if op != "moe_mlp":
         plan = ops.make_plan(inputs.ids, experts.preset.num_experts, backend="torch")
