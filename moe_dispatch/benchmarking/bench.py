@@ -95,16 +95,21 @@ def build_experts(spec: BenchSpec, preset) -> tuple[Experts, Union[Experts, str]
     return experts, dequantized(experts)
 
 
+def _on_backend(layer: MoE, backend: str) -> MoE:
+    """The layer with the same weights, run on backend."""
+    layer = copy.copy(layer)
+    layer.backend = backend
+    return layer
+
+
 def prepare(spec: BenchSpec, experts: Experts, num_tokens: int, op: str = "moe_mlp",
             layer: Optional[MoE] = None) -> Batch:
     """The batch of num_tokens for op; layer: the MoE around the experts, for op "layer"."""
     inputs = make_inputs(experts.preset, num_tokens, spec.dtype, spec.device, spec.routing, spec.seed)
     if op == "layer":  # the layer's own router chooses the experts (routed by the reference,
         # not by the layer's backend, which may be none of those benchmarked)
-        router = copy.copy(layer)
-        router.backend = "torch"
         with torch.no_grad():
-            ids = router.routing(inputs.x)[2]
+            ids = _on_backend(layer, "torch").routing(inputs.x)[2]
         return Batch(op, experts, inputs, distinct_experts(ids), layer=layer)
     batch = Batch(op, experts, inputs, distinct_experts(inputs.ids))
     if op != "moe_mlp":
@@ -143,8 +148,7 @@ def backend_call(spec: BenchSpec, batch: Batch, backend: str) -> Callable[[], ob
     x, weights, ids = batch.inputs.x, batch.inputs.weights, batch.inputs.ids
     experts = batch.experts.weights
     if batch.op == "layer":
-        layer = copy.copy(batch.layer)  # the same weights, run on `backend`
-        layer.backend = backend
+        layer = _on_backend(batch.layer, backend)
         return _no_grad(lambda: layer(x))
     if batch.op == "moe_mlp":
         def forward(x, weights, ids):
