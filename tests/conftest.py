@@ -180,10 +180,12 @@ def run_python(code: str, env: dict, timeout: float = 600) -> str:
 
 
 # ---- children started with the session ------------------------------------------------------
-# A test marked early_python(code, env) runs code in a child interpreter started as soon as the
-# tests are collected, so that the child's minutes of compiling overlap the rest of the suite
-# on the machine's other core; the test's early_python fixture waits for its stdout. Each child
-# gets an empty NUMBA_CACHE_DIR of its own, removed with the session.
+# A test marked early_python(code, env, drop=None) runs code in a child interpreter (this one's
+# environment with env, without the variable drop) started as soon as the tests are collected,
+# so that the child's minutes of compiling overlap the rest of the suite on the machine's other
+# core; the test's early_python fixture waits for its stdout. The children run at the lowest
+# priority, so that they take what the suite leaves idle rather than a share of its own core.
+# Each gets an empty NUMBA_CACHE_DIR of its own, removed with the session.
 
 _EARLY: dict = {}
 
@@ -195,9 +197,11 @@ def _skipped(item) -> bool:
 
 
 def _start_early(item) -> None:
-    code, env = item.get_closest_marker("early_python").args
+    marker = item.get_closest_marker("early_python")
+    code, env = marker.args
     cache = tempfile.mkdtemp(prefix="numba-cache-")
-    _EARLY[item.nodeid] = (start_python(code, subprocess_env(NUMBA_CACHE_DIR=cache, **env)), cache)
+    env = subprocess_env(marker.kwargs.get("drop"), NUMBA_CACHE_DIR=cache, **env)
+    _EARLY[item.nodeid] = (start_python("import os\nos.nice(19)\n" + textwrap.dedent(code), env), cache)
 
 
 def pytest_collection_finish(session):

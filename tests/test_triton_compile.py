@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from conftest import HAS_TRITON, TRITON_UNAVAILABLE, run_python, subprocess_env
+from conftest import HAS_TRITON, TRITON_UNAVAILABLE
 
 if not HAS_TRITON:
     pytest.skip(f"the triton backend cannot run here: {TRITON_UNAVAILABLE}", allow_module_level=True)
@@ -213,12 +213,18 @@ COMPILE_OTHERS = COMPILE_HELPERS + textwrap.dedent("""
 """)
 
 
-def _compile_report(script: str) -> list:
-    stdout = run_python(script, subprocess_env(drop="TRITON_INTERPRET"))
+def _report(stdout: str) -> list:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_default_configs_compile_for_consumer_gpus_and_hopper():
+# Each script compiles for a minute or more, outside the interpreter: started with the session
+# (conftest.py), beside the rest of the suite.
+def compiled_early(script: str):
+    return pytest.mark.early_python(script, {}, drop="TRITON_INTERPRET")
+
+
+@compiled_early(COMPILE_GEMMS)
+def test_default_configs_compile_for_consumer_gpus_and_hopper(early_python):
     # ptxas and cuobjdump ship with Triton: compile for sm_80, sm_86 and sm_120 (about 100 KB of
     # shared memory) and sm_90 without a GPU, outside the interpreter, and check each default
     # config's machine code:
@@ -233,7 +239,7 @@ def test_default_configs_compile_for_consumer_gpus_and_hopper():
     # - the TMA candidates load their weight tiles with the TMA (UTMALDG);
     # - with 3 stages or more, the main loop computes while loads are in flight.
     # gpt-oss's interleaved clamped SwiGLU (its GEMM1 and activation backward) included.
-    report = _compile_report(COMPILE_GEMMS)
+    report = _report(early_python)
     assert len(report) == 138
     for arch, budget, fma, block_m, tma, stages, config, shared, stack, loop_spills, mma, tma_loads, ahead in report:
         assert 0 < shared <= budget, (arch, config, shared)
@@ -247,11 +253,12 @@ def test_default_configs_compile_for_consumer_gpus_and_hopper():
     assert sum(row[2] for row in report) == 48
 
 
-def test_quantized_kernels_compile_for_every_format_and_gpu_generation():
+@compiled_early(COMPILE_QUANTIZED)
+def test_quantized_kernels_compile_for_every_format_and_gpu_generation(early_python):
     # every format on sm_80, 86, 89, 90 and 120 with the default tiles: within the shared memory
     # of the GPU (printed, per config), no spill at all, and the tensor cores multiply: fp8's
     # w8a8 GEMMs in float8 (QMMA, Hopper's QGMMA) from sm_89 on, in float16 (HMMA) below
-    report = _compile_report(COMPILE_QUANTIZED)
+    report = _report(early_python)
     assert len(report) == 5 * (4 * 3 + 2)
     for arch, budget, fmt, kernel, config, shared, stack, loop_spills, mma, _, ahead in report:
         print(f"sm_{arch} {fmt:5} {kernel:12} {shared / 1024:5.1f} KB shared, {stack} B stack, {mma}  {config}")
@@ -263,10 +270,11 @@ def test_quantized_kernels_compile_for_every_format_and_gpu_generation():
             assert mma != "none", (arch, fmt, kernel, mma)
 
 
-def test_every_other_kernel_compiles_for_consumer_gpus_and_hopper():
+@compiled_early(COMPILE_OTHERS)
+def test_every_other_kernel_compiles_for_consumer_gpus_and_hopper(early_python):
     # the interpreter accepts some programs the compiler rejects: the plan, data-movement and
     # reduction kernels compile for sm_86 and sm_90 too, without spilling
-    report = _compile_report(COMPILE_OTHERS)
+    report = _report(early_python)
     assert len(report) == 22
     for name, arch, shared, stack, _, mma, tma_loads, _ in report:
         assert shared <= configs.SMALL_SMEM and stack == 0 and mma == "none", (name, arch, shared, stack, mma)
