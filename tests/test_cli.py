@@ -180,9 +180,9 @@ def test_bench_keeps_freed_memory_when_asked(tmp_path):
     """--keep-freed-memory sets glibc's malloc to keep freed memory (in a process of its own here:
     the setting outlives the call), and the header and every record say so."""
     out_json = tmp_path / "r.json"
-    done = subprocess.run([sys.executable, "-m", "moe_dispatch.cli", "bench", *TINY, "--backend", "torch", "--compare",
-                           "none", "--keep-freed-memory", "--json", str(out_json)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "moe_dispatch.cli", "bench", *TINY, "--threads", "1", "--backend",
+                           "torch", "--compare", "none", "--keep-freed-memory", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=300)  # the cache fixture's roofline (one thread)
     assert done.returncode == 0, done.stderr
     malloc = "keeps freed memory" if platform.libc_ver()[0] == "glibc" else "default"
     assert f"malloc: {malloc}" in done.stdout
