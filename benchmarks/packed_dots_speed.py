@@ -20,7 +20,7 @@ import torch
 from numba import njit
 
 import moe_dispatch as md
-from moe_dispatch.kernels.numba.packed_dots import dots_intrinsic
+from moe_dispatch.kernels.numba.packed_dots import INT_LANES, dots_intrinsic, lane_sums, lane_sums_shape
 
 # (the kernel's code format, quantize's format, its options)
 FORMATS = {"int8": ("int8", "int8", {}), "int4": ("int4", "int4", {"group_size": 128}),
@@ -32,11 +32,11 @@ def timed_kernel(fmt):
     kernel = dots_intrinsic(fmt)
 
     @njit
-    def run(codes, scales, zeros, has_zeros, per_scale, x, rows, count, group, out, calls):
+    def run(codes, scales, zeros, has_zeros, per_scale, x, x_sums, rows, count, group, out, calls):
         pairs = codes.shape[1] // 2
         for call in range(calls):  # rows 2p and 2p + 1 of expert call % E, as a plain GEMM1 reads them
-            kernel(codes, scales, zeros, has_zeros, call % codes.shape[0], 0, 1, 2, pairs, per_scale, x, rows, 0,
-                   count, group, out)
+            kernel(codes, scales, zeros, has_zeros, call % codes.shape[0], 0, 1, 2, pairs, per_scale, x, x_sums, rows,
+                   0, count, group, out)
 
     return run
 
@@ -67,12 +67,16 @@ def main() -> None:
             else:
                 x = torch.randint(-32767, 32768, (count, k), generator=gen, dtype=torch.int16).numpy()
             rows, out = np.arange(count, dtype=np.int32), np.empty((n, count), np.float32)
-            run(*operands, x, rows, count, q.block[1], out, 1)  # compiles
+            x_sums = np.empty((0, 0, INT_LANES), np.float32)
+            if fmt == "int4":  # the activations' sums that the zero points take off
+                x_sums = np.empty(lane_sums_shape(count, k, q.block[1]), np.float32)
+                lane_sums(x, q.block[1], x_sums)
+            run(*operands, x, x_sums, rows, count, q.block[1], out, 1)  # compiles
             calls = max(1, int(0.05 / (1e-9 * n * k * count)))  # about 50 ms a burst at 1 G weights/s
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                run(*operands, x, rows, count, q.block[1], out, calls)
+                run(*operands, x, x_sums, rows, count, q.block[1], out, calls)
                 times.append((time.perf_counter() - start) / calls)
             t = float(np.median(times))
             print(f"{name:>17} {count:>4} {n * k / t / 1e9:>12.1f} {codes[0].nbytes / t / 1e9:>11.1f} {t * 1e6:>10.1f}")

@@ -57,8 +57,16 @@ def kernel_inputs(fmt, quantize_format, options, depth, gen, num_tokens=6):
     return weights, q.block[0], x, q.dequantize(torch.float64)[0].numpy(), q.block[1]
 
 
-def operands(weights, per_scale, x, layout=LAYOUTS[0]):
-    return (*weights, *layout, per_scale, x)
+def operands(fmt, weights, per_scale, x, group, layout=LAYOUTS[0]):
+    """The kernels' arguments up to the activations' lane sums (int4's, lane_sums; an empty
+    stand-in for the others)."""
+    from moe_dispatch.kernels.numba.packed_dots import INT_LANES, lane_sums, lane_sums_shape
+
+    sums = np.empty((0, 0, INT_LANES), np.float32)
+    if fmt == "int4":
+        sums = np.empty(lane_sums_shape(*x.shape, group), np.float32)
+        lane_sums(x, group, sums)
+    return (*weights, *layout, per_scale, x, sums)
 
 
 def in_element_order(fmt, x):
@@ -80,8 +88,10 @@ def compiled(fmt, features):
     kernel = dots_intrinsic(fmt, features)
 
     @njit
-    def run(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group, out):
-        kernel(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group, out)
+    def run(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, x_sums, rows, start, count, group,
+            out):
+        kernel(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, x_sums, rows, start, count,
+               group, out)
 
     return run
 
@@ -95,7 +105,7 @@ def test_the_vector_code_computes_the_definition(fmt, quantize_format, options, 
     definition = getattr(packed_dots, f"{fmt}_dots")
     run = compiled(fmt, features)
     for count, layout in zip((1, 2, 3, 7), LAYOUTS * 2):  # passes of 4, 2 and 1 rows
-        args = operands(weights, per_scale, x, layout)
+        args = operands(fmt, weights, per_scale, x, group, layout)
         start = 2  # the rows from rows[start]; out wider than count and longer than the pairs
         rows = torch.randint(0, 6, (start + count,), generator=gen, dtype=torch.int32).numpy()
         height = 2 * layout[3]
@@ -120,7 +130,7 @@ def test_every_e4m3_code_meets_the_activations_as_its_value(features, gen):
     codes = np.arange(256, dtype=np.uint8)
     codes[codes & 0x7F == 0x7F] &= 0x80
     weights[0][0, :2] = codes.reshape(2, 128)
-    args = operands(weights, per_scale, x, (0, 1, 0, 1))
+    args = operands("e4m3", weights, per_scale, x, group, (0, 1, 0, 1))
     rows = np.arange(6, dtype=np.int32)
     out, expected = (np.empty((2, 6), np.float32) for _ in range(2))
     compiled("e4m3", features)(*args, rows, 0, 6, group, out)
@@ -137,7 +147,7 @@ def test_e8m0_scales_down_to_the_subnormal_one_scale_the_dots(features, gen):
     weights, per_scale, x, _, group = kernel_inputs("e2m1", "mxfp4", {}, 192, gen)
     weights[1][:] = torch.randint(0, 4, weights[1].shape, generator=gen, dtype=torch.uint8).numpy()
     assert (weights[1] == 0).any()
-    args = operands(weights, per_scale, x)
+    args = operands("e2m1", weights, per_scale, x, group)
     rows = np.arange(6, dtype=np.int32)
     out, expected = (np.empty((6, 6), np.float32) for _ in range(2))
     compiled("e2m1", features)(*args, rows, 0, 6, group, out)
@@ -151,7 +161,7 @@ def test_float64_activations_meet_e4m3_codes_as_float32(gen):
     x64 = x.astype(np.float64)
     rows = np.arange(6, dtype=np.int32)
     out = np.empty((6, 6), np.float32)
-    compiled("e4m3", None)(*operands(weights, per_scale, x64), rows, 0, 6, group, out)
+    compiled("e4m3", None)(*operands("e4m3", weights, per_scale, x64, group), rows, 0, 6, group, out)
     np.testing.assert_allclose(out, dense[layout_rows(*LAYOUTS[0])] @ x64.T, rtol=1e-5, atol=1e-5)
 
 

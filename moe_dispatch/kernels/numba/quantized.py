@@ -30,8 +30,9 @@ from .activations import FusedActivation, is_gated
 from .caching import njit
 from .class_constants import class_constants
 from .grouped_mm import FASTMATH
-from .packed_dots import (e2m1_dequantize, e2m1_dots, e4m3_dequantize, e4m3_dots, int4_dequantize, int4_dots,
-                          int8_dequantize, int8_dots, quantize_rows, reads_chunks, reads_wide_chunks)
+from .packed_dots import (INT_LANES, e2m1_dequantize, e2m1_dots, e4m3_dequantize, e4m3_dots, int4_dequantize,
+                          int4_dots, int8_dequantize, int8_dots, lane_sums, lane_sums_shape, quantize_rows,
+                          reads_chunks, reads_wide_chunks)
 from .mlp import BAD_INDEX, DECODE_OK, decode_inputs, decode_plan, gate_up_epilogue
 from .scalars import half_value, narrow, pow2
 from .vector_width import wide_vectors
@@ -269,33 +270,33 @@ def dot_pair_codes(w, e, n_a, n_b, src):
     return total_a, total_b
 
 
-def format_dots(w, e, n_a, n_b, stride, pairs, src, ints, rows, start, count, out):
+def format_dots(w, e, n_a, n_b, stride, pairs, src, packed, rows, start, count, out):
     """out[2p, j], out[2p + 1, j] = rows n_a + p * stride and n_b + p * stride of expert e's
     values . the activations of row rows[start + j], for p < pairs and j < count, by
     packed_dots.py's kernel of w's format: fp8 codes against src (float32), the others against
-    ints (int16), before the activations' scales."""
-    x = src if format_of(w) == FP8 else ints
-    _DOTS[format_of(w)](w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, x, rows, start,
-                        count, w.group, out)
+    packed.ints (int16), before the activations' scales."""
+    x = src if format_of(w) == FP8 else packed.ints
+    _DOTS[format_of(w)](w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, x,
+                        packed.lane_sums, rows, start, count, w.group, out)
 
 
 _DOTS = (int8_dots, int4_dots, e4m3_dots, e2m1_dots)  # by format code
 
 
 @overload(format_dots, inline="always")
-def _format_dots(w, e, n_a, n_b, stride, pairs, src, ints, rows, start, count, out):
+def _format_dots(w, e, n_a, n_b, stride, pairs, src, packed, rows, start, count, out):
     code = _code_of_type(w)
     if code is None:
         return None
     kernel = _DOTS[code]
 
-    def impl(w, e, n_a, n_b, stride, pairs, src, ints, rows, start, count, out):
-        kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, ints, rows, start, count,
-               w.group, out)
+    def impl(w, e, n_a, n_b, stride, pairs, src, packed, rows, start, count, out):
+        kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, packed.ints,
+               packed.lane_sums, rows, start, count, w.group, out)
 
-    def impl_fp8(w, e, n_a, n_b, stride, pairs, src, ints, rows, start, count, out):
-        kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, src, rows, start, count,
-               w.group, out)
+    def impl_fp8(w, e, n_a, n_b, stride, pairs, src, packed, rows, start, count, out):
+        kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, src, packed.lane_sums,
+               rows, start, count, w.group, out)
 
     return impl_fp8 if code == FP8 else impl
 
@@ -306,6 +307,7 @@ class PackedInputs(NamedTuple):
     taken: bool
     ints: np.ndarray  # [rows, K] int16 for int8 (element order), int4 and mxfp4 (wide_order); [0, 0] for fp8
     scales: np.ndarray  # [rows] float32: the int16 rows' scales
+    lane_sums: np.ndarray  # int4: packed_dots.lane_sums of ints; [0, 0, INT_LANES] for the others
 
 
 @njit(cache=True)
@@ -315,15 +317,22 @@ def packed_inputs(w, x, src, split):
     read src itself; int8, int4 and mxfp4 ones src quantized to int16, where x is 16-bit
     (float32 activations keep the float path) and src finite. K and w's groups must come in
     whole steps (reads_chunks, and reads_wide_chunks for the 4-bit formats)."""
-    no_ints = np.empty((0, 0), dtype=np.int16)
+    no_ints, no_scales = np.empty((0, 0), dtype=np.int16), np.empty(0, dtype=np.float32)
+    no_sums = np.empty((0, 0, INT_LANES), dtype=np.float32)
     if not reads_chunks(w.depth, w.group) or w.split and not reads_wide_chunks(w.depth, w.group):
-        return PackedInputs(False, no_ints, np.empty(0, dtype=np.float32))
+        return PackedInputs(False, no_ints, no_scales, no_sums)
     if format_of(w) == FP8:
-        return PackedInputs(True, no_ints, np.empty(0, dtype=np.float32))
+        return PackedInputs(True, no_ints, no_scales, no_sums)
     if x.itemsize != 2:
-        return PackedInputs(False, no_ints, np.empty(0, dtype=np.float32))
+        return PackedInputs(False, no_ints, no_scales, no_sums)
     ints, scales = np.empty((src.shape[0], w.depth), dtype=np.int16), np.empty(src.shape[0], dtype=np.float32)
-    return PackedInputs(quantize_rows(src, split, ints, scales), ints, scales)
+    if not quantize_rows(src, split, ints, scales):
+        return PackedInputs(False, ints, scales, no_sums)
+    if format_of(w) != INT4:
+        return PackedInputs(True, ints, scales, no_sums)
+    sums = np.empty(lane_sums_shape(src.shape[0], w.depth, w.group), dtype=np.float32)
+    lane_sums(ints, w.group, sums)
+    return PackedInputs(True, ints, scales, sums)
 
 
 # Called, not inlined: it runs once per block of rows, so a call costs little, and one compiled
@@ -340,7 +349,7 @@ def expert_dots(w, e, n_a, n_b, stride, pairs, src, source_rows, packed, start, 
     wide_vectors()
     count = dots.shape[1]
     if packed.taken:
-        format_dots(w, e, n_a, n_b, stride, pairs, src, packed.ints, source_rows, start, count, dots)
+        format_dots(w, e, n_a, n_b, stride, pairs, src, packed, source_rows, start, count, dots)
         if format_of(w) != FP8:  # the int16 activations' scales
             for q in range(count):
                 scale = packed.scales[source_rows[start + q]]
