@@ -193,6 +193,34 @@ def test_the_kept_decode_setup_follows_a_replaced_row_limit(gen, monkeypatch):
     assert nb.decode_setup(x, experts).rows_limit == 0
 
 
+@needs_numba
+def test_the_kept_decode_setup_follows_the_thread_count(gen, monkeypatch):
+    """Its tiles split the work among the threads: a new count gets tiles of its own."""
+    import moe_dispatch.backends.numba_backend as nb
+
+    experts = ExpertWeights(*expert_weights(E, H, 512, gen)[:2])
+    x = torch.randn(T, H, generator=gen)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    one = nb.decode_setup(x, experts)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    sixteen = nb.decode_setup(x, experts)
+    assert (one.tiles.block_gate_up, sixteen.tiles.block_gate_up) == (nb.MAX_GATE_UP_BLOCK, 32)
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 2, 3, 16, 64])
+@pytest.mark.parametrize("inter", [1, 10, 24, 200, 512, 4096])
+def test_decode_gate_up_tasks_take_even_blocks_of_each_experts_columns(inter, threads, monkeypatch):
+    """A multiple of 4 columns (the kernels take columns four or two at a time), within the task
+    size's limits, and no more blocks of an expert than threads unless at the largest size."""
+    import moe_dispatch.backends.numba_backend as nb
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    block = nb.gate_up_block(inter)
+    assert block % 4 == 0 and nb.BLOCK_NK <= block <= nb.MAX_GATE_UP_BLOCK
+    assert -(-inter // block) <= threads or block == nb.MAX_GATE_UP_BLOCK
+
+
 # ---- OneDNNPacked: a declared storage format ---------------------------------------------------
 
 
