@@ -314,9 +314,10 @@ class PackedInputs(NamedTuple):
 def packed_inputs(w, x, src, split):
     """Whether a decode step on activations x takes packed_dots.py's kernels for w, whose
     kernels read src [rows, K] float32 (split when split), and what they read: fp8 weights
-    read src itself; int8, int4 and mxfp4 ones src quantized to int16, where x is 16-bit
-    (float32 activations keep the float path) and src finite. K and w's groups must come in
-    whole steps (reads_chunks, and reads_wide_chunks for the 4-bit formats)."""
+    read src itself; int8, int4 and mxfp4 ones src quantized to int16 (and, for int4, the
+    int16 rows' lane_sums), where x is 16-bit (float32 activations keep the float path) and
+    src finite. K and w's groups must come in whole steps (reads_chunks, and reads_wide_chunks
+    for the 4-bit formats)."""
     no_ints, no_scales = np.empty((0, 0), dtype=np.int16), np.empty(0, dtype=np.float32)
     no_sums = np.empty((0, 0, INT_LANES), dtype=np.float32)
     if not reads_chunks(w.depth, w.group) or w.split and not reads_wide_chunks(w.depth, w.group):
