@@ -20,7 +20,7 @@ import torch
 from numba import njit
 
 import moe_dispatch as md
-from moe_dispatch.kernels.numba.packed_dots import INT_LANES, dots_intrinsic, lane_sums, lane_sums_shape
+from moe_dispatch.kernels.numba.packed_dots import INT_LANES, dots_intrinsic, lane_sums
 
 # (the kernel's code format, quantize's format, its options)
 FORMATS = {"int8": ("int8", "int8", {}), "int4": ("int4", "int4", {"group_size": 128}),
@@ -67,10 +67,8 @@ def main() -> None:
             else:
                 x = torch.randint(-32767, 32768, (count, k), generator=gen, dtype=torch.int16).numpy()
             rows, out = np.arange(count, dtype=np.int32), np.empty((n, count), np.float32)
-            x_sums = np.empty((0, 0, INT_LANES), np.float32)
-            if fmt == "int4":  # the activations' sums that the zero points take off
-                x_sums = np.empty(lane_sums_shape(count, k, q.block[1]), np.float32)
-                lane_sums(x, q.block[1], x_sums)
+            # the activations' sums that symmetric int4 codes' zero takes off
+            x_sums = lane_sums(x, q.block[1]) if fmt == "int4" else np.empty((0, 0, INT_LANES), np.float32)
             run(*operands, x, x_sums, rows, count, q.block[1], out, 1)  # compiles
             calls = max(1, int(0.05 / (1e-9 * n * k * count)))  # about 50 ms a burst at 1 G weights/s
             times = []

@@ -60,12 +60,9 @@ def kernel_inputs(fmt, quantize_format, options, depth, gen, num_tokens=6):
 def operands(fmt, weights, per_scale, x, group, layout=LAYOUTS[0]):
     """The kernels' arguments up to the activations' lane sums (int4's, lane_sums; an empty
     stand-in for the others)."""
-    from moe_dispatch.kernels.numba.packed_dots import INT_LANES, lane_sums, lane_sums_shape
+    from moe_dispatch.kernels.numba.packed_dots import INT_LANES, lane_sums
 
-    sums = np.empty((0, 0, INT_LANES), np.float32)
-    if fmt == "int4":
-        sums = np.empty(lane_sums_shape(*x.shape, group), np.float32)
-        lane_sums(x, group, sums)
+    sums = lane_sums(x, group) if fmt == "int4" else np.empty((0, 0, INT_LANES), np.float32)
     return (*weights, *layout, per_scale, x, sums)
 
 

@@ -120,20 +120,16 @@ def quantize_rows(src, split, out, scales):
     return True
 
 
-@njit(cache=True, inline="always")
-def lane_sums_shape(rows, depth, group):
-    """The shape of lane_sums' result for rows activation rows of depth K and int4 groups."""
-    return rows, depth // max(group, WIDE), INT_LANES
-
-
 @njit(cache=True)
-def lane_sums(ints, group, out):
-    """out[r, f, l] = the sum of the activations of row r (int16, in wide_order) that int32 lane
-    l of the int4 kernel's partial sums meets in span f (a scale group, or a step of two groups
-    of 32): what the codes' zero points take from the lane, for int4_dots to subtract once per
-    span instead of from every code. out: lane_sums_shape(R, K, group), float32 (exact, and so
-    is a zero point times it: int4's groups of at most 128 give a lane 8 activations)."""
+def lane_sums(ints, group):
+    """out[r, f, l] = the sum of the activations of row r (int16 [R, K], in wide_order) that
+    int32 lane l of the int4 kernel's partial sums meets in span f (a scale group, or a step of
+    two groups of 32): what symmetric codes' zero takes from the lane, for int4_dots to subtract
+    once per span instead of from every code. out: [R, K / max(group, WIDE), INT_LANES]
+    float32 (exact, and so is 8 times it: int4's groups of at most 128 give a lane 8
+    activations)."""
     span = max(group, WIDE)
+    out = np.empty((ints.shape[0], ints.shape[1] // span, INT_LANES), dtype=np.float32)
     halves = np.empty(CHUNK, dtype=np.float32)
     for r in range(ints.shape[0]):
         for f in range(ints.shape[1] // span):
@@ -147,6 +143,7 @@ def lane_sums(ints, group, out):
             target = out[r, f]
             for lane in range(INT_LANES):
                 target[lane] = halves[2 * lane] + halves[2 * lane + 1]
+    return out
 
 
 # ---- the definition, in numpy ----------------------------------------------------------------
@@ -207,7 +204,8 @@ def int4_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_s
               count, group, out):
     """int8_dots for 4-bit codes [E, N, K/2] (low nibble first) less their zero points (zeros
     uint8 like scales when has_zeros, else 8), x in wide_order; reads_wide_chunks(K, group).
-    x_sums: lane_sums(x, group), which the vector code takes the zero points' part from."""
+    x_sums: lane_sums(x, group), which the vector code takes symmetric codes' zero part from
+    (read only where has_zeros is false)."""
     _dots("int4", codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
           out)
 

@@ -31,7 +31,7 @@ from .caching import njit
 from .class_constants import class_constants
 from .grouped_mm import FASTMATH
 from .packed_dots import (INT_LANES, e2m1_dequantize, e2m1_dots, e4m3_dequantize, e4m3_dots, int4_dequantize,
-                          int4_dots, int8_dequantize, int8_dots, lane_sums, lane_sums_shape, quantize_rows,
+                          int4_dots, int8_dequantize, int8_dots, lane_sums, quantize_rows,
                           reads_chunks, reads_wide_chunks)
 from .mlp import BAD_INDEX, DECODE_OK, decode_inputs, decode_plan, gate_up_epilogue
 from .scalars import half_value, narrow, pow2
@@ -307,17 +307,17 @@ class PackedInputs(NamedTuple):
     taken: bool
     ints: np.ndarray  # [rows, K] int16 for int8 (element order), int4 and mxfp4 (wide_order); [0, 0] for fp8
     scales: np.ndarray  # [rows] float32: the int16 rows' scales
-    lane_sums: np.ndarray  # int4: packed_dots.lane_sums of ints; [0, 0, INT_LANES] for the others
+    lane_sums: np.ndarray  # symmetric int4: packed_dots.lane_sums of ints; else [0, 0, INT_LANES]
 
 
 @njit(cache=True)
 def packed_inputs(w, x, src, split):
     """Whether a decode step on activations x takes packed_dots.py's kernels for w, whose
     kernels read src [rows, K] float32 (split when split), and what they read: fp8 weights
-    read src itself; int8, int4 and mxfp4 ones src quantized to int16 (and, for int4, the
-    int16 rows' lane_sums), where x is 16-bit (float32 activations keep the float path) and
-    src finite. K and w's groups must come in whole steps (reads_chunks, and reads_wide_chunks
-    for the 4-bit formats)."""
+    read src itself; int8, int4 and mxfp4 ones src quantized to int16 (and, for symmetric
+    int4 codes, the int16 rows' lane_sums), where x is 16-bit (float32 activations keep the
+    float path) and src finite. K and w's groups must come in whole steps (reads_chunks, and
+    reads_wide_chunks for the 4-bit formats)."""
     no_ints, no_scales = np.empty((0, 0), dtype=np.int16), np.empty(0, dtype=np.float32)
     no_sums = np.empty((0, 0, INT_LANES), dtype=np.float32)
     if not reads_chunks(w.depth, w.group) or w.split and not reads_wide_chunks(w.depth, w.group):
@@ -329,11 +329,9 @@ def packed_inputs(w, x, src, split):
     ints, scales = np.empty((src.shape[0], w.depth), dtype=np.int16), np.empty(src.shape[0], dtype=np.float32)
     if not quantize_rows(src, split, ints, scales):
         return PackedInputs(False, ints, scales, no_sums)
-    if format_of(w) != INT4:
+    if format_of(w) != INT4 or w.has_zeros:  # only symmetric int4 codes read lane sums
         return PackedInputs(True, ints, scales, no_sums)
-    sums = np.empty(lane_sums_shape(src.shape[0], w.depth, w.group), dtype=np.float32)
-    lane_sums(ints, w.group, sums)
-    return PackedInputs(True, ints, scales, sums)
+    return PackedInputs(True, ints, scales, lane_sums(ints, w.group))
 
 
 # Called, not inlined: it runs once per block of rows, so a call costs little, and one compiled
