@@ -272,16 +272,18 @@ def large_groups_everywhere(monkeypatch):
     monkeypatch.setattr(nb, "fused_rows_limit", lambda *_: 0)
     monkeypatch.setattr(nb, "REGISTER_TILES_MAX_EXPERT_FLOPS", 0)
     monkeypatch.setattr(nb, "REGISTER_TILES_BELOW_FLOPS", 0)
+    monkeypatch.setattr(nb, "BF16_REGISTER_TILES", False)
 
 
 def register_tiles_everywhere(monkeypatch):
-    """float32 and float64 on register tiles wherever they can go: the expert MLP of experts
-    of any size and the products over weights with N contiguous; the blocked moe_mlp for the
-    other dtypes."""
+    """float32, float64 and bfloat16 on register tiles wherever they can go: the expert MLP of
+    experts of any size (bfloat16: of even H and I) and the products over weights with N
+    contiguous (float32 and float64); the blocked moe_mlp for the other dtypes."""
     import moe_dispatch.backends.numba_backend as nb
 
     monkeypatch.setattr(nb, "fused_rows_limit", lambda *_: 0)
     monkeypatch.setattr(nb, "REGISTER_TILE_DTYPES", (torch.float32, torch.float64))  # AVX2 CPUs too
+    monkeypatch.setattr(nb, "BF16_REGISTER_TILES", True)  # widened where no AVX512-BF16
     monkeypatch.setattr(nb, "REGISTER_TILES_MAX_EXPERT_FLOPS", float("inf"))
     monkeypatch.setattr(nb, "REGISTER_TILES_MAX_DEPTH", 10**9)
     monkeypatch.setattr(nb, "REGISTER_TILES_BELOW_FLOPS", float("inf"))

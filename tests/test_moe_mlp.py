@@ -178,7 +178,7 @@ def force_path(path, monkeypatch):
     rows a pass (what many rows per expert get); blas: BLAS per
     expert; strided: transposed weight views, which the Numba kernels do not read: the
     blocked path, BLAS reading the views in place; register-tiles: the expert MLP on
-    register tiles (float32 and float64; the others blocked)."""
+    register tiles (float32, float64 and bfloat16 of even H and I; the others blocked)."""
     if path == "decode-quad":
         monkeypatch.setattr(nb, "QUAD_ROWS", 0)
     if path == "blas":
@@ -191,10 +191,20 @@ def force_path(path, monkeypatch):
 
 
 def count_register_tile_steps(monkeypatch) -> list:
-    """Record each call of the expert MLP on register tiles."""
-    calls, real = [], nb.expert_tiles.expert_mlp
-    monkeypatch.setattr(nb.expert_tiles, "expert_mlp", lambda *args: calls.append(1) or real(*args))
+    """Record each call of the expert MLP on register tiles, float or bfloat16."""
+    calls = []
+    for name in ("expert_mlp", "expert_mlp_bf16"):
+        real = getattr(nb.expert_tiles, name)
+        monkeypatch.setattr(nb.expert_tiles, name, lambda *args, real=real: calls.append(1) or real(*args))
     return calls
+
+
+def takes_register_tiles(dtype, w_gate_up, w_down) -> bool:
+    """Whether register_tiles_everywhere sends these experts to the register tiles: float32
+    and float64, and bfloat16 read as pairs where the blocked path has no AMX tiles."""
+    if dtype == torch.bfloat16:
+        return all(nb.is_packed(w) and not nb.on_tiles(w) for w in (w_gate_up, w_down))
+    return dtype in nb.REGISTER_TILE_DTYPES
 
 
 def check_moe_mlp(case, dtype, path, activation, bias, gen, monkeypatch, interleaved=False):
@@ -216,13 +226,15 @@ def check_moe_mlp(case, dtype, path, activation, bias, gen, monkeypatch, interle
     # a transposed view of a unit dimension (H=1) is contiguous, and the fused kernels read it
     strided = layout == "transposed" and not (w_gate_up.is_contiguous() and w_down.is_contiguous())
     assert bool(decode_calls) == (path not in ("blas", "register-tiles") and not strided and case.tokens > 0)
-    assert bool(tile_calls) == (path == "register-tiles" and dtype in nb.REGISTER_TILE_DTYPES and case.tokens > 0)
+    assert bool(tile_calls) == (path == "register-tiles" and takes_register_tiles(dtype, w_gate_up, w_down)
+                                and case.tokens > 0)
 
 
 @needs_numba
-# the register tiles take float32 (float64: test_outer_products.py); other dtypes go blocked there
+# the register tiles take float32 and bfloat16 (float64: test_outer_products.py); float16 goes
+# blocked there
 @pytest.mark.parametrize("path,dtype", [(path, dtype) for path in PATHS for dtype in NUMBA_DTYPES
-                                        if path != "register-tiles" or dtype == torch.float32])
+                                        if path != "register-tiles" or dtype in (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("case", CASES)
 def test_moe_mlp_paths_match_reference(case, dtype, path, gen, monkeypatch):
     check_moe_mlp(case, dtype, path, "swiglu", False, gen, monkeypatch)

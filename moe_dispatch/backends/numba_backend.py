@@ -106,7 +106,10 @@ def fused_rows_limit(dtype: torch.dtype, flops_per_row: int, on_tiles: bool = Fa
     for the fused kernels; at 8 rows the fused kernels still win), fewer where the kernels
     widen its bfloat16 weights rather than take bf16_dots (widens), or by its quantized
     weights' formats; register_tiles: the expert MLP on register tiles takes over beyond
-    DOTS_ROWS_BESIDE_REGISTER_TILES."""
+    DOTS_ROWS_BESIDE_REGISTER_TILES, for bfloat16 beyond BF16_DOTS_ROWS_BESIDE_REGISTER_TILES
+    (WIDENING_ROWS_BESIDE_TILES where the kernels widen)."""
+    if register_tiles and dtype == torch.bfloat16:
+        return WIDENING_ROWS_BESIDE_TILES if widens else BF16_DOTS_ROWS_BESIDE_REGISTER_TILES
     if register_tiles:
         return DOTS_ROWS_BESIDE_REGISTER_TILES
     small_group_rows, blocked_expert_flops = (
@@ -171,20 +174,45 @@ def product_on_register_tiles(group_flops: float, a: Tensor, b: Tensor) -> bool:
 REGISTER_TILES_MAX_DEPTH = 384
 DOTS_ROWS_BESIDE_REGISTER_TILES = 8
 REGISTER_TILES_MAX_EXPERT_FLOPS = 120e6
+# bfloat16 experts run the expert MLP on register tiles of bfloat16 pairs (vdpbf16ps) beyond
+# this many rows per active expert where the decode kernels take bf16_dots (beyond
+# WIDENING_ROWS_BESIDE_TILES where they widen), at any size: on a Zen 5, 2 threads, against
+# the decode kernels and the library's products (oneDNN, AVX512-BF16) in turns, ms:
+# olmoe-1b-7b x0.5 at 16 rows 9.6 / 7.7 / 15.6, at 32 rows 11.2 / 15.5 / 19.4, at 64 rows
+# 19.0 / 31.4 / 25.9, at 512 rows 141 / 333 / 151; qwen3-30b-a3b x0.25 at 16 rows 4.7 / 3.8
+# / 11.2; gpt-oss-20b x0.25 (K=720, widened) at 8 rows 4.2 / 4.7 / 7.1.
+BF16_DOTS_ROWS_BESIDE_REGISTER_TILES = 20
+# Where bfloat16 experts go to register tiles at all: where the CPU multiplies bfloat16 pairs
+# in one instruction (elsewhere the tiles widen each pair, at float32's rate).
+BF16_REGISTER_TILES = TAKES_BF16_DOTS
 
 
 def takes_register_tiles(x: Tensor, experts: ExpertWeights) -> bool:
     """Whether the expert MLP on register tiles serves these experts."""
     weights = (experts.w_gate_up, experts.w_down)
+    if not all(isinstance(w, Tensor) and w.dtype == x.dtype and w.is_contiguous() for w in weights):
+        return False
+    if x.dtype == torch.bfloat16:
+        return takes_bf16_register_tiles(experts)
     small = max(experts.hidden_size, experts.intermediate_size) <= REGISTER_TILES_MAX_DEPTH
-    return (x.dtype in REGISTER_TILE_DTYPES and small
-            and all(isinstance(w, Tensor) and w.dtype == x.dtype and w.is_contiguous() for w in weights))
+    return x.dtype in REGISTER_TILE_DTYPES and small
+
+
+def takes_bf16_register_tiles(experts: ExpertWeights) -> bool:
+    """Whether bfloat16 experts run the expert MLP on register tiles: where the CPU multiplies
+    bfloat16 pairs in one instruction (and has no AMX, whose tiles the blocked path takes),
+    whole pairs along both K."""
+    weights = (experts.w_gate_up, experts.w_down)
+    return (BF16_REGISTER_TILES and all(is_packed(w) and not on_tiles(w) for w in weights)
+            and experts.hidden_size > 0 and experts.intermediate_size > 0)
 
 
 def register_tiles_rows(x: Tensor, experts: ExpertWeights) -> float:
     """Rows per active expert up to which the expert MLP runs on register tiles (0: never)."""
     if not takes_register_tiles(x, experts):
         return 0
+    if x.dtype == torch.bfloat16:
+        return float("inf")
     return REGISTER_TILES_MAX_EXPERT_FLOPS / mlp_flops_per_row(experts.w_gate_up, experts.w_down)
 
 
@@ -542,7 +570,7 @@ def decode_setup(x: Tensor, experts: ExpertWeights) -> DecodeSetup:
     matmul library setting too, and fused_rows_limit itself and the register tiles' limits
     (which tests replace to force a path), and its tiles the thread count: all are in the key."""
     key = ("numba decode", x.dtype, onednn_float32(), fused_rows_limit, REGISTER_TILES_MAX_DEPTH,
-           REGISTER_TILES_MAX_EXPERT_FLOPS, torch.get_num_threads())
+           REGISTER_TILES_MAX_EXPERT_FLOPS, BF16_REGISTER_TILES, torch.get_num_threads())
     return experts.derived(key, lambda: DecodeSetup(
         mlp_rows_limit(x, experts), register_tiles_rows(x, experts), decode_kernels(x, experts),
         decode_tiles(experts.hidden_size, experts.intermediate_size), step_kind(x, experts)))
@@ -691,8 +719,8 @@ class NumbaBackend(Backend):
         return self._moe_mlp_blocked(x, weights, bounds, plan, experts, save_for_backward)
 
     def _moe_mlp_register_tiles(self, x, weights, bounds, plan, experts, save_for_backward) -> tuple[Tensor, Tensor]:
-        """Float experts on register tiles (kernels/numba/expert_tiles.py), the rows' outputs
-        met in one combine."""
+        """Float and bfloat16 experts on register tiles (kernels/numba/expert_tiles.py), the
+        rows' outputs met in one combine."""
         w_gate_up, w_down, b_gate_up, b_down = experts.tensors()
         rows = int32_array(plan.token_of_row)
         check_indices("token_of_row", rows, x.shape[0])
@@ -700,12 +728,15 @@ class NumbaBackend(Backend):
         check_indices("row_of_slot", slots, plan.num_rows)
         h = x.new_empty(plan.num_rows if save_for_backward else 0, w_gate_up.shape[1])
         o = x.new_empty(plan.num_rows, x.shape[1])
-        expert_tiles.expert_mlp(
-            as_array(x.contiguous()), rows, as_array(w_gate_up), scalars_array(b_gate_up, x.dtype),
-            b_gate_up is not None, as_array(w_down), scalars_array(b_down, x.dtype), b_down is not None, bounds,
-            fused(experts.activation, experts.gate_up_columns), torch.get_num_threads(), save_for_backward,
-            as_array(h), as_array(o),
-        )
+        if x.dtype == torch.bfloat16:  # pairs of bfloat16 along K, as uint32 words
+            kernel, array = expert_tiles.expert_mlp_bf16, weights_array
+            x = x if is_packed(x) else x.clone(memory_format=torch.contiguous_format)
+        else:
+            kernel, array, x = expert_tiles.expert_mlp, as_array, x.contiguous()
+        kernel(array(x), rows, array(w_gate_up), scalars_array(b_gate_up, x.dtype), b_gate_up is not None,
+               array(w_down), scalars_array(b_down, x.dtype), b_down is not None, bounds,
+               fused(experts.activation, experts.gate_up_columns), torch.get_num_threads(), save_for_backward,
+               as_array(h), as_array(o))
         out = x.new_empty(x.shape)
         perm.combine(as_array(o), slots, scalars_array(weights, x.dtype), as_array(out))
         return out, h

@@ -1,4 +1,4 @@
-"""The expert MLP of float32 and float64 experts with dozens of rows each, on register tiles
+"""The expert MLP of float and bfloat16 experts with dozens of rows each, on register tiles
 (outer_products.py), GEMM1 and GEMM2 computed transposed:
 
   h^T = w_gate_up[e] @ x_e^T,  a^T = act(h^T),  o^T = w_down[e] @ a^T
@@ -14,6 +14,13 @@ The dot-product kernels (mlp.py) read each weight row once for all of an expert'
 serve the few rows of a decode step; at dozens of rows per expert and a small K their
 horizontal sums and scalar epilogues cost more than the products (H=I=64: 33 GFLOP/s on two
 cores), and the library's products pay a call and a gathered copy per expert.
+
+bfloat16 experts (expert_mlp_bf16) go through the same steps on pairs of bfloat16 along K (the
+tiles' bfloat16 operands): x^T and a^T hold one 32-bit word of two elements per row and pair,
+h^T and o^T float32 sums, a^T rounded to bfloat16 once as the blocked path rounds it. Where
+the CPU multiplies bfloat16 pairs in one instruction (AVX512-BF16) a tile runs at the rate
+oneDNN's bfloat16 product reaches on large matrices, already at 64 rows, where oneDNN's
+per-expert products run at half of it (docs/cpu.md, "bfloat16 experts on register tiles").
 """
 
 from __future__ import annotations
@@ -24,13 +31,14 @@ from numba import prange
 from .activations import activate_strip, is_gated
 from .caching import njit
 from .outer_products import STRIP_BYTES, strip_product
+from .scalars import narrow
+from .transposes import BLOCK, transpose_block
 from .vector_width import wide_vectors
 
 # Rows of an expert that go through GEMM1 and GEMM2 together (128 float32): the weights are
 # read once per chunk (olmoe-1b-7b x0.25 ran as fast with chunks of 64, 128 or 256 rows).
 CHUNK_BYTES = 2 * STRIP_BYTES
 LINE = 64  # bytes of a cache line
-BLOCK = 16  # rows transposed together
 
 
 @njit(cache=True)
@@ -46,6 +54,23 @@ def chunks(offsets, size):
             expert[count], first[count] = e, r
             count += 1
     return expert, first
+
+
+@njit(cache=True)
+def balanced_ranges(offsets, expert, first, size, slots):
+    """bounds [slots + 1]: slot s takes chunks bounds[s] to bounds[s + 1], consecutive ones of
+    about equal rows (chunks of uneven experts dealt in turns left one thread a tenth of
+    the work more than the other at 64 rows per expert)."""
+    total = offsets[-1] - offsets[0]
+    bounds = np.empty(slots + 1, dtype=np.int64)
+    bounds[0], done, slot = 0, 0, 1
+    for chunk in range(expert.shape[0]):
+        done += min(size, offsets[expert[chunk] + 1] - first[chunk])
+        while slot < slots and done * slots >= total * slot:
+            bounds[slot] = chunk + 1
+            slot += 1
+    bounds[slot:] = expert.shape[0]
+    return bounds
 
 
 @njit(cache=True, parallel=True)
@@ -83,9 +108,7 @@ def expert_mlp(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_d
                         xt[k * lead + j] = x[token_of_row[r0 + j], k]
             strip_product(flat_gate_up, e * width * hidden, width, hidden, xt, 0, lead, ht, 0, lead, rows)
             if has_b_gate_up:
-                for n in range(width):
-                    for j in range(rows):
-                        ht[n * lead + j] += b_gate_up[e, n]
+                _add_bias(ht, lead, rows, b_gate_up, e)
             if save_h:
                 _to_rows(ht, lead, rows, h, r0, b_gate_up, e, False)
             for i in range(inter):
@@ -96,12 +119,83 @@ def expert_mlp(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_d
             _to_rows(ot, lead, rows, o, r0, b_down, e, has_b_down)
 
 
+@njit(cache=True, parallel=True)
+def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_down, has_b_down, offsets, act,
+                    slots, save_h, h, o):
+    """expert_mlp of bfloat16 x and weights, as uint32 words of two bfloat16 along K (the lower
+    address first): x [T, H/2], w_gate_up [E, W, H/2], w_down [E, H, I/2]; b_gate_up [E, W]
+    and b_down [E, H] float32; h [R, W] and o [R, H] bfloat16 bits (uint16) out."""
+    pairs, width, inter_pairs = x.shape[1], w_gate_up.shape[1], w_down.shape[2]
+    hidden, inter = w_down.shape[1], 2 * inter_pairs
+    chunk_rows = CHUNK_BYTES // x.itemsize
+    lead = chunk_rows + LINE // x.itemsize  # as in expert_mlp
+    expert, first = chunks(offsets, chunk_rows)
+    slots = max(1, min(slots, expert.shape[0]))
+    words = np.empty((slots, (pairs + inter_pairs) * lead), dtype=np.uint32)
+    sums = np.empty((slots, (width + hidden) * lead + chunk_rows * hidden), dtype=np.float32)
+    flat_x, flat_gate_up, flat_down = x.reshape(-1), w_gate_up.reshape(-1), w_down.reshape(-1)
+    bounds = balanced_ranges(offsets, expert, first, chunk_rows, slots)
+    for slot in prange(slots):
+        wide_vectors()
+        xt, at = words[slot, :pairs * lead], words[slot, pairs * lead:]
+        ht, ot = sums[slot, :width * lead], sums[slot, width * lead:(width + hidden) * lead]
+        o_rows = sums[slot, (width + hidden) * lead:]
+        starts = np.empty(BLOCK, dtype=np.int64)  # of a block's rows in the source
+        for chunk in range(bounds[slot], bounds[slot + 1]):
+            e, r0 = expert[chunk], first[chunk]
+            rows = min(chunk_rows, offsets[e + 1] - r0)
+            for j0 in range(0, rows, BLOCK):
+                count = min(BLOCK, rows - j0)
+                for j in range(count):
+                    starts[j] = token_of_row[r0 + j0 + j] * pairs
+                for k0 in range(0, pairs, BLOCK):
+                    transpose_block(flat_x, starts, count, min(BLOCK, pairs - k0), xt, k0 * lead + j0, lead)
+                    starts[:count] += BLOCK
+            strip_product(flat_gate_up, e * width * pairs, width, pairs, xt, 0, lead, ht, 0, lead, rows)
+            if has_b_gate_up:
+                _add_bias(ht, lead, rows, b_gate_up, e)
+            if save_h:
+                _to_rows(ht, lead, rows, h, r0, b_gate_up, e, False)
+            # two rows of a^T at a time, through o^T's first two rows (free until GEMM2), into words
+            for i in range(0, inter, 2):
+                for half in range(2):
+                    gate = (i + half) * act.step if is_gated(act) else i + half
+                    up = gate + act.shift if is_gated(act) else gate
+                    activate_strip(ht[gate * lead:], ht[up * lead:], ot[half * lead:], rows, act)
+                for j in range(rows):
+                    low = np.uint32(narrow(ot[j], np.uint16))
+                    high = np.uint32(narrow(ot[lead + j], np.uint16))
+                    at[(i // 2) * lead + j] = low | (high << np.uint32(16))
+            strip_product(flat_down, e * hidden * inter_pairs, hidden, inter_pairs, at, 0, lead, ot, 0, lead, rows)
+            # o^T's columns as rows of float32, then rounded
+            for n0 in range(0, hidden, BLOCK):
+                count = min(BLOCK, hidden - n0)
+                for n in range(count):
+                    starts[n] = (n0 + n) * lead
+                for j0 in range(0, rows, BLOCK):
+                    transpose_block(ot, starts, count, min(BLOCK, rows - j0), o_rows, j0 * hidden + n0, hidden)
+                    starts[:count] += BLOCK
+            for j in range(rows):
+                for n in range(hidden):
+                    add = b_down[e, n] if has_b_down else np.float32(0)
+                    o[r0 + j, n] = narrow(o_rows[j * hidden + n] + add, o.dtype)
+
+
+@njit(cache=True, inline="always")
+def _add_bias(ht, lead, rows, bias, e):
+    """ht[n * lead + j] += bias[e, n] for every row n of a chunk's h^T and j < rows."""
+    for n in range(bias.shape[1]):
+        for j in range(rows):
+            ht[n * lead + j] += bias[e, n]
+
+
 @njit(cache=True, inline="always")
 def _to_rows(src, lead, rows, dst, r0, bias, e, has_bias):
-    """dst[r0 + j, n] = src[n * lead + j] (+ bias[e, n]) for j < rows, n < dst's columns: a
-    chunk's columns back to rows, BLOCK rows at a time (their lines stay in L1)."""
+    """dst[r0 + j, n] = src[n * lead + j] (+ bias[e, n]) in dst's type (bfloat16 bits rounded)
+    for j < rows, n < dst's columns: a chunk's columns back to rows, BLOCK rows at a time
+    (their lines stay in L1)."""
     for j0 in range(0, rows, BLOCK):
         for n in range(dst.shape[1]):
             add = bias[e, n] if has_bias else bias.dtype.type(0)
             for j in range(j0, min(j0 + BLOCK, rows)):
-                dst[r0 + j, n] = src[n * lead + j] + add
+                dst[r0 + j, n] = narrow(src[n * lead + j] + add, dst.dtype)

@@ -15,6 +15,12 @@ transposed operand): row i's element k is a[a_rows[i] + k * k_stride]. a, b and 
 (ravelled) arrays of one float dtype; columns past `width` are neither read nor written
 (masked), and a strip narrower than VECTORS vectors runs as many as it needs.
 
+bfloat16 operands come in pairs along k: a and b uint32 words of two bfloat16 each (the lower
+address first), c float32, and each k is a pair. A word of a is broadcast and meets a vector
+of b's words in one vdpbf16ps where the CPU has AVX512-BF16 (32 multiply-adds into 16 float32
+sums, twice float32's rate), else both halves widened to float32 (correct everywhere). Like
+oneDNN's bfloat16 products, vdpbf16ps reads subnormal inputs as zero.
+
 product_tile is plain Python (numpy), which NUMBA_DISABLE_JIT=1 runs, with an overload that
 compiles the vector code in its place."""
 
@@ -27,9 +33,10 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from .bf16_dots import _dot_instruction
 from .caching import njit
-from .packed_dots import _broadcast, _intrinsic_call
-from .vector_width import widest_vector_bytes
+from .packed_dots import BF16, I32, _broadcast, _const, _intrinsic_call
+from .vector_width import host_cpu_features, widest_vector_bytes
 
 # A tile's sums stay in registers: ROWS x VECTORS of the CPU's widest vectors, 24 of AVX-512's
 # 32 registers (4 x 4 ran 0.85x as fast at K=512), or 12 of AVX2's 16 (6 x 4 of them, twice
@@ -39,9 +46,12 @@ ROWS = 6
 VECTOR_BYTES = widest_vector_bytes()
 VECTORS = 4 if VECTOR_BYTES == 64 else 2
 STRIP_BYTES = VECTORS * VECTOR_BYTES  # the columns of a tile (AVX-512): 64 float32, 32 float64
-# Rows of b that meet every row of a before the next ones: a strip's 32 KB, in L1 (K=1024,
-# N=512 at 64 rows: 202 GFLOP/s on two cores, 116 with the whole depth at once).
-DEPTH_BLOCK = 128
+# Rows of b that meet every row of a before the next ones: a strip's 64 KB, in L2, and 1 KB of
+# each row of a, which streams from memory when a is a weight (K=1024, N=512 at 64 rows: 202
+# GFLOP/s on two cores, 116 with the whole depth at once; on a Zen 5 core, 64 experts of
+# [1024, 1024] from memory at 64 rows: float32 250 GFLOP/s, 227 with 128 rows of b, 177 with
+# 64; bfloat16 pairs 517, 466 with 128 pairs).
+DEPTH_BLOCK = 256
 # Rows of a whose sums stay in L2 while the depth goes by: 40 tiles, 240 x 256 float32 sums.
 BLOCK_ROWS = 40 * ROWS
 
@@ -63,8 +73,12 @@ def strip_product(a, a_start, num_rows, depth, b, b_start, b_stride, c, c_start,
 
     BLOCK_ROWS rows of a at a time, whose sums stay in L2 while DEPTH_BLOCK rows of b at a
     time meet them, a strip of b's columns at a time (in L1) against every row of the block
-    (whose DEPTH_BLOCK elements stay in L2 from strip to strip)."""
-    strip = STRIP_BYTES // a.itemsize
+    (whose DEPTH_BLOCK elements stay in L2 from strip to strip). The strips share the columns
+    evenly, in whole vectors: 70 columns of float32 as 48 and 22, not 64 and 6, whose one
+    vector of 6 lanes costs half a full strip (its 6 sums wait on each other's latency)."""
+    lanes = VECTOR_BYTES // c.itemsize
+    strips = (width + STRIP_BYTES // c.itemsize - 1) // (STRIP_BYTES // c.itemsize)
+    strip = max(lanes, ((width + strips - 1) // max(strips, 1) + lanes - 1) // lanes * lanes)
     for i0 in range(0, num_rows, BLOCK_ROWS):
         i1 = min(num_rows, i0 + BLOCK_ROWS)
         for k0 in range(0, max(depth, 1), DEPTH_BLOCK):  # a depth of 0 writes zeros
@@ -80,22 +94,41 @@ def product_tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_s
     """c[c_start + i * c_stride + j] = (c's value there when accumulate) + sum over k < depth of
     a[a_rows[i] + k * k_stride] * b[b_start + k * b_stride + j], for i < count <= ROWS and
     j < width <= STRIP_BYTES / itemsize; a_rows: a tuple of ROWS offsets (the first count
-    read)."""
+    read). bfloat16 pairs (a and b uint32): each product is the sum of the two halves'."""
     for i in range(count):
-        values = a[a_rows[i] + np.arange(depth) * k_stride].astype(np.float64)
-        block = b[b_start + np.arange(depth)[:, None] * b_stride + np.arange(width)].astype(np.float64)
+        values = _wide(a[a_rows[i] + np.arange(depth) * k_stride])
+        block = _wide(b[b_start + np.arange(depth)[:, None] * b_stride + np.arange(width)])
         target = c_start + i * c_stride + np.arange(width)
-        total = values @ block
+        total = np.einsum("kp,kjp->j", values, block) if a.dtype == np.uint32 else values @ block
         c[target] = (c[target] + total) if accumulate else total
 
 
-def _tile_intrinsic():
+def _wide(x):
+    """x as float64; uint32 bfloat16 pairs as a new last axis of two (the lower half first)."""
+    if x.dtype != np.uint32:
+        return x.astype(np.float64)
+    halves = np.stack((x << np.uint32(16), x & np.uint32(0xFFFF0000)), axis=-1)
+    return halves.view(np.float32).astype(np.float64)
+
+
+def _operand_types(a, b, c):
+    """Whether a, b and c are flat arrays the tile multiplies: all of one float dtype, or
+    bfloat16 pairs (a and b uint32, c float32)."""
+    if not all(isinstance(x, types.Array) and x.ndim == 1 for x in (a, b, c)):
+        return False
+    if (a.dtype, b.dtype, c.dtype) == (types.uint32, types.uint32, types.float32):
+        return True
+    return c.dtype in (types.float32, types.float64) and a.dtype == b.dtype == c.dtype
+
+
+def _tile_intrinsic(cpu_features=None):
+    """The vector code of product_tile, for the CPU features given (a "+avx512bf16,..." string),
+    by default those Numba compiles for."""
+
     @intrinsic
     def tile(typingctx, a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width,
              accumulate):
-        arrays = (a, b, c)
-        if not all(isinstance(x, types.Array) and x.ndim == 1 and x.dtype in (types.float32, types.float64)
-                   for x in arrays) or len({x.dtype for x in arrays}) != 1:
+        if not _operand_types(a, b, c):
             return None
         if not (isinstance(a_rows, types.UniTuple) and a_rows.count == ROWS
                 and isinstance(a_rows.dtype, types.Integer)):
@@ -108,9 +141,13 @@ def _tile_intrinsic():
             index = types.intp
             data = [context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 4, 8)]
             a_ptr, b_ptr, c_ptr = data
-            dtype = sig.args[0].dtype
+            dtype = sig.args[8].dtype
             lanes = VECTOR_BYTES * 8 // dtype.bitwidth
             vector = ir.VectorType(context.get_data_type(dtype), lanes)
+            operand = ir.VectorType(context.get_data_type(sig.args[4].dtype), lanes)
+            cpu = cpu_features if cpu_features is not None else host_cpu_features()
+            multiply_add = (_pairs_multiply_add(vector, _dot_instruction(cpu) and lanes == 16)
+                            if sig.args[0].dtype == types.uint32 else _fma(vector))
             rows = [context.cast(builder, r, sig.args[1].dtype, index)
                     for r in cgutils.unpack_tuple(builder, args[1], ROWS)]
             (count_, k_stride_, b_start_, b_stride_, depth_, c_start_, c_stride_, width_) = (
@@ -121,7 +158,6 @@ def _tile_intrinsic():
                                                                            lanes)),
                                          _broadcast(builder, width_, lanes))
                      for v in range(VECTORS)]
-            zero = ir.Constant(vector, None)
             # one loop per (rows, vectors): the vectors a strip of width columns needs
             vectors = builder.udiv(builder.add(width_, ir.Constant(index_type, lanes - 1)),
                                    ir.Constant(index_type, lanes))
@@ -136,8 +172,8 @@ def _tile_intrinsic():
                     case = builder.append_basic_block(f"tile.rows{n}.vectors{v}")
                     inner.add_case(ir.Constant(index_type, v), case)
                     builder.position_at_end(case)
-                    _emit_rows(builder, n, vector, masks[:v], zero, a_ptr, rows, k_stride_, b_ptr, b_start_,
-                               b_stride_, depth_, c_ptr, c_start_, c_stride_, accumulate_)
+                    _emit_rows(builder, n, vector, operand, multiply_add, masks[:v], a_ptr, rows, k_stride_, b_ptr,
+                               b_start_, b_stride_, depth_, c_ptr, c_start_, c_stride_, accumulate_)
                     builder.branch(switch_end)
             builder.position_at_end(switch_end)
             return context.get_dummy_value()
@@ -148,7 +184,33 @@ def _tile_intrinsic():
     return tile
 
 
+def _fma(vector):
+    name = f"llvm.fma.{_vector_name(vector)}"
+    return lambda builder, total, value, b_vector: _intrinsic_call(builder, name, vector, [value, b_vector, total])
+
+
+def _pairs_multiply_add(vector, fast):
+    """total plus, lane by lane, the products of the bfloat16 pairs in value's and b_vector's
+    32-bit lanes."""
+    lanes = vector.count
+
+    def fused(builder, total, value, b_vector):
+        pairs = ir.VectorType(BF16, 2 * lanes)
+        return _intrinsic_call(builder, "llvm.x86.avx512bf16.dpbf16ps.512", vector,
+                               [total, builder.bitcast(value, pairs), builder.bitcast(b_vector, pairs)])
+
+    def widened(builder, total, value, b_vector):
+        fma = _fma(vector)
+        low = [builder.bitcast(builder.shl(v, _const(I32, 16, lanes)), vector) for v in (value, b_vector)]
+        high = [builder.bitcast(builder.and_(v, _const(I32, 0xFFFF0000, lanes)), vector) for v in (value, b_vector)]
+        return fma(builder, fma(builder, total, *low), *high)
+
+    return fused if fast else widened
+
+
 def _vector_name(vector) -> str:
+    if isinstance(vector.element, ir.IntType):
+        return f"v{vector.count}i{vector.element.width}"
     return f"v{vector.count}f{64 if isinstance(vector.element, ir.DoubleType) else 32}"
 
 
@@ -171,23 +233,23 @@ def _masked_store(builder, value, ptr, mask):
                                                    ir.Constant(ir.IntType(32), 4), mask])
 
 
-def _emit_rows(builder, n, vector, masks, zero, a_ptr, rows, k_stride, b_ptr, b_start, b_stride, depth, c_ptr,
-               c_start, c_stride, accumulate):
+def _emit_rows(builder, n, vector, operand, multiply_add, masks, a_ptr, rows, k_stride, b_ptr, b_start, b_stride,
+               depth, c_ptr, c_start, c_stride, accumulate):
+    """n rows of sums of `vector`s, len(masks) vectors of b (`operand`s) each, over the depth."""
     lanes = vector.count
     index_type = rows[0].type
+    zero, operand_zero = ir.Constant(vector, None), ir.Constant(operand, None)
     sums = [[cgutils.alloca_once_value(builder, zero) for _ in masks] for _ in range(n)]
-    fma = f"llvm.fma.{_vector_name(vector)}"
     with cgutils.for_range(builder, depth) as loop:
         k = loop.index
         b_row = builder.gep(b_ptr, [builder.add(b_start, builder.mul(k, b_stride))])
-        strip = [_masked_load(builder, builder.gep(b_row, [ir.Constant(index_type, v * lanes)]), mask, zero)
+        strip = [_masked_load(builder, builder.gep(b_row, [ir.Constant(index_type, v * lanes)]), mask, operand_zero)
                  for v, mask in enumerate(masks)]
         step = builder.mul(k, k_stride)
         for i in range(n):
             value = _broadcast(builder, builder.load(builder.gep(a_ptr, [builder.add(rows[i], step)])), lanes)
             for v, b_vector in enumerate(strip):
-                total = builder.load(sums[i][v])
-                builder.store(_intrinsic_call(builder, fma, vector, [value, b_vector, total]), sums[i][v])
+                builder.store(multiply_add(builder, builder.load(sums[i][v]), value, b_vector), sums[i][v])
     for i in range(n):
         c_row = builder.gep(c_ptr, [builder.add(c_start, builder.mul(ir.Constant(index_type, i), c_stride))])
         for v, mask in enumerate(masks):
