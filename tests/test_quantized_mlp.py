@@ -10,7 +10,8 @@ import torch
 
 import moe_dispatch as md
 from conftest import (CPU_BACKENDS, TOLERANCE, assert_close, count_decode_steps, expert_weights,
-                      large_groups_everywhere, needs_numba, random_ids, random_weights, small_groups_everywhere)
+                      large_groups_everywhere, needs_numba, random_ids, random_weights, register_tiles_everywhere,
+                      small_groups_everywhere)
 from moe_dispatch.formats.quantized import quantized_formats
 from reference import naive_moe_mlp
 
@@ -68,23 +69,33 @@ def test_the_reference_backend_equals_itself_on_the_dequantized_weights(gen):
 
 
 @needs_numba
-@pytest.mark.parametrize("path", ["decode-direct", "decode", "blocked"])
+@pytest.mark.parametrize("path", ["decode-direct", "decode", "blocked", "register-tiles"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("fmt,options,hidden,inter", FORMATS)
 def test_numba_paths_read_the_packed_codes(fmt, options, hidden, inter, dtype, path, gen, monkeypatch):
     """decode-direct: at most two rows per expert, dot products straight from the codes;
     decode: each weight row converted once into a buffer in L1 and dotted with the expert's
     rows; blocked: one expert at a time dequantized into a reused buffer, then the library
-    product."""
-    (large_groups_everywhere if path == "blocked" else small_groups_everywhere)(monkeypatch)
+    product; register-tiles: the same buffer, then the expert MLP on register tiles of
+    bfloat16 pairs (bfloat16 activations, H and I even, where no AMX takes the blocked path;
+    the others blocked)."""
+    force = {"blocked": large_groups_everywhere, "register-tiles": register_tiles_everywhere}
+    force.get(path, small_groups_everywhere)(monkeypatch)
     steps = count_decode_steps(monkeypatch, "quantized_kernels")
+    import moe_dispatch.backends.numba_backend as nb
+
+    tiles, real = [], nb.expert_tiles.expert_mlp_bf16
+    monkeypatch.setattr(nb.expert_tiles, "expert_mlp_bf16", lambda *args: tiles.append(1) or real(*args))
     tokens = 2 if path == "decode-direct" else 23  # 2 tokens, top-3 of 5 experts: at most 2 rows each
     x, weights, ids, q_gate_up, q_down, b_gate_up, b_down = quantized_case(fmt, options, hidden, inter, gen, dtype,
                                                                            tokens=tokens, top_k=3, bias=True)
     experts = md.ExpertWeights(q_gate_up, q_down, b_gate_up, b_down)
     out = md.moe_mlp(x, weights, ids, experts, backend="numba")
     assert_close(out, expected(x, weights, ids, q_gate_up, q_down, b_gate_up, b_down), dtype)
-    assert bool(steps) == (path != "blocked")
+    assert bool(steps) == (path not in ("blocked", "register-tiles"))
+    pairs = (dtype == torch.bfloat16 and hidden % 2 == inter % 2 == 0
+             and not any(nb.takes_quantized_tiles(w, dtype) for w in (q_gate_up, q_down)))
+    assert bool(tiles) == (path == "register-tiles" and pairs)
 
 
 @needs_numba
@@ -124,6 +135,9 @@ def test_nojit_quantized_kernels(fmt, options, gen, monkeypatch):
     small_groups_everywhere(monkeypatch)
     x, weights, ids, q_gate_up, q_down, _, _ = quantized_case(fmt, options, 64, 32, gen, torch.bfloat16, tokens=3)
     out = md.moe_mlp(x, weights, ids, q_gate_up, q_down, backend="numba")
+    assert_close(out, expected(x, weights, ids, q_gate_up, q_down), torch.bfloat16)
+    register_tiles_everywhere(monkeypatch)  # each expert dequantized into a buffer, then pairs of bfloat16
+    out = md.moe_mlp(x, weights, ids, md.ExpertWeights(q_gate_up, q_down), backend="numba")
     assert_close(out, expected(x, weights, ids, q_gate_up, q_down), torch.bfloat16)
     dense = torch.empty(q_down.shape, dtype=torch.bfloat16)
     import moe_dispatch.backends.numba_backend as nb

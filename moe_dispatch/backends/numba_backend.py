@@ -107,7 +107,10 @@ def fused_rows_limit(dtype: torch.dtype, flops_per_row: int, on_tiles: bool = Fa
     widen its bfloat16 weights rather than take bf16_dots (widens), or by its quantized
     weights' formats; register_tiles: the expert MLP on register tiles takes over beyond
     DOTS_ROWS_BESIDE_REGISTER_TILES, for bfloat16 beyond BF16_DOTS_ROWS_BESIDE_REGISTER_TILES
-    (WIDENING_ROWS_BESIDE_TILES where the kernels widen)."""
+    (WIDENING_ROWS_BESIDE_TILES where the kernels widen), for quantized experts beyond
+    QUANTIZED_ROWS_BESIDE_REGISTER_TILES."""
+    if register_tiles and formats:
+        return min(QUANTIZED_ROWS_BESIDE_REGISTER_TILES[fmt] for fmt in formats)
     if register_tiles and dtype == torch.bfloat16:
         return WIDENING_ROWS_BESIDE_TILES if widens else BF16_DOTS_ROWS_BESIDE_REGISTER_TILES
     if register_tiles:
@@ -182,6 +185,13 @@ REGISTER_TILES_MAX_EXPERT_FLOPS = 120e6
 # 19.0 / 31.4 / 25.9, at 512 rows 141 / 333 / 151; qwen3-30b-a3b x0.25 at 16 rows 4.7 / 3.8
 # / 11.2; gpt-oss-20b x0.25 (K=720, widened) at 8 rows 4.2 / 4.7 / 7.1.
 BF16_DOTS_ROWS_BESIDE_REGISTER_TILES = 20
+# Quantized experts of bfloat16 activations leave the decode kernels for the register tiles
+# (each expert dequantized to bfloat16 once per call) beyond these rows per expert, by format:
+# olmoe-1b-7b x0.5, decode kernels / register tiles / the blocked path's library products, ms:
+# int4 at 16 rows 7.5 / 10.2 / 19.6, at 32 rows 15.7 / 12.1 / 22.4, at 64 31.7 / 19.6 / 30.7;
+# int8 at 16 rows 7.0 / 10.4, at 32 14.5 / 12.4; mxfp4 10.3 / 12.4 and 21.2 / 14.4; fp8 at 16
+# rows 15.3 / 11.1 (its decode kernels convert each e4m3 code).
+QUANTIZED_ROWS_BESIDE_REGISTER_TILES = {"int8": 20, "int4": 20, "mxfp4": 20, "fp8": 10}
 # Where bfloat16 experts go to register tiles at all: where the CPU multiplies bfloat16 pairs
 # in one instruction (elsewhere the tiles widen each pair, at float32's rate).
 BF16_REGISTER_TILES = TAKES_BF16_DOTS
@@ -189,21 +199,27 @@ BF16_REGISTER_TILES = TAKES_BF16_DOTS
 
 def takes_register_tiles(x: Tensor, experts: ExpertWeights) -> bool:
     """Whether the expert MLP on register tiles serves these experts."""
+    if x.dtype == torch.bfloat16:
+        return takes_bf16_register_tiles(experts)
     weights = (experts.w_gate_up, experts.w_down)
     if not all(isinstance(w, Tensor) and w.dtype == x.dtype and w.is_contiguous() for w in weights):
         return False
-    if x.dtype == torch.bfloat16:
-        return takes_bf16_register_tiles(experts)
     small = max(experts.hidden_size, experts.intermediate_size) <= REGISTER_TILES_MAX_DEPTH
     return x.dtype in REGISTER_TILE_DTYPES and small
 
 
 def takes_bf16_register_tiles(experts: ExpertWeights) -> bool:
-    """Whether bfloat16 experts run the expert MLP on register tiles: where the CPU multiplies
-    bfloat16 pairs in one instruction (and has no AMX, whose tiles the blocked path takes),
-    whole pairs along both K."""
+    """Whether the expert MLP of bfloat16 activations runs on register tiles: where the CPU
+    multiplies bfloat16 pairs in one instruction, whole pairs along both K, for bfloat16
+    weights or quantized ones (each expert dequantized to bfloat16 as its rows come), unless
+    the blocked path multiplies them on AMX tiles."""
     weights = (experts.w_gate_up, experts.w_down)
-    return (BF16_REGISTER_TILES and all(is_packed(w) and not on_tiles(w) for w in weights)
+    if all(isinstance(w, QuantizedWeight) for w in weights):
+        pairs = all(not takes_quantized_tiles(w, torch.bfloat16) for w in weights)
+    else:
+        pairs = all(isinstance(w, Tensor) and w.dtype == torch.bfloat16 and is_packed(w) and not on_tiles(w)
+                    for w in weights)
+    return (BF16_REGISTER_TILES and pairs and experts.hidden_size % 2 == experts.intermediate_size % 2 == 0
             and experts.hidden_size > 0 and experts.intermediate_size > 0)
 
 
@@ -326,6 +342,12 @@ def weights_array(w: Tensor) -> np.ndarray:
         # through the flat storage: a unit dimension may carry an odd stride (N=1), which view refuses
         return w.detach().flatten().view(torch.int32).view(*w.shape[:-1], -1).numpy().view(np.uint32)
     return as_array(w)
+
+
+def pairs_array(t) -> object:
+    """What the register tiles of bfloat16 pairs read: a tensor's uint32 words of two bfloat16
+    (is_packed(t)), a quantized weight's rows (dequantized an expert at a time)."""
+    return quantized_rows(t) if isinstance(t, QuantizedWeight) else weights_array(t)
 
 
 def split_array(t: Tensor) -> np.ndarray:
@@ -721,7 +743,7 @@ class NumbaBackend(Backend):
     def _moe_mlp_register_tiles(self, x, weights, bounds, plan, experts, save_for_backward) -> tuple[Tensor, Tensor]:
         """Float and bfloat16 experts on register tiles (kernels/numba/expert_tiles.py), the
         rows' outputs met in one combine."""
-        w_gate_up, w_down, b_gate_up, b_down = experts.tensors()
+        w_gate_up, w_down, b_gate_up, b_down = experts.w_gate_up, experts.w_down, experts.b_gate_up, experts.b_down
         rows = int32_array(plan.token_of_row)
         check_indices("token_of_row", rows, x.shape[0])
         slots = int32_array(plan.row_of_slot)
@@ -729,7 +751,7 @@ class NumbaBackend(Backend):
         h = x.new_empty(plan.num_rows if save_for_backward else 0, w_gate_up.shape[1])
         o = x.new_empty(plan.num_rows, x.shape[1])
         if x.dtype == torch.bfloat16:  # pairs of bfloat16 along K, as uint32 words
-            kernel, array = expert_tiles.expert_mlp_bf16, weights_array
+            kernel, array = expert_tiles.expert_mlp_bf16, pairs_array
             x = x if is_packed(x) else x.clone(memory_format=torch.contiguous_format)
         else:
             kernel, array, x = expert_tiles.expert_mlp, as_array, x.contiguous()

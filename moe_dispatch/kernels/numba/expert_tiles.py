@@ -26,11 +26,13 @@ per-expert products run at half of it (docs/cpu.md, "bfloat16 experts on registe
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.extending import overload
 
 from .activations import activate_strip, is_gated
 from .caching import njit
 from .outer_products import STRIP_BYTES, strip_product
+from .quantized import dequantize_experts
 from .scalars import narrow
 from .transposes import BLOCK, transpose_block
 from .vector_width import wide_vectors
@@ -123,17 +125,22 @@ def expert_mlp(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_d
 def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_down, has_b_down, offsets, act,
                     slots, save_h, h, o):
     """expert_mlp of bfloat16 x and weights, as uint32 words of two bfloat16 along K (the lower
-    address first): x [T, H/2], w_gate_up [E, W, H/2], w_down [E, H, I/2]; b_gate_up [E, W]
-    and b_down [E, H] float32; h [R, W] and o [R, H] bfloat16 bits (uint16) out."""
-    pairs, width, inter_pairs = x.shape[1], w_gate_up.shape[1], w_down.shape[2]
-    hidden, inter = w_down.shape[1], 2 * inter_pairs
+    address first): x [T, H/2], w_gate_up [E, W, H/2], w_down [E, H, I/2], or either a
+    quantized.QuantizedRows of [E, N, K], each expert dequantized to bfloat16 into its thread's
+    buffer as its first chunk comes; b_gate_up [E, W] and b_down [E, H] float32; h [R, W] and
+    o [R, H] bfloat16 bits (uint16) out."""
+    pairs = x.shape[1]
+    width, _ = matrix_shape(w_gate_up)
+    hidden, inter_pairs = matrix_shape(w_down)
+    inter = 2 * inter_pairs
     chunk_rows = CHUNK_BYTES // x.itemsize
     lead = chunk_rows + LINE // x.itemsize  # as in expert_mlp
     expert, first = chunks(offsets, chunk_rows)
     slots = max(1, min(slots, expert.shape[0]))
     words = np.empty((slots, (pairs + inter_pairs) * lead), dtype=np.uint32)
     sums = np.empty((slots, (width + hidden) * lead + chunk_rows * hidden), dtype=np.float32)
-    flat_x, flat_gate_up, flat_down = x.reshape(-1), w_gate_up.reshape(-1), w_down.reshape(-1)
+    gate_up_buffers, down_buffers = expert_buffers(w_gate_up, slots), expert_buffers(w_down, slots)
+    flat_x = x.reshape(-1)
     bounds = balanced_ranges(offsets, expert, first, chunk_rows, slots)
     for slot in prange(slots):
         wide_vectors()
@@ -141,9 +148,14 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
         ht, ot = sums[slot, :width * lead], sums[slot, width * lead:(width + hidden) * lead]
         o_rows = sums[slot, (width + hidden) * lead:]
         starts = np.empty(BLOCK, dtype=np.int64)  # of a block's rows in the source
+        gate_up, down, last = xt[:0], xt[:0], -1
         for chunk in range(bounds[slot], bounds[slot + 1]):
             e, r0 = expert[chunk], first[chunk]
             rows = min(chunk_rows, offsets[e + 1] - r0)
+            if e != last:
+                gate_up = expert_words(w_gate_up, e, gate_up_buffers[slot])
+                down = expert_words(w_down, e, down_buffers[slot])
+                last = e
             for j0 in range(0, rows, BLOCK):
                 count = min(BLOCK, rows - j0)
                 for j in range(count):
@@ -151,7 +163,7 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
                 for k0 in range(0, pairs, BLOCK):
                     transpose_block(flat_x, starts, count, min(BLOCK, pairs - k0), xt, k0 * lead + j0, lead)
                     starts[:count] += BLOCK
-            strip_product(flat_gate_up, e * width * pairs, width, pairs, xt, 0, lead, ht, 0, lead, rows)
+            strip_product(gate_up, 0, width, pairs, xt, 0, lead, ht, 0, lead, rows)
             if has_b_gate_up:
                 _add_bias(ht, lead, rows, b_gate_up, e)
             if save_h:
@@ -166,7 +178,7 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
                     low = np.uint32(narrow(ot[j], np.uint16))
                     high = np.uint32(narrow(ot[lead + j], np.uint16))
                     at[(i // 2) * lead + j] = low | (high << np.uint32(16))
-            strip_product(flat_down, e * hidden * inter_pairs, hidden, inter_pairs, at, 0, lead, ot, 0, lead, rows)
+            strip_product(down, 0, hidden, inter_pairs, at, 0, lead, ot, 0, lead, rows)
             # o^T's columns as rows of float32, then rounded
             for n0 in range(0, hidden, BLOCK):
                 count = min(BLOCK, hidden - n0)
@@ -179,6 +191,51 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
                 for n in range(hidden):
                     add = b_down[e, n] if has_b_down else np.float32(0)
                     o[r0 + j, n] = narrow(o_rows[j * hidden + n] + add, o.dtype)
+
+
+def matrix_shape(w):
+    """(N, K/2) of each expert of w: [E, N, K/2] bfloat16 words, or quantized.QuantizedRows."""
+    if isinstance(w, np.ndarray):
+        return w.shape[1], w.shape[2]
+    return w.codes.shape[1], w.depth // 2
+
+
+def expert_buffers(w, slots):
+    """A buffer per thread for one expert of w dequantized to bfloat16 (none for words)."""
+    return np.empty((slots, 0 if isinstance(w, np.ndarray) else w.codes.shape[1] * w.depth), dtype=np.uint16)
+
+
+def expert_words(w, e, buffer):
+    """Expert e of w as flat bfloat16 words: a view of w's, or dequantized into buffer."""
+    if isinstance(w, np.ndarray):
+        return w[e].reshape(-1)
+    dequantize_experts(w, np.full(1, e, dtype=np.int32), buffer.reshape(1, w.codes.shape[1], w.depth))
+    return buffer.view(np.uint32)
+
+
+@overload(matrix_shape, inline="always")
+def _matrix_shape(w):
+    if isinstance(w, types.Array):
+        return lambda w: (w.shape[1], w.shape[2])
+    return lambda w: (w.codes.shape[1], w.depth // 2)
+
+
+@overload(expert_buffers, inline="always")
+def _expert_buffers(w, slots):
+    if isinstance(w, types.Array):
+        return lambda w, slots: np.empty((slots, 0), dtype=np.uint16)
+    return lambda w, slots: np.empty((slots, w.codes.shape[1] * w.depth), dtype=np.uint16)
+
+
+@overload(expert_words, inline="always")
+def _expert_words(w, e, buffer):
+    if isinstance(w, types.Array):
+        return lambda w, e, buffer: w[e].reshape(-1)
+
+    def dequantized(w, e, buffer):
+        dequantize_experts(w, np.full(1, e, dtype=np.int32), buffer.reshape(1, w.codes.shape[1], w.depth))
+        return buffer.view(np.uint32)
+    return dequantized
 
 
 @njit(cache=True, inline="always")
