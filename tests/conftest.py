@@ -273,6 +273,7 @@ def large_groups_everywhere(monkeypatch):
     monkeypatch.setattr(nb, "REGISTER_TILES_MAX_EXPERT_FLOPS", 0)
     monkeypatch.setattr(nb, "REGISTER_TILES_BELOW_FLOPS", 0)
     monkeypatch.setattr(nb, "BF16_REGISTER_TILES", False)
+    monkeypatch.setattr(nb, "LARGE_FLOAT32_REGISTER_TILES", False)
 
 
 def register_tiles_everywhere(monkeypatch):

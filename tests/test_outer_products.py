@@ -167,15 +167,17 @@ def test_expert_mlp_on_register_tiles_across_chunks(dtype, activation, interleav
 def test_small_float_experts_with_many_rows_take_the_register_tiles(gen, monkeypatch):
     """Default thresholds: a decode step stays on the dot-product kernels, a batch of many rows
     per expert of small experts goes to the register tiles where the CPU has AVX-512, and large
-    experts never do."""
+    experts only where LARGE_FLOAT32_REGISTER_TILES."""
     import moe_dispatch as md
     import moe_dispatch.backends.numba_backend as nb
 
     calls, real = [], nb.expert_tiles.expert_mlp
     monkeypatch.setattr(nb.expert_tiles, "expert_mlp", lambda *args: calls.append(1) or real(*args))
+    large = nb.REGISTER_TILES_MAX_DEPTH + 16
     for H, tokens, dtype, tiles in ((64, 2, torch.float32, False), (64, 256, torch.float32, True),
-                                    (64, 256, torch.bfloat16, False), (nb.REGISTER_TILES_MAX_DEPTH + 16, 256,
-                                                                       torch.float32, False)):
+                                    (64, 256, torch.bfloat16, False), (large, 256, torch.float32,
+                                                                       nb.LARGE_FLOAT32_REGISTER_TILES),
+                                    (large, 32, torch.float32, False)):
         calls.clear()
         w_gate_up, w_down, _, _ = expert_weights(4, H, 32, gen, dtype)
         x = torch.randn(tokens, H, generator=gen).to(dtype)

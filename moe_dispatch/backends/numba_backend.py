@@ -140,8 +140,10 @@ def mlp_rows_limit(x: Tensor, experts: ExpertWeights) -> float:
     else:
         tiles = all(on_tiles(dense(w)) for w in weights)
     widens = not takes_bf16_dots(experts.w_gate_up.shape[2], experts.intermediate_size)
-    return fused_rows_limit(x.dtype, mlp_flops_per_row(*weights), tiles, widens, formats,
-                            takes_register_tiles(x, experts))
+    register_tiles = takes_register_tiles(x, experts)
+    if register_tiles and large_float32_tiles(x) and not small_experts(experts):
+        return LARGE_FLOAT32_ROWS_BESIDE_REGISTER_TILES
+    return fused_rows_limit(x.dtype, mlp_flops_per_row(*weights), tiles, widens, formats, register_tiles)
 
 
 # The dtypes of the register tiles (kernels/numba/outer_products.py), on CPUs with AVX-512. On
@@ -192,6 +194,15 @@ BF16_DOTS_ROWS_BESIDE_REGISTER_TILES = 20
 # int8 at 16 rows 7.0 / 10.4, at 32 14.5 / 12.4; mxfp4 10.3 / 12.4 and 21.2 / 14.4; fp8 at 16
 # rows 15.3 / 11.1 (its decode kernels convert each e4m3 code).
 QUANTIZED_ROWS_BESIDE_REGISTER_TILES = {"int8": 20, "int4": 20, "mxfp4": 20, "fp8": 10}
+# float32 experts larger than REGISTER_TILES_MAX_DEPTH take the register tiles too, beyond
+# LARGE_FLOAT32_ROWS_BESIDE_REGISTER_TILES rows per expert and at any number of rows, where the
+# CPU has AVX512-BF16 and no AMX (AMD's Zen 4 and 5: measured on a Zen 5, 2 threads, against
+# the decode kernels or oneDNN's products, whichever the step took: olmoe-1b-7b x0.5 at 16
+# rows 17.0 / 15.3 ms, 32 rows 22.6 / 23.1, 64 rows 34.1 / 44.8, 128 rows 71.3 / 76.1, 512
+# rows 255 / 269; qwen3-30b-a3b x0.25 at 16 rows 6.5 / 8.4, 64 rows 14.8 / 27.7. On the Xeon
+# above, with AMX, the tiles were slower from H=512, before their transposes ran in registers).
+LARGE_FLOAT32_REGISTER_TILES = TAKES_BF16_DOTS and not tile_products.tiles_available()
+LARGE_FLOAT32_ROWS_BESIDE_REGISTER_TILES = 32
 # Where bfloat16 experts go to register tiles at all: where the CPU multiplies bfloat16 pairs
 # in one instruction (elsewhere the tiles widen each pair, at float32's rate).
 BF16_REGISTER_TILES = TAKES_BF16_DOTS
@@ -204,8 +215,17 @@ def takes_register_tiles(x: Tensor, experts: ExpertWeights) -> bool:
     weights = (experts.w_gate_up, experts.w_down)
     if not all(isinstance(w, Tensor) and w.dtype == x.dtype and w.is_contiguous() for w in weights):
         return False
-    small = max(experts.hidden_size, experts.intermediate_size) <= REGISTER_TILES_MAX_DEPTH
-    return x.dtype in REGISTER_TILE_DTYPES and small
+    return x.dtype in REGISTER_TILE_DTYPES and (small_experts(experts) or large_float32_tiles(x))
+
+
+def small_experts(experts: ExpertWeights) -> bool:
+    """Whether H and I are at most REGISTER_TILES_MAX_DEPTH."""
+    return max(experts.hidden_size, experts.intermediate_size) <= REGISTER_TILES_MAX_DEPTH
+
+
+def large_float32_tiles(x: Tensor) -> bool:
+    """Whether float32 experts of any size take the register tiles (LARGE_FLOAT32_REGISTER_TILES)."""
+    return x.dtype == torch.float32 and LARGE_FLOAT32_REGISTER_TILES
 
 
 def takes_bf16_register_tiles(experts: ExpertWeights) -> bool:
@@ -227,7 +247,7 @@ def register_tiles_rows(x: Tensor, experts: ExpertWeights) -> float:
     """Rows per active expert up to which the expert MLP runs on register tiles (0: never)."""
     if not takes_register_tiles(x, experts):
         return 0
-    if x.dtype == torch.bfloat16:
+    if x.dtype == torch.bfloat16 or large_float32_tiles(x) and not small_experts(experts):
         return float("inf")
     return REGISTER_TILES_MAX_EXPERT_FLOPS / mlp_flops_per_row(experts.w_gate_up, experts.w_down)
 
@@ -592,7 +612,8 @@ def decode_setup(x: Tensor, experts: ExpertWeights) -> DecodeSetup:
     matmul library setting too, and fused_rows_limit itself and the register tiles' limits
     (which tests replace to force a path), and its tiles the thread count: all are in the key."""
     key = ("numba decode", x.dtype, onednn_float32(), fused_rows_limit, REGISTER_TILES_MAX_DEPTH,
-           REGISTER_TILES_MAX_EXPERT_FLOPS, BF16_REGISTER_TILES, torch.get_num_threads())
+           REGISTER_TILES_MAX_EXPERT_FLOPS, BF16_REGISTER_TILES, LARGE_FLOAT32_REGISTER_TILES,
+           torch.get_num_threads())
     return experts.derived(key, lambda: DecodeSetup(
         mlp_rows_limit(x, experts), register_tiles_rows(x, experts), decode_kernels(x, experts),
         decode_tiles(experts.hidden_size, experts.intermediate_size), step_kind(x, experts)))

@@ -94,31 +94,35 @@ def expert_mlp(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_d
     expert, first = chunks(offsets, chunk_rows)
     slots = max(1, min(slots, expert.shape[0]))
     scratch = np.empty((slots, (2 * hidden + width + inter) * lead), dtype=x.dtype)
-    flat_gate_up, flat_down = w_gate_up.reshape(-1), w_down.reshape(-1)
+    flat_x, flat_gate_up, flat_down = x.reshape(-1), w_gate_up.reshape(-1), w_down.reshape(-1)
+    flat_h, flat_o = h.reshape(-1), o.reshape(-1)
+    bounds = balanced_ranges(offsets, expert, first, chunk_rows, slots)
     for slot in prange(slots):
         wide_vectors()
         xt = scratch[slot, :hidden * lead]
         ht = scratch[slot, hidden * lead:(hidden + width) * lead]
         at = scratch[slot, (hidden + width) * lead:(hidden + width + inter) * lead]
         ot = scratch[slot, (hidden + width + inter) * lead:]
-        for chunk in range(slot, expert.shape[0], slots):
+        starts = np.empty(BLOCK, dtype=np.int64)
+        for chunk in range(bounds[slot], bounds[slot + 1]):
             e, r0 = expert[chunk], first[chunk]
             rows = min(chunk_rows, offsets[e + 1] - r0)
-            for j0 in range(0, rows, BLOCK):
-                for k in range(hidden):
-                    for j in range(j0, min(j0 + BLOCK, rows)):
-                        xt[k * lead + j] = x[token_of_row[r0 + j], k]
+            gather_columns(flat_x, hidden, token_of_row, r0, rows, xt, lead, starts)
             strip_product(flat_gate_up, e * width * hidden, width, hidden, xt, 0, lead, ht, 0, lead, rows)
             if has_b_gate_up:
                 _add_bias(ht, lead, rows, b_gate_up, e)
             if save_h:
-                _to_rows(ht, lead, rows, h, r0, b_gate_up, e, False)
+                columns_to_rows(ht, lead, rows, width, flat_h, r0 * width, starts)
             for i in range(inter):
                 gate = i * act.step if is_gated(act) else i
                 up = gate + act.shift if is_gated(act) else i
                 activate_strip(ht[gate * lead:], ht[up * lead:], at[i * lead:], rows, act)
             strip_product(flat_down, e * hidden * inter, hidden, inter, at, 0, lead, ot, 0, lead, rows)
-            _to_rows(ot, lead, rows, o, r0, b_down, e, has_b_down)
+            columns_to_rows(ot, lead, rows, hidden, flat_o, r0 * hidden, starts)
+            if has_b_down:
+                for j in range(r0, r0 + rows):
+                    for n in range(hidden):
+                        o[j, n] += b_down[e, n]
 
 
 @njit(cache=True, parallel=True)
@@ -138,7 +142,7 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
     expert, first = chunks(offsets, chunk_rows)
     slots = max(1, min(slots, expert.shape[0]))
     words = np.empty((slots, (pairs + inter_pairs) * lead), dtype=np.uint32)
-    sums = np.empty((slots, (width + hidden) * lead + chunk_rows * hidden), dtype=np.float32)
+    sums = np.empty((slots, (width + hidden) * lead + chunk_rows * max(width, hidden)), dtype=np.float32)
     gate_up_buffers, down_buffers = expert_buffers(w_gate_up, slots), expert_buffers(w_down, slots)
     flat_x = x.reshape(-1)
     bounds = balanced_ranges(offsets, expert, first, chunk_rows, slots)
@@ -156,18 +160,13 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
                 gate_up = expert_words(w_gate_up, e, gate_up_buffers[slot])
                 down = expert_words(w_down, e, down_buffers[slot])
                 last = e
-            for j0 in range(0, rows, BLOCK):
-                count = min(BLOCK, rows - j0)
-                for j in range(count):
-                    starts[j] = token_of_row[r0 + j0 + j] * pairs
-                for k0 in range(0, pairs, BLOCK):
-                    transpose_block(flat_x, starts, count, min(BLOCK, pairs - k0), xt, k0 * lead + j0, lead)
-                    starts[:count] += BLOCK
+            gather_columns(flat_x, pairs, token_of_row, r0, rows, xt, lead, starts)
             strip_product(gate_up, 0, width, pairs, xt, 0, lead, ht, 0, lead, rows)
             if has_b_gate_up:
                 _add_bias(ht, lead, rows, b_gate_up, e)
             if save_h:
-                _to_rows(ht, lead, rows, h, r0, b_gate_up, e, False)
+                columns_to_rows(ht, lead, rows, width, o_rows, 0, starts)
+                _rounded_rows(o_rows, rows, width, h, r0, b_gate_up, e, False)
             # two rows of a^T at a time, through o^T's first two rows (free until GEMM2), into words
             for i in range(0, inter, 2):
                 for half in range(2):
@@ -179,18 +178,8 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
                     high = np.uint32(narrow(ot[lead + j], np.uint16))
                     at[(i // 2) * lead + j] = low | (high << np.uint32(16))
             strip_product(down, 0, hidden, inter_pairs, at, 0, lead, ot, 0, lead, rows)
-            # o^T's columns as rows of float32, then rounded
-            for n0 in range(0, hidden, BLOCK):
-                count = min(BLOCK, hidden - n0)
-                for n in range(count):
-                    starts[n] = (n0 + n) * lead
-                for j0 in range(0, rows, BLOCK):
-                    transpose_block(ot, starts, count, min(BLOCK, rows - j0), o_rows, j0 * hidden + n0, hidden)
-                    starts[:count] += BLOCK
-            for j in range(rows):
-                for n in range(hidden):
-                    add = b_down[e, n] if has_b_down else np.float32(0)
-                    o[r0 + j, n] = narrow(o_rows[j * hidden + n] + add, o.dtype)
+            columns_to_rows(ot, lead, rows, hidden, o_rows, 0, starts)
+            _rounded_rows(o_rows, rows, hidden, o, r0, b_down, e, has_b_down)
 
 
 def matrix_shape(w):
@@ -246,13 +235,72 @@ def _add_bias(ht, lead, rows, bias, e):
             ht[n * lead + j] += bias[e, n]
 
 
+def gather_columns(x, depth, token_of_row, first, rows, xt, lead, starts):
+    """xt[k * lead + j] = x[token_of_row[first + j] * depth + k] for j < rows, k < depth: a
+    chunk's rows of x (flat) gathered as columns; 32-bit elements in transposed blocks in
+    registers (starts: BLOCK integers of scratch)."""
+    for j in range(rows):
+        for k in range(depth):
+            xt[k * lead + j] = x[token_of_row[first + j] * depth + k]
+
+
+def columns_to_rows(src, lead, rows, width, dst, dst_start, starts):
+    """dst[dst_start + j * width + n] = src[n * lead + j] for j < rows, n < width: a chunk's
+    columns back to rows; 32-bit elements as gather_columns."""
+    for j in range(rows):
+        for n in range(width):
+            dst[dst_start + j * width + n] = src[n * lead + j]
+
+
+@overload(gather_columns, inline="always")
+def _gather_columns(x, depth, token_of_row, first, rows, xt, lead, starts):
+    if x.dtype.bitwidth == 32:
+        def blocks(x, depth, token_of_row, first, rows, xt, lead, starts):
+            for j0 in range(0, rows, BLOCK):
+                count = min(BLOCK, rows - j0)
+                for j in range(count):
+                    starts[j] = token_of_row[first + j0 + j] * depth
+                for k0 in range(0, depth, BLOCK):
+                    transpose_block(x, starts, count, min(BLOCK, depth - k0), xt, k0 * lead + j0, lead)
+                    starts[:count] += BLOCK
+        return blocks
+
+    def elements(x, depth, token_of_row, first, rows, xt, lead, starts):
+        # BLOCK rows at a time: their lines stay in L1
+        for j0 in range(0, rows, BLOCK):
+            for k in range(depth):
+                for j in range(j0, min(j0 + BLOCK, rows)):
+                    xt[k * lead + j] = x[token_of_row[first + j] * depth + k]
+    return elements
+
+
+@overload(columns_to_rows, inline="always")
+def _columns_to_rows(src, lead, rows, width, dst, dst_start, starts):
+    if src.dtype.bitwidth == 32:
+        def blocks(src, lead, rows, width, dst, dst_start, starts):
+            for n0 in range(0, width, BLOCK):
+                count = min(BLOCK, width - n0)
+                for n in range(count):
+                    starts[n] = (n0 + n) * lead
+                for j0 in range(0, rows, BLOCK):
+                    transpose_block(src, starts, count, min(BLOCK, rows - j0), dst, dst_start + j0 * width + n0,
+                                    width)
+                    starts[:count] += BLOCK
+        return blocks
+
+    def elements(src, lead, rows, width, dst, dst_start, starts):
+        for j0 in range(0, rows, BLOCK):
+            for n in range(width):
+                for j in range(j0, min(j0 + BLOCK, rows)):
+                    dst[dst_start + j * width + n] = src[n * lead + j]
+    return elements
+
+
 @njit(cache=True, inline="always")
-def _to_rows(src, lead, rows, dst, r0, bias, e, has_bias):
-    """dst[r0 + j, n] = src[n * lead + j] (+ bias[e, n]) in dst's type (bfloat16 bits rounded)
-    for j < rows, n < dst's columns: a chunk's columns back to rows, BLOCK rows at a time
-    (their lines stay in L1)."""
-    for j0 in range(0, rows, BLOCK):
-        for n in range(dst.shape[1]):
-            add = bias[e, n] if has_bias else bias.dtype.type(0)
-            for j in range(j0, min(j0 + BLOCK, rows)):
-                dst[r0 + j, n] = narrow(src[n * lead + j] + add, dst.dtype)
+def _rounded_rows(src, rows, width, dst, r0, bias, e, has_bias):
+    """dst[r0 + j, n] = src[j * width + n] (+ bias[e, n]) rounded to bfloat16 (bits), for
+    j < rows, n < width."""
+    for j in range(rows):
+        for n in range(width):
+            add = bias[e, n] if has_bias else np.float32(0)
+            dst[r0 + j, n] = narrow(src[j * width + n] + add, dst.dtype)
