@@ -29,7 +29,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from .activations import activate_strip, is_gated
+from .activations import activate, activate_strip, is_gated
 from .caching import njit
 from .outer_products import STRIP_BYTES, strip_product
 from .quantized import dequantize_experts
@@ -167,16 +167,14 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
             if save_h:
                 columns_to_rows(ht, lead, rows, width, o_rows, 0, starts)
                 _rounded_rows(o_rows, rows, width, h, r0, b_gate_up, e, False)
-            # two rows of a^T at a time, through o^T's first two rows (free until GEMM2), into words
+            # two rows of a^T at a time, each element rounded once into its half of a word
             for i in range(0, inter, 2):
-                for half in range(2):
-                    gate = (i + half) * act.step if is_gated(act) else i + half
-                    up = gate + act.shift if is_gated(act) else gate
-                    activate_strip(ht[gate * lead:], ht[up * lead:], ot[half * lead:], rows, act)
-                for j in range(rows):
-                    low = np.uint32(narrow(ot[j], np.uint16))
-                    high = np.uint32(narrow(ot[lead + j], np.uint16))
-                    at[(i // 2) * lead + j] = low | (high << np.uint32(16))
+                gate_low = i * act.step if is_gated(act) else i
+                up_low = gate_low + act.shift if is_gated(act) else gate_low
+                gate_high = (i + 1) * act.step if is_gated(act) else i + 1
+                up_high = gate_high + act.shift if is_gated(act) else gate_high
+                activate_pairs(ht[gate_low * lead:], ht[up_low * lead:], ht[gate_high * lead:], ht[up_high * lead:],
+                               at[(i // 2) * lead:], rows, act)
             strip_product(down, 0, hidden, inter_pairs, at, 0, lead, ot, 0, lead, rows)
             columns_to_rows(ot, lead, rows, hidden, o_rows, 0, starts)
             _rounded_rows(o_rows, rows, hidden, o, r0, b_down, e, has_b_down)
@@ -233,6 +231,16 @@ def _add_bias(ht, lead, rows, bias, e):
     for n in range(bias.shape[1]):
         for j in range(rows):
             ht[n * lead + j] += bias[e, n]
+
+
+@njit(cache=True, inline="always")
+def activate_pairs(gate_low, up_low, gate_high, up_high, out, count, act):
+    """out[j] = the bfloat16 bits of activate(gate_low[j], up_low[j]) in its low half and of
+    activate(gate_high[j], up_high[j]) in its high half, for j < count: a loop that vectorizes."""
+    for j in range(count):
+        low = np.uint32(narrow(activate(gate_low[j], up_low[j], act, True), np.uint16))
+        high = np.uint32(narrow(activate(gate_high[j], up_high[j], act, True), np.uint16))
+        out[j] = low | (high << np.uint32(16))
 
 
 def gather_columns(x, depth, token_of_row, first, rows, xt, lead, starts):
