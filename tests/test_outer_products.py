@@ -124,7 +124,8 @@ def test_strip_products_cross_every_block(dtype, gen, monkeypatch):
 def test_expert_mlp_on_register_tiles_across_chunks(dtype, activation, interleaved, bias, gen, monkeypatch):
     """An expert of more rows than a chunk (its weights read once per chunk), one of one row,
     empty ones; forward and gradients against the torch backend. bfloat16 (pairs along K:
-    H and I even) with K past a block of the transposes and a tail, its gradients against
+    H and I even) with K past a block of the transposes and a tail, I past a block of GEMM1's
+    intermediate columns, its gradients against
     float64's: a routing weight's is a sum of H products that may cancel, where two bfloat16
     computations differ by more than an element's tolerance (the torch backend's own by as
     much), so each gradient within 2% of float64's in norm (a bf16 step is 0.4%)."""
@@ -134,7 +135,7 @@ def test_expert_mlp_on_register_tiles_across_chunks(dtype, activation, interleav
     register_tiles_everywhere(monkeypatch)
     pairs = dtype == torch.bfloat16
     chunk = expert_tiles.CHUNK_BYTES // (4 if pairs else torch.tensor([], dtype=dtype).element_size())
-    E, H, I = (5, 38, 22) if pairs else (5, 21, 13)
+    E, H, I = (5, 38, expert_tiles.INTER_BLOCK + 22) if pairs else (5, 21, 13)  # bfloat16: I past a block
     ids = torch.tensor([0] * (chunk + 9) + [3] + [1] * 6).reshape(-1, 1)
     T = ids.shape[0]
     leaves = [torch.randn(T, H, generator=gen).to(dtype), random_weights(T, 1, gen).to(dtype),

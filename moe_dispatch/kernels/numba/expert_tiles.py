@@ -41,6 +41,9 @@ from .vector_width import wide_vectors
 # read once per chunk (olmoe-1b-7b x0.25 ran as fast with chunks of 64, 128 or 256 rows).
 CHUNK_BYTES = 2 * STRIP_BYTES
 LINE = 64  # bytes of a cache line
+# Intermediate columns of a bfloat16 chunk's GEMM1 and activation at a time (an even number:
+# a^T's rows go in pairs): their h^T, 256 rows of a chunk's 144, is 147 KB.
+INTER_BLOCK = 128
 
 
 @njit(cache=True)
@@ -110,7 +113,7 @@ def expert_mlp(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_d
             gather_columns(flat_x, hidden, token_of_row, r0, rows, xt, lead, starts)
             strip_product(flat_gate_up, e * width * hidden, width, hidden, xt, 0, lead, ht, 0, lead, rows)
             if has_b_gate_up:
-                _add_bias(ht, lead, rows, b_gate_up, e)
+                _add_bias(ht, lead, rows, b_gate_up, e, 0, width)
             if save_h:
                 columns_to_rows(ht, lead, rows, width, flat_h, r0 * width, starts)
             for i in range(inter):
@@ -142,15 +145,16 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
     expert, first = chunks(offsets, chunk_rows)
     slots = max(1, min(slots, expert.shape[0]))
     words = np.empty((slots, (pairs + inter_pairs) * lead), dtype=np.uint32)
-    sums = np.empty((slots, (width + hidden) * lead + chunk_rows * max(width, hidden)), dtype=np.float32)
+    block_rows = 2 * min(INTER_BLOCK, inter)  # of h^T: a block's gates and ups
+    sums = np.empty((slots, (block_rows + hidden) * lead + chunk_rows * max(block_rows, hidden)), dtype=np.float32)
     gate_up_buffers, down_buffers = expert_buffers(w_gate_up, slots), expert_buffers(w_down, slots)
     flat_x = x.reshape(-1)
     bounds = balanced_ranges(offsets, expert, first, chunk_rows, slots)
     for slot in prange(slots):
         wide_vectors()
         xt, at = words[slot, :pairs * lead], words[slot, pairs * lead:]
-        ht, ot = sums[slot, :width * lead], sums[slot, width * lead:(width + hidden) * lead]
-        o_rows = sums[slot, (width + hidden) * lead:]
+        ht, ot = sums[slot, :block_rows * lead], sums[slot, block_rows * lead:(block_rows + hidden) * lead]
+        o_rows = sums[slot, (block_rows + hidden) * lead:]
         starts = np.empty(BLOCK, dtype=np.int64)  # of a block's rows in the source
         gate_up, down, last = xt[:0], xt[:0], -1
         for chunk in range(bounds[slot], bounds[slot + 1]):
@@ -161,23 +165,31 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
                 down = expert_words(w_down, e, down_buffers[slot])
                 last = e
             gather_columns(flat_x, pairs, token_of_row, r0, rows, xt, lead, starts)
-            strip_product(gate_up, 0, width, pairs, xt, 0, lead, ht, 0, lead, rows)
-            if has_b_gate_up:
-                _add_bias(ht, lead, rows, b_gate_up, e)
-            if save_h:
-                columns_to_rows(ht, lead, rows, width, o_rows, 0, starts)
-                _rounded_rows(o_rows, rows, width, h, r0, b_gate_up, e, False)
-            # two rows of a^T at a time, each element rounded once into its half of a word
-            for i in range(0, inter, 2):
-                gate_low = i * act.step if is_gated(act) else i
-                up_low = gate_low + act.shift if is_gated(act) else gate_low
-                gate_high = (i + 1) * act.step if is_gated(act) else i + 1
-                up_high = gate_high + act.shift if is_gated(act) else gate_high
-                activate_pairs(ht[gate_low * lead:], ht[up_low * lead:], ht[gate_high * lead:], ht[up_high * lead:],
-                               at[(i // 2) * lead:], rows, act)
+            # GEMM1 and the activation a block of intermediate columns at a time: their h^T stays in
+            # L2 (all of Mixtral's 14336 rows of h^T would be 8 MB)
+            for i0 in range(0, inter, INTER_BLOCK):
+                count = min(INTER_BLOCK, inter - i0)
+                # h's rows of the block: one run (interleaved, or no gate), or the gates' and the ups'
+                runs = 2 if is_gated(act) and act.step == 1 else 1
+                run_rows = count * (act.step if is_gated(act) else 1)
+                for run in range(runs):
+                    n0 = i0 * (act.step if is_gated(act) else 1) + run * act.shift
+                    strip_product(gate_up, n0 * pairs, run_rows, pairs, xt, 0, lead, ht, run * run_rows * lead, lead,
+                                  rows)
+                    if has_b_gate_up:
+                        _add_bias(ht[run * run_rows * lead:], lead, rows, b_gate_up, e, n0, run_rows)
+                    if save_h:
+                        columns_to_rows(ht[run * run_rows * lead:], lead, rows, run_rows, o_rows, 0, starts)
+                        _rounded_rows(o_rows, rows, run_rows, h, r0, n0, b_gate_up, e, False)
+                up_shift = run_rows if runs == 2 else act.shift if is_gated(act) else 0
+                step = act.step if is_gated(act) else 1
+                # two rows of a^T at a time, each element rounded once into its half of a word
+                for i in range(0, count, 2):
+                    activate_pairs(ht[i * step * lead:], ht[(i * step + up_shift) * lead:], ht[(i + 1) * step * lead:],
+                                   ht[((i + 1) * step + up_shift) * lead:], at[((i0 + i) // 2) * lead:], rows, act)
             strip_product(down, 0, hidden, inter_pairs, at, 0, lead, ot, 0, lead, rows)
             columns_to_rows(ot, lead, rows, hidden, o_rows, 0, starts)
-            _rounded_rows(o_rows, rows, hidden, o, r0, b_down, e, has_b_down)
+            _rounded_rows(o_rows, rows, hidden, o, r0, 0, b_down, e, has_b_down)
 
 
 def matrix_shape(w):
@@ -226,11 +238,11 @@ def _expert_words(w, e, buffer):
 
 
 @njit(cache=True, inline="always")
-def _add_bias(ht, lead, rows, bias, e):
-    """ht[n * lead + j] += bias[e, n] for every row n of a chunk's h^T and j < rows."""
-    for n in range(bias.shape[1]):
+def _add_bias(ht, lead, rows, bias, e, n0, count):
+    """ht[n * lead + j] += bias[e, n0 + n] for n < count rows of a chunk's h^T, j < rows."""
+    for n in range(count):
         for j in range(rows):
-            ht[n * lead + j] += bias[e, n]
+            ht[n * lead + j] += bias[e, n0 + n]
 
 
 @njit(cache=True, inline="always")
@@ -305,10 +317,10 @@ def _columns_to_rows(src, lead, rows, width, dst, dst_start, starts):
 
 
 @njit(cache=True, inline="always")
-def _rounded_rows(src, rows, width, dst, r0, bias, e, has_bias):
-    """dst[r0 + j, n] = src[j * width + n] (+ bias[e, n]) rounded to bfloat16 (bits), for
-    j < rows, n < width."""
+def _rounded_rows(src, rows, width, dst, r0, n0, bias, e, has_bias):
+    """dst[r0 + j, n0 + n] = src[j * width + n] (+ bias[e, n0 + n]) rounded to bfloat16 (bits),
+    for j < rows, n < width."""
     for j in range(rows):
         for n in range(width):
-            add = bias[e, n] if has_bias else np.float32(0)
-            dst[r0 + j, n] = narrow(src[j * width + n] + add, dst.dtype)
+            add = bias[e, n0 + n] if has_bias else np.float32(0)
+            dst[r0 + j, n0 + n] = narrow(src[j * width + n] + add, dst.dtype)
