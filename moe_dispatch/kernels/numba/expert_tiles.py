@@ -64,8 +64,7 @@ def chunks(offsets, size):
 @njit(cache=True)
 def balanced_ranges(offsets, expert, first, size, slots):
     """bounds [slots + 1]: slot s takes chunks bounds[s] to bounds[s + 1], consecutive ones of
-    about equal rows (chunks of uneven experts dealt in turns left one thread a tenth of
-    the work more than the other at 64 rows per expert)."""
+    about equal rows in all (experts' rows are uneven), each thread's experts in order."""
     total = offsets[-1] - offsets[0]
     bounds = np.empty(slots + 1, dtype=np.int64)
     bounds[0], done, slot = 0, 0, 1
@@ -86,8 +85,8 @@ def expert_mlp(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_d
 
     x: [T, H]; token_of_row: [R] int32, checked; w_gate_up: [E, W, H]; w_down: [E, H, I], all
     float32 or all float64; b_gate_up [E, W], b_down [E, H] (read when has_...); offsets: [E+1]
-    int32, checked; act: FusedActivation (gated: W = 2I); slots: the threads that take the
-    chunks in turns; h: [R, W] out (written when save_h); o: [R, H] out.
+    int32, checked; act: FusedActivation (gated: W = 2I); slots: the threads, which take runs of
+    chunks of about equal rows (balanced_ranges); h: [R, W] out (written when save_h); o: [R, H] out.
     """
     hidden, width, inter = x.shape[1], w_gate_up.shape[1], w_down.shape[2]
     chunk_rows = CHUNK_BYTES // x.itemsize

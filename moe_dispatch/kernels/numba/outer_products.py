@@ -74,8 +74,8 @@ def strip_product(a, a_start, num_rows, depth, b, b_start, b_stride, c, c_start,
     BLOCK_ROWS rows of a at a time, whose sums stay in L2 while DEPTH_BLOCK rows of b at a
     time meet them, a strip of b's columns at a time (in L1) against every row of the block
     (whose DEPTH_BLOCK elements stay in L2 from strip to strip). The strips share the columns
-    evenly, in whole vectors: 70 columns of float32 as 48 and 22, not 64 and 6, whose one
-    vector of 6 lanes costs half a full strip (its 6 sums wait on each other's latency)."""
+    evenly, in whole vectors: 70 columns of float32 as 48 and 22, not 64 and a strip of one
+    vector of 6 lanes, whose 6 sums are too few to keep the multiply-adds busy."""
     lanes = VECTOR_BYTES // c.itemsize
     strips = (width + STRIP_BYTES // c.itemsize - 1) // (STRIP_BYTES // c.itemsize)
     strip = max(lanes, ((width + strips - 1) // max(strips, 1) + lanes - 1) // lanes * lanes)
