@@ -182,8 +182,8 @@ REGISTER_TILES_MAX_EXPERT_FLOPS = 120e6
 # bfloat16 experts run the expert MLP on register tiles of bfloat16 pairs (vdpbf16ps) beyond
 # this many rows per active expert where the decode kernels take bf16_dots (beyond
 # WIDENING_ROWS_BESIDE_TILES where they widen), up to BF16_REGISTER_TILES_MAX_EXPERT_BYTES an
-# expert: on a Zen 5, 2 threads, against
-# the decode kernels and the library's products (oneDNN, AVX512-BF16) in turns, ms:
+# expert: on a Zen 5, 2 threads, against the decode kernels and the library's products
+# (oneDNN, AVX512-BF16) in turns, ms:
 # olmoe-1b-7b x0.5 at 16 rows 9.6 / 7.7 / 15.6, at 32 rows 11.2 / 15.5 / 19.4, at 64 rows
 # 19.0 / 31.4 / 25.9, at 512 rows 141 / 333 / 151; qwen3-30b-a3b x0.25 at 16 rows 4.7 / 3.8
 # / 11.2; gpt-oss-20b x0.25 (K=720, widened) at 8 rows 4.2 / 4.7 / 7.1.
