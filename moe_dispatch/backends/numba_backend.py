@@ -99,7 +99,7 @@ QUANTIZED_ROWS_BESIDE_TILES = {"int8": 18, "int4": 12, "mxfp4": 10, "fp8": 9}
 
 
 def fused_rows_limit(dtype: torch.dtype, flops_per_row: int, on_tiles: bool = False, widens: bool = False,
-                     formats: tuple[str, ...] = (), register_tiles: bool = False) -> float:
+                     formats: tuple[str, ...] = (), register_tiles: bool = False, small: bool = True) -> float:
     """Rows per expert up to which the Numba kernels serve an expert whose every row costs
     flops_per_row; on_tiles: its blocked products run on AMX tiles, whose fixed cost per
     expert is small (bfloat16 experts of H=512, I=192 at 32 rows: 9.4 ms blocked against 20
@@ -108,13 +108,14 @@ def fused_rows_limit(dtype: torch.dtype, flops_per_row: int, on_tiles: bool = Fa
     weights' formats; register_tiles: the expert MLP on register tiles takes over beyond
     DOTS_ROWS_BESIDE_REGISTER_TILES, for bfloat16 beyond BF16_DOTS_ROWS_BESIDE_REGISTER_TILES
     (WIDENING_ROWS_BESIDE_TILES where the kernels widen), for quantized experts beyond
-    QUANTIZED_ROWS_BESIDE_REGISTER_TILES."""
+    QUANTIZED_ROWS_BESIDE_REGISTER_TILES, for float experts larger than small_experts beyond
+    LARGE_FLOAT32_ROWS_BESIDE_REGISTER_TILES."""
     if register_tiles and formats:
         return min(QUANTIZED_ROWS_BESIDE_REGISTER_TILES[fmt] for fmt in formats)
     if register_tiles and dtype == torch.bfloat16:
         return WIDENING_ROWS_BESIDE_TILES if widens else BF16_DOTS_ROWS_BESIDE_REGISTER_TILES
     if register_tiles:
-        return DOTS_ROWS_BESIDE_REGISTER_TILES
+        return DOTS_ROWS_BESIDE_REGISTER_TILES if small else LARGE_FLOAT32_ROWS_BESIDE_REGISTER_TILES
     small_group_rows, blocked_expert_flops = (
         WIDENED_BF16_LIMITS if dtype == torch.bfloat16 and computes_in_float32(dtype)
         else FUSED_LIMITS["onednn" if onednn_float32() else "blas"][dtype])
@@ -140,10 +141,8 @@ def mlp_rows_limit(x: Tensor, experts: ExpertWeights) -> float:
     else:
         tiles = all(on_tiles(dense(w)) for w in weights)
     widens = not takes_bf16_dots(experts.w_gate_up.shape[2], experts.intermediate_size)
-    register_tiles = takes_register_tiles(x, experts)
-    if register_tiles and large_float32_tiles(x) and not small_experts(experts):
-        return LARGE_FLOAT32_ROWS_BESIDE_REGISTER_TILES
-    return fused_rows_limit(x.dtype, mlp_flops_per_row(*weights), tiles, widens, formats, register_tiles)
+    return fused_rows_limit(x.dtype, mlp_flops_per_row(*weights), tiles, widens, formats,
+                            takes_register_tiles(x, experts), small_experts(experts))
 
 
 # The dtypes of the register tiles (kernels/numba/outer_products.py), on CPUs with AVX-512. On

@@ -168,11 +168,12 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
             # L2 (all of Mixtral's 14336 rows of h^T would be 8 MB)
             for i0 in range(0, inter, INTER_BLOCK):
                 count = min(INTER_BLOCK, inter - i0)
-                # h's rows of the block: one run (interleaved, or no gate), or the gates' and the ups'
-                runs = 2 if is_gated(act) and act.step == 1 else 1
-                run_rows = count * (act.step if is_gated(act) else 1)
+                # h's rows of the block: one run (interleaved, or no gate: step 1, shift 0), or the
+                # gates' and the ups' (gates first: step 1, shift I)
+                runs = 2 if act.step == 1 and act.shift > 0 else 1
+                run_rows = count * act.step
                 for run in range(runs):
-                    n0 = i0 * (act.step if is_gated(act) else 1) + run * act.shift
+                    n0 = i0 * act.step + run * act.shift
                     strip_product(gate_up, n0 * pairs, run_rows, pairs, xt, 0, lead, ht, run * run_rows * lead, lead,
                                   rows)
                     if has_b_gate_up:
@@ -180,8 +181,8 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
                     if save_h:
                         columns_to_rows(ht[run * run_rows * lead:], lead, rows, run_rows, o_rows, 0, starts)
                         _rounded_rows(o_rows, rows, run_rows, h, r0, n0, b_gate_up, e, False)
-                up_shift = run_rows if runs == 2 else act.shift if is_gated(act) else 0
-                step = act.step if is_gated(act) else 1
+                up_shift = run_rows if runs == 2 else act.shift
+                step = act.step
                 # two rows of a^T at a time, each element rounded once into its half of a word
                 for i in range(0, count, 2):
                     activate_pairs(ht[i * step * lead:], ht[(i * step + up_shift) * lead:], ht[(i + 1) * step * lead:],
