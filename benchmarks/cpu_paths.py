@@ -31,7 +31,7 @@ def forced(path: str) -> None:
     limit, tiles = PATHS[path]
     nb.fused_rows_limit = limit
     nb.BF16_REGISTER_TILES = nb.LARGE_FLOAT32_REGISTER_TILES = tiles
-    nb.BF16_REGISTER_TILES_MAX_EXPERT_BYTES = float("inf") if tiles else 0
+    nb.QUANTIZED_REGISTER_TILES_MAX_EXPERT_BYTES = float("inf") if tiles else 0
     nb.REGISTER_TILES_MAX_EXPERT_FLOPS = float("inf") if tiles else 0
 
 

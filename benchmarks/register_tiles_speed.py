@@ -24,7 +24,7 @@ from moe_dispatch.kernels.numba.outer_products import strip_product
 @njit(cache=True)
 def _products(a, b, c, experts, rows_of_a, depth, lead, width, calls):
     for call in range(calls):
-        strip_product(a, (call % experts) * rows_of_a * depth, rows_of_a, depth, b, 0, lead, c, 0, lead, width)
+        strip_product(a, (call % experts) * rows_of_a * depth, depth, rows_of_a, depth, b, 0, lead, c, 0, lead, width)
 
 
 def operands(dtype: str, experts: int, n: int, k: int, rows: int):

@@ -165,6 +165,46 @@ def test_expert_mlp_on_register_tiles_across_chunks(dtype, activation, interleav
         assert_close(md.moe_mlp(x, weights, ids, experts, backend="numba"), expected, dtype)
 
 
+@pytest.mark.nojit
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_bfloat16_chunks_split_their_intermediate_columns_between_threads(bias, gen, monkeypatch):
+    """Two experts of a few rows, I past one block of GEMM1's columns: each chunk's columns in
+    parts (intermediate_parts), whose outputs and biases meet once; against float64."""
+    import moe_dispatch as md
+    from moe_dispatch.kernels.numba import expert_tiles
+
+    register_tiles_everywhere(monkeypatch)
+    calls, real = [], expert_tiles.expert_mlp_bf16
+    monkeypatch.setattr(expert_tiles, "expert_mlp_bf16", lambda *args: calls.append(1) or real(*args))
+    E, H, I = 2, 16, expert_tiles.INTER_BLOCK + 2
+    assert expert_tiles.intermediate_parts(E, 1, 2) == 2
+    ids = torch.tensor([[0], [1], [0]])
+    x, weights = torch.randn(3, H, generator=gen).bfloat16(), random_weights(3, 1, gen).bfloat16()
+    w_gate_up, w_down, b_gate_up, b_down = expert_weights(E, H, I, gen, torch.bfloat16, bias=bias)
+    out = md.moe_mlp(x, weights, ids, md.ExpertWeights(w_gate_up, w_down, b_gate_up, b_down), backend="numba")
+    wide = [t.double() if t is not None else None for t in (x, weights, w_gate_up, w_down, b_gate_up, b_down)]
+    assert_close(out, naive_moe_mlp(*wide[:2], ids, *wide[2:], "swiglu", False), torch.bfloat16)
+    assert calls, "the register tiles were not taken"
+
+
+def test_threads_share_the_chunks_evenly():
+    """balanced_ranges: every unit once, in order, each thread's cost within one unit of its
+    share (a boundary on the nearer side of the unit that crosses it: 8 experts of 4 or 5
+    vectors go 4 and 4, not 5 and 3); intermediate_parts: more parts only where chunks are few."""
+    from moe_dispatch.kernels.numba import expert_tiles as et
+
+    assert list(et.balanced_ranges(np.array([4, 4, 5, 4, 5, 5, 4, 5]), 2)) == [0, 4, 8]
+    rng = np.random.default_rng(0)
+    for slots in (1, 2, 3, 7, 20):
+        for size in (0, 1, 5, 29):
+            costs = rng.integers(1, 9, size=size)
+            bounds = et.balanced_ranges(costs, slots)
+            assert bounds[0] == 0 and bounds[-1] == size and (np.diff(bounds) >= 0).all(), (slots, costs, bounds)
+            share = costs.sum() / slots
+            assert all(costs[bounds[s]:bounds[s + 1]].sum() <= share + 8 for s in range(slots))
+    assert [et.intermediate_parts(*args) for args in ((8, 2, 56), (64, 2, 4), (1, 16, 3), (0, 2, 4))] == [2, 1, 3, 1]
+
+
 def test_small_float_experts_with_many_rows_take_the_register_tiles(gen, monkeypatch):
     """Default thresholds: a decode step stays on the dot-product kernels, a batch of many rows
     per expert of small experts goes to the register tiles where the CPU has AVX-512, and large

@@ -180,9 +180,8 @@ DOTS_ROWS_BESIDE_REGISTER_TILES = 8
 REGISTER_TILES_MAX_EXPERT_FLOPS = 120e6
 # bfloat16 experts run the expert MLP on register tiles of bfloat16 pairs (vdpbf16ps) beyond
 # this many rows per active expert where the decode kernels take bf16_dots (beyond
-# WIDENING_ROWS_BESIDE_TILES where they widen), up to BF16_REGISTER_TILES_MAX_EXPERT_BYTES an
-# expert: on a Zen 5, 2 threads, against the decode kernels and the library's products
-# (oneDNN, AVX512-BF16) in turns, ms:
+# WIDENING_ROWS_BESIDE_TILES where they widen): on a Zen 5, 2 threads, against the decode
+# kernels and the library's products (oneDNN, AVX512-BF16) in turns, ms:
 # olmoe-1b-7b x0.5 at 16 rows 9.6 / 7.7 / 15.6, at 32 rows 11.2 / 15.5 / 19.4, at 64 rows
 # 19.0 / 31.4 / 25.9, at 512 rows 141 / 333 / 151; qwen3-30b-a3b x0.25 at 16 rows 4.7 / 3.8
 # / 11.2; gpt-oss-20b x0.25 (K=720, widened) at 8 rows 4.2 / 4.7 / 7.1.
@@ -203,11 +202,12 @@ QUANTIZED_ROWS_BESIDE_REGISTER_TILES = {"int8": 20, "int4": 20, "mxfp4": 20, "fp
 # above, with AMX, the tiles were slower from H=512, before their transposes ran in registers).
 LARGE_FLOAT32_REGISTER_TILES = TAKES_BF16_DOTS and not tile_products.tiles_available()
 LARGE_FLOAT32_ROWS_BESIDE_REGISTER_TILES = 32
-# bfloat16 experts of at most this many bytes (as bfloat16) take the register tiles: each
-# chunk streams its expert's weights from memory, and a^T of a large I outgrows L2.
-# mixtral-8x7b x0.25 (22 MB an expert) at 64 and 256 rows ran 1.18x and 1.14x faster than
-# the blocked path's products; x0.5 (88 MB) 0.95x at 64.
-BF16_REGISTER_TILES_MAX_EXPERT_BYTES = 32 << 20
+# Quantized experts of at most this many bytes (as bfloat16) take the register tiles: each
+# thread dequantizes a whole expert into a buffer of its own. bfloat16 experts take them at
+# any size: mixtral-8x7b x0.5 (88 MB an expert, 8 experts), against the blocked path's
+# products in turns on a Zen 5, 2 threads: at 16 rows per expert 33.6 / 37.0 ms, at 64 rows
+# 66.1 / 69.7, at 256 rows 213 / 209 (x0.25, 22 MB: at 64 rows 16.8 / 22.0, at 256 54.5 / 63.7).
+QUANTIZED_REGISTER_TILES_MAX_EXPERT_BYTES = 32 << 20
 # Where bfloat16 experts go to register tiles at all: where the CPU multiplies bfloat16 pairs
 # in one instruction (elsewhere the tiles widen each pair, at float32's rate).
 BF16_REGISTER_TILES = TAKES_BF16_DOTS
@@ -240,14 +240,14 @@ def takes_bf16_register_tiles(experts: ExpertWeights) -> bool:
     the blocked path multiplies them on AMX tiles."""
     weights = (experts.w_gate_up, experts.w_down)
     if all(isinstance(w, QuantizedWeight) for w in weights):
-        pairs = all(not takes_quantized_tiles(w, torch.bfloat16) for w in weights)
+        expert_bytes = 2 * experts.hidden_size * (experts.w_gate_up.shape[1] + experts.intermediate_size)
+        pairs = (all(not takes_quantized_tiles(w, torch.bfloat16) for w in weights)
+                 and expert_bytes <= QUANTIZED_REGISTER_TILES_MAX_EXPERT_BYTES)
     else:
         pairs = all(isinstance(w, Tensor) and w.dtype == torch.bfloat16 and is_packed(w) and not on_tiles(w)
                     for w in weights)
-    expert_bytes = 2 * experts.hidden_size * (experts.w_gate_up.shape[1] + experts.intermediate_size)
     return (BF16_REGISTER_TILES and pairs and experts.hidden_size % 2 == experts.intermediate_size % 2 == 0
-            and experts.hidden_size > 0 and experts.intermediate_size > 0
-            and expert_bytes <= BF16_REGISTER_TILES_MAX_EXPERT_BYTES)
+            and experts.hidden_size > 0 and experts.intermediate_size > 0)
 
 
 def register_tiles_rows(x: Tensor, experts: ExpertWeights) -> float:

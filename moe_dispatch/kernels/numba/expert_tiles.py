@@ -31,7 +31,7 @@ from numba.extending import overload
 
 from .activations import activate, activate_strip, is_gated
 from .caching import njit
-from .outer_products import STRIP_BYTES, strip_product
+from .outer_products import STRIP_BYTES, VECTOR_BYTES, strip_product, strip_vectors
 from .quantized import dequantize_experts
 from .scalars import narrow
 from .transposes import BLOCK, transpose_block
@@ -44,6 +44,10 @@ LINE = 64  # bytes of a cache line
 # Intermediate columns of a bfloat16 chunk's GEMM1 and activation at a time (an even number:
 # a^T's rows go in pairs): their h^T, 256 rows of a chunk's 144, is 147 KB.
 INTER_BLOCK = 128
+# Units of work (a chunk's part of the intermediate columns) per thread, at least, for the
+# threads of a bfloat16 expert MLP to share them evenly: mixtral-8x7b's 8 experts of 64 rows
+# each one chunk, uneven by a few rows, on two threads went as 5 chunks and 3 (intermediate_parts).
+UNITS_PER_THREAD = 8
 
 
 @njit(cache=True)
@@ -62,19 +66,42 @@ def chunks(offsets, size):
 
 
 @njit(cache=True)
-def balanced_ranges(offsets, expert, first, size, slots):
-    """bounds [slots + 1]: slot s takes chunks bounds[s] to bounds[s + 1], consecutive ones of
-    about equal rows in all (experts' rows are uneven), each thread's experts in order."""
-    total = offsets[-1] - offsets[0]
+def chunk_costs(offsets, expert, first, size, lanes):
+    """What each chunk of at most size rows costs the tiles, sums of lanes to a vector: the
+    vectors of its strips (strip_vectors)."""
+    costs = np.empty(expert.shape[0], dtype=np.int64)
+    for chunk in range(expert.shape[0]):
+        costs[chunk] = strip_vectors(min(size, offsets[expert[chunk] + 1] - first[chunk]), lanes)
+    return costs
+
+
+@njit(cache=True)
+def balanced_ranges(costs, slots):
+    """bounds [slots + 1]: slot s takes units bounds[s] to bounds[s + 1], consecutive ones of
+    about equal cost in all (experts' rows are uneven), each boundary on the side of a unit
+    where the running cost comes nearer its share."""
+    total = costs.sum()
     bounds = np.empty(slots + 1, dtype=np.int64)
     bounds[0], done, slot = 0, 0, 1
-    for chunk in range(expert.shape[0]):
-        done += min(size, offsets[expert[chunk] + 1] - first[chunk])
+    for unit in range(costs.shape[0]):
+        before = done
+        done += costs[unit]
         while slot < slots and done * slots >= total * slot:
-            bounds[slot] = chunk + 1
+            after = done * slots - total * slot <= total * slot - before * slots
+            bounds[slot] = unit + 1 if after else unit
             slot += 1
-    bounds[slot:] = expert.shape[0]
+    bounds[slot:] = costs.shape[0]
     return bounds
+
+
+@njit(cache=True)
+def intermediate_parts(num_chunks, slots, blocks):
+    """Parts of INTER_BLOCK columns into which each chunk's intermediate columns go, at most
+    blocks: one where the chunks are many, more where they are few against the threads
+    (UNITS_PER_THREAD), so that a few large experts still share out evenly."""
+    if num_chunks == 0:
+        return 1
+    return max(1, min(blocks, (UNITS_PER_THREAD * slots + num_chunks - 1) // num_chunks))
 
 
 @njit(cache=True, parallel=True)
@@ -98,7 +125,7 @@ def expert_mlp(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_d
     scratch = np.empty((slots, (2 * hidden + width + inter) * lead), dtype=x.dtype)
     flat_x, flat_gate_up, flat_down = x.reshape(-1), w_gate_up.reshape(-1), w_down.reshape(-1)
     flat_h, flat_o = h.reshape(-1), o.reshape(-1)
-    bounds = balanced_ranges(offsets, expert, first, chunk_rows, slots)
+    bounds = balanced_ranges(chunk_costs(offsets, expert, first, chunk_rows, VECTOR_BYTES // x.itemsize), slots)
     for slot in prange(slots):
         wide_vectors()
         xt = scratch[slot, :hidden * lead]
@@ -110,7 +137,7 @@ def expert_mlp(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_d
             e, r0 = expert[chunk], first[chunk]
             rows = min(chunk_rows, offsets[e + 1] - r0)
             gather_columns(flat_x, hidden, token_of_row, r0, rows, xt, lead, starts)
-            strip_product(flat_gate_up, e * width * hidden, width, hidden, xt, 0, lead, ht, 0, lead, rows)
+            strip_product(flat_gate_up, e * width * hidden, hidden, width, hidden, xt, 0, lead, ht, 0, lead, rows)
             if has_b_gate_up:
                 _add_bias(ht, lead, rows, b_gate_up, e, 0, width)
             if save_h:
@@ -119,7 +146,7 @@ def expert_mlp(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_d
                 gate = i * act.step if is_gated(act) else i
                 up = gate + act.shift if is_gated(act) else i
                 activate_strip(ht[gate * lead:], ht[up * lead:], at[i * lead:], rows, act)
-            strip_product(flat_down, e * hidden * inter, hidden, inter, at, 0, lead, ot, 0, lead, rows)
+            strip_product(flat_down, e * hidden * inter, inter, hidden, inter, at, 0, lead, ot, 0, lead, rows)
             columns_to_rows(ot, lead, rows, hidden, flat_o, r0 * hidden, starts)
             if has_b_down:
                 for j in range(r0, r0 + rows):
@@ -138,35 +165,50 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
     pairs = x.shape[1]
     width, _ = matrix_shape(w_gate_up)
     hidden, inter_pairs = matrix_shape(w_down)
-    inter = 2 * inter_pairs
+    inter, num_rows = 2 * inter_pairs, o.shape[0]
     chunk_rows = CHUNK_BYTES // x.itemsize
     lead = chunk_rows + LINE // x.itemsize  # as in expert_mlp
     expert, first = chunks(offsets, chunk_rows)
-    slots = max(1, min(slots, expert.shape[0]))
+    blocks = (inter + INTER_BLOCK - 1) // INTER_BLOCK
+    # quantized experts are dequantized whole by each thread that takes a part of them
+    parts = intermediate_parts(expert.shape[0], slots, blocks) if in_place(w_gate_up) and in_place(w_down) else 1
+    costs = chunk_costs(offsets, expert, first, chunk_rows, VECTOR_BYTES // 4)
+    unit_costs = np.empty(expert.shape[0] * parts, dtype=np.int64)
+    for unit in range(unit_costs.shape[0]):
+        part = unit % parts
+        unit_costs[unit] = costs[unit // parts] * ((part + 1) * blocks // parts - part * blocks // parts)
+    slots = max(1, min(slots, unit_costs.shape[0]))
     words = np.empty((slots, (pairs + inter_pairs) * lead), dtype=np.uint32)
     block_rows = 2 * min(INTER_BLOCK, inter)  # of h^T: a block's gates and ups
     sums = np.empty((slots, (block_rows + hidden) * lead + chunk_rows * max(block_rows, hidden)), dtype=np.float32)
+    # each part's o, summed once every part is done
+    partial = np.empty((parts if parts > 1 else 0) * num_rows * hidden, dtype=np.float32)
     gate_up_buffers, down_buffers = expert_buffers(w_gate_up, slots), expert_buffers(w_down, slots)
     flat_x = x.reshape(-1)
-    bounds = balanced_ranges(offsets, expert, first, chunk_rows, slots)
+    bounds = balanced_ranges(unit_costs, slots)
     for slot in prange(slots):
         wide_vectors()
         xt, at = words[slot, :pairs * lead], words[slot, pairs * lead:]
         ht, ot = sums[slot, :block_rows * lead], sums[slot, block_rows * lead:(block_rows + hidden) * lead]
         o_rows = sums[slot, (block_rows + hidden) * lead:]
         starts = np.empty(BLOCK, dtype=np.int64)  # of a block's rows in the source
-        gate_up, down, last = xt[:0], xt[:0], -1
-        for chunk in range(bounds[slot], bounds[slot + 1]):
+        gate_up, down, last, last_chunk = xt[:0], xt[:0], -1, -1
+        for unit in range(bounds[slot], bounds[slot + 1]):
+            chunk, part = unit // parts, unit % parts
             e, r0 = expert[chunk], first[chunk]
             rows = min(chunk_rows, offsets[e + 1] - r0)
             if e != last:
                 gate_up = expert_words(w_gate_up, e, gate_up_buffers[slot])
                 down = expert_words(w_down, e, down_buffers[slot])
                 last = e
-            gather_columns(flat_x, pairs, token_of_row, r0, rows, xt, lead, starts)
+            if chunk != last_chunk:
+                gather_columns(flat_x, pairs, token_of_row, r0, rows, xt, lead, starts)
+                last_chunk = chunk
+            i_first = part * blocks // parts * INTER_BLOCK
+            i_end = min(inter, (part + 1) * blocks // parts * INTER_BLOCK)
             # GEMM1 and the activation a block of intermediate columns at a time: their h^T stays in
             # L2 (all of Mixtral's 14336 rows of h^T would be 8 MB)
-            for i0 in range(0, inter, INTER_BLOCK):
+            for i0 in range(i_first, i_end, INTER_BLOCK):
                 count = min(INTER_BLOCK, inter - i0)
                 # h's rows of the block: one run (interleaved, or no gate: step 1, shift 0), or the
                 # gates' and the ups' (gates first: step 1, shift I)
@@ -174,8 +216,8 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
                 run_rows = count * act.step
                 for run in range(runs):
                     n0 = i0 * act.step + run * act.shift
-                    strip_product(gate_up, n0 * pairs, run_rows, pairs, xt, 0, lead, ht, run * run_rows * lead, lead,
-                                  rows)
+                    strip_product(gate_up, n0 * pairs, pairs, run_rows, pairs, xt, 0, lead, ht, run * run_rows * lead,
+                                  lead, rows)
                     if has_b_gate_up:
                         _add_bias(ht[run * run_rows * lead:], lead, rows, b_gate_up, e, n0, run_rows)
                     if save_h:
@@ -187,9 +229,22 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
                 for i in range(0, count, 2):
                     activate_pairs(ht[i * step * lead:], ht[(i * step + up_shift) * lead:], ht[(i + 1) * step * lead:],
                                    ht[((i + 1) * step + up_shift) * lead:], at[((i0 + i) // 2) * lead:], rows, act)
-            strip_product(down, 0, hidden, inter_pairs, at, 0, lead, ot, 0, lead, rows)
-            columns_to_rows(ot, lead, rows, hidden, o_rows, 0, starts)
-            _rounded_rows(o_rows, rows, hidden, o, r0, 0, b_down, e, has_b_down)
+            strip_product(down, i_first // 2, inter_pairs, hidden, (i_end - i_first) // 2, at, i_first // 2 * lead,
+                          lead, ot, 0, lead, rows)
+            if parts == 1:
+                columns_to_rows(ot, lead, rows, hidden, o_rows, 0, starts)
+                _rounded_rows(o_rows, rows, hidden, o, r0, 0, b_down, e, has_b_down)
+            else:
+                columns_to_rows(ot, lead, rows, hidden, partial, (part * num_rows + r0) * hidden, starts)
+    if parts > 1:
+        for chunk in prange(expert.shape[0]):
+            e, r0 = expert[chunk], first[chunk]
+            for j in range(r0, min(r0 + chunk_rows, offsets[e + 1])):
+                for n in range(hidden):
+                    total = b_down[e, n] if has_b_down else np.float32(0)
+                    for part in range(parts):
+                        total += partial[(part * num_rows + j) * hidden + n]
+                    o[j, n] = narrow(total, o.dtype)
 
 
 def matrix_shape(w):
@@ -197,6 +252,11 @@ def matrix_shape(w):
     if isinstance(w, np.ndarray):
         return w.shape[1], w.shape[2]
     return w.codes.shape[1], w.depth // 2
+
+
+def in_place(w):
+    """Whether the tiles read w's own words (not a quantized weight dequantized per expert)."""
+    return isinstance(w, np.ndarray)
 
 
 def expert_buffers(w, slots):
@@ -217,6 +277,12 @@ def _matrix_shape(w):
     if isinstance(w, types.Array):
         return lambda w: (w.shape[1], w.shape[2])
     return lambda w: (w.codes.shape[1], w.depth // 2)
+
+
+@overload(in_place, inline="always")
+def _in_place(w):
+    is_array = isinstance(w, types.Array)
+    return lambda w: is_array
 
 
 @overload(expert_buffers, inline="always")

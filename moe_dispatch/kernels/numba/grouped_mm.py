@@ -286,7 +286,7 @@ def grouped_mm_kn(a, w, bias, has_bias, offsets, experts, out):
         n0 = (task % strips) * strip
         columns = min(strip, width - n0)
         start, end = offsets[e], offsets[e + 1]
-        strip_product(flat_a, start * depth, end - start, depth, flat_w, e * depth * width + n0, width, flat_out,
+        strip_product(flat_a, start * depth, depth, end - start, depth, flat_w, e * depth * width + n0, width, flat_out,
                       start * width + n0, width, columns)
         if has_bias:
             for i in range(start, end):

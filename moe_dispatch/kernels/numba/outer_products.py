@@ -67,25 +67,42 @@ def row_offsets(base, first, count, step):
 
 
 @njit(cache=True, inline="always")
-def strip_product(a, a_start, num_rows, depth, b, b_start, b_stride, c, c_start, c_stride, width):
-    """c[c_start + i * c_stride + j] = sum over k < depth of a[a_start + i * depth + k] *
+def strip_columns(width, lanes):
+    """The columns of each strip of a product width columns wide, vectors of lanes (the last
+    strip has the rest): the strips share the columns evenly, in whole vectors, so 70
+    columns of float32 go as 48 and 22, not 64 and a strip of one vector of 6 lanes, whose 6
+    sums are too few to keep the multiply-adds busy."""
+    strips = (width + VECTORS * lanes - 1) // (VECTORS * lanes)
+    return max(lanes, ((width + strips - 1) // max(strips, 1) + lanes - 1) // lanes * lanes)
+
+
+@njit(cache=True, inline="always")
+def strip_vectors(width, lanes):
+    """What a row of a costs against width columns: the vectors of its strips, a strip of one
+    vector counted as two (its sums are too few to keep the multiply-adds busy)."""
+    strip = strip_columns(width, lanes)
+    vectors = 0
+    for j in range(0, width, strip):
+        vectors += max(2, (min(strip, width - j) + lanes - 1) // lanes)
+    return vectors
+
+
+@njit(cache=True, inline="always")
+def strip_product(a, a_start, a_stride, num_rows, depth, b, b_start, b_stride, c, c_start, c_stride, width):
+    """c[c_start + i * c_stride + j] = sum over k < depth of a[a_start + i * a_stride + k] *
     b[b_start + k * b_stride + j] for i < num_rows, j < width: a's rows contiguous.
 
     BLOCK_ROWS rows of a at a time, whose sums stay in L2 while DEPTH_BLOCK rows of b at a
-    time meet them, a strip of b's columns at a time (in L1) against every row of the block
-    (whose DEPTH_BLOCK elements stay in L2 from strip to strip). The strips share the columns
-    evenly, in whole vectors: 70 columns of float32 as 48 and 22, not 64 and a strip of one
-    vector of 6 lanes, whose 6 sums are too few to keep the multiply-adds busy."""
-    lanes = VECTOR_BYTES // c.itemsize
-    strips = (width + STRIP_BYTES // c.itemsize - 1) // (STRIP_BYTES // c.itemsize)
-    strip = max(lanes, ((width + strips - 1) // max(strips, 1) + lanes - 1) // lanes * lanes)
+    time meet them, a strip of b's columns at a time (strip_columns; in L1) against every row
+    of the block (whose DEPTH_BLOCK elements stay in L2 from strip to strip)."""
+    strip = strip_columns(width, VECTOR_BYTES // c.itemsize)
     for i0 in range(0, num_rows, BLOCK_ROWS):
         i1 = min(num_rows, i0 + BLOCK_ROWS)
         for k0 in range(0, max(depth, 1), DEPTH_BLOCK):  # a depth of 0 writes zeros
             for j in range(0, width, strip):
                 for i in range(i0, i1, ROWS):
                     count = min(ROWS, i1 - i)
-                    product_tile(a, row_offsets(a_start + k0, i, count, depth), count, 1, b,
+                    product_tile(a, row_offsets(a_start + k0, i, count, a_stride), count, 1, b,
                                  b_start + k0 * b_stride + j, b_stride, min(depth - k0, DEPTH_BLOCK), c,
                                  c_start + i * c_stride + j, c_stride, min(strip, width - j), k0 > 0)
 
