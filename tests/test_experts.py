@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import moe_dispatch as md
-from conftest import CPU_BACKENDS, assert_close, expert_weights, large_groups_everywhere, needs_numba
+from conftest import CPU_BACKENDS, assert_close, expert_weights, large_groups_everywhere, needs_numba, \
+    register_tiles_everywhere
 from conftest import random_ids, random_weights, skip_without_onednn
 from moe_dispatch.backends.cpu_matmul import onednn_available
 from moe_dispatch.experts import ExpertWeights
@@ -274,6 +275,8 @@ def test_packed_experts_through_the_custom_ops(gen):
 def reorders(monkeypatch):
     """Counts oneDNN's weight reorders (one per packed expert weight)."""
     clear_packed_weights()
+    for dtype in (torch.float32, torch.bfloat16):
+        onednn_available(dtype)  # its probe reorders a weight once: before the counting starts
     counted, real = [], torch.ops.mkldnn._reorder_linear_weight
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", lambda w: counted.append(1) or real(w),
                         raising=False)
@@ -296,3 +299,20 @@ def test_numba_reads_a_declared_packed_weight_without_the_setting(dtype, reorder
     for _ in range(2):
         assert_close(md.moe_mlp(x, weights, ids, packed, backend="numba"), plain.double(), dtype)
     assert len(reorders) == len(ids.unique())  # w_gate_up's active experts, packed once, then reused
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_register_tiles_read_a_packed_weights_own_tensor(dtype, reorders, gen, monkeypatch):
+    """Where the register tiles serve the experts, they read a OneDNNPacked weight's own tensor
+    (faster than oneDNN's copies there), and no copy is made."""
+    import moe_dispatch.backends.numba_backend as nb
+
+    register_tiles_everywhere(monkeypatch)
+    calls, real = [], nb.expert_tiles.expert_mlp_bf16 if dtype == torch.bfloat16 else nb.expert_tiles.expert_mlp
+    monkeypatch.setattr(nb.expert_tiles, real.__name__, lambda *args: calls.append(1) or real(*args))
+    x, weights, ids = _batch(gen, dtype)
+    w_gate_up, w_down, _, _ = expert_weights(E, H, I, gen, dtype)
+    plain = md.moe_mlp(x, weights, ids, w_gate_up, w_down, backend="numba")
+    packed = md.moe_mlp(x, weights, ids, ExpertWeights(OneDNNPacked(w_gate_up), OneDNNPacked(w_down)), backend="numba")
+    assert torch.equal(packed, plain) and len(calls) == 2 and reorders == []

@@ -35,7 +35,7 @@ from .. import activations
 from ..activations import activate
 from ..experts import ExpertWeights
 from ..formats import dense
-from ..formats.onednn import packed_experts
+from ..formats.onednn import OneDNNPacked, packed_experts
 from ..formats.quantized import QuantizedWeight
 from ..kernels.numba import expert_tiles
 from ..kernels.numba import grouped_mm as gmm
@@ -218,9 +218,16 @@ def takes_register_tiles(x: Tensor, experts: ExpertWeights) -> bool:
     if x.dtype == torch.bfloat16:
         return takes_bf16_register_tiles(experts)
     weights = (experts.w_gate_up, experts.w_down)
-    if not all(isinstance(w, Tensor) and w.dtype == x.dtype and w.is_contiguous() for w in weights):
+    if not all(isinstance(w, Tensor) and w.dtype == x.dtype and w.is_contiguous() for w in map(plain, weights)):
         return False
     return x.dtype in REGISTER_TILE_DTYPES and (small_experts(experts) or large_float32_tiles(x))
+
+
+def plain(w):
+    """The tensor the register tiles read for w: a OneDNNPacked weight's own (the tiles serve
+    it faster than oneDNN's packed copies, and no copy is made: olmoe-1b-7b x0.5 bfloat16 on a
+    Zen 5, T=512 18.8 ms against 23.1, T=4096 141 against 141), else w."""
+    return w.weight if isinstance(w, OneDNNPacked) else w
 
 
 def small_experts(experts: ExpertWeights) -> bool:
@@ -245,7 +252,7 @@ def takes_bf16_register_tiles(experts: ExpertWeights) -> bool:
                  and expert_bytes <= QUANTIZED_REGISTER_TILES_MAX_EXPERT_BYTES)
     else:
         pairs = all(isinstance(w, Tensor) and w.dtype == torch.bfloat16 and is_packed(w) and not on_tiles(w)
-                    for w in weights)
+                    for w in map(plain, weights))
     return (BF16_REGISTER_TILES and pairs and experts.hidden_size % 2 == experts.intermediate_size % 2 == 0
             and experts.hidden_size > 0 and experts.intermediate_size > 0)
 
@@ -771,7 +778,8 @@ class NumbaBackend(Backend):
     def _moe_mlp_register_tiles(self, x, weights, bounds, plan, experts, save_for_backward) -> tuple[Tensor, Tensor]:
         """Float and bfloat16 experts on register tiles (kernels/numba/expert_tiles.py), the
         rows' outputs met in one combine."""
-        w_gate_up, w_down, b_gate_up, b_down = experts.w_gate_up, experts.w_down, experts.b_gate_up, experts.b_down
+        w_gate_up, w_down, b_gate_up, b_down = plain(experts.w_gate_up), plain(experts.w_down), experts.b_gate_up, \
+            experts.b_down
         rows = int32_array(plan.token_of_row)
         check_indices("token_of_row", rows, x.shape[0])
         slots = int32_array(plan.row_of_slot)
