@@ -177,7 +177,7 @@ def test_few_bfloat16_chunks_split_their_intermediate_columns_between_threads(bi
     calls, real = [], expert_tiles.expert_mlp_bf16
     monkeypatch.setattr(expert_tiles, "expert_mlp_bf16", lambda *args: calls.append(1) or real(*args))
     E, H, I = 2, 16, expert_tiles.INTER_BLOCK + 2
-    assert expert_tiles.intermediate_parts(E, 1, 2) == 2
+    assert expert_tiles.intermediate_parts(E, 1, 2, 3 * H * 4) == 2
     ids = torch.tensor([[0], [1], [0]])
     x, weights = torch.randn(3, H, generator=gen).bfloat16(), random_weights(3, 1, gen).bfloat16()
     w_gate_up, w_down, b_gate_up, b_down = expert_weights(E, H, I, gen, torch.bfloat16, bias=bias)
@@ -202,7 +202,9 @@ def test_threads_share_the_chunks_evenly():
             assert bounds[0] == 0 and bounds[-1] == size and (np.diff(bounds) >= 0).all(), (slots, costs, bounds)
             share = costs.sum() / slots
             assert all(costs[bounds[s]:bounds[s + 1]].sum() <= share + 8 for s in range(slots))
-    assert [et.intermediate_parts(*args) for args in ((8, 2, 56), (64, 2, 4), (1, 16, 3), (0, 2, 4))] == [2, 1, 3, 1]
+    cases = ((8, 2, 56, 1 << 20), (64, 2, 4, 1 << 20), (1, 16, 3, 1 << 20), (0, 2, 4, 1 << 20),
+             (8, 16, 56, et.PARTS_BYTES // 5), (8, 2, 56, et.PARTS_BYTES))  # outputs of the parts within PARTS_BYTES
+    assert [et.intermediate_parts(*args) for args in cases] == [2, 1, 3, 1, 5, 1]
 
 
 def test_small_float_experts_with_many_rows_take_the_register_tiles(gen, monkeypatch):

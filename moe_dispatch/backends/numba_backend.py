@@ -778,8 +778,8 @@ class NumbaBackend(Backend):
     def _moe_mlp_register_tiles(self, x, weights, bounds, plan, experts, save_for_backward) -> tuple[Tensor, Tensor]:
         """Float and bfloat16 experts on register tiles (kernels/numba/expert_tiles.py), the
         rows' outputs met in one combine."""
-        w_gate_up, w_down, b_gate_up, b_down = plain(experts.w_gate_up), plain(experts.w_down), experts.b_gate_up, \
-            experts.b_down
+        w_gate_up, w_down = plain(experts.w_gate_up), plain(experts.w_down)
+        b_gate_up, b_down = experts.b_gate_up, experts.b_down
         rows = int32_array(plan.token_of_row)
         check_indices("token_of_row", rows, x.shape[0])
         slots = int32_array(plan.row_of_slot)

@@ -8,12 +8,11 @@ as it was. MOE_DISPATCH_PACK_WEIGHTS=1 treats every plain bfloat16 or float32 we
 that wants no gradient for it as declared so.
 
 The price is memory: a packed copy of every expert served, as large as the weights, since
-the decode path and the backward read the plain weights, which stay. Where the register tiles
-serve the experts (AVX512-BF16 without AMX) they read the plain weight, faster, and no copy
-is made. The copies live as
-long as the weight they were made from and are made again after it changes in place (an
-optimizer step, load_state_dict) or takes new storage. A change through `w.data` escapes
-the version counter: call clear_packed_weights() after one.
+the decode path and the backward read the plain weights, which stay. Where the register
+tiles serve the experts (AVX512-BF16 without AMX) they read the plain weight, faster, and no
+copy is made. The copies live as long as the weight they were made from and are made again
+after it changes in place (an optimizer step, load_state_dict) or takes new storage. A
+change through `w.data` escapes the version counter: call clear_packed_weights() after one.
 """
 
 from __future__ import annotations

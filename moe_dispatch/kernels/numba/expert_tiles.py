@@ -48,6 +48,8 @@ INTER_BLOCK = 128
 # threads of a bfloat16 expert MLP to share them evenly: mixtral-8x7b's 8 experts of 64 rows
 # each one chunk, uneven by a few rows, on two threads went as 5 chunks and 3 (intermediate_parts).
 UNITS_PER_THREAD = 8
+# The most bytes of float32 outputs the parts of the chunks may hold until they are added.
+PARTS_BYTES = 64 << 20
 
 
 @njit(cache=True)
@@ -95,13 +97,15 @@ def balanced_ranges(costs, slots):
 
 
 @njit(cache=True)
-def intermediate_parts(num_chunks, slots, blocks):
+def intermediate_parts(num_chunks, slots, blocks, output_bytes):
     """Parts of INTER_BLOCK columns into which each chunk's intermediate columns go, at most
     blocks: one where the chunks are many, more where they are few against the threads
-    (UNITS_PER_THREAD), so that a few large experts still share out evenly."""
+    (UNITS_PER_THREAD), so that a few large experts still share out evenly; as many as hold
+    an output of output_bytes (float32) each within PARTS_BYTES."""
     if num_chunks == 0:
         return 1
-    return max(1, min(blocks, (UNITS_PER_THREAD * slots + num_chunks - 1) // num_chunks))
+    wanted = min(blocks, (UNITS_PER_THREAD * slots + num_chunks - 1) // num_chunks)
+    return max(1, min(wanted, PARTS_BYTES // max(output_bytes, 1)))
 
 
 @njit(cache=True, parallel=True)
@@ -161,7 +165,9 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
     address first): x [T, H/2], w_gate_up [E, W, H/2], w_down [E, H, I/2], or either a
     quantized.QuantizedRows of [E, N, K], each expert dequantized to bfloat16 into its thread's
     buffer as its first chunk comes; b_gate_up [E, W] and b_down [E, H] float32; h [R, W] and
-    o [R, H] bfloat16 bits (uint16) out."""
+    o [R, H] bfloat16 bits (uint16) out. Where the chunks are few, each one's intermediate
+    columns go to the threads in parts (intermediate_parts), each part's o summed in float32
+    over its columns and the parts added once all are done."""
     pairs = x.shape[1]
     width, _ = matrix_shape(w_gate_up)
     hidden, inter_pairs = matrix_shape(w_down)
@@ -171,7 +177,9 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
     expert, first = chunks(offsets, chunk_rows)
     blocks = (inter + INTER_BLOCK - 1) // INTER_BLOCK
     # quantized experts are dequantized whole by each thread that takes a part of them
-    parts = intermediate_parts(expert.shape[0], slots, blocks) if in_place(w_gate_up) and in_place(w_down) else 1
+    parts = 1
+    if in_place(w_gate_up) and in_place(w_down):
+        parts = intermediate_parts(expert.shape[0], slots, blocks, num_rows * hidden * 4)
     costs = chunk_costs(offsets, expert, first, chunk_rows, VECTOR_BYTES // 4)
     unit_costs = np.empty(expert.shape[0] * parts, dtype=np.int64)
     for unit in range(unit_costs.shape[0]):

@@ -90,7 +90,7 @@ def strip_vectors(width, lanes):
 @njit(cache=True, inline="always")
 def strip_product(a, a_start, a_stride, num_rows, depth, b, b_start, b_stride, c, c_start, c_stride, width):
     """c[c_start + i * c_stride + j] = sum over k < depth of a[a_start + i * a_stride + k] *
-    b[b_start + k * b_stride + j] for i < num_rows, j < width: a's rows contiguous.
+    b[b_start + k * b_stride + j] for i < num_rows, j < width: each row of a contiguous.
 
     BLOCK_ROWS rows of a at a time, whose sums stay in L2 while DEPTH_BLOCK rows of b at a
     time meet them, a strip of b's columns at a time (strip_columns; in L1) against every row
