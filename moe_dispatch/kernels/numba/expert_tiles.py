@@ -108,6 +108,12 @@ def intermediate_parts(num_chunks, slots, blocks, output_bytes):
     return max(1, min(wanted, PARTS_BYTES // max(output_bytes, 1)))
 
 
+@njit(cache=True, inline="always")
+def part_blocks(part, parts, blocks):
+    """(first, end): the INTER_BLOCK blocks of intermediate columns of a chunk's part."""
+    return part * blocks // parts, (part + 1) * blocks // parts
+
+
 @njit(cache=True, parallel=True)
 def expert_mlp(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down, b_down, has_b_down, offsets, act,
                slots, save_h, h, o):
@@ -183,8 +189,8 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
     costs = chunk_costs(offsets, expert, first, chunk_rows, VECTOR_BYTES // 4)
     unit_costs = np.empty(expert.shape[0] * parts, dtype=np.int64)
     for unit in range(unit_costs.shape[0]):
-        part = unit % parts
-        unit_costs[unit] = costs[unit // parts] * ((part + 1) * blocks // parts - part * blocks // parts)
+        b0, b1 = part_blocks(unit % parts, parts, blocks)
+        unit_costs[unit] = costs[unit // parts] * (b1 - b0)
     slots = max(1, min(slots, unit_costs.shape[0]))
     words = np.empty((slots, (pairs + inter_pairs) * lead), dtype=np.uint32)
     block_rows = 2 * min(INTER_BLOCK, inter)  # of h^T: a block's gates and ups
@@ -212,8 +218,8 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
             if chunk != last_chunk:
                 gather_columns(flat_x, pairs, token_of_row, r0, rows, xt, lead, starts)
                 last_chunk = chunk
-            i_first = part * blocks // parts * INTER_BLOCK
-            i_end = min(inter, (part + 1) * blocks // parts * INTER_BLOCK)
+            b0, b1 = part_blocks(part, parts, blocks)
+            i_first, i_end = b0 * INTER_BLOCK, min(inter, b1 * INTER_BLOCK)
             # GEMM1 and the activation a block of intermediate columns at a time: their h^T stays in
             # L2 (all of Mixtral's 14336 rows of h^T would be 8 MB)
             for i0 in range(i_first, i_end, INTER_BLOCK):
