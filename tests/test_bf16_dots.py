@@ -1,7 +1,7 @@
 """The bfloat16 dot products of moe_dispatch/kernels/numba/bf16_dots.py, which the decode
-kernels take on packed bfloat16 weights where the CPU has AVX512-BF16: compiled for this CPU
-and for none (the generic vector code), against their numpy definition, and that against
-float64."""
+kernels take on packed bfloat16 weights where the CPU has AVX512-BF16: two weight rows at a
+time and four, compiled for this CPU and for none (the generic vector code), against their
+numpy definition, and that against float64."""
 
 from __future__ import annotations
 
@@ -16,36 +16,54 @@ pytestmark = needs_numba
 FEATURES = [pytest.param(None, id="host"), pytest.param("", id="generic")]
 
 
-def compiled(features):
+def compiled(features, weight_rows):
     from numba import njit
 
-    from moe_dispatch.kernels.numba.bf16_dots import bf16_dots_intrinsic
+    from moe_dispatch.kernels.numba.bf16_dots import bf16_dots_intrinsic, bf16_quad_dots_intrinsic
 
-    kernel = bf16_dots_intrinsic(features)
+    if weight_rows == 2:
+        pair = bf16_dots_intrinsic(features)
+
+        @njit
+        def run(src, index, gather, start, end, w, out):
+            pair(src, index, gather, start, end, w[0], w[1], out)
+
+        return run
+    quad = bf16_quad_dots_intrinsic(features)
 
     @njit
-    def run(src, index, gather, start, end, w_a, w_b, out):
-        kernel(src, index, gather, start, end, w_a, w_b, out)
+    def run_quad(src, index, gather, start, end, w, out):
+        quad(src, index, gather, start, end, w[0], w[1], w[2], w[3], out)
 
-    return run
+    return run_quad
+
+
+def definition(weight_rows):
+    from moe_dispatch.kernels.numba.bf16_dots import bf16_dots, bf16_quad_dots
+
+    if weight_rows == 2:
+        return lambda src, index, gather, start, end, w, out: bf16_dots(src, index, gather, start, end, *w, out)
+    return lambda src, index, gather, start, end, w, out: bf16_quad_dots(src, index, gather, start, end, *w, out)
 
 
 @pytest.mark.parametrize("features", FEATURES)
 @pytest.mark.parametrize("gather", [True, False])
-def test_the_vector_code_computes_the_definition(features, gather, gen):
-    from moe_dispatch.kernels.numba.bf16_dots import STEP, bf16_dots
+@pytest.mark.parametrize("weight_rows", [2, 4])
+def test_the_vector_code_computes_the_definition(features, gather, weight_rows, gen):
+    from moe_dispatch.kernels.numba.bf16_dots import STEP
 
     depth, num_src = 3 * STEP, 12
     src = torch.randn(num_src, depth, generator=gen).bfloat16()
-    w = torch.randn(2, depth, generator=gen).bfloat16()
+    w = torch.randn(weight_rows, depth, generator=gen).bfloat16()
     bits, words = src.view(torch.uint16).numpy(), w.view(torch.uint16).numpy().view(np.uint32)
-    run = compiled(features)
+    run, expect = compiled(features, weight_rows), definition(weight_rows)
     for num in (1, 2, 3, 4, 5, 7, 8, 9):  # passes of four rows and every rest
         index = torch.randperm(num_src, generator=gen).to(torch.int32).numpy()
         start = 2
-        out, expected = np.full((2, num + 1), np.nan, np.float32), np.full((2, num + 1), np.nan, np.float32)
-        run(bits, index, gather, start, start + num, words[0], words[1], out)
-        bf16_dots(bits, index, gather, start, start + num, words[0], words[1], expected)
+        out = np.full((weight_rows, num + 1), np.nan, np.float32)
+        expected = np.full((weight_rows, num + 1), np.nan, np.float32)
+        run(bits, index, gather, start, start + num, words, out)
+        expect(bits, index, gather, start, start + num, words, expected)
         assert np.isnan(out[:, num]).all()  # nothing written past the rows
         np.testing.assert_allclose(out[:, :num], expected[:, :num], rtol=1e-5, atol=1e-5 * depth)
         rows = index[start:start + num] if gather else np.arange(start, start + num)
@@ -68,3 +86,26 @@ def test_a_bfloat16_decode_step_of_whole_steps_matches_the_reference(gen):
     out = md.moe_mlp(x, weights, ids, w_gate_up, w_down, backend="numba")
     ref = md.moe_mlp(x.double(), weights.double(), ids, w_gate_up.double(), w_down.double(), backend="torch")
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_a_bfloat16_step_of_many_rows_per_expert_reads_four_weight_rows_a_pass(gen, monkeypatch):
+    """From QUAD_ROWS rows per active expert the decode step's products read four weight rows
+    a pass (bf16_quad_dots where the CPU has AVX512-BF16); the answer is the reference's."""
+    import moe_dispatch as md
+    from moe_dispatch.backends import numba_backend as nb
+    from moe_dispatch.kernels.numba import bf16_dots
+
+    hidden, inter, num_experts, tokens = 2 * bf16_dots.STEP, 3 * bf16_dots.STEP, 3, 15
+    x = torch.randn(tokens, hidden, generator=gen).bfloat16()
+    w_gate_up = (torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden ** 0.5).bfloat16()
+    w_down = (torch.randn(num_experts, hidden, inter, generator=gen) / inter ** 0.5).bfloat16()
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:2] for _ in range(tokens)])
+    weights = torch.rand(tokens, 2, generator=gen)
+    assert tokens * 2 >= nb.QUAD_ROWS * num_experts  # every expert active, 10 rows each
+    steps = []
+    decode = nb.mlp.moe_mlp_decode_ids
+    monkeypatch.setattr(nb.mlp, "moe_mlp_decode_ids", lambda *args: steps.append(args) or decode(*args))
+    out = md.moe_mlp(x, weights, ids, w_gate_up, w_down, backend="numba")
+    ref = md.moe_mlp(x.double(), weights.double(), ids, w_gate_up.double(), w_down.double(), backend="torch")
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+    assert steps or not bf16_dots.TAKES_BF16_DOTS  # elsewhere 10 rows an expert go to the library

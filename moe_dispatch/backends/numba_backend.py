@@ -180,12 +180,14 @@ DOTS_ROWS_BESIDE_REGISTER_TILES = 8
 REGISTER_TILES_MAX_EXPERT_FLOPS = 120e6
 # bfloat16 experts run the expert MLP on register tiles of bfloat16 pairs (vdpbf16ps) beyond
 # this many rows per active expert where the decode kernels take bf16_dots (beyond
-# WIDENING_ROWS_BESIDE_TILES where they widen): on a Zen 5, 2 threads, against the decode
-# kernels and the library's products (oneDNN, AVX512-BF16) in turns, ms:
-# olmoe-1b-7b x0.5 at 16 rows 9.6 / 7.7 / 15.6, at 32 rows 11.2 / 15.5 / 19.4, at 64 rows
-# 19.0 / 31.4 / 25.9, at 512 rows 141 / 333 / 151; qwen3-30b-a3b x0.25 at 16 rows 4.7 / 3.8
-# / 11.2; gpt-oss-20b x0.25 (K=720, widened) at 8 rows 4.2 / 4.7 / 7.1.
-BF16_DOTS_ROWS_BESIDE_REGISTER_TILES = 20
+# WIDENING_ROWS_BESIDE_TILES where they widen): on a Zen 5, 2 threads, register tiles against
+# the decode kernels (four weight rows a pass from QUAD_ROWS) and the library's products
+# (oneDNN, AVX512-BF16) in turns, ms: olmoe-1b-7b x0.5 at 16 rows 10.5 / 7.3 / 16.4, at 24
+# rows 11.0 / 9.7 / 18.8, at 32 rows 11.8 / 12.3 / 20.9, at 64 rows 19.0 / 31.4 / 25.9, at
+# 512 rows 141 / 333 / 151; mixtral-8x7b x0.5 at 16 rows 32.2 / 24.8 / 36.4, at 24 rows 38.1
+# / 34.6 / 43.6, at 32 rows 41.5 / 43.6 / 48.3; qwen3-30b-a3b x0.25 at 16 rows 4.7 / 3.8 /
+# 11.2; gpt-oss-20b x0.25 (K=720, widened) at 8 rows 4.2 / 4.7 / 7.1.
+BF16_DOTS_ROWS_BESIDE_REGISTER_TILES = 28
 # Quantized experts of bfloat16 activations leave the decode kernels for the register tiles
 # (each expert dequantized to bfloat16 once per call) beyond these rows per expert, by format:
 # olmoe-1b-7b x0.5, decode kernels / register tiles / the blocked path's library products, ms:

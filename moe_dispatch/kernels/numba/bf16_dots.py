@@ -61,16 +61,18 @@ def bf16_dots(src, index, gather, start, end, w_a, w_b, out):
 
 class _Operands:
     def __init__(self, context, builder, sig, args):
-        arrays = {i: context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 5, 6, 7)}
+        rows = len(args) - 6  # weight rows, args 5 to 5 + rows - 1; out last
+        arrays = {i: context.make_array(sig.args[i])(context, builder, args[i])
+                  for i in (0, 1, *range(5, 5 + rows), 5 + rows)}
         index = types.intp
         self.gather = args[2]
         self.start, self.end = (context.cast(builder, args[i], sig.args[i], index) for i in (3, 4))
         self.src = builder.bitcast(arrays[0].data, I16.as_pointer())
         self.depth = cgutils.unpack_tuple(builder, arrays[0].shape, 2)[1]
         self.index = arrays[1].data
-        self.weights = [builder.bitcast(arrays[i].data, I16.as_pointer()) for i in (5, 6)]
-        self.out = arrays[7].data
-        self.out_width = cgutils.unpack_tuple(builder, arrays[7].shape, 2)[1]
+        self.weights = [builder.bitcast(arrays[i].data, I16.as_pointer()) for i in range(5, 5 + rows)]
+        self.out = arrays[5 + rows].data
+        self.out_width = cgutils.unpack_tuple(builder, arrays[5 + rows].shape, 2)[1]
 
     def row(self, builder, i):
         """Where activation row i of this call starts."""
@@ -79,15 +81,25 @@ class _Operands:
         return builder.gep(self.src, [builder.mul(builder.select(self.gather, gathered, position), self.depth)])
 
 
+def bf16_quad_dots(src, index, gather, start, end, w0, w1, w2, w3, out):
+    """bf16_dots over four weight rows: out[j, i] = src[row] . w_j for j < 4. Each activation
+    row's load meets four weight rows, 16 sums a pass, where two pairs load it twice for 8
+    each: for steps whose many rows per expert make the multiply-adds, not the weights'
+    stream, set the pace (one Zen 5 core, 1024 weight rows of K=1024 in cache: 332 GFLOP/s
+    against 256 at 16 rows, 226 against 181 at 4)."""
+    bf16_dots(src, index, gather, start, end, w0, w1, out[:2])
+    bf16_dots(src, index, gather, start, end, w2, w3, out[2:])
+
+
 def _emit_pass(builder, cpu, ops, first, count):
-    """count activation rows from the first-th: every step of the two weight rows, then the
-    sums into ops.out."""
+    """count activation rows from the first-th: every step of the weight rows, then the sums
+    into ops.out."""
     fast = _dot_instruction(cpu)
     acc_type = _vec(F32, STEP // 2 if fast else STEP)
     index = ops.depth.type
     rows = [ops.row(builder, builder.add(first, ir.Constant(index, j))) for j in range(count)]
     sums = {}
-    for r in range(2):
+    for r in range(len(ops.weights)):
         for j in range(count):
             sums[r, j] = cgutils.alloca_once(builder, acc_type)
             builder.store(ir.Constant(acc_type, None), sums[r, j])
@@ -121,36 +133,61 @@ def _multiply_add(builder, acc, w, x, fast):
     return builder.fadd(acc, builder.fmul(widened(w), widened(x), flags=("fast",)), flags=("fast",))
 
 
+def _typed(src, index, start, end, weights, out):
+    """Whether bf16_dots's (or bf16_quad_dots's) arguments are arrays and integers it reads."""
+    arrays = ((src, 2, types.uint16), (index, 1, types.int32), *((w, 1, types.uint32) for w in weights),
+              (out, 2, types.float32))
+    return (all(isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" and a.dtype == dtype
+                for a, ndim, dtype in arrays)
+            and all(isinstance(i, types.Integer) for i in (start, end)))
+
+
+def _codegen(cpu_features):
+    def codegen(context, builder, sig, args):
+        cpu = cpu_features if cpu_features is not None else host_cpu_features()
+        ops = _Operands(context, builder, sig, args)
+        emit_row_passes(builder, builder.sub(ops.end, ops.start),
+                        lambda first, count: _emit_pass(builder, cpu, ops, first, count))
+        return context.get_dummy_value()
+
+    return codegen
+
+
 def bf16_dots_intrinsic(cpu_features=None):
     """The vector code of bf16_dots, for the CPU features given (a "+avx512bf16,..." string),
     by default those Numba compiles for."""
 
     @intrinsic
     def dots(typingctx, src, index, gather, start, end, w_a, w_b, out):
-        arrays = ((src, 2, types.uint16), (index, 1, types.int32), (w_a, 1, types.uint32), (w_b, 1, types.uint32),
-                  (out, 2, types.float32))
-        if not all(isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" and a.dtype == dtype
-                   for a, ndim, dtype in arrays):
+        if not _typed(src, index, start, end, (w_a, w_b), out):
             return None
-        if not all(isinstance(i, types.Integer) for i in (start, end)):
-            return None
-
-        def codegen(context, builder, sig, args):
-            cpu = cpu_features if cpu_features is not None else host_cpu_features()
-            ops = _Operands(context, builder, sig, args)
-            emit_row_passes(builder, builder.sub(ops.end, ops.start),
-                            lambda first, count: _emit_pass(builder, cpu, ops, first, count))
-            return context.get_dummy_value()
-
-        return types.void(src, index, gather, start, end, w_a, w_b, out), codegen
+        return types.void(src, index, gather, start, end, w_a, w_b, out), _codegen(cpu_features)
 
     return dots
 
 
-_kernel = bf16_dots_intrinsic()
+def bf16_quad_dots_intrinsic(cpu_features=None):
+    """The vector code of bf16_quad_dots, as bf16_dots_intrinsic."""
+
+    @intrinsic
+    def dots(typingctx, src, index, gather, start, end, w0, w1, w2, w3, out):
+        if not _typed(src, index, start, end, (w0, w1, w2, w3), out):
+            return None
+        return types.void(src, index, gather, start, end, w0, w1, w2, w3, out), _codegen(cpu_features)
+
+    return dots
+
+
+_kernel, _quad_kernel = bf16_dots_intrinsic(), bf16_quad_dots_intrinsic()
 
 
 @overload(bf16_dots, inline="always")
 def _bf16_dots(src, index, gather, start, end, w_a, w_b, out):
     return lambda src, index, gather, start, end, w_a, w_b, out: _kernel(src, index, gather, start, end, w_a, w_b,
                                                                           out)
+
+
+@overload(bf16_quad_dots, inline="always")
+def _bf16_quad_dots(src, index, gather, start, end, w0, w1, w2, w3, out):
+    return lambda src, index, gather, start, end, w0, w1, w2, w3, out: _quad_kernel(
+        src, index, gather, start, end, w0, w1, w2, w3, out)

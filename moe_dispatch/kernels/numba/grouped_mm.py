@@ -20,7 +20,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from .bf16_dots import bf16_dots
+from .bf16_dots import bf16_dots, bf16_quad_dots
 from .caching import njit
 from .outer_products import ROWS, STRIP_BYTES, product_tile, row_offsets, strip_product
 from .scalars import acc_zero, acc_zeros, bf16_pair, narrow, widen
@@ -61,12 +61,9 @@ def dot_rows_quad(src, index, gather, start, end, w0, w1, w2, w3, out):
 
     More multiply-adds per load, for steps that many rows per expert make compute-bound
     (gate_up_act's quad); where streaming the weights bounds a step, two rows stream faster.
-    bfloat16 activations (whose kernel meets four activation rows with each pair) go as two
-    pairs.
     """
     if src.dtype == np.uint16 and w0.dtype == np.uint32:
-        bf16_dots(src, index, gather, start, end, w0, w1, out[:2])
-        bf16_dots(src, index, gather, start, end, w2, w3, out[2:])
+        bf16_quad_dots(src, index, gather, start, end, w0, w1, w2, w3, out)
     elif w0.dtype == np.uint32:
         _dot_rows_quad_packed(src, index, gather, start, end, w0, w1, w2, w3, out)
     else:
@@ -84,12 +81,9 @@ def _dot_rows_pair(src, index, gather, start, end, w_a, w_b, out):
 
 @overload(dot_rows_quad, inline="always")
 def _dot_rows_quad(src, index, gather, start, end, w0, w1, w2, w3, out):
-    if src.dtype == types.uint16 and w0.dtype == types.uint32:  # bf16_dots meets four rows with each pair
-        def pairs(src, index, gather, start, end, w0, w1, w2, w3, out):
-            bf16_dots(src, index, gather, start, end, w0, w1, out[:2])
-            bf16_dots(src, index, gather, start, end, w2, w3, out[2:])
-
-        return pairs
+    if src.dtype == types.uint16 and w0.dtype == types.uint32:
+        return lambda src, index, gather, start, end, w0, w1, w2, w3, out: bf16_quad_dots(
+            src, index, gather, start, end, w0, w1, w2, w3, out)
     if w0.dtype == types.uint32:
         return lambda src, index, gather, start, end, w0, w1, w2, w3, out: _dot_rows_quad_packed(
             src, index, gather, start, end, w0, w1, w2, w3, out
