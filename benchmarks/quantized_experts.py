@@ -1,10 +1,15 @@
 """Quantized experts against bfloat16 experts, side by side in one run (docs/benchmarks.md).
 
 For each token count, every format's moe_mlp and the bfloat16 experts' are timed in turns
-(measure_many), on the same routed batch; each row gives the median, the speed-up over bfloat16,
-the format's bandwidth bound (the active experts' stored bytes over the measured read
-bandwidth) and the error of the output against the unquantized bfloat16 layer's (relative
-Frobenius norm, measured in float64).
+(measure_many), twice: warm, the same routed batch on the same experts every call, whose
+experts after the first call come from the cache wherever they fit there; and cold, each call
+on the next of several copies of the layer with the next of several routings, about --cold-mb
+of weights in all, so that its experts come from memory as they do in a model whose layers
+together exceed the cache. Each row gives the medians, the speed-ups over bfloat16, the
+format's bandwidth bound (the active experts' stored bytes, averaged over the routings, over
+the read bandwidth: the median of a 256 MB reduction timed in turns with the calls, as this
+machine's bandwidth moves by the minute) and the error of the output against the unquantized
+bfloat16 layer's (relative Frobenius norm, measured in float64).
 
     python benchmarks/quantized_experts.py --tokens 1,16,512,4096 --threads 2 --budget 1
 """
@@ -12,15 +17,27 @@ Frobenius norm, measured in float64).
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 
 import torch
 
 import moe_dispatch as md
-from moe_dispatch.benchmarking.cases import make_experts, make_inputs, quantize_experts
+from moe_dispatch.benchmarking.cases import distinct_experts, make_experts, make_inputs, quantize_experts
 from moe_dispatch.benchmarking.presets import get_preset
-from moe_dispatch.benchmarking.roofline import get_roofline
 from moe_dispatch.benchmarking.timing import measure_many, median
 from moe_dispatch.formats.quantized import quantized_formats
+
+ROUTINGS = 7  # routed batches the cold calls take in turns
+
+
+def layer_copies(bf16, fmt, preset, device, cold_bytes):
+    """Copies of the layer's experts in format fmt (bfloat16: bf16 first, then layers of other
+    weights), enough to hold about cold_bytes in all."""
+    first = bf16 if fmt == "bfloat16" else quantize_experts(bf16, fmt)
+    count = max(1, math.ceil(cold_bytes / (first.expert_bytes() * preset.num_experts)))
+    return [first] + [make_experts(preset, torch.bfloat16, device, seed=c) if fmt == "bfloat16"
+                      else quantize_experts(bf16, fmt) for c in range(1, count)]
 
 
 def main() -> None:
@@ -30,38 +47,59 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,16,512")
     parser.add_argument("--formats", default=",".join(quantized_formats()))
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--budget", type=float, default=1.0, help="timed seconds per format and token count")
+    parser.add_argument("--budget", type=float, default=1.0, help="timed seconds per format, token count and kind")
+    parser.add_argument("--cold-mb", type=float, default=512.0,
+                        help="the weights the cold calls cycle through, per format (well past the last-level cache)")
     parser.add_argument("--backend", default="numba")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     preset = get_preset(args.preset, args.scale)
-    roofline = get_roofline(device, fresh_bandwidth=True)  # measured with this run's threads
+    stream = torch.ones(64 << 20)  # 256 MB of float32 to read, past any last-level cache
     bf16 = make_experts(preset, torch.bfloat16, device)
-    formats = {"bfloat16": bf16}
-    for fmt in args.formats.split(","):
-        formats[fmt] = quantize_experts(bf16, fmt)
-    print(f"{preset.describe()}, {args.backend}, {torch.get_num_threads()} threads, read {roofline.read_gbps:.1f} GB/s")
-    print(f"{'T':>5} {'weights':9} {'bits/w':>6} {'median ms':>10} {'vs bf16':>8} {'bound ms':>9} {'/ bound':>8} "
-          f"{'error vs bf16':>13}")
+    layers = {fmt: layer_copies(bf16, fmt, preset, device, args.cold_mb * 1e6)
+              for fmt in ["bfloat16", *args.formats.split(",")]}
+    first = make_inputs(preset, 1, torch.bfloat16, device)
+    with torch.no_grad():  # what a call derives from a layer's experts once, made outside the timings
+        for experts in itertools.chain(*layers.values()):
+            md.moe_mlp(first.x, first.weights, first.ids, experts.weights, backend=args.backend)
+    print(f"{preset.describe()}, {args.backend}, {torch.get_num_threads()} threads; cold: {ROUTINGS} routings over "
+          + ", ".join(f"{len(c)} {fmt}" for fmt, c in layers.items()) + " layers")
+    print(f"{'T':>5} {'weights':9} {'bits/w':>6} {'warm ms':>8} {'vs bf16':>8} {'cold ms':>8} {'vs bf16':>8} "
+          f"{'bound ms':>9} {'cold/bound':>10} {'error vs bf16':>13} {'read GB/s':>9}")
     for num_tokens in (int(t) for t in args.tokens.split(",")):
-        inputs = make_inputs(preset, num_tokens, torch.bfloat16, device)
-        touched = torch.unique(inputs.ids).numel()
-        calls = {name: (lambda e=e: md.moe_mlp(inputs.x, inputs.weights, inputs.ids, e.weights, backend=args.backend))
-                 for name, e in formats.items()}
+        routings = [make_inputs(preset, num_tokens, torch.bfloat16, device, seed=s) for s in range(ROUTINGS)]
+        inputs = routings[0]
+
+        def call(copies, cold):
+            turns = itertools.count()
+
+            def run():
+                turn = next(turns) if cold else 0
+                batch, experts = routings[turn % ROUTINGS], copies[turn % len(copies)]
+                return md.moe_mlp(batch.x, batch.weights, batch.ids, experts.weights, backend=args.backend)
+
+            return run
+
+        calls = {(fmt, cold): call(copies, cold) for fmt, copies in layers.items() for cold in (False, True)}
         with torch.no_grad():
-            times = measure_many(calls, device, budget_s=args.budget)
+            times = {key: median(t) for key, t in measure_many({**calls, "read": stream.sum}, device,
+                                                                 budget_s=args.budget).items()}
+            read_gbps = stream.nbytes / (times["read"] * 1e6)
             reference = md.moe_mlp(inputs.x.double(), inputs.weights.double(), inputs.ids,
                                    bf16.weights.w_gate_up.double(), bf16.weights.w_down.double(), backend="torch")
-            for name, experts in formats.items():
-                ms = median(times[name])
-                bound = touched * experts.expert_bytes() / (roofline.read_gbps * 1e6)
-                error = (calls[name]().double() - reference).norm() / reference.norm()
+            touched = sum(distinct_experts(batch.ids) for batch in routings) / ROUTINGS
+            for fmt, copies in layers.items():
+                experts = copies[0]
+                warm, cold = times[fmt, False], times[fmt, True]
+                bound = touched * experts.expert_bytes() / (read_gbps * 1e6)
+                error = (calls[fmt, False]().double() - reference).norm() / reference.norm()
                 bits = 8 * experts.expert_bytes() / (preset.hidden_size * (experts.weights.w_gate_up.shape[1]
                                                                             + preset.intermediate_size))
-                print(f"{num_tokens:5d} {name:9} {bits:6.2f} {ms:10.3f} {median(times['bfloat16']) / ms:7.2f}x "
-                      f"{bound:9.3f} {ms / bound:7.2f}x {error:13.4f}")
+                print(f"{num_tokens:5d} {fmt:9} {bits:6.2f} {warm:8.3f} {times['bfloat16', False] / warm:7.2f}x "
+                      f"{cold:8.3f} {times['bfloat16', True] / cold:7.2f}x {bound:9.3f} {cold / bound:9.2f}x "
+                      f"{error:13.4f} {read_gbps:9.1f}")
 
 
 if __name__ == "__main__":
