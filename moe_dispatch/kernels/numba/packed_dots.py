@@ -448,14 +448,18 @@ def _halves(builder, make, groups, n):
     return builder.shuffle_vector(low, high, _const(I32, range(n), n))
 
 
-def _step_scales(builder, scales, g, n):
-    """<n x float>: the scales of groups g and g + 1 (a 4-bit step of two groups of 32), one
-    per half of the lanes, from one load of both: mxfp4's every step needs them, and building
-    each from a scalar cost as much as the step's multiply-adds at a decode step's few rows."""
-    pair = builder.load(builder.bitcast(builder.gep(scales, [g]), _vec(scales.type.pointee, 2).as_pointer()), align=1)
-    if pair.type.element == I8:
-        pair = _e8m0_values(builder, pair)
-    return builder.shuffle_vector(pair, pair, _const(I32, [0] * (n // 2) + [1] * (n // 2), n))
+def _step_scales(builder, scale_rows, g, n):
+    """For each of the two weight rows at scale_rows, <n x float>: its scales of groups g and
+    g + 1 (a 4-bit step of two groups of 32), one per half of the lanes. mxfp4's every step
+    needs them, and building each from a scalar cost as much as the step's multiply-adds at a
+    decode step's few rows: the two rows' pairs are loaded and converted as one vector."""
+    pairs = [builder.load(builder.bitcast(builder.gep(row, [g]), _vec(row.type.pointee, 2).as_pointer()), align=1)
+             for row in scale_rows]
+    both = builder.shuffle_vector(*pairs, _const(I32, range(4), 4))
+    if both.type.element == I8:
+        both = _e8m0_values(builder, both)
+    return [builder.shuffle_vector(both, both, _const(I32, [2 * r] * (n // 2) + [2 * r + 1] * (n // 2), n))
+            for r in range(2)]
 
 
 def _row_start(builder, array, e, n):
@@ -586,7 +590,7 @@ def _emit_pair(builder, fmt, cpu, ops, x_rows, sums_rows, first, p):
         halves.append(halves[0] if kind.span == CHUNK else
                       builder.udiv(builder.add(k0, ir.Constant(index, kind.span // 2)), group))
         if isinstance(group, ir.Constant) and kind.span == 2 * group.constant:
-            scales = [_step_scales(builder, ops.scales[r], halves[0], kind.lanes) for r in range(2)]
+            scales = _step_scales(builder, ops.scales, halves[0], kind.lanes)
         else:
             scales = [_halves(builder, functools.partial(_group_scale, builder, ops.scales[r]), halves, kind.lanes)
                       for r in range(2)]
