@@ -49,14 +49,22 @@ class DecodeTiles(NamedTuple):
 
 
 @njit(cache=True, inline="always")
-def gate_up_epilogue(dots, p, q, r, e, i, col_a, col_b, bias, has_bias, save_h, h, act, inter, split_a, a):
-    """Row r's outputs from the sums dots[p, q] of weight row col_a and dots[p + 1, q] of row
-    col_b: gated, the gate and up of intermediate column i; plain, columns col_a and col_b."""
+def gate_up_values(dots, p, q, r, e, col_a, col_b, bias, has_bias, save_h, h):
+    """Row r's sums dots[p, q] of weight row col_a and dots[p + 1, q] of row col_b with their
+    biases, kept in h when save_h."""
     g = dots[p, q] + bias[e, col_a] if has_bias else dots[p, q]
     u = dots[p + 1, q] + bias[e, col_b] if has_bias else dots[p + 1, q]
     if save_h:
         h[r, col_a] = narrow(g, h.dtype)
         h[r, col_b] = narrow(u, h.dtype)
+    return g, u
+
+
+@njit(cache=True, inline="always")
+def gate_up_epilogue(dots, p, q, r, e, i, col_a, col_b, bias, has_bias, save_h, h, act, inter, split_a, a):
+    """Row r's outputs from the sums dots[p, q] of weight row col_a and dots[p + 1, q] of row
+    col_b: gated, the gate and up of intermediate column i; plain, columns col_a and col_b."""
+    g, u = gate_up_values(dots, p, q, r, e, col_a, col_b, bias, has_bias, save_h, h)
     # one call site of the activation, inlined: gated, one output; plain, one per column
     for c in range(1 if is_gated(act) else 2):
         col = i if is_gated(act) else (col_a if c == 0 else col_b)
