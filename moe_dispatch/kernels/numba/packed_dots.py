@@ -563,6 +563,13 @@ def _emit_pass(builder, fmt, cpu, ops, first, count):
 FOLDED_ROWS = 2
 
 
+def _flush_span(builder, group, kind):
+    """The elements whose sums turn into float32 at once: a group, or a step where a 4-bit
+    step holds two groups of 32."""
+    span = ir.Constant(group.type, kind.span)
+    return builder.select(builder.icmp_signed(">", group, span), group, span)
+
+
 def _emit_pair(builder, fmt, cpu, ops, x_rows, sums_rows, first, p):
     """The code for pair p of weight rows (ops.at_pair) against the activation rows at x_rows
     (and int4's lane sums at sums_rows): every group and its chunks, then the sums stored in
@@ -578,8 +585,7 @@ def _emit_pair(builder, fmt, cpu, ops, x_rows, sums_rows, first, p):
         builder.store(ir.Constant(kind.partial_type, None), partials[q])
         builder.store(_const(F32, 0.0, kind.lanes), sums[q])
     group, span = ops.group, ir.Constant(index, kind.span)
-    # a flush per group, or per step where a 4-bit step holds two groups of 32
-    flush_span = builder.select(builder.icmp_signed(">", group, span), group, span)
+    flush_span = _flush_span(builder, group, kind)
     num_groups = builder.udiv(builder.add(ops.depth, builder.sub(flush_span, ir.Constant(index, 1))), flush_span)
     long_groups = builder.icmp_signed(">", group, ir.Constant(index, FLUSH))
     with cgutils.for_range(builder, num_groups) as group_loop:
@@ -648,7 +654,7 @@ def _emit_group_sizes(builder, fmt, cpu, ops, sizes):
     size = ir.Constant(ops.group.type, sizes[0])
     # K in whole flush spans too (not so where fp8's last block is partial): a span's steps are
     # then a constant number, which LLVM unrolls with no bounds to check (1.2-1.6x at one row)
-    flush_span = ir.Constant(size.type, max(sizes[0], _KINDS[fmt].span))
+    flush_span = _flush_span(builder, size, _KINDS[fmt])
     whole = builder.icmp_signed("==", builder.srem(ops.depth, flush_span), ir.Constant(size.type, 0))
     with builder.if_else(builder.and_(builder.icmp_signed("==", ops.group, size), whole)) as (known, other):
         with known:
