@@ -1,9 +1,10 @@
-"""Time moe_mlp on two revisions of this repository side by side, and print the ratio of their
-medians: whether a change made anything slower.
+"""Time moe_mlp (or the whole MoE layer) on two revisions of this repository side by side, and
+print the ratio of their medians: whether a change made anything slower.
 
     python benchmarks/compare_revisions.py HEAD~1                    # that commit against the working tree
     python benchmarks/compare_revisions.py v1 --new v2 --preset qwen3-30b-a3b --tokens 1,64
     python benchmarks/compare_revisions.py HEAD~1 --dtypes bfloat16 --weights int4,fp8   # quantized experts
+    python benchmarks/compare_revisions.py HEAD~1 --op layer --tokens 1     # router, routing and experts
 
 The old revision is checked out into a temporary worktree. One worker process per revision
 builds the same inputs (a preset's shape, seeded), warms every point up (JIT compiles outside
@@ -33,7 +34,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 
 # The worker: reads one JSON command per line, answers one JSON line.
 WORKER = r'''
-import json, sys, time
+import functools, json, sys, time
 import torch
 import moe_dispatch as md
 from moe_dispatch.benchmarking.presets import get_preset
@@ -62,21 +63,28 @@ for line in sys.stdin:
             options = {}
         else:
             experts, options = (w_gate_up, w_down), {"activation": preset.activation}
-        args = (x, weights, ids, *experts)
+        if command["op"] == "layer":  # the preset's shape with its own router (seeded), experts as above
+            torch.manual_seed(0)
+            layer = md.MoE(h, i, e, k, activation=preset.activation, dtype=dtype, backend=command["backend"])
+            if command["weights"] != "dense":
+                layer.quantize_(command["weights"])
+            call = functools.partial(layer, x)
+        else:
+            call = functools.partial(md.moe_mlp, x, weights, ids, *experts, **options, backend=command["backend"])
         key = command["key"]
-        points[key] = (args, options, command["backend"])
+        points[key] = call
         with torch.no_grad():
             start = time.perf_counter()
             while time.perf_counter() - start < command["warmup_s"]:
-                md.moe_mlp(*args, **options, backend=command["backend"])
+                call()
         print(json.dumps({"ok": key}), flush=True)
     else:
-        args, options, backend = points[command["key"]]
+        call = points[command["key"]]
         times = []
         with torch.no_grad():
             for _ in range(command["reps"]):
                 start = time.perf_counter()
-                md.moe_mlp(*args, **options, backend=backend)
+                call()
                 times.append(time.perf_counter() - start)
         print(json.dumps({"times": times}), flush=True)
 '''
@@ -107,6 +115,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old", help="the revision to compare against")
     parser.add_argument("--new", help="another revision (default: the working tree)")
+    parser.add_argument("--op", choices=("moe_mlp", "layer"), default="moe_mlp",
+                        help="moe_mlp, or the whole MoE layer (router, routing, routed experts)")
     parser.add_argument("--preset", default="olmoe-1b-7b")
     parser.add_argument("--scale", type=float, default=0.5)
     parser.add_argument("--tokens", default="1,16,512")
@@ -139,7 +149,7 @@ def main() -> int:
                 print(f"{key}: warming up", file=sys.stderr, flush=True)
                 for worker in workers.values():
                     worker.ask(do="setup", key=key, preset=args.preset, scale=args.scale, dtype=dtype, weights=weights,
-                               tokens=tokens, backend=backend, warmup_s=2.0)
+                               tokens=tokens, backend=backend, op=args.op, warmup_s=2.0)
                 one = statistics.median(workers["new"].ask(do="time", key=key, reps=5)["times"])
                 reps = max(1, int(args.seconds / max(one, 1e-6)))
                 for round_ in range(args.rounds):
@@ -153,7 +163,7 @@ def main() -> int:
                 if tree != REPOSITORY:
                     subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "remove", "--force", str(tree)],
                                    capture_output=True)
-    title = (f"moe_mlp, {args.preset} at scale {args.scale:g}, {args.threads} threads: {args.old} against "
+    title = (f"{args.op}, {args.preset} at scale {args.scale:g}, {args.threads} threads: {args.old} against "
              f"{args.new or 'the working tree'}, median of {args.rounds} alternating bursts")
     table = Table(title=title, title_justify="left")
     for column in ("backend", "dtype", "weights", "tokens", "old ms", "new ms", "old / new"):

@@ -67,8 +67,13 @@ class ExpertWeights:
         object.__setattr__(self, "activation", activations.get(self.activation))
         check.expert_weights(self)
         # the tensors that hold the experts (fixed, as the fields are): what derived watches
-        object.__setattr__(self, "_held", (*formats.tensors(self.w_gate_up), *formats.tensors(self.w_down),
-                                           *(b for b in (self.b_gate_up, self.b_down) if b is not None)))
+        gate_up, gate_up_spec = formats.flatten(self.w_gate_up)
+        down, down_spec = formats.flatten(self.w_down)
+        object.__setattr__(self, "_held", (*gate_up, *down, *(b for b in (self.b_gate_up, self.b_down) if b is not None)))
+        # flatten's spec, as fixed as the fields (every call of moe_mlp asks for it)
+        object.__setattr__(self, "_spec", "|".join([
+            self.activation.name, str(int(self.interleaved)), str(len(gate_up)), gate_up_spec, down_spec,
+            str(int(self.b_gate_up is not None)), str(int(self.b_down is not None))]))
         object.__setattr__(self, "_derived", {})
 
     def __getstate__(self) -> dict:  # a copy starts with nothing derived
@@ -136,11 +141,7 @@ class ExpertWeights:
 
     def flatten(self) -> tuple[list[Tensor], str]:
         """(tensors, spec): the weights' tensors, then the biases present; unflatten inverts it."""
-        gate_up, gate_up_spec = formats.flatten(self.w_gate_up)
-        down, down_spec = formats.flatten(self.w_down)
-        spec = "|".join([self.activation.name, str(int(self.interleaved)), str(len(gate_up)), gate_up_spec, down_spec,
-                         str(int(self.b_gate_up is not None)), str(int(self.b_down is not None))])
-        return list(self._held), spec
+        return list(self._held), self._spec
 
     def flat_grads(self, grads) -> list[Optional[Tensor]]:
         """A gradient for each tensor of flatten(), in its order, from grads (an ExpertGrads): a

@@ -23,6 +23,8 @@ Tensor = torch.Tensor
 # Each MoE layer's last ExpertWeights, under what it was made from (MoE.experts); beside the
 # layer rather than in it, so that copies and pickles of the layer carry none.
 _LAYER_EXPERTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# Each layer's router weight widened to float32, likewise (MoE._router_float32).
+_ROUTER_FLOAT32: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 class MoEAux(NamedTuple):
@@ -246,7 +248,16 @@ class MoE(nn.Module):
 
     def router_logits(self, x: Tensor) -> Tensor:
         """[T, H] -> [T, E] float32, whatever the layer's dtype."""
-        return nn.functional.linear(x.float(), self.router.weight.float())
+        return nn.functional.linear(x.float(), self._router_float32())
+
+    def _router_float32(self) -> Tensor:
+        """The router's weight in float32. Kept from call to call (a copy of the router, E x H
+        floats) where no gradient reaches it, so that a decode step does not widen it each time."""
+        weight = self.router.weight
+        if weight.dtype == torch.float32 or torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and weight.requires_grad):
+            return weight.float()
+        return kept(_ROUTER_FLOAT32, self, stamp([weight]), lambda: weight.detach().float())
 
     def routing(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """[T, H] -> the router's logits [T, E] (float32) and each token's routing weights and

@@ -49,6 +49,19 @@ def route(
 
     # At least float32 whatever the logits' dtype; float64 stays float64 (gradcheck).
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if scoring == "softmax" and renormalize and bias is None and n_groups is None:
+        # The renormalized top-k of a softmax is the softmax of the top-k logits: two ops where
+        # the general path takes eight (a decode step's routing is all op overhead).
+        best, ids = logits.topk(top_k, dim=-1)
+        weights = best.softmax(-1)
+    else:
+        weights, ids = _chosen_scores(logits, top_k, scoring, renormalize, bias, n_groups, topk_groups)
+    return (weights if scale == 1.0 else weights * scale), ids
+
+
+def _chosen_scores(logits, top_k, scoring, renormalize, bias, n_groups, topk_groups) -> tuple[Tensor, Tensor]:
+    """route's weights before the scale, and its ids: the general path."""
+    num_tokens, num_experts = logits.shape
     scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
     choice = scores.detach() if bias is None else scores.detach() + bias.detach().to(scores.dtype)
     if n_groups is not None:
@@ -62,4 +75,4 @@ def route(
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-    return weights * scale, ids
+    return weights, ids

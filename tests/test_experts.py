@@ -155,6 +155,21 @@ def test_a_layer_keeps_its_experts_until_its_tensors_change(gen):
     assert copy.deepcopy(layer).experts.w_gate_up.codes is not layer.experts.w_gate_up.codes
 
 
+def test_a_layer_widens_its_router_once_until_it_changes(gen):
+    layer = md.MoE(H, I, E, K, backend="torch", dtype=torch.bfloat16)
+    x = torch.randn(3, H, generator=gen).bfloat16()
+    expected = lambda: torch.nn.functional.linear(x.float(), layer.router.weight.float())  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(layer.router_logits(x), expected())
+        kept_weight = layer._router_float32()
+        assert layer._router_float32() is kept_weight
+        layer.router.weight.mul_(-1)  # a write in place
+        assert torch.equal(layer.router_logits(x), expected())
+    logits = layer.router_logits(x)  # with a gradient to reach: widened in the graph
+    logits.sum().backward()
+    assert layer.router.weight.grad is not None
+
+
 @needs_numba
 @pytest.mark.parametrize("fmt", [None, "int8", "int4"], ids=["bf16", "int8", "int4"])
 def test_a_decode_step_sees_weights_written_in_place(fmt, gen):

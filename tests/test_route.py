@@ -60,6 +60,7 @@ def test_deepseek_bias_changes_choice_only(backend):
     "kwargs",
     [
         pytest.param(dict(), id="softmax-renorm"),
+        pytest.param(dict(scale=2.5), id="softmax-renorm-scaled"),
         pytest.param(dict(renormalize=False), id="softmax-raw"),
         pytest.param(dict(scoring="sigmoid", scale=2.5), id="sigmoid-scaled"),
         pytest.param(dict(scoring="sigmoid", n_groups=4, topk_groups=2, bias=True), id="grouped-biased"),
@@ -83,6 +84,14 @@ def test_logits_in_half_precision_route_in_float32(backend, gen):
     ref_weights, ref_ids = naive_route(logits.float(), 2)
     assert weights.dtype == torch.float32 and torch.equal(ids, ref_ids)
     torch.testing.assert_close(weights.double(), ref_weights)
+
+
+def test_experts_far_below_the_best_keep_their_rank(backend):
+    # Their float32 softmax scores all underflow to 0, yet the choice is by the logits.
+    logits = torch.tensor([[-300.0, 0.0, -200.0, -250.0]])
+    weights, ids = md.route(logits, 3, backend=backend)
+    assert ids.tolist() == [[1, 2, 3]]
+    assert weights.tolist() == [[1.0, 0.0, 0.0]]
 
 
 def test_empty_batch(backend):
