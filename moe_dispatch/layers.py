@@ -96,7 +96,8 @@ class MoE(nn.Module):
 
     Input [..., hidden_size] gives output of the same shape and dtype.
 
-    The router is an nn.Linear without bias whose logits are computed in float32. With
+    The router is an nn.Linear without bias whose logits are computed in float32 (where no
+    gradient reaches a lower-precision router, its float32 copy is kept between calls). With
     scoring="sigmoid" the buffer `expert_bias` shifts which experts are chosen (DeepSeek-V3's
     aux-loss-free balancing) without changing the weights; move it toward balance with
     `update_expert_bias(aux.counts)` after each optimizer step.
