@@ -49,11 +49,12 @@ def route(
 
     # At least float32 whatever the logits' dtype; float64 stays float64 (gradcheck).
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if scoring == "softmax" and renormalize and bias is None and n_groups is None:
-        # The renormalized top-k of a softmax is the softmax of the top-k logits: two ops where
-        # the general path takes eight (a decode step's routing is all op overhead).
+    if scoring == "softmax" and bias is None and n_groups is None:
+        # The softmax's top-k are the logits' top-k, and renormalized they are the softmax of
+        # the top-k logits: two or three ops where the general path takes eight (a decode
+        # step's routing is all op overhead), and no ties among scores that underflow.
         best, ids = logits.topk(top_k, dim=-1)
-        weights = best.softmax(-1)
+        weights = best.softmax(-1) if renormalize else logits.softmax(-1).gather(1, ids)
     else:
         weights, ids = _chosen_scores(logits, top_k, scoring, renormalize, bias, n_groups, topk_groups)
     return (weights if scale == 1.0 else weights * scale), ids

@@ -86,10 +86,11 @@ def test_logits_in_half_precision_route_in_float32(backend, gen):
     torch.testing.assert_close(weights.double(), ref_weights)
 
 
-def test_experts_far_below_the_best_keep_their_rank(backend):
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renormalized", "raw"])
+def test_experts_far_below_the_best_keep_their_rank(backend, renormalize):
     # Their float32 softmax scores all underflow to 0, yet the choice is by the logits.
     logits = torch.tensor([[-300.0, 0.0, -200.0, -250.0]])
-    weights, ids = md.route(logits, 3, backend=backend)
+    weights, ids = md.route(logits, 3, renormalize=renormalize, backend=backend)
     assert ids.tolist() == [[1, 2, 3]]
     assert weights.tolist() == [[1.0, 0.0, 0.0]]
 
@@ -106,4 +107,6 @@ def test_gradient_flows_to_logits_not_bias(gen):
     (weights * torch.randn_like(weights)).sum().backward()
     assert logits.grad.abs().sum() > 0
     assert bias.grad is None
-    torch.autograd.gradcheck(lambda z: md.route(z, 2)[0], (logits.detach().requires_grad_(),))
+    for renormalize in (True, False):
+        torch.autograd.gradcheck(lambda z: md.route(z, 2, renormalize=renormalize)[0],
+                                 (logits.detach().requires_grad_(),))
