@@ -63,7 +63,7 @@ for line in sys.stdin:
             options = {}
         else:
             experts, options = (w_gate_up, w_down), {"activation": preset.activation}
-        if command["op"] == "layer":  # the preset's shape with its own router (seeded), experts as above
+        if command["op"] == "layer":  # the preset's shape, its router and experts its own (seeded)
             torch.manual_seed(0)
             layer = md.MoE(h, i, e, k, activation=preset.activation, dtype=dtype, backend=command["backend"])
             if command["weights"] != "dense":

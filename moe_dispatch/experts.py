@@ -69,7 +69,8 @@ class ExpertWeights:
         # the tensors that hold the experts (fixed, as the fields are): what derived watches
         gate_up, gate_up_spec = formats.flatten(self.w_gate_up)
         down, down_spec = formats.flatten(self.w_down)
-        object.__setattr__(self, "_held", (*gate_up, *down, *(b for b in (self.b_gate_up, self.b_down) if b is not None)))
+        biases = [b for b in (self.b_gate_up, self.b_down) if b is not None]
+        object.__setattr__(self, "_held", (*gate_up, *down, *biases))
         # flatten's spec, as fixed as the fields (every call of moe_mlp asks for it)
         object.__setattr__(self, "_spec", "|".join([
             self.activation.name, str(int(self.interleaved)), str(len(gate_up)), gate_up_spec, down_spec,

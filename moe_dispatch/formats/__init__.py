@@ -95,11 +95,6 @@ def flatten(w: Weight) -> tuple[list[Tensor], str]:
     return [w], DENSE
 
 
-def tensors(w: Weight) -> list[Tensor]:
-    """The tensors that hold w."""
-    return w.flatten()[0] if isinstance(w, StoredWeight) else [w]
-
-
 def unflatten(tensors: list[Tensor], spec: str) -> Weight:
     if spec == DENSE:
         return tensors[0]
