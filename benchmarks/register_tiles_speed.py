@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 import torch
-from numba import njit
 
+from moe_dispatch.kernels.numba.caching import njit
 from moe_dispatch.kernels.numba.outer_products import strip_product
 
 

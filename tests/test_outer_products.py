@@ -17,31 +17,36 @@ pytestmark = needs_numba
 @pytest.mark.nojit
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_a_tile_reads_and_writes_its_rows_and_columns_only(dtype, accumulate):
+@pytest.mark.parametrize("depth", [1, 12, 13])
+def test_a_tile_reads_and_writes_its_rows_and_columns_only(dtype, accumulate, depth):
     """Every count of rows, widths of one to all of a strip's vectors and within one, rows of a
-    given by offsets (a transposed operand: k_stride > 1), and nothing written past the tile."""
+    given by offsets (a transposed operand: k_stride > 1), and nothing written past the tile;
+    depths odd and even (narrow strips sum even and odd k apart); the vector code and the
+    Python definition."""
     from moe_dispatch.kernels.numba.outer_products import ROWS, STRIP_BYTES, VECTOR_BYTES, product_tile
 
     rng = np.random.default_rng(0)
     strip = STRIP_BYTES // np.dtype(dtype).itemsize
-    depth, k_stride, b_stride, c_stride = 13, 3, strip + 5, strip + 2
+    k_stride, b_stride, c_stride = 3, strip + 5, strip + 2
     a = rng.standard_normal(ROWS * 7 + depth * k_stride).astype(dtype)
     b = rng.standard_normal(4 + depth * b_stride).astype(dtype)
+    run = compiled_tile(None)
     for count in range(1, ROWS + 1):
         lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
         for width in (1, lanes - 1, lanes + 1, strip // 2 + 1, strip):
             rows = tuple(7 * i + (i % 2) for i in range(ROWS))
             c = rng.standard_normal(3 + ROWS * c_stride).astype(dtype)
-            before = c.copy()
-            product_tile(a, rows, count, k_stride, b, 4, b_stride, depth, c, 3, c_stride, width, accumulate)
-            want = before.astype(np.float64)
+            want, defined = c.astype(np.float64), c.copy()
+            run(a, rows, count, k_stride, b, 4, b_stride, depth, c, 3, c_stride, width, accumulate)
+            product_tile(a, rows, count, k_stride, b, 4, b_stride, depth, defined, 3, c_stride, width, accumulate)
             for i in range(count):
                 values = a[rows[i] + k_stride * np.arange(depth)].astype(np.float64)
                 block = b[4 + b_stride * np.arange(depth)[:, None] + np.arange(width)].astype(np.float64)
                 target = 3 + i * c_stride + np.arange(width)
                 want[target] = (want[target] if accumulate else 0) + values @ block
             tolerance = 1e-5 if dtype == np.float32 else 1e-12
-            np.testing.assert_allclose(c, want, rtol=tolerance, atol=tolerance, err_msg=f"{count} rows, {width}")
+            for got in (c, defined):
+                np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance, err_msg=f"{count} rows, {width}")
 
 
 def bf16_pairs(t: torch.Tensor) -> np.ndarray:
