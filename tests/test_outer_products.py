@@ -21,8 +21,10 @@ pytestmark = needs_numba
 def test_a_tile_reads_and_writes_its_rows_and_columns_only(dtype, accumulate, depth):
     """Every count of rows, widths of one to all of a strip's vectors and within one, rows of a
     given by offsets (a transposed operand: k_stride > 1), and nothing written past the tile;
-    depths odd and even (narrow strips sum even and odd k apart); the vector code and the
-    Python definition."""
+    depths odd and even (narrow strips sum even and odd k apart); the vector code (where Numba
+    compiles) and the Python definition."""
+    from numba import config
+
     from moe_dispatch.kernels.numba.outer_products import ROWS, STRIP_BYTES, VECTOR_BYTES, product_tile
 
     rng = np.random.default_rng(0)
@@ -30,7 +32,7 @@ def test_a_tile_reads_and_writes_its_rows_and_columns_only(dtype, accumulate, de
     k_stride, b_stride, c_stride = 3, strip + 5, strip + 2
     a = rng.standard_normal(ROWS * 7 + depth * k_stride).astype(dtype)
     b = rng.standard_normal(4 + depth * b_stride).astype(dtype)
-    run = compiled_tile(None)
+    run = product_tile if config.DISABLE_JIT else compiled_tile(None)
     for count in range(1, ROWS + 1):
         lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
         for width in (1, lanes - 1, lanes + 1, strip // 2 + 1, strip):
