@@ -29,8 +29,9 @@ COMPILE_HELPERS = textwrap.dedent("""
     SWIGLU, CLAMPED = ACTIVATIONS["swiglu"], ACTIVATIONS["clamped_swiglu"]
 
     def machine_code(cubin):
-        # (stack frame bytes, spills inside a loop, the matrix instruction used, whether TMA
-        # loads are used) from the cubin's resource usage and SASS
+        # (stack frame bytes, spills inside a loop, int-to-float conversions inside a loop, the
+        # matrix instruction used, whether TMA loads are used) from the cubin's resource usage
+        # and SASS
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
@@ -43,9 +44,11 @@ COMPILE_HELPERS = textwrap.dedent("""
                 if (m := re.search(r"/\\*([0-9a-f]+)\\*/", line))]
         loops = [(int(m.group(1), 16), at) for at, line in code
                  if (m := re.search(r"\\bBRA\\s+0x([0-9a-f]+)", line)) and int(m.group(1), 16) < at]
-        loop_spills = sum(1 for at, line in code
-                          if re.search(r"\\b(STL|LDL)\\b", line) and any(lo <= at <= hi for lo, hi in loops))
-        return int(re.search(r"STACK:(\\d+)", usage.stdout).group(1)), loop_spills, mma, tma
+        in_loop = [line for at, line in code if any(lo <= at <= hi for lo, hi in loops)]
+        loop_spills = sum(1 for line in in_loop if re.search(r"\\b(STL|LDL)\\b", line))
+        # I2F of an integer (not I2F.RP, the reciprocal of an integer division)
+        loop_converts = sum(1 for line in in_loop if re.search(r"\\bI2F(\\.[SU](8|16|32|64))?\\s", line))
+        return int(re.search(r"STACK:(\\d+)", usage.stdout).group(1)), loop_spills, loop_converts, mma, tma
 
     # arguments real launches pass as constants: K-contiguous weights, no TMA descriptor, gate
     # columns one after another, float weights (no scales: W_FORMAT 0)
@@ -70,7 +73,9 @@ COMPILE_HELPERS = textwrap.dedent("""
         # the most cp.async groups a loop leaves in flight while it computes (0: loads and math
         # take turns)
         ahead = max(map(int, re.findall(r"cp\\.async\\.wait_group\\s+(\\d+)", kernel.asm["ptx"])), default=0)
-        return (kernel.metadata.shared, *machine_code(kernel.asm["cubin"]), ahead)
+        # float32 products that flush subnormals to zero (the minifloats' codes pass through them)
+        flushes = re.search(r"\\b(mul|fma)(\\.rn)?\\.ftz\\.f32\\b", kernel.asm["ptx"]) is not None
+        return (kernel.metadata.shared, *machine_code(kernel.asm["cubin"]), ahead, flushes)
 
     bf16 = {p: "*bf16" for p in ("a_ptr", "w_ptr", "bias_ptr", "out_ptr", "h_ptr", "dy_ptr", "dh_ptr", "act_ptr",
                                  "b_ptr")}
@@ -143,7 +148,7 @@ COMPILE_GEMMS = COMPILE_HELPERS + textwrap.dedent("""
 # GPU generation the formats must run on: int8 per channel, int4 g128 and mxfp4 (two codes a
 # byte), fp8 in 128x128 blocks (from its bits on sm_80/86, which have no float8 type). GEMM1 of
 # a prefill (gated, the codes read as q.mT), the activation backward (q as it is: the other
-# orientation) and the decode down kernel; for fp8 also both GEMMs of w8a8 (the activations' codes
+# orientation) and both decode kernels; for fp8 also both GEMMs of w8a8 (the activations' codes
 # and scales read too: float8 dots on sm_89 and newer, float16 ones on sm_80/86).
 COMPILE_QUANTIZED = COMPILE_HELPERS + textwrap.dedent("""
     from moe_dispatch.kernels.triton.quantized import FORMAT_CODES, FP8_NATIVE
@@ -171,8 +176,11 @@ COMPILE_QUANTIZED = COMPILE_HELPERS + textwrap.dedent("""
             backward = configs.act_backward_tiles(1024, 2, budget)[0]
             check(grouped_gemm.grouped_gemm_act_backward_kernel, "act_backward", backward, {"stride_wk": "i32"},
                   Q_T=False, stride_wn=1, E_PAD=64, GROUP_M=grouped_gemm.GROUP_M, **activation_args(SWIGLU))
-            down = configs.decode_tiles(7168, 1, False, 2, budget, 132)[0]
-            check(decode.decode_down_kernel, "decode_down", down, Q_T=True, BLOCK_T=decode.MAX_TOKENS, S_PAD=128)
+            first = configs.decode_tiles(2048, 8, True, 2, budget, 132)[0]
+            check(decode.decode_up_kernel, "decode_up", first, Q_T=True, BLOCK_T=decode.MAX_TOKENS, S_PAD=128, K_PAD=8,
+                  **activation_args(SWIGLU))
+            second = configs.decode_tiles(7168, 1, False, 2, budget, 132)[0]
+            check(decode.decode_down_kernel, "decode_down", second, Q_T=True, BLOCK_T=decode.MAX_TOKENS, S_PAD=128)
             if fmt == "fp8":
                 w8a8 = {"a_ptr": "*u8", "a_scales_ptr": "*fp32", "stride_asm": "i32"}
                 check(grouped_gemm.grouped_gemm_kernel, "gemm1_w8a8", configs.w8a8_tiles([up], True)[0], w8a8, Q_T=True, E_PAD=64,
@@ -241,7 +249,7 @@ def test_default_configs_compile_for_consumer_gpus_and_hopper(early_python):
     # gpt-oss's interleaved clamped SwiGLU (its GEMM1 and activation backward) included.
     report = _report(early_python)
     assert len(report) == 138
-    for arch, budget, fma, block_m, tma, stages, config, shared, stack, loop_spills, mma, tma_loads, ahead in report:
+    for arch, budget, fma, block_m, tma, stages, config, shared, stack, loop_spills, _, mma, tma_loads, ahead, _ in report:
         assert 0 < shared <= budget, (arch, config, shared)
         assert loop_spills == 0, (arch, fma, config, loop_spills)
         assert stack == 0 or fma or arch not in (86, 90), (arch, config, stack)
@@ -256,14 +264,18 @@ def test_default_configs_compile_for_consumer_gpus_and_hopper(early_python):
 @compiled_early(COMPILE_QUANTIZED)
 def test_quantized_kernels_compile_for_every_format_and_gpu_generation(early_python):
     # every format on sm_80, 86, 89, 90 and 120 with the default tiles: within the shared memory
-    # of the GPU (printed, per config), no spill at all, and the tensor cores multiply: fp8's
+    # of the GPU (printed, per config), no spill at all, no int-to-float conversion instruction
+    # in a main loop, and the tensor cores multiply: fp8's
     # w8a8 GEMMs in float8 (QMMA, Hopper's QGMMA) from sm_89 on, in float16 (HMMA) below
     report = _report(early_python)
-    assert len(report) == 5 * (4 * 3 + 2)
-    for arch, budget, fmt, kernel, config, shared, stack, loop_spills, mma, _, ahead in report:
+    assert len(report) == 5 * (4 * 4 + 2)
+    for arch, budget, fmt, kernel, config, shared, stack, loop_spills, loop_converts, mma, _, ahead, flushes in report:
         print(f"sm_{arch} {fmt:5} {kernel:12} {shared / 1024:5.1f} KB shared, {stack} B stack, {mma}  {config}")
         assert 0 < shared <= budget, (arch, fmt, kernel, config, shared)
         assert stack == 0 and loop_spills == 0, (arch, fmt, kernel, config, stack, loop_spills)
+        # codes become floats through their bits (quantized.py): I2F issues 16 a clock per SM, and
+        # the minifloats' subnormal codes go through a float32 product that must keep them
+        assert loop_converts == 0 and not flushes, (arch, fmt, kernel, config, loop_converts, flushes)
         if kernel.endswith("w8a8"):
             assert mma == ("HMMA" if arch < 89 else "QGMMA" if arch == 90 else "QMMA"), (arch, kernel, config, mma)
         else:
@@ -276,5 +288,5 @@ def test_every_other_kernel_compiles_for_consumer_gpus_and_hopper(early_python):
     # reduction kernels compile for sm_86 and sm_90 too, without spilling
     report = _report(early_python)
     assert len(report) == 22
-    for name, arch, shared, stack, _, mma, tma_loads, _ in report:
+    for name, arch, shared, stack, _, _, mma, tma_loads, _, _ in report:
         assert shared <= configs.SMALL_SMEM and stack == 0 and mma == "none", (name, arch, shared, stack, mma)

@@ -10,7 +10,10 @@ active experts' bytes are read, and no dense copy is made.
 Every format decodes from its bytes with integer operations and float32 arithmetic, so no GPU
 generation lacks an instruction for one: e2m1 codes and e8m0 scales need none anywhere, and fp8
 e4m3 goes through the GPU's float8 conversion only where it has one (sm_89 and newer,
-FP8_NATIVE), and is rebuilt from its bits elsewhere (sm_80/86, the interpreter).
+FP8_NATIVE), and is rebuilt from its bits elsewhere (sm_80/86, the interpreter). None takes an
+int-to-float conversion either (I2F: 16 results a clock per SM, against 128 float adds): a
+small integer becomes a float by moving it into a float's mantissa (_plus_2_23), a minifloat
+by moving its fields into float32's (_minifloat).
 
 A w8a8 product (fp8 weights, activations quantized by fp8_rows.py) multiplies the codes of both
 operands as they are (fp8_operand) and scales each K-step's partial product instead.
@@ -39,33 +42,33 @@ FP8_NATIVE = tl.constexpr(5)  # fp8 through the float8e4nv type (sm_89+)
 FORMAT_CODES = {"int8": 1, "int4": 2, "fp8": 3, "mxfp4": 4}
 # 2^-127, the value of e8m0's byte 0: a float32 subnormal, which no exponent field makes
 E8M0_ZERO_BYTE = tl.constexpr(2.0 ** -127)
+TWO_23 = tl.constexpr(2.0 ** 23)
 
 
 @triton.jit
-def _pow2(exponent):
-    """float32 2^exponent for an int32 exponent in [-126, 128] (128: inf), built from its bits."""
-    return ((exponent + 127) << 23).to(tl.float32, bitcast=True)
+def _plus_2_23(code):
+    """float32 2^23 + code for an int32 code in [0, 2^23): the code as the mantissa of 2^23,
+    exact."""
+    return (code | 0x4B000000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _minifloat(code, EXPONENT_BITS: tl.constexpr, MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr):
-    """float32 value of each sign-exponent-mantissa code (the sign bit on top); exponent 0 is
-    subnormal. e4m3fn's NaN is the caller's."""
-    exponent = (code >> MANTISSA_BITS) & ((1 << EXPONENT_BITS) - 1)
-    implicit_one = (exponent > 0).to(tl.int32) << MANTISSA_BITS
-    significand = (code & ((1 << MANTISSA_BITS) - 1)) + implicit_one
-    magnitude = significand.to(tl.float32) * _pow2(tl.maximum(exponent, 1) - BIAS - MANTISSA_BITS)
-    return tl.where((code >> (EXPONENT_BITS + MANTISSA_BITS)) != 0, -magnitude, magnitude)
+    """float32 value of each sign-exponent-mantissa code (the sign bit on top, exponent 0
+    subnormal; e4m3fn's NaN is the caller's). Its fields moved into float32's make the value
+    times 2^(BIAS - 127), exact (a subnormal float32 where the code is one), and one multiply
+    by a power of two gives the value (float32 multiplies keep subnormals: no .ftz)."""
+    SIGN: tl.constexpr = EXPONENT_BITS + MANTISSA_BITS
+    bits = ((code & ((1 << SIGN) - 1)) << (23 - MANTISSA_BITS)) | ((code >> SIGN) << 31)
+    return bits.to(tl.float32, bitcast=True) * (2.0 ** (127 - BIAS))
 
 
 @triton.jit
 def code_values(code, FORMAT: tl.constexpr):
-    """float32 value of each int32 code (a byte, or a nibble for the 4-bit formats), before
-    its block's scale; int4's zero point is subtracted by the caller."""
+    """float32 value of each int32 code (a byte, or a nibble for mxfp4) before its block's
+    scale; int4's are the caller's (dequantized_tile: the zero point goes with the 2^23)."""
     if FORMAT == INT8:
-        value = ((code ^ 128) - 128).to(tl.float32)  # two's complement
-    elif FORMAT == INT4:
-        value = code.to(tl.float32)
+        value = _plus_2_23(code ^ 128) - (TWO_23 + 128.0)  # two's complement
     elif FORMAT == FP8:
         # e4m3fn: S.1111.111 is NaN, and there is no infinity
         value = tl.where((code & 127) == 127, float("nan"), _minifloat(code, 4, 3, 7))
@@ -152,19 +155,26 @@ def dequantized_tile(
         code = tl.interleave(packed & 15, packed >> 4)
     else:
         code = tl.load(code_rows + cols[None, :], mask=mask, other=0).to(tl.int32)
-    value = code_values(code, FORMAT)
     block_rows = rows // SCALE_ROWS
-    if zeros_ptr is not None:
-        zero = _block_values(zeros_ptr + scale_off, block_rows, row_ok, col0, col_end, stride_sr, BLOCK_COLS,
-                             SCALE_COLS)
-        value -= _spread(zero.to(tl.float32), BLOCK_COLS)
-    elif FORMAT == INT4:
-        value -= 8.0  # symmetric
+    if FORMAT == INT4:
+        # (2^23 + code) - (2^23 + zero point): exact, one subtraction
+        if zeros_ptr is not None:
+            zero = _block_values(zeros_ptr + scale_off, block_rows, row_ok, col0, col_end, stride_sr, BLOCK_COLS,
+                                 SCALE_COLS)
+            value = _plus_2_23(code) - _spread(zero.to(tl.float32) + TWO_23, BLOCK_COLS)
+        else:
+            value = _plus_2_23(code) - (TWO_23 + 8.0)  # symmetric
+    else:
+        value = code_values(code, FORMAT)
     scale = _block_values(scales_ptr + scale_off, block_rows, row_ok, col0, col_end, stride_sr, BLOCK_COLS, SCALE_COLS)
     if FORMAT == MXFP4:
         exponent = scale.to(tl.int32)
         scale = tl.where(exponent == 0, E8M0_ZERO_BYTE, (exponent << 23).to(tl.float32, bitcast=True))
-    return tl.where(mask, value * _spread(scale, BLOCK_COLS), 0.0).to(DTYPE)
+    if not EVEN_COLS:
+        # a column past col_end reads code 0, which is no zero for int4, under its block's
+        # scale; a masked row reads scale 0 (and code 0), which gives 0 already
+        value = tl.where(mask, value, 0.0)
+    return (value * _spread(scale, BLOCK_COLS)).to(DTYPE)
 
 
 @triton.jit
