@@ -16,73 +16,20 @@ if not HAS_TRITON:
 from moe_dispatch.backends import triton_tuning as configs  # noqa: E402
 
 COMPILE_HELPERS = textwrap.dedent("""
-    import json, os, re, subprocess, tempfile
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import json
     from moe_dispatch.activations import ACTIVATIONS
     from moe_dispatch.backends import triton_tuning as configs
+    from moe_dispatch.benchmarking.machine_code import BF16_POINTERS as pointers, compile_kernel, machine_code
     from moe_dispatch.kernels.triton import decode, grouped_gemm, wgrad
     from moe_dispatch.kernels.triton.grouped_gemm import activation_args
 
-    CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     SWIGLU, CLAMPED = ACTIVATIONS["swiglu"], ACTIVATIONS["clamped_swiglu"]
 
-    def machine_code(cubin):
-        # (stack frame bytes, spills inside a loop, int-to-float conversions inside a loop, the
-        # matrix instruction used, whether TMA loads are used) from the cubin's resource usage
-        # and SASS
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(cubin)
-            f.flush()
-            usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True)
-            sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True)
-        mma = next((op for op in ("HGMMA", "QGMMA", "HMMA", "QMMA") if re.search(rf"\\b{op}\\.", sass.stdout)), "none")
-        tma = re.search(r"\\bUTMALDG\\b", sass.stdout) is not None
-        # local-memory accesses (spilled registers) between a backward branch and its target
-        code = [(int(m.group(1), 16), line) for line in sass.stdout.splitlines()
-                if (m := re.search(r"/\\*([0-9a-f]+)\\*/", line))]
-        loops = [(int(m.group(1), 16), at) for at, line in code
-                 if (m := re.search(r"\\bBRA\\s+0x([0-9a-f]+)", line)) and int(m.group(1), 16) < at]
-        in_loop = [line for at, line in code if any(lo <= at <= hi for lo, hi in loops)]
-        loop_spills = sum(1 for line in in_loop if re.search(r"\\b(STL|LDL)\\b", line))
-        # I2F of an integer (not I2F.RP, the reciprocal of an integer division)
-        loop_converts = sum(1 for line in in_loop if re.search(r"\\bI2F(\\.[SU](8|16|32|64))?\\s", line))
-        return int(re.search(r"STACK:(\\d+)", usage.stdout).group(1)), loop_spills, loop_converts, mma, tma
-
-    # arguments real launches pass as constants: K-contiguous weights, no TMA descriptor, gate
-    # columns one after another, float weights (no scales: W_FORMAT 0)
-    FIXED = {"stride_wk": 1, "stride_ak": 1, "w_desc": None, "gate_step": 1, "w_scales_ptr": None,
-             "w_zeros_ptr": None, "W_FORMAT": 0, "SCALE_ROWS": 1, "SCALE_COLS": 0, "Q_T": False,
-             "a_scales_ptr": None, "stride_asm": 1}
-
     def compiled(fn, arch, pointers, constants, config):
-        # a parameter in constants is a constant (None: a pointer the launch leaves out); ints
-        # divisible by 16, as Triton specializes real launches
-        signature, constexprs = {}, {}
-        for i, p in enumerate(fn.params):
-            if p.is_constexpr or p.name in constants or (p.name in FIXED and p.name not in pointers):
-                signature[p.name] = "constexpr"
-                constexprs[(i,)] = constants[p.name] if p.name in constants else FIXED.get(p.name, 1)
-            else:
-                signature[p.name] = pointers.get(p.name, "i32")
-        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if signature[p.name] != "constexpr"}
-        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-        # the most cp.async groups a loop leaves in flight while it computes (0: loads and math
-        # take turns)
-        ahead = max(map(int, re.findall(r"cp\\.async\\.wait_group\\s+(\\d+)", kernel.asm["ptx"])), default=0)
-        # float32 products that flush subnormals to zero (the minifloats' codes pass through them)
-        flushes = re.search(r"\\b(mul|fma)(\\.rn)?\\.ftz\\.f32\\b", kernel.asm["ptx"]) is not None
-        return (kernel.metadata.shared, *machine_code(kernel.asm["cubin"]), ahead, flushes)
-
-    bf16 = {p: "*bf16" for p in ("a_ptr", "w_ptr", "bias_ptr", "out_ptr", "h_ptr", "dy_ptr", "dh_ptr", "act_ptr",
-                                 "b_ptr")}
-    pointers = dict(bf16, a_rows_ptr="*i32", offsets_ptr="*i32", slot_of_row_ptr="*i32", token_of_row_ptr="*i32",
-                    b_rows_ptr="*i32", weight_of_row_ptr="*fp32", ws_ptr="*fp32", drow_ptr="*fp32",
-                    a_scale_ptr="*fp32", x_ptr="*bf16", ids_ptr="*i64", ok_ptr="*i1", weights_ptr="*fp32",
-                    owner_ptr="*i32", route_weights_ptr="*fp32")
+        # (shared memory, stack, spills and int-to-float conversions inside a loop, the matrix
+        # instruction, TMA loads, cp.async groups in flight, subnormals flushed): MachineCode
+        kernel = compile_kernel(fn, arch, pointers, constants, config.num_warps, config.num_stages)
+        return machine_code(kernel).summary()
 """)
 
 COMPILE_GEMMS = COMPILE_HELPERS + textwrap.dedent("""

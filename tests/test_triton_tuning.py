@@ -248,26 +248,6 @@ def test_tile_candidates_fit_their_shared_memory_budget():
                     assert 2 <= c.num_stages <= 4 and c.num_stages * per_stage <= budget, (c, budget)
 
 
-def test_k_steps_divide_k_where_they_can():
-    # gpt-oss's K = 2880 = 64 * 45 and Qwen3's I = 768 = 256 * 3: every candidate's K-step
-    # divides K (a partial last K-block masks, and so serializes, every load along K), unless no
-    # power of two of at least 16 does (K = 1000 = 8 * 125 keeps the steps as they were)
-    for budget in (configs.SMALL_SMEM, configs.LARGE_SMEM):
-        for k_dim in (2880, 768, 4096):
-            lists = [configs.decode_tiles(1024, 8, two, 2, budget, 132, k_dim=k_dim) for two in (True, False)]
-            lists += [configs.gemm_tiles(rows, two, 2, budget, k_dim=k_dim) for rows in (1, 32, 1024)
-                      for two in (True, False)]
-            for tiles in lists:
-                assert tiles and len(set(tiles)) == len(tiles)
-                assert all(k_dim % c.block_k == 0 and c.block_k >= 16 for c in tiles), (k_dim, tiles)
-        assert configs.decode_tiles(1024, 8, True, 2, budget, 132, k_dim=4096) == configs.decode_tiles(
-            1024, 8, True, 2, budget, 132)
-        assert configs.decode_tiles(1024, 8, True, 2, budget, 132, k_dim=1000) == configs.decode_tiles(
-            1024, 8, True, 2, budget, 132)
-    # halved, the step keeps its tile's width: 2880's default decode tile is 64 wide, K-steps of 64
-    assert configs.decode_tiles(1024, 8, True, 2, configs.LARGE_SMEM, 132, k_dim=2880)[0].block_k == 64
-
-
 def test_float32_uses_tf32_only_when_torch_allows_it():
     cuda, matmul = torch.device("cuda"), torch.backends.cuda.matmul
     before = matmul.fp32_precision

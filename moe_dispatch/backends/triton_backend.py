@@ -134,8 +134,8 @@ class TritonBackend(Backend):
                    w1.shape[1], w1.shape[2])
         act, routes, ok = TUNER.run(
             key,
-            lambda: decode_candidates(w1.shape[1], w_down.shape[2], min(ids.numel(), num_experts), activation.gated,
-                                      x.dtype, x.device),
+            lambda: decode_candidates(w_down.shape[2], min(ids.numel(), num_experts), activation.gated, x.dtype,
+                                      x.device),
             lambda config: decode.decode_up(x, ids, weights, w1, b_gate_up, activation, experts.gate_up_columns,
                                             config),
             x.device,
@@ -146,7 +146,7 @@ class TritonBackend(Backend):
                    *w2.shape[1:])
         return TUNER.run(
             key,
-            lambda: decode_candidates(*w2.shape[1:], 1, False, x.dtype, x.device),
+            lambda: decode_candidates(w2.shape[2], 1, False, x.dtype, x.device),
             lambda config: decode.decode_down(act, ids, routes, w2, b_down, config),
             x.device,
         )

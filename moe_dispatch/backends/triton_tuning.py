@@ -79,27 +79,19 @@ def _fma_tiles(tiles, block_k: int) -> list[tuple]:
     return [(m, n, min(k, block_k), max(w, 8)) for m, n, k, w in tiles if m * n <= 8192]
 
 
-def _even_k_steps(tiles, k_dim: Optional[int]) -> list[tuple]:
-    """The tiles with each K-step halved until it divides k_dim, where a step of at least 16
-    does (gpt-oss's 2880 takes 64 where 128 was asked): a partial last K-block puts a mask on
-    every load along K, which keeps the loads from vectorizing (a quantized weight's codes
-    are then read a byte at a time)."""
-    def step(block_k: int) -> int:
-        even = block_k
-        while k_dim % even and even > 16:
-            even //= 2
-        return even if k_dim % even == 0 else block_k
-
-    return tiles if k_dim is None else [(m, n, step(k), w) for m, n, k, w in tiles]
+def _mma_warps(tiles) -> list[tuple]:
+    """The tiles with no more warps than the tensor cores' tiles of 16 x 8 outputs they hold: a
+    16 x 16 tile of 4 warps gives two warps the same outputs, and each pair decodes the same
+    quantized weights (`python benchmarks/kernel_loops.py`: twice the instructions a weight)."""
+    return [(m, n, k, min(w, max(1, (m // 16) * (n // 8)))) for m, n, k, w in tiles]
 
 
 def gemm_tiles(rows_per_expert: float, two: bool, elem_bytes: int, budget: int,
-               fma: bool = False, k_dim: Optional[int] = None) -> list[TileConfig]:
+               fma: bool = False) -> list[TileConfig]:
     """Tile candidates for grouped_gemm_kernel under a shared-memory budget, the default first.
 
     The tile height follows the mean rows per expert. two: the gated GEMM's two accumulators.
-    fma: float32 without TF32 (see _fma_tiles). k_dim: the K-steps divide it where they can
-    (_even_k_steps).
+    fma: float32 without TF32 (see _fma_tiles).
     """
     big = budget > SMALL_SMEM
     if rows_per_expert <= 16:
@@ -115,9 +107,8 @@ def gemm_tiles(rows_per_expert: float, two: bool, elem_bytes: int, budget: int,
         # 128x128 only where 16 warps still leave 128 registers a thread (sm_90, sm_100).
         largest = 128 * 128 if big else 128 * 64
         tiles = [(m, n, k, min(16, 2 * w)) for m, n, k, w in tiles if n <= 128 and m * n <= largest]
-    if fma:
-        tiles = _fma_tiles(tiles, 16)
-    candidates = _candidates(_even_k_steps(tiles, k_dim), elem_bytes, 2 if two else 1, budget)
+    tiles = _fma_tiles(tiles, 16) if fma else _mma_warps(tiles)
+    candidates = _candidates(tiles, elem_bytes, 2 if two else 1, budget)
     if big and rows_per_expert > 64 and not fma:
         # Hopper and later: the two leading tiles again with TMA weight loads, for the tuner to weigh
         candidates += [replace(c, tma=True) for c in candidates[:2]]
@@ -134,23 +125,21 @@ def w8a8_tiles(tiles: list[TileConfig], two: bool) -> list[TileConfig]:
 
 
 def decode_tiles(n_cols: int, programs_per_tile: int, two: bool, elem_bytes: int, budget: int,
-                 sms: int, fma: bool = False, k_dim: Optional[int] = None) -> list[TileConfig]:
+                 sms: int, fma: bool = False) -> list[TileConfig]:
     """Tile candidates for the decode kernels (kernels/triton/decode.py), the default first.
 
     Their rows are the 16 tokens, so only the width and the K-step vary: narrow tiles spread
     a few experts' weights over many programs, long K-steps keep enough bytes in flight per
     program to stream them. The default is the widest tile that still gives ~2 programs per SM
     (programs_per_tile: how many programs share each column tile), else the narrowest.
-    k_dim: the K-steps divide it where they can (_even_k_steps).
     """
     if fma:  # float32 without TF32: tiles that spill nothing on sm_80, 86, 89, 90 or 120
         tiles = [(16, 64, 64, 8), (16, 32, 64, 8), (16, 16, 128, 8)]
     else:
-        tiles = [(16, 64, 128, 4), (16, 32, 128, 4), (16, 16, 256, 4), (16, 32, 256, 4), (16, 16, 512, 4)]
+        tiles = _mma_warps([(16, 64, 128, 4), (16, 32, 128, 4), (16, 16, 256, 4), (16, 32, 256, 4), (16, 16, 512, 4)])
     wide_enough = [t for t in tiles if triton.cdiv(n_cols, t[1]) * programs_per_tile >= 2 * sms]
     default = wide_enough[0] if wide_enough else min(tiles, key=lambda t: t[1])  # the first narrowest
-    tiles = _even_k_steps([default] + [t for t in tiles if t != default], k_dim)
-    return _candidates(tiles, elem_bytes, 2 if two else 1, budget)
+    return _candidates([default] + [t for t in tiles if t != default], elem_bytes, 2 if two else 1, budget)
 
 
 def act_backward_tiles(rows_per_expert: float, elem_bytes: int, budget: int,
@@ -179,7 +168,7 @@ def gemm_candidates(num_rows: int, num_experts: int, k_dim: int, n_cols: int, tw
                     dtype: torch.dtype, device: torch.device) -> list[TileConfig]:
     """gemm_tiles for this device, each with the K-split that fills it (the decode variant)."""
     tiles = gemm_tiles(num_rows / max(num_experts, 1), two, _bytes(dtype), shared_memory_budget(device),
-                       uses_fma(dtype, device), k_dim)
+                       uses_fma(dtype, device))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return [replace(c, split_k=_split_k(c, num_rows, num_experts, k_dim, n_cols, sms)) for c in tiles]
 
@@ -193,11 +182,11 @@ def _split_k(config: TileConfig, num_rows: int, num_experts: int, k_dim: int, n_
     return max(1, min(8, wanted, k_dim // (4 * config.block_k)))
 
 
-def decode_candidates(k_dim: int, n_cols: int, programs_per_tile: int, two: bool, dtype: torch.dtype,
+def decode_candidates(n_cols: int, programs_per_tile: int, two: bool, dtype: torch.dtype,
                       device: torch.device) -> list[TileConfig]:
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return decode_tiles(n_cols, programs_per_tile, two, _bytes(dtype), shared_memory_budget(device), sms,
-                        uses_fma(dtype, device), k_dim)
+                        uses_fma(dtype, device))
 
 
 def act_backward_candidates(num_rows: int, num_experts: int, dtype: torch.dtype,

@@ -150,8 +150,12 @@ def dequantized_tile(
         if EVEN_COLS:
             pair_mask = row_ok[:, None]
         else:
-            pair_mask = row_ok[:, None] & (2 * pairs < col_end)[None, :]
-        packed = tl.load(code_rows + pairs[None, :], mask=pair_mask, other=0).to(tl.int32)
+            # against col_end // 2, not 2 * pairs against col_end: the compiler then sees the
+            # mask constant over runs of bytes (col_end a multiple of 16) and loads them whole
+            pair_mask = row_ok[:, None] & (pairs < col_end // 2)[None, :]
+        # a byte past col_end reads as two codes of value 0: 0x88 for int4 without zero points
+        filler = 0x88 if (FORMAT == INT4) and (zeros_ptr is None) else 0
+        packed = tl.load(code_rows + pairs[None, :], mask=pair_mask, other=filler).to(tl.int32)
         code = tl.interleave(packed & 15, packed >> 4)
     else:
         code = tl.load(code_rows + cols[None, :], mask=mask, other=0).to(tl.int32)
@@ -170,9 +174,9 @@ def dequantized_tile(
     if FORMAT == MXFP4:
         exponent = scale.to(tl.int32)
         scale = tl.where(exponent == 0, E8M0_ZERO_BYTE, (exponent << 23).to(tl.float32, bitcast=True))
-    if not EVEN_COLS:
-        # a column past col_end reads code 0, which is no zero for int4, under its block's
-        # scale; a masked row reads scale 0 (and code 0), which gives 0 already
+    if (zeros_ptr is not None) and not EVEN_COLS:
+        # a column past col_end reads a code of value 0 (and a masked row scale 0), but with
+        # zero points there is no such code
         value = tl.where(mask, value, 0.0)
     return (value * _spread(scale, BLOCK_COLS)).to(DTYPE)
 
