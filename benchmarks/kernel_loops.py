@@ -25,15 +25,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 from moe_dispatch.activations import ACTIVATIONS  # noqa: E402
 from moe_dispatch.backends import triton_tuning as configs  # noqa: E402
-from moe_dispatch.benchmarking.machine_code import BF16_POINTERS, compile_kernel, machine_code  # noqa: E402
+from moe_dispatch.benchmarking.machine_code import (  # noqa: E402
+    BF16_POINTERS, QUANTIZED_FORMATS, compile_kernel, machine_code, quantized_weight)
 from moe_dispatch.kernels.triton import decode, grouped_gemm  # noqa: E402
 from moe_dispatch.kernels.triton.grouped_gemm import activation_args  # noqa: E402
-from moe_dispatch.kernels.triton.quantized import FORMAT_CODES, FP8_NATIVE  # noqa: E402
 
-# weights -> (SCALE_ROWS, SCALE_COLS, the scales' pointer type): int8 per output channel, int4 in
-# groups of 128, fp8 in 128x128 blocks, mxfp4 in groups of 32 (e8m0 bytes)
-FORMATS = {"bf16": None, "int8": (1, 0, "*fp32"), "int4": (1, 128, "*fp32"), "fp8": (128, 128, "*fp32"),
-           "mxfp4": (1, 32, "*u8")}
+FORMATS = ("bf16", *QUANTIZED_FORMATS)
 KERNELS = ("decode_up", "decode_down", "gemm1")
 
 
@@ -55,11 +52,10 @@ def compile_loop(kernel: str, weights: str, arch: int, k_dim: int, block_k: int 
     constants = dict(PRECISION="ieee", UPCAST=False, EVEN_K=k_dim % config.block_k == 0, BLOCK_N=config.block_n,
                      BLOCK_K=config.block_k)
     pointers = dict(BF16_POINTERS)
-    if FORMATS[weights] is not None:
-        scale_rows, scale_cols, scale_type = FORMATS[weights]
-        code = FP8_NATIVE.value if weights == "fp8" and arch >= 89 else FORMAT_CODES[weights]
-        constants.update(W_FORMAT=code, SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, Q_T=True, w_zeros_ptr=None)
-        pointers.update(w_ptr="*u8", w_scales_ptr=scale_type)
+    if weights != "bf16":
+        weight_constants, weight_types = quantized_weight(weights, arch)
+        constants.update(weight_constants, Q_T=True)
+        pointers.update(weight_types)
     if kernel == "gemm1":
         fn = grouped_gemm.grouped_gemm_kernel
         constants.update(BLOCK_M=config.block_m, E_PAD=64, GROUP_M=grouped_gemm.GROUP_M, SPLIT_K=1, ws_ptr=None,

@@ -98,18 +98,16 @@ COMPILE_GEMMS = COMPILE_HELPERS + textwrap.dedent("""
 # orientation) and both decode kernels; for fp8 also both GEMMs of w8a8 (the activations' codes
 # and scales read too: float8 dots on sm_89 and newer, float16 ones on sm_80/86).
 COMPILE_QUANTIZED = COMPILE_HELPERS + textwrap.dedent("""
-    from moe_dispatch.kernels.triton.quantized import FORMAT_CODES, FP8_NATIVE
+    from moe_dispatch.benchmarking.machine_code import QUANTIZED_FORMATS, quantized_weight
     ARCHS = ((80, configs.SMALL_SMEM), (86, configs.SMALL_SMEM), (89, configs.SMALL_SMEM), (90, configs.LARGE_SMEM),
              (120, configs.SMALL_SMEM))
-    # (format, SCALE_ROWS, SCALE_COLS, the scales' pointer type)
-    FORMATS = (("int8", 1, 0, "*fp32"), ("int4", 1, 128, "*fp32"), ("fp8", 128, 128, "*fp32"), ("mxfp4", 1, 32, "*u8"))
-    common = dict(PRECISION="ieee", UPCAST=False, EVEN_K=True, w_zeros_ptr=None)
+    common = dict(PRECISION="ieee", UPCAST=False, EVEN_K=True)
     report = []
     for arch, budget in ARCHS:
-        for fmt, scale_rows, scale_cols, scale_type in FORMATS:
-            types = dict(pointers, w_ptr="*u8", w_scales_ptr=scale_type)
-            code = FP8_NATIVE.value if fmt == "fp8" and arch >= 89 else FORMAT_CODES[fmt]
-            quantized = dict(common, W_FORMAT=code, SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols)
+        for fmt in QUANTIZED_FORMATS:
+            constants, weight_types = quantized_weight(fmt, arch)
+            types = dict(pointers, **weight_types)
+            quantized = dict(common, **constants)
 
             def check(fn, kernel, config, own_types=(), **flags):
                 tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)

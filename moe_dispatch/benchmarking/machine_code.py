@@ -34,6 +34,22 @@ BF16_POINTERS = dict(
     weights_ptr="*fp32", owner_ptr="*i32", route_weights_ptr="*fp32",
 )
 
+# each format in its checkpoints' blocks: (SCALE_ROWS, SCALE_COLS, the scales' pointer type):
+# int8 per output channel, int4 in groups of 128, fp8 in 128x128 blocks, mxfp4 in groups of 32
+QUANTIZED_FORMATS = {"int8": (1, 0, "*fp32"), "int4": (1, 128, "*fp32"), "fp8": (128, 128, "*fp32"),
+                     "mxfp4": (1, 32, "*u8")}
+
+
+def quantized_weight(fmt: str, arch: int) -> tuple[dict, dict]:
+    """(constants, pointer types) of a kernel reading fmt's codes on sm_<arch>, fp8 through the
+    float8 type where the GPU has it (sm_89 and newer), without zero points."""
+    from ..kernels.triton.quantized import FORMAT_CODES, FP8_NATIVE
+
+    scale_rows, scale_cols, scale_type = QUANTIZED_FORMATS[fmt]
+    code = FP8_NATIVE.value if fmt == "fp8" and arch >= 89 else FORMAT_CODES[fmt]
+    return (dict(W_FORMAT=code, SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, w_zeros_ptr=None),
+            dict(w_ptr="*u8", w_scales_ptr=scale_type))
+
 
 @dataclass
 class MachineCode:
@@ -80,14 +96,15 @@ def _cuobjdump(option: str, cubin: bytes) -> str:
 
 def machine_code(kernel) -> MachineCode:
     """kernel (compile_kernel's) read from its PTX, resource usage and SASS."""
-    usage, sass, ptx = _cuobjdump("-res-usage", kernel.asm["cubin"]), _cuobjdump("-sass", kernel.asm["cubin"]), \
-        kernel.asm["ptx"]
+    usage = _cuobjdump("-res-usage", kernel.asm["cubin"])
+    sass = _cuobjdump("-sass", kernel.asm["cubin"])
+    ptx = kernel.asm["ptx"]
     code = [(int(m.group(1), 16), line) for line in sass.splitlines() if (m := re.search(r"/\*([0-9a-f]+)\*/", line))]
     # a loop: from a backward branch's target to the branch
     loops = [(int(m.group(1), 16), at) for at, line in code
              if (m := re.search(r"\bBRA\s+0x([0-9a-f]+)", line)) and int(m.group(1), 16) < at]
     in_loop = [line for at, line in code if any(lo <= at <= hi for lo, hi in loops)]
-    largest = max(loops, key=lambda loop: loop[1] - loop[0], default=(1, 0))
+    largest = max(loops, key=lambda loop: loop[1] - loop[0], default=(1, 0))  # (1, 0): no loop, no ops
     loop_ops = Counter(m.group(1) for at, line in code if largest[0] <= at <= largest[1]
                        if (m := re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)))
     return MachineCode(
