@@ -155,6 +155,72 @@ def test_e8m0_scales_down_to_the_subnormal_one_scale_the_dots(features, gen):
     np.testing.assert_allclose(out, expected, rtol=1e-5)
 
 
+def bfloat16_layout(x):
+    """Float activation rows rounded to bfloat16, as the e4m3 kernel reads them: their bits
+    (int16) in pair_order; and the rounded rows in element order, float64."""
+    from moe_dispatch.kernels.numba.packed_dots import pair_order
+
+    rounded = torch.from_numpy(x).bfloat16()
+    return rounded.view(torch.int16).numpy()[:, pair_order(x.shape[1])].copy(), rounded.double().numpy()
+
+
+# K = 128 (one block), 192 (a partial last block of 64), 256 (whole blocks)
+@pytest.mark.parametrize("depth", [128, 192, 256])
+@pytest.mark.parametrize("features", FEATURES)
+def test_e4m3_codes_meet_bfloat16_activations_as_pairs_of_bfloat16(depth, features, gen):
+    """The kernel's second kind for e4m3: codes looked up as bfloat16 (vpermi2b) against the
+    activations' bfloat16 bits, vdpbf16ps, where the host has them; the same sums in generic
+    vector code elsewhere."""
+    from moe_dispatch.kernels.numba import packed_dots
+
+    weights, per_scale, x, dense, group = kernel_inputs("e4m3", "fp8", {}, depth, gen)
+    bits, rounded = bfloat16_layout(x)
+    run = compiled("e4m3", features)
+    for count, layout in zip((1, 2, 3, 7), LAYOUTS * 2):
+        args = operands("e4m3", weights, per_scale, bits, group, layout)
+        start = 2
+        rows = torch.randint(0, 6, (start + count,), generator=gen, dtype=torch.int32).numpy()
+        height = 2 * layout[3]
+        out, expected = (np.full((height + 1, count + 1), np.nan, np.float32) for _ in range(2))
+        run(*args, rows, start, count, group, out)
+        packed_dots.e4m3_dots(*args, rows, start, count, group, expected)
+        assert np.isnan(out[:, count]).all() and np.isnan(out[height]).all()
+        out, expected, rows = out[:height, :count], expected[:height, :count], rows[start:]
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+        truth = dense[layout_rows(*layout)] @ rounded[rows].T
+        np.testing.assert_allclose(expected, truth, rtol=1e-5, atol=1e-5 * np.abs(truth).max())
+
+
+@pytest.mark.parametrize("features", FEATURES)
+def test_every_e4m3_code_meets_bfloat16_activations_as_its_value(features, gen):
+    from moe_dispatch.kernels.numba import packed_dots
+
+    weights, per_scale, x, _, group = kernel_inputs("e4m3", "fp8", {}, 128, gen)
+    codes = np.arange(256, dtype=np.uint8)
+    codes[codes & 0x7F == 0x7F] &= 0x80
+    weights[0][0, :2] = codes.reshape(2, 128)
+    args = operands("e4m3", weights, per_scale, bfloat16_layout(x)[0], group, (0, 1, 0, 1))
+    rows = np.arange(6, dtype=np.int32)
+    out, expected = (np.empty((2, 6), np.float32) for _ in range(2))
+    compiled("e4m3", features)(*args, rows, 0, 6, group, out)
+    packed_dots.e4m3_dots(*args, rows, 0, 6, group, expected)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+def test_bfloat16_rows_round_as_torch_does_into_pair_order(gen):
+    from moe_dispatch.kernels.numba.packed_dots import bfloat16_rows
+
+    src = (torch.randn(3, 192, generator=gen) * torch.tensor([[1e-30], [1.0], [1e30]])).numpy()
+    src[1, :4] = [np.inf, -np.inf, np.nan, 1.0 + 2.0 ** -8]  # the last a tie, to even
+    out = np.empty((3, 192), np.int16)
+    bfloat16_rows(src, out)
+
+    def values(bits):  # a NaN's bits may differ
+        return (bits.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+    np.testing.assert_array_equal(values(out), values(bfloat16_layout(src)[0]))
+
+
 def test_float64_activations_meet_e4m3_codes_as_float32(gen):
     weights, per_scale, x, dense, group = kernel_inputs("e4m3", "fp8", {}, 96, gen)
     x64 = x.astype(np.float64)

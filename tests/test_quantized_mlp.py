@@ -20,14 +20,15 @@ from reference import naive_moe_mlp
 # and odd ones check the partial blocks. On 16-bit activations the Numba decode step reads K
 # in steps of 32 codes, 64 for the 4-bit formats (kernels/numba/packed_dots.py), where K and
 # the groups allow, and the float kernels elsewhere (int8-channel, fp8-partial-blocks, the
-# down projection of int4-g32, whose K is 32).
+# down projection of int4-g32, whose K is 32). fp8-chunks' up projection (K = 192) meets
+# bfloat16 activations as bfloat16 pairs, its down projection (K = 96) as float32.
 FORMATS = [
     pytest.param("int8", {}, 33, 19, id="int8-channel"),
     pytest.param("int8", {"group_size": 32}, 64, 32, id="int8-g32"),
     pytest.param("int4", {"group_size": 32}, 64, 32, id="int4-g32"),
     pytest.param("int4", {"group_size": 64, "symmetric": False}, 128, 64, id="int4-g64-zero-points"),
     pytest.param("fp8", {}, 136, 19, id="fp8-partial-blocks"),
-    pytest.param("fp8", {}, 160, 96, id="fp8-chunks"),
+    pytest.param("fp8", {}, 192, 96, id="fp8-chunks"),
     pytest.param("mxfp4", {}, 64, 64, id="mxfp4"),
 ]
 

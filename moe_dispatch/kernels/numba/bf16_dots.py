@@ -20,7 +20,6 @@ these dot products only where TAKES_BF16_DOTS).
 
 from __future__ import annotations
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -28,20 +27,15 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .packed_dots import BF16, F32, I16, I32, PREFETCH_BYTES, _const, _intrinsic_call, _load, _prefetch, _vec, \
-    emit_row_passes, horizontal_sum
+    bf16_dot_instruction, emit_row_passes, horizontal_sum
 from .vector_width import host_cpu_features
 
 STEP = 32  # elements of each row per step: 64 bytes
 
 
-def _dot_instruction(cpu: str) -> bool:
-    # LLVM 17 gave the intrinsic bfloat operands; earlier ones took integer vectors.
-    return "+avx512bf16" in cpu and llvm.llvm_version_info[0] >= 17
-
-
 # Whether the CPU Numba compiles for multiplies bfloat16 pairs in one instruction: where it
 # does, the decode kernels take bf16_dots on the activations' own bits (kernels/numba/mlp.py).
-TAKES_BF16_DOTS = _dot_instruction(host_cpu_features())
+TAKES_BF16_DOTS = bf16_dot_instruction(host_cpu_features())
 
 
 def bf16_dots(src, index, gather, start, end, w_a, w_b, out):
@@ -94,7 +88,7 @@ def bf16_quad_dots(src, index, gather, start, end, w0, w1, w2, w3, out):
 def _emit_pass(builder, cpu, ops, first, count):
     """count activation rows from the first-th: every step of the weight rows, then the sums
     into ops.out."""
-    fast = _dot_instruction(cpu)
+    fast = bf16_dot_instruction(cpu)
     acc_type = _vec(F32, STEP // 2 if fast else STEP)
     index = ops.depth.type
     rows = [ops.row(builder, builder.add(first, ir.Constant(index, j))) for j in range(count)]

@@ -33,7 +33,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .bf16_dots import _dot_instruction
+from .packed_dots import bf16_dot_instruction
 from .caching import njit
 from .packed_dots import BF16, I32, _broadcast, _const, _intrinsic_call
 from .vector_width import host_cpu_features, widest_vector_bytes
@@ -163,7 +163,7 @@ def _tile_intrinsic(cpu_features=None):
             vector = ir.VectorType(context.get_data_type(dtype), lanes)
             operand = ir.VectorType(context.get_data_type(sig.args[4].dtype), lanes)
             cpu = cpu_features if cpu_features is not None else host_cpu_features()
-            multiply_add = (_pairs_multiply_add(vector, _dot_instruction(cpu) and lanes == 16)
+            multiply_add = (_pairs_multiply_add(vector, bf16_dot_instruction(cpu) and lanes == 16)
                             if sig.args[0].dtype == types.uint32 else _fma(vector))
             rows = [context.cast(builder, r, sig.args[1].dtype, index)
                     for r in cgutils.unpack_tuple(builder, args[1], ROWS)]

@@ -44,6 +44,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .caching import njit
+from .scalars import narrow
+from .vector_width import host_cpu_features
 
 CHUNK = 32  # bytes of codes read per step: 32 int8 or e4m3 codes
 WIDE = 2 * CHUNK  # 4-bit codes per step
@@ -121,6 +123,21 @@ def quantize_rows(src, split, out, scales):
 
 
 @njit(cache=True)
+def bfloat16_rows(src, out):
+    """out[r] = src[r] (float32 [R, K]) rounded to bfloat16, its bits in pair_order (K a
+    multiple of WIDE): the activations of e4m3_dots on bfloat16 ones."""
+    bits = out.view(np.uint16)
+    for r in range(src.shape[0]):
+        for b in range(0, src.shape[1], WIDE):
+            for half in range(2):
+                for lane in range(4):
+                    first = b + 16 * lane + 8 * half
+                    target = b + CHUNK * half + 8 * lane
+                    for i in range(8):
+                        bits[r, target + i] = narrow(src[r, first + i], np.uint16)
+
+
+@njit(cache=True)
 def lane_sums(ints, group):
     """out[r, f, l] = the sum of the activations of row r (int16 [R, K], in wide_order) that
     int32 lane l of the int4 kernel's partial sums meets in span f (a scale group, or a step of
@@ -174,8 +191,11 @@ def _dots(fmt, codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_
           out):
     starts = np.arange(0, x.shape[1], group)
     in_order = np.arange(x.shape[1])
-    if fmt in ("int4", "e2m1"):
-        in_order[wide_order(x.shape[1])] = in_order.copy()
+    bfloat16 = fmt == "e4m3" and x.dtype == np.int16  # bfloat16 bits in pair_order
+    if fmt in ("int4", "e2m1") or bfloat16:
+        in_order[(pair_order if bfloat16 else wide_order)(x.shape[1])] = in_order.copy()
+    if bfloat16:
+        x = (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     for p in range(pairs):
         for i, first_row in enumerate((n_a, n_b)):
             n = first_row + p * stride
@@ -220,7 +240,8 @@ def e2m1_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_s
 def e4m3_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, x_sums, rows, start,
               count, group, out):
     """int8_dots for e4m3 codes [E, N, K] against float activations x [T, K] (float32, or
-    float64 rounded to float32); x_sums unused."""
+    float64 rounded to float32), or against bfloat16 ones: x their bits (int16) in pair_order,
+    reads_wide_chunks(K, group); x_sums unused."""
     _dots("e4m3", codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
           out)
 
@@ -374,6 +395,7 @@ class _IntegerKind:
     lanes = INT_LANES
     partial_type = _vec(I32, INT_LANES)
     activation_types = (types.int16,)
+    step_bytes = CHUNK  # 32 int8 codes or 64 4-bit ones
 
     def __init__(self, values, result_factor=1.0, span=CHUNK):
         self.values, self.result_factor, self.span = values, result_factor, span
@@ -395,7 +417,7 @@ class _FloatKind:
     """e4m3 codes against float activations: float32 partial sums."""
 
     lanes = CHUNK
-    span = CHUNK
+    span = step_bytes = CHUNK
     partial_type = _vec(F32, CHUNK)
     activation_types = (types.float32, types.float64)
     values = staticmethod(_e4m3_values)
@@ -412,8 +434,118 @@ class _FloatKind:
         return partial
 
 
+def bf16_dot_instruction(cpu: str) -> bool:
+    """Whether a CPU of these features multiplies bfloat16 pairs in one instruction (vdpbf16ps).
+    LLVM 17 gave the intrinsic bfloat operands; earlier ones took integer vectors."""
+    return "+avx512bf16" in cpu and llvm.llvm_version_info[0] >= 17
+
+
+def _e4m3_bfloat16_bytes():
+    """The high and the low byte of the bfloat16 bits of each e4m3 magnitude code (0-127)."""
+    import torch  # the definition of e4m3 is torch's float8_e4m3fn
+
+    values = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.bfloat16)
+    bits = values.view(torch.int16).numpy().astype(np.int64)
+    return [((bits >> shift) & 0xFF).astype(np.uint8).view(np.int8) for shift in (8, 0)]
+
+
+E4M3_BF16_HIGH, E4M3_BF16_LOW = _e4m3_bfloat16_bytes()
+# The elements of 64 that each of the two word vectors of an unpack of 64 bytes (punpcklbw,
+# punpckhbw: within each 128-bit lane, its first eight bytes or its last eight) holds, in order.
+PAIR_ORDER = [[16 * lane + half * 8 + b for lane in range(4) for b in range(8)] for half in (0, 1)]
+
+
+# Whether the CPU Numba compiles for takes e4m3 codes against bfloat16 activations as bfloat16
+# pairs, vdpbf16ps, with vpermi2b's lookups (quantized.packed_inputs; the float kind elsewhere).
+E4M3_BF16_DOTS = bf16_dot_instruction(host_cpu_features()) and "+avx512vbmi" in host_cpu_features()
+
+
+def pair_order(depth):
+    """The element of a row of depth (a multiple of WIDE) at each position of the e4m3
+    kernel's bfloat16 activation layout: each 64 elements as the two word vectors of its
+    codes hold them (PAIR_ORDER)."""
+    k = np.arange(depth)
+    return k - k % WIDE + np.array(PAIR_ORDER[0] + PAIR_ORDER[1])[k % WIDE]
+
+
+def _e4m3_bfloat16_values(builder, data, chunk, cpu):
+    """64 e4m3 codes from element 64 * chunk on as the bfloat16 bits of their values (exact),
+    two <32 x i16> in PAIR_ORDER. With AVX512-VBMI each magnitude's two bytes are looked up
+    in 128-byte tables (vpermi2b), the sign ORed into the high one and the bytes interleaved;
+    elsewhere the codes go through float32, as _e4m3_values converts them."""
+    codes = _chunk_bytes(builder, data, chunk, WIDE)
+    if "+avx512vbmi" in cpu:
+        def lookup(table):
+            halves = [_const(I8, table[h:h + WIDE].tolist(), WIDE) for h in (0, WIDE)]
+            return _intrinsic_call(builder, "llvm.x86.avx512.vpermi2var.qi.512", _vec(I8, WIDE),
+                                   [halves[0], codes, halves[1]])
+
+        high = builder.or_(lookup(E4M3_BF16_HIGH), builder.and_(codes, _const(I8, -128, WIDE)))
+        low = lookup(E4M3_BF16_LOW)
+        return [builder.bitcast(builder.shuffle_vector(low, high, _const(I32, [i for p in order for i in (p, WIDE + p)],
+                                                                          WIDE)), _vec(I16))
+                for order in PAIR_ORDER]
+    wide = builder.shl(builder.sext(codes, _vec(I16, WIDE)), _const(I16, 7, WIDE))
+    halves = builder.fpext(builder.bitcast(builder.and_(wide, _const(I16, 0xBF80 - 0x10000, WIDE)), _vec(F16, WIDE)),
+                           _vec(F32, WIDE))
+    values = builder.fmul(halves, _const(F32, 256.0, WIDE))  # float16 bits are worth 2^-8 of the value
+    bits = builder.trunc(builder.lshr(builder.bitcast(values, _vec(I32, WIDE)), _const(I32, 16, WIDE)),
+                         _vec(I16, WIDE))
+    return [builder.shuffle_vector(bits, bits, _const(I32, order)) for order in PAIR_ORDER]
+
+
+def _bfloat16_pairs_multiply_add(builder, partial, w, x, cpu):
+    """partial (<16 x float>) plus, in lane l, w[2l] * x[2l] + w[2l + 1] * x[2l + 1]: 32
+    bfloat16 (their bits) each; vdpbf16ps where the CPU has it."""
+    if bf16_dot_instruction(cpu):
+        pair = _vec(BF16, CHUNK)
+        return _intrinsic_call(builder, "llvm.x86.avx512bf16.dpbf16ps.512", partial.type,
+                               [partial, builder.bitcast(w, pair), builder.bitcast(x, pair)])
+
+    def widened(bits, select):
+        lanes = builder.zext(builder.shuffle_vector(bits, bits, select), _vec(I32, INT_LANES))
+        return builder.bitcast(builder.shl(lanes, _const(I32, 16, INT_LANES)), _vec(F32, INT_LANES))
+
+    for select in (_EVEN, _ODD):
+        product = builder.fmul(widened(w, select), widened(x, select), flags=("fast",))
+        partial = builder.fadd(partial, product, flags=("fast",))
+    return partial
+
+
+class _BFloat16Kind:
+    """e4m3 codes against bfloat16 activations (their bits, int16, in pair_order): products of
+    bfloat16 pairs into float32 partial sums, 64 codes a step. Where vdpbf16ps and vpermi2b
+    serve, a step costs half the instructions of the float kind's (one core in cache: 2x the
+    weights a second)."""
+
+    lanes = INT_LANES
+    span = step_bytes = WIDE
+    partial_type = _vec(F32, INT_LANES)
+    activation_types = (types.int16,)
+    values = staticmethod(_e4m3_bfloat16_values)
+    result_factor = 1.0
+
+    def load_x(self, builder, row, element, offset):
+        return [_load(builder, row, builder.add(offset, ir.Constant(offset.type, h)), _vec(I16)) for h in (0, CHUNK)]
+
+    def step(self, builder, partial, ws, xs, cpu):
+        for w, x in zip(ws, xs):
+            partial = _bfloat16_pairs_multiply_add(builder, partial, w, x, cpu)
+        return partial
+
+    def to_float(self, builder, partial):
+        return partial
+
+
 _KINDS = {"int8": _IntegerKind(_int8_values), "int4": _IntegerKind(_int4_values, span=WIDE),
           "e2m1": _IntegerKind(_e2m1_values, 0.5, WIDE), "e4m3": _FloatKind()}
+_E4M3_ON_BFLOAT16 = _BFloat16Kind()
+
+
+def _kind(fmt, x_dtype):
+    """The kind of fmt's kernel for activations of Numba type x_dtype: e4m3 codes meet
+    bfloat16 bits (int16) or floats."""
+    return _E4M3_ON_BFLOAT16 if fmt == "e4m3" and x_dtype == types.int16 else _KINDS[fmt]
 
 
 def _e8m0_values(builder, codes):
@@ -574,7 +706,7 @@ def _emit_pair(builder, fmt, cpu, ops, x_rows, sums_rows, first, p):
     """The code for pair p of weight rows (ops.at_pair) against the activation rows at x_rows
     (and int4's lane sums at sums_rows): every group and its chunks, then the sums stored in
     rows 2p and 2p + 1 of ops.out."""
-    kind = _KINDS[fmt]
+    kind = ops.kind
     index = ops.depth.type
     count = len(x_rows)
     fold = fmt == "int4" and not ops.zero_points and count <= FOLDED_ROWS
@@ -622,7 +754,7 @@ def _emit_pair(builder, fmt, cpu, ops, x_rows, sums_rows, first, p):
             offset = builder.mul(chunk, span)
             xs = [kind.load_x(builder, x_row, ops.x_element, offset) for x_row in x_rows]
             for r in range(2):
-                _prefetch(builder, ops.codes[r], builder.add(builder.mul(chunk, ir.Constant(index, CHUNK)),
+                _prefetch(builder, ops.codes[r], builder.add(builder.mul(chunk, ir.Constant(index, kind.step_bytes)),
                                                              ir.Constant(index, PREFETCH_BYTES)))
                 w = kind.values(builder, ops.codes[r], chunk, cpu, *([] if zeros is None else [zeros[r]]))
                 for j in range(count):
@@ -641,9 +773,11 @@ def _emit_pair(builder, fmt, cpu, ops, x_rows, sums_rows, first, p):
         builder.store(total, builder.gep(ops.out, [builder.add(builder.mul(out_row, ops.out_width), column)]))
 
 
-# Group sizes the code is specialized for, where K holds whole groups: a group's trip count
-# known, LLVM unrolls its chunks and drops the loop. Other sizes take the general code.
-GROUP_SIZES = (32, 64, 128)
+# Group sizes the code is specialized for, per format, where K holds whole groups: a group's
+# trip count known, LLVM unrolls its chunks and drops the loop. Other sizes take the general
+# code. mxfp4's scales take 32 columns, fp8's blocks 128: a copy for another size would only
+# lengthen the compile (an fp8 decode step's first call: 41 s with copies for 32 and 64).
+GROUP_SIZES = {"int8": (32, 64, 128), "int4": (32, 64, 128), "e2m1": (32,), "e4m3": (128,)}
 
 
 def _emit_group_sizes(builder, fmt, cpu, ops, sizes):
@@ -654,7 +788,7 @@ def _emit_group_sizes(builder, fmt, cpu, ops, sizes):
     size = ir.Constant(ops.group.type, sizes[0])
     # K in whole flush spans too (not so where fp8's last block is partial): a span's steps are
     # then a constant number, which LLVM unrolls with no bounds to check (1.2-1.6x at one row)
-    flush_span = _flush_span(builder, size, _KINDS[fmt])
+    flush_span = _flush_span(builder, size, ops.kind)
     whole = builder.icmp_signed("==", builder.srem(ops.depth, flush_span), ir.Constant(size.type, 0))
     with builder.if_else(builder.and_(builder.icmp_signed("==", ops.group, size), whole)) as (known, other):
         with known:
@@ -698,7 +832,6 @@ def _emit_passes(builder, fmt, cpu, ops):
 def dots_intrinsic(fmt, cpu_features=None):
     """The vector code of int8_dots (fmt "int8"), int4_dots, e2m1_dots or e4m3_dots, for the
     CPU features given (a "+avx2,+avx512bw,..." string), by default those Numba compiles for."""
-    kind = _KINDS[fmt]
 
     @intrinsic
     def dots(typingctx, codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, x_sums, rows, start,
@@ -706,6 +839,7 @@ def dots_intrinsic(fmt, cpu_features=None):
         arrays = ((codes, 3), (scales, 3), (zeros, 3), (x, 2), (x_sums, 3), (rows, 1), (out, 2))
         if not all(isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" for a, ndim in arrays):
             return None
+        kind = _kind(fmt, x.dtype)
         if (scales.dtype not in (types.float32, types.uint8) or x.dtype not in kind.activation_types
                 or x_sums.dtype != types.float32 or rows.dtype != types.int32 or out.dtype != types.float32):
             return None
@@ -718,17 +852,18 @@ def dots_intrinsic(fmt, cpu_features=None):
         def codegen(context, builder, sig, args):
             cpu = cpu_features if cpu_features is not None else context.codegen()._get_host_cpu_features()
             ops = _Operands(context, builder, sig, args)
+            ops.kind = kind
             if fmt != "int4":
-                _emit_group_sizes(builder, fmt, cpu, ops, list(GROUP_SIZES))
+                _emit_group_sizes(builder, fmt, cpu, ops, list(GROUP_SIZES[fmt]))
                 return context.get_dummy_value()
             # a copy for symmetric codes, whose zero point (8) is a constant: building each
             # group's from the zero points' bytes cost more than the products of a row's step
             with builder.if_else(ops.has_zeros) as (own, symmetric):
                 with own:
-                    _emit_group_sizes(builder, fmt, cpu, ops, list(GROUP_SIZES))
+                    _emit_group_sizes(builder, fmt, cpu, ops, list(GROUP_SIZES[fmt]))
                 with symmetric:
                     ops.zero_points = False
-                    _emit_group_sizes(builder, fmt, cpu, ops, list(GROUP_SIZES))
+                    _emit_group_sizes(builder, fmt, cpu, ops, list(GROUP_SIZES[fmt]))
             return context.get_dummy_value()
 
         return signature, codegen
@@ -756,6 +891,7 @@ overload(int8_dots, inline="always")(_compiled("int8"))
 overload(int4_dots, inline="always")(_compiled("int4"))
 overload(e2m1_dots, inline="always")(_compiled("e2m1"))
 overload(e4m3_dots, inline="always")(_compiled("e4m3"))
+
 
 
 # ---- rows dequantized, for the blocked path (library products, AMX tiles) ------------------------

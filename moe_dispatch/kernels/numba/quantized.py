@@ -30,11 +30,11 @@ from .activations import FusedActivation, activate_strip, is_gated
 from .caching import njit
 from .class_constants import class_constants
 from .grouped_mm import FASTMATH, split_col
-from .packed_dots import (INT_LANES, e2m1_dequantize, e2m1_dots, e4m3_dequantize, e4m3_dots, int4_dequantize,
-                          int4_dots, int8_dequantize, int8_dots, lane_sums, quantize_rows,
+from .packed_dots import (E4M3_BF16_DOTS, INT_LANES, bfloat16_rows, e2m1_dequantize, e2m1_dots, e4m3_dequantize,
+                          e4m3_dots, int4_dequantize, int4_dots, int8_dequantize, int8_dots, lane_sums, quantize_rows,
                           reads_chunks, reads_wide_chunks)
 from .mlp import BAD_INDEX, DECODE_OK, decode_inputs, decode_plan, gate_up_values
-from .scalars import half_value, narrow, pow2
+from .scalars import half_value, holds_bfloat16, narrow, pow2
 from .vector_width import wide_vectors
 
 class QuantizedRows(NamedTuple):
@@ -273,9 +273,10 @@ def dot_pair_codes(w, e, n_a, n_b, src):
 def format_dots(w, e, n_a, n_b, stride, pairs, src, packed, rows, start, count, out):
     """out[2p, j], out[2p + 1, j] = rows n_a + p * stride and n_b + p * stride of expert e's
     values . the activations of row rows[start + j], for p < pairs and j < count, by
-    packed_dots.py's kernel of w's format: fp8 codes against src (float32), the others against
-    packed.ints (int16), before the activations' scales."""
-    x = src if format_of(w) == FP8 else packed.ints
+    packed_dots.py's kernel of w's format: fp8 codes against src (float32) or, where it holds
+    them, the bfloat16 bits in packed.ints; the others against packed.ints (int16), before the
+    activations' scales."""
+    x = src if format_of(w) == FP8 and packed.ints.shape[1] == 0 else packed.ints
     _DOTS[format_of(w)](w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, x,
                         packed.lane_sums, rows, start, count, w.group, out)
 
@@ -295,8 +296,12 @@ def _format_dots(w, e, n_a, n_b, stride, pairs, src, packed, rows, start, count,
                packed.lane_sums, rows, start, count, w.group, out)
 
     def impl_fp8(w, e, n_a, n_b, stride, pairs, src, packed, rows, start, count, out):
-        kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, src, packed.lane_sums,
-               rows, start, count, w.group, out)
+        if packed.ints.shape[1] != 0:  # bfloat16 activations, as bfloat16_rows
+            kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, packed.ints,
+                   packed.lane_sums, rows, start, count, w.group, out)
+        else:
+            kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, src,
+                   packed.lane_sums, rows, start, count, w.group, out)
 
     return impl_fp8 if code == FP8 else impl
 
@@ -305,7 +310,9 @@ class PackedInputs(NamedTuple):
     """The activations as packed_dots.py's kernels read them, when a step takes them."""
 
     taken: bool
-    ints: np.ndarray  # [rows, K] int16 for int8 (element order), int4 and mxfp4 (wide_order); [0, 0] for fp8
+    # [rows, K] int16 for int8 (element order), int4 and mxfp4 (wide_order); for fp8 the bfloat16
+    # bits of bfloat16 activations (bfloat16_rows) where E4M3_BF16_DOTS, else [0, 0]
+    ints: np.ndarray
     scales: np.ndarray  # [rows] float32: the int16 rows' scales
     lane_sums: np.ndarray  # symmetric int4: packed_dots.lane_sums of ints; else [0, 0, INT_LANES]
 
@@ -314,7 +321,9 @@ class PackedInputs(NamedTuple):
 def packed_inputs(w, x, src, split):
     """Whether a decode step on activations x takes packed_dots.py's kernels for w, whose
     kernels read src [rows, K] float32 (split when split), and what they read: fp8 weights
-    read src itself; int8, int4 and mxfp4 ones src quantized to int16 (and, for symmetric
+    read src itself, or src rounded to bfloat16 where x is bfloat16 (the step's activations,
+    which the reference rounds so too), the CPU has E4M3_BF16_DOTS and K comes in whole
+    steps of 64; int8, int4 and mxfp4 ones src quantized to int16 (and, for symmetric
     int4 codes, the int16 rows' lane_sums), where x is 16-bit (float32 activations keep the
     float path) and src finite. K and w's groups must come in whole steps (reads_chunks, and
     reads_wide_chunks for the 4-bit formats)."""
@@ -323,6 +332,10 @@ def packed_inputs(w, x, src, split):
     if not reads_chunks(w.depth, w.group) or w.split and not reads_wide_chunks(w.depth, w.group):
         return PackedInputs(False, no_ints, no_scales, no_sums)
     if format_of(w) == FP8:
+        if E4M3_BF16_DOTS and holds_bfloat16(x) and reads_wide_chunks(w.depth, w.group):
+            bits = np.empty((src.shape[0], w.depth), dtype=np.int16)
+            bfloat16_rows(src, bits)
+            return PackedInputs(True, bits, no_scales, no_sums)
         return PackedInputs(True, no_ints, no_scales, no_sums)
     if x.itemsize != 2:
         return PackedInputs(False, no_ints, no_scales, no_sums)

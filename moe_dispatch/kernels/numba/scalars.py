@@ -94,6 +94,17 @@ def _bf16_pair(u):
     return None
 
 
+def holds_bfloat16(a):
+    """Whether array a holds bfloat16 bits (uint16), known when a compiles."""
+    return a.dtype == np.uint16
+
+
+@overload(holds_bfloat16, inline="always")
+def _holds_bfloat16(a):
+    answer = a.dtype == types.uint16
+    return lambda a: answer
+
+
 # ---- narrow: a float32 (or float64) result -> an element of dtype -------------------------
 
 
