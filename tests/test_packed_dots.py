@@ -157,11 +157,9 @@ def test_e8m0_scales_down_to_the_subnormal_one_scale_the_dots(features, gen):
 
 def bfloat16_layout(x):
     """Float activation rows rounded to bfloat16, as the e4m3 kernel reads them: their bits
-    (int16) in pair_order; and the rounded rows in element order, float64."""
-    from moe_dispatch.kernels.numba.packed_dots import pair_order
-
+    (int16); and the rounded rows, float64."""
     rounded = torch.from_numpy(x).bfloat16()
-    return rounded.view(torch.int16).numpy()[:, pair_order(x.shape[1])].copy(), rounded.double().numpy()
+    return rounded.view(torch.int16).numpy(), rounded.double().numpy()
 
 
 # K = 128 (one block), 192 (a partial last block of 64), 256 (whole blocks)
@@ -207,7 +205,7 @@ def test_every_e4m3_code_meets_bfloat16_activations_as_its_value(features, gen):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 
 
-def test_bfloat16_rows_round_as_torch_does_into_pair_order(gen):
+def test_bfloat16_rows_round_as_torch_does(gen):
     from moe_dispatch.kernels.numba.packed_dots import bfloat16_rows
 
     src = (torch.randn(3, 192, generator=gen) * torch.tensor([[1e-30], [1.0], [1e30]])).numpy()

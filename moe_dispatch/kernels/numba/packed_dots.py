@@ -44,7 +44,6 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .caching import njit
-from .scalars import narrow
 from .vector_width import host_cpu_features
 
 CHUNK = 32  # bytes of codes read per step: 32 int8 or e4m3 codes
@@ -124,17 +123,16 @@ def quantize_rows(src, split, out, scales):
 
 @njit(cache=True)
 def bfloat16_rows(src, out):
-    """out[r] = src[r] (float32 [R, K]) rounded to bfloat16, its bits in pair_order (K a
-    multiple of WIDE): the activations of e4m3_dots on bfloat16 ones."""
-    bits = out.view(np.uint16)
+    """out = the bits of src (float32 [R, K]) rounded to bfloat16, as int16: the activations of
+    e4m3_dots on bfloat16 ones. Rounded in integers to nearest even, a NaN to the quiet one, as
+    narrow rounds, with a select where narrow branches: the loop vectorizes."""
+    bits, words = src.view(np.uint32), out.view(np.uint16)
     for r in range(src.shape[0]):
-        for b in range(0, src.shape[1], WIDE):
-            for half in range(2):
-                for lane in range(4):
-                    first = b + 16 * lane + 8 * half
-                    target = b + CHUNK * half + 8 * lane
-                    for i in range(8):
-                        bits[r, target + i] = narrow(src[r, first + i], np.uint16)
+        row, target = bits[r], words[r]
+        for k in range(row.shape[0]):
+            v = row[k]
+            nearest = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            target[k] = np.uint16(0x7FC0) if v & np.uint32(0x7FFFFFFF) > np.uint32(0x7F800000) else np.uint16(nearest)
 
 
 @njit(cache=True)
@@ -191,10 +189,9 @@ def _dots(fmt, codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_
           out):
     starts = np.arange(0, x.shape[1], group)
     in_order = np.arange(x.shape[1])
-    bfloat16 = fmt == "e4m3" and x.dtype == np.int16  # bfloat16 bits in pair_order
-    if fmt in ("int4", "e2m1") or bfloat16:
-        in_order[(pair_order if bfloat16 else wide_order)(x.shape[1])] = in_order.copy()
-    if bfloat16:
+    if fmt in ("int4", "e2m1"):
+        in_order[wide_order(x.shape[1])] = in_order.copy()
+    if fmt == "e4m3" and x.dtype == np.int16:  # bfloat16 bits
         x = (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     for p in range(pairs):
         for i, first_row in enumerate((n_a, n_b)):
@@ -240,7 +237,7 @@ def e2m1_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_s
 def e4m3_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, x_sums, rows, start,
               count, group, out):
     """int8_dots for e4m3 codes [E, N, K] against float activations x [T, K] (float32, or
-    float64 rounded to float32), or against bfloat16 ones: x their bits (int16) in pair_order,
+    float64 rounded to float32), or against bfloat16 ones: x their bits (int16),
     reads_wide_chunks(K, group); x_sums unused."""
     _dots("e4m3", codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
           out)
@@ -450,9 +447,6 @@ def _e4m3_bfloat16_bytes():
 
 
 E4M3_BF16_HIGH, E4M3_BF16_LOW = _e4m3_bfloat16_bytes()
-# The elements of 64 that each of the two word vectors of an unpack of 64 bytes (punpcklbw,
-# punpckhbw: within each 128-bit lane, its first eight bytes or its last eight) holds, in order.
-PAIR_ORDER = [[16 * lane + half * 8 + b for lane in range(4) for b in range(8)] for half in (0, 1)]
 
 
 # Whether the CPU Numba compiles for takes e4m3 codes against bfloat16 activations as bfloat16
@@ -460,19 +454,11 @@ PAIR_ORDER = [[16 * lane + half * 8 + b for lane in range(4) for b in range(8)] 
 E4M3_BF16_DOTS = bf16_dot_instruction(host_cpu_features()) and "+avx512vbmi" in host_cpu_features()
 
 
-def pair_order(depth):
-    """The element of a row of depth (a multiple of WIDE) at each position of the e4m3
-    kernel's bfloat16 activation layout: each 64 elements as the two word vectors of its
-    codes hold them (PAIR_ORDER)."""
-    k = np.arange(depth)
-    return k - k % WIDE + np.array(PAIR_ORDER[0] + PAIR_ORDER[1])[k % WIDE]
-
-
 def _e4m3_bfloat16_values(builder, data, chunk, cpu):
     """64 e4m3 codes from element 64 * chunk on as the bfloat16 bits of their values (exact),
-    two <32 x i16> in PAIR_ORDER. With AVX512-VBMI each magnitude's two bytes are looked up
-    in 128-byte tables (vpermi2b), the sign ORed into the high one and the bytes interleaved;
-    elsewhere the codes go through float32, as _e4m3_values converts them."""
+    two <32 x i16>. With AVX512-VBMI each magnitude's two bytes are looked up in 128-byte
+    tables (vpermi2b), the sign ORed into the high one, and the bytes interleaved into words
+    (vpermt2b); elsewhere the codes go through float32, as _e4m3_values converts them."""
     codes = _chunk_bytes(builder, data, chunk, WIDE)
     if "+avx512vbmi" in cpu:
         def lookup(table):
@@ -482,16 +468,16 @@ def _e4m3_bfloat16_values(builder, data, chunk, cpu):
 
         high = builder.or_(lookup(E4M3_BF16_HIGH), builder.and_(codes, _const(I8, -128, WIDE)))
         low = lookup(E4M3_BF16_LOW)
-        return [builder.bitcast(builder.shuffle_vector(low, high, _const(I32, [i for p in order for i in (p, WIDE + p)],
-                                                                          WIDE)), _vec(I16))
-                for order in PAIR_ORDER]
+        return [builder.bitcast(builder.shuffle_vector(low, high, _const(I32, [i for p in range(h, h + CHUNK)
+                                                                              for i in (p, WIDE + p)], WIDE)), _vec(I16))
+                for h in (0, CHUNK)]
     wide = builder.shl(builder.sext(codes, _vec(I16, WIDE)), _const(I16, 7, WIDE))
     halves = builder.fpext(builder.bitcast(builder.and_(wide, _const(I16, 0xBF80 - 0x10000, WIDE)), _vec(F16, WIDE)),
                            _vec(F32, WIDE))
     values = builder.fmul(halves, _const(F32, 256.0, WIDE))  # float16 bits are worth 2^-8 of the value
     bits = builder.trunc(builder.lshr(builder.bitcast(values, _vec(I32, WIDE)), _const(I32, 16, WIDE)),
                          _vec(I16, WIDE))
-    return [builder.shuffle_vector(bits, bits, _const(I32, order)) for order in PAIR_ORDER]
+    return [builder.shuffle_vector(bits, bits, _const(I32, range(h, h + CHUNK))) for h in (0, CHUNK)]
 
 
 def _bfloat16_pairs_multiply_add(builder, partial, w, x, cpu):
@@ -513,8 +499,8 @@ def _bfloat16_pairs_multiply_add(builder, partial, w, x, cpu):
 
 
 class _BFloat16Kind:
-    """e4m3 codes against bfloat16 activations (their bits, int16, in pair_order): products of
-    bfloat16 pairs into float32 partial sums, 64 codes a step. Where vdpbf16ps and vpermi2b
+    """e4m3 codes against bfloat16 activations (their bits, int16): products of bfloat16 pairs
+    into float32 partial sums, 64 codes a step. Where vdpbf16ps and vpermi2b
     serve, a step costs half the instructions of the float kind's (one core in cache: 2x the
     weights a second)."""
 
@@ -891,7 +877,6 @@ overload(int8_dots, inline="always")(_compiled("int8"))
 overload(int4_dots, inline="always")(_compiled("int4"))
 overload(e2m1_dots, inline="always")(_compiled("e2m1"))
 overload(e4m3_dots, inline="always")(_compiled("e4m3"))
-
 
 
 # ---- rows dequantized, for the blocked path (library products, AMX tiles) ------------------------
