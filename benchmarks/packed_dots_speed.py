@@ -4,7 +4,9 @@ every pair of weight rows of an expert against 1-4 activation rows, in weights p
 Each format's codes are made by `quantize` from one float weight of E experts [N, K]; the calls
 cycle through the experts, so that with E * N * K past the last-level cache the codes come from
 memory. A row reads as the weights of one activation row: with more rows per pass, each weight
-meets them all, and rows x weights / s is the multiply-add rate.
+meets them all, and rows x weights / s is the multiply-add rate. fp8 meets bfloat16 activations
+(the kernel a bfloat16 model's step takes where the CPU has AVX512-BF16 and AVX512-VBMI; on
+other CPUs it times the generic code, which no step takes there), fp8-float32 float32 ones.
 
     python benchmarks/packed_dots_speed.py                      # every format, 1 and 4 rows
     python benchmarks/packed_dots_speed.py --rows 1,2,3,4 --formats int4,mxfp4
@@ -25,7 +27,7 @@ from moe_dispatch.kernels.numba.packed_dots import INT_LANES, dots_intrinsic, la
 # (the kernel's code format, quantize's format, its options)
 FORMATS = {"int8": ("int8", "int8", {}), "int4": ("int4", "int4", {"group_size": 128}),
            "int4-zero-points": ("int4", "int4", {"group_size": 128, "symmetric": False}),
-           "mxfp4": ("e2m1", "mxfp4", {}), "fp8": ("e4m3", "fp8", {})}
+           "mxfp4": ("e2m1", "mxfp4", {}), "fp8": ("e4m3", "fp8", {}), "fp8-float32": ("e4m3", "fp8", {})}
 
 
 def timed_kernel(fmt):
@@ -62,7 +64,9 @@ def main() -> None:
         operands = (codes, q.scales.numpy(), zeros, q.zeros is not None, q.block[0])
         run = timed_kernel(fmt)
         for count in (int(r) for r in args.rows.split(",")):
-            if fmt == "e4m3":
+            if name == "fp8":  # bfloat16 activations: their bits, as a bfloat16 model's decode step passes them
+                x = torch.randn(count, k, generator=gen).bfloat16().view(torch.int16).numpy()
+            elif name == "fp8-float32":  # float16 or float32 activations, or a CPU without AVX512-BF16 and VBMI
                 x = torch.randn(count, k, generator=gen).numpy()
             else:
                 x = torch.randint(-32767, 32768, (count, k), generator=gen, dtype=torch.int16).numpy()
