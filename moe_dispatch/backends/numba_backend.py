@@ -47,6 +47,7 @@ from ..kernels.numba import tile_products
 from ..kernels.numba.activations import FusedActivation, fused
 from ..kernels.numba.bf16_dots import STEP as BF16_STEP
 from ..kernels.numba.bf16_dots import TAKES_BF16_DOTS
+from ..kernels.numba.packed_dots import E4M3_BF16_DOTS
 from ..plan import DispatchPlan
 from . import huge_pages
 from .base import Backend
@@ -193,8 +194,9 @@ BF16_DOTS_ROWS_BESIDE_REGISTER_TILES = 28
 # olmoe-1b-7b x0.5, decode kernels / register tiles / the blocked path's library products, ms:
 # int4 at 16 rows 7.5 / 10.2 / 19.6, at 32 rows 15.7 / 12.1 / 22.4, at 64 31.7 / 19.6 / 30.7;
 # int8 at 16 rows 7.0 / 10.4, at 32 14.5 / 12.4; mxfp4 10.3 / 12.4 and 21.2 / 14.4; fp8 at 16
-# rows 15.3 / 11.1 (its decode kernels convert each e4m3 code).
-QUANTIZED_ROWS_BESIDE_REGISTER_TILES = {"int8": 20, "int4": 20, "mxfp4": 20, "fp8": 10}
+# rows 15.3 / 11.1 where its decode kernels convert each e4m3 code to float32, and where they
+# take bfloat16 pairs (E4M3_BF16_DOTS) 16.6 / 21.2, at 24 rows 25.1 / 25.9, at 32 33.4 / 29.8.
+QUANTIZED_ROWS_BESIDE_REGISTER_TILES = {"int8": 20, "int4": 20, "mxfp4": 20, "fp8": 20 if E4M3_BF16_DOTS else 10}
 # float32 experts larger than REGISTER_TILES_MAX_DEPTH take the register tiles too, beyond
 # LARGE_FLOAT32_ROWS_BESIDE_REGISTER_TILES rows per expert and at any number of rows, where the
 # CPU has AVX512-BF16 and no AMX (AMD's Zen 4 and 5: measured on a Zen 5, 2 threads, against
