@@ -26,8 +26,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .packed_dots import BF16, F32, I16, I32, PREFETCH_BYTES, _const, _intrinsic_call, _load, _prefetch, _vec, \
-    bf16_dot_instruction, emit_row_passes, horizontal_sum
+from .packed_dots import F32, I16, I32, PREFETCH_BYTES, _load, _prefetch, _vec, bf16_dot_instruction, \
+    emit_row_passes, horizontal_sum, pairs_multiply_add
 from .vector_width import host_cpu_features
 
 STEP = 32  # elements of each row per step: 64 bytes
@@ -88,8 +88,8 @@ def bf16_quad_dots(src, index, gather, start, end, w0, w1, w2, w3, out):
 def _emit_pass(builder, cpu, ops, first, count):
     """count activation rows from the first-th: every step of the weight rows, then the sums
     into ops.out."""
-    fast = bf16_dot_instruction(cpu)
-    acc_type = _vec(F32, STEP // 2 if fast else STEP)
+    acc_type, pairs = _vec(F32, STEP // 2), _vec(I32, STEP // 2)
+    multiply_add = pairs_multiply_add(acc_type, bf16_dot_instruction(cpu))
     index = ops.depth.type
     rows = [ops.row(builder, builder.add(first, ir.Constant(index, j))) for j in range(count)]
     sums = {}
@@ -106,25 +106,12 @@ def _emit_pass(builder, cpu, ops, first, count):
         for j, row in enumerate(rows):
             x = _load(builder, row, offset, _vec(I16, STEP))
             for r, w in enumerate(ws):
-                builder.store(_multiply_add(builder, builder.load(sums[r, j]), w, x, fast), sums[r, j])
+                builder.store(multiply_add(builder, builder.load(sums[r, j]), builder.bitcast(w, pairs),
+                                           builder.bitcast(x, pairs)), sums[r, j])
     for (r, j), acc in sums.items():
         column = builder.add(first, ir.Constant(index, j))
         target = builder.gep(ops.out, [builder.add(builder.mul(ir.Constant(index, r), ops.out_width), column)])
         builder.store(horizontal_sum(builder, builder.load(acc)), target)
-
-
-def _multiply_add(builder, acc, w, x, fast):
-    """acc plus the products of the 32 bfloat16 (as bits) of w and x."""
-    if fast:
-        pair = _vec(BF16, STEP)
-        return _intrinsic_call(builder, "llvm.x86.avx512bf16.dpbf16ps.512", acc.type,
-                               [acc, builder.bitcast(w, pair), builder.bitcast(x, pair)])
-
-    def widened(bits):
-        shifted = builder.shl(builder.zext(bits, _vec(I32, STEP)), _const(I32, 16, STEP))
-        return builder.bitcast(shifted, _vec(F32, STEP))
-
-    return builder.fadd(acc, builder.fmul(widened(w), widened(x), flags=("fast",)), flags=("fast",))
 
 
 def _typed(src, index, start, end, weights, out):

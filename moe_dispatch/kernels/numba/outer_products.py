@@ -33,9 +33,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .packed_dots import bf16_dot_instruction
 from .caching import njit
-from .packed_dots import BF16, I32, _broadcast, _const, _intrinsic_call
+from .packed_dots import _broadcast, _fma, _intrinsic_call, _vector_name, bf16_dot_instruction, \
+    pairs_multiply_add
 from .vector_width import host_cpu_features, widest_vector_bytes
 
 # A tile's sums stay in registers: ROWS x VECTORS of the CPU's widest vectors, 24 of AVX-512's
@@ -163,7 +163,7 @@ def _tile_intrinsic(cpu_features=None):
             vector = ir.VectorType(context.get_data_type(dtype), lanes)
             operand = ir.VectorType(context.get_data_type(sig.args[4].dtype), lanes)
             cpu = cpu_features if cpu_features is not None else host_cpu_features()
-            multiply_add = (_pairs_multiply_add(vector, bf16_dot_instruction(cpu) and lanes == 16)
+            multiply_add = (pairs_multiply_add(vector, bf16_dot_instruction(cpu) and lanes == 16)
                             if sig.args[0].dtype == types.uint32 else _fma(vector))
             rows = [context.cast(builder, r, sig.args[1].dtype, index)
                     for r in cgutils.unpack_tuple(builder, args[1], ROWS)]
@@ -199,36 +199,6 @@ def _tile_intrinsic(cpu_features=None):
                           accumulate), codegen
 
     return tile
-
-
-def _fma(vector):
-    name = f"llvm.fma.{_vector_name(vector)}"
-    return lambda builder, total, value, b_vector: _intrinsic_call(builder, name, vector, [value, b_vector, total])
-
-
-def _pairs_multiply_add(vector, fast):
-    """total plus, lane by lane, the products of the bfloat16 pairs in value's and b_vector's
-    32-bit lanes."""
-    lanes = vector.count
-
-    def fused(builder, total, value, b_vector):
-        pairs = ir.VectorType(BF16, 2 * lanes)
-        return _intrinsic_call(builder, "llvm.x86.avx512bf16.dpbf16ps.512", vector,
-                               [total, builder.bitcast(value, pairs), builder.bitcast(b_vector, pairs)])
-
-    def widened(builder, total, value, b_vector):
-        fma = _fma(vector)
-        low = [builder.bitcast(builder.shl(v, _const(I32, 16, lanes)), vector) for v in (value, b_vector)]
-        high = [builder.bitcast(builder.and_(v, _const(I32, 0xFFFF0000, lanes)), vector) for v in (value, b_vector)]
-        return fma(builder, fma(builder, total, *low), *high)
-
-    return fused if fast else widened
-
-
-def _vector_name(vector) -> str:
-    if isinstance(vector.element, ir.IntType):
-        return f"v{vector.count}i{vector.element.width}"
-    return f"v{vector.count}f{64 if isinstance(vector.element, ir.DoubleType) else 32}"
 
 
 def _pointer_name(vector) -> str:

@@ -483,22 +483,35 @@ def _e4m3_bfloat16_values(builder, data, chunk, cpu):
     return [builder.shuffle_vector(bits, bits, _const(I32, range(h, h + CHUNK))) for h in (0, CHUNK)]
 
 
-def _bfloat16_pairs_multiply_add(builder, partial, w, x, cpu):
-    """partial (<16 x float>) plus, in lane l, w[2l] * x[2l] + w[2l + 1] * x[2l + 1]: 32
-    bfloat16 (their bits) each; vdpbf16ps where the CPU has it."""
-    if bf16_dot_instruction(cpu):
-        pair = _vec(BF16, CHUNK)
-        return _intrinsic_call(builder, "llvm.x86.avx512bf16.dpbf16ps.512", partial.type,
-                               [partial, builder.bitcast(w, pair), builder.bitcast(x, pair)])
+def _vector_name(vector) -> str:
+    if isinstance(vector.element, ir.IntType):
+        return f"v{vector.count}i{vector.element.width}"
+    return f"v{vector.count}f{64 if isinstance(vector.element, ir.DoubleType) else 32}"
 
-    def widened(bits, select):
-        lanes = builder.zext(builder.shuffle_vector(bits, bits, select), _vec(I32, INT_LANES))
-        return builder.bitcast(builder.shl(lanes, _const(I32, 16, INT_LANES)), _vec(F32, INT_LANES))
 
-    for select in (_EVEN, _ODD):
-        product = builder.fmul(widened(w, select), widened(x, select), flags=("fast",))
-        partial = builder.fadd(partial, product, flags=("fast",))
-    return partial
+def _fma(vector):
+    name = f"llvm.fma.{_vector_name(vector)}"
+    return lambda builder, total, value, b_vector: _intrinsic_call(builder, name, vector, [value, b_vector, total])
+
+
+def pairs_multiply_add(vector, fast):
+    """(builder, total, value, b_vector) -> total plus, lane by lane, the products of the
+    bfloat16 pairs in value's and b_vector's 32-bit lanes (total: vector, float32): vdpbf16ps
+    when fast, else the pairs widened to float32 (correct on any CPU)."""
+    lanes = vector.count
+
+    def fused(builder, total, value, b_vector):
+        pairs = ir.VectorType(BF16, 2 * lanes)
+        return _intrinsic_call(builder, "llvm.x86.avx512bf16.dpbf16ps.512", vector,
+                               [total, builder.bitcast(value, pairs), builder.bitcast(b_vector, pairs)])
+
+    def widened(builder, total, value, b_vector):
+        fma = _fma(vector)
+        low = [builder.bitcast(builder.shl(v, _const(I32, 16, lanes)), vector) for v in (value, b_vector)]
+        high = [builder.bitcast(builder.and_(v, _const(I32, 0xFFFF0000, lanes)), vector) for v in (value, b_vector)]
+        return fma(builder, fma(builder, total, *low), *high)
+
+    return fused if fast else widened
 
 
 class _BFloat16Kind:
@@ -518,8 +531,10 @@ class _BFloat16Kind:
         return [_load(builder, row, builder.add(offset, ir.Constant(offset.type, h)), _vec(I16)) for h in (0, CHUNK)]
 
     def step(self, builder, partial, ws, xs, cpu):
+        multiply_add = pairs_multiply_add(self.partial_type, bf16_dot_instruction(cpu))
+        pairs = _vec(I32, INT_LANES)
         for w, x in zip(ws, xs):
-            partial = _bfloat16_pairs_multiply_add(builder, partial, w, x, cpu)
+            partial = multiply_add(builder, partial, builder.bitcast(w, pairs), builder.bitcast(x, pairs))
         return partial
 
     def to_float(self, builder, partial):
