@@ -22,7 +22,8 @@ import torch
 from numba import njit
 
 import moe_dispatch as md
-from moe_dispatch.kernels.numba.packed_dots import INT_LANES, dots_intrinsic, lane_sums
+from moe_dispatch.kernels.numba.packed_dots import (E2M1_OFFSET, INT_LANES, SYMMETRIC_INT4_ZERO, dots_intrinsic, lane_sums,
+                                                  nibble_depth)
 
 # (the kernel's code format, quantize's format, its options)
 FORMATS = {"int8": ("int8", "int8", {}), "int4": ("int4", "int4", {"group_size": 128}),
@@ -68,11 +69,13 @@ def main() -> None:
                 x = torch.randn(count, k, generator=gen).bfloat16().view(torch.int16).numpy()
             elif name == "fp8-float32":  # float16 or float32 activations, or a CPU without AVX512-BF16 and VBMI
                 x = torch.randn(count, k, generator=gen).numpy()
-            else:
-                x = torch.randint(-32767, 32768, (count, k), generator=gen, dtype=torch.int16).numpy()
+            else:  # the 4-bit formats' rows in whole steps
+                width = nibble_depth(k) if fmt in ("int4", "e2m1") else k
+                x = torch.randint(-32767, 32768, (count, width), generator=gen, dtype=torch.int16).numpy()
             rows, out = np.arange(count, dtype=np.int32), np.empty((n, count), np.float32)
-            # the activations' sums that symmetric int4 codes' zero takes off
-            x_sums = lane_sums(x, q.block[1]) if fmt == "int4" else np.empty((0, 0, INT_LANES), np.float32)
+            # the activations' sums that the 4-bit codes' zero points take off
+            zero = {"int4": SYMMETRIC_INT4_ZERO, "e2m1": E2M1_OFFSET}.get(fmt, 0)
+            x_sums = lane_sums(x, q.block[1], zero) if zero else np.empty((0, 0, INT_LANES), np.int32)
             run(*operands, x, x_sums, rows, count, q.block[1], out, 1)  # compiles
             calls = max(1, int(0.05 / (1e-9 * n * k * count)))  # about 50 ms a burst at 1 G weights/s
             times = []

@@ -55,28 +55,41 @@ def kernel_inputs(fmt, quantize_format, options, depth, gen, num_tokens=6):
         x = torch.randn(num_tokens, depth, generator=gen).numpy()
     else:
         x = torch.randint(-32767, 32768, (num_tokens, depth), generator=gen, dtype=torch.int16).numpy()
+        x = in_kernel_layout(fmt, x)
     weights = (codes, q.scales.numpy(), zeros, q.zeros is not None, 0)  # expert 0
     return weights, q.block[0], x, q.dequantize(torch.float64)[0].numpy(), q.block[1]
 
 
 def operands(fmt, weights, per_scale, x, group, layout=LAYOUTS[0]):
-    """The kernels' arguments up to the activations' lane sums (int4's, lane_sums; an empty
-    stand-in for the others)."""
-    from moe_dispatch.kernels.numba.packed_dots import INT_LANES, lane_sums
+    """The kernels' arguments up to the activations' lane sums (mxfp4's and symmetric int4's,
+    lane_sums; an empty stand-in for the others)."""
+    from moe_dispatch.kernels.numba.packed_dots import E2M1_OFFSET, INT_LANES, SYMMETRIC_INT4_ZERO, lane_sums
 
-    sums = lane_sums(x, group) if fmt == "int4" else np.empty((0, 0, INT_LANES), np.float32)
+    has_zeros = weights[3]  # int4's own zero points come off each code, with no sums
+    zero = 0 if has_zeros else {"int4": SYMMETRIC_INT4_ZERO, "e2m1": E2M1_OFFSET}.get(fmt, 0)
+    sums = lane_sums(x, group, zero) if zero else np.empty((0, 0, INT_LANES), np.int32)
     return (*weights, *layout, per_scale, x, sums)
 
 
-def in_element_order(fmt, x):
-    """Activation rows as the kernel of fmt reads them, back in element order."""
-    from moe_dispatch.kernels.numba.packed_dots import wide_order
+def in_kernel_layout(fmt, x):
+    """Activation rows [T, K] in element order as the kernel of fmt reads them: the 4-bit
+    formats' in nibble_order, zeros past K."""
+    from moe_dispatch.kernels.numba.packed_dots import nibble_order
 
     if fmt not in ("int4", "e2m1"):
         return x
-    ordered = np.empty_like(x)
-    ordered[:, wide_order(x.shape[1])] = x
-    return ordered
+    return np.ascontiguousarray(np.concatenate([x, np.zeros_like(x[:, :1])], axis=1)[:, nibble_order(x.shape[1])])
+
+
+def in_element_order(fmt, x, depth):
+    """Activation rows as the kernel of fmt reads them, back in element order: [T, depth]."""
+    from moe_dispatch.kernels.numba.packed_dots import nibble_order
+
+    if fmt not in ("int4", "e2m1"):
+        return x
+    ordered = np.zeros((x.shape[0], depth + 1), x.dtype)
+    ordered[:, nibble_order(depth)] = x
+    return ordered[:, :depth]
 
 
 def compiled(fmt, features):
@@ -115,7 +128,7 @@ def test_the_vector_code_computes_the_definition(fmt, quantize_format, options, 
         out, expected, rows = out[:height, :count], expected[:height, :count], rows[start:]
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
         # and the definition is the format's: the dequantized rows times the activations
-        truth = dense[layout_rows(*layout)] @ in_element_order(fmt, x[rows]).astype(np.float64).T
+        truth = dense[layout_rows(*layout)] @ in_element_order(fmt, x[rows], depth).astype(np.float64).T
         np.testing.assert_allclose(expected, truth, rtol=1e-5, atol=1e-5 * np.abs(truth).max())
 
 
@@ -228,23 +241,23 @@ def test_float64_activations_meet_e4m3_codes_as_float32(gen):
     np.testing.assert_allclose(out, dense[layout_rows(*LAYOUTS[0])] @ x64.T, rtol=1e-5, atol=1e-5)
 
 
-def test_quantize_rows_rounds_each_row_to_int16_on_its_own_scale(gen):
-    from moe_dispatch.kernels.numba.packed_dots import quantize_rows
+@pytest.mark.parametrize("depth", [128, 192])
+def test_quantize_rows_rounds_each_row_to_int16_on_its_own_scale(depth, gen):
+    from moe_dispatch.kernels.numba.packed_dots import nibble_depth, quantize_rows
 
-    from moe_dispatch.kernels.numba.packed_dots import wide_order
-
-    src = (torch.randn(3, 128, generator=gen) * torch.tensor([[1e-3], [1.0], [1e3]])).numpy()
+    src = (torch.randn(3, depth, generator=gen) * torch.tensor([[1e-3], [1.0], [1e3]])).numpy()
     src[1, 5] = 0.0
     for split in (False, True):
-        ints, scales = np.empty((3, 128), np.int16), np.empty(3, np.float32)
+        width = nibble_depth(depth) if split else depth
+        ints, scales = np.empty((3, width), np.int16), np.empty(3, np.float32)
         assert quantize_rows(src, split, ints, scales)
         expected = src
-        if split:  # src: even elements, then odd; ints: the 4-bit kernels' layout
+        if split:  # src: even elements, then odd; ints: the 4-bit kernels' layout, zeros past K
             in_order = np.empty_like(src)
-            in_order[:, 0::2], in_order[:, 1::2] = src[:, :64], src[:, 64:]
-            expected = in_order[:, wide_order(128)]
-        np.testing.assert_allclose(ints * scales[:, None], expected, rtol=0, atol=0.51 * scales.max())
-        assert np.abs(ints).max() == 32767
+            in_order[:, 0::2], in_order[:, 1::2] = src[:, :depth // 2], src[:, depth // 2:]
+            expected = in_kernel_layout("int4", in_order)
+        assert (np.abs(ints * scales[:, None] - expected) <= 0.51 * scales[:, None]).all()  # each on its own scale
+        assert (np.abs(ints).max(axis=1) == 32767).all()
         np.testing.assert_allclose(scales, np.abs(src).max(axis=1) / 32767, rtol=1e-6)
 
 

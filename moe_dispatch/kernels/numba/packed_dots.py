@@ -3,22 +3,23 @@ vector code (Numba intrinsics): what a decode step spends its time on.
 
 Converting each code to float32 with scalar-looking loops left LLVM three or more
 instructions per 16 weights, which made a 4-bit decode step compute-bound at a fifth of the
-memory's speed. Here each 32 codes are converted in registers and meet every activation row
-of a pass before the next 32 are read:
+memory's speed. Here each step's codes (32 to 128) are converted in registers and meet every
+activation row of a pass before the next step's are read:
 
-- int8, int4 and e2m1 codes become 16-bit integers (int8: a sign extension of 32 bytes; 4-bit:
-  32 bytes, 64 codes, split into their low nibbles (the even elements) and their high ones
-  (the odd), zero-extended as they are (int4) or looked up in a 16-entry table of e2m1's values
-  doubled (pshufb) and sign-extended) and one multiply-add of 16-bit pairs into 32-bit
-  lanes (x86's pmaddwd, fused with the add where the CPU has AVX512-VNNI) takes 32 of them
-  against activations quantized to int16. The 4-bit kernels' activation rows come in the
-  same order, each 64 elements' 32 even ones then their 32 odd ones (wide_order), which
-  spares every step the shuffles of an element-order unpacking: half the instructions per
-  code. The 32-bit sums turn into float32 once per scale group, where its scale multiplies
-  (for groups of 32 a step's lanes hold two groups: lanes 0-7 the first 32 elements). There,
-  in passes of one or two rows, symmetric int4's zero (8) times the activations each lane met
-  (lane_sums, made once per decode step) comes off, rather than 8 off every code
-  (FOLDED_ROWS).
+- int8 and 4-bit codes become 16-bit integers and one multiply-add of 16-bit pairs into
+  32-bit lanes (x86's pmaddwd, fused with the add where the CPU has AVX512-VNNI) takes 32 of
+  them against activations quantized to int16. int8: a sign extension of 32 bytes. 4-bit: 64
+  bytes, 128 codes a step, as four vectors of 16-bit words by masks and shifts alone (each
+  word of codes holds the elements 4i to 4i + 3; e2m1's nibbles are first looked up in a
+  16-entry table of their values doubled, pshufb), against activation rows laid out in the
+  same order (nibble_order). On Zen 5 a core issues two 512-bit operations a cycle and the
+  multiply-adds share their unit with vgf2p8affineqb and the FMAs: unpacking by shuffles or
+  byte shifts had cost as much as the products. The codes go in as unsigned integers; their
+  zero point (symmetric int4's 8, or an offset that keeps e2m1's values positive) times the
+  activations each lane met (lane_sums, made once per decode step) comes off once per span,
+  int4's own zero points off each code. The 32-bit sums turn into float32 once per scale
+  group, or per step where a step holds several (lane l of a step meets its elements 8l to
+  8l + 7), where the scales multiply.
 - e4m3 codes against bfloat16 activations, on CPUs with AVX512-BF16 and AVX512-VBMI: each 64
   codes' bfloat16 bits looked up by byte (vpermi2b), then products of bfloat16 pairs against
   the activations' own bits (vdpbf16ps), half the instructions of the float route.
@@ -50,7 +51,8 @@ from .caching import njit
 from .vector_width import host_cpu_features
 
 CHUNK = 32  # bytes of codes read per step: 32 int8 or e4m3 codes
-WIDE = 2 * CHUNK  # 4-bit codes per step
+WIDE = 2 * CHUNK  # bfloat16 pairs of fp8's steps
+NIBBLE_STEP = 4 * CHUNK  # 4-bit codes per step: 64 bytes, one AVX-512 load
 INT_LANES = CHUNK // 2  # int32 lanes of one pmaddwd
 # Elements summed in int32 lanes before a flush to float32: each lane adds two products per
 # int8 step, |int8 code * int16| <= 128 * 32767 (four per 4-bit step, |code| <= 15), so 2048
@@ -58,6 +60,10 @@ INT_LANES = CHUNK // 2  # int32 lanes of one pmaddwd
 FLUSH = 2048
 INT16_MAX = 32767
 E2M1_DOUBLED = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
+SYMMETRIC_INT4_ZERO = 8
+# The 4-bit kernels take e2m1 codes as their doubled values plus this, never negative, and take
+# its part of the products off as symmetric int4's zero (lane_sums)
+E2M1_OFFSET = 12
 # Activation rows per pass over the codes: each chunk of two weight rows, once converted,
 # meets this many; 2 x 4 sums and as many partial sums still fit AVX-512's registers.
 ROWS_PER_PASS = 4
@@ -71,25 +77,36 @@ def reads_chunks(depth, group):
 
 @njit(cache=True, inline="always")
 def reads_wide_chunks(depth, group):
-    """Whether 4-bit rows of this depth and scale group size can take the dot products: K in
-    whole steps of 64, groups of 32 or whole steps."""
-    return depth % WIDE == 0 and (group == CHUNK or group % WIDE == 0)
+    """Whether rows of this depth and scale group size can take the 4-bit dot products (and
+    fp8's on bfloat16 activations): K in whole steps of 64, groups of 32 or 64 or whole steps
+    of NIBBLE_STEP."""
+    return depth % WIDE == 0 and group % CHUNK == 0 and (NIBBLE_STEP % group == 0 or group % NIBBLE_STEP == 0)
 
 
-def wide_order(depth):
+@njit(cache=True, inline="always")
+def nibble_depth(depth):
+    """The width of the 4-bit kernels' activation rows for K = depth: whole steps."""
+    return -(-depth // NIBBLE_STEP) * NIBBLE_STEP
+
+
+def nibble_order(depth):
     """The element of a row of depth (a multiple of WIDE) at each position of the 4-bit
-    kernels' activation layout: each 64 elements' even ones, then their odd ones."""
-    k = np.arange(depth)
-    p = k % WIDE
-    return k - p + 2 * (p % CHUNK) + p // CHUNK
+    kernels' activation layout (nibble_depth(depth) wide): in each step of NIBBLE_STEP
+    elements from b, the elements b + 4i for i < 32, then b + 4i + 1, b + 4i + 2 and b + 4i +
+    3, the order in which a step's 16-bit words give up their nibbles. Positions past the
+    row's end hold depth (they are zeros)."""
+    p = np.arange(nibble_depth(depth))
+    q = p % NIBBLE_STEP
+    element = p - q + 4 * (q % CHUNK) + q // CHUNK
+    return np.where(element < depth, element, depth)
 
 
 @njit(cache=True)
 def quantize_rows(src, split, out, scales):
     """out[r] = src[r] / scales[r] rounded to int16, scales[r] = max |src[r]| / 32767; src
     [R, K] float32. split: src holds each row's even elements, then its odd ones, and out
-    takes the 4-bit kernels' layout (wide_order; K a multiple of WIDE); else both are in
-    element order. Returns False, leaving the rest undefined, when a row holds a value that
+    [R, nibble_depth(K)] takes the 4-bit kernels' layout (nibble_order, zeros past K; K a
+    multiple of WIDE); else both are in element order. Returns False, leaving the rest undefined, when a row holds a value that
     is not finite: integers cannot carry it, and the float path must compute it."""
     depth = src.shape[1]
     half = depth // 2
@@ -113,14 +130,14 @@ def quantize_rows(src, split, out, scales):
             for k in range(depth):
                 out[r, k] = np.int16(np.rint(row[k] * inverse))
             continue
-        for b in range(0, depth, WIDE):  # runs of contiguous elements, which vectorize
-            # wide_order's element b + 2p (+ 1 if odd) is src[b / 2 + p] (+ half)
-            evens, odds = row[b // 2:b // 2 + CHUNK], row[half + b // 2:half + b // 2 + CHUNK]
-            target = out[r, b:b + WIDE]
-            for p in range(CHUNK):
-                target[p] = np.int16(np.rint(evens[p] * inverse))
-            for p in range(CHUNK):
-                target[CHUNK + p] = np.int16(np.rint(odds[p] * inverse))
+        for b in range(0, depth, NIBBLE_STEP):
+            # nibble_order's element b + 4i + m is src[b / 2 + 2i + m / 2] (+ half if m is odd)
+            target = out[r, b:b + NIBBLE_STEP]
+            for m in range(4):
+                start = b // 2 + m // 2 + (half if m % 2 else 0)
+                for i in range(CHUNK):
+                    value = row[start + 2 * i] * inverse if b + 4 * i + m < depth else np.float32(0.0)
+                    target[m * CHUNK + i] = np.int16(np.rint(value))
     return True
 
 
@@ -139,28 +156,26 @@ def bfloat16_rows(src, out):
 
 
 @njit(cache=True)
-def lane_sums(ints, group):
-    """out[r, f, l] = the sum of the activations of row r (int16 [R, K], in wide_order) that
-    int32 lane l of the int4 kernel's partial sums meets in span f (a scale group, or a step of
-    two groups of 32): what symmetric codes' zero takes from the lane, for int4_dots to subtract
-    once per span instead of from every code. out: [R, K / max(group, WIDE), INT_LANES]
-    float32 (exact, and so is 8 times it: int4's groups of at most 128 give a lane 8
-    activations)."""
-    span = max(group, WIDE)
-    out = np.empty((ints.shape[0], ints.shape[1] // span, INT_LANES), dtype=np.float32)
-    halves = np.empty(CHUNK, dtype=np.float32)
+def lane_sums(ints, group, zero):
+    """out[r, f, l] = zero times the sum of the activations of row r (int16, in nibble_order)
+    that int32 lane l of the 4-bit kernels' partial sums meets in span f (a scale group, or a
+    step of several): elements 8l to 8l + 7 of each of its steps. What codes whose zero point
+    is zero (symmetric int4's 8, E2M1_OFFSET) take from the lane, for the kernels to subtract
+    once per span instead of from every code. out: int32 [R, nibble_depth(K) / max(group,
+    NIBBLE_STEP), INT_LANES]."""
+    span = max(group, NIBBLE_STEP)
+    out = np.zeros((ints.shape[0], ints.shape[1] // span, INT_LANES), dtype=np.int32)
     for r in range(ints.shape[0]):
         for f in range(ints.shape[1] // span):
-            # a step's lane l meets positions 2l and 2l + 1 of both its halves: each span's halves
-            # summed over contiguous runs (loops that vectorize), then their pairs
-            halves[:] = 0.0
-            for k in range(f * span, (f + 1) * span, WIDE):
-                low, high = ints[r, k:k + CHUNK], ints[r, k + CHUNK:k + WIDE]
-                for p in range(CHUNK):
-                    halves[p] += np.float32(low[p]) + np.float32(high[p])
             target = out[r, f]
+            for b in range(f * span, (f + 1) * span, NIBBLE_STEP):
+                # lane l meets positions 2l and 2l + 1 of each of the step's four runs of 32
+                for m in range(4):
+                    run = ints[r, b + m * CHUNK:b + (m + 1) * CHUNK]
+                    for lane in range(INT_LANES):
+                        target[lane] += np.int32(run[2 * lane]) + np.int32(run[2 * lane + 1])
             for lane in range(INT_LANES):
-                target[lane] = halves[2 * lane] + halves[2 * lane + 1]
+                target[lane] *= zero
     return out
 
 
@@ -190,10 +205,12 @@ def _scale_values(scales):
 
 def _dots(fmt, codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
           out):
-    starts = np.arange(0, x.shape[1], group)
-    in_order = np.arange(x.shape[1])
-    if fmt in ("int4", "e2m1"):
-        in_order[wide_order(x.shape[1])] = in_order.copy()
+    depth = 2 * codes.shape[2] if fmt in ("int4", "e2m1") else x.shape[1]
+    starts = np.arange(0, depth, group)
+    in_order = np.arange(depth)
+    if fmt in ("int4", "e2m1"):  # the position of each element in nibble_order
+        order = nibble_order(depth)
+        in_order[order[order < depth]] = np.flatnonzero(order < depth)
     if fmt == "e4m3" and x.dtype == np.int16:  # bfloat16 bits
         x = (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     for p in range(pairs):
@@ -223,16 +240,18 @@ def int8_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_s
 def int4_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, x_sums, rows, start,
               count, group, out):
     """int8_dots for 4-bit codes [E, N, K/2] (low nibble first) less their zero points (zeros
-    uint8 like scales when has_zeros, else 8), x in wide_order; reads_wide_chunks(K, group).
-    x_sums: lane_sums(x, group), which the vector code takes symmetric codes' zero part from
-    (read only where has_zeros is false)."""
+    uint8 like scales when has_zeros, else 8), x [T, nibble_depth(K)] in nibble_order;
+    reads_wide_chunks(K, group). x_sums: lane_sums(x, group, SYMMETRIC_INT4_ZERO), which the
+    vector code takes
+    symmetric codes' zero part of the products from (read only where has_zeros is false)."""
     _dots("int4", codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
           out)
 
 
 def e2m1_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, x_sums, rows, start,
               count, group, out):
-    """int4_dots for e2m1 codes [E, N, K/2] (low nibble first); x_sums unused."""
+    """int4_dots for e2m1 codes [E, N, K/2] (low nibble first); x_sums: lane_sums(x, group,
+    E2M1_OFFSET)."""
     _dots("e2m1", codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
           out)
 
@@ -308,22 +327,6 @@ def _nibble_words(builder, data, chunk):
     return builder.bitcast(builder.or_(low, high), _vec(I16))
 
 
-def _nibbles(builder, data, chunk):
-    """A step's 32 bytes as their low nibbles (64 codes' even ones) and their high nibbles (the
-    odd ones), each <32 x i8>."""
-    codes = _chunk_bytes(builder, data, chunk, CHUNK)
-    return [builder.and_(codes, _const(I8, 0x0F)), builder.lshr(codes, _const(I8, 4))]
-
-
-def _int4_values(builder, data, chunk, cpu, zero=None):
-    """The step's codes less zero (<32 x i8>), or as they are without one: then their zero
-    points' part of the products comes off once per span (lane_sums)."""
-    nibbles = _nibbles(builder, data, chunk)
-    if zero is None:
-        return [builder.zext(n, _vec(I16)) for n in nibbles]
-    return [builder.sext(builder.sub(n, zero), _vec(I16)) for n in nibbles]
-
-
 def _e2m1_doubled(builder, codes):
     """e2m1 codes (each below 16) as their values doubled, in the codes' integer type."""
     kind = codes.type
@@ -343,15 +346,65 @@ def _e2m1_doubled(builder, codes):
     return builder.select(negative, builder.neg(value), value)
 
 
-def _e2m1_values(builder, data, chunk, cpu):
-    values = []
-    for codes in _nibbles(builder, data, chunk):
-        if "+avx2" in cpu:  # pshufb: each byte looked up in the 16-byte table (in both halves)
-            doubled = _intrinsic_call(builder, "llvm.x86.avx2.pshuf.b", _vec(I8),
-                                      [_const(I8, E2M1_DOUBLED.tolist() * 2), codes])
-        else:
-            doubled = _e2m1_doubled(builder, codes)
-        values.append(builder.sext(doubled, _vec(I16)))
+def _step_bytes(builder, data, chunk, limit):
+    """The 64 bytes of 4-bit step chunk; where limit (the row's bytes) is given, the step may
+    end past the row, by half (K a multiple of 64 only): its last 32 bytes are then zeros,
+    never read."""
+    if limit is None:
+        return _chunk_bytes(builder, data, chunk, WIDE)
+    start = builder.mul(chunk, ir.Constant(chunk.type, WIDE))
+    whole = builder.icmp_signed("<=", builder.add(start, ir.Constant(start.type, WIDE)), limit)
+    result = cgutils.alloca_once(builder, _vec(I8, WIDE))
+    with builder.if_else(whole, likely=True) as (full, half):
+        with full:
+            builder.store(_load(builder, data, start, _vec(I8, WIDE)), result)
+        with half:
+            first = _load(builder, data, start, _vec(I8, CHUNK))
+            builder.store(builder.shuffle_vector(first, ir.Constant(_vec(I8, CHUNK), None),
+                                                 _const(I32, range(WIDE), WIDE)), result)
+    return builder.load(result)
+
+
+def _looked_up(builder, table, codes, cpu):
+    """Each byte of codes (<64 x i8>, each below 16) looked up in the 16-byte table: pshufb."""
+    if "+avx512bw" in cpu:
+        return _intrinsic_call(builder, "llvm.x86.avx512.pshuf.b.512", _vec(I8, WIDE),
+                               [_const(I8, list(table) * 4, WIDE), codes])
+    if "+avx2" in cpu:
+        halves = [builder.shuffle_vector(codes, codes, _const(I32, range(h, h + CHUNK))) for h in (0, CHUNK)]
+        parts = [_intrinsic_call(builder, "llvm.x86.avx2.pshuf.b", _vec(I8), [_const(I8, list(table) * 2), h])
+                 for h in halves]
+        return builder.shuffle_vector(parts[0], parts[1], _const(I32, range(WIDE), WIDE))
+    return None
+
+
+def _nibble_values(fmt):
+    """The values function of fmt's _NibbleKind: a step's 128 codes as four <32 x i16> of
+    integers (int4's codes, less zero where given (its word i's zero point), e2m1's doubled
+    values plus E2M1_OFFSET), the elements 4i, 4i + 1, 4i + 2 and 4i + 3 of the step
+    (nibble_order). Masks and shifts of the bytes and
+    of 16-bit words, which run beside the multiply-adds, where unpacking by shuffles or
+    vgf2p8affineqb took the multiply-adds' own unit (twice the time at one activation row)."""
+    table = (E2M1_DOUBLED.astype(np.int64) + E2M1_OFFSET).tolist()
+
+    def values(builder, data, chunk, cpu, zero=None, limit=None):
+        codes = _step_bytes(builder, data, chunk, limit)
+        words = builder.bitcast(codes, _vec(I16))
+        low = builder.and_(codes, _const(I8, 0x0F, WIDE))  # byte j's even element, 2j
+        high = builder.and_(builder.bitcast(builder.lshr(words, _const(I16, 4)), _vec(I8, WIDE)),
+                            _const(I8, 0x0F, WIDE))  # and its odd one, 2j + 1
+        if fmt == "e2m1":
+            looked_up = [_looked_up(builder, table, n, cpu) for n in (low, high)]
+            if looked_up[0] is None:
+                offset = _const(I8, E2M1_OFFSET, WIDE)
+                looked_up = [builder.add(_e2m1_doubled(builder, n), offset) for n in (low, high)]
+            low, high = looked_up
+        # word i of low holds elements 4i (its low byte) and 4i + 2, of high 4i + 1 and 4i + 3
+        low, high = (builder.bitcast(n, _vec(I16)) for n in (low, high))
+        byte, eight = _const(I16, 0xFF), _const(I16, 8)
+        words = [builder.and_(low, byte), builder.and_(high, byte), builder.lshr(low, eight), builder.lshr(high, eight)]
+        return words if zero is None else [builder.sub(w, zero) for w in words]
+
     return values
 
 
@@ -389,28 +442,50 @@ def _multiply_add_pairs(builder, a, b, cpu):
 
 
 class _IntegerKind:
-    """int8, int4 and e2m1 codes against int16 activations: 32-bit partial sums. values gives
-    a step's codes as vectors of 32, load_x the activations they meet, in the same order."""
+    """int8 codes against int16 activations: 32-bit partial sums. values gives a step's codes as
+    vectors of 32, load_x the activations they meet, in the same order."""
 
     lanes = INT_LANES
     partial_type = _vec(I32, INT_LANES)
     activation_types = (types.int16,)
-    step_bytes = CHUNK  # 32 int8 codes or 64 4-bit ones
-
-    def __init__(self, values, result_factor=1.0, span=CHUNK):
-        self.values, self.result_factor, self.span = values, result_factor, span
+    span = step_bytes = CHUNK
+    codes_per_byte = chains = 1
+    half_steps = False  # whether K may end half-way through a step
+    result_factor = 1.0
+    values = staticmethod(_int8_values)
 
     def load_x(self, builder, row, element, offset):
-        return [_load(builder, row, builder.add(offset, ir.Constant(offset.type, h)), _vec(I16))
-                for h in range(0, self.span, CHUNK)]
+        return [_load(builder, row, offset, _vec(I16))]
 
-    def step(self, builder, partial, ws, xs, cpu):
-        for w, x in zip(ws, xs):
-            partial = builder.add(partial, _multiply_add_pairs(builder, w, x, cpu))
-        return partial
+    def multiply_add(self, builder, partial, w, x, cpu):
+        return builder.add(partial, _multiply_add_pairs(builder, w, x, cpu))
+
+    def merge(self, builder, partials):
+        return functools.reduce(builder.add, partials)
 
     def to_float(self, builder, partial):
         return builder.sitofp(partial, _vec(F32, INT_LANES))
+
+
+class _NibbleKind(_IntegerKind):
+    """int4 and e2m1 codes, 128 a step, as unsigned 16-bit integers against int16 activations
+    in nibble_order: lane l of a step's 32-bit partial sums meets its elements 8l to 8l + 7.
+    The codes' zero point (int4's, or E2M1_OFFSET) comes off once per span: its product with
+    the activations' lane_sums. Each step's four multiply-adds sum into two partials
+    (chains): one sum waiting on the last multiply-add made a row's pass as slow as their
+    latency."""
+
+    span = NIBBLE_STEP
+    step_bytes = NIBBLE_STEP // 2
+    codes_per_byte = chains = 2
+    half_steps = True
+
+    def __init__(self, fmt, result_factor):
+        self.values, self.result_factor = _nibble_values(fmt), result_factor
+
+    def load_x(self, builder, row, element, offset):
+        return [_load(builder, row, builder.add(offset, ir.Constant(offset.type, h)), _vec(I16))
+                for h in range(0, NIBBLE_STEP, CHUNK)]
 
 
 class _FloatKind:
@@ -418,6 +493,8 @@ class _FloatKind:
 
     lanes = CHUNK
     span = step_bytes = CHUNK
+    codes_per_byte = chains = 1
+    half_steps = False
     partial_type = _vec(F32, CHUNK)
     activation_types = (types.float32, types.float64)
     values = staticmethod(_e4m3_values)
@@ -427,8 +504,11 @@ class _FloatKind:
         x = _load(builder, row, offset, _vec(element))
         return [x if element == F32 else builder.fptrunc(x, _vec(F32))]
 
-    def step(self, builder, partial, ws, xs, cpu):
-        return builder.fadd(partial, builder.fmul(ws[0], xs[0], flags=("fast",)), flags=("fast",))
+    def multiply_add(self, builder, partial, w, x, cpu):
+        return builder.fadd(partial, builder.fmul(w, x, flags=("fast",)), flags=("fast",))
+
+    def merge(self, builder, partials):
+        return functools.reduce(functools.partial(builder.fadd, flags=("fast",)), partials)
 
     def to_float(self, builder, partial):
         return partial
@@ -522,6 +602,8 @@ class _BFloat16Kind:
 
     lanes = INT_LANES
     span = step_bytes = WIDE
+    codes_per_byte = chains = 1
+    half_steps = False
     partial_type = _vec(F32, INT_LANES)
     activation_types = (types.int16,)
     values = staticmethod(_e4m3_bfloat16_values)
@@ -530,19 +612,16 @@ class _BFloat16Kind:
     def load_x(self, builder, row, element, offset):
         return [_load(builder, row, builder.add(offset, ir.Constant(offset.type, h)), _vec(I16)) for h in (0, CHUNK)]
 
-    def step(self, builder, partial, ws, xs, cpu):
-        multiply_add = pairs_multiply_add(self.partial_type, bf16_dot_instruction(cpu))
+    def multiply_add(self, builder, partial, w, x, cpu):
         pairs = _vec(I32, INT_LANES)
-        for w, x in zip(ws, xs):
-            partial = multiply_add(builder, partial, builder.bitcast(w, pairs), builder.bitcast(x, pairs))
-        return partial
+        return pairs_multiply_add(self.partial_type, bf16_dot_instruction(cpu))(
+            builder, partial, builder.bitcast(w, pairs), builder.bitcast(x, pairs))
 
-    def to_float(self, builder, partial):
-        return partial
+    merge, to_float = _FloatKind.merge, _FloatKind.to_float
 
 
-_KINDS = {"int8": _IntegerKind(_int8_values), "int4": _IntegerKind(_int4_values, span=WIDE),
-          "e2m1": _IntegerKind(_e2m1_values, 0.5, WIDE), "e4m3": _FloatKind()}
+_KINDS = {"int8": _IntegerKind(), "int4": _NibbleKind("int4", 1.0), "e2m1": _NibbleKind("e2m1", 0.5),
+          "e4m3": _FloatKind()}
 _E4M3_ON_BFLOAT16 = _BFloat16Kind()
 
 
@@ -561,9 +640,11 @@ def _e8m0_values(builder, codes):
     def const(value):
         return ir.Constant(wide, value if count is None else [value] * count)
 
-    exponents = builder.zext(codes, wide)
-    bits = builder.select(builder.icmp_unsigned("==", exponents, const(0)), const(0x400000),
-                          builder.shl(exponents, const(23)))
+    # s << 23 is the bits of 2^(s - 127) for s > 0, and below those of 2^-127 only for s = 0:
+    # the larger of the two (one vpmaxud)
+    shifted = builder.shl(builder.zext(codes, wide), const(23))
+    smallest = const(0x400000)
+    bits = builder.select(builder.icmp_unsigned("<", shifted, smallest), smallest, shifted)
     return builder.bitcast(bits, real)
 
 
@@ -578,24 +659,23 @@ def _group_zero(builder, zeros, has_zeros, g):
     return builder.select(has_zeros, stored, ir.Constant(I8, 8))
 
 
-def _halves(builder, make, groups, n):
-    """<n x t>: make(groups[0]) in the first half of the lanes, make(groups[1]) in the second."""
-    low, high = (_broadcast(builder, make(g), n // 2) for g in groups)
-    return builder.shuffle_vector(low, high, _const(I32, range(n), n))
+def _lane_groups(builder, row, groups, n, convert):
+    """<n x t>: convert(row's values of the groups at indices groups, each over as many of the
+    n lanes in turn). Where the indices run on, LLVM merges the loads, and the values are
+    spread over the lanes before they are converted, one vector operation each: mxfp4's every
+    step needs four scales per weight row, and building each from a scalar cost as much as
+    the step's multiply-adds at a decode step's few rows."""
+    values = [builder.load(builder.gep(row, [g])) for g in groups]
+    vector = ir.Constant(_vec(values[0].type, len(values)), ir.Undefined)
+    for i, value in enumerate(values):
+        vector = builder.insert_element(vector, value, ir.Constant(I32, i))
+    spread = builder.shuffle_vector(vector, vector, _const(I32, [lane * len(groups) // n for lane in range(n)], n))
+    return convert(builder, spread)
 
 
-def _step_scales(builder, scale_rows, g, n):
-    """For each of the two weight rows at scale_rows, <n x float>: its scales of groups g and
-    g + 1 (a 4-bit step of two groups of 32), one per half of the lanes. mxfp4's every step
-    needs them, and building each from a scalar cost as much as the step's multiply-adds at a
-    decode step's few rows: the two rows' pairs are loaded and converted as one vector."""
-    pairs = [builder.load(builder.bitcast(builder.gep(row, [g]), _vec(row.type.pointee, 2).as_pointer()), align=1)
-             for row in scale_rows]
-    both = builder.shuffle_vector(*pairs, _const(I32, range(4), 4))
-    if both.type.element == I8:
-        both = _e8m0_values(builder, both)
-    return [builder.shuffle_vector(both, both, _const(I32, [2 * r] * (n // 2) + [2 * r + 1] * (n // 2), n))
-            for r in range(2)]
+def _scale_values_of(builder, scales):
+    """Scales as float32: e8m0 codes (uint8) converted."""
+    return scales if scales.type.element == F32 else _e8m0_values(builder, scales)
 
 
 def _row_start(builder, array, e, n):
@@ -621,21 +701,23 @@ class _Operands:
     arguments are whole arrays and indices, not views: a view costs a reference count, more
     than a short row."""
 
-    def __init__(self, context, builder, sig, args):
+    def __init__(self, context, builder, sig, args, kind):
         args = [context.cast(builder, v, t, types.intp) if i in INDEX_ARGUMENTS else v
                 for i, (v, t) in enumerate(zip(args, sig.args))]
+        self.kind = kind
         (_, _, _, self.has_zeros, self.e, self.n_a, self.n_b, self.stride, self.pairs, self.per_scale, _, _, _,
          start, self.num_rows, self.group, _) = args
         self.arrays = [context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 2)]
+        code_bytes = cgutils.unpack_tuple(builder, self.arrays[0].shape, 3)[2]
+        self.depth = builder.mul(code_bytes, ir.Constant(code_bytes.type, kind.codes_per_byte))  # K
         x, x_sums, rows, out = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (10, 11, 12, 16))
         self.x = x.data
         self.x_element = context.get_value_type(sig.args[10].dtype)
-        self.depth = cgutils.unpack_tuple(builder, x.shape, 2)[1]
+        self.x_width = cgutils.unpack_tuple(builder, x.shape, 2)[1]
         self.x_sums = x_sums.data
         _, spans, lanes = cgutils.unpack_tuple(builder, x_sums.shape, 3)
         self.x_sums_width = builder.mul(spans, lanes)
         self.zero_points = True  # int4: whether the code reads zero points (else they are 8)
-        self.whole_spans = False  # whether K is known to hold whole flush spans (see _emit_group_sizes)
         self.rows = builder.gep(rows.data, [start])
         self.out = out.data
         self.out_width = cgutils.unpack_tuple(builder, out.shape, 2)[1]
@@ -684,85 +766,106 @@ def _emit_pass(builder, fmt, cpu, ops, first, count):
     x_rows, sums_rows = [], []
     for j in range(count):
         row = builder.sext(builder.load(builder.gep(ops.rows, [builder.add(first, ir.Constant(index, j))])), index)
-        x_rows.append(builder.gep(ops.x, [builder.mul(row, ops.depth)]))
-        sums_rows.append(builder.gep(ops.x_sums, [builder.mul(row, ops.x_sums_width)]) if fmt == "int4" else None)
+        x_rows.append(builder.gep(ops.x, [builder.mul(row, ops.x_width)]))
+        sums_rows.append(builder.gep(ops.x_sums, [builder.mul(row, ops.x_sums_width)]))
     with cgutils.for_range(builder, ops.pairs) as pair_loop:
         ops.at_pair(builder, pair_loop.index)
         _emit_pair(builder, fmt, cpu, ops, x_rows, sums_rows, first, pair_loop.index)
 
 
-# Activation rows per pass up to which symmetric int4 codes go in as they are, their zero's part
-# of each span's products taken off at its end (8 times lane_sums), rather than the zero taken
-# off every code: one step of codes meets few rows, whereas the subtraction costs per span and
-# row (one core, [1024, 1024] experts in groups of 128: 1.24x faster at 1 row, 1.14x at 2, and
-# at 4 rows folded 0.93x).
-FOLDED_ROWS = 2
-
-
 def _flush_span(builder, group, kind):
-    """The elements whose sums turn into float32 at once: a group, or a step where a 4-bit
-    step holds two groups of 32."""
+    """The elements whose sums turn into float32 at once: a group, or a step of several."""
     span = ir.Constant(group.type, kind.span)
     return builder.select(builder.icmp_signed(">", group, span), group, span)
 
 
+# Activation rows per pass up to which a kind's steps sum into several partials (kind.chains):
+# with more rows, the rows' own partials keep the multiply-adds busy, and more of them spill
+# registers.
+CHAINED_ROWS = 1
+
+
+def _subtracts_sums(fmt, ops):
+    """Whether fmt's codes hold a zero point that comes off through the activations' lane_sums
+    (e2m1's E2M1_OFFSET, symmetric int4's 8), rather than off each code (int4's own)."""
+    return fmt == "e2m1" or fmt == "int4" and not ops.zero_points
+
+
+def _zero_words(builder, fmt, ops, r, groups):
+    """<32 x i16>: int4's own zero point of each word of a step's codes (_nibble_values) in
+    weight row r, or None."""
+    if fmt != "int4" or not ops.zero_points:
+        return None
+    return _lane_groups(builder, ops.zeros[r], groups, CHUNK, lambda b, zeros: b.zext(zeros, _vec(I16, zeros.type.count)))
+
+
 def _emit_pair(builder, fmt, cpu, ops, x_rows, sums_rows, first, p):
     """The code for pair p of weight rows (ops.at_pair) against the activation rows at x_rows
-    (and int4's lane sums at sums_rows): every group and its chunks, then the sums stored in
-    rows 2p and 2p + 1 of ops.out."""
+    (and the 4-bit codes' lane sums at sums_rows): every span of whole steps, then one of the
+    rest of K, then the sums stored in rows 2p and 2p + 1 of ops.out."""
     kind = ops.kind
     index = ops.depth.type
     count = len(x_rows)
-    fold = fmt == "int4" and not ops.zero_points and count <= FOLDED_ROWS
+    chains = kind.chains if count <= CHAINED_ROWS else 1
     slots = [(r, j) for r in range(2) for j in range(count)]  # (weight row, activation row)
-    partials = {q: cgutils.alloca_once(builder, kind.partial_type) for q in slots}
+    partials = {q: [cgutils.alloca_once(builder, kind.partial_type) for _ in range(chains)] for q in slots}
     sums = {q: cgutils.alloca_once(builder, _vec(F32, kind.lanes)) for q in slots}
+
+    def clear(q):
+        for partial in partials[q]:
+            builder.store(ir.Constant(kind.partial_type, None), partial)
+
     for q in slots:
-        builder.store(ir.Constant(kind.partial_type, None), partials[q])
+        clear(q)
         builder.store(_const(F32, 0.0, kind.lanes), sums[q])
-    group, span = ops.group, ir.Constant(index, kind.span)
+    group, step = ops.group, ir.Constant(index, kind.span)
     flush_span = _flush_span(builder, group, kind)
-    num_groups = builder.udiv(builder.add(ops.depth, builder.sub(flush_span, ir.Constant(index, 1))), flush_span)
+    # the groups of each part of a span's lanes, in turn: a constant number where group is known
+    parts = max(1, kind.span // group.constant) if isinstance(group, ir.Constant) else kind.span // CHUNK
+    last_group = builder.udiv(builder.sub(ops.depth, ir.Constant(index, 1)), group)
     long_groups = builder.icmp_signed(">", group, ir.Constant(index, FLUSH))
-    with cgutils.for_range(builder, num_groups) as group_loop:
-        k0 = builder.mul(group_loop.index, flush_span)
-        k1 = builder.add(k0, flush_span) if ops.whole_spans else _min(builder, builder.add(k0, flush_span), ops.depth)
-        # the groups of the first and second half of a step's lanes
-        halves = [builder.udiv(k0, group)]
-        halves.append(halves[0] if kind.span == CHUNK else
-                      builder.udiv(builder.add(k0, ir.Constant(index, kind.span // 2)), group))
-        if isinstance(group, ir.Constant) and kind.span == 2 * group.constant:
-            scales = _step_scales(builder, ops.scales, halves[0], kind.lanes)
+    subtracts_sums = _subtracts_sums(fmt, ops)
+
+    def span(f, tail):
+        """Span f of flush_span elements, or where tail, what is left of K from there."""
+        k0 = builder.mul(f, flush_span)
+        steps = (builder.udiv(builder.add(builder.sub(ops.depth, k0), builder.sub(step, ir.Constant(index, 1))), step)
+                 if tail else builder.udiv(flush_span, step))
+        if isinstance(group, ir.Constant):
+            groups = [builder.add(builder.udiv(k0, group), ir.Constant(index, i)) for i in range(parts)]
         else:
-            scales = [_halves(builder, functools.partial(_group_scale, builder, ops.scales[r]), halves, kind.lanes)
-                      for r in range(2)]
-        zeros = None  # int4's, per lane of the step's codes (<32 x i8>), unless folded
-        if fmt == "int4" and not fold:
-            zeros = [_halves(builder, functools.partial(_group_zero, builder, ops.zeros[r], ops.has_zeros), halves,
-                             CHUNK) if ops.zero_points else _const(I8, 8) for r in range(2)]
-        first_chunk = builder.udiv(k0, span)
+            groups = [builder.udiv(builder.add(k0, ir.Constant(index, i * CHUNK)), group) for i in range(parts)]
+        if tail:  # a half step's lanes past K meet zeros: any group's values do
+            groups = [_min(builder, g, last_group) for g in groups]
+        scales = [_lane_groups(builder, ops.scales[r], groups, kind.lanes, _scale_values_of) for r in range(2)]
+        zeros = [_zero_words(builder, fmt, ops, r, groups) for r in range(2)]
+        first_chunk = builder.udiv(k0, step)
+        # a 4-bit step may end half-way past K: its codes' bytes are then read up to the row's end
+        limit = builder.udiv(ops.depth, ir.Constant(index, 2)) if tail and kind.half_steps else None
+        extra = [{k: v for k, v in (("zero", zeros[r]), ("limit", limit)) if v is not None} for r in range(2)]
 
         def flush(last):
             for r, j in slots:
-                partial = kind.to_float(builder, builder.load(partials[r, j]))
-                if fold and last:  # the zero points' part of the span's products, at once
-                    sums_at = builder.gep(sums_rows[j], [builder.mul(group_loop.index, ir.Constant(index, kind.lanes))])
-                    x_sums = _load(builder, sums_at, ir.Constant(index, 0), _vec(F32, kind.lanes))
-                    partial = builder.fsub(partial, builder.fmul(x_sums, _const(F32, 8.0, kind.lanes)))
-                scaled = builder.fmul(partial, scales[r], flags=("fast",))
+                partial = kind.merge(builder, [builder.load(q) for q in partials[r, j]])
+                if subtracts_sums and last:  # the zero points' part of the span's products, at once
+                    sums_at = builder.gep(sums_rows[j], [builder.mul(f, ir.Constant(index, kind.lanes))])
+                    partial = builder.sub(partial, _load(builder, sums_at, ir.Constant(index, 0), _vec(I32, kind.lanes)))
+                scaled = builder.fmul(kind.to_float(builder, partial), scales[r], flags=("fast",))
                 builder.store(builder.fadd(builder.load(sums[r, j]), scaled, flags=("fast",)), sums[r, j])
-                builder.store(ir.Constant(kind.partial_type, None), partials[r, j])
+                clear((r, j))
 
-        with cgutils.for_range(builder, builder.udiv(builder.sub(k1, k0), span)) as c:
+        with cgutils.for_range(builder, steps) as c:
             chunk = builder.add(first_chunk, c.index)
-            offset = builder.mul(chunk, span)
+            offset = builder.mul(chunk, step)
             xs = [kind.load_x(builder, x_row, ops.x_element, offset) for x_row in x_rows]
             for r in range(2):
                 _prefetch(builder, ops.codes[r], builder.add(builder.mul(chunk, ir.Constant(index, kind.step_bytes)),
                                                              ir.Constant(index, PREFETCH_BYTES)))
-                w = kind.values(builder, ops.codes[r], chunk, cpu, *([] if zeros is None else [zeros[r]]))
+                w = kind.values(builder, ops.codes[r], chunk, cpu, **extra[r])
                 for j in range(count):
-                    builder.store(kind.step(builder, builder.load(partials[r, j]), w, xs[j], cpu), partials[r, j])
+                    for i, (value, x) in enumerate(zip(w, xs[j])):
+                        partial = partials[r, j][i % chains]
+                        builder.store(kind.multiply_add(builder, builder.load(partial), value, x, cpu), partial)
             # a group longer than FLUSH elements flushes on the way too
             span_done = builder.icmp_unsigned("==", builder.and_(builder.add(c.index, ir.Constant(index, 1)),
                                                                  ir.Constant(index, FLUSH // kind.span - 1)),
@@ -770,6 +873,12 @@ def _emit_pair(builder, fmt, cpu, ops, x_rows, sums_rows, first, p):
             with builder.if_then(builder.and_(long_groups, span_done), likely=False):
                 flush(False)
         flush(True)
+
+    full_spans = builder.udiv(ops.depth, flush_span)
+    with cgutils.for_range(builder, full_spans) as span_loop:
+        span(span_loop.index, False)
+    with builder.if_then(builder.icmp_signed("!=", builder.urem(ops.depth, flush_span), ir.Constant(index, 0))):
+        span(full_spans, True)
     for r, j in slots:
         total = builder.fmul(horizontal_sum(builder, builder.load(sums[r, j])), ir.Constant(F32, kind.result_factor))
         out_row = builder.add(builder.mul(p, ir.Constant(index, 2)), ir.Constant(index, r))
@@ -777,10 +886,10 @@ def _emit_pair(builder, fmt, cpu, ops, x_rows, sums_rows, first, p):
         builder.store(total, builder.gep(ops.out, [builder.add(builder.mul(out_row, ops.out_width), column)]))
 
 
-# Group sizes the code is specialized for, per format, where K holds whole groups: a group's
-# trip count known, LLVM unrolls its chunks and drops the loop. Other sizes take the general
-# code. mxfp4's scales take 32 columns, fp8's blocks 128: a copy for another size would only
-# lengthen the compile (an fp8 decode step's first call: 41 s with copies for 32 and 64).
+# Group sizes the code is specialized for, per format: a group's trip count known, LLVM
+# unrolls its steps and drops the loop. Other sizes take the general code. mxfp4's scales take
+# 32 columns, fp8's blocks 128: a copy for another size would only lengthen the compile (an fp8
+# decode step's first call: 41 s with copies for 32 and 64).
 GROUP_SIZES = {"int8": (32, 64, 128), "int4": (32, 64, 128), "e2m1": (32,), "e4m3": (128,)}
 
 
@@ -790,15 +899,11 @@ def _emit_group_sizes(builder, fmt, cpu, ops, sizes):
         _emit_passes(builder, fmt, cpu, ops)
         return
     size = ir.Constant(ops.group.type, sizes[0])
-    # K in whole flush spans too (not so where fp8's last block is partial): a span's steps are
-    # then a constant number, which LLVM unrolls with no bounds to check (1.2-1.6x at one row)
-    flush_span = _flush_span(builder, size, ops.kind)
-    whole = builder.icmp_signed("==", builder.srem(ops.depth, flush_span), ir.Constant(size.type, 0))
-    with builder.if_else(builder.and_(builder.icmp_signed("==", ops.group, size), whole)) as (known, other):
+    with builder.if_else(builder.icmp_signed("==", ops.group, size)) as (known, other):
         with known:
-            general, ops.group, ops.whole_spans = ops.group, size, True
+            general, ops.group = ops.group, size
             _emit_passes(builder, fmt, cpu, ops)
-            ops.group, ops.whole_spans = general, False
+            ops.group = general
         with other:
             _emit_group_sizes(builder, fmt, cpu, ops, sizes[1:])
 
@@ -845,7 +950,7 @@ def dots_intrinsic(fmt, cpu_features=None):
             return None
         kind = _kind(fmt, x.dtype)
         if (scales.dtype not in (types.float32, types.uint8) or x.dtype not in kind.activation_types
-                or x_sums.dtype != types.float32 or rows.dtype != types.int32 or out.dtype != types.float32):
+                or x_sums.dtype != types.int32 or rows.dtype != types.int32 or out.dtype != types.float32):
             return None
         indices = (e, n_a, n_b, stride, pairs, per_scale, start, count, group)
         if not all(isinstance(i, types.Integer) for i in indices):
@@ -855,8 +960,7 @@ def dots_intrinsic(fmt, cpu_features=None):
 
         def codegen(context, builder, sig, args):
             cpu = cpu_features if cpu_features is not None else context.codegen()._get_host_cpu_features()
-            ops = _Operands(context, builder, sig, args)
-            ops.kind = kind
+            ops = _Operands(context, builder, sig, args, kind)
             if fmt != "int4":
                 _emit_group_sizes(builder, fmt, cpu, ops, list(GROUP_SIZES[fmt]))
                 return context.get_dummy_value()

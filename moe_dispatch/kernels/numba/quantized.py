@@ -30,9 +30,9 @@ from .activations import FusedActivation, activate_strip, is_gated
 from .caching import njit
 from .class_constants import class_constants
 from .grouped_mm import FASTMATH, split_col
-from .packed_dots import (E4M3_BF16_DOTS, INT_LANES, bfloat16_rows, e2m1_dequantize, e2m1_dots, e4m3_dequantize,
-                          e4m3_dots, int4_dequantize, int4_dots, int8_dequantize, int8_dots, lane_sums, quantize_rows,
-                          reads_chunks, reads_wide_chunks)
+from .packed_dots import (E2M1_OFFSET, E4M3_BF16_DOTS, INT_LANES, SYMMETRIC_INT4_ZERO, bfloat16_rows, e2m1_dequantize, e2m1_dots, e4m3_dequantize,
+                          e4m3_dots, int4_dequantize, int4_dots, int8_dequantize, int8_dots, lane_sums, nibble_depth,
+                          quantize_rows, reads_chunks, reads_wide_chunks)
 from .mlp import BAD_INDEX, DECODE_OK, decode_inputs, decode_plan, gate_up_values
 from .scalars import half_value, holds_bfloat16, narrow, pow2
 from .vector_width import wide_vectors
@@ -310,11 +310,13 @@ class PackedInputs(NamedTuple):
     """The activations as packed_dots.py's kernels read them, when a step takes them."""
 
     taken: bool
-    # [rows, K] int16 for int8 (element order), int4 and mxfp4 (wide_order); for fp8 the bfloat16
-    # bits of bfloat16 activations (bfloat16_rows) where E4M3_BF16_DOTS, else [0, 0]
+    # int16: [rows, K] for int8 (element order), [rows, nibble_depth(K)] for int4 and mxfp4
+    # (nibble_order); for fp8 the bfloat16 bits of bfloat16 activations (bfloat16_rows) where
+    # E4M3_BF16_DOTS, else [0, 0]
     ints: np.ndarray
     scales: np.ndarray  # [rows] float32: the int16 rows' scales
-    lane_sums: np.ndarray  # symmetric int4: packed_dots.lane_sums of ints; else [0, 0, INT_LANES]
+    # mxfp4 and symmetric int4 codes: packed_dots.lane_sums of ints; else [0, 0, INT_LANES] int32
+    lane_sums: np.ndarray
 
 
 @njit(cache=True)
@@ -323,12 +325,12 @@ def packed_inputs(w, x, src, split):
     kernels read src [rows, K] float32 (split when split), and what they read: fp8 weights
     read src itself, or src rounded to bfloat16 where x is bfloat16 (the step's activations,
     which the reference rounds so too), the CPU has E4M3_BF16_DOTS and K comes in whole
-    steps of 64; int8, int4 and mxfp4 ones src quantized to int16 (and, for symmetric
-    int4 codes, the int16 rows' lane_sums), where x is 16-bit (float32 activations keep the
+    steps of 64; int8, int4 and mxfp4 ones src quantized to int16 (and, for mxfp4 and
+    symmetric int4 codes, the int16 rows' lane_sums), where x is 16-bit (float32 activations keep the
     float path) and src finite. K and w's groups must come in whole steps (reads_chunks, and
     reads_wide_chunks for the 4-bit formats)."""
     no_ints, no_scales = np.empty((0, 0), dtype=np.int16), np.empty(0, dtype=np.float32)
-    no_sums = np.empty((0, 0, INT_LANES), dtype=np.float32)
+    no_sums = np.empty((0, 0, INT_LANES), dtype=np.int32)
     if not reads_chunks(w.depth, w.group) or w.split and not reads_wide_chunks(w.depth, w.group):
         return PackedInputs(False, no_ints, no_scales, no_sums)
     if format_of(w) == FP8:
@@ -339,12 +341,14 @@ def packed_inputs(w, x, src, split):
         return PackedInputs(True, no_ints, no_scales, no_sums)
     if x.itemsize != 2:
         return PackedInputs(False, no_ints, no_scales, no_sums)
-    ints, scales = np.empty((src.shape[0], w.depth), dtype=np.int16), np.empty(src.shape[0], dtype=np.float32)
+    width = nibble_depth(w.depth) if split else w.depth
+    ints, scales = np.empty((src.shape[0], width), dtype=np.int16), np.empty(src.shape[0], dtype=np.float32)
     if not quantize_rows(src, split, ints, scales):
         return PackedInputs(False, ints, scales, no_sums)
-    if format_of(w) != INT4 or w.has_zeros:  # only symmetric int4 codes read lane sums
+    if not split or w.has_zeros:  # int4's own zero points come off each code
         return PackedInputs(True, ints, scales, no_sums)
-    return PackedInputs(True, ints, scales, lane_sums(ints, w.group))
+    zero = E2M1_OFFSET if format_of(w) == MXFP4 else SYMMETRIC_INT4_ZERO
+    return PackedInputs(True, ints, scales, lane_sums(ints, w.group, zero))
 
 
 # Called, not inlined: it runs once per block of rows, so a call costs little, and one compiled
