@@ -15,15 +15,16 @@ from conftest import needs_numba
 pytestmark = needs_numba
 
 # (fmt of the kernel, the format's quantize options, K): int8 per channel with K past a flush
-# span; 4-bit groups of 32 (two to a step of 64 codes) with and without zero points, of 64 and
-# of 128; fp8's 128-column block over K = 96 (one partial block: the code for any K) and over
-# K = 256 (whole blocks: the code whose steps per block are a constant, as for the others).
+# span; 4-bit groups of 32 (four to a step of 128 codes) with and without zero points, of 64
+# and of 128, K = 192 ending half way through a step; fp8's 128-column block over K = 96 (one
+# partial block: the code for any K) and over K = 256 (whole blocks: the code whose steps per
+# block are a constant, as for the others).
 CASES = [
     pytest.param("int8", "int8", {}, 2112, id="int8-channel"),
     pytest.param("int8", "int8", {"group_size": 32}, 96, id="int8-g32"),
     pytest.param("int4", "int4", {"group_size": 32}, 192, id="int4-g32"),
     pytest.param("int4", "int4", {"group_size": 32, "symmetric": False}, 192, id="int4-g32-zero-points"),
-    pytest.param("int4", "int4", {"group_size": 64, "symmetric": False}, 128, id="int4-g64-zero-points"),
+    pytest.param("int4", "int4", {"group_size": 64, "symmetric": False}, 192, id="int4-g64-zero-points"),
     pytest.param("int4", "int4", {"group_size": 128}, 256, id="int4-g128"),
     pytest.param("e2m1", "mxfp4", {}, 192, id="mxfp4"),
     pytest.param("e4m3", "fp8", {}, 96, id="fp8"),

@@ -78,9 +78,9 @@ def reads_chunks(depth, group):
 @njit(cache=True, inline="always")
 def reads_wide_chunks(depth, group):
     """Whether rows of this depth and scale group size can take the 4-bit dot products (and
-    fp8's on bfloat16 activations): K in whole steps of 64, groups of 32 or 64 or whole steps
-    of NIBBLE_STEP."""
-    return depth % WIDE == 0 and group % CHUNK == 0 and (NIBBLE_STEP % group == 0 or group % NIBBLE_STEP == 0)
+    fp8's on bfloat16 activations): K in whole steps of 64, groups of 32, 64 or 128 (every
+    group size of int4, mxfp4 and fp8)."""
+    return depth % WIDE == 0 and (group == CHUNK or group == WIDE or group == NIBBLE_STEP)
 
 
 @njit(cache=True, inline="always")
@@ -718,6 +718,7 @@ class _Operands:
         _, spans, lanes = cgutils.unpack_tuple(builder, x_sums.shape, 3)
         self.x_sums_width = builder.mul(spans, lanes)
         self.zero_points = True  # int4: whether the code reads zero points (else they are 8)
+        self.tails = True  # whether K may end inside a span (see _emit_group_sizes)
         self.rows = builder.gep(rows.data, [start])
         self.out = out.data
         self.out_width = cgutils.unpack_tuple(builder, out.shape, 2)[1]
@@ -877,8 +878,9 @@ def _emit_pair(builder, fmt, cpu, ops, x_rows, sums_rows, first, p):
     full_spans = builder.udiv(ops.depth, flush_span)
     with cgutils.for_range(builder, full_spans) as span_loop:
         span(span_loop.index, False)
-    with builder.if_then(builder.icmp_signed("!=", builder.urem(ops.depth, flush_span), ir.Constant(index, 0))):
-        span(full_spans, True)
+    if ops.tails:
+        with builder.if_then(builder.icmp_signed("!=", builder.urem(ops.depth, flush_span), ir.Constant(index, 0))):
+            span(full_spans, True)
     for r, j in slots:
         total = builder.fmul(horizontal_sum(builder, builder.load(sums[r, j])), ir.Constant(F32, kind.result_factor))
         out_row = builder.add(builder.mul(p, ir.Constant(index, 2)), ir.Constant(index, r))
@@ -887,23 +889,40 @@ def _emit_pair(builder, fmt, cpu, ops, x_rows, sums_rows, first, p):
 
 
 # Group sizes the code is specialized for, per format: a group's trip count known, LLVM
-# unrolls its steps and drops the loop. Other sizes take the general code. mxfp4's scales take
+# unrolls its steps and drops the loop. Other sizes take the general code, but for the 4-bit
+# formats, whose every group size is here (reads_wide_chunks): their last copy takes the rest
+# (int4's first call compiled in 46 s with a general copy, 37 s without). mxfp4's scales take
 # 32 columns, fp8's blocks 128: a copy for another size would only lengthen the compile (an fp8
 # decode step's first call: 41 s with copies for 32 and 64).
 GROUP_SIZES = {"int8": (32, 64, 128), "int4": (32, 64, 128), "e2m1": (32,), "e4m3": (128,)}
 
 
 def _emit_group_sizes(builder, fmt, cpu, ops, sizes):
-    """The passes, in a copy per group size of sizes (one compare each) and one for the rest."""
+    """The passes, in a copy per group size of sizes (one compare each) and one for the rest,
+    which for the 4-bit formats is the last size's."""
     if not sizes:
         _emit_passes(builder, fmt, cpu, ops)
         return
+    if len(sizes) == 1 and ops.kind.half_steps:  # groups divide K: only groups below a step leave a rest
+        general, ops.group, ops.tails = ops.group, ir.Constant(ops.group.type, sizes[0]), ops.kind.span > sizes[0]
+        _emit_passes(builder, fmt, cpu, ops)
+        ops.group, ops.tails = general, True
+        return
     size = ir.Constant(ops.group.type, sizes[0])
-    with builder.if_else(builder.icmp_signed("==", ops.group, size)) as (known, other):
+    # K in whole spans, unless a span is one 4-bit step of several groups, where K may end half
+    # way through its last (gpt-oss's 2880): the code of that rest only where it can occur (it
+    # lengthened the compile by a third)
+    tails = ops.kind.span > sizes[0]
+    takes = builder.icmp_signed("==", ops.group, size)
+    if not tails:
+        whole = builder.icmp_signed("==", builder.srem(ops.depth, _flush_span(builder, size, ops.kind)),
+                                    ir.Constant(size.type, 0))
+        takes = builder.and_(takes, whole)
+    with builder.if_else(takes) as (known, other):
         with known:
-            general, ops.group = ops.group, size
+            general, ops.group, ops.tails = ops.group, size, tails
             _emit_passes(builder, fmt, cpu, ops)
-            ops.group = general
+            ops.group, ops.tails = general, True
         with other:
             _emit_group_sizes(builder, fmt, cpu, ops, sizes[1:])
 
