@@ -30,12 +30,13 @@ from .activations import FusedActivation, activate_strip, is_gated
 from .caching import njit
 from .class_constants import class_constants
 from .grouped_mm import FASTMATH, split_col
-from .packed_dots import (E2M1_OFFSET, E4M3_BF16_DOTS, INT_LANES, SYMMETRIC_INT4_ZERO, bfloat16_rows, e2m1_dequantize, e2m1_dots, e4m3_dequantize,
-                          e4m3_dots, int4_dequantize, int4_dots, int8_dequantize, int8_dots, lane_sums, nibble_depth,
-                          quantize_rows, reads_chunks, reads_wide_chunks)
+from .packed_dots import (E2M1_OFFSET, E4M3_BF16_DOTS, INT_LANES, SYMMETRIC_INT4_ZERO, bfloat16_rows, e2m1_dequantize,
+                          e2m1_dots, e4m3_dequantize, e4m3_dots, int4_dequantize, int4_dots, int8_dequantize,
+                          int8_dots, lane_sums, nibble_depth, quantize_rows, reads_chunks, reads_wide_chunks)
 from .mlp import BAD_INDEX, DECODE_OK, decode_inputs, decode_plan, gate_up_values
 from .scalars import half_value, holds_bfloat16, narrow, pow2
 from .vector_width import wide_vectors
+
 
 class QuantizedRows(NamedTuple):
     """A QuantizedWeight as the kernels read it; its class, one per format (ROWS_CLASSES), says
