@@ -132,13 +132,15 @@ def quantize_rows(src, split, out, scales):
                 out[r, k] = np.int16(np.rint(row[k] * inverse))
             continue
         for b in range(0, depth, NIBBLE_STEP):
-            # nibble_order's element b + 4i + m is src[b / 2 + 2i + m / 2] (+ half if m is odd)
-            target = out[r, b:b + NIBBLE_STEP]
+            # nibble_order's element b + 4i + m is src[b / 2 + 2i + m / 2] (+ half if m is odd),
+            # for i < 16 in a last half step, whose other positions are zeros
+            target, count = out[r, b:b + NIBBLE_STEP], min(CHUNK, (depth - b) // 4)
+            if count < CHUNK:
+                target[:] = 0
             for m in range(4):
-                start = b // 2 + m // 2 + (half if m % 2 else 0)
-                for i in range(CHUNK):
-                    value = row[start + 2 * i] * inverse if b + 4 * i + m < depth else np.float32(0.0)
-                    target[m * CHUNK + i] = np.int16(np.rint(value))
+                source = row[b // 2 + m // 2 + (half if m % 2 else 0):]
+                for i in range(count):
+                    target[m * CHUNK + i] = np.int16(np.rint(source[2 * i] * inverse))
     return True
 
 
@@ -165,18 +167,21 @@ def lane_sums(ints, group, zero):
     once per span instead of from every code. out: int32 [R, nibble_depth(K) / max(group,
     NIBBLE_STEP), INT_LANES]."""
     span = max(group, NIBBLE_STEP)
-    out = np.zeros((ints.shape[0], ints.shape[1] // span, INT_LANES), dtype=np.int32)
+    out = np.empty((ints.shape[0], ints.shape[1] // span, INT_LANES), dtype=np.int32)
+    positions = np.empty(CHUNK, dtype=np.int32)
     for r in range(ints.shape[0]):
         for f in range(ints.shape[1] // span):
-            target = out[r, f]
+            # lane l meets positions 2l and 2l + 1 of each of a step's four runs of 32: the runs
+            # summed position by position (contiguous, a loop that vectorizes), then the pairs
+            positions[:] = 0
             for b in range(f * span, (f + 1) * span, NIBBLE_STEP):
-                # lane l meets positions 2l and 2l + 1 of each of the step's four runs of 32
-                for m in range(4):
-                    run = ints[r, b + m * CHUNK:b + (m + 1) * CHUNK]
-                    for lane in range(INT_LANES):
-                        target[lane] += np.int32(run[2 * lane]) + np.int32(run[2 * lane + 1])
+                step = ints[r, b:b + NIBBLE_STEP]
+                for p in range(CHUNK):
+                    positions[p] += (np.int32(step[p]) + np.int32(step[CHUNK + p]) + np.int32(step[2 * CHUNK + p])
+                                     + np.int32(step[3 * CHUNK + p]))
+            target = out[r, f]
             for lane in range(INT_LANES):
-                target[lane] *= zero
+                target[lane] = zero * (positions[2 * lane] + positions[2 * lane + 1])
     return out
 
 
