@@ -22,8 +22,7 @@ import torch
 from numba import njit
 
 import moe_dispatch as md
-from moe_dispatch.kernels.numba.packed_dots import (E2M1_OFFSET, INT_LANES, SYMMETRIC_INT4_ZERO, dots_intrinsic, lane_sums,
-                                                  nibble_depth)
+from moe_dispatch.kernels.numba.packed_dots import INT_LANES, dots_intrinsic, lane_sums, nibble_depth, sums_zero
 
 # (the kernel's code format, quantize's format, its options)
 FORMATS = {"int8": ("int8", "int8", {}), "int4": ("int4", "int4", {"group_size": 128}),
@@ -74,7 +73,7 @@ def main() -> None:
                 x = torch.randint(-32767, 32768, (count, width), generator=gen, dtype=torch.int16).numpy()
             rows, out = np.arange(count, dtype=np.int32), np.empty((n, count), np.float32)
             # the activations' sums that the 4-bit codes' zero points take off
-            zero = {"int4": SYMMETRIC_INT4_ZERO, "e2m1": E2M1_OFFSET}.get(fmt, 0)
+            zero = sums_zero(fmt, q.zeros is not None)
             x_sums = lane_sums(x, q.block[1], zero) if zero else np.empty((0, 0, INT_LANES), np.int32)
             run(*operands, x, x_sums, rows, count, q.block[1], out, 1)  # compiles
             calls = max(1, int(0.05 / (1e-9 * n * k * count)))  # about 50 ms a burst at 1 G weights/s

@@ -64,10 +64,9 @@ def kernel_inputs(fmt, quantize_format, options, depth, gen, num_tokens=6):
 def operands(fmt, weights, per_scale, x, group, layout=LAYOUTS[0]):
     """The kernels' arguments up to the activations' lane sums (mxfp4's and symmetric int4's,
     lane_sums; an empty stand-in for the others)."""
-    from moe_dispatch.kernels.numba.packed_dots import E2M1_OFFSET, INT_LANES, SYMMETRIC_INT4_ZERO, lane_sums
+    from moe_dispatch.kernels.numba.packed_dots import INT_LANES, lane_sums, sums_zero
 
-    has_zeros = weights[3]  # int4's own zero points come off each code, with no sums
-    zero = 0 if has_zeros else {"int4": SYMMETRIC_INT4_ZERO, "e2m1": E2M1_OFFSET}.get(fmt, 0)
+    zero = sums_zero(fmt, weights[3])  # weights[3]: has_zeros
     sums = lane_sums(x, group, zero) if zero else np.empty((0, 0, INT_LANES), np.int32)
     return (*weights, *layout, per_scale, x, sums)
 

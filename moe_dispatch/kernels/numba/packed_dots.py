@@ -158,6 +158,15 @@ def bfloat16_rows(src, out):
             target[k] = np.uint16(0x7FC0) if v & np.uint32(0x7FFFFFFF) > np.uint32(0x7F800000) else np.uint16(nearest)
 
 
+def sums_zero(fmt, has_zeros):
+    """The zero point that fmt's codes give up through lane_sums: symmetric int4's
+    (SYMMETRIC_INT4_ZERO), e2m1's E2M1_OFFSET; 0 where none does (int8, e4m3, int4's own zero
+    points, which come off each code)."""
+    if fmt == "e2m1":
+        return E2M1_OFFSET
+    return SYMMETRIC_INT4_ZERO if fmt == "int4" and not has_zeros else 0
+
+
 @njit(cache=True)
 def lane_sums(ints, group, zero):
     """out[r, f, l] = zero times the sum of the activations of row r (int16, in nibble_order)
@@ -793,12 +802,6 @@ def _flush_span(builder, group, kind):
 CHAINED_ROWS = 1
 
 
-def _subtracts_sums(fmt, ops):
-    """Whether fmt's codes hold a zero point that comes off through the activations' lane_sums
-    (e2m1's E2M1_OFFSET, symmetric int4's 8), rather than off each code (int4's own)."""
-    return fmt == "e2m1" or fmt == "int4" and not ops.zero_points
-
-
 def _zero_words(builder, fmt, ops, r, groups):
     """<32 x i16>: int4's own zero point of each word of a step's codes (_nibble_values) in
     weight row r, or None."""
@@ -832,7 +835,7 @@ def _emit_pair(builder, fmt, cpu, ops, x_rows, sums_rows, first, p):
     parts = max(1, kind.span // group.constant) if isinstance(group, ir.Constant) else kind.span // CHUNK
     last_group = builder.udiv(builder.sub(ops.depth, ir.Constant(index, 1)), group)
     long_groups = builder.icmp_signed(">", group, ir.Constant(index, FLUSH))
-    subtracts_sums = _subtracts_sums(fmt, ops)
+    subtracts_sums = sums_zero(fmt, ops.zero_points) != 0
 
     def span(f, tail):
         """Span f of flush_span elements, or where tail, what is left of K from there."""
