@@ -19,10 +19,10 @@ pytestmark = needs_numba
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("depth", [1, 12, 13])
 def test_a_tile_reads_and_writes_its_rows_and_columns_only(dtype, accumulate, depth):
-    """Every count of rows, widths of one to all of a strip's vectors and within one, rows of a
-    given by offsets (a transposed operand: k_stride > 1), and nothing written past the tile;
-    depths odd and even (narrow strips sum even and odd k apart); the vector code (where Numba
-    compiles) and the Python definition."""
+    """Every count of rows, widths of one to all of a strip's vectors, within one and ending in
+    half of one (tile_widths), rows of a given by offsets (a transposed operand: k_stride > 1),
+    and nothing written past the tile; depths odd and even (narrow strips sum even and odd k
+    apart); the vector code (where Numba compiles) and the Python definition."""
     from numba import config
 
     from moe_dispatch.kernels.numba.outer_products import ROWS, STRIP_BYTES, VECTOR_BYTES, product_tile
@@ -35,7 +35,7 @@ def test_a_tile_reads_and_writes_its_rows_and_columns_only(dtype, accumulate, de
     run = product_tile if config.DISABLE_JIT else compiled_tile(None)
     for count in range(1, ROWS + 1):
         lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
-        for width in (1, lanes - 1, lanes + 1, strip // 2 + 1, strip):
+        for width in tile_widths(lanes, strip):
             rows = tuple(7 * i + (i % 2) for i in range(ROWS))
             c = rng.standard_normal(3 + ROWS * c_stride).astype(dtype)
             want, defined = c.astype(np.float64), c.copy()
@@ -49,6 +49,13 @@ def test_a_tile_reads_and_writes_its_rows_and_columns_only(dtype, accumulate, de
             tolerance = 1e-5 if dtype == np.float32 else 1e-12
             for got in (c, defined):
                 np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance, err_msg=f"{count} rows, {width}")
+
+
+def tile_widths(lanes: int, strip: int) -> tuple[int, ...]:
+    """Widths of a strip: within one vector, at and past half of one (where a strip ends in a
+    half vector), past one, and a whole strip, a half vector short of it or halved and one more."""
+    half = lanes // 2
+    return 1, half, half + 1, lanes - 1, lanes + 1, lanes + half, strip // 2 + 1, strip - half, strip
 
 
 def bf16_pairs(t: torch.Tensor) -> np.ndarray:
@@ -86,7 +93,7 @@ def test_a_tile_of_bfloat16_pairs_sums_both_halves_of_every_pair(features, gen):
     run = compiled_tile(features)
     rows = tuple(9 * i + (i % 3) for i in range(ROWS))
     for count in range(1, ROWS + 1):
-        for width in (1, lanes - 1, lanes + 1, strip):
+        for width in tile_widths(lanes, strip):
             for accumulate in (False, True):
                 c = torch.randn(1 + ROWS * c_stride, generator=gen).numpy()
                 want, defined = c.astype(np.float64), c.copy()

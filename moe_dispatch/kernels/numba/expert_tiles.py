@@ -31,7 +31,7 @@ from numba.extending import overload
 
 from .activations import activate, activate_strip, is_gated
 from .caching import njit
-from .outer_products import STRIP_BYTES, VECTOR_BYTES, strip_product, strip_vectors
+from .outer_products import STRIP_BYTES, VECTOR_BYTES, strip_parts, strip_product
 from .quantized import dequantize_experts
 from .scalars import narrow
 from .transposes import BLOCK, transpose_block
@@ -70,10 +70,10 @@ def chunks(offsets, size):
 @njit(cache=True)
 def chunk_costs(offsets, expert, first, size, lanes):
     """What each chunk of at most size rows costs the tiles, sums of lanes to a vector: the
-    vectors of its strips (strip_vectors)."""
+    parts of vectors its strips take (strip_parts)."""
     costs = np.empty(expert.shape[0], dtype=np.int64)
     for chunk in range(expert.shape[0]):
-        costs[chunk] = strip_vectors(min(size, offsets[expert[chunk] + 1] - first[chunk]), lanes)
+        costs[chunk] = strip_parts(min(size, offsets[expert[chunk] + 1] - first[chunk]), lanes)
     return costs
 
 

@@ -46,6 +46,9 @@ ROWS = 6
 VECTOR_BYTES = widest_vector_bytes()
 VECTORS = 4 if VECTOR_BYTES == 64 else 2
 STRIP_BYTES = VECTORS * VECTOR_BYTES  # the columns of a tile (AVX-512): 64 float32, 32 float64
+# A strip whose last vector would be at most half full ends in a half vector (AVX-512): where
+# the CPU runs 512-bit operations as two halves (Zen 4) it costs half, elsewhere as much.
+HALF_VECTORS = VECTOR_BYTES == 64
 # Rows of b that meet every row of a before the next ones: a strip's 64 KB, in L2, and 1 KB of
 # each row of a, which streams from memory when a is a weight (K=1024, N=512 at 64 rows: 202
 # GFLOP/s on two cores, 116 with the whole depth at once; on a Zen 5 core, 64 experts of
@@ -69,22 +72,26 @@ def row_offsets(base, first, count, step):
 @njit(cache=True, inline="always")
 def strip_columns(width, lanes):
     """The columns of each strip of a product width columns wide, vectors of lanes (the last
-    strip has the rest): the strips share the columns evenly, in whole vectors, so 70
-    columns of float32 go as 48 and 22, not 64 and a strip of one vector of 6 lanes, whose 6
-    sums are too few to keep the multiply-adds busy."""
+    strip has the rest): the strips share the columns evenly, in whole vectors or halves of
+    them (HALF_VECTORS), so 72 columns of float32 go as 40 and 32, not 64 and a strip of 8
+    lanes, whose 6 sums are too few to keep the multiply-adds busy, nor 48 and 24 (a strip of
+    1.5 vectors runs at 0.88x the rate of one of 2.5 on a Zen 4 core)."""
+    part = lanes // 2 if HALF_VECTORS else lanes
     strips = (width + VECTORS * lanes - 1) // (VECTORS * lanes)
-    return max(lanes, ((width + strips - 1) // max(strips, 1) + lanes - 1) // lanes * lanes)
+    return max(part, ((width + strips - 1) // max(strips, 1) + part - 1) // part * part)
 
 
 @njit(cache=True, inline="always")
-def strip_vectors(width, lanes):
-    """What a row of a costs against width columns: the vectors of its strips, a strip of one
-    vector counted as two (its sums are too few to keep the multiply-adds busy)."""
+def strip_parts(width, lanes):
+    """What a row of a costs against width columns: the parts of vectors its strips take (a
+    strip's last vector a half one where HALF_VECTORS and it is at most half full), a strip of
+    one vector counted as two (its sums are too few to keep the multiply-adds busy)."""
+    part = lanes // 2 if HALF_VECTORS else lanes
     strip = strip_columns(width, lanes)
-    vectors = 0
+    parts = 0
     for j in range(0, width, strip):
-        vectors += max(2, (min(strip, width - j) + lanes - 1) // lanes)
-    return vectors
+        parts += max(2 * lanes // part, (min(strip, width - j) + part - 1) // part)
+    return parts
 
 
 @njit(cache=True, inline="always")
@@ -160,37 +167,54 @@ def _tile_intrinsic(cpu_features=None):
             a_ptr, b_ptr, c_ptr = data
             dtype = sig.args[8].dtype
             lanes = VECTOR_BYTES * 8 // dtype.bitwidth
-            vector = ir.VectorType(context.get_data_type(dtype), lanes)
-            operand = ir.VectorType(context.get_data_type(sig.args[4].dtype), lanes)
+            part = lanes // 2 if HALF_VECTORS else lanes
             cpu = cpu_features if cpu_features is not None else host_cpu_features()
-            multiply_add = (pairs_multiply_add(vector, bf16_dot_instruction(cpu) and lanes == 16)
-                            if sig.args[0].dtype == types.uint32 else _fma(vector))
+
+            def piece_kind(n):  # (sums, b's elements, multiply-add) of a vector of n lanes
+                vector = ir.VectorType(context.get_data_type(dtype), n)
+                operand = ir.VectorType(context.get_data_type(sig.args[4].dtype), n)
+                if sig.args[0].dtype != types.uint32:
+                    return vector, operand, _fma(vector)
+                fast = bf16_dot_instruction(cpu) and (n == 16 or "+avx512vl" in cpu)
+                return vector, operand, pairs_multiply_add(vector, fast)
+
+            kinds = {n: piece_kind(n) for n in {lanes, part}}
             rows = [context.cast(builder, r, sig.args[1].dtype, index)
                     for r in cgutils.unpack_tuple(builder, args[1], ROWS)]
             (count_, k_stride_, b_start_, b_stride_, depth_, c_start_, c_stride_, width_) = (
                 context.cast(builder, args[i], sig.args[i], index) for i in (2, 3, 5, 6, 7, 9, 10, 11))
             accumulate_ = context.cast(builder, args[12], sig.args[12], types.boolean)
-            lane = ir.Constant(ir.VectorType(index_type := rows[0].type, lanes), list(range(lanes)))
-            masks = [builder.icmp_signed("<", builder.add(lane, _broadcast(builder, ir.Constant(index_type, v * lanes),
-                                                                           lanes)),
-                                         _broadcast(builder, width_, lanes))
-                     for v in range(VECTORS)]
-            # one loop per (rows, vectors): the vectors a strip of width columns needs
-            vectors = builder.udiv(builder.add(width_, ir.Constant(index_type, lanes - 1)),
-                                   ir.Constant(index_type, lanes))
+            index_type = rows[0].type
+            if isinstance(sig.args[3], types.IntegerLiteral):
+                # rows of a contiguous (the strips' products): a pointer a row, where a stride
+                # known only at run time took one per row and k, spilled (one vector: 0.7x)
+                k_stride_ = ir.Constant(index_type, sig.args[3].literal_value)
+
+            def piece(start, n):  # a vector of n lanes from column start on, masked to the width
+                lane = ir.Constant(ir.VectorType(index_type, n), list(range(start, start + n)))
+                mask = builder.icmp_signed("<", lane, _broadcast(builder, width_, n))
+                return (start, mask) + kinds[n]
+
+            # one loop per (rows, parts): the parts of a vector a strip of width columns needs,
+            # whole vectors and, where the last one would be half empty, a half one
+            parts = builder.udiv(builder.add(width_, ir.Constant(index_type, part - 1)),
+                                 ir.Constant(index_type, part))
             switch_end = builder.append_basic_block("tile.end")
             switch = builder.switch(count_, switch_end)
             for n in range(1, ROWS + 1):
                 block = builder.append_basic_block(f"tile.rows{n}")
                 switch.add_case(ir.Constant(index_type, n), block)
                 builder.position_at_end(block)
-                inner = builder.switch(vectors, switch_end)
-                for v in range(1, VECTORS + 1):
-                    case = builder.append_basic_block(f"tile.rows{n}.vectors{v}")
-                    inner.add_case(ir.Constant(index_type, v), case)
+                inner = builder.switch(parts, switch_end)
+                for p in range(1, VECTORS * lanes // part + 1):
+                    case = builder.append_basic_block(f"tile.rows{n}.parts{p}")
+                    inner.add_case(ir.Constant(index_type, p), case)
                     builder.position_at_end(case)
-                    _emit_rows(builder, n, vector, operand, multiply_add, masks[:v], a_ptr, rows, k_stride_, b_ptr,
-                               b_start_, b_stride_, depth_, c_ptr, c_start_, c_stride_, accumulate_)
+                    whole, rest = divmod(p * part, lanes)
+                    pieces = [piece(v * lanes, lanes) for v in range(whole)] + ([piece(whole * lanes, rest)]
+                                                                                   if rest else [])
+                    _emit_rows(builder, n, pieces, a_ptr, rows, k_stride_, b_ptr, b_start_, b_stride_, depth_,
+                               c_ptr, c_start_, c_stride_, accumulate_)
                     builder.branch(switch_end)
             builder.position_at_end(switch_end)
             return context.get_dummy_value()
@@ -220,28 +244,31 @@ def _masked_store(builder, value, ptr, mask):
                                                    ir.Constant(ir.IntType(32), 4), mask])
 
 
-def _emit_rows(builder, n, vector, operand, multiply_add, masks, a_ptr, rows, k_stride, b_ptr, b_start, b_stride,
-               depth, c_ptr, c_start, c_stride, accumulate):
-    """n rows of sums of `vector`s, len(masks) vectors of b (`operand`s) each, over the depth."""
-    lanes = vector.count
+def _emit_rows(builder, n, pieces, a_ptr, rows, k_stride, b_ptr, b_start, b_stride, depth, c_ptr, c_start,
+               c_stride, accumulate):
+    """n rows of sums over the depth against the pieces of a strip of b: (first column, mask,
+    sums' vector type, b's vector type, multiply-add) of each vector, whole or half."""
     index_type = rows[0].type
-    zero, operand_zero = ir.Constant(vector, None), ir.Constant(operand, None)
     # A strip of one vector keeps two sets of sums, one for even k and one for odd: its n sums
     # alone are too few for the multiply-adds' latency (one Zen 5 core, bfloat16 [1024, 2048]
     # against 16 columns: 240 -> 350 GFLOP/s in cache, 175 -> 210 from memory). Strips of two
     # vectors gained as much alone but cost wider ones 2-4% inside the expert MLP.
-    sets = 2 if len(masks) == 1 else 1
-    sums = [[[cgutils.alloca_once_value(builder, zero) for _ in masks] for _ in range(n)] for _ in range(sets)]
+    sets = 2 if len(pieces) == 1 else 1
+    sums = [[[cgutils.alloca_once_value(builder, ir.Constant(vector, None)) for _, _, vector, _, _ in pieces]
+             for _ in range(n)] for _ in range(sets)]
 
     def step(k, target):
         b_row = builder.gep(b_ptr, [builder.add(b_start, builder.mul(k, b_stride))])
-        strip = [_masked_load(builder, builder.gep(b_row, [ir.Constant(index_type, v * lanes)]), mask, operand_zero)
-                 for v, mask in enumerate(masks)]
+        strip = [_masked_load(builder, builder.gep(b_row, [ir.Constant(index_type, start)]), mask,
+                              ir.Constant(operand, None))
+                 for start, mask, _, operand, _ in pieces]
         at = builder.mul(k, k_stride)
         for i in range(n):
-            value = _broadcast(builder, builder.load(builder.gep(a_ptr, [builder.add(rows[i], at)])), lanes)
-            for v, b_vector in enumerate(strip):
-                builder.store(multiply_add(builder, builder.load(target[i][v]), value, b_vector), target[i][v])
+            value = builder.load(builder.gep(a_ptr, [builder.add(rows[i], at)]))
+            for v, (b_vector, (_, _, vector, _, multiply_add)) in enumerate(zip(strip, pieces)):
+                total = multiply_add(builder, builder.load(target[i][v]), _broadcast(builder, value, vector.count),
+                                     b_vector)
+                builder.store(total, target[i][v])
 
     set_count = ir.Constant(index_type, sets)
     with cgutils.for_range(builder, builder.udiv(depth, set_count)) as loop:
@@ -252,22 +279,26 @@ def _emit_rows(builder, n, vector, operand, multiply_add, masks, a_ptr, rows, k_
         with builder.if_then(builder.trunc(depth, ir.IntType(1))):  # an odd depth's last k
             step(builder.sub(depth, ir.Constant(index_type, 1)), sums[0])
         for i in range(n):
-            for v in range(len(masks)):
+            for v in range(len(pieces)):
                 builder.store(builder.fadd(builder.load(sums[0][i][v]), builder.load(sums[1][i][v])), sums[0][i][v])
     for i in range(n):
         c_row = builder.gep(c_ptr, [builder.add(c_start, builder.mul(ir.Constant(index_type, i), c_stride))])
-        for v, mask in enumerate(masks):
-            target = builder.gep(c_row, [ir.Constant(index_type, v * lanes)])
+        for v, (start, mask, vector, _, _) in enumerate(pieces):
+            target = builder.gep(c_row, [ir.Constant(index_type, start)])
             total = builder.load(sums[0][i][v])
             with builder.if_then(accumulate):
-                builder.store(builder.fadd(total, _masked_load(builder, target, mask, zero)), sums[0][i][v])
+                builder.store(builder.fadd(total, _masked_load(builder, target, mask, ir.Constant(vector, None))),
+                              sums[0][i][v])
             _masked_store(builder, builder.load(sums[0][i][v]), target, mask)
 
 
 _tile = _tile_intrinsic()
 
 
-@overload(product_tile, inline="always")
+# Compiled once per signature and called, not inlined into each kernel: its 48 loops inlined
+# at every call made a first bfloat16 prefill compile for 56 s, called 32 (a call costs
+# nothing against a tile's depth block). prefer_literal: a stride of 1 stays a constant.
+@overload(product_tile, prefer_literal=True)
 def _product_tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width,
                   accumulate):
     def impl(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate):

@@ -592,13 +592,14 @@ def _fma(vector):
 
 def pairs_multiply_add(vector, fast):
     """(builder, total, value, b_vector) -> total plus, lane by lane, the products of the
-    bfloat16 pairs in value's and b_vector's 32-bit lanes (total: vector, float32): vdpbf16ps
-    when fast, else the pairs widened to float32 (correct on any CPU)."""
+    bfloat16 pairs in value's and b_vector's 32-bit lanes (total: vector, float32, 16 lanes, or
+    8 where the CPU has AVX512-VL): vdpbf16ps when fast, else the pairs widened to float32
+    (correct on any CPU)."""
     lanes = vector.count
 
     def fused(builder, total, value, b_vector):
         pairs = ir.VectorType(BF16, 2 * lanes)
-        return _intrinsic_call(builder, "llvm.x86.avx512bf16.dpbf16ps.512", vector,
+        return _intrinsic_call(builder, f"llvm.x86.avx512bf16.dpbf16ps.{32 * lanes}", vector,
                                [total, builder.bitcast(value, pairs), builder.bitcast(b_vector, pairs)])
 
     def widened(builder, total, value, b_vector):
