@@ -201,6 +201,26 @@ def test_few_bfloat16_chunks_split_their_intermediate_columns_between_threads(bi
     assert calls, "the register tiles were not taken"
 
 
+@pytest.mark.nojit
+def test_strips_share_the_columns_in_vector_parts():
+    """strip_columns: strips of at most a tile's columns covering the width, all but the last
+    in whole parts of a vector (halves with AVX-512), as even as those allow (72 float32
+    columns as 40 and 32 there, not 64 and 8); strip_parts: what a row of a costs, in parts."""
+    from moe_dispatch.kernels.numba.outer_products import HALF_VECTORS, STRIP_BYTES, VECTOR_BYTES, strip_columns, \
+        strip_parts
+
+    lanes = VECTOR_BYTES // 4
+    part, tile = (lanes // 2 if HALF_VECTORS else lanes), STRIP_BYTES // 4
+    for width in range(1, 3 * tile + 2):
+        strip = strip_columns(width, lanes)
+        sizes = [min(strip, width - j) for j in range(0, width, strip)]
+        assert strip % part == 0 and strip <= tile and sum(sizes) == width, (width, strip)
+        assert strip - sizes[-1] < part * len(sizes), (width, sizes)  # no strip a part shorter than it could be
+        assert strip_parts(width, lanes) == sum(max(2 * lanes // part, -(-size // part)) for size in sizes)
+    if HALF_VECTORS:
+        assert strip_columns(72, lanes) == 40 and strip_parts(72, lanes) == 9
+
+
 def test_threads_share_the_chunks_evenly():
     """balanced_ranges: every unit once, in order, each thread's cost within one unit of its
     share (a boundary on the nearer side of the unit that crosses it: 8 experts of 4 or 5
