@@ -13,7 +13,8 @@ sums stay in registers for the whole depth, and they reach c once.
 Where a row of a lies is given per row (a gathered row of x, a weight row, or a column of a
 transposed operand): row i's element k is a[a_rows[i] + k * k_stride]. a, b and c are flat
 (ravelled) arrays of one float dtype; columns past `width` are neither read nor written
-(masked), and a strip narrower than VECTORS vectors runs as many as it needs.
+(masked), and a strip narrower than VECTORS vectors runs as many as it needs, the last a half
+vector where that holds the rest (HALF_VECTORS).
 
 bfloat16 operands come in pairs along k: a and b uint32 words of two bfloat16 each (the lower
 address first), c float32, and each k is a pair. A word of a is broadcast and meets a vector
