@@ -71,13 +71,20 @@ def row_offsets(base, first, count, step):
 
 
 @njit(cache=True, inline="always")
+def vector_part(lanes):
+    """The lanes of the least part of a vector of lanes that a strip takes: half of it where
+    HALF_VECTORS, else all."""
+    return lanes // 2 if HALF_VECTORS else lanes
+
+
+@njit(cache=True, inline="always")
 def strip_columns(width, lanes):
     """The columns of each strip of a product width columns wide, vectors of lanes (the last
     strip has the rest): the strips share the columns evenly, in whole vectors or halves of
     them (HALF_VECTORS), so 72 columns of float32 go as 40 and 32, not 64 and a strip of 8
     lanes, whose 6 sums are too few to keep the multiply-adds busy, nor 48 and 24 (a strip of
     1.5 vectors runs at 0.88x the rate of one of 2.5 on a Zen 4 core)."""
-    part = lanes // 2 if HALF_VECTORS else lanes
+    part = vector_part(lanes)
     strips = (width + VECTORS * lanes - 1) // (VECTORS * lanes)
     return max(part, ((width + strips - 1) // max(strips, 1) + part - 1) // part * part)
 
@@ -87,7 +94,7 @@ def strip_parts(width, lanes):
     """What a row of a costs against width columns: the parts of vectors its strips take (a
     strip's last vector a half one where HALF_VECTORS and it is at most half full), a strip of
     one vector counted as two (its sums are too few to keep the multiply-adds busy)."""
-    part = lanes // 2 if HALF_VECTORS else lanes
+    part = vector_part(lanes)
     strip = strip_columns(width, lanes)
     parts = 0
     for j in range(0, width, strip):
@@ -168,7 +175,7 @@ def _tile_intrinsic(cpu_features=None):
             a_ptr, b_ptr, c_ptr = data
             dtype = sig.args[8].dtype
             lanes = VECTOR_BYTES * 8 // dtype.bitwidth
-            part = lanes // 2 if HALF_VECTORS else lanes
+            part = vector_part(lanes)
             cpu = cpu_features if cpu_features is not None else host_cpu_features()
 
             def piece_kind(n):  # (sums, b's elements, multiply-add) of a vector of n lanes

@@ -107,8 +107,8 @@ def quantize_rows(src, split, out, scales):
     [R, K] float32. split: src holds each row's even elements, then its odd ones, and out
     [R, nibble_depth(K)] takes the 4-bit kernels' layout (nibble_order, zeros past K; K a
     multiple of WIDE); else both are in element order. Returns False, leaving the rest
-    undefined, when a row holds a value that
-    is not finite: integers cannot carry it, and the float path must compute it."""
+    undefined, when a row holds a value that is not finite: integers cannot carry it, and the
+    float path must compute it."""
     depth = src.shape[1]
     half = depth // 2
     # The largest magnitude as the largest of the values' bits less the sign: an integer
