@@ -4,6 +4,8 @@ them (expert_tiles.py), against float64; bfloat16 pairs compiled for this CPU an
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -18,29 +20,33 @@ pytestmark = needs_numba
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("depth", [1, 12, 13])
-def test_a_tile_reads_and_writes_its_rows_and_columns_only(dtype, accumulate, depth):
+@pytest.mark.parametrize("k_stride", [1, 3])
+def test_a_tile_reads_and_writes_its_rows_and_columns_only(dtype, accumulate, depth, k_stride):
     """Every count of rows, widths of one to all of a strip's vectors, within one and ending in
-    half of one (tile_widths), rows of a given by offsets (a transposed operand: k_stride > 1),
-    and nothing written past the tile; depths odd and even (narrow strips sum even and odd k
-    apart); the vector code (where Numba compiles) and the Python definition."""
+    half of one (tile_widths), rows of a given by offsets, contiguous (the stride a constant 1,
+    the next tile's rows asked for ahead) or not (a transposed operand), and nothing written
+    past the tile; depths odd and even (narrow strips sum even and odd k apart); the vector code
+    (where Numba compiles) and the Python definition."""
     from numba import config
 
     from moe_dispatch.kernels.numba.outer_products import ROWS, STRIP_BYTES, VECTOR_BYTES, product_tile
 
     rng = np.random.default_rng(0)
     strip = STRIP_BYTES // np.dtype(dtype).itemsize
-    k_stride, b_stride, c_stride = 3, strip + 5, strip + 2
-    a = rng.standard_normal(ROWS * 7 + depth * k_stride).astype(dtype)
+    b_stride, c_stride, row_step = strip + 5, strip + 2, 7 * k_stride + depth
+    a = rng.standard_normal(2 * ROWS * row_step + depth * k_stride).astype(dtype)
     b = rng.standard_normal(4 + depth * b_stride).astype(dtype)
-    run = product_tile if config.DISABLE_JIT else compiled_tile(None)
+    run = product_tile if config.DISABLE_JIT else compiled_tile(None, k_stride)
     for count in range(1, ROWS + 1):
         lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
         for width in tile_widths(lanes, strip):
-            rows = tuple(7 * i + (i % 2) for i in range(ROWS))
+            rows = tuple(row_step * i + (i % 2) for i in range(ROWS))
+            ahead = tuple(row_step * (ROWS + i) for i in range(ROWS))
             c = rng.standard_normal(3 + ROWS * c_stride).astype(dtype)
             want, defined = c.astype(np.float64), c.copy()
-            run(a, rows, count, k_stride, b, 4, b_stride, depth, c, 3, c_stride, width, accumulate)
-            product_tile(a, rows, count, k_stride, b, 4, b_stride, depth, defined, 3, c_stride, width, accumulate)
+            run(a, rows, count, k_stride, b, 4, b_stride, depth, c, 3, c_stride, width, accumulate, ahead, count - 1)
+            product_tile(a, rows, count, k_stride, b, 4, b_stride, depth, defined, 3, c_stride, width, accumulate,
+                         ahead, count - 1)
             for i in range(count):
                 values = a[rows[i] + k_stride * np.arange(depth)].astype(np.float64)
                 block = b[4 + b_stride * np.arange(depth)[:, None] + np.arange(width)].astype(np.float64)
@@ -63,7 +69,11 @@ def bf16_pairs(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int16).numpy().view(np.uint32).reshape(-1)
 
 
-def compiled_tile(features):
+@functools.cache
+def compiled_tile(features, k_stride):
+    """The tile's vector code for the CPU features given (None: this CPU's), called with
+    k_stride a constant 1 as the strips' products call it, or else a variable (compiled once a
+    signature for all the tests)."""
     from numba import njit
 
     from moe_dispatch.kernels.numba.outer_products import _tile_intrinsic
@@ -71,10 +81,18 @@ def compiled_tile(features):
     tile = _tile_intrinsic(features)
 
     @njit
-    def run(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate):
-        tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate)
+    def contiguous(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate,
+                   ahead, ahead_count):
+        tile(a, a_rows, count, 1, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate, ahead,
+             ahead_count)
 
-    return run
+    @njit
+    def strided(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate,
+                ahead, ahead_count):
+        tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate, ahead,
+             ahead_count)
+
+    return contiguous if k_stride == 1 else strided
 
 
 @pytest.mark.parametrize("features", [pytest.param(None, id="host"), pytest.param("", id="generic")])
@@ -90,8 +108,9 @@ def test_a_tile_of_bfloat16_pairs_sums_both_halves_of_every_pair(features, gen):
     b_bits = torch.randn(2 * (2 + depth * b_stride), generator=gen).bfloat16()
     a, b = bf16_pairs(a_bits), bf16_pairs(b_bits)
     a_pairs, b_pairs = a_bits.double().view(-1, 2), b_bits.double().view(-1, 2)
-    run = compiled_tile(features)
+    run = compiled_tile(features, 1)
     rows = tuple(9 * i + (i % 3) for i in range(ROWS))
+    ahead = tuple(9 * (ROWS - 1) + 1 for _ in range(ROWS))
     for count in range(1, ROWS + 1):
         for width in tile_widths(lanes, strip):
             for accumulate in (False, True):
@@ -102,8 +121,9 @@ def test_a_tile_of_bfloat16_pairs_sums_both_halves_of_every_pair(features, gen):
                     total = torch.einsum("kp,kjp->j", a_pairs[rows[i]:rows[i] + depth], block).numpy()
                     target = 1 + i * c_stride + np.arange(width)
                     want[target] = (want[target] if accumulate else 0) + total
-                run(a, rows, count, 1, b, 2, b_stride, depth, c, 1, c_stride, width, accumulate)
-                product_tile(a, rows, count, 1, b, 2, b_stride, depth, defined, 1, c_stride, width, accumulate)
+                run(a, rows, count, 1, b, 2, b_stride, depth, c, 1, c_stride, width, accumulate, ahead, 1)
+                product_tile(a, rows, count, 1, b, 2, b_stride, depth, defined, 1, c_stride, width, accumulate,
+                             ahead, 1)
                 for got in (c, defined):
                     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=f"{count} rows, {width}")
 
@@ -130,6 +150,24 @@ def test_strip_products_cross_every_block(dtype, gen, monkeypatch):
     row_bias = bias.double()[md.plan.expert_of_row(offsets, a.shape[0])]
     assert_close(backend.grouped_mm(a, w, offsets, bias), naive_grouped_mm(a, w, offsets) + row_bias, dtype)
     assert_close(backend.grouped_mm(a[:, :0], w[:, :0].contiguous(), offsets, bias), row_bias, dtype)  # K=0
+
+
+def test_the_strips_tile_takes_a_constant_depth_stride():
+    """strip_product calls its tile with k_stride the constant 1, so that the tile keeps a
+    pointer a row and asks for the next tile's rows ahead (llvm.prefetch): a stride that Numba
+    typed as a plain integer lost both without a wrong result."""
+    from numba import njit
+
+    from moe_dispatch.kernels.numba.outer_products import strip_product
+
+    @njit
+    def product(a, b, c):
+        strip_product(a, 0, 8, 8, 8, b, 0, 8, c, 0, 8, 8)
+
+    a, b, c = np.ones(64), np.ones(64), np.zeros(64)
+    product(a, b, c)
+    np.testing.assert_array_equal(c, np.full(64, 8.0))
+    assert any("llvm.prefetch" in ir for ir in product.inspect_llvm().values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)

@@ -31,7 +31,7 @@ from numba.extending import overload
 
 from .activations import activate, activate_strip, is_gated
 from .caching import njit
-from .outer_products import STRIP_BYTES, VECTOR_BYTES, strip_parts, strip_product
+from .outer_products import LINE, STRIP_BYTES, VECTOR_BYTES, strip_parts, strip_product
 from .quantized import dequantize_experts
 from .scalars import narrow
 from .transposes import BLOCK, transpose_block
@@ -40,7 +40,6 @@ from .vector_width import wide_vectors
 # Rows of an expert that go through GEMM1 and GEMM2 together (128 float32): the weights are
 # read once per chunk (olmoe-1b-7b x0.25 ran as fast with chunks of 64, 128 or 256 rows).
 CHUNK_BYTES = 2 * STRIP_BYTES
-LINE = 64  # bytes of a cache line
 # Intermediate columns of a bfloat16 chunk's GEMM1 and activation at a time (an even number:
 # a^T's rows go in pairs): their h^T, 256 rows of a chunk's 144, is 147 KB.
 INTER_BLOCK = 128

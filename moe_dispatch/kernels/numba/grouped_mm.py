@@ -310,5 +310,6 @@ def grouped_mm_wgrad(a, b, offsets, out):
         start, depth = offsets[e], offsets[e + 1] - offsets[e]
         for m in range(m0, min(m0 + BLOCK_WGRAD, height), ROWS):
             count = min(ROWS, height - m)
-            product_tile(flat_a, row_offsets(start * height, m, count, 1), count, height, flat_b, start * width + n0,
-                         width, depth, flat_out, (e * height + m) * width + n0, width, columns, False)
+            rows = row_offsets(start * height, m, count, 1)
+            product_tile(flat_a, rows, count, height, flat_b, start * width + n0, width, depth, flat_out,
+                         (e * height + m) * width + n0, width, columns, False, rows, 0)

@@ -35,7 +35,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .caching import njit
-from .packed_dots import _broadcast, _fma, _intrinsic_call, _vector_name, bf16_dot_instruction, \
+from .packed_dots import _broadcast, _fma, _intrinsic_call, _prefetch, _vector_name, bf16_dot_instruction, \
     pairs_multiply_add
 from .vector_width import host_cpu_features, widest_vector_bytes
 
@@ -50,6 +50,7 @@ STRIP_BYTES = VECTORS * VECTOR_BYTES  # the columns of a tile (AVX-512): 64 floa
 # A strip whose last vector would be at most half full ends in a half vector (AVX-512): where
 # the CPU runs 512-bit operations as two halves (Zen 4) it costs half, elsewhere as much.
 HALF_VECTORS = VECTOR_BYTES == 64
+LINE = 64  # bytes of a cache line
 # Rows of b that meet every row of a before the next ones: a strip's 64 KB, in L2, and 1 KB of
 # each row of a, which streams from memory when a is a weight (K=1024, N=512 at 64 rows: 202
 # GFLOP/s on two cores, 116 with the whole depth at once; on a Zen 5 core, 64 experts of
@@ -119,14 +120,21 @@ def strip_product(a, a_start, a_stride, num_rows, depth, b, b_start, b_stride, c
                     count = min(ROWS, i1 - i)
                     product_tile(a, row_offsets(a_start + k0, i, count, a_stride), count, 1, b,
                                  b_start + k0 * b_stride + j, b_stride, min(depth - k0, DEPTH_BLOCK), c,
-                                 c_start + i * c_stride + j, c_stride, min(strip, width - j), k0 > 0)
+                                 c_start + i * c_stride + j, c_stride, min(strip, width - j), k0 > 0,
+                                 row_offsets(a_start + k0, i + ROWS, max(0, num_rows - i - ROWS), a_stride),
+                                 max(0, min(ROWS, num_rows - i - ROWS)))
 
 
-def product_tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate):
+def product_tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate,
+                 ahead, ahead_count):
     """c[c_start + i * c_stride + j] = (c's value there when accumulate) + sum over k < depth of
     a[a_rows[i] + k * k_stride] * b[b_start + k * b_stride + j], for i < count <= ROWS and
     j < width <= STRIP_BYTES / itemsize; a_rows: a tuple of ROWS offsets (the first count
-    read). bfloat16 pairs (a and b uint32): each product is the sum of the two halves'."""
+    read). bfloat16 pairs (a and b uint32): each product is the sum of the two halves'.
+
+    ahead: ROWS offsets of the rows of a that the next tile reads, the first ahead_count of them
+    (none: 0) asked of the caches along the depth as this tile's rows go by, where k_stride is a
+    literal 1 (a hint, read nowhere else)."""
     for i in range(count):
         values = _wide(a[a_rows[i] + np.arange(depth) * k_stride])
         block = _wide(b[b_start + np.arange(depth)[:, None] * b_stride + np.arange(width)])
@@ -157,15 +165,15 @@ def _tile_intrinsic(cpu_features=None):
     """The vector code of product_tile, for the CPU features given (a "+avx512bf16,..." string),
     by default those Numba compiles for."""
 
-    @intrinsic
+    @intrinsic(prefer_literal=True)
     def tile(typingctx, a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width,
-             accumulate):
+             accumulate, ahead, ahead_count):
         if not _operand_types(a, b, c):
             return None
-        if not (isinstance(a_rows, types.UniTuple) and a_rows.count == ROWS
-                and isinstance(a_rows.dtype, types.Integer)):
+        if not all(isinstance(r, types.UniTuple) and r.count == ROWS and isinstance(r.dtype, types.Integer)
+                   for r in (a_rows, ahead)):
             return None
-        scalars = (count, k_stride, b_start, b_stride, depth, c_start, c_stride, width)
+        scalars = (count, k_stride, b_start, b_stride, depth, c_start, c_stride, width, ahead_count)
         if not all(isinstance(s, types.Integer) for s in scalars):
             return None
 
@@ -193,10 +201,17 @@ def _tile_intrinsic(cpu_features=None):
                 context.cast(builder, args[i], sig.args[i], index) for i in (2, 3, 5, 6, 7, 9, 10, 11))
             accumulate_ = context.cast(builder, args[12], sig.args[12], types.boolean)
             index_type = rows[0].type
+            ahead_ = None
             if isinstance(sig.args[3], types.IntegerLiteral):
                 # rows of a contiguous (the strips' products): a pointer a row, where a stride
                 # known only at run time took one per row and k, spilled (one vector: 0.7x)
                 k_stride_ = ir.Constant(index_type, sig.args[3].literal_value)
+                if sig.args[3].literal_value == 1:
+                    ahead_ = ([context.cast(builder, r, sig.args[13].dtype, index)
+                               for r in cgutils.unpack_tuple(builder, args[13], ROWS)],
+                              builder.icmp_signed(">", context.cast(builder, args[14], sig.args[14], index),
+                                                  ir.Constant(index_type, 0)),
+                              LINE * 8 // sig.args[0].dtype.bitwidth)
 
             def piece(start, n):  # a vector of n lanes from column start on, masked to the width
                 lane = ir.Constant(ir.VectorType(index_type, n), list(range(start, start + n)))
@@ -222,13 +237,13 @@ def _tile_intrinsic(cpu_features=None):
                     pieces = [piece(v * lanes, lanes) for v in range(whole)] + ([piece(whole * lanes, rest)]
                                                                                    if rest else [])
                     _emit_rows(builder, n, pieces, a_ptr, rows, k_stride_, b_ptr, b_start_, b_stride_, depth_,
-                               c_ptr, c_start_, c_stride_, accumulate_)
+                               c_ptr, c_start_, c_stride_, accumulate_, ahead_)
                     builder.branch(switch_end)
             builder.position_at_end(switch_end)
             return context.get_dummy_value()
 
         return types.void(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width,
-                          accumulate), codegen
+                          accumulate, ahead, ahead_count), codegen
 
     return tile
 
@@ -253,9 +268,10 @@ def _masked_store(builder, value, ptr, mask):
 
 
 def _emit_rows(builder, n, pieces, a_ptr, rows, k_stride, b_ptr, b_start, b_stride, depth, c_ptr, c_start,
-               c_stride, accumulate):
+               c_stride, accumulate, ahead):
     """n rows of sums over the depth against the pieces of a strip of b: (first column, mask,
-    sums' vector type, b's vector type, multiply-add) of each vector, whole or half."""
+    sums' vector type, b's vector type, multiply-add) of each vector, whole or half. ahead:
+    None, or (the next tile's rows, whether to ask for them, a's elements a cache line)."""
     index_type = rows[0].type
     # A strip of one vector keeps two sets of sums, one for even k and one for odd: its n sums
     # alone are too few for the multiply-adds' latency (one Zen 5 core, bfloat16 [1024, 2048]
@@ -281,6 +297,20 @@ def _emit_rows(builder, n, pieces, a_ptr, rows, k_stride, b_ptr, b_start, b_stri
     set_count = ir.Constant(index_type, sets)
     with cgutils.for_range(builder, builder.udiv(depth, set_count)) as loop:
         k = builder.mul(loop.index, set_count)
+        if ahead is not None:
+            # a line of each of the next tile's rows as a line of this tile's goes by, into
+            # L2: left to the hardware's prefetchers, a tile's six short streams (a K block of
+            # weight rows) came from memory at ~7 GB/s a core. One Zen 4 core, the experts'
+            # weights from memory, GFLOP/s (register_tiles_speed.py): [1440, 720] against 8
+            # columns bfloat16 43 -> 95, float32 29 -> 53; [1024, 1024] against 16 columns
+            # bfloat16 81 -> 125, float32 54 -> 60-77, against 64 183 -> 211 and 98 -> 103.
+            # Into L1 (locality 3) 0.7-0.8x of that; two tiles ahead no faster.
+            next_rows, wanted, line = ahead
+            new_line = builder.icmp_unsigned("==", builder.and_(k, ir.Constant(index_type, line - 1)),
+                                             ir.Constant(index_type, 0))
+            with builder.if_then(builder.and_(wanted, new_line)):
+                for row in next_rows:
+                    _prefetch(builder, a_ptr, builder.add(row, k), 1)
         for s in range(sets):
             step(builder.add(k, ir.Constant(index_type, s)), sums[s])
     if sets == 2:
@@ -305,10 +335,13 @@ _tile = _tile_intrinsic()
 
 # Compiled once per signature and called, not inlined into each kernel: its 48 loops inlined
 # at every call made a first bfloat16 prefill compile for 56 s, called 32 (a call costs
-# nothing against a tile's depth block). prefer_literal: a stride of 1 stays a constant.
+# nothing against a tile's depth block). prefer_literal, here and on _tile: a stride of 1 stays a
+# constant.
 @overload(product_tile, prefer_literal=True)
 def _product_tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width,
-                  accumulate):
-    def impl(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate):
-        _tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate)
+                  accumulate, ahead, ahead_count):
+    def impl(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate,
+             ahead, ahead_count):
+        _tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate,
+              ahead, ahead_count)
     return impl

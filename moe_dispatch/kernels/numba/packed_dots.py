@@ -768,12 +768,13 @@ def _min(builder, a, b):
 PREFETCH_BYTES = 2048
 
 
-def _prefetch(builder, data, offset):
-    """A hint to load data[offset] into the caches (read, high locality): never a fault."""
+def _prefetch(builder, data, offset, locality=3):
+    """A hint to load data[offset] into the caches (read; locality 3: into L1, 1: the outer
+    caches, prefetcht2): never a fault."""
     pointer = builder.gep(data, [offset])
     fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(),
                                                                                  [pointer.type, I32, I32, I32]))
-    builder.call(fn, [pointer, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+    builder.call(fn, [pointer, ir.Constant(I32, 0), ir.Constant(I32, locality), ir.Constant(I32, 1)])
 
 
 def _emit_pass(builder, fmt, cpu, ops, first, count):
