@@ -26,8 +26,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .packed_dots import BF16_PREFETCH_LOCALITY, F32, I16, I32, PREFETCH_BYTES, _load, _prefetch, _vec, bf16_dot_instruction, \
-    emit_row_passes, horizontal_sum, pairs_multiply_add
+from .packed_dots import BF16_PREFETCH_LOCALITY, F32, I16, I32, PREFETCH_BYTES, _load, _prefetch, _vec, \
+    bf16_dot_instruction, emit_row_passes, horizontal_sum, pairs_multiply_add
 from .vector_width import host_cpu_features
 
 STEP = 32  # elements of each row per step: 64 bytes

@@ -132,9 +132,10 @@ def product_tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_s
     j < width <= STRIP_BYTES / itemsize; a_rows: a tuple of ROWS offsets (the first count
     read). bfloat16 pairs (a and b uint32): each product is the sum of the two halves'.
 
-    ahead: ROWS offsets of the rows of a that the next tile reads, the first ahead_count of them
-    (none: 0) asked of the caches along the depth as this tile's rows go by, where k_stride is a
-    literal 1 (a hint, read nowhere else)."""
+    ahead: ROWS offsets of the rows of a that the next tile reads (those past its ahead_count
+    rows repeating its last, as row_offsets gives them), asked of the caches along the depth as
+    this tile's rows go by where k_stride is a literal 1; ahead_count 0: no next tile. A hint,
+    never read."""
     for i in range(count):
         values = _wide(a[a_rows[i] + np.arange(depth) * k_stride])
         block = _wide(b[b_start + np.arange(depth)[:, None] * b_stride + np.arange(width)])
