@@ -35,8 +35,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .caching import njit
-from .packed_dots import _broadcast, _fma, _intrinsic_call, _prefetch, _vector_name, bf16_dot_instruction, \
-    pairs_multiply_add
+from .packed_dots import INTO_OUTER_CACHES, _broadcast, _fma, _intrinsic_call, _prefetch, _vector_name, \
+    bf16_dot_instruction, pairs_multiply_add
 from .vector_width import host_cpu_features, widest_vector_bytes
 
 # A tile's sums stay in registers: ROWS x VECTORS of the CPU's widest vectors, 24 of AVX-512's
@@ -118,11 +118,11 @@ def strip_product(a, a_start, a_stride, num_rows, depth, b, b_start, b_stride, c
             for j in range(0, width, strip):
                 for i in range(i0, i1, ROWS):
                     count = min(ROWS, i1 - i)
+                    after = max(0, min(ROWS, num_rows - i - ROWS))  # the next tile's rows
                     product_tile(a, row_offsets(a_start + k0, i, count, a_stride), count, 1, b,
                                  b_start + k0 * b_stride + j, b_stride, min(depth - k0, DEPTH_BLOCK), c,
                                  c_start + i * c_stride + j, c_stride, min(strip, width - j), k0 > 0,
-                                 row_offsets(a_start + k0, i + ROWS, max(0, num_rows - i - ROWS), a_stride),
-                                 max(0, min(ROWS, num_rows - i - ROWS)))
+                                 row_offsets(a_start + k0, i + ROWS, after, a_stride), after)
 
 
 def product_tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate,
@@ -305,13 +305,13 @@ def _emit_rows(builder, n, pieces, a_ptr, rows, k_stride, b_ptr, b_start, b_stri
             # weights from memory, GFLOP/s (register_tiles_speed.py): [1440, 720] against 8
             # columns bfloat16 43 -> 95, float32 29 -> 53; [1024, 1024] against 16 columns
             # bfloat16 81 -> 125, float32 54 -> 60-77, against 64 183 -> 211 and 98 -> 103.
-            # Into L1 (locality 3) 0.7-0.8x of that; two tiles ahead no faster.
+            # Into L1 0.7-0.8x of that; two tiles ahead no faster.
             next_rows, wanted, line = ahead
             new_line = builder.icmp_unsigned("==", builder.and_(k, ir.Constant(index_type, line - 1)),
                                              ir.Constant(index_type, 0))
             with builder.if_then(builder.and_(wanted, new_line)):
                 for row in next_rows:
-                    _prefetch(builder, a_ptr, builder.add(row, k), 1)
+                    _prefetch(builder, a_ptr, builder.add(row, k), INTO_OUTER_CACHES)
         for s in range(sets):
             step(builder.add(k, ir.Constant(index_type, s)), sums[s])
     if sets == 2:

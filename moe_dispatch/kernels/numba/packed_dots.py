@@ -766,16 +766,14 @@ def _min(builder, a, b):
 # How far ahead of each step's 32 bytes of codes to ask for them: the hardware's prefetchers
 # alone left one core reading e4m3 rows from memory at 8 GB/s, 12 GB/s with this.
 PREFETCH_BYTES = 2048
-# Where bfloat16 weight rows are asked for ahead: into the outer caches (prefetcht2), not L1,
-# whose lines the activation rows need where a pass has several (olmoe-1b-7b x0.5, 2 threads,
-# each revision first in turn on a Zen 4: T=16 1.16x and 1.35x faster than into L1). The
-# quantized codes stay L1's: int4 and int8 at T=16 ran 0.92-0.97x into the outer caches.
-BF16_PREFETCH_LOCALITY = 1
+# _prefetch's localities: into L1 (prefetcht0), or into the outer caches only (prefetcht2).
+# The quantized codes go into L1: into the outer caches int4 and int8 at T=16 ran 0.92-0.97x.
+INTO_L1, INTO_OUTER_CACHES = 3, 1
 
 
-def _prefetch(builder, data, offset, locality=3):
-    """A hint to load data[offset] into the caches (read; locality 3: into L1, 1: the outer
-    caches, prefetcht2): never a fault."""
+def _prefetch(builder, data, offset, locality=INTO_L1):
+    """A hint to load data[offset] into the caches (read; INTO_L1 or INTO_OUTER_CACHES): never
+    a fault."""
     pointer = builder.gep(data, [offset])
     fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(),
                                                                                  [pointer.type, I32, I32, I32]))
