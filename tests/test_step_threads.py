@@ -12,13 +12,14 @@ SLOW = 10 * FAST
 ALL, ALONE = 2, 1
 
 
-def _steps(policy, seconds: list[float]) -> list[int]:
-    """Where each step ran (ALL threads or ALONE), each taking its seconds on all threads."""
+def _steps(policy, seconds: list[float], off_cpu: float = 0.5) -> list[int]:
+    """Where each step ran (ALL threads or ALONE), each taking its seconds on all threads, the
+    calling thread off the CPU for off_cpu of them."""
     where = []
     for took in seconds:
         alone = policy.alone(KIND)
         if not alone:
-            policy.record(KIND, took)
+            policy.record(KIND, took, lambda: off_cpu)
         where.append(ALONE if alone else ALL)
     return where
 
@@ -38,6 +39,45 @@ def test_slow_steps_in_a_row_send_the_next_ones_alone_until_a_fast_try():
     assert _steps(policy, [FAST, FAST]) == [ALL, ALL]
     # from there a stretch alone is ALONE long again
     assert _steps(policy, [SLOW, SLOW] + [FAST] * (alone + 1)) == [ALL] * 2 + [ALONE] * alone + [ALL]
+
+
+@needs_numba
+def test_slow_steps_on_the_cpu_all_along_stay_on_all_threads():
+    """Steps slow for want of the cache (weights from memory after a step that found them in
+    it), the calling thread on the CPU throughout, are no sign of a core taken; a share off it
+    just under OFF_CPU is not either, one at OFF_CPU is."""
+    from moe_dispatch.backends.step_threads import StepThreads
+
+    policy = StepThreads()
+    assert _steps(policy, [FAST] + [SLOW] * 8, off_cpu=0.0) == [ALL] * 9
+    assert _steps(policy, [SLOW] * 4, off_cpu=0.99 * policy.OFF_CPU) == [ALL] * 4
+    assert _steps(policy, [SLOW] * 3, off_cpu=policy.OFF_CPU) == [ALL] * 2 + [ALONE]
+
+
+@needs_numba
+def test_a_step_measures_its_calling_threads_time_off_the_cpu(monkeypatch):
+    """run() passes record the share of a step's time its calling thread was off the CPU: a
+    step that sleeps is all off it, one that spins on it."""
+    import time
+
+    from moe_dispatch.backends.step_threads import StepThreads
+
+    policy, shares = StepThreads(), []
+    monkeypatch.setattr(policy, "record", lambda kind, seconds, off_cpu: shares.append(off_cpu()))
+
+    def spin():
+        end = time.perf_counter() + 0.02
+        while time.perf_counter() < end:
+            pass
+        return 0
+
+    def sleep():
+        time.sleep(0.02)
+        return 0
+
+    policy.run(KIND, sleep, 0)
+    policy.run(KIND, spin, 0)
+    assert shares[0] > 0.5 and shares[1] < 0.5
 
 
 @needs_numba

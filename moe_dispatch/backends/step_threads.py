@@ -9,6 +9,14 @@ calling thread alone, as on a quiet machine. So each kind of step remembers its 
 on all threads; SLOW times that, twice in a row, sends the following steps of that kind to
 the calling thread alone. After ALONE of them one more tries all threads: fast, and the steps
 go back to them; slow, and the next stretch alone is twice as long (up to LONGEST_ALONE).
+
+A step counts as slow only where the calling thread spent OFF_CPU of it or more off the CPU
+(waiting for a thread set aside, or set aside itself): a step whose weights come from memory
+after one that found them in the cache is as slow on a quiet machine, but on the CPU all along.
+Quiet, 2 cores, olmoe-1b-7b x0.5 T=1: 32 of 300 cache-warm bfloat16 steps took 3x their
+fastest, none of them 25% off the CPU (where int8 steps alternated warm and cold, 128 of 411
+had gone to the calling thread alone); with a core busy, 48-59 of 75-79 slow bfloat16 steps
+were more than 25% off it.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ Result = TypeVar("Result")
 
 class StepThreads:
     SLOW = 3.0  # a step this many times the fastest of its kind waited on a thread set aside
+    OFF_CPU = 0.25  # if the calling thread was off the CPU for this share of it or more
     STRIKES = 2  # slow steps in a row before the steps run alone
     ALONE = 64  # steps alone before all threads are tried again
     LONGEST_ALONE = 1024
@@ -43,15 +52,17 @@ class StepThreads:
             state[1] = self.STRIKES - 1
         return True
 
-    def record(self, kind: Hashable, seconds: float) -> None:
-        """A step of this kind took seconds on all threads."""
+    def record(self, kind: Hashable, seconds: float, off_cpu: Callable[[], float]) -> None:
+        """A step of this kind took seconds on all threads; off_cpu() gives the share of them
+        the calling thread spent off the CPU (asked only of a step that took SLOW times the
+        fastest: reading a thread's CPU time costs a system call)."""
         state = self._kinds.get(kind)
         if state is None:
             self._kinds[kind] = [seconds, 0, 0, 0]
             return
         if seconds < state[0]:
             state[0] = seconds
-        if seconds <= self.SLOW * state[0]:
+        if seconds <= self.SLOW * state[0] or off_cpu() < self.OFF_CPU:
             state[1], state[3] = 0, 0
             return
         state[1] += 1
@@ -71,10 +82,11 @@ class StepThreads:
                 return step()
             finally:
                 numba.set_num_threads(wanted)
-        start = time.perf_counter()
+        start, start_on_cpu = time.perf_counter(), time.thread_time()
         result = step()
         if result == ran:
-            self.record(kind, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.record(kind, seconds, lambda: 1 - (time.thread_time() - start_on_cpu) / seconds)
         return result
 
 
