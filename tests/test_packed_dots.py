@@ -218,18 +218,75 @@ def test_every_e4m3_code_meets_bfloat16_activations_as_its_value(features, gen):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 
 
-def test_bfloat16_rows_round_as_torch_does(gen):
-    from moe_dispatch.kernels.numba.packed_dots import bfloat16_rows
+NIBBLE_CASES = [case for case in CASES if case.values[0] in ("int4", "e2m1")]
 
-    src = (torch.randn(3, 192, generator=gen) * torch.tensor([[1e-30], [1.0], [1e30]])).numpy()
+
+@pytest.mark.parametrize("features", FEATURES)
+@pytest.mark.parametrize("fmt,quantize_format,options,depth", NIBBLE_CASES)
+def test_4bit_codes_meet_bfloat16_activations_as_pairs_of_bfloat16(fmt, quantize_format, options, depth, features,
+                                                                     gen):
+    """The 4-bit kernels' second kind: codes looked up as bfloat16 values (vpermw) against the
+    activations' bfloat16 bits in nibble_order (uint16), vdpbf16ps, where the host has them;
+    the same sums through float32 elsewhere. No lane sums: the values carry their zero."""
+    from moe_dispatch.kernels.numba import packed_dots
+
+    weights, per_scale, _, dense, group = kernel_inputs(fmt, quantize_format, options, depth, gen)
+    bits, rounded = bfloat16_layout(torch.randn(6, depth, generator=gen).numpy())
+    bits = in_kernel_layout(fmt, bits.view(np.uint16))
+    definition = getattr(packed_dots, f"{fmt}_dots")
+    run = compiled(fmt, features)
+    for count, layout in zip((1, 2, 3, 7), LAYOUTS * 2):  # passes of 4, 2 and 1 rows
+        args = (*weights, *layout, per_scale, bits, np.empty((0, 0, packed_dots.INT_LANES), np.int32))
+        start = 2
+        rows = torch.randint(0, 6, (start + count,), generator=gen, dtype=torch.int32).numpy()
+        height = 2 * layout[3]
+        out, expected = (np.full((height + 1, count + 1), np.nan, np.float32) for _ in range(2))
+        run(*args, rows, start, count, group, out)
+        definition(*args, rows, start, count, group, expected)
+        assert np.isnan(out[:, count]).all() and np.isnan(out[height]).all()
+        out, expected, rows = out[:height, :count], expected[:height, :count], rows[start:]
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+        truth = dense[layout_rows(*layout)] @ rounded[rows].T
+        np.testing.assert_allclose(expected, truth, rtol=1e-5, atol=1e-5 * np.abs(truth).max())
+
+
+@pytest.mark.parametrize("features", FEATURES)
+def test_every_e2m1_code_meets_bfloat16_activations_as_its_value(features, gen):
+    """Every byte of two codes, in a random order over two weight rows of 256."""
+    from moe_dispatch.kernels.numba import packed_dots
+
+    weights, per_scale, _, _, group = kernel_inputs("e2m1", "mxfp4", {}, 256, gen)
+    codes = np.arange(256, dtype=np.uint8)[torch.randperm(256, generator=gen).numpy()]
+    weights[0][0, :2] = codes.reshape(2, 128)
+    bits = in_kernel_layout("e2m1", bfloat16_layout(torch.randn(6, 256, generator=gen).numpy())[0].view(np.uint16))
+    args = (*weights, 0, 1, 0, 1, per_scale, bits, np.empty((0, 0, packed_dots.INT_LANES), np.int32))
+    rows = np.arange(6, dtype=np.int32)
+    out, expected = (np.empty((2, 6), np.float32) for _ in range(2))
+    compiled("e2m1", features)(*args, rows, 0, 6, group, out)
+    packed_dots.e2m1_dots(*args, rows, 0, 6, group, expected)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("depth", [128, 192])
+def test_bfloat16_rows_round_as_torch_does(depth, gen):
+    """In element order, and from split rows (even elements, then odd) into the 4-bit kernels'
+    layout, zeros past K."""
+    from moe_dispatch.kernels.numba.packed_dots import bfloat16_rows, nibble_depth
+
+    src = (torch.randn(3, depth, generator=gen) * torch.tensor([[1e-30], [1.0], [1e30]])).numpy()
     src[1, :4] = [np.inf, -np.inf, np.nan, 1.0 + 2.0 ** -8]  # the last a tie, to even
-    out = np.empty((3, 192), np.int16)
-    bfloat16_rows(src, out)
 
     def values(bits):  # a NaN's bits may differ
         return (bits.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
+    out = np.empty((3, depth), np.int16)
+    bfloat16_rows(src, False, out)
     np.testing.assert_array_equal(values(out), values(bfloat16_layout(src)[0]))
+    out = np.full((3, nibble_depth(depth)), 7, np.int16)
+    bfloat16_rows(src, True, out)
+    in_order = np.empty_like(src)
+    in_order[:, 0::2], in_order[:, 1::2] = src[:, :depth // 2], src[:, depth // 2:]
+    np.testing.assert_array_equal(values(out), values(in_kernel_layout("int4", bfloat16_layout(in_order)[0])))
 
 
 def test_float64_activations_meet_e4m3_codes_as_float32(gen):

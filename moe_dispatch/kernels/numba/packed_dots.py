@@ -20,6 +20,11 @@ activation row of a pass before the next step's are read:
   int4's own zero points off each code. The 32-bit sums turn into float32 once per scale
   group, or per step where a step holds several (lane l of a step meets its elements 8l to
   8l + 7), where the scales multiply.
+- 4-bit codes against bfloat16 activations, on CPUs with AVX512-BF16 and AVX512-BW: the same
+  words and order, each code looked up as its bfloat16 value (vpermw reads the low 5 bits of
+  a word: three shifts and four lookups a step, no masks), and the pairs' products summed in
+  float32 (vdpbf16ps) against the activations' own bits: a span's flush is one FMA, where the
+  integer sums' took their lane sums off and a conversion too.
 - e4m3 codes against bfloat16 activations, on CPUs with AVX512-BF16 and AVX512-VBMI: each 64
   codes' bfloat16 bits looked up by byte (vpermi2b), then products of bfloat16 pairs against
   the activations' own bits (vdpbf16ps), half the instructions of the float route.
@@ -27,9 +32,10 @@ activation row of a pass before the next step's are read:
   worth 2^-8 of the value, subnormals included) and float32 in one conversion, then fused
   multiply-adds against float32 activations.
 
-The activation rows of the integer formats are quantized once per step, one scale per row (its
-largest magnitude over 32767): each element moves by at most 2^-16 of the row's largest, which
-leaves the dot products' error well below the rounding of bfloat16 or float16 activations.
+Elsewhere the activation rows of the integer formats are quantized once per step, one scale per
+row (its largest magnitude over 32767): each element moves by at most 2^-16 of the row's
+largest, which leaves the dot products' error well below the rounding of bfloat16 or float16
+activations.
 
 Each function below is plain Python (numpy), which is what NUMBA_DISABLE_JIT=1 runs, with an
 overload that compiles the vector code in its place. x86 CPUs with AVX2 get pmaddwd and pshufb;
@@ -110,7 +116,6 @@ def quantize_rows(src, split, out, scales):
     undefined, when a row holds a value that is not finite: integers cannot carry it, and the
     float path must compute it."""
     depth = src.shape[1]
-    half = depth // 2
     # The largest magnitude as the largest of the values' bits less the sign: an integer
     # maximum, which LLVM vectorizes (a float one only where NaNs may be assumed away), and
     # those bits order magnitudes as the values do, infinities and NaNs above every number.
@@ -127,35 +132,57 @@ def quantize_rows(src, split, out, scales):
         peak = peak_bits.view(np.float32)[0]
         scales[r] = peak / np.float32(INT16_MAX)
         inverse = np.float32(INT16_MAX) / peak if peak > 0 else np.float32(0.0)
-        if not split:
-            for k in range(depth):
-                out[r, k] = np.int16(np.rint(row[k] * inverse))
+        if split:
+            _in_nibble_order(row, out[r], inverse, False)
             continue
-        for b in range(0, depth, NIBBLE_STEP):
-            # nibble_order's element b + 4i + m is src[b / 2 + 2i + m / 2] (+ half if m is odd),
-            # for i < 16 in a last half step, whose other positions are zeros
-            target, count = out[r, b:b + NIBBLE_STEP], min(CHUNK, (depth - b) // 4)
-            if count < CHUNK:
-                target[:] = 0
-            for m in range(4):
-                source = row[b // 2 + m // 2 + (half if m % 2 else 0):]
-                for i in range(count):
-                    target[m * CHUNK + i] = np.int16(np.rint(source[2 * i] * inverse))
+        for k in range(depth):
+            out[r, k] = np.int16(np.rint(row[k] * inverse))
     return True
 
 
 @njit(cache=True)
-def bfloat16_rows(src, out):
+def bfloat16_rows(src, split, out):
     """out = the bits of src (float32 [R, K]) rounded to bfloat16, as int16: the activations of
-    e4m3_dots on bfloat16 ones. Rounded in integers to nearest even, a NaN to the quiet one, as
-    narrow rounds, with a select where narrow branches: the loop vectorizes."""
-    bits, words = src.view(np.uint32), out.view(np.uint16)
+    e4m3_dots, and of the 4-bit kernels, on bfloat16 ones. split as for quantize_rows."""
+    words = out.view(np.uint16)
     for r in range(src.shape[0]):
-        row, target = bits[r], words[r]
+        if split:
+            _in_nibble_order(src[r], out[r], np.float32(0.0), True)
+            continue
+        row, target = src[r].view(np.uint32), words[r]
         for k in range(row.shape[0]):
-            v = row[k]
-            nearest = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            target[k] = np.uint16(0x7FC0) if v & np.uint32(0x7FFFFFFF) > np.uint32(0x7F800000) else np.uint16(nearest)
+            target[k] = _bfloat16_bits(row[k])
+
+
+@njit(cache=True, inline="always")
+def _bfloat16_bits(v):
+    """The bits v (uint32) of a float32 rounded to bfloat16's, uint16: to nearest even, a NaN
+    to the quiet one, as narrow rounds, with a select where narrow branches (loops of it
+    vectorize)."""
+    nearest = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.uint16(0x7FC0) if v & np.uint32(0x7FFFFFFF) > np.uint32(0x7F800000) else np.uint16(nearest)
+
+
+@njit(cache=True, inline="always")
+def _in_nibble_order(row, target, inverse, to_bfloat16):
+    """target (int16, nibble_depth(K)) = row (float32 [K], its even elements, then its odd
+    ones) in nibble_order, zeros past K: each element times inverse rounded to int16, or its
+    bfloat16 bits where to_bfloat16."""
+    depth, half = row.shape[0], row.shape[0] // 2
+    bits, words = row.view(np.uint32), target.view(np.uint16)
+    for b in range(0, depth, NIBBLE_STEP):
+        # nibble_order's element b + 4i + m is row[b / 2 + 2i + m / 2] (+ half if m is odd),
+        # for i < 16 in a last half step, whose other positions are zeros
+        count = min(CHUNK, (depth - b) // 4)
+        if count < CHUNK:
+            target[b:b + NIBBLE_STEP] = 0
+        for m in range(4):
+            first = b // 2 + m // 2 + (half if m % 2 else 0)
+            for i in range(count):
+                if to_bfloat16:
+                    words[b + m * CHUNK + i] = _bfloat16_bits(bits[first + 2 * i])
+                else:
+                    target[b + m * CHUNK + i] = np.int16(np.rint(row[first + 2 * i] * inverse))
 
 
 def sums_zero(fmt, has_zeros):
@@ -226,13 +253,15 @@ def _dots(fmt, codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_
     if fmt in ("int4", "e2m1"):  # the position of each element in nibble_order
         order = nibble_order(depth)
         in_order[order[order < depth]] = np.flatnonzero(order < depth)
-    if fmt == "e4m3" and x.dtype == np.int16:  # bfloat16 bits
+    if x.dtype == np.uint16 or fmt == "e4m3" and x.dtype == np.int16:  # bfloat16 bits
         x = (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     for p in range(pairs):
         for i, first_row in enumerate((n_a, n_b)):
             n = first_row + p * stride
             s = n // per_scale
             values = _code_values(fmt, codes[e, n], zeros[e, s] if has_zeros else None, has_zeros, group)
+            if x.dtype == np.float32:  # exact in float64, as the activations' products
+                values = values.astype(np.float64)
             for j in range(count):
                 activations = x[rows[start + j]][in_order].astype(np.float32).astype(values.dtype)
                 per_group = np.add.reduceat(values * activations, starts).astype(np.float32)
@@ -255,10 +284,10 @@ def int8_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_s
 def int4_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, x_sums, rows, start,
               count, group, out):
     """int8_dots for 4-bit codes [E, N, K/2] (low nibble first) less their zero points (zeros
-    uint8 like scales when has_zeros, else 8), x [T, nibble_depth(K)] in nibble_order;
-    reads_wide_chunks(K, group). x_sums: lane_sums(x, group, SYMMETRIC_INT4_ZERO), which the
-    vector code takes symmetric codes' zero part of the products from (read only where
-    has_zeros is false)."""
+    uint8 like scales when has_zeros, else 8), x [T, nibble_depth(K)] in nibble_order: int16,
+    or bfloat16 bits as uint16 (NIBBLE_BF16_DOTS); reads_wide_chunks(K, group). x_sums:
+    lane_sums(x, group, SYMMETRIC_INT4_ZERO) of int16 x, which the vector code takes symmetric
+    codes' zero part of the products from (read only where has_zeros is false)."""
     _dots("int4", codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
           out)
 
@@ -266,7 +295,7 @@ def int4_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_s
 def e2m1_dots(codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, x_sums, rows, start,
               count, group, out):
     """int4_dots for e2m1 codes [E, N, K/2] (low nibble first); x_sums: lane_sums(x, group,
-    E2M1_OFFSET)."""
+    E2M1_OFFSET) of int16 x."""
     _dots("e2m1", codes, scales, zeros, has_zeros, e, n_a, n_b, stride, pairs, per_scale, x, rows, start, count, group,
           out)
 
@@ -466,6 +495,7 @@ class _IntegerKind:
     span = step_bytes = CHUNK
     codes_per_byte = chains = 1
     half_steps = False  # whether K may end half-way through a step
+    zero_from_sums = False  # whether a zero point common to the codes comes off through lane_sums
     result_factor = 1.0
     values = staticmethod(_int8_values)
 
@@ -495,6 +525,7 @@ class _NibbleKind(_IntegerKind):
     step_bytes = NIBBLE_STEP // 2
     codes_per_byte = chains = 2
     half_steps = True
+    zero_from_sums = True
 
     def __init__(self, fmt, result_factor):
         self.values, self.result_factor = _nibble_values(fmt), result_factor
@@ -510,7 +541,7 @@ class _FloatKind:
     lanes = CHUNK
     span = step_bytes = CHUNK
     codes_per_byte = chains = 1
-    half_steps = False
+    half_steps = zero_from_sums = False
     partial_type = _vec(F32, CHUNK)
     activation_types = (types.float32, types.float64)
     values = staticmethod(_e4m3_values)
@@ -551,6 +582,8 @@ E4M3_BF16_HIGH, E4M3_BF16_LOW = _e4m3_bfloat16_bytes()
 # Whether the CPU Numba compiles for takes e4m3 codes against bfloat16 activations as bfloat16
 # pairs, vdpbf16ps, with vpermi2b's lookups (quantized.packed_inputs; the float kind elsewhere).
 E4M3_BF16_DOTS = bf16_dot_instruction(host_cpu_features()) and "+avx512vbmi" in host_cpu_features()
+# Whether it takes 4-bit codes against bfloat16 activations (_NibbleBFloat16Kind, vpermw's lookups)
+NIBBLE_BF16_DOTS = bf16_dot_instruction(host_cpu_features()) and "+avx512bw" in host_cpu_features()
 
 
 def _e4m3_bfloat16_values(builder, data, chunk, cpu):
@@ -620,7 +653,7 @@ class _BFloat16Kind:
     lanes = INT_LANES
     span = step_bytes = WIDE
     codes_per_byte = chains = 1
-    half_steps = False
+    half_steps = zero_from_sums = False
     partial_type = _vec(F32, INT_LANES)
     activation_types = (types.int16,)
     values = staticmethod(_e4m3_bfloat16_values)
@@ -637,15 +670,83 @@ class _BFloat16Kind:
     merge, to_float = _FloatKind.merge, _FloatKind.to_float
 
 
+def _bfloat16_table(values):
+    """The bfloat16 bits (exact) of values[i & 15] for i < 32, as vpermw reads a table."""
+    bits = (np.asarray(values, dtype=np.float32).view(np.uint32) >> 16).astype(np.int64)
+    return [int(bits[i & 15]) - (0x10000 if bits[i & 15] >= 0x8000 else 0) for i in range(CHUNK)]
+
+
+# What vpermw reads each 4-bit code's value from: symmetric int4's code less 8, e2m1's value,
+# and, for int4 codes less their own zero point (5-bit two's complement), that difference
+_NIBBLE_TABLES = {"int4": _bfloat16_table(np.arange(16) - SYMMETRIC_INT4_ZERO),
+                  "e2m1": _bfloat16_table(E2M1_DOUBLED / 2),
+                  "differences": _bfloat16_table(np.arange(16))[:16] + _bfloat16_table(np.arange(-16, 0))[:16]}
+
+
+def _nibble_bfloat16_values(fmt):
+    """The values function of fmt's _NibbleBFloat16Kind: a step's 128 codes as the bfloat16
+    bits of their values, four <32 x i16> in _nibble_values's order. Word i of the step's
+    bytes holds the codes of elements 4i to 4i + 3; shifted by 0, 4, 8 and 12, each is looked
+    up by its low 5 bits in a 32-entry table whose halves repeat (vpermw): no mask, three
+    shifts and four lookups a step. int4's own zero points come off the masked codes first."""
+
+    def values(builder, data, chunk, cpu, zero=None, limit=None):
+        words = builder.bitcast(_step_bytes(builder, data, chunk, limit), _vec(I16))
+        shifted = [words] + [builder.lshr(words, _const(I16, b)) for b in (4, 8, 12)]
+        if zero is not None:
+            shifted = [builder.sub(builder.and_(w, _const(I16, 0x0F)), zero) for w in shifted]
+        if "+avx512bw" in cpu:
+            table = _const(I16, _NIBBLE_TABLES["differences" if zero is not None else fmt])
+            return [_intrinsic_call(builder, "llvm.x86.avx512.permvar.hi.512", _vec(I16), [table, w])
+                    for w in shifted]
+        # elsewhere through float32, whose high half is the exact bfloat16
+        if zero is None:
+            codes = [builder.and_(w, _const(I16, 0x0F)) for w in shifted]
+            shifted = ([_e2m1_doubled(builder, c) for c in codes] if fmt == "e2m1"
+                       else [builder.sub(c, _const(I16, SYMMETRIC_INT4_ZERO)) for c in codes])
+        factor = _const(F32, 0.5 if fmt == "e2m1" else 1.0)
+        return [builder.trunc(builder.lshr(builder.bitcast(builder.fmul(builder.sitofp(w, _vec(F32)), factor),
+                                                           _vec(I32)), _const(I32, 16)), _vec(I16))
+                for w in shifted]
+
+    return values
+
+
+class _NibbleBFloat16Kind(_BFloat16Kind):
+    """int4 and e2m1 codes against bfloat16 activations in nibble_order (their bits, uint16):
+    each step's 128 codes looked up as bfloat16 values (_nibble_bfloat16_values) and
+    multiplied in bfloat16 pairs into float32 partial sums, which a span's scales multiply in
+    one FMA. Against int16 activations (_NibbleKind) a span's flush also took its lane sums
+    off and converted the sums to float32: three operations a weight row and activation row,
+    for four multiply-adds (with one instead, decode steps of olmoe-1b-7b x0.5 ran 1.2-1.4x
+    faster). The activations are used as they are, unquantized."""
+
+    span = NIBBLE_STEP
+    step_bytes = NIBBLE_STEP // 2
+    codes_per_byte = chains = 2
+    half_steps = True
+    activation_types = (types.uint16,)
+
+    def __init__(self, fmt):
+        self.values = _nibble_bfloat16_values(fmt)
+
+    load_x = _NibbleKind.load_x
+
+
 _KINDS = {"int8": _IntegerKind(), "int4": _NibbleKind("int4", 1.0), "e2m1": _NibbleKind("e2m1", 0.5),
           "e4m3": _FloatKind()}
 _E4M3_ON_BFLOAT16 = _BFloat16Kind()
+_NIBBLES_ON_BFLOAT16 = {fmt: _NibbleBFloat16Kind(fmt) for fmt in ("int4", "e2m1")}
 
 
 def _kind(fmt, x_dtype):
     """The kind of fmt's kernel for activations of Numba type x_dtype: e4m3 codes meet
-    bfloat16 bits (int16) or floats."""
-    return _E4M3_ON_BFLOAT16 if fmt == "e4m3" and x_dtype == types.int16 else _KINDS[fmt]
+    bfloat16 bits (int16) or floats, 4-bit codes bfloat16 bits (uint16) or int16 integers."""
+    if fmt == "e4m3" and x_dtype == types.int16:
+        return _E4M3_ON_BFLOAT16
+    if fmt in _NIBBLES_ON_BFLOAT16 and x_dtype == types.uint16:
+        return _NIBBLES_ON_BFLOAT16[fmt]
+    return _KINDS[fmt]
 
 
 def _e8m0_values(builder, codes):
@@ -840,7 +941,7 @@ def _emit_pair(builder, fmt, cpu, ops, x_rows, sums_rows, first, p):
     parts = max(1, kind.span // group.constant) if isinstance(group, ir.Constant) else kind.span // CHUNK
     last_group = builder.udiv(builder.sub(ops.depth, ir.Constant(index, 1)), group)
     long_groups = builder.icmp_signed(">", group, ir.Constant(index, FLUSH))
-    subtracts_sums = sums_zero(fmt, ops.zero_points) != 0
+    subtracts_sums = kind.zero_from_sums and sums_zero(fmt, ops.zero_points) != 0
 
     def span(f, tail):
         """Span f of flush_span elements, or where tail, what is left of K from there."""

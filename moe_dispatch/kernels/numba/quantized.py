@@ -7,7 +7,8 @@ Where K and the scale groups come in whole steps of 32 codes, 64 for the 4-bit f
 real model), the dot products are packed_dots.py's vector code: fp8 codes against the float
 activations, int8, int4 and mxfp4 codes against the activations quantized to int16 once per
 step (16-bit activations only: float32 ones keep the float path, whose answer is exact in
-float32).
+float32), or 4-bit codes against bfloat16 activations as they are, where the CPU multiplies
+bfloat16 pairs.
 
 Elsewhere, a float path: each weight row turned into float32 in a buffer that stays in L1,
 or, for experts with few rows, dotted straight from the codes. A row's conversion is one
@@ -23,14 +24,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import prange
+from numba import prange, types
 from numba.extending import overload
 
 from .activations import FusedActivation, activate_strip, is_gated
 from .caching import njit
 from .class_constants import class_constants
 from .grouped_mm import FASTMATH, split_col
-from .packed_dots import (E2M1_OFFSET, E4M3_BF16_DOTS, INT_LANES, SYMMETRIC_INT4_ZERO, bfloat16_rows, e2m1_dequantize,
+from .packed_dots import (E2M1_OFFSET, E4M3_BF16_DOTS, INT_LANES, NIBBLE_BF16_DOTS, SYMMETRIC_INT4_ZERO, bfloat16_rows,
+                          e2m1_dequantize,
                           e2m1_dots, e4m3_dequantize, e4m3_dots, int4_dequantize, int4_dots, int8_dequantize,
                           int8_dots, lane_sums, nibble_depth, quantize_rows, reads_chunks, reads_wide_chunks)
 from .mlp import BAD_INDEX, DECODE_OK, decode_inputs, decode_plan, gate_up_values
@@ -278,6 +280,8 @@ def format_dots(w, e, n_a, n_b, stride, pairs, src, packed, rows, start, count, 
     them, the bfloat16 bits in packed.ints; the others against packed.ints (int16), before the
     activations' scales."""
     x = src if format_of(w) == FP8 and packed.ints.shape[1] == 0 else packed.ints
+    if format_of(w) in (INT8, FP8):
+        x = x.view(np.int16) if x.dtype == np.uint16 else x
     _DOTS[format_of(w)](w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, x,
                         packed.lane_sums, rows, start, count, w.group, out)
 
@@ -296,26 +300,31 @@ def _format_dots(w, e, n_a, n_b, stride, pairs, src, packed, rows, start, count,
         kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, packed.ints,
                packed.lane_sums, rows, start, count, w.group, out)
 
+    def impl_int16(w, e, n_a, n_b, stride, pairs, src, packed, rows, start, count, out):
+        kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows,
+               packed.ints.view(np.int16), packed.lane_sums, rows, start, count, w.group, out)
+
     def impl_fp8(w, e, n_a, n_b, stride, pairs, src, packed, rows, start, count, out):
         if packed.ints.shape[1] != 0:  # bfloat16 activations, as bfloat16_rows
-            kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, packed.ints,
-                   packed.lane_sums, rows, start, count, w.group, out)
+            kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows,
+                   packed.ints.view(np.int16), packed.lane_sums, rows, start, count, w.group, out)
         else:
             kernel(w.codes, w.scales, w.zeros, w.has_zeros, e, n_a, n_b, stride, pairs, w.rows, src,
                    packed.lane_sums, rows, start, count, w.group, out)
 
-    return impl_fp8 if code == FP8 else impl
+    return impl_fp8 if code == FP8 else impl_int16 if code == INT8 else impl
 
 
 class PackedInputs(NamedTuple):
     """The activations as packed_dots.py's kernels read them, when a step takes them."""
 
     taken: bool
-    # int16: [rows, K] for int8 (element order), [rows, nibble_depth(K)] for int4 and mxfp4
-    # (nibble_order); for fp8 the bfloat16 bits of bfloat16 activations (bfloat16_rows) where
-    # E4M3_BF16_DOTS, else [0, 0]
+    # 16-bit (activation_words): [rows, K] for int8 (element order), [rows, nibble_depth(K)] for
+    # int4 and mxfp4 (nibble_order), int16 integers, or for the 4-bit formats the bfloat16 bits
+    # of bfloat16 activations where NIBBLE_BF16_DOTS; for fp8 the bfloat16 bits of bfloat16
+    # activations (bfloat16_rows) where E4M3_BF16_DOTS, else [0, 0]
     ints: np.ndarray
-    scales: np.ndarray  # [rows] float32: the int16 rows' scales
+    scales: np.ndarray  # [rows] float32: the int16 rows' scales, [0] where none
     # mxfp4 and symmetric int4 codes: packed_dots.lane_sums of ints; else [0, 0, INT_LANES] int32
     lane_sums: np.ndarray
 
@@ -326,30 +335,49 @@ def packed_inputs(w, x, src, split):
     kernels read src [rows, K] float32 (split when split), and what they read: fp8 weights
     read src itself, or src rounded to bfloat16 where x is bfloat16 (the step's activations,
     which the reference rounds so too), the CPU has E4M3_BF16_DOTS and K comes in whole
-    steps of 64; int8, int4 and mxfp4 ones src quantized to int16 (and, for mxfp4 and
-    symmetric int4 codes, the int16 rows' lane_sums), where x is 16-bit (float32 activations keep the
-    float path) and src finite. K and w's groups must come in whole steps (reads_chunks, and
-    reads_wide_chunks for the 4-bit formats)."""
+    steps of 64; int4 and mxfp4 ones src rounded to bfloat16 so too where x is bfloat16 and
+    the CPU has NIBBLE_BF16_DOTS; int8 ones, and the 4-bit ones elsewhere, src quantized to
+    int16 (and, for mxfp4 and symmetric int4 codes, the int16 rows' lane_sums), where x is
+    16-bit (float32 activations keep the float path) and src finite. K and w's groups must
+    come in whole steps (reads_chunks, and reads_wide_chunks for the 4-bit formats)."""
     no_ints, no_scales = np.empty((0, 0), dtype=np.int16), np.empty(0, dtype=np.float32)
     no_sums = np.empty((0, 0, INT_LANES), dtype=np.int32)
     if not reads_chunks(w.depth, w.group) or w.split and not reads_wide_chunks(w.depth, w.group):
-        return PackedInputs(False, no_ints, no_scales, no_sums)
+        return PackedInputs(False, activation_words(x, no_ints), no_scales, no_sums)
     if format_of(w) == FP8:
         if E4M3_BF16_DOTS and holds_bfloat16(x) and reads_wide_chunks(w.depth, w.group):
             bits = np.empty((src.shape[0], w.depth), dtype=np.int16)
-            bfloat16_rows(src, bits)
-            return PackedInputs(True, bits, no_scales, no_sums)
-        return PackedInputs(True, no_ints, no_scales, no_sums)
+            bfloat16_rows(src, False, bits)
+            return PackedInputs(True, activation_words(x, bits), no_scales, no_sums)
+        return PackedInputs(True, activation_words(x, no_ints), no_scales, no_sums)
     if x.itemsize != 2:
-        return PackedInputs(False, no_ints, no_scales, no_sums)
+        return PackedInputs(False, activation_words(x, no_ints), no_scales, no_sums)
     width = nibble_depth(w.depth) if split else w.depth
-    ints, scales = np.empty((src.shape[0], width), dtype=np.int16), np.empty(src.shape[0], dtype=np.float32)
+    ints = np.empty((src.shape[0], width), dtype=np.int16)
+    if split and NIBBLE_BF16_DOTS and holds_bfloat16(x):
+        bfloat16_rows(src, True, ints)
+        return PackedInputs(True, activation_words(x, ints), no_scales, no_sums)
+    scales = np.empty(src.shape[0], dtype=np.float32)
     if not quantize_rows(src, split, ints, scales):
-        return PackedInputs(False, ints, scales, no_sums)
+        return PackedInputs(False, activation_words(x, ints), scales, no_sums)
     if not split or w.has_zeros:  # int4's own zero points come off each code
-        return PackedInputs(True, ints, scales, no_sums)
+        return PackedInputs(True, activation_words(x, ints), scales, no_sums)
     zero = E2M1_OFFSET if format_of(w) == MXFP4 else SYMMETRIC_INT4_ZERO
-    return PackedInputs(True, ints, scales, lane_sums(ints, w.group, zero))
+    return PackedInputs(True, activation_words(x, ints), scales, lane_sums(ints, w.group, zero))
+
+
+def activation_words(x, ints):
+    """ints (int16) as the packed activations of a step on activations x: viewed as uint16
+    where x is bfloat16 and the CPU has NIBBLE_BF16_DOTS, the type that tells the 4-bit
+    kernels they hold bfloat16 bits (known when a step compiles: one kernel per step)."""
+    return ints.view(np.uint16) if NIBBLE_BF16_DOTS and holds_bfloat16(x) else ints
+
+
+@overload(activation_words, inline="always")
+def _activation_words(x, ints):
+    if NIBBLE_BF16_DOTS and x.dtype == types.uint16:
+        return lambda x, ints: ints.view(np.uint16)
+    return lambda x, ints: ints
 
 
 # Called, not inlined: it runs once per block of rows, so a call costs little, and one compiled
@@ -367,7 +395,7 @@ def expert_dots(w, e, n_a, n_b, stride, pairs, src, source_rows, packed, start, 
     count = dots.shape[1]
     if packed.taken:
         format_dots(w, e, n_a, n_b, stride, pairs, src, packed, source_rows, start, count, dots)
-        if format_of(w) != FP8:  # the int16 activations' scales
+        if packed.scales.shape[0] != 0:  # the int16 activations' scales
             for q in range(count):
                 scale = packed.scales[source_rows[start + q]]
                 for p in range(2 * pairs):
