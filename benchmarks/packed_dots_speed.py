@@ -7,6 +7,9 @@ memory. A row reads as the weights of one activation row: with more rows per pas
 meets them all, and rows x weights / s is the multiply-add rate. fp8 meets bfloat16 activations
 (the kernel a bfloat16 model's step takes where the CPU has AVX512-BF16 and AVX512-VBMI; on
 other CPUs it times the generic code, which no step takes there), fp8-float32 float32 ones.
+The 4-bit formats meet bfloat16 activations where the CPU has AVX512-BF16 and AVX512-BW
+(NIBBLE_BF16_DOTS), else int16 ones; their -int16 entries take int16 ones (a float16 model's
+step) anywhere.
 
     python benchmarks/packed_dots_speed.py                      # every format, 1 and 4 rows
     python benchmarks/packed_dots_speed.py --rows 1,2,3,4 --formats int4,mxfp4
@@ -22,12 +25,15 @@ import torch
 from numba import njit
 
 import moe_dispatch as md
-from moe_dispatch.kernels.numba.packed_dots import INT_LANES, dots_intrinsic, lane_sums, nibble_depth, sums_zero
+from moe_dispatch.kernels.numba.packed_dots import (INT_LANES, NIBBLE_BF16_DOTS, dots_intrinsic, lane_sums,
+                                                    nibble_depth, sums_zero)
 
-# (the kernel's code format, quantize's format, its options)
-FORMATS = {"int8": ("int8", "int8", {}), "int4": ("int4", "int4", {"group_size": 128}),
-           "int4-zero-points": ("int4", "int4", {"group_size": 128, "symmetric": False}),
-           "mxfp4": ("e2m1", "mxfp4", {}), "fp8": ("e4m3", "fp8", {}), "fp8-float32": ("e4m3", "fp8", {})}
+# (the kernel's code format, quantize's format, its options, whether 4-bit codes meet int16 activations)
+FORMATS = {"int8": ("int8", "int8", {}, True), "int4": ("int4", "int4", {"group_size": 128}, not NIBBLE_BF16_DOTS),
+           "int4-int16": ("int4", "int4", {"group_size": 128}, True),
+           "int4-zero-points": ("int4", "int4", {"group_size": 128, "symmetric": False}, not NIBBLE_BF16_DOTS),
+           "mxfp4": ("e2m1", "mxfp4", {}, not NIBBLE_BF16_DOTS), "mxfp4-int16": ("e2m1", "mxfp4", {}, True),
+           "fp8": ("e4m3", "fp8", {}, False), "fp8-float32": ("e4m3", "fp8", {}, False)}
 
 
 def timed_kernel(fmt):
@@ -57,7 +63,7 @@ def main() -> None:
     print(f"{args.experts} experts [{n}, {k}], one thread; G weights/s = weight rows x K / s per activation row set")
     print(f"{'format':>17} {'rows':>4} {'G weights/s':>12} {'GB/s codes':>11} {'us/expert':>10}")
     for name in args.formats.split(","):
-        fmt, quantize_format, options = FORMATS[name]
+        fmt, quantize_format, options, int16 = FORMATS[name]
         q = md.quantize(w, quantize_format, **options)
         codes = q.codes.view(torch.uint8).numpy()
         zeros = q.zeros.numpy() if q.zeros is not None else np.zeros((1, 1, 1), np.uint8)
@@ -71,9 +77,11 @@ def main() -> None:
             else:  # the 4-bit formats' rows in whole steps
                 width = nibble_depth(k) if fmt in ("int4", "e2m1") else k
                 x = torch.randint(-32767, 32768, (count, width), generator=gen, dtype=torch.int16).numpy()
+                if not int16:  # bfloat16 bits, as uint16
+                    x = torch.randn(count, width, generator=gen).bfloat16().view(torch.int16).numpy().view(np.uint16)
             rows, out = np.arange(count, dtype=np.int32), np.empty((n, count), np.float32)
-            # the activations' sums that the 4-bit codes' zero points take off
-            zero = sums_zero(fmt, q.zeros is not None)
+            # the int16 activations' sums that the 4-bit codes' zero points take off
+            zero = sums_zero(fmt, q.zeros is not None) if x.dtype == np.int16 else 0
             x_sums = lane_sums(x, q.block[1], zero) if zero else np.empty((0, 0, INT_LANES), np.int32)
             run(*operands, x, x_sums, rows, count, q.block[1], out, 1)  # compiles
             calls = max(1, int(0.05 / (1e-9 * n * k * count)))  # about 50 ms a burst at 1 G weights/s

@@ -347,7 +347,7 @@ def packed_inputs(w, x, src, split):
     if format_of(w) == FP8:
         if E4M3_BF16_DOTS and holds_bfloat16(x) and reads_wide_chunks(w.depth, w.group):
             bits = np.empty((src.shape[0], w.depth), dtype=np.int16)
-            bfloat16_rows(src, False, bits)
+            bfloat16_rows(src, split, bits)  # fp8 rows are never split
             return PackedInputs(True, activation_words(x, bits), no_scales, no_sums)
         return PackedInputs(True, activation_words(x, no_ints), no_scales, no_sums)
     if x.itemsize != 2:
@@ -355,7 +355,7 @@ def packed_inputs(w, x, src, split):
     width = nibble_depth(w.depth) if split else w.depth
     ints = np.empty((src.shape[0], width), dtype=np.int16)
     if split and NIBBLE_BF16_DOTS and holds_bfloat16(x):
-        bfloat16_rows(src, True, ints)
+        bfloat16_rows(src, split, ints)
         return PackedInputs(True, activation_words(x, ints), no_scales, no_sums)
     scales = np.empty(src.shape[0], dtype=np.float32)
     if not quantize_rows(src, split, ints, scales):
