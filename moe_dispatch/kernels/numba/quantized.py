@@ -325,7 +325,7 @@ class PackedInputs(NamedTuple):
     # activations (bfloat16_rows) where E4M3_BF16_DOTS, else [0, 0]
     ints: np.ndarray
     scales: np.ndarray  # [rows] float32: the int16 rows' scales, [0] where none
-    # mxfp4 and symmetric int4 codes: packed_dots.lane_sums of ints; else [0, 0, INT_LANES] int32
+    # mxfp4 and symmetric int4 codes on int16 ints: packed_dots.lane_sums of ints; else [0, 0, INT_LANES] int32
     lane_sums: np.ndarray
 
 
