@@ -108,16 +108,16 @@ def compiled(fmt, features):
     return run
 
 
-@pytest.mark.parametrize("features", FEATURES)
-@pytest.mark.parametrize("fmt,quantize_format,options,depth", CASES)
-def test_the_vector_code_computes_the_definition(fmt, quantize_format, options, depth, features, gen):
+def check_the_kernel(fmt, features, weights, per_scale, x, x_sums, group, activations, dense, gen):
+    """fmt's kernel compiled for features against its numpy definition, and that against the
+    dequantized rows dense times the activations (float64 [T, K] in element order; x: as the
+    kernel reads them), for passes of 4, 2 and 1 rows and every layout of weight rows."""
     from moe_dispatch.kernels.numba import packed_dots
 
-    weights, per_scale, x, dense, group = kernel_inputs(fmt, quantize_format, options, depth, gen)
     definition = getattr(packed_dots, f"{fmt}_dots")
     run = compiled(fmt, features)
-    for count, layout in zip((1, 2, 3, 7), LAYOUTS * 2):  # passes of 4, 2 and 1 rows
-        args = operands(fmt, weights, per_scale, x, group, layout)
+    for count, layout in zip((1, 2, 3, 7), LAYOUTS * 2):
+        args = (*weights, *layout, per_scale, x, x_sums)
         start = 2  # the rows from rows[start]; out wider than count and longer than the pairs
         rows = torch.randint(0, 6, (start + count,), generator=gen, dtype=torch.int32).numpy()
         height = 2 * layout[3]
@@ -127,9 +127,17 @@ def test_the_vector_code_computes_the_definition(fmt, quantize_format, options, 
         assert np.isnan(out[:, count]).all() and np.isnan(out[height]).all()  # nothing written past them
         out, expected, rows = out[:height, :count], expected[:height, :count], rows[start:]
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-        # and the definition is the format's: the dequantized rows times the activations
-        truth = dense[layout_rows(*layout)] @ in_element_order(fmt, x[rows], depth).astype(np.float64).T
+        truth = dense[layout_rows(*layout)] @ activations[rows].T
         np.testing.assert_allclose(expected, truth, rtol=1e-5, atol=1e-5 * np.abs(truth).max())
+
+
+@pytest.mark.parametrize("features", FEATURES)
+@pytest.mark.parametrize("fmt,quantize_format,options,depth", CASES)
+def test_the_vector_code_computes_the_definition(fmt, quantize_format, options, depth, features, gen):
+    weights, per_scale, x, dense, group = kernel_inputs(fmt, quantize_format, options, depth, gen)
+    x_sums = operands(fmt, weights, per_scale, x, group)[-1]
+    check_the_kernel(fmt, features, weights, per_scale, x, x_sums, group,
+                     in_element_order(fmt, x, depth).astype(np.float64), dense, gen)
 
 
 @pytest.mark.parametrize("features", FEATURES)
@@ -182,24 +190,12 @@ def test_e4m3_codes_meet_bfloat16_activations_as_pairs_of_bfloat16(depth, featur
     """The kernel's second kind for e4m3: codes looked up as bfloat16 (vpermi2b) against the
     activations' bfloat16 bits, vdpbf16ps, where the host has them; the same sums in generic
     vector code elsewhere."""
-    from moe_dispatch.kernels.numba import packed_dots
+    from moe_dispatch.kernels.numba.packed_dots import INT_LANES
 
     weights, per_scale, x, dense, group = kernel_inputs("e4m3", "fp8", {}, depth, gen)
     bits, rounded = bfloat16_layout(x)
-    run = compiled("e4m3", features)
-    for count, layout in zip((1, 2, 3, 7), LAYOUTS * 2):
-        args = operands("e4m3", weights, per_scale, bits, group, layout)
-        start = 2
-        rows = torch.randint(0, 6, (start + count,), generator=gen, dtype=torch.int32).numpy()
-        height = 2 * layout[3]
-        out, expected = (np.full((height + 1, count + 1), np.nan, np.float32) for _ in range(2))
-        run(*args, rows, start, count, group, out)
-        packed_dots.e4m3_dots(*args, rows, start, count, group, expected)
-        assert np.isnan(out[:, count]).all() and np.isnan(out[height]).all()
-        out, expected, rows = out[:height, :count], expected[:height, :count], rows[start:]
-        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-        truth = dense[layout_rows(*layout)] @ rounded[rows].T
-        np.testing.assert_allclose(expected, truth, rtol=1e-5, atol=1e-5 * np.abs(truth).max())
+    check_the_kernel("e4m3", features, weights, per_scale, bits, np.empty((0, 0, INT_LANES), np.int32), group,
+                     rounded, dense, gen)
 
 
 @pytest.mark.parametrize("features", FEATURES)
@@ -228,26 +224,12 @@ def test_4bit_codes_meet_bfloat16_activations_as_pairs_of_bfloat16(fmt, quantize
     """The 4-bit kernels' second kind: codes looked up as bfloat16 values (vpermw) against the
     activations' bfloat16 bits in nibble_order (uint16), vdpbf16ps, where the host has them;
     the same sums through float32 elsewhere. No lane sums: the values carry their zero."""
-    from moe_dispatch.kernels.numba import packed_dots
+    from moe_dispatch.kernels.numba.packed_dots import INT_LANES
 
     weights, per_scale, _, dense, group = kernel_inputs(fmt, quantize_format, options, depth, gen)
     bits, rounded = bfloat16_layout(torch.randn(6, depth, generator=gen).numpy())
-    bits = in_kernel_layout(fmt, bits.view(np.uint16))
-    definition = getattr(packed_dots, f"{fmt}_dots")
-    run = compiled(fmt, features)
-    for count, layout in zip((1, 2, 3, 7), LAYOUTS * 2):  # passes of 4, 2 and 1 rows
-        args = (*weights, *layout, per_scale, bits, np.empty((0, 0, packed_dots.INT_LANES), np.int32))
-        start = 2
-        rows = torch.randint(0, 6, (start + count,), generator=gen, dtype=torch.int32).numpy()
-        height = 2 * layout[3]
-        out, expected = (np.full((height + 1, count + 1), np.nan, np.float32) for _ in range(2))
-        run(*args, rows, start, count, group, out)
-        definition(*args, rows, start, count, group, expected)
-        assert np.isnan(out[:, count]).all() and np.isnan(out[height]).all()
-        out, expected, rows = out[:height, :count], expected[:height, :count], rows[start:]
-        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-        truth = dense[layout_rows(*layout)] @ rounded[rows].T
-        np.testing.assert_allclose(expected, truth, rtol=1e-5, atol=1e-5 * np.abs(truth).max())
+    check_the_kernel(fmt, features, weights, per_scale, in_kernel_layout(fmt, bits.view(np.uint16)),
+                     np.empty((0, 0, INT_LANES), np.int32), group, rounded, dense, gen)
 
 
 @pytest.mark.parametrize("features", FEATURES)
