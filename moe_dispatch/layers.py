@@ -15,7 +15,7 @@ from .backends import BACKEND_NAMES
 from .experts import ExpertWeights, kept, stamp
 from .formats import FORMATS
 from .formats.quantized import QuantizedWeight, quantize
-from .ops import make_plan, moe_mlp
+from .ops import make_plan, moe_mlp, routed_decode
 from .plan import DispatchPlan
 from .routing import route
 
@@ -277,17 +277,31 @@ class MoE(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.hidden_size)
+        out = None if return_aux else self._decode_step(flat)
+        if out is not None:
+            return self._with_shared_experts(out, flat).view(x.shape)
         logits, weights, ids = self.routing(flat)
         # the expert counts are needed only for the aux losses; without them moe_mlp makes the plan
         # itself, or skips it (a decode step on the triton and numba backends)
         plan = make_plan(ids, self.num_experts, backend=self.backend) if return_aux else None
-        out = self.routed_experts(flat, weights, ids, plan)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
-        out = out.view(x.shape)
+        out = self._with_shared_experts(self.routed_experts(flat, weights, ids, plan), flat).view(x.shape)
         if not return_aux:
             return out
         return out, self._aux(logits, plan.counts)
+
+    def _decode_step(self, flat: Tensor) -> Optional[Tensor]:
+        """The routed experts' output with the router and the routing computed in the same
+        backend call (ops.routed_decode: a decode step on the numba backend), or None: softmax
+        scoring without groups (no bias then takes part), experts that this class routes
+        itself (expert parallelism overrides routed_experts)."""
+        if (torch.compiler.is_compiling() or self.scoring != "softmax" or self.n_groups is not None
+                or type(self).routed_experts is not MoE.routed_experts):
+            return None
+        return routed_decode(flat, self._router_float32(), self.top_k, self.experts, renormalize=self.renormalize,
+                             scale=self.routed_scaling, backend=self.backend)
+
+    def _with_shared_experts(self, out: Tensor, flat: Tensor) -> Tensor:
+        return out if self.shared_experts is None else out + self.shared_experts(flat)
 
     def routed_experts(self, flat: Tensor, weights: Tensor, ids: Tensor, plan: Optional[DispatchPlan] = None) -> Tensor:
         """[T, H] -> [T, H]: the weighted sum of each token's routed experts, the step between

@@ -1,8 +1,10 @@
 """Routing: choose each token's top-k experts from the router's logits.
 
 Routing is a few vectorized tensor operations over [T, E] scores, the same PyTorch code on
-every backend and every device (no backend has a kernel for it): `backend` is checked like
-every op's, and routing never syncs with the host.
+every backend and every device: `backend` is checked like every op's, and routing never syncs
+with the host. (The MoE layer's decode step on the numba backend makes the same choice inside
+its experts' call, kernels/numba/routing.py, where these operations cost more than the step's
+arithmetic.)
 """
 
 from typing import Optional

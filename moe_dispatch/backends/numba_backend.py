@@ -415,6 +415,7 @@ def scalars_array(t: Optional[Tensor], dtype: torch.dtype) -> np.ndarray:
 
 
 _NO_SCALARS = {False: np.zeros((1, 1), dtype=np.float32), True: np.zeros((1, 1), dtype=np.float64)}
+_NO_ROUTER = np.zeros((0, 0), dtype=np.float32)  # a decode step given its expert ids
 
 
 def refuse_bad_ids(ids: Tensor, num_experts: int, num_bad: int) -> None:
@@ -886,19 +887,43 @@ class NumbaBackend(Backend):
     def moe_mlp_from_ids(self, x, weights, ids, experts):
         # Tried on as many slots as the serial plan serves; the kernel builds the plan, then
         # declines when the experts receive more rows than the fused kernels take.
-        if not 0 < ids.numel() <= plan_kernels.MIN_SLOTS_PER_CHUNK or experts.quantizes_activations:
+        setup = self._decode_setup(x, experts, ids.numel())
+        if setup is None:
             return None
-        setup = decode_setup(x, experts)
-        # more rows than the fused kernels take were every expert active: no call (nor compile)
-        if setup.kernels is None or ids.numel() > setup.rows_limit * experts.num_experts:
-            return None
-        out_array, out = empty_array(tuple(x.shape), x.dtype)
-        module, kernel_experts = setup.kernels
-        arrays = (as_array(x.contiguous()), scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(),
-                  experts.num_experts, setup.rows_limit, kernel_experts, setup.tiles, out_array)
-        status = setup.run(ids.numel(), lambda: module.moe_mlp_decode_ids(*arrays))
+        status, out = self._decode(setup, x, scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(),
+                                   _NO_ROUTER, False, 1.0, experts)
         if status == mlp.NOT_DECODE:
             return None
         if status:
             refuse_bad_ids(ids, experts.num_experts, status)
         return out
+
+    @launcher
+    def moe_mlp_routed(self, x, router, top_k, renormalize, scale, experts):
+        setup = self._decode_setup(x, experts, x.shape[0] * top_k)
+        if setup is None:
+            return None
+        # the kernel routes x's rows into these
+        weights = np.empty((x.shape[0], top_k), dtype=_ARRAY_TYPES[acc_dtype(x.dtype)])
+        ids = np.empty((x.shape[0], top_k), dtype=np.int64)
+        status, out = self._decode(setup, x, weights, ids, as_array(router.contiguous()), renormalize, scale, experts)
+        return None if status == mlp.NOT_DECODE else out
+
+    @staticmethod
+    def _decode_setup(x, experts, slots) -> Optional[DecodeSetup]:
+        """The DecodeSetup of a step of slots (token, expert) pairs from the ids, or None where
+        it takes no decode kernel: more slots than the serial plan serves, or more rows than
+        the fused kernels take were every expert active (no call, nor compile)."""
+        if not 0 < slots <= plan_kernels.MIN_SLOTS_PER_CHUNK or experts.quantizes_activations:
+            return None
+        setup = decode_setup(x, experts)
+        return None if setup.kernels is None or slots > setup.rows_limit * experts.num_experts else setup
+
+    @staticmethod
+    def _decode(setup, x, weights, ids, router, renormalize, scale, experts) -> tuple[int, Tensor]:
+        """(status, output) of the decode kernels' call on these arrays (moe_mlp_decode_ids)."""
+        out_array, out = empty_array(tuple(x.shape), x.dtype)
+        module, kernel_experts = setup.kernels
+        arrays = (as_array(x.contiguous()), weights, ids, router, renormalize, scale, experts.num_experts,
+                  setup.rows_limit, kernel_experts, setup.tiles, out_array)
+        return setup.run(ids.size, lambda: module.moe_mlp_decode_ids(*arrays)), out

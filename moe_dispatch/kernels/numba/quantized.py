@@ -35,7 +35,7 @@ from .packed_dots import (E2M1_OFFSET, E4M3_BF16_DOTS, INT_LANES, NIBBLE_BF16_DO
                           e2m1_dequantize,
                           e2m1_dots, e4m3_dequantize, e4m3_dots, int4_dequantize, int4_dots, int8_dequantize,
                           int8_dots, lane_sums, nibble_depth, quantize_rows, reads_chunks, reads_wide_chunks)
-from .mlp import BAD_INDEX, DECODE_OK, decode_inputs, decode_plan, gate_up_values
+from .mlp import BAD_INDEX, DECODE_OK, decode_inputs, gate_up_values, step_plan
 from .scalars import half_value, holds_bfloat16, narrow, pow2
 from .vector_width import wide_vectors
 
@@ -555,10 +555,11 @@ def _narrow_into(src, dst):
 
 
 @njit(cache=True)
-def moe_mlp_decode_ids(x, weights, ids, num_experts, rows_limit, experts, tiles, out):
+def moe_mlp_decode_ids(x, weights, ids, router, renormalize, scale, num_experts, rows_limit, experts, tiles, out):
     """mlp.moe_mlp_decode_ids on QuantizedExperts: the plan and the step in one call. Returns
     decode_plan's status: nothing is computed unless it is 0."""
-    status, offsets, token_of_row, row_of_slot = decode_plan(ids, num_experts, rows_limit)
+    status, offsets, token_of_row, row_of_slot = step_plan(x, weights, ids, router, renormalize, scale,
+                                                           num_experts, rows_limit)
     if status:
         return status
     # save_h a runtime false, so that moe_mlp_decode compiles once for both entry points

@@ -1,0 +1,154 @@
+"""A layer's decode step in one call: the router, the top-k routing and the routed experts
+(ops.routed_decode, the numba backend's moe_mlp_routed, kernels/numba/routing.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+import moe_dispatch as md
+from conftest import assert_close, count_decode_steps, needs_numba
+from moe_dispatch import ops
+from moe_dispatch.backends.numba_backend import as_array
+from moe_dispatch.kernels.numba.routing import route_rows
+from reference import naive_moe_mlp, naive_route
+
+# x's dtype: what the kernel reads (16-bit floats as their bits), the dtype of its weights
+ROUTE_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+
+
+@pytest.mark.nojit
+@pytest.mark.parametrize("dtype", ROUTE_DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("renormalize, scale", [(True, 1.0), (False, 2.5)], ids=["renormalized", "raw-scaled"])
+def test_route_rows_matches_route(dtype, renormalize, scale, gen):
+    T, H, E, k = 5, 24, 12, 3
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    router = torch.randn(E, H, generator=gen)
+    weights = np.full((T, k), np.nan, dtype=np.float64 if dtype == torch.float64 else np.float32)
+    ids = np.full((T, k), -1, dtype=np.int64)
+    x_before = x.clone()
+    route_rows(as_array(x), router.numpy(), renormalize, scale, weights, ids)
+    assert torch.equal(x, x_before)
+    logits = x.double().float().double() @ router.double().T
+    expected_weights, expected_ids = naive_route(logits, k, renormalize=renormalize, scale=scale)
+    assert torch.equal(torch.from_numpy(ids), expected_ids)
+    torch.testing.assert_close(torch.from_numpy(weights).double(), expected_weights, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.nojit
+def test_route_rows_ranks_ties_and_nans_like_topk():
+    """Equal logits go to the lower id, a NaN before every number; every id is chosen once."""
+    router = np.eye(6, dtype=np.float32)
+    weights, ids = np.empty((1, 4), dtype=np.float32), np.empty((1, 4), dtype=np.int64)
+    route_rows(np.array([[0.5, 2.0, 0.5, 2.0, -1.0, 0.5]], dtype=np.float32), router, True, 1.0, weights, ids)
+    assert ids.tolist() == [[1, 3, 0, 2]] and np.isclose(weights.sum(), 1.0)
+    router[1, 1] = router[4, 4] = np.nan  # logits 1 and 4 are NaN for any x
+    route_rows(np.array([[0.0, 1.0, 1.0, 0.0, 1.0, 3.0]], dtype=np.float32), router, True, 1.0, weights, ids)
+    assert ids.tolist() == [[1, 4, 5, 2]] and np.isnan(weights).all()
+
+
+def _layer(dtype, fmt=None, **kwargs):
+    torch.manual_seed(0)
+    args = dict(hidden_size=64, intermediate_size=32, num_experts=8, top_k=2, backend="numba")
+    layer = md.MoE(**dict(args, **kwargs)).to(dtype)
+    return layer.quantize_(fmt) if fmt else layer
+
+
+def _general_path(layer, x):
+    """The layer's output through route and moe_mlp, as without the one-call step."""
+    flat = x.reshape(-1, layer.hidden_size)
+    _, weights, ids = layer.routing(flat)
+    out = md.moe_mlp(flat, weights, ids, layer.experts, backend="numba")
+    if layer.shared_experts is not None:
+        out = out + layer.shared_experts(flat)
+    return out.view(x.shape), weights, ids
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param(dict(), id="mixtral-like"),
+        pytest.param(dict(renormalize=False, routed_scaling=1.5, n_shared_experts=1), id="olmoe-like-scaled-shared"),
+        pytest.param(dict(activation="gelu", bias=True, top_k=3), id="plain-gelu-bias"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_layer_decode_step_is_one_call_and_matches_the_general_path(dtype, kwargs, gen, monkeypatch):
+    layer = _layer(dtype, **kwargs)
+    calls = count_decode_steps(monkeypatch)
+    routed = []
+    backend = md.backends.get_backend("numba")
+    original = type(backend).moe_mlp_routed
+    monkeypatch.setattr(type(backend), "moe_mlp_routed", lambda *a: routed.append(1) or original(*a))
+    for tokens in (1, 3):
+        x = torch.randn(2, tokens, 64, generator=gen).to(dtype)
+        with torch.no_grad():
+            out = layer(x)
+            assert routed and calls == ["moe_mlp_decode_ids"]
+            expected, weights, ids = _general_path(layer, x)
+        routed.clear(), calls.clear()
+        assert out.shape == x.shape and out.dtype == dtype
+        assert_close(out, expected.double())
+        naive = naive_moe_mlp(x.reshape(-1, 64), weights, ids, layer.w_gate_up.detach(), layer.w_down.detach(),
+                              layer.b_gate_up, layer.b_down, layer.activation)
+        if layer.shared_experts is not None:
+            naive = naive + layer.shared_experts(x.reshape(-1, 64)).double()
+        assert_close(out.reshape(-1, 64), naive, dtype)
+
+
+@needs_numba
+def test_quantized_experts_take_the_one_call_step(gen, monkeypatch):
+    layer = _layer(torch.bfloat16, "int8")
+    calls = count_decode_steps(monkeypatch, "quantized_kernels")
+    x = torch.randn(2, 64, generator=gen).bfloat16()
+    with torch.no_grad():
+        out = layer(x)
+        assert calls == ["moe_mlp_decode_ids"]
+        expected, _, _ = _general_path(layer, x)
+    assert_close(out, expected.double())
+
+
+@needs_numba
+@pytest.mark.parametrize("case", ["sigmoid", "groups", "aux", "grad", "many-tokens"])
+def test_other_steps_route_the_general_way(case, gen, monkeypatch):
+    """Scores other than a plain softmax, the aux losses, autograd and batches past a decode
+    step's slots leave the routing to route."""
+    options = {"sigmoid": dict(scoring="sigmoid"), "groups": dict(n_groups=2, topk_groups=1)}.get(case, {})
+    layer = _layer(torch.float32, **options)
+    backend = md.backends.get_backend("numba")
+    routed = []
+    original = type(backend).moe_mlp_routed
+    monkeypatch.setattr(type(backend), "moe_mlp_routed", lambda *a: routed.append(original(*a)) or routed[-1])
+    x = torch.randn(2100 if case == "many-tokens" else 2, 64, generator=gen)  # 4200 slots: not a decode step
+    with torch.set_grad_enabled(case == "grad"):
+        out = layer(x, return_aux=case == "aux")
+        out = out[0] if case == "aux" else out
+        expected, _, _ = _general_path(layer, x)
+    assert all(r is None for r in routed)
+    assert_close(out.detach(), expected.detach().double())
+
+
+@needs_numba
+def test_a_step_the_decode_kernels_decline_routes_again(gen, monkeypatch):
+    """Where the routed rows crowd too few experts for the decode kernels, the layer's general
+    path serves the step."""
+    import moe_dispatch.backends.numba_backend as nb
+
+    layer = _layer(torch.float32)
+    monkeypatch.setattr(nb.mlp, "moe_mlp_decode_ids", lambda *args: nb.mlp.NOT_DECODE)
+    x = torch.randn(3, 64, generator=gen)
+    with torch.no_grad():
+        assert ops.routed_decode(x, layer._router_float32(), 2, layer.experts, renormalize=True, scale=1.0,
+                                 backend="numba") is None
+        out = layer(x)
+    monkeypatch.undo()
+    with torch.no_grad():
+        expected, _, _ = _general_path(layer, x)
+    assert_close(out, expected.double())
+
+
+@needs_numba
+def test_activations_of_another_dtype_than_the_experts_are_refused():
+    layer = _layer(torch.bfloat16)
+    with torch.no_grad(), pytest.raises(TypeError, match="w_gate_up"):
+        layer(torch.randn(1, 64))
