@@ -264,12 +264,7 @@ class MoE(nn.Module):
         """[T, H] -> the router's logits [T, E] (float32) and each token's routing weights and
         expert ids [T, top_k]."""
         logits = self.router_logits(flat)
-        weights, ids = route(
-            logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
-            bias=self.expert_bias if self.scoring == "sigmoid" else None,
-            n_groups=self.n_groups, topk_groups=self.topk_groups, scale=self.routed_scaling,
-            backend=self.backend,
-        )
+        weights, ids = route(logits, self.top_k, backend=self.backend, **self._route_options())
         return logits, weights, ids
 
     def forward(self, x: Tensor, return_aux: bool = False):
@@ -291,14 +286,19 @@ class MoE(nn.Module):
 
     def _decode_step(self, flat: Tensor) -> Optional[Tensor]:
         """The routed experts' output with the router and the routing computed in the same
-        backend call (ops.routed_decode: a decode step on the numba backend), or None: softmax
-        scoring without groups (no bias then takes part), experts that this class routes
-        itself (expert parallelism overrides routed_experts)."""
-        if (torch.compiler.is_compiling() or self.scoring != "softmax" or self.n_groups is not None
-                or type(self).routed_experts is not MoE.routed_experts):
+        backend call (ops.routed_decode: a decode step on the numba backend), or None; not
+        for experts that this class does not route itself (expert parallelism overrides
+        routed_experts)."""
+        if torch.compiler.is_compiling() or type(self).routed_experts is not MoE.routed_experts:
             return None
-        return routed_decode(flat, self._router_float32(), self.top_k, self.experts, renormalize=self.renormalize,
-                             scale=self.routed_scaling, backend=self.backend)
+        return routed_decode(flat, self._router_float32(), self.top_k, self.experts, backend=self.backend,
+                             **self._route_options())
+
+    def _route_options(self) -> dict:
+        """route's keyword arguments for this layer's routing."""
+        return dict(scoring=self.scoring, renormalize=self.renormalize,
+                    bias=self.expert_bias if self.scoring == "sigmoid" else None, n_groups=self.n_groups,
+                    topk_groups=self.topk_groups, scale=self.routed_scaling)
 
     def _with_shared_experts(self, out: Tensor, flat: Tensor) -> Tensor:
         return out if self.shared_experts is None else out + self.shared_experts(flat)

@@ -414,13 +414,13 @@ def moe_mlp(
     return _MoEMLP.apply(x, weights, *plan.tensors(), experts if direct else None, spec, name, direct, *flat)
 
 
-def routed_decode(x: Tensor, router: Tensor, top_k: int, experts: ExpertWeights, *, renormalize: bool,
-                  scale: float, backend: str = "auto") -> Optional[Tensor]:
-    """moe_mlp(x, *route(x.float() @ router.T, top_k, renormalize=renormalize, scale=scale),
-    experts) in one call of the backend, where it has one for this call (the numba backend's
-    decode steps); None otherwise, and under autograd or a torch function or dispatch mode:
-    the caller then routes and calls moe_mlp. router: [E, H] float32. The MoE layer's decode
-    step: its routing's torch operations cost more than their arithmetic on cold caches."""
+def routed_decode(x: Tensor, router: Tensor, top_k: int, experts: ExpertWeights, *, backend: str = "auto",
+                  **route_options) -> Optional[Tensor]:
+    """moe_mlp(x, *route(x.float() @ router.T, top_k, **route_options), experts) in one call of
+    the backend, where it has one for this call (the numba backend's decode steps); None
+    otherwise, and under autograd or a torch function or dispatch mode: the caller then routes
+    and calls moe_mlp. router: [E, H] float32. The MoE layer's decode step: its routing's
+    torch operations cost more than their arithmetic on cold caches."""
     if torch.compiler.is_compiling():
         return None
     check.floating("x", x, ndim=2)
@@ -431,7 +431,7 @@ def routed_decode(x: Tensor, router: Tensor, top_k: int, experts: ExpertWeights,
         return None
     if not _direct(x, router, *flat):
         return None
-    return get_backend(name).moe_mlp_routed(x, router, top_k, renormalize, scale, experts)
+    return get_backend(name).moe_mlp_routed(x, router, top_k, experts, **route_options)
 
 
 def _expert_weights(w_gate_up, w_down, b_gate_up, b_down, activation) -> ExpertWeights:

@@ -9,27 +9,43 @@ import moe_dispatch as md
 from conftest import assert_close, count_decode_steps, needs_numba
 from moe_dispatch import ops
 from moe_dispatch.backends.numba_backend import as_array
-from moe_dispatch.kernels.numba.routing import route_rows
+from moe_dispatch.kernels.numba.routing import Routing, route_rows
 from reference import naive_moe_mlp, naive_route
 
 # x's dtype: what the kernel reads (16-bit floats as their bits), the dtype of its weights
 ROUTE_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 
 
+def _routing(router, scoring="softmax", renormalize=True, bias=None, n_groups=None, topk_groups=None, scale=1.0):
+    bias = np.zeros(0, dtype=np.float32) if bias is None else bias.numpy()
+    return Routing(router.numpy(), bias, scoring == "sigmoid", n_groups or 0, topk_groups or 0, renormalize, scale)
+
+
+ROUTINGS = [
+    pytest.param(dict(), id="softmax"),
+    pytest.param(dict(renormalize=False, scale=2.5), id="softmax-raw-scaled"),
+    pytest.param(dict(n_groups=4, topk_groups=2), id="softmax-groups"),
+    pytest.param(dict(scoring="sigmoid", renormalize=False), id="sigmoid"),
+    pytest.param(dict(scoring="sigmoid", bias=True, n_groups=4, topk_groups=2, scale=2.5), id="deepseek"),
+    pytest.param(dict(scoring="sigmoid", bias=True, n_groups=12, topk_groups=4), id="groups-of-one"),
+]
+
+
 @pytest.mark.nojit
 @pytest.mark.parametrize("dtype", ROUTE_DTYPES, ids=lambda d: str(d).split(".")[1])
-@pytest.mark.parametrize("renormalize, scale", [(True, 1.0), (False, 2.5)], ids=["renormalized", "raw-scaled"])
-def test_route_rows_matches_route(dtype, renormalize, scale, gen):
+@pytest.mark.parametrize("options", ROUTINGS)
+def test_route_rows_matches_route(dtype, options, gen):
     T, H, E, k = 5, 24, 12, 3
     x = torch.randn(T, H, generator=gen).to(dtype)
     router = torch.randn(E, H, generator=gen)
+    options = dict(options, bias=torch.randn(E, generator=gen) * 0.1 if options.get("bias") else None)
     weights = np.full((T, k), np.nan, dtype=np.float64 if dtype == torch.float64 else np.float32)
     ids = np.full((T, k), -1, dtype=np.int64)
     x_before = x.clone()
-    route_rows(as_array(x), router.numpy(), renormalize, scale, weights, ids)
+    route_rows(as_array(x), _routing(router, **options), weights, ids)
     assert torch.equal(x, x_before)
     logits = x.double().float().double() @ router.double().T
-    expected_weights, expected_ids = naive_route(logits, k, renormalize=renormalize, scale=scale)
+    expected_weights, expected_ids = naive_route(logits, k, **options)
     assert torch.equal(torch.from_numpy(ids), expected_ids)
     torch.testing.assert_close(torch.from_numpy(weights).double(), expected_weights, rtol=1e-5, atol=1e-6)
 
@@ -37,12 +53,15 @@ def test_route_rows_matches_route(dtype, renormalize, scale, gen):
 @pytest.mark.nojit
 def test_route_rows_ranks_ties_and_nans_like_topk():
     """Equal logits go to the lower id, a NaN before every number; every id is chosen once."""
-    router = np.eye(6, dtype=np.float32)
+    router = torch.eye(6)
     weights, ids = np.empty((1, 4), dtype=np.float32), np.empty((1, 4), dtype=np.int64)
-    route_rows(np.array([[0.5, 2.0, 0.5, 2.0, -1.0, 0.5]], dtype=np.float32), router, True, 1.0, weights, ids)
+    x = np.array([[0.5, 2.0, 0.5, 2.0, -1.0, 0.5]], dtype=np.float32)
+    route_rows(x, _routing(router), weights, ids)
     assert ids.tolist() == [[1, 3, 0, 2]] and np.isclose(weights.sum(), 1.0)
-    router[1, 1] = router[4, 4] = np.nan  # logits 1 and 4 are NaN for any x
-    route_rows(np.array([[0.0, 1.0, 1.0, 0.0, 1.0, 3.0]], dtype=np.float32), router, True, 1.0, weights, ids)
+    route_rows(x, _routing(router, scoring="sigmoid", n_groups=3, topk_groups=2), weights, ids)
+    assert ids.tolist() == [[1, 3, 0, 2]]  # groups (0, 1) and (2, 3) score alike, ahead of (4, 5)
+    router[1, 1] = router[4, 4] = float("nan")  # logits 1 and 4 are NaN for any x
+    route_rows(np.array([[0.0, 1.0, 1.0, 0.0, 1.0, 3.0]], dtype=np.float32), _routing(router), weights, ids)
     assert ids.tolist() == [[1, 4, 5, 2]] and np.isnan(weights).all()
 
 
@@ -70,16 +89,20 @@ def _general_path(layer, x):
         pytest.param(dict(), id="mixtral-like"),
         pytest.param(dict(renormalize=False, routed_scaling=1.5, n_shared_experts=1), id="olmoe-like-scaled-shared"),
         pytest.param(dict(activation="gelu", bias=True, top_k=3), id="plain-gelu-bias"),
+        pytest.param(dict(scoring="sigmoid", n_groups=4, topk_groups=2, routed_scaling=2.5, n_shared_experts=1),
+                     id="deepseek-like"),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_a_layer_decode_step_is_one_call_and_matches_the_general_path(dtype, kwargs, gen, monkeypatch):
     layer = _layer(dtype, **kwargs)
+    if layer.scoring == "sigmoid":
+        layer.expert_bias.copy_(torch.randn(8, generator=gen) * 0.05)
     calls = count_decode_steps(monkeypatch)
     routed = []
     backend = md.backends.get_backend("numba")
     original = type(backend).moe_mlp_routed
-    monkeypatch.setattr(type(backend), "moe_mlp_routed", lambda *a: routed.append(1) or original(*a))
+    monkeypatch.setattr(type(backend), "moe_mlp_routed", lambda *a, **kw: routed.append(1) or original(*a, **kw))
     for tokens in (1, 3):
         x = torch.randn(2, tokens, 64, generator=gen).to(dtype)
         with torch.no_grad():
@@ -109,16 +132,16 @@ def test_quantized_experts_take_the_one_call_step(gen, monkeypatch):
 
 
 @needs_numba
-@pytest.mark.parametrize("case", ["sigmoid", "groups", "aux", "grad", "many-tokens"])
+@pytest.mark.parametrize("case", ["aux", "grad", "many-tokens"])
 def test_other_steps_route_the_general_way(case, gen, monkeypatch):
-    """Scores other than a plain softmax, the aux losses, autograd and batches past a decode
-    step's slots leave the routing to route."""
-    options = {"sigmoid": dict(scoring="sigmoid"), "groups": dict(n_groups=2, topk_groups=1)}.get(case, {})
-    layer = _layer(torch.float32, **options)
+    """The aux losses, autograd and batches past a decode step's slots leave the routing to
+    route."""
+    layer = _layer(torch.float32)
     backend = md.backends.get_backend("numba")
     routed = []
     original = type(backend).moe_mlp_routed
-    monkeypatch.setattr(type(backend), "moe_mlp_routed", lambda *a: routed.append(original(*a)) or routed[-1])
+    monkeypatch.setattr(type(backend), "moe_mlp_routed",
+                        lambda *a, **kw: routed.append(original(*a, **kw)) or routed[-1])
     x = torch.randn(2100 if case == "many-tokens" else 2, 64, generator=gen)  # 4200 slots: not a decode step
     with torch.set_grad_enabled(case == "grad"):
         out = layer(x, return_aux=case == "aux")
@@ -138,8 +161,8 @@ def test_a_step_the_decode_kernels_decline_routes_again(gen, monkeypatch):
     monkeypatch.setattr(nb.mlp, "moe_mlp_decode_ids", lambda *args: nb.mlp.NOT_DECODE)
     x = torch.randn(3, 64, generator=gen)
     with torch.no_grad():
-        assert ops.routed_decode(x, layer._router_float32(), 2, layer.experts, renormalize=True, scale=1.0,
-                                 backend="numba") is None
+        assert ops.routed_decode(x, layer._router_float32(), 2, layer.experts, backend="numba",
+                                 **layer._route_options()) is None
         out = layer(x)
     monkeypatch.undo()
     with torch.no_grad():

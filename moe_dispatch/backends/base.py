@@ -93,13 +93,13 @@ class Backend:
         one step saves. Ids outside [0, E) raise ValueError, as in make_plan."""
         return None
 
-    def moe_mlp_routed(self, x: Tensor, router: Tensor, top_k: int, renormalize: bool, scale: float,
-                       experts: ExpertWeights) -> Optional[Tensor]:
-        """moe_mlp_from_ids's output for the ids and weights that routing.route gives the
-        logits x.float() @ router.T (router [E, H] float32; softmax scoring, no bias, no
-        groups; exactly equal logits in any order, as torch.topk), the routing in the same
-        call; None where this backend has no such path for the call, and the caller then
-        routes and calls moe_mlp. A layer's decode step is the use."""
+    def moe_mlp_routed(self, x: Tensor, router: Tensor, top_k: int, experts: ExpertWeights,
+                       **route_options) -> Optional[Tensor]:
+        """moe_mlp_from_ids's output for the ids and weights that routing.route (with
+        route_options: its keyword arguments but backend) gives the logits x.float() @
+        router.T (router [E, H] float32; exactly equal scores in any order, as torch.topk),
+        the routing in the same call; None where this backend has no such path for the call,
+        and the caller then routes and calls moe_mlp. A layer's decode step is the use."""
         return None
 
     # ---- composites ------------------------------------------------------------------

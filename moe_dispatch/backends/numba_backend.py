@@ -43,6 +43,7 @@ from ..kernels.numba import mlp, mlp_backward, outer_products
 from ..kernels.numba import permute as perm
 from ..kernels.numba import plan as plan_kernels
 from ..kernels.numba import quantized as quantized_kernels
+from ..kernels.numba import routing as routing_kernels
 from ..kernels.numba import tile_products
 from ..kernels.numba.activations import FusedActivation, fused
 from ..kernels.numba.bf16_dots import STEP as BF16_STEP
@@ -415,7 +416,6 @@ def scalars_array(t: Optional[Tensor], dtype: torch.dtype) -> np.ndarray:
 
 
 _NO_SCALARS = {False: np.zeros((1, 1), dtype=np.float32), True: np.zeros((1, 1), dtype=np.float64)}
-_NO_ROUTER = np.zeros((0, 0), dtype=np.float32)  # a decode step given its expert ids
 
 
 def refuse_bad_ids(ids: Tensor, num_experts: int, num_bad: int) -> None:
@@ -891,7 +891,7 @@ class NumbaBackend(Backend):
         if setup is None:
             return None
         status, out = self._decode(setup, x, scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(),
-                                   _NO_ROUTER, False, 1.0, experts)
+                                   routing_kernels.NO_ROUTING, experts)
         if status == mlp.NOT_DECODE:
             return None
         if status:
@@ -899,14 +899,17 @@ class NumbaBackend(Backend):
         return out
 
     @launcher
-    def moe_mlp_routed(self, x, router, top_k, renormalize, scale, experts):
+    def moe_mlp_routed(self, x, router, top_k, experts, *, scoring, renormalize, bias, n_groups, topk_groups, scale):
         setup = self._decode_setup(x, experts, x.shape[0] * top_k)
         if setup is None:
             return None
+        bias = routing_kernels.NO_ROUTING.bias if bias is None else bias.detach().float().contiguous().numpy()
+        routing = routing_kernels.Routing(as_array(router.contiguous()), bias, scoring == "sigmoid", n_groups or 0,
+                                          topk_groups or 0, renormalize, float(scale))
         # the kernel routes x's rows into these
         weights = np.empty((x.shape[0], top_k), dtype=_ARRAY_TYPES[acc_dtype(x.dtype)])
         ids = np.empty((x.shape[0], top_k), dtype=np.int64)
-        status, out = self._decode(setup, x, weights, ids, as_array(router.contiguous()), renormalize, scale, experts)
+        status, out = self._decode(setup, x, weights, ids, routing, experts)
         return None if status == mlp.NOT_DECODE else out
 
     @staticmethod
@@ -920,10 +923,10 @@ class NumbaBackend(Backend):
         return None if setup.kernels is None or slots > setup.rows_limit * experts.num_experts else setup
 
     @staticmethod
-    def _decode(setup, x, weights, ids, router, renormalize, scale, experts) -> tuple[int, Tensor]:
+    def _decode(setup, x, weights, ids, routing, experts) -> tuple[int, Tensor]:
         """(status, output) of the decode kernels' call on these arrays (moe_mlp_decode_ids)."""
         out_array, out = empty_array(tuple(x.shape), x.dtype)
         module, kernel_experts = setup.kernels
-        arrays = (as_array(x.contiguous()), weights, ids, router, renormalize, scale, experts.num_experts,
-                  setup.rows_limit, kernel_experts, setup.tiles, out_array)
+        arrays = (as_array(x.contiguous()), weights, ids, routing, experts.num_experts, setup.rows_limit,
+                  kernel_experts, setup.tiles, out_array)
         return setup.run(ids.size, lambda: module.moe_mlp_decode_ids(*arrays)), out

@@ -319,25 +319,24 @@ def decode_plan(ids, num_experts, rows_limit):
 
 
 @njit(cache=True)
-def step_plan(x, weights, ids, router, renormalize, scale, num_experts, rows_limit):
+def step_plan(x, weights, ids, routing, num_experts, rows_limit):
     """decode_plan of ids, after routing.route_rows has routed x's rows into weights and ids
-    where router is a layer's router [E, H] float32 (a layer's whole step in one call); an
-    empty router leaves both as the caller gave them."""
-    if router.shape[0] != 0:
-        route_rows(x, router, renormalize, scale, weights, ids)
+    where routing (a routing.Routing) holds a layer's router (a layer's whole step in one
+    call); routing.NO_ROUTING leaves both as the caller gave them."""
+    if routing.router.shape[0] != 0:
+        route_rows(x, routing, weights, ids)
     return decode_plan(ids, num_experts, rows_limit)
 
 
 @njit(cache=True)
-def moe_mlp_decode_ids(x, weights, ids, router, renormalize, scale, num_experts, rows_limit, experts, tiles, out):
+def moe_mlp_decode_ids(x, weights, ids, routing, num_experts, rows_limit, experts, tiles, out):
     """The decode step from the expert ids, the plan built in the same call, for a call that
-    needs neither the plan nor h: ids [T, k] int; router, renormalize, scale: a layer's
-    router, or [0, 0], as step_plan takes them; num_experts: E; rows_limit: the most rows per
-    active expert, on average, the fused kernels take; the rest as for _decode_step. Returns
-    decode_plan's status: nothing is computed unless it is 0.
+    needs neither the plan nor h: ids [T, k] int; routing: a layer's, or routing.NO_ROUTING,
+    as step_plan takes it; num_experts: E; rows_limit: the most rows per active expert, on
+    average, the fused kernels take; the rest as for _decode_step. Returns decode_plan's
+    status: nothing is computed unless it is 0.
     """
-    status, offsets, token_of_row, row_of_slot = step_plan(x, weights, ids, router, renormalize, scale,
-                                                           num_experts, rows_limit)
+    status, offsets, token_of_row, row_of_slot = step_plan(x, weights, ids, routing, num_experts, rows_limit)
     if status:
         return status
     # save_h as a runtime bool (always false here), not a constant: _decode_step and the

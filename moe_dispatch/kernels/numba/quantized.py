@@ -555,11 +555,10 @@ def _narrow_into(src, dst):
 
 
 @njit(cache=True)
-def moe_mlp_decode_ids(x, weights, ids, router, renormalize, scale, num_experts, rows_limit, experts, tiles, out):
+def moe_mlp_decode_ids(x, weights, ids, routing, num_experts, rows_limit, experts, tiles, out):
     """mlp.moe_mlp_decode_ids on QuantizedExperts: the plan and the step in one call. Returns
     decode_plan's status: nothing is computed unless it is 0."""
-    status, offsets, token_of_row, row_of_slot = step_plan(x, weights, ids, router, renormalize, scale,
-                                                           num_experts, rows_limit)
+    status, offsets, token_of_row, row_of_slot = step_plan(x, weights, ids, routing, num_experts, rows_limit)
     if status:
         return status
     # save_h a runtime false, so that moe_mlp_decode compiles once for both entry points
