@@ -70,9 +70,11 @@ for line in sys.stdin:
             options = {}
         else:
             experts, options = (w_gate_up, w_down), {"activation": preset.activation}
-        if command["op"] == "layer":  # the preset's shape, its router and experts its own (seeded)
+        if command["op"] == "layer":  # the preset's layer (its routing, shared experts), weights its own (seeded)
             torch.manual_seed(0)
-            layer = md.MoE(h, i, e, k, activation=preset.activation, dtype=dtype, backend=command["backend"])
+            shape = (preset.layer_kwargs() if hasattr(preset, "layer_kwargs") else  # a revision before layer_kwargs
+                     dict(hidden_size=h, intermediate_size=i, num_experts=e, top_k=k, activation=preset.activation))
+            layer = md.MoE(**shape, dtype=dtype, backend=command["backend"])
             if command["weights"] != "dense":
                 layer.quantize_(command["weights"])
             call = functools.partial(layer, x)
@@ -124,7 +126,7 @@ def main() -> int:
     parser.add_argument("old", help="the revision to compare against")
     parser.add_argument("--new", help="another revision (default: the working tree)")
     parser.add_argument("--op", choices=("moe_mlp", "layer"), default="moe_mlp",
-                        help="moe_mlp, or the whole MoE layer (router, routing, routed experts)")
+                        help="moe_mlp, or the preset's whole MoE layer (router, routing, routed and shared experts)")
     parser.add_argument("--preset", default="olmoe-1b-7b")
     parser.add_argument("--scale", type=float, default=0.5)
     parser.add_argument("--tokens", default="1,16,512")
