@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from . import formats
 from . import validation as check
 from .backends import get_backend
-from .backends.base import ExpertGrads
+from .backends.base import Backend, ExpertGrads
 from .backends import resolve_backend as _backend_name
 from .experts import ExpertWeights
 from .formats import Weight
@@ -424,14 +424,16 @@ def routed_decode(x: Tensor, router: Tensor, top_k: int, experts: ExpertWeights,
     if torch.compiler.is_compiling():
         return None
     check.floating("x", x, ndim=2)
+    chosen = get_backend(_backend_name(x.device, backend))
+    if type(chosen).moe_mlp_routed is Backend.moe_mlp_routed:  # no such path: no checks to pay for twice
+        return None
     check.experts_take(x, experts)
-    name = _backend_name(x.device, backend)
     flat, _ = experts.flatten()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, router, *flat)):
         return None
     if not _direct(x, router, *flat):
         return None
-    return get_backend(name).moe_mlp_routed(x, router, top_k, experts, **route_options)
+    return chosen.moe_mlp_routed(x, router, top_k, experts, **route_options)
 
 
 def _expert_weights(w_gate_up, w_down, b_gate_up, b_down, activation) -> ExpertWeights:
