@@ -427,12 +427,12 @@ def routed_decode(x: Tensor, router: Tensor, top_k: int, experts: ExpertWeights,
     chosen = get_backend(_backend_name(x.device, backend))
     if type(chosen).moe_mlp_routed is Backend.moe_mlp_routed:  # no such path: no checks to pay for twice
         return None
-    check.experts_take(x, experts)
     flat, _ = experts.flatten()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, router, *flat)):
         return None
     if not _direct(x, router, *flat):
         return None
+    check.experts_take(x, experts)
     return chosen.moe_mlp_routed(x, router, top_k, experts, **route_options)
 
 

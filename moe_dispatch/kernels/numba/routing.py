@@ -4,8 +4,7 @@ route_rows computes what MoE's router and routing.route give: float32 logits x @
 scores (softmax or sigmoid), each row's top_k experts by score plus bias (with groups, among
 the topk_groups best groups only, a group's score its two best biased scores summed) and
 their weights, the chosen scores renormalized if asked, times scale. As route, a softmax
-without bias or groups ranks the logits themselves and takes the softmax of the chosen ones
-(renormalized). Ties go to the lower id, NaN above every number. A decode step's routing is
+without bias or groups ranks the logits themselves. Ties go to the lower id, NaN above every number. A decode step's routing is
 a handful of torch operations on a [T, E] row each, whose calls cost more than the step's
 arithmetic when the caches are cold (docs/cpu.md).
 """
@@ -97,31 +96,20 @@ def route_rows(x, routing, weights, ids):
             for h in range(hidden):
                 total += rows[t, h] * router[e, h]
             logits[t, e] = total
-    # route's shortcut: a plain softmax's top-k are the logits' top-k
+    # route's shortcut: a plain softmax ranks the logits themselves (scores that underflow to
+    # 0 keep their order)
     by_logits = not routing.sigmoid and routing.bias.shape[0] == 0 and routing.n_groups == 0
     scores, choice = np.empty(num_experts, dtype=np.float32), np.empty(num_experts, dtype=np.float32)
     taken, kept = np.empty(num_experts, dtype=np.bool_), np.empty(max(routing.n_groups, 1), dtype=np.int64)
     for t in range(num_tokens):
         row = logits[t]
-        peak = row[0]
-        for e in range(num_experts):
-            peak = row[e] if _ranks_before(row[e], peak) else peak
-        if by_logits:
-            _top_k(row, taken, ids[t])
-            total = np.float32(0.0)
-            if routing.renormalize:
-                for j in range(top_k):
-                    total += np.exp(row[ids[t, j]] - peak)
-            else:
-                for e in range(num_experts):
-                    total += np.exp(row[e] - peak)
-            for j in range(top_k):
-                weights[t, j] = np.exp(row[ids[t, j]] - peak) / total * np.float32(routing.scale)
-            continue
         if routing.sigmoid:
             for e in range(num_experts):
                 scores[e] = np.float32(1.0) / (np.float32(1.0) + np.exp(-row[e]))
         else:
+            peak = row[0]
+            for e in range(num_experts):
+                peak = row[e] if _ranks_before(row[e], peak) else peak
             total = np.float32(0.0)
             for e in range(num_experts):
                 scores[e] = np.exp(row[e] - peak)
@@ -129,7 +117,7 @@ def route_rows(x, routing, weights, ids):
             for e in range(num_experts):
                 scores[e] /= total
         for e in range(num_experts):
-            choice[e] = scores[e] + routing.bias[e] if routing.bias.shape[0] else scores[e]
+            choice[e] = row[e] if by_logits else scores[e] + routing.bias[e] if routing.bias.shape[0] else scores[e]
         if routing.n_groups:
             _keep_groups(choice, routing.n_groups, routing.topk_groups, taken, kept)
         _top_k(choice, taken, ids[t])
