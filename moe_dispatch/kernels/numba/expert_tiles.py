@@ -252,12 +252,15 @@ def expert_mlp_bf16(x, token_of_row, w_gate_up, b_gate_up, has_b_gate_up, w_down
     if parts > 1:
         for chunk in prange(expert.shape[0]):
             e, r0 = expert[chunk], first[chunk]
-            for j in range(r0, min(r0 + chunk_rows, offsets[e + 1])):
-                for n in range(hidden):
-                    total = b_down[e, n] if has_b_down else np.float32(0)
-                    for part in range(parts):
-                        total += partial[(part * num_rows + j) * hidden + n]
-                    o[j, n] = narrow(total, o.dtype)
+            rows = min(chunk_rows, offsets[e + 1] - r0)
+            # the other parts added into the first's rows a part at a time: loops along the rows
+            # that vectorize, where a sum over the parts for each element did not
+            total = partial[r0 * hidden:(r0 + rows) * hidden]
+            for part in range(1, parts):
+                other = partial[(part * num_rows + r0) * hidden:(part * num_rows + r0 + rows) * hidden]
+                for n in range(rows * hidden):
+                    total[n] += other[n]
+            _rounded_rows(total, rows, hidden, o, r0, 0, b_down, e, has_b_down)
 
 
 def matrix_shape(w):
