@@ -152,6 +152,26 @@ def test_strip_products_cross_every_block(dtype, gen, monkeypatch):
     assert_close(backend.grouped_mm(a[:, :0], w[:, :0].contiguous(), offsets, bias), row_bias, dtype)  # K=0
 
 
+@pytest.mark.nojit
+@pytest.mark.parametrize("num_rows,depth,strips", [(128, 512, 1), (2 * 240 + 7, 256 + 37, 1), (13, 700, 3),
+                                                   (240, 256, 2), (5, 100, 1)])
+def test_each_tile_asks_for_the_rows_of_the_tile_after_it(num_rows, depth, strips):
+    """next_tile names the rows and depth that strip_product's next tile reads: the next rows of
+    a block, its first rows at the next depth, the next block's at depth 0; nothing before
+    another strip of the same rows (in L2 already) nor after the last tile."""
+    from moe_dispatch.kernels.numba.outer_products import BLOCK_ROWS, DEPTH_BLOCK, ROWS, next_tile
+
+    tiles = [(i, k0, j == strips - 1, i0, i1)  # strip_product's order
+             for i0 in range(0, num_rows, BLOCK_ROWS) for i1 in [min(num_rows, i0 + BLOCK_ROWS)]
+             for k0 in range(0, depth, DEPTH_BLOCK) for j in range(strips) for i in range(i0, i1, ROWS)]
+    for (i, k0, last_strip, i0, i1), following in zip(tiles, tiles[1:] + [None]):
+        row, k, count = next_tile(i, i0, i1, k0, last_strip, depth, num_rows)
+        if following is None or not last_strip and following[0] == i0:
+            assert count == 0
+        else:
+            assert (row, k, count) == (following[0], following[1], min(ROWS, following[4] - following[0]))
+
+
 def test_the_strips_tile_takes_a_constant_depth_stride():
     """strip_product calls its tile with k_stride the constant 1, so that the tile keeps a
     pointer a row and asks for the next tile's rows ahead (llvm.prefetch): a stride that Numba

@@ -118,11 +118,26 @@ def strip_product(a, a_start, a_stride, num_rows, depth, b, b_start, b_stride, c
             for j in range(0, width, strip):
                 for i in range(i0, i1, ROWS):
                     count = min(ROWS, i1 - i)
-                    after = max(0, min(ROWS, num_rows - i - ROWS))  # the next tile's rows
+                    ahead, ahead_k, after = next_tile(i, i0, i1, k0, j + strip >= width, depth, num_rows)
                     product_tile(a, row_offsets(a_start + k0, i, count, a_stride), count, 1, b,
                                  b_start + k0 * b_stride + j, b_stride, min(depth - k0, DEPTH_BLOCK), c,
                                  c_start + i * c_stride + j, c_stride, min(strip, width - j), k0 > 0,
-                                 row_offsets(a_start + k0, i + ROWS, after, a_stride), after)
+                                 row_offsets(a_start + ahead_k, ahead, after, a_stride), after)
+
+
+@njit(cache=True, inline="always")
+def next_tile(i, i0, i1, k0, last_strip, depth, num_rows):
+    """(first row, depth offset, rows) of a's part that strip_product's next tile reads, after
+    the tile of rows i in the block [i0, i1) at depth k0: the block's next rows; after its last
+    tile, on the last strip, the block's first rows at the next depth, or the next block's at
+    depth 0. No rows (0) before another strip, which reads the block's rows again from L2."""
+    if i + ROWS < i1:
+        return i + ROWS, k0, min(ROWS, i1 - i - ROWS)
+    if not last_strip:
+        return i0, k0, 0
+    if k0 + DEPTH_BLOCK < depth:
+        return i0, k0 + DEPTH_BLOCK, min(ROWS, i1 - i0)
+    return i1, 0, max(0, min(ROWS, num_rows - i1))
 
 
 def product_tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate,
