@@ -1,11 +1,13 @@
 """Quantized experts against bfloat16 experts, side by side in one run (docs/benchmarks.md).
 
-For each token count, every format's moe_mlp and the bfloat16 experts' are timed in turns
-(measure_many), twice: warm, the same routed batch on the same experts every call, whose
-experts after the first call come from the cache wherever they fit there; and cold, each call
-on the next of several copies of the layer with the next of several routings, about --cold-mb
-of weights in all, so that its experts come from memory as they do in a model whose layers
-together exceed the cache. Each row gives the medians, the speed-ups over bfloat16, the
+For each token count, every format's moe_mlp and the bfloat16 experts' are timed twice:
+warm, the same routed batch on the same experts every call, one format at a time, so that its
+experts after the first call come from the cache wherever they fit there; and cold, in turns
+(measure_many) with the other formats and a read of 256 MB, each call on the next of several
+copies of the layer with the next of several routings, about --cold-mb of weights in all, so
+that its experts come from memory as they do in a model whose layers together exceed the
+cache. (Warm calls timed in turns with the others found their experts evicted by them: warm
+ran slower than cold.) Each row gives the medians, the speed-ups over bfloat16, the
 format's bandwidth bound (the active experts' stored bytes, averaged over the routings, over
 the read bandwidth: the median of a 256 MB reduction timed in turns with the calls, as this
 machine's bandwidth moves by the minute) and the error of the output against the unquantized
@@ -84,8 +86,11 @@ def main() -> None:
 
         calls = {(fmt, cold): call(copies, cold) for fmt, copies in layers.items() for cold in (False, True)}
         with torch.no_grad():
-            times = {key: median(t) for key, t in measure_many({**calls, "read": stream.sum}, device,
-                                                                 budget_s=args.budget).items()}
+            times = {key: median(t) for fmt in layers
+                     for key, t in measure_many({(fmt, False): calls[fmt, False]}, device, budget_s=args.budget).items()}
+            in_turns = {key: fn for key, fn in calls.items() if key[1]}
+            times.update({key: median(t) for key, t in measure_many({**in_turns, "read": stream.sum}, device,
+                                                                     budget_s=args.budget).items()})
             read_gbps = stream.nbytes / (times["read"] * 1e6)
             reference = md.moe_mlp(inputs.x.double(), inputs.weights.double(), inputs.ids,
                                    bf16.weights.w_gate_up.double(), bf16.weights.w_down.double(), backend="torch")
