@@ -137,7 +137,7 @@ def next_tile(i, i0, i1, k0, last_strip, depth, num_rows):
         return i0, k0, 0
     if k0 + DEPTH_BLOCK < depth:
         return i0, k0 + DEPTH_BLOCK, min(ROWS, i1 - i0)
-    return i1, 0, max(0, min(ROWS, num_rows - i1))
+    return i1, 0, min(ROWS, num_rows - i1)
 
 
 def product_tile(a, a_rows, count, k_stride, b, b_start, b_stride, depth, c, c_start, c_stride, width, accumulate,

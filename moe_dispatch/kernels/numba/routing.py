@@ -4,9 +4,9 @@ route_rows computes what MoE's router and routing.route give: float32 logits x @
 scores (softmax or sigmoid), each row's top_k experts by score plus bias (with groups, among
 the topk_groups best groups only, a group's score its two best biased scores summed) and
 their weights, the chosen scores renormalized if asked, times scale. As route, a softmax
-without bias or groups ranks the logits themselves. Ties go to the lower id, NaN above every number. A decode step's routing is
-a handful of torch operations on a [T, E] row each, whose calls cost more than the step's
-arithmetic when the caches are cold (docs/cpu.md).
+without bias or groups ranks the logits themselves. Ties go to the lower id, NaN above every
+number. A decode step's routing is a handful of torch operations on a [T, E] row each, whose
+calls cost more than the step's arithmetic when the caches are cold (docs/cpu.md).
 """
 
 from __future__ import annotations
