@@ -204,13 +204,38 @@ def _start_early(item) -> None:
     _EARLY[item.nodeid] = (start_python("import os\nos.nice(19)\n" + textwrap.dedent(code), env), cache)
 
 
+def pytest_collection_modifyitems(items):
+    # last, so that the suite waits for none of its children before its own work is done
+    items.sort(key=lambda item: item.get_closest_marker("early_python") is not None)
+
+
+# A run of many test files also starts tests/compile_ahead.py, which compiles the Numba kernels
+# of the last files into the suite's own cache; at a priority between the suite's and the
+# early_python children's, which wait until the end (above), while the suite waits on it.
+COMPILE_AHEAD_FILES = 10
+_COMPILING_AHEAD: list = []
+
+
+def _compile_ahead(items) -> None:
+    import numba
+
+    if HAS_NUMBA and not numba.config.DISABLE_JIT and len({item.path for item in items}) >= COMPILE_AHEAD_FILES:
+        code = "import os, runpy\nos.nice(15)\nrunpy.run_path('compile_ahead.py', run_name='__main__')"
+        _COMPILING_AHEAD.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.DEVNULL, cwd=TESTS, env=subprocess_env()))
+
+
 def pytest_collection_finish(session):
+    _compile_ahead(session.items)
     for item in session.items:
         if item.get_closest_marker("early_python") is not None and not _skipped(item):
             _start_early(item)
 
 
 def pytest_sessionfinish(session):
+    for child in _COMPILING_AHEAD:
+        child.kill()
+        child.wait()
     for child, cache in _EARLY.values():
         child.kill()
         child.wait()

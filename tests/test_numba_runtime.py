@@ -9,6 +9,7 @@ import inspect
 import pkgutil
 import re
 import sys
+import threading
 import types
 from unittest import mock
 
@@ -371,6 +372,39 @@ def test_an_edit_to_any_kernel_module_recompiles_every_kernel(tmp_path, monkeypa
     monkeypatch.setattr(caching, "_kernels_stamp", lambda: edited)
     after_edit = caching.njit(cache=True)(_add_one)
     assert after_edit(1) == 2 and after_edit.stats.cache_misses and not after_edit.stats.cache_hits
+
+
+def test_saves_at_once_into_one_cache_keep_each_signatures_code(tmp_path):
+    """Two processes compiling two signatures of one kernel into one cache (as threads here, each
+    with its own view of the files): the first save is held just after reading the index. Numba's
+    own save let the second take the same data file, so one signature was lost or sent to the
+    other's machine code; a save now waits for the one before it."""
+    from moe_dispatch.kernels.numba import caching
+
+    def cache_file():
+        return caching._HealingCacheFile(str(tmp_path), "kernel", ("stamp",))
+
+    first, second = cache_file(), cache_file()
+    read, resume = threading.Event(), threading.Event()
+    load_index = first._load_index
+
+    def held_load_index():
+        index = load_index()
+        read.set()
+        resume.wait(10)
+        return index
+
+    first._load_index = held_load_index
+    saves = [threading.Thread(target=first.save, args=("float32", "code of float32")),
+             threading.Thread(target=second.save, args=("bfloat16", "code of bfloat16"))]
+    saves[0].start()
+    assert read.wait(10)
+    saves[1].start()
+    saves[1].join(0.5)
+    resume.set()
+    for save in saves:
+        save.join(10)
+    assert [cache_file().load(key) for key in ("float32", "bfloat16")] == ["code of float32", "code of bfloat16"]
 
 
 def test_every_cached_kernel_heals_its_cache():

@@ -13,13 +13,28 @@ overwritten in place).
 Numba stamps a kernel's cache with its own source file's time and size, but a kernel compiles
 the functions it calls from other modules into itself: an edit there left it running the old
 code. The stamp here covers every module of this directory.
+
+Processes that share a cache (the ranks of a job, a server's workers, the test suite and the
+child that compiles ahead of it) may save overloads of one kernel at once. Numba's save reads
+the index, picks the first free data file's name, writes the index and then the data: two saves
+at once both took name 1, and the index could send one signature to the other's machine code.
+Here a save holds an exclusive lock on a file beside the index (where fcntl exists: Linux,
+macOS) and writes the data before the index, so that a loader never meets an entry without
+its data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import os
 import warnings
+
+try:
+    import fcntl
+except ImportError:  # Windows: saves stay as Numba makes them
+    fcntl = None
 
 import numba
 from numba.core.caching import FunctionCache, IndexDataCacheFile
@@ -45,6 +60,29 @@ class _HealingCacheFile(IndexDataCacheFile):
         except Exception as exc:  # noqa: BLE001 (a damaged file raises whatever unpickling it raises)
             _warn_once(self._index_path, exc)
             return {}
+
+    def save(self, key, data):
+        with self._locked():
+            overloads = self._load_index()
+            name = overloads.get(key)
+            if name is None:
+                taken = set(overloads.values())
+                name = next(n for n in map(self._data_name, itertools.count(1)) if n not in taken)
+            self._save_data(name, data)
+            if overloads.get(key) != name:
+                self._save_index({**overloads, key: name})
+
+    @contextlib.contextmanager
+    def _locked(self):
+        if fcntl is None:
+            yield
+            return
+        with open(self._index_path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @functools.cache
