@@ -51,7 +51,7 @@ def steps():
     """(name, call) in the order to compile them: the opposite of the suite's files."""
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
         for fmt in QUANTIZED:
-            for path, tokens in (("tiles", 23), ("decode", 2), ("decode", 23)):
+            for path, tokens in (("tiles", 23), ("decode", 2), ("blocked", 23)):
                 if path != "tiles" or dtype == torch.bfloat16:
                     yield (f"{fmt[0]} {dtype} {path} T={tokens}",
                            lambda dtype=dtype, path=path, fmt=fmt, tokens=tokens: moe_mlp_step(dtype, path, fmt=fmt,
