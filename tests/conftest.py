@@ -210,8 +210,8 @@ def pytest_collection_modifyitems(items):
 
 
 # A run of many test files also starts tests/compile_ahead.py, which compiles the Numba kernels
-# of the last files into the suite's own cache; at a priority between the suite's and the
-# early_python children's, which wait until the end (above), while the suite waits on it.
+# of the last files into the suite's own cache, at a priority between the suite's and the
+# early_python children's: the suite needs its kernels within minutes, their tests run last.
 COMPILE_AHEAD_FILES = 10
 _COMPILING_AHEAD: list = []
 
