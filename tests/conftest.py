@@ -217,9 +217,11 @@ _COMPILING_AHEAD: list = []
 
 
 def _compile_ahead(items) -> None:
+    if not HAS_NUMBA or len({item.path for item in items}) < COMPILE_AHEAD_FILES:
+        return
     import numba
 
-    if HAS_NUMBA and not numba.config.DISABLE_JIT and len({item.path for item in items}) >= COMPILE_AHEAD_FILES:
+    if not numba.config.DISABLE_JIT:
         code = "import os, runpy\nos.nice(15)\nrunpy.run_path('compile_ahead.py', run_name='__main__')"
         _COMPILING_AHEAD.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
                                                  stderr=subprocess.DEVNULL, cwd=TESTS, env=subprocess_env()))
