@@ -16,6 +16,7 @@ from .layers import MoE, MoEAux
 from .ops import grouped_mm, make_plan, moe_mlp, permute, unpermute
 from .plan import DispatchPlan
 from .routing import route
+from .warm_up import warm_up
 
 try:
     __version__ = _metadata.version("moe-dispatch")
@@ -42,5 +43,6 @@ __all__ = [
     "select_backend",
     "BackendUnavailable",
     "clear_packed_weights",
+    "warm_up",
     "__version__",
 ]

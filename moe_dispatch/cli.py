@@ -243,7 +243,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         precision=args.precision,
     )
     if not args.weights:
-        _check_float_experts_fit(spec)
+        _check_float_experts_fit(spec.presets, spec.dtype, spec.device)
     out, err = _console()
     malloc = "default"
     if args.keep_freed_memory:
@@ -284,14 +284,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if interrupted else 0
 
 
-def _check_float_experts_fit(spec) -> None:
+def _check_float_experts_fit(presets: list, dtype: torch.dtype, device: torch.device) -> None:
     from .benchmarking.costs import dense_bytes
     from .benchmarking.memory import fits_in_memory
 
-    for preset in spec.presets:
-        short = fits_in_memory(dense_bytes(preset, spec.dtype), spec.device)
+    for preset in presets:
+        short = fits_in_memory(dense_bytes(preset, dtype), device)
         if short:
-            raise UsageError(f"{preset.label}'s experts in {str(spec.dtype).removeprefix('torch.')} do not fit: "
+            raise UsageError(f"{preset.label}'s experts in {str(dtype).removeprefix('torch.')} do not fit: "
                              f"{short}; --weights fp8 or int8 holds them in half the bytes, int4 or mxfp4 in a "
                              f"quarter")
 
@@ -388,11 +388,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         print("nothing to tune: this machine has no CUDA GPU. Only the triton backend autotunes, on a GPU; "
-              "the CPU backends (numba, torch) have no tuning step.")
+              "the CPU backends (numba, torch) have no tuning step; `moe-dispatch warm-up` compiles their kernels.")
         return 0
     device = parse_device(args.device or "cuda")
     if device.type != "cuda":
-        print("nothing to tune on the CPU: only the triton backend autotunes, on a GPU.")
+        print("nothing to tune on the CPU: only the triton backend autotunes, on a GPU; "
+              "`moe-dispatch warm-up` compiles the CPU kernels.")
         return 0
     reason = unavailable_reason("triton", device)
     if reason is not None:
@@ -427,6 +428,44 @@ def _tuning_location(device: torch.device) -> str:
     return str(cache_path(device))
 
 
+# ---- warm-up -------------------------------------------------------------------------------
+
+
+def cmd_warm_up(args: argparse.Namespace) -> int:
+    from .benchmarking.cases import make_experts, make_layer, quantized_experts
+    from .warm_up import warm_up
+
+    device = parse_device(args.device)
+    set_threads(args.threads)
+    presets = parse_presets(args.preset, 1.0 if args.scale is None else args.scale, device)
+    dtype = DTYPES[args.dtype]
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be positive, got {args.max_tokens}")
+    if not args.weights:
+        _check_float_experts_fit(presets, dtype, device)
+    out, _ = _console()
+    weights = f", {args.weights} weights" if args.weights else ""
+    out.print(f"moe-dispatch warm-up: {_machine_line(device)}; {args.dtype}{weights}, 1 to {args.max_tokens} tokens"
+              f"{', forward and backward' if args.backward else ''}")
+    for preset in presets:
+        experts = (quantized_experts(preset, args.weights, dtype, device) if args.weights
+                   else make_experts(preset, dtype, device))
+        layer = make_layer(experts).requires_grad_(args.backward)  # the weights' gradients: kernels of their own
+        seconds = sum(warm_up(layer, max_tokens=args.max_tokens, backward=args.backward).values())
+        out.print(f"  {preset.label:36s} {seconds:7.1f} s")
+    if device.type == "cpu":
+        out.print(f"the Numba kernels are cached in {_numba_cache_location()}, for this processor model")
+    return 0
+
+
+def _numba_cache_location() -> str:
+    import numba
+
+    from .kernels import numba as kernels
+
+    return numba.config.CACHE_DIR or os.path.join(os.path.dirname(kernels.__file__), "__pycache__")
+
+
 # ---- the parser ----------------------------------------------------------------------------
 
 
@@ -441,11 +480,12 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _add_shape_args(p: argparse.ArgumentParser, tokens_help: str, preset_default: str = DEFAULT_PRESET,
+def _add_shape_args(p: argparse.ArgumentParser, tokens_help: Optional[str], preset_default: str = DEFAULT_PRESET,
                     scale_default: str = f"1 on a GPU, {DEFAULT_SCALE['cpu']} on the CPU") -> None:
     p.add_argument("--preset", nargs="+", metavar="NAME",
                    help=f"model presets (space or comma separated, or all); default {preset_default}")
-    p.add_argument("--tokens", metavar="T,T,...", help=tokens_help)
+    if tokens_help is not None:
+        p.add_argument("--tokens", metavar="T,T,...", help=tokens_help)
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default bfloat16")
     p.add_argument("--scale", type=float, metavar="F",
                    help=f"multiply H and I by F (rounded to multiples of 16); default {scale_default}")
@@ -516,6 +556,15 @@ def build_parser() -> argparse.ArgumentParser:
                     preset_default="all", scale_default="1: the tuned shapes must be the real ones")
     tune.add_argument("--backward", action="store_true", help="tune the backward kernels too")
     tune.set_defaults(func=cmd_tune)
+
+    warm = sub.add_parser("warm-up", help="compile the kernels a layer may call, before it serves (warm_up)")
+    _add_shape_args(warm, None, scale_default="1: the layer's paths follow its real shapes")
+    warm.add_argument("--weights", choices=quantized_formats(), metavar="FORMAT",
+                      help=f"the experts' format: {', '.join(quantized_formats())} (default: float weights of --dtype)")
+    warm.add_argument("--max-tokens", type=int, default=8192, metavar="N",
+                      help="the most tokens a call will take (default 8192)")
+    warm.add_argument("--backward", action="store_true", help="the backward's kernels too (training)")
+    warm.set_defaults(func=cmd_warm_up)
     return parser
 
 

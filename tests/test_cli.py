@@ -31,7 +31,7 @@ from moe_dispatch.benchmarking.roofline import Roofline, cache_path, device_key
 from moe_dispatch.benchmarking.timing import capture_cuda_graphs, measure_many
 from moe_dispatch.benchmarking.tune import tune_preset
 from moe_dispatch.cli import main, parse_presets, parse_tokens
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, HAS_NUMBA
 
 CPU = torch.device("cpu")
 # A tiny olmoe: E=64 k=8 H=48 I=16; every bench below runs it at T in {1, 4}.
@@ -604,3 +604,19 @@ def test_tune_runs_every_op_of_the_backend():
 def test_tune_without_a_gpu_says_there_is_nothing_to_tune(capsys):
     assert main(["tune"]) == 0
     assert "nothing to tune" in capsys.readouterr().out
+
+
+def test_warm_up_runs_each_preset_and_says_where_the_kernels_went(capsys):
+    assert main(["warm-up", "--preset", "olmoe-1b-7b,gpt-oss-20b", "--scale", "0.03", "--max-tokens", "8",
+                 "--dtype", "float32", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "1 to 8 tokens" in out and "olmoe-1b-7b@0.03" in out and "gpt-oss-20b@0.03" in out
+    assert ("the Numba kernels are cached in" in out) == HAS_NUMBA
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-tokens", "0"], "--max-tokens must be positive"),
+    (["--preset", "nope"], "unknown preset"),
+])
+def test_warm_up_refuses_bad_arguments(args, message, capsys):
+    one_line_error(capsys, ["warm-up", "--device", "cpu", *args], message)

@@ -21,7 +21,7 @@ from transformers.integrations.moe import use_experts_implementation  # noqa: E4
 
 import moe_dispatch.integrations.transformers as integration  # noqa: E402
 from conftest import assert_close  # noqa: E402
-from moe_dispatch import MoE  # noqa: E402
+from moe_dispatch import MoE, warm_up  # noqa: E402
 from moe_dispatch.integrations.transformers import from_transformers, to_transformers  # noqa: E402
 
 VOCAB = 64
@@ -344,6 +344,18 @@ def test_expert_parallel_slots_of_other_ranks_add_nothing(backend, gen):
 
 
 # ---- registration and the version guard ----------------------------------------------------
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_warm_up_runs_the_experts_modules_through_the_implementation(backward, gen, path_spy):
+    model = _tiny_model("gpt_oss", gen, integration.register("moe_dispatch_numba", backend="numba"))
+    before = copy.deepcopy(model.state_dict())
+    seconds = warm_up(model, max_tokens=16, backward=backward)
+    assert list(seconds) == ["model.layers.0.mlp.experts"]  # layer 1's experts are alike
+    assert path_spy["fused"] >= (10 if backward else 5)  # T = 1, 2, 4, 8, 16 at least, each under autograd too
+    assert all(p.grad is None for p in model.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
 
 
 def test_importing_moe_dispatch_does_not_import_transformers():

@@ -102,6 +102,13 @@ class Backend:
         and the caller then routes and calls moe_mlp. A layer's decode step is the use."""
         return None
 
+    def warm_up_tokens(self, x: Tensor, experts: Optional[ExpertWeights], top_k: int, max_tokens: int) -> list[int]:
+        """The numbers of tokens up to max_tokens at which warm_up runs a layer of these experts
+        (None: experts composed from the ops) on activations of x's dtype, each expert given
+        the same rows: every kernel that a call of up to max_tokens may compile or tune runs at
+        one of them. The powers of two here."""
+        return [1 << i for i in range(max_tokens.bit_length())]
+
     # ---- composites ------------------------------------------------------------------
     def unpermute_backward(
         self, dy: Tensor, ys: Tensor, token_of_row: Tensor, row_of_slot: Tensor, weights: Optional[Tensor]

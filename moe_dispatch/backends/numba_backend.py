@@ -22,6 +22,7 @@ layers beside torch's OpenMP pool and says when to pick workqueue.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from typing import Callable, NamedTuple, Optional
@@ -779,6 +780,19 @@ class NumbaBackend(Backend):
         if active and plan.num_rows <= setup.register_rows * active:
             return self._moe_mlp_register_tiles(x, weights, bounds, plan, experts, save_for_backward)
         return self._moe_mlp_blocked(x, weights, bounds, plan, experts, save_for_backward)
+
+    def warm_up_tokens(self, x, experts, top_k, max_tokens):
+        """The powers of two, and the tokens on each side of the limits of rows per active
+        expert between moe_mlp's paths."""
+        counts = set(super().warm_up_tokens(x, experts, top_k, max_tokens))
+        if experts is not None:
+            setup = decode_setup(x, experts)
+            for limit in (setup.rows_limit if setup.kernels is not None else 0, setup.register_rows):
+                if 0 < limit < math.inf:
+                    rows = math.floor(limit)
+                    counts.add(rows * experts.num_experts // top_k)  # at most `limit` rows an expert
+                    counts.add(math.ceil((rows + 1) * experts.num_experts / top_k))  # past it
+        return sorted(t for t in counts if 0 < t <= max_tokens)
 
     def _moe_mlp_register_tiles(self, x, weights, bounds, plan, experts, save_for_backward) -> tuple[Tensor, Tensor]:
         """Float and bfloat16 experts on register tiles (kernels/numba/expert_tiles.py), the

@@ -69,6 +69,12 @@ class TritonBackend(Backend):
             return "TRITON_INTERPRET=1 was set after the triton kernels were loaded; set it before importing"
         return None
 
+    def warm_up_tokens(self, x, experts, top_k, max_tokens):
+        """Each power of two (a tuning bucket) and the odd count after it: Triton compiles a
+        kernel again for an integer argument (the rows, the tiles) divisible by 16 or not."""
+        powers = super().warm_up_tokens(x, experts, top_k, max_tokens)
+        return sorted({*powers, *(t + 1 for t in powers if t < max_tokens)})
+
     # ---- primitives ------------------------------------------------------------------
     def make_plan(self, ids: Tensor, num_experts: int) -> DispatchPlan:
         counts, offsets, token_of_row, row_of_slot, all_placed = plan_kernels.make_plan(ids, num_experts)
