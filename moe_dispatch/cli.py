@@ -560,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     warm = sub.add_parser("warm-up", help="compile the kernels a layer may call, before it serves (warm_up)")
     _add_shape_args(warm, None, scale_default="1: the layer's paths follow its real shapes")
     warm.add_argument("--weights", choices=quantized_formats(), metavar="FORMAT",
-                      help=f"the experts' format: {', '.join(quantized_formats())} (default: float weights of --dtype)")
+                      help=f"the experts' format: {', '.join(quantized_formats())} "
+                           "(default: float weights of --dtype)")
     warm.add_argument("--max-tokens", type=int, default=8192, metavar="N",
                       help="the most tokens a call will take (default 8192)")
     warm.add_argument("--backward", action="store_true", help="the backward's kernels too (training)")

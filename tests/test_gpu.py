@@ -230,3 +230,29 @@ def test_gpu_tune_persists_the_layer_configs(tmp_path, monkeypatch):
     assert path.parent == tmp_path
     assert {key.split(":")[0] for key in table} >= {"mm", "up", "down", "dec_up", "dec_down"}
     assert all(set(entry) == set(configs.asdict(configs.SAFE)) for entry in table.values())
+
+
+def _compiled_triton_kernels() -> int:
+    """The compiled variants of every Triton kernel of the package so far, on every device."""
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("moe_dispatch.kernels.triton")]
+    return sum(len(cache[0]) for module in modules for value in vars(module).values()
+               for cache in getattr(value, "device_caches", {}).values())
+
+
+@pytest.mark.usefixtures("pinned_configs")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_after_warm_up_no_call_compiles_a_triton_kernel():
+    layer = md.MoE(256, 128, 8, 2, dtype=torch.bfloat16, device="cuda", backend="triton")
+    md.warm_up(layer, max_tokens=64, backward=True)
+    before = _compiled_triton_kernels()
+    assert before > 0, "no compiled Triton kernel found: this Triton keeps them elsewhere than device_caches"
+    gen = torch.Generator("cuda").manual_seed(0)
+    for tokens in (3, 6, 7, 13, 17, 24, 33, 50, 63, 64):
+        x = torch.randn(tokens, 256, dtype=torch.bfloat16, device="cuda", generator=gen)
+        with torch.no_grad():
+            layer(x)
+        out, aux = layer(x.requires_grad_(), return_aux=True)
+        (out.float().square().mean() + aux.z_loss).backward()
+    torch.cuda.synchronize()
+    assert _compiled_triton_kernels() == before
