@@ -1,6 +1,6 @@
 """What only a GPU shows, on the Triton backend: no host sync in a training step, CUDA graph
 capture (both with quantized experts too), bitwise determinism, bad expert ids reported at the next sync, tuned configs kept on
-disk, and the ops end to end in every dtype. All of it skips without CUDA."""
+disk, nothing left to compile after warm_up, and the ops end to end in every dtype. All of it skips without CUDA."""
 
 import json
 import subprocess
