@@ -244,11 +244,11 @@ def _compiled_triton_kernels() -> int:
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_gpu_after_warm_up_no_call_compiles_a_triton_kernel():
     layer = md.MoE(256, 128, 8, 2, dtype=torch.bfloat16, device="cuda", backend="triton")
-    md.warm_up(layer, max_tokens=64, backward=True)
+    md.warm_up(layer, max_tokens=32, backward=True)
     before = _compiled_triton_kernels()
     assert before > 0, "no compiled Triton kernel found: this Triton keeps them elsewhere than device_caches"
     gen = torch.Generator("cuda").manual_seed(0)
-    for tokens in (3, 6, 7, 13, 17, 24, 33, 50, 63, 64):
+    for tokens in (3, 6, 7, 13, 17, 24, 31, 32):
         x = torch.randn(tokens, 256, dtype=torch.bfloat16, device="cuda", generator=gen)
         with torch.no_grad():
             layer(x)
