@@ -432,6 +432,7 @@ def _tuning_location(device: torch.device) -> str:
 
 
 def cmd_warm_up(args: argparse.Namespace) -> int:
+    from .backends import unavailable_reason
     from .benchmarking.cases import make_experts, make_layer, quantized_experts
     from .warm_up import warm_up
 
@@ -453,7 +454,7 @@ def cmd_warm_up(args: argparse.Namespace) -> int:
         layer = make_layer(experts).requires_grad_(args.backward)  # the weights' gradients: kernels of their own
         seconds = sum(warm_up(layer, max_tokens=args.max_tokens, backward=args.backward).values())
         out.print(f"  {preset.label:36s} {seconds:7.1f} s")
-    if device.type == "cpu":
+    if unavailable_reason("numba", device) is None:
         out.print(f"the Numba kernels are cached in {_numba_cache_location()}, for this processor model")
     return 0
 
