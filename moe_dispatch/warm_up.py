@@ -17,6 +17,7 @@ from torch import nn
 from . import validation as check
 from .backends import get_backend, resolve_backend
 from .experts import ExpertWeights
+from .integrations.transformers import expert_weights, fused_experts, is_experts_module
 from .layers import MoE
 
 Tensor = torch.Tensor
@@ -51,7 +52,7 @@ def warm_up(model: nn.Module, *, max_tokens: int = 8192, backward: bool = False)
     if not isinstance(backward, bool):
         raise TypeError(f"backward must be a bool, got {backward!r}")
     found = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, MoE) or _is_transformers_experts(module)]
+             if isinstance(module, MoE) or is_experts_module(module)]
     if not found:
         raise ValueError(f"model ({type(model).__name__}) holds no MoE layer and no transformers experts module")
     seconds, seen = {}, set()
@@ -105,8 +106,6 @@ def _experts_runner(experts: nn.Module, dtype: torch.dtype, top_k: int, backward
     """A transformers experts module's forward (hidden_states, top_k_index, top_k_weights) on
     balanced routing, in the model's dtype, through whatever experts implementation the model
     has set."""
-    from .integrations.transformers import expert_weights, fused_experts
-
     w1 = expert_weights(experts, dtype)[0]
     num_experts, device = w1.shape[0], w1.device
     gen = torch.Generator(device).manual_seed(0)
@@ -142,11 +141,6 @@ def _gradients(gen: torch.Generator, out: Tensor, inputs: list, extra: Optional[
     if extra is not None:
         cotangents.append(torch.ones_like(extra))
     torch.autograd.grad(outputs, [t for t in inputs if t.requires_grad], cotangents, allow_unused=True)
-
-
-def _is_transformers_experts(module: nn.Module) -> bool:
-    """Whether module is a transformers experts module (@use_experts_implementation's flags)."""
-    return hasattr(module, "has_gate") and hasattr(module, "down_proj")
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:

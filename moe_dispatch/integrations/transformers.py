@@ -267,9 +267,14 @@ def _grouped_linear(rows, w, b, owner, plan, backend) -> Tensor:
 # ---- quantized experts ---------------------------------------------------------------------
 
 
+def is_experts_module(module: nn.Module) -> bool:
+    """Whether module is a transformers experts module (@use_experts_implementation sets its flags)."""
+    return hasattr(module, "has_gate") and hasattr(module, "down_proj")
+
+
 def _experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every experts module (@use_experts_implementation sets its flags)."""
-    found = [(name, m) for name, m in model.named_modules() if hasattr(m, "has_gate") and hasattr(m, "down_proj")]
+    """(name, module) of every experts module."""
+    found = [(name, m) for name, m in model.named_modules() if is_experts_module(m)]
     if not found:
         raise ValueError(f"{type(model).__name__} has no experts module (@use_experts_implementation)")
     return found
