@@ -8,8 +8,9 @@ warm_up makes those calls ahead, on inputs of its own, and leaves the model as i
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -39,8 +40,8 @@ def warm_up(model: nn.Module, *, max_tokens: int = 8192, backward: bool = False)
     itself) at each number of tokens up to max_tokens that may take another kernel (its
     backend's warm_up_tokens: powers of two, and on the numba backend each side of its limits
     of rows per expert between paths).
-    backward: each layer's forward and backward under autograd too (training), the
-    gradients returned to warm_up, not left in any .grad.
+    backward: each layer's forward and backward under autograd too (training), whatever the
+    caller's grad mode, the gradients returned to warm_up, not left in any .grad.
 
     The kernels compiled go to the compile caches as any call's do; the model's parameters,
     gradients and torch's random state stay as they were. Layers alike (the same class,
@@ -61,6 +62,9 @@ def warm_up(model: nn.Module, *, max_tokens: int = 8192, backward: bool = False)
         if kind in seen:
             continue
         seen.add(kind)
+        if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+            raise ValueError(f"{name or type(module).__name__} holds tensors on the meta device: warm_up runs "
+                             "real calls, so load the model's weights first")
         start = time.perf_counter()
         runner = (_layer_runner(module, backward) if isinstance(module, MoE)
                   else _experts_runner(module, _float_dtype(model), _top_k(model), backward))
@@ -95,9 +99,11 @@ def _layer_runner(layer: MoE, backward: bool) -> _Runner:
             layer.routed_experts(x, weights, ids)
         if not backward:
             return
-        out, aux = layer(x.requires_grad_(), return_aux=True)
-        _gradients(gen, out, [x, *layer.parameters()], aux.load_balancing_loss + aux.z_loss)
-        _gradients(gen, layer.routed_experts(x, weights.requires_grad_(), ids), [x, weights, *layer.parameters()])
+        with _autograd():
+            x, weights = x.clone().requires_grad_(), weights.clone().requires_grad_()
+            out, aux = layer(x, return_aux=True)
+            _gradients(gen, out, [x, *layer.parameters()], aux.load_balancing_loss + aux.z_loss)
+            _gradients(gen, layer.routed_experts(x, weights, ids), [x, weights, *layer.parameters()])
 
     return _Runner(call, layer.experts, layer.top_k, dtype, device, layer.backend)
 
@@ -118,10 +124,19 @@ def _experts_runner(experts: nn.Module, dtype: torch.dtype, top_k: int, backward
             experts(x, ids, weights)
         if not backward:
             return
-        inputs = [x.requires_grad_(), weights.requires_grad_(), *experts.parameters()]
-        _gradients(gen, experts(x, ids, weights), inputs)
+        with _autograd():
+            x, weights = x.clone().requires_grad_(), weights.clone().requires_grad_()
+            _gradients(gen, experts(x, ids, weights), [x, weights, *experts.parameters()])
 
     return _Runner(call, fused_experts(experts, dtype), top_k, dtype, device, "auto")
+
+
+@contextlib.contextmanager
+def _autograd() -> Iterator[None]:
+    """Autograd on, whatever the caller's mode (a server may call warm_up under no_grad or
+    inference_mode): backward=True asks for the training kernels."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def balanced_routing(tokens: int, top_k: int, num_experts: int, device) -> tuple[Tensor, Tensor]:

@@ -59,6 +59,26 @@ def test_leaves_the_layer_its_gradients_and_the_random_state_as_they_were(backen
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_backward_runs_whatever_the_callers_grad_mode(mode):
+    """A server's start-up may run under no_grad or inference_mode; backward=True still
+    compiles the training kernels (the backward's own kernels run: a backward call is seen)."""
+    layer = md.MoE(32, 16, 4, 2)
+    calls = []
+    layer.w_down.register_hook(lambda grad: calls.append(grad.shape))
+    with mode():
+        md.warm_up(layer, max_tokens=4, backward=True)
+    assert calls and all(shape == layer.w_down.shape for shape in calls)
+    assert all(p.grad is None for p in layer.parameters())
+
+
+def test_a_layer_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(md.MoE(32, 16, 4, 2))
+    with pytest.raises(ValueError, match="0 holds tensors on the meta device"):
+        md.warm_up(model)
+
+
 def test_layers_alike_run_once():
     model = torch.nn.Sequential(md.MoE(32, 16, 4, 2), md.MoE(32, 16, 4, 2), md.MoE(32, 16, 4, 2, activation="gelu"))
     assert list(md.warm_up(model, max_tokens=8)) == ["0", "2"]
