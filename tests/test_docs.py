@@ -39,7 +39,6 @@ def test_the_examples_run_as_written(path, tmp_path, monkeypatch):
                 pytest.skip(f"{path} imports {exc.name}, which is not installed")
 
 
-
 def test_the_quickstart_runs():
     out = run_python(f"import runpy; runpy.run_path({REPOSITORY + '/examples/quickstart.py'!r}, run_name='__main__')",
                      subprocess_env())
