@@ -15,7 +15,7 @@ from .backends import BACKEND_NAMES
 from .experts import ExpertWeights, kept, stamp
 from .formats import FORMATS
 from .formats.quantized import QuantizedWeight, quantize
-from .ops import make_plan, moe_mlp, routed_decode
+from .ops import eager_direct, make_plan, moe_mlp, routed_decode_step
 from .plan import DispatchPlan
 from .routing import route
 
@@ -25,6 +25,18 @@ Tensor = torch.Tensor
 _LAYER_EXPERTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 # Each layer's router weight widened to float32, likewise (MoE._router_float32).
 _ROUTER_FLOAT32: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# Each layer's decode step as its backend prepared it, likewise (MoE._decode_step).
+_DECODE_STEPS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _registered(module: nn.Module, name: str):
+    """module.<name>, read from nn.Module's registries where it is a parameter, buffer or
+    submodule: its attribute lookup costs about a microsecond a name, and a decode step reads
+    a dozen for kernels of a few tens of microseconds."""
+    for registry in (module._parameters, module._buffers, module._modules):
+        if name in registry:
+            return registry[name]
+    return getattr(module, name)
 
 
 class MoEAux(NamedTuple):
@@ -78,7 +90,7 @@ class FrozenQuantized(nn.Module):
         return self.weight(torch.float32).shape
 
     def tensors(self) -> list[Tensor]:
-        return [self.codes, self.scales, self.zeros]
+        return [_registered(self, name) for name in ("codes", "scales", "zeros")]
 
     def _apply(self, fn, recurse=True):
         for name, t in self._buffers.items():
@@ -215,11 +227,18 @@ class MoE(nn.Module):
         dtype = self.router.weight.dtype
         if torch.compiler.is_compiling():
             return self._make_experts(dtype)
-        parts = [t for w in (self.w_gate_up, self.w_down)
-                 for t in (w.tensors() if isinstance(w, FrozenQuantized) else (w,))]
-        mark = stamp([*parts, self.b_gate_up, self.b_down])
+        mark = stamp(self._expert_tensors())
         return kept(_LAYER_EXPERTS, self, None if mark is None else (dtype, self.activation, mark),
                     lambda: self._make_experts(dtype))
+
+    def _expert_tensors(self) -> list[Optional[Tensor]]:
+        """The tensors that hold the experts: each weight's (a quantized one's codes, scales and
+        zero points), then the biases (None where absent)."""
+        held = []
+        for name in ("w_gate_up", "w_down"):
+            weight = _registered(self, name)
+            held += weight.tensors() if isinstance(weight, FrozenQuantized) else (weight,)
+        return held + [_registered(self, "b_gate_up"), _registered(self, "b_down")]
 
     def _make_experts(self, dtype: torch.dtype) -> ExpertWeights:
         w_gate_up, w_down = (w.weight(dtype) if isinstance(w, FrozenQuantized) else w
@@ -271,10 +290,12 @@ class MoE(nn.Module):
         check.floating("x", x)
         if x.dim() == 0 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
-        flat = x.reshape(-1, self.hidden_size)
+        # a view's making costs a decode step a few percent: none where x is [T, H] already
+        flat = x if x.dim() == 2 else x.reshape(-1, self.hidden_size)
         out = None if return_aux else self._decode_step(flat)
         if out is not None:
-            return self._with_shared_experts(out, flat).view(x.shape)
+            out = self._with_shared_experts(out, flat)
+            return out if flat is x else out.view(x.shape)
         logits, weights, ids = self.routing(flat)
         # the expert counts are needed only for the aux losses; without them moe_mlp makes the plan
         # itself, or skips it (a decode step on the triton and numba backends)
@@ -286,13 +307,24 @@ class MoE(nn.Module):
 
     def _decode_step(self, flat: Tensor) -> Optional[Tensor]:
         """The routed experts' output with the router and the routing computed in the same
-        backend call (ops.routed_decode: a decode step on the numba backend), or None; not
-        for experts that this class does not route itself (expert parallelism overrides
-        routed_experts)."""
-        if torch.compiler.is_compiling() or type(self).routed_experts is not MoE.routed_experts:
+        backend call (ops.routed_decode_step: a decode step on the numba backend), or None;
+        not for experts that this class does not route itself (expert parallelism overrides
+        routed_experts). The step is prepared once and kept while the layer's tensors and
+        settings stay as they are: a decode step's Python costs as much as its kernels."""
+        if type(self).routed_experts is not MoE.routed_experts:
             return None
-        return routed_decode(flat, self._router_float32(), self.top_k, self.experts, backend=self.backend,
-                             **self._route_options())
+        tensors = [_registered(_registered(self, "router"), "weight"), _registered(self, "expert_bias"),
+                   *self._expert_tensors()]
+        if not eager_direct(flat, *tensors) or torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (flat, *tensors)):
+            return None
+        mark = stamp(tensors)
+        key = None if mark is None else (
+            mark, flat.dtype, flat.device, self.backend, self.top_k, self.activation, self.scoring, self.renormalize,
+            self.n_groups, self.topk_groups, self.routed_scaling)
+        step = kept(_DECODE_STEPS, self, key, lambda: routed_decode_step(
+            flat, self._router_float32(), self.top_k, self.experts, backend=self.backend, **self._route_options()))
+        return None if step is None else step(flat)
 
     def _route_options(self) -> dict:
         """route's keyword arguments for this layer's routing."""

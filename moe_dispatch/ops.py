@@ -3,12 +3,12 @@
 Each op is a torch custom op (torch.library) that takes the resolved backend's name, so
 torch.compile (through the fake implementations) and every backend share one definition;
 backward formulas call custom ops too, so compiled backward graphs trace. In plain eager
-mode (see _direct) make_plan and moe_mlp call the backend straight: a custom op's dispatch
-costs more than a small step's kernels. moe_mlp's autograd is one torch.autograd.Function
-over either route, so its backward is defined once.
+mode (see eager_direct) make_plan and moe_mlp call the backend straight: a custom op's
+dispatch costs more than a small step's kernels. moe_mlp's autograd is one
+torch.autograd.Function over either route, so its backward is defined once.
 """
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
@@ -26,7 +26,7 @@ from .plan import DispatchPlan
 Tensor = torch.Tensor
 
 
-def _direct(*tensors: Optional[Tensor]) -> bool:
+def eager_direct(*tensors: Optional[Tensor]) -> bool:
     """Whether a call may skip its custom op and call the backend: in eager mode, on plain
     tensors or parameters, with no torch function or dispatch mode active. The custom op's
     dispatch costs more than a small step's kernels when caches are cold (a decode step
@@ -64,7 +64,7 @@ def make_plan(ids: Tensor, num_experts: int, *, backend: str = "auto") -> Dispat
 
 def _plan(ids: Tensor, num_experts: int, backend_name: str) -> DispatchPlan:
     """make_plan for ids of a checked type and shape, on a resolved backend."""
-    if _direct(ids):
+    if eager_direct(ids):
         backend = get_backend(backend_name)
         if not backend.refuses_bad_ids:
             check.expert_id_values(ids, num_experts)
@@ -394,7 +394,7 @@ def moe_mlp(
     save = torch.is_grad_enabled() and any(t.requires_grad for t in floating_inputs)
     if plan is None:
         check.expert_ids(ids, num_experts)
-        if not save and _direct(*floating_inputs, ids):
+        if not save and eager_direct(*floating_inputs, ids):
             out = get_backend(name).moe_mlp_from_ids(x, weights, ids, experts)
             if out is not None:
                 return out
@@ -408,32 +408,24 @@ def moe_mlp(
             )
         check.expert_id_values(ids, num_experts)
         check.plan_values(plan, ids)
-    direct = _direct(*floating_inputs, *plan.tensors())
+    direct = eager_direct(*floating_inputs, *plan.tensors())
     if not save:
         return _forward(x, weights, plan, experts, flat, spec, name, False, direct)[0]
     return _MoEMLP.apply(x, weights, *plan.tensors(), experts if direct else None, spec, name, direct, *flat)
 
 
-def routed_decode(x: Tensor, router: Tensor, top_k: int, experts: ExpertWeights, *, backend: str = "auto",
-                  **route_options) -> Optional[Tensor]:
-    """moe_mlp(x, *route(x.float() @ router.T, top_k, **route_options), experts) in one call of
-    the backend, where it has one for this call (the numba backend's decode steps); None
-    otherwise, and under autograd or a torch function or dispatch mode: the caller then routes
-    and calls moe_mlp. router: [E, H] float32. The MoE layer's decode step: its routing's
-    torch operations cost more than their arithmetic on cold caches."""
-    if torch.compiler.is_compiling():
-        return None
+def routed_decode_step(x: Tensor, router: Tensor, top_k: int, experts: ExpertWeights, *, backend: str = "auto",
+                       **route_options) -> Optional[Callable[[Tensor], Optional[Tensor]]]:
+    """The backend's decode step for activations like x [T, H] (Backend.routed_decode): a
+    function of x that computes moe_mlp(x, *route(x.float() @ router.T, top_k,
+    **route_options), experts) in one call of the backend, or returns None where that call
+    takes no such step; None where the backend has none. router: [E, H] float32. The MoE
+    layer's decode step: its routing's torch operations cost more than their arithmetic on
+    cold caches. The caller prepares a step once and keeps it while router and experts stay
+    as they are, and calls it only without autograd and where eager_direct holds."""
     check.floating("x", x, ndim=2)
-    chosen = get_backend(_backend_name(x.device, backend))
-    if type(chosen).moe_mlp_routed is Backend.moe_mlp_routed:  # no such path: no checks to pay for twice
-        return None
-    flat, _ = experts.flatten()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, router, *flat)):
-        return None
-    if not _direct(x, router, *flat):
-        return None
     check.experts_take(x, experts)
-    return chosen.moe_mlp_routed(x, router, top_k, experts, **route_options)
+    return get_backend(_backend_name(x.device, backend)).routed_decode(x, router, top_k, experts, **route_options)
 
 
 def _expert_weights(w_gate_up, w_down, b_gate_up, b_down, activation) -> ExpertWeights:

@@ -1,12 +1,12 @@
 """A layer's decode step in one call: the router, the top-k routing and the routed experts
-(ops.routed_decode, the numba backend's moe_mlp_routed, kernels/numba/routing.py)."""
+(ops.routed_decode_step, the numba backend's routed_decode, kernels/numba/routing.py)."""
 
 import numpy as np
 import pytest
 import torch
 
 import moe_dispatch as md
-from conftest import assert_close, count_decode_steps, needs_numba
+from conftest import assert_close, count_decode_steps, large_groups_everywhere, needs_numba
 from moe_dispatch import ops
 from moe_dispatch.backends.numba_backend import as_array
 from moe_dispatch.kernels.numba.routing import Routing, route_rows
@@ -99,17 +99,13 @@ def test_a_layer_decode_step_is_one_call_and_matches_the_general_path(dtype, kwa
     if layer.scoring == "sigmoid":
         layer.expert_bias.copy_(torch.randn(8, generator=gen) * 0.05)
     calls = count_decode_steps(monkeypatch)
-    routed = []
-    backend = md.backends.get_backend("numba")
-    original = type(backend).moe_mlp_routed
-    monkeypatch.setattr(type(backend), "moe_mlp_routed", lambda *a, **kw: routed.append(1) or original(*a, **kw))
     for tokens in (1, 3):
         x = torch.randn(2, tokens, 64, generator=gen).to(dtype)
         with torch.no_grad():
             out = layer(x)
-            assert routed and calls == ["moe_mlp_decode_ids"]
+            assert calls == ["moe_mlp_decode_ids"]  # the routing in the experts' call
             expected, weights, ids = _general_path(layer, x)
-        routed.clear(), calls.clear()
+        calls.clear()
         assert out.shape == x.shape and out.dtype == dtype
         assert_close(out, expected.double())
         naive = naive_moe_mlp(x.reshape(-1, 64), weights, ids, layer.w_gate_up.detach(), layer.w_down.detach(),
@@ -136,12 +132,12 @@ def test_quantized_experts_take_the_one_call_step(gen, monkeypatch):
 def test_other_steps_route_the_general_way(case, gen, monkeypatch):
     """The aux losses, autograd and batches past a decode step's slots leave the routing to
     route."""
+    import moe_dispatch.backends.numba_backend as nb
+
     layer = _layer(torch.float32)
-    backend = md.backends.get_backend("numba")
     routed = []
-    original = type(backend).moe_mlp_routed
-    monkeypatch.setattr(type(backend), "moe_mlp_routed",
-                        lambda *a, **kw: routed.append(original(*a, **kw)) or routed[-1])
+    original = nb.RoutedDecode.__call__
+    monkeypatch.setattr(nb.RoutedDecode, "__call__", lambda *a: routed.append(original(*a)) or routed[-1])
     x = torch.randn(2100 if case == "many-tokens" else 2, 64, generator=gen)  # 4200 slots: not a decode step
     with torch.set_grad_enabled(case == "grad"):
         out = layer(x, return_aux=case == "aux")
@@ -161,13 +157,48 @@ def test_a_step_the_decode_kernels_decline_routes_again(gen, monkeypatch):
     monkeypatch.setattr(nb.mlp, "moe_mlp_decode_ids", lambda *args: nb.mlp.NOT_DECODE)
     x = torch.randn(3, 64, generator=gen)
     with torch.no_grad():
-        assert ops.routed_decode(x, layer._router_float32(), 2, layer.experts, backend="numba",
-                                 **layer._route_options()) is None
+        step = ops.routed_decode_step(x, layer._router_float32(), 2, layer.experts, backend="numba",
+                                      **layer._route_options())
+        assert step(x) is None
         out = layer(x)
     monkeypatch.undo()
     with torch.no_grad():
         expected, _, _ = _general_path(layer, x)
     assert_close(out, expected.double())
+
+
+@needs_numba
+def test_a_layer_prepares_its_decode_step_once_until_it_or_a_setting_changes(gen, monkeypatch):
+    """The step the backend prepares (the router's and the routing's arrays, the experts' setup)
+    is kept while the layer's tensors and settings stay as they are; a write, a new setting or a
+    new row limit gets a step that follows it."""
+    import moe_dispatch.backends.numba_backend as nb
+
+    layer = _layer(torch.float32, scoring="sigmoid", n_groups=4, topk_groups=2)
+    prepared, calls = [], count_decode_steps(monkeypatch)
+    original = nb.NumbaBackend.routed_decode
+    monkeypatch.setattr(nb.NumbaBackend, "routed_decode", lambda *a, **kw: prepared.append(1) or original(*a, **kw))
+    x = torch.randn(3, 64, generator=gen)
+
+    def step_matches_the_general_path():
+        calls.clear()
+        with torch.no_grad():
+            out = layer(x)
+            took_the_step = calls == ["moe_mlp_decode_ids"]
+            expected, _, _ = _general_path(layer, x)
+        assert_close(out, expected.double())
+        return took_the_step
+
+    assert step_matches_the_general_path() and step_matches_the_general_path() and len(prepared) == 1
+    changes = [lambda: layer.expert_bias.add_(torch.randn(8, generator=gen)), lambda: layer.router.weight.mul_(-1),
+               lambda: layer.w_down.mul_(2), lambda: setattr(layer, "top_k", 3),
+               lambda: setattr(layer, "routed_scaling", 2.0), lambda: setattr(layer, "topk_groups", 3)]
+    for count, change in enumerate(changes, 2):
+        with torch.no_grad():
+            change()
+        assert step_matches_the_general_path() and len(prepared) == count
+    large_groups_everywhere(monkeypatch)  # a setting of the backend's: the kept step declines
+    assert not step_matches_the_general_path() and len(prepared) == len(changes) + 1
 
 
 @needs_numba

@@ -11,7 +11,7 @@ Shapes: T tokens, k choices, R = T*k rows, E experts, H hidden, I intermediate.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 
@@ -93,13 +93,16 @@ class Backend:
         one step saves. Ids outside [0, E) raise ValueError, as in make_plan."""
         return None
 
-    def moe_mlp_routed(self, x: Tensor, router: Tensor, top_k: int, experts: ExpertWeights,
-                       **route_options) -> Optional[Tensor]:
-        """moe_mlp_from_ids's output for the ids and weights that routing.route (with
-        route_options: its keyword arguments but backend) gives the logits x.float() @
-        router.T (router [E, H] float32; exactly equal scores in any order, as torch.topk),
-        the routing in the same call; None where this backend has no such path for the call,
-        and the caller then routes and calls moe_mlp. A layer's decode step is the use."""
+    def routed_decode(self, x: Tensor, router: Tensor, top_k: int, experts: ExpertWeights,
+                      **route_options) -> Optional[Callable[[Tensor], Optional[Tensor]]]:
+        """A layer's decode step, prepared once for activations of x's dtype and device: a
+        function of x [T, H] that returns moe_mlp_from_ids's output for the ids and weights
+        that routing.route (with route_options: its keyword arguments but backend) gives the
+        logits x.float() @ router.T (router [E, H] float32; exactly equal scores in any order,
+        as torch.topk), the routing in the same call, or None where that call takes no such
+        step (the caller then routes and calls moe_mlp). None where this backend has no such
+        path for these experts. The function keeps what it derives from router and experts:
+        the caller prepares a new one when they change."""
         return None
 
     def warm_up_tokens(self, x: Tensor, experts: Optional[ExpertWeights], top_k: int, max_tokens: int) -> list[int]:

@@ -627,16 +627,69 @@ def step_kind(x: Tensor, experts: ExpertWeights) -> tuple:
             *(w.format if isinstance(w, QuantizedWeight) else w.dtype for w in weights))
 
 
+def decode_settings(dtype: torch.dtype) -> tuple:
+    """What a DecodeSetup depends on besides the experts: the activations' dtype, the matmul
+    library setting, fused_rows_limit itself and the register tiles' limits (which tests
+    replace to force a path), and the thread count (its tiles)."""
+    return ("numba decode", dtype, onednn_float32(), fused_rows_limit, REGISTER_TILES_MAX_DEPTH,
+            REGISTER_TILES_MAX_EXPERT_FLOPS, BF16_REGISTER_TILES, LARGE_FLOAT32_REGISTER_TILES,
+            torch.get_num_threads())
+
+
+def make_decode_setup(x: Tensor, experts: ExpertWeights) -> DecodeSetup:
+    return DecodeSetup(mlp_rows_limit(x, experts), register_tiles_rows(x, experts), decode_kernels(x, experts),
+                       decode_tiles(experts.hidden_size, experts.intermediate_size), step_kind(x, experts))
+
+
 def decode_setup(x: Tensor, experts: ExpertWeights) -> DecodeSetup:
-    """The DecodeSetup of experts for activations of x's dtype. Its row limits follow the
-    matmul library setting too, and fused_rows_limit itself and the register tiles' limits
-    (which tests replace to force a path), and its tiles the thread count: all are in the key."""
-    key = ("numba decode", x.dtype, onednn_float32(), fused_rows_limit, REGISTER_TILES_MAX_DEPTH,
-           REGISTER_TILES_MAX_EXPERT_FLOPS, BF16_REGISTER_TILES, LARGE_FLOAT32_REGISTER_TILES,
-           torch.get_num_threads())
-    return experts.derived(key, lambda: DecodeSetup(
-        mlp_rows_limit(x, experts), register_tiles_rows(x, experts), decode_kernels(x, experts),
-        decode_tiles(experts.hidden_size, experts.intermediate_size), step_kind(x, experts)))
+    """The DecodeSetup of experts for activations of x's dtype, kept on them under its
+    decode_settings."""
+    return experts.derived(decode_settings(x.dtype), lambda: make_decode_setup(x, experts))
+
+
+def takes_decode_step(setup: DecodeSetup, experts: ExpertWeights, slots: int) -> bool:
+    """Whether a step of slots (token, expert) pairs may take the decode kernels: no more than
+    the serial plan serves, and no more rows than they take were every expert active (else no
+    call, nor compile)."""
+    return (0 < slots <= plan_kernels.MIN_SLOTS_PER_CHUNK and setup.kernels is not None
+            and slots <= setup.rows_limit * experts.num_experts)
+
+
+class RoutedDecode:
+    """A layer's decode step (NumbaBackend.routed_decode), prepared once: the router and the
+    routing options as the kernel reads them, and the experts' DecodeSetup while the settings
+    it depends on stay."""
+
+    def __init__(self, x: Tensor, router: Tensor, top_k: int, experts: ExpertWeights, *, scoring, renormalize,
+                 bias, n_groups, topk_groups, scale):
+        bias = routing_kernels.NO_ROUTING.bias if bias is None else bias.detach().float().contiguous().numpy()
+        self.routing = routing_kernels.Routing(as_array(router.contiguous()), bias, scoring == "sigmoid",
+                                               n_groups or 0, topk_groups or 0, renormalize, float(scale))
+        self.top_k, self.experts = top_k, experts
+        self.settings, self.setup = decode_settings(x.dtype), decode_setup(x, experts)
+        # the routing weights' type: the kernel routes x's rows into arrays of it
+        self.weights_type = _ARRAY_TYPES[acc_dtype(x.dtype)]
+
+    @launcher
+    def __call__(self, x: Tensor) -> Optional[Tensor]:
+        settings = decode_settings(x.dtype)
+        if settings != self.settings:
+            self.settings, self.setup = settings, decode_setup(x, self.experts)
+        if not takes_decode_step(self.setup, self.experts, x.shape[0] * self.top_k):
+            return None
+        weights = np.empty((x.shape[0], self.top_k), dtype=self.weights_type)
+        ids = np.empty((x.shape[0], self.top_k), dtype=np.int64)
+        status, out = decode(self.setup, x, weights, ids, self.routing, self.experts)
+        return None if status == mlp.NOT_DECODE else out
+
+
+def decode(setup: DecodeSetup, x: Tensor, weights, ids, routing, experts: ExpertWeights) -> tuple[int, Tensor]:
+    """(status, output) of the decode kernels' call on these arrays (moe_mlp_decode_ids)."""
+    out_array, out = empty_array(tuple(x.shape), x.dtype)
+    module, kernel_experts = setup.kernels
+    arrays = (as_array(x.contiguous()), weights, ids, routing, experts.num_experts, setup.rows_limit,
+              kernel_experts, setup.tiles, out_array)
+    return setup.run(ids.size, lambda: module.moe_mlp_decode_ids(*arrays)), out
 
 
 class NumbaBackend(Backend):
@@ -901,46 +954,20 @@ class NumbaBackend(Backend):
     def moe_mlp_from_ids(self, x, weights, ids, experts):
         # Tried on as many slots as the serial plan serves; the kernel builds the plan, then
         # declines when the experts receive more rows than the fused kernels take.
-        setup = self._decode_setup(x, experts, ids.numel())
-        if setup is None:
+        if experts.quantizes_activations or ids.numel() > plan_kernels.MIN_SLOTS_PER_CHUNK:
+            return None  # before the setup: a large batch pays nothing here
+        setup = decode_setup(x, experts)
+        if not takes_decode_step(setup, experts, ids.numel()):
             return None
-        status, out = self._decode(setup, x, scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(),
-                                   routing_kernels.NO_ROUTING, experts)
+        status, out = decode(setup, x, scalars_array(weights, x.dtype), ids.detach().contiguous().numpy(),
+                             routing_kernels.NO_ROUTING, experts)
         if status == mlp.NOT_DECODE:
             return None
         if status:
             refuse_bad_ids(ids, experts.num_experts, status)
         return out
 
-    @launcher
-    def moe_mlp_routed(self, x, router, top_k, experts, *, scoring, renormalize, bias, n_groups, topk_groups, scale):
-        setup = self._decode_setup(x, experts, x.shape[0] * top_k)
-        if setup is None:
+    def routed_decode(self, x, router, top_k, experts, **route_options):
+        if experts.quantizes_activations or decode_setup(x, experts).kernels is None:
             return None
-        bias = routing_kernels.NO_ROUTING.bias if bias is None else bias.detach().float().contiguous().numpy()
-        routing = routing_kernels.Routing(as_array(router.contiguous()), bias, scoring == "sigmoid", n_groups or 0,
-                                          topk_groups or 0, renormalize, float(scale))
-        # the kernel routes x's rows into these
-        weights = np.empty((x.shape[0], top_k), dtype=_ARRAY_TYPES[acc_dtype(x.dtype)])
-        ids = np.empty((x.shape[0], top_k), dtype=np.int64)
-        status, out = self._decode(setup, x, weights, ids, routing, experts)
-        return None if status == mlp.NOT_DECODE else out
-
-    @staticmethod
-    def _decode_setup(x, experts, slots) -> Optional[DecodeSetup]:
-        """The DecodeSetup of a step of slots (token, expert) pairs from the ids, or None where
-        it takes no decode kernel: more slots than the serial plan serves, or more rows than
-        the fused kernels take were every expert active (no call, nor compile)."""
-        if not 0 < slots <= plan_kernels.MIN_SLOTS_PER_CHUNK or experts.quantizes_activations:
-            return None
-        setup = decode_setup(x, experts)
-        return None if setup.kernels is None or slots > setup.rows_limit * experts.num_experts else setup
-
-    @staticmethod
-    def _decode(setup, x, weights, ids, routing, experts) -> tuple[int, Tensor]:
-        """(status, output) of the decode kernels' call on these arrays (moe_mlp_decode_ids)."""
-        out_array, out = empty_array(tuple(x.shape), x.dtype)
-        module, kernel_experts = setup.kernels
-        arrays = (as_array(x.contiguous()), weights, ids, routing, experts.num_experts, setup.rows_limit,
-                  kernel_experts, setup.tiles, out_array)
-        return setup.run(ids.size, lambda: module.moe_mlp_decode_ids(*arrays)), out
+        return RoutedDecode(x, router, top_k, experts, **route_options)
