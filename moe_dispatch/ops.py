@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from . import formats
 from . import validation as check
 from .backends import get_backend
-from .backends.base import Backend, ExpertGrads
+from .backends.base import ExpertGrads
 from .backends import resolve_backend as _backend_name
 from .experts import ExpertWeights
 from .formats import Weight
