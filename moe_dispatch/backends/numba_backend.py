@@ -332,7 +332,8 @@ def sync_threads() -> None:
 
 def launcher(method):
     """Run a backend method with Numba's thread count synced, torch's kept, and the launch
-    lock held."""
+    lock held. Reading the count also starts Numba's threads: a parallel kernel loaded from the
+    cache does not, and one called before them crashes the process."""
 
     @functools.wraps(method)
     def wrapped(*args, **kwargs):
@@ -413,7 +414,9 @@ def scalars_array(t: Optional[Tensor], dtype: torch.dtype) -> np.ndarray:
     a [1, 1] stand-in when t is None (the kernel is told not to read it)."""
     if t is None:
         return _NO_SCALARS[dtype == torch.float64]
-    return t.detach().to(acc_dtype(dtype)).contiguous().numpy()
+    t, acc = t.detach(), acc_dtype(dtype)
+    # .to() costs about a microsecond even where it has nothing to do
+    return (t if t.dtype == acc else t.to(acc)).contiguous().numpy()
 
 
 _NO_SCALARS = {False: np.zeros((1, 1), dtype=np.float32), True: np.zeros((1, 1), dtype=np.float64)}
