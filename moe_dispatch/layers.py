@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from typing import NamedTuple, Optional
 
@@ -12,6 +13,7 @@ from torch import nn
 from . import activations, formats
 from . import validation as check
 from .backends import BACKEND_NAMES
+from .backends import ENV_VAR as BACKEND_ENV_VAR
 from .experts import ExpertWeights, kept, stamp
 from .formats import FORMATS
 from .formats.quantized import QuantizedWeight, quantize
@@ -319,8 +321,10 @@ class MoE(nn.Module):
                 t is not None and t.requires_grad for t in (flat, *tensors)):
             return None
         mark = stamp(tensors)
+        # "auto" follows MOE_DISPATCH_BACKEND from call to call, as every op does
+        backend = (self.backend, os.environ.get(BACKEND_ENV_VAR) if self.backend == "auto" else None)
         key = None if mark is None else (
-            mark, flat.dtype, flat.device, self.backend, self.top_k, self.activation, self.scoring, self.renormalize,
+            mark, flat.dtype, flat.device, backend, self.top_k, self.activation, self.scoring, self.renormalize,
             self.n_groups, self.topk_groups, self.routed_scaling)
         step = kept(_DECODE_STEPS, self, key, lambda: routed_decode_step(
             flat, self._router_float32(), self.top_k, self.experts, backend=self.backend, **self._route_options()))

@@ -174,7 +174,8 @@ def test_a_layer_prepares_its_decode_step_once_until_it_or_a_setting_changes(gen
     new row limit gets a step that follows it."""
     import moe_dispatch.backends.numba_backend as nb
 
-    layer = _layer(torch.float32, scoring="sigmoid", n_groups=4, topk_groups=2)
+    monkeypatch.delenv("MOE_DISPATCH_BACKEND", raising=False)
+    layer = _layer(torch.float32, scoring="sigmoid", n_groups=4, topk_groups=2, backend="auto")
     prepared, calls = [], count_decode_steps(monkeypatch)
     original = nb.NumbaBackend.routed_decode
     monkeypatch.setattr(nb.NumbaBackend, "routed_decode", lambda *a, **kw: prepared.append(1) or original(*a, **kw))
@@ -197,8 +198,12 @@ def test_a_layer_prepares_its_decode_step_once_until_it_or_a_setting_changes(gen
         with torch.no_grad():
             change()
         assert step_matches_the_general_path() and len(prepared) == count
+    monkeypatch.setenv("MOE_DISPATCH_BACKEND", "torch")  # what "auto" picks
+    assert not step_matches_the_general_path()
+    monkeypatch.delenv("MOE_DISPATCH_BACKEND")
+    assert step_matches_the_general_path() and len(prepared) == len(changes) + 2
     large_groups_everywhere(monkeypatch)  # a setting of the backend's: the kept step declines
-    assert not step_matches_the_general_path() and len(prepared) == len(changes) + 1
+    assert not step_matches_the_general_path() and len(prepared) == len(changes) + 2
 
 
 @needs_numba
