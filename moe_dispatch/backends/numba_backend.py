@@ -663,13 +663,13 @@ class RoutedDecode:
     routing options as the kernel reads them, and the experts' DecodeSetup while the settings
     it depends on stay."""
 
-    def __init__(self, x: Tensor, router: Tensor, top_k: int, experts: ExpertWeights, *, scoring, renormalize,
-                 bias, n_groups, topk_groups, scale):
+    def __init__(self, x: Tensor, router: Tensor, top_k: int, experts: ExpertWeights, setup: DecodeSetup, *,
+                 scoring, renormalize, bias, n_groups, topk_groups, scale):
         bias = routing_kernels.NO_ROUTING.bias if bias is None else bias.detach().float().contiguous().numpy()
         self.routing = routing_kernels.Routing(as_array(router.contiguous()), bias, scoring == "sigmoid",
                                                n_groups or 0, topk_groups or 0, renormalize, float(scale))
         self.top_k, self.experts = top_k, experts
-        self.settings, self.setup = decode_settings(x.dtype), decode_setup(x, experts)
+        self.settings, self.setup = decode_settings(x.dtype), setup
         # the routing weights' type: the kernel routes x's rows into arrays of it
         self.weights_type = _ARRAY_TYPES[acc_dtype(x.dtype)]
 
@@ -971,6 +971,7 @@ class NumbaBackend(Backend):
         return out
 
     def routed_decode(self, x, router, top_k, experts, **route_options):
-        if experts.quantizes_activations or decode_setup(x, experts).kernels is None:
+        if experts.quantizes_activations:
             return None
-        return RoutedDecode(x, router, top_k, experts, **route_options)
+        setup = decode_setup(x, experts)
+        return None if setup.kernels is None else RoutedDecode(x, router, top_k, experts, setup, **route_options)
