@@ -217,8 +217,17 @@ def decode_inputs(x, weights, offsets, token_of_row, row_of_slot, split_x):
         return False, acc_zeros((0, 0), weights.dtype), acc_zeros(0, weights.dtype), np.empty(0, dtype=np.int32)
     x_wide = acc_zeros((num_tokens, hidden), weights.dtype)
     for t in range(num_tokens):
-        for c in range(hidden):
-            x_wide[t, split_col(c, hidden, split_x)] = widen(x[t, c])
+        # row views indexed by the loop's own counter: split_col's index took a negative
+        # index's wraparound on every element, and the loop did not vectorize
+        row, wide = x[t], x_wide[t]
+        if split_x:
+            half = hidden // 2
+            evens, odds = wide[:half], wide[half:]
+            for i in range(half):
+                evens[i], odds[i] = widen(row[2 * i]), widen(row[2 * i + 1])
+        else:
+            for c in range(hidden):
+                wide[c] = widen(row[c])
     row_weight = acc_zeros(num_rows, weights.dtype)
     for t in range(num_tokens):
         for j in range(row_of_slot.shape[1]):

@@ -169,20 +169,32 @@ def _in_nibble_order(row, target, inverse, to_bfloat16):
     ones) in nibble_order, zeros past K: each element times inverse rounded to int16, or its
     bfloat16 bits where to_bfloat16."""
     depth, half = row.shape[0], row.shape[0] // 2
-    bits, words = row.view(np.uint32), target.view(np.uint16)
+    # Each pair of neighbouring elements read as one word: loops that read every other
+    # element did not vectorize (128 rows of 512 took 85 us in bfloat16)
+    pairs = row.view(np.uint64)
     for b in range(0, depth, NIBBLE_STEP):
         # nibble_order's element b + 4i + m is row[b / 2 + 2i + m / 2] (+ half if m is odd),
-        # for i < 16 in a last half step, whose other positions are zeros
+        # for i < 16 in a last half step, whose other positions are zeros: elements m and
+        # m + 2 are the pair at b / 2 + 2i (+ half)
         count = min(CHUNK, (depth - b) // 4)
         if count < CHUNK:
             target[b:b + NIBBLE_STEP] = 0
-        for m in range(4):
-            first = b // 2 + m // 2 + (half if m % 2 else 0)
-            for i in range(count):
-                if to_bfloat16:
-                    words[b + m * CHUNK + i] = _bfloat16_bits(bits[first + 2 * i])
-                else:
-                    target[b + m * CHUNK + i] = np.int16(np.rint(row[first + 2 * i] * inverse))
+        for m in range(2):
+            first = b // 2 + (half if m else 0)
+            # views indexed by the loop's own counter: an index computed from several terms
+            # took a negative index's wraparound on every access
+            at = b + m * CHUNK
+            low, high = target[at:at + count], target[at + 2 * CHUNK:at + 2 * CHUNK + count]
+            if to_bfloat16:
+                low_words, high_words, source = low.view(np.uint16), high.view(np.uint16), pairs[first // 2:]
+                for i in range(count):
+                    low_words[i] = _bfloat16_bits(np.uint32(source[i] & np.uint64(0xFFFFFFFF)))
+                    high_words[i] = _bfloat16_bits(np.uint32(source[i] >> np.uint64(32)))
+            else:
+                source = row[first:]
+                for i in range(count):
+                    low[i] = np.int16(np.rint(source[2 * i] * inverse))
+                    high[i] = np.int16(np.rint(source[2 * i + 1] * inverse))
 
 
 def sums_zero(fmt, has_zeros):
