@@ -23,6 +23,7 @@ import moe_dispatch as md
 from conftest import (expert_weights, large_groups_everywhere, random_ids, random_weights,
                       register_tiles_everywhere, small_groups_everywhere)
 from moe_dispatch.activations import ACTIVATIONS
+from moe_dispatch.backends import get_backend
 
 PATHS = {"decode": small_groups_everywhere, "tiles": register_tiles_everywhere, "blocked": large_groups_everywhere}
 QUANTIZED = [("mxfp4", {}, 64, 64), ("fp8", {}, 192, 96), ("int4", {"group_size": 32}, 64, 32),
@@ -47,6 +48,21 @@ def moe_mlp_step(dtype, path, activation="swiglu", fmt=None, backward=False, tok
             out.sum().backward()
 
 
+def backward_rows(dtype, activation):
+    """The backward's one-pass kernel alone, as test_moe_mlp.py's float64 test calls it."""
+    h = torch.randn(7, ACTIVATIONS[activation].width(5)).to(dtype)
+    g, dyp = torch.randn(7, 5).to(dtype), torch.randn(7, 6).to(dtype)
+    w_row = torch.rand(7).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    get_backend("numba").moe_mlp_backward_rows(h, g, dyp, w_row, activation, False)
+
+
+# The activations the tests run through whole layers in each dtype besides float32 (which runs
+# them all): a combination no test uses would only take the other core's time.
+ACTIVATIONS_IN = {torch.bfloat16: ("swiglu", "gelu", "clamped_swiglu"), torch.float16: ("swiglu", "gelu")}
+# float64 runs the register tiles (test_outer_products.py) and the backward's kernel alone.
+FLOAT64_TILES = ("swiglu", "gelu", "clamped_swiglu")
+
+
 def steps():
     """(name, call) in the order to compile them: the opposite of the suite's files."""
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
@@ -56,8 +72,14 @@ def steps():
                     yield (f"{fmt[0]} {dtype} {path} T={tokens}",
                            lambda dtype=dtype, path=path, fmt=fmt, tokens=tokens: moe_mlp_step(dtype, path, fmt=fmt,
                                                                                                 tokens=tokens))
-    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
-        for activation in ACTIVATIONS:
+    for activation in ACTIVATIONS:
+        yield (f"{activation} torch.float64 backward rows",
+               lambda activation=activation: backward_rows(torch.float64, activation))
+        if activation in FLOAT64_TILES:
+            yield (f"{activation} torch.float64 tiles",
+                   lambda activation=activation: moe_mlp_step(torch.float64, "tiles", activation))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for activation in ACTIVATIONS_IN.get(dtype, ACTIVATIONS):
             for path in ("decode", "tiles"):
                 yield (f"{activation} {dtype} {path}",
                        lambda dtype=dtype, path=path, activation=activation: moe_mlp_step(dtype, path, activation,

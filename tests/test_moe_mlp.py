@@ -329,6 +329,17 @@ def test_fused_rows_limit_grows_for_small_experts(matmul_library):
 
 
 @needs_numba
+@pytest.mark.parametrize("rule", [8, 8.5], ids=["int", "float"])
+def test_the_decode_kernels_take_the_rows_limit_as_one_type(rule, gen, monkeypatch):
+    """fused_rows_limit's constants are ints and its ratios floats; the decode kernels take
+    the limit as an argument, and each type would compile them once more."""
+    monkeypatch.setattr(nb, "fused_rows_limit", lambda *args: rule)
+    w_gate_up, w_down, _, _ = expert_weights(4, 32, 16, gen)
+    limit = nb.mlp_rows_limit(torch.randn(3, 32, generator=gen), md.ExpertWeights(w_gate_up, w_down))
+    assert type(limit) is float and limit == rule
+
+
+@needs_numba
 def test_bfloat16_experts_widened_for_their_products_stay_fused_longer(monkeypatch):
     """Where bfloat16 products go through float32, the blocked path converts each expert's
     weights on every call: large experts too stay in the kernels up to WIDENED_BF16_LIMITS."""

@@ -135,7 +135,8 @@ def takes_bf16_dots(*depths: int) -> bool:
 
 
 def mlp_rows_limit(x: Tensor, experts: ExpertWeights) -> float:
-    """fused_rows_limit of the expert MLP."""
+    """fused_rows_limit of the expert MLP, as a float whatever its source: the decode kernels
+    take it as an argument, and an int64 would compile them a second time."""
     weights = (experts.w_gate_up, experts.w_down)
     formats = ()
     if is_quantized(experts):
@@ -144,8 +145,8 @@ def mlp_rows_limit(x: Tensor, experts: ExpertWeights) -> float:
     else:
         tiles = all(on_tiles(dense(w)) for w in weights)
     widens = not takes_bf16_dots(experts.w_gate_up.shape[2], experts.intermediate_size)
-    return fused_rows_limit(x.dtype, mlp_flops_per_row(*weights), tiles, widens, formats,
-                            takes_register_tiles(x, experts), small_experts(experts))
+    return float(fused_rows_limit(x.dtype, mlp_flops_per_row(*weights), tiles, widens, formats,
+                                  takes_register_tiles(x, experts), small_experts(experts)))
 
 
 # The dtypes of the register tiles (kernels/numba/outer_products.py), on CPUs with AVX-512. On
