@@ -204,6 +204,18 @@ def _start_early(item) -> None:
     _EARLY[item.nodeid] = (start_python("import os\nos.nice(19)\n" + textwrap.dedent(code), env), cache)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--compile-report", action="store_true",
+                     help="list the seconds each test and kernel spent compiling Numba kernels (compile_report.py)")
+
+
+def pytest_configure(config):
+    if config.getoption("--compile-report") and HAS_NUMBA:
+        import compile_report
+
+        compile_report.install(config)
+
+
 def pytest_collection_modifyitems(items):
     # last, so that the suite waits for none of its children before its own work is done
     items.sort(key=lambda item: item.get_closest_marker("early_python") is not None)
