@@ -24,6 +24,7 @@ from conftest import (expert_weights, large_groups_everywhere, random_ids, rando
                       register_tiles_everywhere, small_groups_everywhere)
 from moe_dispatch.activations import ACTIVATIONS
 from moe_dispatch.backends import get_backend
+from moe_dispatch.backends.numba_backend import acc_dtype
 
 PATHS = {"decode": small_groups_everywhere, "tiles": register_tiles_everywhere, "blocked": large_groups_everywhere}
 QUANTIZED = [("mxfp4", {}, 64, 64), ("fp8", {}, 192, 96), ("int4", {"group_size": 32}, 64, 32),
@@ -52,7 +53,7 @@ def backward_rows(dtype, activation):
     """The backward's one-pass kernel alone, as test_moe_mlp.py's float64 test calls it."""
     h = torch.randn(7, ACTIVATIONS[activation].width(5)).to(dtype)
     g, dyp = torch.randn(7, 5).to(dtype), torch.randn(7, 6).to(dtype)
-    w_row = torch.rand(7).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    w_row = torch.rand(7).to(acc_dtype(dtype))
     get_backend("numba").moe_mlp_backward_rows(h, g, dyp, w_row, activation, False)
 
 
