@@ -46,7 +46,7 @@ class CompileReport(event.Listener):
         write = terminalreporter.write_line
         terminalreporter.section("Numba compile time")
         write(f"{sum(self.by_test.values()):.1f} s in {sum(self.signatures.values())} compiles")
-        for seconds, name in sorted(((s, n) for n, s in self.by_kernel.items()), reverse=True)[:SHOWN]:
+        for name, seconds in self.by_kernel.most_common(SHOWN):
             write(f"{seconds:8.1f} s {self.signatures[name]:4d}x  {name}")
         for test, seconds in self.by_test.most_common(SHOWN):
             write(f"{seconds:8.1f} s  {test}")
